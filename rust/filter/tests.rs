@@ -1,0 +1,497 @@
+//! Unit tests of the core against a plain transcription of the equations.
+
+use super::*;
+
+/// A small deterministic generator (xorshift64*), so the tests need no extra crate.
+struct Rng(u64);
+
+impl Rng {
+    fn next_u64(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+    /// Uniform in [-1, 1).
+    fn uniform(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 / (1u64 << 52) as f64 - 1.0
+    }
+    fn bit(&mut self, p_true: f64) -> bool {
+        (self.uniform() + 1.0) / 2.0 < p_true
+    }
+}
+
+const MODES: [MaskMode; 2] = [MaskMode::Hold, MaskMode::Zero];
+
+fn params(q: f64, r: f64, p0: f64) -> FilterParams {
+    FilterParams { q, r, p0 }
+}
+
+/// One row straight from DESIGN.md section 2, in f64, with its own gain loop.
+fn naive_row(
+    z: &[f64],
+    mask: Option<&[bool]>,
+    p: &FilterParams,
+    m0: f64,
+    mode: MaskMode,
+) -> Vec<f64> {
+    let (mut x, mut var, mut out) = (m0, p.p0, Vec::new());
+    for (t, &zt) in z.iter().enumerate() {
+        let valid = mask.map_or(true, |m| m[t]);
+        match (valid, mode) {
+            (false, MaskMode::Hold) => out.push(x),
+            (valid, _) => {
+                let s = var + p.q;
+                let k = if s.is_infinite() { 1.0 } else { s / (s + p.r) };
+                let obs = if valid { zt } else { 0.0 };
+                x += k * (obs - x);
+                var = k * p.r;
+                out.push(if valid { x } else { 0.0 });
+            }
+        }
+    }
+    out
+}
+
+fn random_batch(rng: &mut Rng, batch: usize, time: usize, p_valid: f64) -> (Vec<f64>, Vec<bool>) {
+    let z = (0..batch * time).map(|_| 3.0 * rng.uniform()).collect();
+    let m = (0..batch * time).map(|_| rng.bit(p_valid)).collect();
+    (z, m)
+}
+
+fn run_padded(
+    z: &[f64],
+    m: Option<&[bool]>,
+    b: usize,
+    t: usize,
+    p: &FilterParams,
+    m0: f64,
+    mode: MaskMode,
+) -> Vec<f64> {
+    let g = Gains::<f64>::new(t, p).unwrap();
+    let mut out = vec![0.0; b * t];
+    filter_padded(z, m, b, t, &g, m0, mode, &mut out).unwrap();
+    out
+}
+
+fn assert_close(got: &[f64], want: &[f64], tol: f64) {
+    assert_eq!(got.len(), want.len());
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        assert!((g - w).abs() <= tol, "element {i}: got {g}, want {w}");
+    }
+}
+
+#[test]
+fn gains_flat_prior_without_process_noise_is_a_running_mean() {
+    let k = gains(6, &params(0.0, 2.5, f64::INFINITY)).unwrap();
+    for (n, kn) in k.iter().enumerate() {
+        assert!((kn - 1.0 / (n as f64 + 1.0)).abs() < 1e-15, "K_{n} = {kn}");
+    }
+}
+
+#[test]
+fn gains_default_start_small_and_approach_the_steady_state() {
+    let p = FilterParams::default();
+    let k = gains(200_000, &p).unwrap();
+    assert!((k[0] - 1e-6 / (1.0 + 1e-6)).abs() < 1e-18);
+    let s = (p.q + (p.q * p.q + 4.0 * p.q * p.r).sqrt()) / 2.0;
+    let k_inf = s / (s + p.r);
+    assert!((k[k.len() - 1] - k_inf).abs() < 1e-12 * k_inf.max(1e-3));
+    assert!(
+        k.windows(2).all(|w| w[1] >= w[0]),
+        "gains rise monotonically from p0 = 0"
+    );
+}
+
+#[test]
+fn gains_reject_bad_parameters() {
+    for (p, name) in [
+        (params(-1.0, 1.0, 0.0), "q"),
+        (params(f64::NAN, 1.0, 0.0), "q"),
+        (params(1.0, 0.0, 0.0), "r"),
+        (params(1.0, f64::INFINITY, 0.0), "r"),
+        (params(1.0, f64::NAN, 0.0), "r"),
+        (params(1.0, 1.0, -0.5), "p0"),
+        (params(1.0, 1.0, f64::NAN), "p0"),
+    ] {
+        match gains(3, &p) {
+            Err(FilterError::Param { name: got, .. }) => assert_eq!(got, name),
+            other => panic!("{p:?}: expected a parameter error, got {other:?}"),
+        }
+    }
+    assert!(gains(3, &params(f64::INFINITY, 1.0, 0.0))
+        .unwrap()
+        .iter()
+        .all(|&k| k == 1.0));
+}
+
+#[test]
+fn forward_matches_the_equations_for_every_mode_and_prior() {
+    let mut rng = Rng(7);
+    for p in [
+        params(1e-6, 1.0, 0.0),
+        params(1e-2, 0.5, f64::INFINITY),
+        params(3.0, 1e-3, 1.0),
+    ] {
+        for mode in MODES {
+            let (b, t) = (5, 37);
+            let (z, m) = random_batch(&mut rng, b, t, 0.7);
+            for mask in [None, Some(m.as_slice())] {
+                let got = run_padded(&z, mask, b, t, &p, 0.25, mode);
+                let want: Vec<f64> = (0..b)
+                    .flat_map(|i| {
+                        naive_row(
+                            &z[i * t..(i + 1) * t],
+                            mask.map(|m| &m[i * t..(i + 1) * t]),
+                            &p,
+                            0.25,
+                            mode,
+                        )
+                    })
+                    .collect();
+                assert_close(&got, &want, 1e-13);
+            }
+        }
+    }
+}
+
+#[test]
+fn f32_follows_f64_within_rounding() {
+    let mut rng = Rng(11);
+    let (b, t) = (3, 500);
+    let p = params(1e-3, 1.0, f64::INFINITY);
+    let (z, m) = random_batch(&mut rng, b, t, 0.8);
+    let want = run_padded(&z, Some(&m), b, t, &p, 0.0, MaskMode::Hold);
+    let z32: Vec<f32> = z.iter().map(|&v| v as f32).collect();
+    let g = Gains::<f32>::new(t, &p).unwrap();
+    let mut out = vec![0f32; b * t];
+    filter_padded(&z32, Some(&m), b, t, &g, 0.0, MaskMode::Hold, &mut out).unwrap();
+    // Worst-case linear error growth: 8 * eps32 * (t + 1) * max|z|.
+    let tol = 8.0 * f64::from(f32::EPSILON) * (t as f64 + 1.0) * 3.0;
+    let got: Vec<f64> = out.iter().map(|&v| f64::from(v)).collect();
+    assert_close(&got, &want, tol);
+}
+
+#[test]
+fn flat_prior_rows_of_w_sum_to_one() {
+    let (b, t) = (2, 50);
+    let p = params(1e-2, 1.0, f64::INFINITY);
+    let z = vec![1.0; b * t];
+    // W applied to a constant reproduces it exactly when the rows of W sum to one.
+    let got = run_padded(&z, None, b, t, &p, 123.0, MaskMode::Hold);
+    assert_close(&got, &z, 1e-14);
+}
+
+#[test]
+fn masked_inputs_are_never_read() {
+    let mut rng = Rng(3);
+    let (b, t) = (4, 64);
+    let (z, m) = random_batch(&mut rng, b, t, 0.5);
+    let poisoned: Vec<f64> = z
+        .iter()
+        .zip(&m)
+        .map(|(&v, &ok)| if ok { v } else { f64::NAN })
+        .collect();
+    for mode in MODES {
+        let p = FilterParams::default();
+        assert_eq!(
+            run_padded(&z, Some(&m), b, t, &p, 0.1, mode),
+            run_padded(&poisoned, Some(&m), b, t, &p, 0.1, mode)
+        );
+        let g = Gains::<f64>::new(t, &p).unwrap();
+        let (mut d1, mut d2, mut m1, mut m2) = (
+            vec![0.0; b * t],
+            vec![0.0; b * t],
+            vec![0.0; b],
+            vec![0.0; b],
+        );
+        let grad: Vec<f64> = z.iter().map(|v| v * 0.5 + 0.1).collect();
+        let poisoned_grad: Vec<f64> = grad
+            .iter()
+            .zip(&m)
+            .map(|(&v, &ok)| if ok { v } else { f64::NAN })
+            .collect();
+        adjoint_padded(&grad, Some(&m), b, t, &g, MaskMode::Zero, &mut d1, &mut m1).unwrap();
+        adjoint_padded(
+            &poisoned_grad,
+            Some(&m),
+            b,
+            t,
+            &g,
+            MaskMode::Zero,
+            &mut d2,
+            &mut m2,
+        )
+        .unwrap();
+        assert_eq!(
+            (d1, m1),
+            (d2, m2),
+            "zero mode never reads the gradient at masked positions"
+        );
+    }
+}
+
+#[test]
+fn hold_and_zero_agree_on_right_padded_rows() {
+    let mut rng = Rng(5);
+    let (b, t) = (6, 40);
+    let (z, _) = random_batch(&mut rng, b, t, 1.0);
+    let lens = [0, 1, 17, 39, 40, 25];
+    let m: Vec<bool> = (0..b * t).map(|i| i % t < lens[i / t]).collect();
+    let p = params(1e-3, 1.0, 0.5);
+    let hold = run_padded(&z, Some(&m), b, t, &p, 0.0, MaskMode::Hold);
+    let zero = run_padded(&z, Some(&m), b, t, &p, 0.0, MaskMode::Zero);
+    let hold_masked: Vec<f64> = hold
+        .iter()
+        .zip(&m)
+        .map(|(&v, &ok)| if ok { v } else { 0.0 })
+        .collect();
+    assert_eq!(hold_masked, zero);
+}
+
+/// <W z + c m0, g> = <z, dz> + m0 * dm0 for every mode, layout and mask.
+#[test]
+fn adjoint_satisfies_the_dot_product_identity() {
+    let mut rng = Rng(19);
+    let (b, t) = (7, 90);
+    for p in [
+        FilterParams::default(),
+        params(0.3, 1.0, f64::INFINITY),
+        params(2.0, 0.1, 5.0),
+    ] {
+        let gn = Gains::<f64>::new(t, &p).unwrap();
+        for mode in MODES {
+            let (z, m) = random_batch(&mut rng, b, t, 0.6);
+            let (g, _) = random_batch(&mut rng, b, t, 1.0);
+            for mask in [None, Some(m.as_slice())] {
+                let m0 = -0.7;
+                let y = run_padded(&z, mask, b, t, &p, m0, mode);
+                let (mut dz, mut dm0) = (vec![0.0; b * t], vec![0.0; b]);
+                adjoint_padded(&g, mask, b, t, &gn, mode, &mut dz, &mut dm0).unwrap();
+                let lhs: f64 = y.iter().zip(&g).map(|(a, b)| a * b).sum();
+                let rhs: f64 = z.iter().zip(&dz).map(|(a, b)| a * b).sum::<f64>()
+                    + m0 * dm0.iter().sum::<f64>();
+                assert!(
+                    (lhs - rhs).abs() < 1e-11 * (1.0 + lhs.abs()),
+                    "{lhs} vs {rhs}"
+                );
+                if let Some(m) = mask {
+                    assert!(dz.iter().zip(m).all(|(&d, &ok)| ok || d == 0.0));
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn packed_equals_padded_row_by_row() {
+    let mut rng = Rng(23);
+    let lens = [0usize, 5, 0, 33, 1, 64, 0];
+    let offsets: Vec<i64> = std::iter::once(0)
+        .chain(lens.iter().scan(0i64, |acc, &l| {
+            *acc += l as i64;
+            Some(*acc)
+        }))
+        .collect();
+    let total = *offsets.last().unwrap() as usize;
+    let (z, m) = random_batch(&mut rng, 1, total, 0.7);
+    let (g, _) = random_batch(&mut rng, 1, total, 1.0);
+    let p = params(1e-2, 1.0, 0.0);
+    let gains64 = Gains::<f64>::new(64, &p).unwrap();
+    for mode in MODES {
+        let mut out = vec![0.0; total];
+        filter_packed(&z, Some(&m), &offsets, &gains64, 0.5, mode, &mut out).unwrap();
+        let (mut dz, mut dm0) = (vec![0.0; total], vec![9.0; lens.len()]);
+        adjoint_packed(&g, Some(&m), &offsets, &gains64, mode, &mut dz, &mut dm0).unwrap();
+        let offsets32: Vec<i32> = offsets.iter().map(|&o| o as i32).collect();
+        let mut out32 = vec![0.0; total];
+        filter_packed(&z, Some(&m), &offsets32, &gains64, 0.5, mode, &mut out32).unwrap();
+        assert_eq!(out, out32);
+        for (row, w) in offsets.windows(2).enumerate() {
+            let (s, e) = (w[0] as usize, w[1] as usize);
+            let row_out = run_padded(&z[s..e], Some(&m[s..e]), 1, e - s, &p, 0.5, mode);
+            assert_eq!(&out[s..e], row_out.as_slice());
+            let (mut d, mut dm) = (vec![0.0; e - s], vec![0.0; 1]);
+            adjoint_padded(
+                &g[s..e],
+                Some(&m[s..e]),
+                1,
+                e - s,
+                &gains64,
+                mode,
+                &mut d,
+                &mut dm,
+            )
+            .unwrap();
+            assert_eq!(&dz[s..e], d.as_slice());
+            assert_eq!(dm0[row], dm[0], "row {row}");
+        }
+    }
+}
+
+#[test]
+fn non_finite_values_name_the_first_failing_row_and_position() {
+    let (b, t) = (4, 10);
+    let p = FilterParams::default();
+    let g = Gains::<f64>::new(t, &p).unwrap();
+    let mut z = vec![0.5; b * t];
+    z[2 * t + 6] = f64::INFINITY;
+    z[3 * t + 1] = f64::NAN;
+    let mut out = vec![0.0; b * t];
+    let err = filter_padded(&z, None, b, t, &g, 0.0, MaskMode::Hold, &mut out).unwrap_err();
+    assert_eq!(err, FilterError::NonFinite { row: 2, pos: 6 });
+    let mut m = vec![true; b * t];
+    m[2 * t + 6] = false;
+    let err = filter_padded(&z, Some(&m), b, t, &g, 0.0, MaskMode::Zero, &mut out).unwrap_err();
+    assert_eq!(err, FilterError::NonFinite { row: 3, pos: 1 });
+    let (mut dz, mut dm0) = (vec![0.0; b * t], vec![0.0; b]);
+    let err = adjoint_padded(&z, None, b, t, &g, MaskMode::Hold, &mut dz, &mut dm0).unwrap_err();
+    assert_eq!(err, FilterError::NonFinite { row: 2, pos: 6 });
+    let offsets = [0i32, 3, 3, 40];
+    let err = filter_packed(
+        &z,
+        None,
+        &offsets,
+        &g.clone(),
+        0.0,
+        MaskMode::Hold,
+        &mut out,
+    );
+    assert!(
+        matches!(err, Err(FilterError::Layout { arg: "gains", .. })),
+        "{err:?}"
+    );
+    let g40 = Gains::<f64>::new(40, &p).unwrap();
+    let err = filter_packed(&z, None, &offsets, &g40, 0.0, MaskMode::Hold, &mut out).unwrap_err();
+    assert_eq!(
+        err,
+        FilterError::NonFinite {
+            row: 2,
+            pos: 2 * t + 6 - 3
+        }
+    );
+}
+
+#[test]
+fn bad_offsets_and_lengths_are_errors_not_panics() {
+    let z = vec![0.0f32; 10];
+    let g = Gains::<f32>::new(10, &FilterParams::default()).unwrap();
+    let mut out = vec![0.0f32; 10];
+    let cases: [&[i64]; 6] = [
+        &[],
+        &[1, 10],
+        &[0, 5, 4, 10],
+        &[0, -1, 10],
+        &[0, 11],
+        &[0, 4, 9],
+    ];
+    for offsets in cases {
+        let err = filter_packed(&z, None, offsets, &g, 0.0, MaskMode::Hold, &mut out).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                FilterError::Layout {
+                    arg: "cu_seqlens",
+                    ..
+                }
+            ),
+            "{offsets:?}: {err:?}"
+        );
+    }
+    let short_mask = vec![true; 9];
+    let err = filter_packed(
+        &z,
+        Some(&short_mask),
+        &[0i64, 10],
+        &g,
+        0.0,
+        MaskMode::Hold,
+        &mut out,
+    )
+    .unwrap_err();
+    assert!(matches!(err, FilterError::Layout { arg: "mask", .. }));
+    let err = filter_padded(&z, None, 3, 4, &g, 0.0, MaskMode::Hold, &mut out).unwrap_err();
+    assert!(matches!(err, FilterError::Layout { arg: "values", .. }));
+    let err =
+        filter_padded(&z, None, usize::MAX, 2, &g, 0.0, MaskMode::Hold, &mut out).unwrap_err();
+    assert!(matches!(err, FilterError::Layout { arg: "shape", .. }));
+    let err = filter_padded(&z, None, 2, 5, &g, f32::NAN, MaskMode::Hold, &mut out).unwrap_err();
+    assert!(matches!(err, FilterError::Param { name: "m0", .. }));
+}
+
+#[test]
+fn empty_batches_and_rows_are_valid() {
+    let g = Gains::<f64>::new(0, &FilterParams::default()).unwrap();
+    let mut dm0 = vec![5.0; 3];
+    adjoint_padded(&[], None, 3, 0, &g, MaskMode::Hold, &mut [], &mut dm0).unwrap();
+    assert_eq!(dm0, vec![0.0; 3]);
+    filter_padded::<f64>(
+        &[],
+        None,
+        0,
+        7,
+        &Gains::new(7, &FilterParams::default()).unwrap(),
+        0.0,
+        MaskMode::Hold,
+        &mut [],
+    )
+    .unwrap();
+    let mut dm0 = vec![5.0; 2];
+    adjoint_packed::<f64, i32>(&[], None, &[0, 0, 0], &g, MaskMode::Zero, &mut [], &mut dm0)
+        .unwrap();
+    assert_eq!(dm0, vec![0.0; 2]);
+    filter_packed::<f64, i64>(&[], None, &[0], &g, 0.0, MaskMode::Hold, &mut []).unwrap();
+}
+
+#[test]
+fn fully_masked_rows_hold_the_prior_and_pass_the_gradient_to_it() {
+    let (b, t) = (2, 8);
+    let z = vec![f64::NAN; b * t];
+    let m = vec![false; b * t];
+    let p = params(0.1, 1.0, f64::INFINITY);
+    assert_eq!(
+        run_padded(&z, Some(&m), b, t, &p, 0.3, MaskMode::Hold),
+        vec![0.3; b * t]
+    );
+    let g = Gains::<f64>::new(t, &p).unwrap();
+    let (mut dz, mut dm0) = (vec![1.0; b * t], vec![0.0; b]);
+    adjoint_padded(
+        &vec![0.5; b * t],
+        Some(&m),
+        b,
+        t,
+        &g,
+        MaskMode::Hold,
+        &mut dz,
+        &mut dm0,
+    )
+    .unwrap();
+    assert_eq!((dz, dm0), (vec![0.0; b * t], vec![4.0; b]));
+}
+
+#[test]
+fn overflow_with_finite_inputs_is_reported_as_such() {
+    let g = Gains::<f32>::new(4, &params(1.0, 1.0, 0.0)).unwrap();
+    let grad = vec![f32::MAX; 4];
+    let (mut dz, mut dm0) = (vec![0.0; 4], vec![0.0; 1]);
+    let err = adjoint_padded(&grad, None, 1, 4, &g, MaskMode::Hold, &mut dz, &mut dm0).unwrap_err();
+    assert_eq!(err, FilterError::Overflow { row: 0 });
+}
+
+#[test]
+fn results_do_not_depend_on_the_thread_count() {
+    let mut rng = Rng(29);
+    let (b, t) = (33, 200);
+    let (z, m) = random_batch(&mut rng, b, t, 0.9);
+    let p = FilterParams::default();
+    let run = |threads| {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap();
+        pool.install(|| run_padded(&z, Some(&m), b, t, &p, 0.0, MaskMode::Hold))
+    };
+    let one = run(1);
+    assert_eq!(one, run(2));
+    assert_eq!(one, run(4));
+}

@@ -1,0 +1,453 @@
+//! The Python extension module `kpo_rs._core`.
+//!
+//! Each function checks its arguments (type, dtype, dimensions, shapes, offsets, parameters),
+//! takes read-only views of the numpy inputs (copying only arrays that are not C-contiguous), runs
+//! the kernel of [`crate::filter`] with the GIL released, and returns new arrays. Every failure is
+//! a `ValueError` or `TypeError` whose message names the argument; inputs are never written.
+
+use numpy::{
+    dtype, Element, PyArray1, PyArrayDescrMethods, PyArrayDyn, PyArrayMethods, PyReadonlyArrayDyn,
+    PyUntypedArray, PyUntypedArrayMethods,
+};
+use pyo3::exceptions::{PyTypeError, PyValueError};
+use pyo3::prelude::*;
+
+use crate::filter::{self, FilterError, FilterParams, Gains, MaskMode, Offset, Real};
+
+/// Which argument carries the sequence values, for error messages.
+#[derive(Clone, Copy)]
+enum Role {
+    Forward,
+    Adjoint,
+}
+
+impl Role {
+    fn arg(self) -> &'static str {
+        match self {
+            Role::Forward => "values",
+            Role::Adjoint => "grad",
+        }
+    }
+}
+
+fn to_py_err(err: FilterError, role: Role) -> PyErr {
+    match err {
+        FilterError::NonFinite { row, pos } => PyValueError::new_err(format!(
+            "{}: non-finite value at row {row}, position {pos}",
+            role.arg()
+        )),
+        FilterError::Overflow { row } => PyValueError::new_err(format!(
+            "{}: the result overflowed in row {row} although every input is finite",
+            role.arg()
+        )),
+        other => PyValueError::new_err(other.to_string()),
+    }
+}
+
+fn type_name(obj: &Bound<'_, PyAny>) -> String {
+    obj.get_type()
+        .name()
+        .map_or_else(|_| "?".to_owned(), |n| n.to_string())
+}
+
+/// `obj` as an ndarray of `ndim` dimensions.
+fn as_ndarray<'a, 'py>(
+    arg: &str,
+    obj: &'a Bound<'py, PyAny>,
+    ndim: usize,
+    what: &str,
+) -> PyResult<&'a Bound<'py, PyUntypedArray>> {
+    let arr = obj.cast::<PyUntypedArray>().map_err(|_| {
+        PyTypeError::new_err(format!(
+            "{arg} must be a numpy.ndarray, got {}",
+            type_name(obj)
+        ))
+    })?;
+    if arr.ndim() != ndim {
+        return Err(PyValueError::new_err(format!(
+            "{arg} must be {ndim}-D {what}, got a {}-D array of shape {:?}",
+            arr.ndim(),
+            arr.shape()
+        )));
+    }
+    Ok(arr)
+}
+
+fn has_dtype<T: Element>(arr: &Bound<'_, PyUntypedArray>) -> bool {
+    arr.dtype().is_equiv_to(&dtype::<T>(arr.py()))
+}
+
+fn dtype_str(arr: &Bound<'_, PyUntypedArray>) -> String {
+    arr.dtype()
+        .str()
+        .map_or_else(|_| "?".to_owned(), |s| s.to_string())
+}
+
+/// The elements of an input array in C (row-major) order: a read-only view of numpy's buffer
+/// when it is C-contiguous, otherwise a copy read through the strides (Fortran order, strided and
+/// negatively strided views).
+enum Elems<'py, T: Element> {
+    View(PyReadonlyArrayDyn<'py, T>),
+    Owned(Vec<T>),
+}
+
+impl<T: Element> Elems<'_, T> {
+    fn as_slice(&self) -> &[T] {
+        match self {
+            // A view is only made of C-contiguous arrays, whose slice always exists; were it
+            // missing, the empty slice fails the kernels' length checks instead of misreading.
+            Elems::View(ro) => ro.as_slice().unwrap_or(&[]),
+            Elems::Owned(v) => v,
+        }
+    }
+}
+
+fn read<'py, T: Element + Copy>(
+    arg: &str,
+    arr: &Bound<'py, PyUntypedArray>,
+) -> PyResult<Elems<'py, T>> {
+    let typed = arr.cast::<PyArrayDyn<T>>().map_err(|_| {
+        PyTypeError::new_err(format!("{arg} has an unsupported dtype {}", dtype_str(arr)))
+    })?;
+    let ro = typed
+        .try_readonly()
+        .map_err(|e| PyValueError::new_err(format!("{arg} cannot be read: {e}")))?;
+    if arr.is_c_contiguous() && ro.as_slice().is_ok() {
+        Ok(Elems::View(ro))
+    } else {
+        Ok(Elems::Owned(ro.as_array().iter().copied().collect()))
+    }
+}
+
+fn parse_mode(masked: &str) -> PyResult<MaskMode> {
+    match masked {
+        "hold" => Ok(MaskMode::Hold),
+        "zero" => Ok(MaskMode::Zero),
+        other => Err(PyValueError::new_err(format!(
+            "masked must be 'hold' or 'zero', got {other:?}"
+        ))),
+    }
+}
+
+fn params(q: f64, r: f64, p0: f64) -> PyResult<FilterParams> {
+    let p = FilterParams { q, r, p0 };
+    p.validate().map_err(|e| to_py_err(e, Role::Forward))?;
+    Ok(p)
+}
+
+/// The mask, checked to be a bool array of exactly `shape`.
+fn read_mask<'py>(
+    mask: Option<&Bound<'py, PyAny>>,
+    shape: &[usize],
+    values_arg: &str,
+) -> PyResult<Option<Elems<'py, bool>>> {
+    let Some(obj) = mask.filter(|m| !m.is_none()) else {
+        return Ok(None);
+    };
+    let arr = as_ndarray("mask", obj, shape.len(), "like values")?;
+    if !has_dtype::<bool>(arr) {
+        return Err(PyTypeError::new_err(format!(
+            "mask must have dtype bool, got {}",
+            dtype_str(arr)
+        )));
+    }
+    if arr.shape() != shape {
+        return Err(PyValueError::new_err(format!(
+            "mask shape {:?} differs from {values_arg} shape {:?}",
+            arr.shape(),
+            shape
+        )));
+    }
+    read("mask", arr).map(Some)
+}
+
+/// Dispatches on the float dtype of `arr` (float32 or float64), else raises TypeError.
+macro_rules! by_float_dtype {
+    ($arr:expr, $arg:expr, $f:ident ( $($a:expr),* )) => {{
+        let arr = $arr;
+        if has_dtype::<f32>(arr) {
+            $f::<f32>($($a),*)
+        } else if has_dtype::<f64>(arr) {
+            $f::<f64>($($a),*)
+        } else {
+            Err(PyTypeError::new_err(format!(
+                "{} must have dtype float32 or float64, got {}",
+                $arg,
+                dtype_str(arr)
+            )))
+        }
+    }};
+}
+
+/// Dispatches on the integer dtype of `cu_seqlens` (int32 or int64), else raises TypeError.
+macro_rules! by_offset_dtype {
+    ($arr:expr, $f:ident :: < $t:ty > ( $($a:expr),* )) => {{
+        let arr = $arr;
+        if has_dtype::<i32>(arr) {
+            $f::<$t, i32>($($a),*)
+        } else if has_dtype::<i64>(arr) {
+            $f::<$t, i64>($($a),*)
+        } else {
+            Err(PyTypeError::new_err(format!(
+                "cu_seqlens must have dtype int32 or int64, got {}",
+                dtype_str(arr)
+            )))
+        }
+    }};
+}
+
+/// `K_0 .. K_{n-1}` as a float64 array `[n]`.
+#[pyfunction]
+fn gains<'py>(
+    py: Python<'py>,
+    n: i64,
+    q: f64,
+    r: f64,
+    p0: f64,
+) -> PyResult<Bound<'py, PyArray1<f64>>> {
+    let n = usize::try_from(n)
+        .map_err(|_| PyValueError::new_err(format!("n must be >= 0, got {n}")))?;
+    let p = params(q, r, p0)?;
+    let k = py
+        .detach(|| filter::gains(n, &p))
+        .map_err(|e| to_py_err(e, Role::Forward))?;
+    Ok(PyArray1::from_vec(py, k))
+}
+
+fn padded_shape(arr: &Bound<'_, PyUntypedArray>) -> (usize, usize) {
+    let s = arr.shape();
+    (s[0], s[1])
+}
+
+fn filter_padded_typed<'py, T: Real + Element>(
+    arr: &Bound<'py, PyUntypedArray>,
+    mask: Option<Elems<'py, bool>>,
+    p: FilterParams,
+    m0: f64,
+    mode: MaskMode,
+) -> PyResult<Bound<'py, PyAny>> {
+    let py = arr.py();
+    let (batch, time) = padded_shape(arr);
+    let values = read::<T>("values", arr)?;
+    let (z, m) = (values.as_slice(), mask.as_ref().map(Elems::as_slice));
+    let out = py
+        .detach(|| {
+            let g = Gains::<T>::new(time, &p)?;
+            let mut out = vec![T::ZERO; z.len()];
+            filter::filter_padded(z, m, batch, time, &g, T::from_f64(m0), mode, &mut out)?;
+            Ok(out)
+        })
+        .map_err(|e| to_py_err(e, Role::Forward))?;
+    Ok(PyArray1::from_vec(py, out)
+        .reshape([batch, time])?
+        .into_any())
+}
+
+/// Filters `values` `[batch, time]` (float32/float64) row by row; returns `[batch, time]`.
+#[pyfunction]
+#[pyo3(signature = (values, mask, q, r, p0, m0, masked))]
+#[allow(clippy::too_many_arguments)]
+fn filter_padded<'py>(
+    values: &Bound<'py, PyAny>,
+    mask: Option<&Bound<'py, PyAny>>,
+    q: f64,
+    r: f64,
+    p0: f64,
+    m0: f64,
+    masked: &str,
+) -> PyResult<Bound<'py, PyAny>> {
+    let arr = as_ndarray("values", values, 2, "[batch, time]")?;
+    let mode = parse_mode(masked)?;
+    let p = params(q, r, p0)?;
+    let m = read_mask(mask, arr.shape(), "values")?;
+    by_float_dtype!(arr, "values", filter_padded_typed(arr, m, p, m0, mode))
+}
+
+type Pair<'py> = (Bound<'py, PyAny>, Bound<'py, PyAny>);
+
+fn adjoint_padded_typed<'py, T: Real + Element>(
+    arr: &Bound<'py, PyUntypedArray>,
+    mask: Option<Elems<'py, bool>>,
+    p: FilterParams,
+    mode: MaskMode,
+) -> PyResult<Pair<'py>> {
+    let py = arr.py();
+    let (batch, time) = padded_shape(arr);
+    let grad = read::<T>("grad", arr)?;
+    let (gr, m) = (grad.as_slice(), mask.as_ref().map(Elems::as_slice));
+    let (dz, dm0) = py
+        .detach(|| {
+            let g = Gains::<T>::new(time, &p)?;
+            let mut dz = vec![T::ZERO; gr.len()];
+            let mut dm0 = vec![T::ZERO; batch];
+            filter::adjoint_padded(gr, m, batch, time, &g, mode, &mut dz, &mut dm0)?;
+            Ok((dz, dm0))
+        })
+        .map_err(|e| to_py_err(e, Role::Adjoint))?;
+    let dz = PyArray1::from_vec(py, dz).reshape([batch, time])?;
+    Ok((dz.into_any(), PyArray1::from_vec(py, dm0).into_any()))
+}
+
+/// Adjoint of `filter_padded`: returns `(dvalues [batch, time], dm0 [batch])`.
+#[pyfunction]
+#[pyo3(signature = (grad, mask, q, r, p0, masked))]
+fn adjoint_padded<'py>(
+    grad: &Bound<'py, PyAny>,
+    mask: Option<&Bound<'py, PyAny>>,
+    q: f64,
+    r: f64,
+    p0: f64,
+    masked: &str,
+) -> PyResult<Pair<'py>> {
+    let arr = as_ndarray("grad", grad, 2, "[batch, time]")?;
+    let mode = parse_mode(masked)?;
+    let p = params(q, r, p0)?;
+    let m = read_mask(mask, arr.shape(), "grad")?;
+    by_float_dtype!(arr, "grad", adjoint_padded_typed(arr, m, p, mode))
+}
+
+/// Reads `cu_seqlens`, checks it against `total` values, and returns it with the longest segment.
+fn read_offsets<'py, O: Offset + Element>(
+    arr: &Bound<'py, PyUntypedArray>,
+    total: usize,
+) -> PyResult<(Elems<'py, O>, usize)> {
+    let offsets = read::<O>("cu_seqlens", arr)?;
+    let idx = filter::check_offsets(offsets.as_slice(), total)
+        .map_err(|e| to_py_err(e, Role::Forward))?;
+    Ok((offsets, filter::max_segment(&idx)))
+}
+
+fn filter_packed_typed<'py, T: Real + Element, O: Offset + Element>(
+    arr: &Bound<'py, PyUntypedArray>,
+    cu: &Bound<'py, PyUntypedArray>,
+    mask: Option<Elems<'py, bool>>,
+    p: FilterParams,
+    m0: f64,
+    mode: MaskMode,
+) -> PyResult<Bound<'py, PyAny>> {
+    let py = arr.py();
+    let values = read::<T>("values", arr)?;
+    let (offsets, longest) = read_offsets::<O>(cu, values.as_slice().len())?;
+    let (z, m, cu) = (
+        values.as_slice(),
+        mask.as_ref().map(Elems::as_slice),
+        offsets.as_slice(),
+    );
+    let out = py
+        .detach(|| {
+            let g = Gains::<T>::new(longest, &p)?;
+            let mut out = vec![T::ZERO; z.len()];
+            filter::filter_packed(z, m, cu, &g, T::from_f64(m0), mode, &mut out)?;
+            Ok(out)
+        })
+        .map_err(|e| to_py_err(e, Role::Forward))?;
+    Ok(PyArray1::from_vec(py, out).into_any())
+}
+
+fn filter_packed_float<'py, T: Real + Element>(
+    arr: &Bound<'py, PyUntypedArray>,
+    cu: &Bound<'py, PyUntypedArray>,
+    mask: Option<Elems<'py, bool>>,
+    p: FilterParams,
+    m0: f64,
+    mode: MaskMode,
+) -> PyResult<Bound<'py, PyAny>> {
+    by_offset_dtype!(cu, filter_packed_typed::<T>(arr, cu, mask, p, m0, mode))
+}
+
+/// Filters packed sequences `values` `[total]` split by `cu_seqlens` `[batch + 1]`; returns
+/// `[total]`.
+#[pyfunction]
+#[pyo3(signature = (values, cu_seqlens, mask, q, r, p0, m0, masked))]
+#[allow(clippy::too_many_arguments)]
+fn filter_packed<'py>(
+    values: &Bound<'py, PyAny>,
+    cu_seqlens: &Bound<'py, PyAny>,
+    mask: Option<&Bound<'py, PyAny>>,
+    q: f64,
+    r: f64,
+    p0: f64,
+    m0: f64,
+    masked: &str,
+) -> PyResult<Bound<'py, PyAny>> {
+    let arr = as_ndarray("values", values, 1, "[total]")?;
+    let cu = as_ndarray("cu_seqlens", cu_seqlens, 1, "[batch + 1]")?;
+    let mode = parse_mode(masked)?;
+    let p = params(q, r, p0)?;
+    let m = read_mask(mask, arr.shape(), "values")?;
+    by_float_dtype!(arr, "values", filter_packed_float(arr, cu, m, p, m0, mode))
+}
+
+fn adjoint_packed_typed<'py, T: Real + Element, O: Offset + Element>(
+    arr: &Bound<'py, PyUntypedArray>,
+    cu: &Bound<'py, PyUntypedArray>,
+    mask: Option<Elems<'py, bool>>,
+    p: FilterParams,
+    mode: MaskMode,
+) -> PyResult<Pair<'py>> {
+    let py = arr.py();
+    let grad = read::<T>("grad", arr)?;
+    let (offsets, longest) = read_offsets::<O>(cu, grad.as_slice().len())?;
+    let (gr, m, cu) = (
+        grad.as_slice(),
+        mask.as_ref().map(Elems::as_slice),
+        offsets.as_slice(),
+    );
+    let batch = cu.len() - 1;
+    let (dz, dm0) = py
+        .detach(|| {
+            let g = Gains::<T>::new(longest, &p)?;
+            let mut dz = vec![T::ZERO; gr.len()];
+            let mut dm0 = vec![T::ZERO; batch];
+            filter::adjoint_packed(gr, m, cu, &g, mode, &mut dz, &mut dm0)?;
+            Ok((dz, dm0))
+        })
+        .map_err(|e| to_py_err(e, Role::Adjoint))?;
+    Ok((
+        PyArray1::from_vec(py, dz).into_any(),
+        PyArray1::from_vec(py, dm0).into_any(),
+    ))
+}
+
+fn adjoint_packed_float<'py, T: Real + Element>(
+    arr: &Bound<'py, PyUntypedArray>,
+    cu: &Bound<'py, PyUntypedArray>,
+    mask: Option<Elems<'py, bool>>,
+    p: FilterParams,
+    mode: MaskMode,
+) -> PyResult<Pair<'py>> {
+    by_offset_dtype!(cu, adjoint_packed_typed::<T>(arr, cu, mask, p, mode))
+}
+
+/// Adjoint of `filter_packed`: returns `(dvalues [total], dm0 [batch])`.
+#[pyfunction]
+#[pyo3(signature = (grad, cu_seqlens, mask, q, r, p0, masked))]
+#[allow(clippy::too_many_arguments)]
+fn adjoint_packed<'py>(
+    grad: &Bound<'py, PyAny>,
+    cu_seqlens: &Bound<'py, PyAny>,
+    mask: Option<&Bound<'py, PyAny>>,
+    q: f64,
+    r: f64,
+    p0: f64,
+    masked: &str,
+) -> PyResult<Pair<'py>> {
+    let arr = as_ndarray("grad", grad, 1, "[total]")?;
+    let cu = as_ndarray("cu_seqlens", cu_seqlens, 1, "[batch + 1]")?;
+    let mode = parse_mode(masked)?;
+    let p = params(q, r, p0)?;
+    let m = read_mask(mask, arr.shape(), "grad")?;
+    by_float_dtype!(arr, "grad", adjoint_packed_float(arr, cu, m, p, mode))
+}
+
+#[pymodule]
+#[pyo3(name = "_core")]
+fn core_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    m.add_function(wrap_pyfunction!(gains, m)?)?;
+    m.add_function(wrap_pyfunction!(filter_padded, m)?)?;
+    m.add_function(wrap_pyfunction!(adjoint_padded, m)?)?;
+    m.add_function(wrap_pyfunction!(filter_packed, m)?)?;
+    m.add_function(wrap_pyfunction!(adjoint_packed, m)?)?;
+    Ok(())
+}

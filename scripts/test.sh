@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Sets up (scripts/setup.sh) and runs the whole test suite: formatting and lints (rustfmt, clippy,
+# ruff), the Rust unit tests, and the Python tests (pytest + hypothesis; the "ci" hypothesis
+# profile, 200 examples per property, when CI is set).
+set -euo pipefail
+
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+venv=${KPO_VENV:-$root/.venv}
+cd "$root"
+
+bash scripts/setup.sh
+
+step() { printf '\n== %s\n' "$*"; }
+
+step "rustfmt"
+cargo fmt --all -- --check
+step "clippy (core, tests and bindings)"
+cargo clippy --all-targets --quiet -- -D warnings
+cargo clippy --all-targets --features python --quiet -- -D warnings
+step "ruff"
+"$venv/bin/ruff" check python tests benches examples
+"$venv/bin/ruff" format --check python tests benches examples
+step "cargo test"
+cargo test --release --quiet
+step "pytest"
+if [ -n "${CI:-}" ]; then export HYPOTHESIS_PROFILE=${HYPOTHESIS_PROFILE:-ci}; fi
+"$venv/bin/python" -m pytest "$@"
