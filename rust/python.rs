@@ -179,14 +179,15 @@ macro_rules! by_float_dtype {
     }};
 }
 
-/// Dispatches on the integer dtype of `cu_seqlens` (int32 or int64), else raises TypeError.
+/// Dispatches on the integer dtype of `cu_seqlens` (int32 or int64), else raises TypeError:
+/// `by_offset_dtype!(cu, f[T](args))` calls `f::<T, i32>(args)` or `f::<T, i64>(args)`.
 macro_rules! by_offset_dtype {
-    ($arr:expr, $f:ident :: < $t:ty > ( $($a:expr),* )) => {{
+    ($arr:expr, $f:ident [ $($t:ty),* ] ( $($a:expr),* )) => {{
         let arr = $arr;
         if has_dtype::<i32>(arr) {
-            $f::<$t, i32>($($a),*)
+            $f::<$($t,)* i32>($($a),*)
         } else if has_dtype::<i64>(arr) {
-            $f::<$t, i64>($($a),*)
+            $f::<$($t,)* i64>($($a),*)
         } else {
             Err(PyTypeError::new_err(format!(
                 "cu_seqlens must have dtype int32 or int64, got {}",
@@ -317,6 +318,23 @@ fn read_offsets<'py, O: Offset + Element>(
     Ok((offsets, filter::max_segment(&idx)))
 }
 
+fn longest_segment<O: Offset + Element>(
+    arr: &Bound<'_, PyUntypedArray>,
+    total: usize,
+) -> PyResult<usize> {
+    read_offsets::<O>(arr, total).map(|(_, longest)| longest)
+}
+
+/// Checks `cu_seqlens` `[batch + 1]` (int32/int64) against `total` values; returns the length of
+/// the longest segment.
+#[pyfunction]
+fn check_offsets(cu_seqlens: &Bound<'_, PyAny>, total: i64) -> PyResult<usize> {
+    let total = usize::try_from(total)
+        .map_err(|_| PyValueError::new_err(format!("total must be >= 0, got {total}")))?;
+    let cu = as_ndarray("cu_seqlens", cu_seqlens, 1, "[batch + 1]")?;
+    by_offset_dtype!(cu, longest_segment[](cu, total))
+}
+
 fn filter_packed_typed<'py, T: Real + Element, O: Offset + Element>(
     arr: &Bound<'py, PyUntypedArray>,
     cu: &Bound<'py, PyUntypedArray>,
@@ -352,7 +370,7 @@ fn filter_packed_float<'py, T: Real + Element>(
     m0: f64,
     mode: MaskMode,
 ) -> PyResult<Bound<'py, PyAny>> {
-    by_offset_dtype!(cu, filter_packed_typed::<T>(arr, cu, mask, p, m0, mode))
+    by_offset_dtype!(cu, filter_packed_typed[T](arr, cu, mask, p, m0, mode))
 }
 
 /// Filters packed sequences `values` `[total]` split by `cu_seqlens` `[batch + 1]`; returns
@@ -416,7 +434,7 @@ fn adjoint_packed_float<'py, T: Real + Element>(
     p: FilterParams,
     mode: MaskMode,
 ) -> PyResult<Pair<'py>> {
-    by_offset_dtype!(cu, adjoint_packed_typed::<T>(arr, cu, mask, p, mode))
+    by_offset_dtype!(cu, adjoint_packed_typed[T](arr, cu, mask, p, mode))
 }
 
 /// Adjoint of `filter_packed`: returns `(dvalues [total], dm0 [batch])`.
@@ -445,6 +463,7 @@ fn adjoint_packed<'py>(
 fn core_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add_function(wrap_pyfunction!(gains, m)?)?;
+    m.add_function(wrap_pyfunction!(check_offsets, m)?)?;
     m.add_function(wrap_pyfunction!(filter_padded, m)?)?;
     m.add_function(wrap_pyfunction!(adjoint_padded, m)?)?;
     m.add_function(wrap_pyfunction!(filter_packed, m)?)?;

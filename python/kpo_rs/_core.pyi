@@ -64,3 +64,6 @@ def adjoint_packed(
     masked: _Masked,
 ) -> tuple[_Float, _Float]:
     """``grad`` ``[total]`` -> ``(dvalues [total], dm0 [batch])``."""
+
+def check_offsets(cu_seqlens: _Offsets, total: int) -> int:
+    """Checks ``cu_seqlens`` against ``total`` values; returns the longest segment's length."""
