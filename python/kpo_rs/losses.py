@@ -1,0 +1,508 @@
+"""Policy losses: KPO and KPO-clipped, and the baselines they are judged against.
+
+Every loss takes verl's inputs, ``[batch, response_len]`` tensors ``old_log_prob``, ``log_prob``,
+``advantages`` and ``response_mask`` (bool, or 0/1 numbers used as weights in the aggregation
+like verl does), and returns ``(loss, metrics)``: a scalar tensor and a dict of detached scalar
+tensors (no host synchronisation; call ``float()`` on them when logging).
+
+KPO (arXiv 2602.10609) replaces each token's importance ratio ``exp(logp - old_logp)`` by a causal
+Kalman filter of it along the response (:mod:`kpo_rs.torch_ops`). By default every setting is the
+KPO authors': filter the log-ratio with ``q = 1e-6, r = 1, p0 = 0``; take the gradient in the
+stop-gradient form ``log rt = logp - sg(logp) + sg(x)`` clamped at 10; KPO-clipped clips ``rt``
+to ``[1 - 3e-4, 1 + 4e-4]``; aggregate with ``"seq-mean-token-mean"``; multiply rollout
+importance weights in before aggregating.
+
+The baselines follow verl 0.9's ``compute_policy_loss_vanilla`` (PPO/GRPO token clip with
+clip-higher and dual clip), ``compute_policy_loss_gspo`` and ``compute_policy_loss_geo_mean`` (GMPO)
+formula for formula, so comparisons with verl runs are like for like.
+
+Aggregation (``loss_agg_mode``, as verl): ``"token-mean"`` (mean over valid tokens),
+``"token-sum"``, ``"seq-mean-token-sum"``, ``"seq-mean-token-mean"`` and
+``"seq-mean-token-sum-norm"`` (token sums over the response length, or ``loss_scale_factor``).
+``global_batch_info`` (``dp_size``, ``batch_num_tokens``, ``global_batch_size``,
+``loss_scale_factor``) normalises across data-parallel ranks exactly as verl does.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from . import torch_ops
+
+__all__ = [
+    "LOSS_AGG_MODES",
+    "agg_loss",
+    "gmpo_loss",
+    "gspo_loss",
+    "kpo_clipped_loss",
+    "kpo_loss",
+    "kpo_token_losses",
+    "ppo_clip_loss",
+    "switch_rate",
+]
+
+LOSS_AGG_MODES = (
+    "token-mean",
+    "token-sum",
+    "seq-mean-token-sum",
+    "seq-mean-token-mean",
+    "seq-mean-token-sum-norm",
+)
+
+#: The log-ratio is clamped here before exp in the stop-gradient forms (as in GSPO and KPO).
+LOG_RATIO_CLAMP = 10.0
+KPO_CLIP = (3e-4, 4e-4)
+
+Metrics = dict[str, torch.Tensor]
+
+
+# --------------------------------------------------------------------------------------------
+# Masked reductions and aggregation
+
+
+def _masked_sum(values: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """Sum of ``values * mask`` where NaN/inf outside the mask cannot leak in."""
+    kept = torch.where(
+        mask.bool(), values, torch.zeros((), dtype=values.dtype, device=values.device)
+    )
+    prod = kept * mask
+    return prod.sum() if dim is None else prod.sum(dim=dim)
+
+
+def _masked_mean(values: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    count = mask.sum() if dim is None else mask.sum(dim=dim)
+    return _masked_sum(values, mask, dim) / (count + 1e-8)
+
+
+def _masked_std(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Population standard deviation over the valid entries."""
+    mean = _masked_mean(values, mask)
+    return torch.sqrt(_masked_mean((values - mean) ** 2, mask))
+
+
+def agg_loss(
+    loss_mat: torch.Tensor,
+    loss_mask: torch.Tensor,
+    loss_agg_mode: str,
+    *,
+    dp_size: int = 1,
+    batch_num_tokens: int | torch.Tensor | None = None,
+    global_batch_size: int | torch.Tensor | None = None,
+    loss_scale_factor: float | None = None,
+) -> torch.Tensor:
+    """Aggregates a ``[batch, time]`` loss matrix into a scalar, as verl's ``agg_loss``.
+
+    Fully masked sequences are excluded from the sequence means. With ``dp_size > 1`` the global
+    token count (``"token-mean"``) or sequence count (sequence modes) is required, and the result
+    is scaled by ``dp_size`` so that averaging gradients over ranks gives the global mean.
+    """
+    if loss_agg_mode == "token-mean":
+        if batch_num_tokens is None:
+            if dp_size > 1:
+                raise ValueError("batch_num_tokens (global) is required when dp_size > 1")
+            batch_num_tokens = loss_mask.sum()
+        return _masked_sum(loss_mat, loss_mask) / batch_num_tokens * dp_size
+    if loss_agg_mode == "token-sum":
+        return _masked_sum(loss_mat, loss_mask) * dp_size
+    if loss_agg_mode not in LOSS_AGG_MODES:
+        raise ValueError(f"loss_agg_mode must be one of {LOSS_AGG_MODES}, got {loss_agg_mode!r}")
+    token_count = loss_mask.sum(dim=-1)
+    seq_losses = _masked_sum(loss_mat, loss_mask, dim=-1)
+    if loss_agg_mode == "seq-mean-token-mean":
+        seq_losses = seq_losses / (token_count + 1e-8)
+    seq_mask = (token_count > 0).to(seq_losses.dtype)
+    if global_batch_size is None:
+        if dp_size > 1:
+            raise ValueError("global_batch_size is required when dp_size > 1")
+        global_batch_size = seq_mask.sum()
+    loss = _masked_sum(seq_losses, seq_mask) / global_batch_size * dp_size
+    if loss_agg_mode == "seq-mean-token-sum-norm":
+        loss = loss / (loss_mask.shape[-1] if loss_scale_factor is None else loss_scale_factor)
+    return loss
+
+
+def _aggregate(
+    pg_losses: torch.Tensor,
+    response_mask: torch.Tensor,
+    loss_agg_mode: str,
+    rollout_is_weights: torch.Tensor | None,
+    global_batch_info: dict[str, Any] | None,
+) -> torch.Tensor:
+    if rollout_is_weights is not None:
+        pg_losses = pg_losses * rollout_is_weights
+    info = {k: v for k, v in (global_batch_info or {}).items() if v is not None}
+    return agg_loss(pg_losses, response_mask, loss_agg_mode, **info)
+
+
+def switch_rate(values: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Share of adjacent valid token pairs (skipping masked positions) whose values have opposite
+    signs; ``values`` ``[batch, time]``; returns a scalar tensor (0 when there are no pairs)."""
+    length = values.shape[-1]
+    if mask is None:
+        mask = torch.ones_like(values, dtype=torch.bool)
+    mask = mask.bool()
+    positions = torch.arange(length, device=values.device).expand_as(values)
+    last_valid = torch.where(mask, positions, -1).cummax(dim=-1).values
+    previous = torch.nn.functional.pad(last_valid[..., :-1], (1, 0), value=-1)
+    paired = mask & (previous >= 0)
+    sign = torch.sign(torch.where(mask, values, 0.0))
+    prev_sign = torch.gather(sign, -1, previous.clamp(min=0))
+    switches = paired & (sign * prev_sign < 0)
+    return switches.sum() / paired.sum().clamp(min=1)
+
+
+def _check_agg(loss_agg_mode: str) -> None:
+    if loss_agg_mode not in LOSS_AGG_MODES:
+        raise ValueError(f"loss_agg_mode must be one of {LOSS_AGG_MODES}, got {loss_agg_mode!r}")
+
+
+def _check_inputs(old_log_prob, log_prob, advantages, response_mask) -> None:
+    for name, t in (
+        ("old_log_prob", old_log_prob),
+        ("log_prob", log_prob),
+        ("advantages", advantages),
+        ("response_mask", response_mask),
+    ):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if log_prob.dim() != 2:
+        raise ValueError(f"log_prob must be 2-D [batch, response_len], got {tuple(log_prob.shape)}")
+    for name, t in (("old_log_prob", old_log_prob), ("response_mask", response_mask)):
+        if t.shape != log_prob.shape:
+            raise ValueError(
+                f"{name} shape {tuple(t.shape)} differs from log_prob {tuple(log_prob.shape)}"
+            )
+    if advantages.shape != log_prob.shape:
+        raise ValueError(
+            f"advantages must have log_prob's shape {tuple(log_prob.shape)}, "
+            f"got {tuple(advantages.shape)}"
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# KPO
+
+
+def _filtered_log_ratio(
+    z: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    q: float,
+    r: float,
+    p0: float,
+    space: str,
+    masked: str,
+    backend: str,
+) -> torch.Tensor:
+    """The filtered log-ratio ``log x``; differentiable in ``z`` (callers detach as needed)."""
+    kw = {"q": q, "r": r, "p0": p0, "masked": masked, "backend": backend}
+    if space == "log_ratio":
+        return torch_ops.kalman_filter(z, mask, m0=0.0, **kw)
+    if space == "ratio":
+        ratio = torch.exp(torch.clamp(z, max=LOG_RATIO_CLAMP))
+        filtered = torch_ops.kalman_filter(ratio, mask, m0=1.0, **kw)
+        # a convex combination of positive ratios (and of the prior 1) stays positive
+        return torch.log(
+            torch.where(mask, filtered, torch.ones((), dtype=z.dtype, device=z.device))
+        )
+    raise ValueError(f"space must be 'log_ratio' or 'ratio', got {space!r}")
+
+
+def kpo_token_losses(
+    old_log_prob: torch.Tensor,
+    log_prob: torch.Tensor,
+    advantages: torch.Tensor,
+    response_mask: torch.Tensor,
+    *,
+    clip: tuple[float, float] | None = None,
+    clip_ratio_c: float | None = None,
+    q: float = 1e-6,
+    r: float = 1.0,
+    p0: float = 0.0,
+    space: str = "log_ratio",
+    masked: str = "hold",
+    grad: str = "token",
+    backend: str = "auto",
+) -> tuple[torch.Tensor, Metrics]:
+    """Per-token KPO losses ``[batch, time]`` (before weights and aggregation) and metrics.
+
+    See :func:`kpo_loss` for the arguments.
+    """
+    _check_inputs(old_log_prob, log_prob, advantages, response_mask)
+    if grad not in ("token", "filter"):
+        raise ValueError(f"grad must be 'token' or 'filter', got {grad!r}")
+    if clip is not None:
+        low, high = clip
+        if not (0 <= low < 1 and high >= 0):
+            raise ValueError(
+                "clip must be (eps_low, eps_high) with 0 <= eps_low < 1 and eps_high >= 0, "
+                f"got {clip}"
+            )
+    if clip_ratio_c is not None and not clip_ratio_c > 1.0:
+        raise ValueError(f"clip_ratio_c must be > 1 (dual clip), got {clip_ratio_c}")
+    mask = response_mask.bool()
+    z = log_prob - old_log_prob
+    filt_kw = {"q": q, "r": r, "p0": p0, "space": space, "masked": masked, "backend": backend}
+    if grad == "token":
+        x = _filtered_log_ratio(z.detach(), mask, **filt_kw)
+        log_rt = log_prob - log_prob.detach() + x
+    else:
+        x = _filtered_log_ratio(z, mask, **filt_kw)
+        log_rt = x
+    rt = torch.exp(torch.clamp(log_rt, max=LOG_RATIO_CLAMP))
+
+    pg_losses1 = -advantages * rt
+    metrics: Metrics = {}
+    if clip is None:
+        pg_losses = pg_losses1
+        clipped = torch.zeros_like(mask)
+        upper = lower = clipped
+    else:
+        low, high = clip
+        pg_losses2 = -advantages * torch.clamp(rt, 1.0 - low, 1.0 + high)
+        pg_losses = torch.maximum(pg_losses1, pg_losses2)
+        clipped = pg_losses2 > pg_losses1
+        upper = clipped & (rt > 1.0 + high)
+        lower = clipped & (rt < 1.0 - low)
+    if clip_ratio_c is not None:
+        pg_losses3 = -advantages * clip_ratio_c
+        dual = (pg_losses > pg_losses3) & (advantages < 0)
+        pg_losses = torch.where(advantages < 0, torch.minimum(pg_losses3, pg_losses), pg_losses)
+        metrics["dual_clipfrac"] = _masked_mean(dual.float(), mask).detach()
+
+    with torch.no_grad():
+        raw_ratio = torch.exp(torch.clamp(z, max=LOG_RATIO_CLAMP))
+        x_d = x.detach()
+        metrics.update(
+            {
+                "clipfrac": _masked_mean(clipped.float(), mask),
+                "clipfrac_upper": _masked_mean(upper.float(), mask),
+                "clipfrac_lower": _masked_mean(lower.float(), mask),
+                "ppo_kl": _masked_mean(-z, mask),
+                "ratio_mean": _masked_mean(raw_ratio, mask),
+                "ratio_std": _masked_std(raw_ratio, mask),
+                "filtered_ratio_mean": _masked_mean(rt.detach(), mask),
+                "filtered_ratio_std": _masked_std(rt.detach(), mask),
+                "switch_rate_raw": switch_rate(z, mask),
+                "switch_rate_filtered": switch_rate(x_d, mask),
+            }
+        )
+    return pg_losses, metrics
+
+
+def kpo_loss(
+    old_log_prob: torch.Tensor,
+    log_prob: torch.Tensor,
+    advantages: torch.Tensor,
+    response_mask: torch.Tensor,
+    *,
+    clip: tuple[float, float] | None = None,
+    clip_ratio_c: float | None = None,
+    q: float = 1e-6,
+    r: float = 1.0,
+    p0: float = 0.0,
+    space: str = "log_ratio",
+    masked: str = "hold",
+    grad: str = "token",
+    loss_agg_mode: str = "seq-mean-token-mean",
+    rollout_is_weights: torch.Tensor | None = None,
+    global_batch_info: dict[str, Any] | None = None,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, Metrics]:
+    """The KPO policy loss: ``agg(-A * rt)``, or with ``clip=(eps_low, eps_high)`` KPO-clipped,
+    ``agg(max(-A * rt, -A * clip(rt, 1 - eps_low, 1 + eps_high)))``.
+
+    ``rt`` is the filtered importance ratio: ``x`` = the causal Kalman filter of the detached
+    log-ratio ``logp - old_logp`` over each response (``space="log_ratio"``, prior 0), or of the
+    ratio itself (``space="ratio"``, prior 1, then ``log``).
+
+    ``grad="token"`` (the paper's form): ``log rt = logp - sg(logp) + sg(x)``: each token's
+    gradient is its own ``d logp``, scaled by its filtered ratio. ``grad="filter"``: ``rt =
+    exp(x(logp - old_logp))`` with the gradient through the filter's exact adjoint, so token t's
+    ``logp`` also receives gradient from the ratios of later tokens that its log-ratio fed. The two
+    give the same loss value; their gradients differ.
+
+    Args:
+        old_log_prob, log_prob, advantages: ``[batch, time]`` float tensors (log-probs in nats).
+        response_mask: ``[batch, time]`` bool (or 0/1) tensor of valid response tokens.
+        clip: ``None`` (KPO) or ``(eps_low, eps_high)`` (KPO-clipped).
+        clip_ratio_c: optional dual-clip bound (> 1) for negative advantages, as verl's PPO.
+        q, r, p0: filter variances (see :mod:`kpo_rs`); masked: ``"hold"`` or ``"zero"``.
+        space, grad: see above.
+        loss_agg_mode: one of :data:`LOSS_AGG_MODES`.
+        rollout_is_weights: optional ``[batch, time]`` weights multiplied into the per-token
+            losses before aggregation (verl's rollout correction).
+        global_batch_info: verl's data-parallel normalisation (see :func:`agg_loss`).
+        backend: filter backend (see :mod:`kpo_rs.torch_ops`).
+
+    Returns:
+        ``(loss, metrics)``; metrics: ``clipfrac`` (any clipping active), ``clipfrac_upper``,
+        ``clipfrac_lower``, ``dual_clipfrac`` (with ``clip_ratio_c``), ``ppo_kl`` (mean of
+        ``old_logp - logp``), ``ratio_mean/std`` (raw), ``filtered_ratio_mean/std``,
+        ``switch_rate_raw/filtered`` (sign changes of the log-ratio between adjacent valid tokens).
+    """
+    _check_agg(loss_agg_mode)
+    pg_losses, metrics = kpo_token_losses(
+        old_log_prob,
+        log_prob,
+        advantages,
+        response_mask,
+        clip=clip,
+        clip_ratio_c=clip_ratio_c,
+        q=q,
+        r=r,
+        p0=p0,
+        space=space,
+        masked=masked,
+        grad=grad,
+        backend=backend,
+    )
+    loss = _aggregate(
+        pg_losses, response_mask, loss_agg_mode, rollout_is_weights, global_batch_info
+    )
+    return loss, metrics
+
+
+def kpo_clipped_loss(
+    old_log_prob: torch.Tensor,
+    log_prob: torch.Tensor,
+    advantages: torch.Tensor,
+    response_mask: torch.Tensor,
+    *,
+    clip: tuple[float, float] = KPO_CLIP,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, Metrics]:
+    """KPO-clipped, the paper's main variant: :func:`kpo_loss` with ``clip=(3e-4, 4e-4)``."""
+    return kpo_loss(old_log_prob, log_prob, advantages, response_mask, clip=clip, **kwargs)
+
+
+# --------------------------------------------------------------------------------------------
+# Baselines (verl 0.9's formulas)
+
+
+def ppo_clip_loss(
+    old_log_prob: torch.Tensor,
+    log_prob: torch.Tensor,
+    advantages: torch.Tensor,
+    response_mask: torch.Tensor,
+    *,
+    clip_ratio: float = 0.2,
+    clip_ratio_low: float | None = None,
+    clip_ratio_high: float | None = None,
+    clip_ratio_c: float = 3.0,
+    loss_agg_mode: str = "token-mean",
+    rollout_is_weights: torch.Tensor | None = None,
+    global_batch_info: dict[str, Any] | None = None,
+) -> tuple[torch.Tensor, Metrics]:
+    """Vanilla PPO/GRPO token-level clipped loss (verl's "vanilla"): the log-ratio clamped to
+    [-20, 20], clip-higher ``[1 - clip_ratio_low, 1 + clip_ratio_high]`` (each defaulting to
+    ``clip_ratio``) and dual clip ``clip_ratio_c`` for negative advantages."""
+    _check_inputs(old_log_prob, log_prob, advantages, response_mask)
+    _check_agg(loss_agg_mode)
+    if not clip_ratio_c > 1.0:
+        raise ValueError(f"clip_ratio_c must be > 1 (dual clip), got {clip_ratio_c}")
+    low = clip_ratio if clip_ratio_low is None else clip_ratio_low
+    high = clip_ratio if clip_ratio_high is None else clip_ratio_high
+    neg_kl = torch.clamp(log_prob - old_log_prob, min=-20.0, max=20.0)
+    ratio = torch.exp(neg_kl)
+    pg_losses1 = -advantages * ratio
+    pg_losses2 = -advantages * torch.clamp(ratio, 1 - low, 1 + high)
+    clip_losses1 = torch.maximum(pg_losses1, pg_losses2)
+    pg_losses3 = -advantages * clip_ratio_c
+    clip_losses2 = torch.min(pg_losses3, clip_losses1)
+    pg_losses = torch.where(advantages < 0, clip_losses2, clip_losses1)
+    loss = _aggregate(
+        pg_losses, response_mask, loss_agg_mode, rollout_is_weights, global_batch_info
+    )
+    with torch.no_grad():
+        metrics = {
+            "pg_clipfrac": _masked_mean((pg_losses2 > pg_losses1).float(), response_mask),
+            "ppo_kl": _masked_mean(-neg_kl, response_mask),
+            "pg_clipfrac_lower": _masked_mean(
+                ((clip_losses1 > pg_losses3) & (advantages < 0)).float(), response_mask
+            ),
+            "switch_rate_raw": switch_rate(neg_kl, response_mask),
+        }
+    return loss, metrics
+
+
+def gspo_loss(
+    old_log_prob: torch.Tensor,
+    log_prob: torch.Tensor,
+    advantages: torch.Tensor,
+    response_mask: torch.Tensor,
+    *,
+    clip_ratio_low: float = 3e-4,
+    clip_ratio_high: float = 4e-4,
+    loss_agg_mode: str = "seq-mean-token-mean",
+    rollout_is_weights: torch.Tensor | None = None,
+    global_batch_info: dict[str, Any] | None = None,
+) -> tuple[torch.Tensor, Metrics]:
+    """GSPO (verl's "gspo"): the sequence log-ratio (masked mean) in the token stop-gradient form
+    ``logp - sg(logp) + sg(seq_log_ratio)``, clamped at 10, clipped to
+    ``[1 - clip_ratio_low, 1 + clip_ratio_high]`` (defaults: the GSPO authors' 3e-4, 4e-4)."""
+    _check_inputs(old_log_prob, log_prob, advantages, response_mask)
+    _check_agg(loss_agg_mode)
+    neg_kl = log_prob - old_log_prob
+    lengths = response_mask.sum(dim=-1).clamp(min=1)
+    seq_neg_kl = _masked_sum(neg_kl, response_mask, dim=-1) / lengths
+    log_seq_ratio = log_prob - log_prob.detach() + seq_neg_kl.detach().unsqueeze(-1)
+    seq_ratio = torch.exp(torch.clamp(log_seq_ratio, max=LOG_RATIO_CLAMP))
+    pg_losses1 = -advantages * seq_ratio
+    pg_losses2 = -advantages * torch.clamp(seq_ratio, 1 - clip_ratio_low, 1 + clip_ratio_high)
+    pg_losses = torch.maximum(pg_losses1, pg_losses2)
+    loss = _aggregate(
+        pg_losses, response_mask, loss_agg_mode, rollout_is_weights, global_batch_info
+    )
+    with torch.no_grad():
+        metrics = {
+            "pg_clipfrac": _masked_mean((pg_losses2 > pg_losses1).float(), response_mask),
+            "ppo_kl": _masked_mean(-neg_kl, response_mask),
+            "pg_clipfrac_lower": torch.zeros((), device=loss.device),
+            "switch_rate_raw": switch_rate(neg_kl, response_mask),
+        }
+    return loss, metrics
+
+
+def gmpo_loss(
+    old_log_prob: torch.Tensor,
+    log_prob: torch.Tensor,
+    advantages: torch.Tensor,
+    response_mask: torch.Tensor,
+    *,
+    clip_ratio_low: float = 0.4,
+    clip_ratio_high: float = 0.4,
+    loss_agg_mode: str | None = None,
+    rollout_is_weights: torch.Tensor | None = None,
+    global_batch_info: dict[str, Any] | None = None,
+) -> tuple[torch.Tensor, Metrics]:
+    """GMPO (verl's "geo_mean"): sign-aware clip of the log-ratio to
+    ``[-clip_ratio_low, clip_ratio_high]`` (defaults: the GMPO paper's 0.4; verl's config default is
+    0.2), geometric mean of the ratios per sequence, sequence-mean advantage, plain mean over
+    sequences. Like verl, ``loss_agg_mode`` and ``global_batch_info`` are accepted and ignored;
+    rollout weights enter as their per-sequence geometric mean."""
+    del loss_agg_mode, global_batch_info  # GMPO's aggregation is fixed (as in verl)
+    _check_inputs(old_log_prob, log_prob, advantages, response_mask)
+    neg_kl = log_prob - old_log_prob
+    sign = torch.sign(advantages)
+    neg_kl_clamped = torch.clamp(neg_kl, -clip_ratio_low, clip_ratio_high)
+    neg_kl_min = sign * torch.min(sign * neg_kl, sign * neg_kl_clamped)
+    count = response_mask.sum(dim=-1)
+    ratio = torch.exp(_masked_sum(neg_kl_min, response_mask, dim=-1) / (count + 1e-8))
+    seq_advantage = _masked_sum(advantages, response_mask, dim=-1) / (count + 1e-8)
+    pg_losses = -seq_advantage * ratio
+    if rollout_is_weights is not None:
+        log_w = _masked_sum(torch.log(rollout_is_weights + 1e-10), response_mask, dim=-1)
+        pg_losses = pg_losses * torch.exp(log_w / (count + 1e-8))
+    loss = pg_losses.mean()
+    with torch.no_grad():
+        clipped = neg_kl != neg_kl_clamped
+        metrics = {
+            "pg_clipfrac": _masked_mean((clipped & (advantages > 0)).float(), response_mask),
+            "ppo_kl": _masked_mean(-neg_kl, response_mask),
+            "pg_clipfrac_lower": _masked_mean((clipped & (advantages < 0)).float(), response_mask),
+            "switch_rate_raw": switch_rate(neg_kl, response_mask),
+        }
+    return loss, metrics
