@@ -21,6 +21,8 @@
 //! failing row is scanned again to find the offending position.
 
 use rayon::prelude::*;
+
+use crate::block::{adjoint_block, forward_block, LANES};
 use std::fmt;
 use std::ops::{Add, Mul};
 
@@ -456,17 +458,51 @@ pub fn filter_padded<T: Real>(
     if total == 0 {
         return Ok(());
     }
+    if let (Some(m), MaskMode::Hold) = (mask, mode) {
+        // Per-row gain indices: the one-row kernel (lanes would gather gains one by one).
+        let failures = out
+            .par_chunks_mut(time)
+            .zip(values.par_chunks(time))
+            .enumerate()
+            .filter_map(|(row, (o, z))| {
+                let mr = &m[row * time..(row + 1) * time];
+                forward_row(z, Some(mr), gains, m0, mode, o)
+                    .err()
+                    .map(|f| (row, f))
+            });
+        return first_failure(failures);
+    }
+    let block = LANES * time;
     let failures = out
-        .par_chunks_mut(time)
-        .zip(values.par_chunks(time))
+        .par_chunks_mut(block)
+        .zip(values.par_chunks(block))
         .enumerate()
-        .filter_map(|(row, (o, z))| {
-            let m = mask.map(|m| &m[row * time..(row + 1) * time]);
-            forward_row(z, m, gains, m0, mode, o)
-                .err()
-                .map(|f| (row, f))
+        .flat_map_iter(|(b, (o, z))| {
+            let rows = z.len() / time;
+            let m = mask.map(|m| &m[b * block..b * block + rows * time]);
+            let last = forward_block(z, m, rows, time, gains, m0, o);
+            block_failures(&last, rows, |l| {
+                first_bad(
+                    &z[l * time..(l + 1) * time],
+                    m.map(|m| &m[l * time..(l + 1) * time]),
+                )
+            })
+            .into_iter()
+            .map(move |(l, f)| (b * LANES + l, f))
         });
     first_failure(failures)
+}
+
+/// The rows of a block whose final value is not finite, with the cause found by `locate`.
+fn block_failures<T: Real>(
+    last: &[T; LANES],
+    rows: usize,
+    locate: impl Fn(usize) -> RowFault,
+) -> Vec<(usize, RowFault)> {
+    (0..rows)
+        .filter(|&l| !last[l].is_finite())
+        .map(|l| (l, locate(l)))
+        .collect()
 }
 
 /// Adjoint of [`filter_padded`]: for upstream gradient `grad` (`[batch, time]`), writes
@@ -491,20 +527,45 @@ pub fn adjoint_padded<T: Real>(
         dm0.fill(T::ZERO);
         return Ok(());
     }
-    let failures = dvalues
-        .par_chunks_mut(time)
-        .zip(grad.par_chunks(time))
-        .zip(dm0.par_iter_mut())
-        .enumerate()
-        .filter_map(|(row, ((d, gr), dm))| {
-            let m = mask.map(|m| &m[row * time..(row + 1) * time]);
-            match adjoint_row(gr, m, gains, mode, d) {
-                Ok(v) => {
-                    *dm = v;
-                    None
+    if let (Some(m), MaskMode::Hold) = (mask, mode) {
+        let failures = dvalues
+            .par_chunks_mut(time)
+            .zip(grad.par_chunks(time))
+            .zip(dm0.par_iter_mut())
+            .enumerate()
+            .filter_map(|(row, ((d, gr), dm))| {
+                let mr = &m[row * time..(row + 1) * time];
+                match adjoint_row(gr, Some(mr), gains, mode, d) {
+                    Ok(v) => {
+                        *dm = v;
+                        None
+                    }
+                    Err(f) => Some((row, f)),
                 }
-                Err(f) => Some((row, f)),
-            }
+            });
+        return first_failure(failures);
+    }
+    let block = LANES * time;
+    let failures = dvalues
+        .par_chunks_mut(block)
+        .zip(grad.par_chunks(block))
+        .zip(dm0.par_chunks_mut(LANES))
+        .enumerate()
+        .flat_map_iter(|(b, ((d, gr), dm))| {
+            let rows = gr.len() / time;
+            let m = mask.map(|m| &m[b * block..b * block + rows * time]);
+            let last = adjoint_block(gr, m, rows, time, gains, d);
+            dm.copy_from_slice(&last[..rows]);
+            // Only "zero" masks reach the block kernel (see above); it does not read masked `grad`.
+            let read_mask = m;
+            block_failures(&last, rows, |l| {
+                first_bad(
+                    &gr[l * time..(l + 1) * time],
+                    read_mask.map(|m| &m[l * time..(l + 1) * time]),
+                )
+            })
+            .into_iter()
+            .map(move |(l, f)| (b * LANES + l, f))
         });
     first_failure(failures)
 }

@@ -4,6 +4,7 @@
 //! [`filter`] is the pure-Rust core. With the `python` feature (enabled by maturin) this crate is
 //! also the Python extension module `kpo_rs._core`, defined in `python.rs`.
 
+mod block;
 pub mod filter;
 
 #[cfg(feature = "python")]

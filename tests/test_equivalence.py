@@ -1,11 +1,12 @@
 """Every native function against the reference, as hypothesis properties.
 
-Tolerance (kpo_rs.testing.tolerance): elementwise ``8 eps (L + 1) env`` where ``env`` is the same
-map applied to absolute values (an exact bound on the magnitudes the recurrence carries) and ``L``
-the longest row; eps is that of the compute dtype (float32: 1.19e-7, float64: 2.22e-16). The
-recurrence has non-negative coefficients summing to at most one, so rounding errors, including the
-rounding of the gains to the compute dtype, are not amplified; ``L + 1`` steps of a few roundings
-each bound the total. float32 is compared with a float64 reference on the same float32 inputs.
+Tolerance (kpo_rs.testing.tolerance): elementwise ``8 eps (L + 1) env`` where ``env`` bounds the
+magnitudes the recurrence handles (forward: the running maximum of |m0| and |z|; adjoint: the
+adjoint applied to |g|) and ``L`` is the longest row; eps is that of the compute dtype (float32:
+1.19e-7, float64: 2.22e-16). The recurrence has non-negative coefficients summing to at most one,
+so rounding errors, including the rounding of the gains to the compute dtype, are not amplified;
+``L + 1`` steps of a few roundings each bound the total. float32 is compared with a float64
+reference on the same float32 inputs.
 """
 
 from __future__ import annotations

@@ -218,18 +218,26 @@ def _without_m0(params: dict[str, Any]) -> dict[str, Any]:
 
 
 def forward_envelope(batch: PaddedBatch | PackedBatch, params: dict[str, Any]) -> np.ndarray:
-    """The filter applied to ``|z|`` with prior ``|m0|``: a bound on ``|x|`` at every position.
+    """A bound on every quantity the forward recurrence handles at each position: the running
+    maximum of ``|m0|`` and of ``|z|`` over the row's valid tokens so far.
 
-    All coefficients of the recurrence are non-negative, so rounding errors are bounded
-    relative to this envelope (see :func:`tolerance`).
+    The state is a convex combination of the prior and the valid observations so far, so it and
+    every intermediate of either form of the update (``a x + K z`` or ``x + K (z - x)``) are
+    bounded by this; rounding errors are bounded relative to it (see :func:`tolerance`).
     """
     absz = np.abs(
         np.where(batch.mask, batch.values, 0.0) if batch.mask is not None else batch.values
     )
-    p = dict(params, m0=abs(params.get("m0", 0.0)))
+    absz = absz.astype(np.float64)
+    floor = abs(float(params.get("m0", 0.0)))
     if isinstance(batch, PackedBatch):
-        return reference.kalman_filter_packed(absz, batch.cu_seqlens, batch.mask, **p)
-    return reference.kalman_filter(absz, batch.mask, **p)
+        env = np.empty_like(absz)
+        for s, e in zip(batch.cu_seqlens[:-1], batch.cu_seqlens[1:]):
+            env[s:e] = np.maximum.accumulate(np.maximum(absz[s:e], floor))
+        return env
+    if absz.size == 0:
+        return absz
+    return np.maximum.accumulate(np.maximum(absz, floor), axis=-1)
 
 
 def adjoint_envelope(
@@ -250,10 +258,11 @@ def tolerance(envelope: np.ndarray, dtype: np.dtype, row_length: int) -> np.ndar
 
     Each step of the recurrence (forward or adjoint) has non-negative coefficients that sum to at
     most one, so its rounding error, including the rounding of the gains to ``dtype``, is at most
-    a few ``eps`` times the envelope, and errors are carried forward without growth: after at most
-    ``L`` steps (``L`` = the longest row) the error is below ``(L + 1)`` steps' worth. The factor 8
-    covers the three roundings per step plus the two gain roundings; the second term covers
-    subnormal results. This is a worst-case bound; typical errors are far smaller.
+    a few ``eps`` times the envelope (:func:`forward_envelope`, :func:`adjoint_envelope`), and
+    errors are carried forward without growth: after at most ``L`` steps (``L`` = the longest
+    row) the error is below ``(L + 1)`` steps' worth. The factor 8 covers the roundings of one
+    step (at most five, whichever form of the update) plus the two gain roundings; the second
+    term covers subnormal results. This is a worst-case bound; typical errors are far smaller.
     """
     info = np.finfo(dtype)
     steps = row_length + 1
