@@ -1,4 +1,4 @@
-"""The README's Python examples run as written."""
+"""The README's Python examples (blocks marked ```python; ```py marks a sketch) run as written."""
 
 import re
 from pathlib import Path
@@ -11,3 +11,9 @@ def test_readme_python_blocks_run():
     assert blocks, "the README has Python examples"
     for block in blocks:
         exec(compile(block, str(README), "exec"), {})
+
+
+def test_quickstart_example_runs():
+    import runpy
+
+    runpy.run_path(str(README.parent / "examples" / "quickstart.py"), run_name="__main__")
