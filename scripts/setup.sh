@@ -21,6 +21,14 @@ if [ "$("$venv/bin/uv" --version 2>/dev/null | cut -d' ' -f2)" != "$uv_version" 
     "$venv/bin/python" -m pip install --quiet --disable-pip-version-check "uv==$uv_version"
 fi
 "$venv/bin/uv" pip install --quiet --python "$venv/bin/python" -r "$root/requirements/dev.lock"
+# Byte-compile the dependencies once per lock file: where PYTHONDONTWRITEBYTECODE is set, every
+# import would otherwise compile its sources again (seconds for pandas, torch, transformers).
+marker="$venv/.compiled-$(sha256sum "$root/requirements/dev.lock" | cut -c1-16)"
+if [ ! -e "$marker" ]; then
+    echo "setup: byte-compiling the dependencies (once)"
+    "$venv/bin/python" -m compileall -q -j 0 "$("$venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')" >/dev/null 2>&1 || true
+    touch "$marker"
+fi
 
 echo "setup: building the extension (release)"
 cd "$root"

@@ -1,0 +1,294 @@
+"""Arrow interop, the Parquet jobs behind `kpo filter` / `kpo analyze`, and Ray Data."""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+import kpo_rs
+from kpo_rs import arrow, cli
+from kpo_rs.pipeline import Columns, analyze_parquet, filter_parquet
+
+KW = {"q": 1e-3, "p0": math.inf}
+
+
+def _rollouts(n_rows: int, seed: int = 0, max_len: int = 300, dtype=np.float32, nulls: bool = True):
+    """A table of rollouts: empty lists, null rows, one long list, log-probs and a mask."""
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(0, max_len, n_rows)
+    lengths[::7] = 0
+    if n_rows > 3:
+        lengths[3] = 5000
+    old = [(-rng.random(n) * 3).astype(dtype) for n in lengths]
+    new = [(o + rng.normal(0, 0.2, o.size)).astype(dtype) for o in old]
+    mask = [rng.random(n) < 0.9 for n in lengths]
+    list_type = pa.list_(pa.from_numpy_dtype(dtype))
+    lp = pa.array([None if nulls and i % 11 == 5 else v for i, v in enumerate(new)], type=list_type)
+    return pa.table(
+        {
+            "id": np.arange(n_rows),
+            "logp": lp,
+            "old_logp": pa.array(old, type=list_type),
+            "mask": pa.array(mask, type=pa.list_(pa.bool_())),
+        }
+    )
+
+
+def _expected(table: pa.Table, **kw):
+    """The numpy API on the same data, row by row: (filtered log-ratio lists, null rows)."""
+    out = []
+    for lp, old, m in zip(
+        table.column("logp").to_pylist(),
+        table.column("old_logp").to_pylist(),
+        table.column("mask").to_pylist(),
+    ):
+        if lp is None:
+            out.append(None)
+            continue
+        z = np.asarray(lp, dtype=np.float64) - np.asarray(old, dtype=np.float64)
+        cu = np.array([0, z.size], dtype=np.int64)
+        out.append(
+            kpo_rs.kalman_filter_packed(np.where(m, z, 0.0), cu, np.asarray(m, dtype=bool), **kw)
+        )
+    return out
+
+
+def test_filter_list_array_keeps_offsets_nulls_and_type():
+    arr = pa.array([[0.1, 0.2, None, 0.4], [], None, [0.5]], type=pa.list_(pa.float32()))
+    out = arrow.filter_list_array(arr, **KW)
+    assert (
+        out.type == arr.type
+        and out.null_count == 1
+        and out.is_null().to_pylist() == [False, False, True, False]
+    )
+    assert [len(x) if x is not None else None for x in out.to_pylist()] == [4, 0, None, 1]
+    want = kpo_rs.kalman_filter_packed(
+        np.array([0.1, 0.2, 0.0, 0.4], np.float32),
+        np.array([0, 4]),
+        np.array([True, True, False, True]),
+        **KW,
+    )
+    np.testing.assert_array_equal(np.array(out[0].as_py(), dtype=np.float32), want)
+    # large lists, slices (offsets not starting at 0) and chunked arrays
+    large = pa.array([[1.0, 2.0], [3.0, 4.0, 5.0], [6.0]], type=pa.large_list(pa.float64()))
+    sliced = arrow.filter_list_array(large.slice(1, 2), **KW)
+    assert sliced.type == large.type
+    np.testing.assert_allclose(sliced[0].as_py(), kpo_rs.kalman_filter([[3.0, 4.0, 5.0]], **KW)[0])
+    chunked = pa.chunked_array([arr, arr.slice(1)])
+    out = arrow.filter_list_array(chunked, **KW)
+    assert isinstance(out, pa.ChunkedArray) and out.num_chunks == 2 and len(out) == 7
+
+
+def test_values_are_read_without_a_copy():
+    arr = pa.array([[0.1, 0.2], [0.3]], type=pa.list_(pa.float64()))
+    values, cu, valid = arrow.packed_view(arr)
+    assert valid is None and cu.tolist() == [0, 2, 3]
+    assert values.ctypes.data == arr.values.buffers()[1].address
+
+
+def test_filter_record_batch_matches_the_numpy_api():
+    table = _rollouts(60)
+    out = arrow.filter_record_batch(
+        table, log_probs="logp", old_log_probs="old_logp", mask="mask", **KW
+    )
+    assert isinstance(out, pa.Table) and out.num_columns == table.num_columns + 2
+    got = out.column("kpo_filtered_log_ratio").to_pylist()
+    for g, w in zip(got, _expected(table, **KW)):
+        if w is None:
+            assert g is None
+        else:
+            np.testing.assert_allclose(np.asarray(g), w, rtol=0, atol=0)
+    ratio = out.column("kpo_filtered_ratio").to_pylist()
+    for r, g in zip(ratio, got):
+        if g is not None:
+            np.testing.assert_allclose(r, np.exp(g), rtol=1e-15)
+
+
+def test_ratio_and_log_ratio_sources_and_ratio_space():
+    z = pa.array([[0.1, -0.2, 0.05]], type=pa.list_(pa.float64()))
+    r = pa.array([np.exp([0.1, -0.2, 0.05])], type=pa.list_(pa.float64()))
+    b1 = pa.RecordBatch.from_arrays([z], ["z"])
+    b2 = pa.RecordBatch.from_arrays([r], ["r"])
+    a = arrow.filter_record_batch(b1, log_ratio="z", **KW).column("kpo_filtered_log_ratio")
+    b = arrow.filter_record_batch(b2, ratio="r", **KW).column("kpo_filtered_log_ratio")
+    np.testing.assert_allclose(a[0].as_py(), b[0].as_py(), rtol=1e-12)
+    c = arrow.filter_record_batch(b2, ratio="r", space="ratio", **KW).column("kpo_filtered_ratio")
+    np.testing.assert_allclose(
+        c[0].as_py(),
+        kpo_rs.kalman_filter_packed(r.values.to_numpy(), np.array([0, 3]), m0=1.0, **KW),
+    )
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "exc", "words"),
+    [
+        ({"log_probs": "logp"}, ValueError, "exactly one"),
+        ({"log_ratio": "nope"}, KeyError, "no column"),
+        ({"log_ratio": "id"}, TypeError, "list<float>"),
+        ({"log_ratio": "mask"}, TypeError, "floats"),
+        ({"log_ratio": "logp", "mask": "logp"}, TypeError, "must hold bools"),
+        ({"log_ratio": "logp", "space": "prob"}, ValueError, "space"),
+    ],
+)
+def test_record_batch_errors(kwargs, exc, words):
+    with pytest.raises(exc, match=words):
+        arrow.filter_record_batch(_rollouts(10), **kwargs)
+
+
+def test_parquet_round_trip(tmp_path):
+    table = _rollouts(400, seed=3)
+    src, dst = tmp_path / "in.parquet", tmp_path / "out.parquet"
+    pq.write_table(table, src, row_group_size=64)  # several row groups
+    stats = filter_parquet(src, dst, Columns("logp", "old_logp", mask="mask"), batch_size=50, **KW)
+    out = pq.read_table(dst)
+    assert stats.rows == 400 and out.num_rows == 400
+    assert out.select(table.column_names).equals(table)  # every input column unchanged
+    for g, w in zip(out.column("kpo_filtered_log_ratio").to_pylist(), _expected(table, **KW)):
+        assert (g is None) == (w is None)
+        if w is not None:
+            np.testing.assert_array_equal(np.asarray(g), w)
+
+
+def test_empty_file(tmp_path):
+    table = _rollouts(0)
+    pq.write_table(table, tmp_path / "in.parquet")
+    stats = filter_parquet(
+        tmp_path / "in.parquet", tmp_path / "out.parquet", Columns(log_ratio="logp")
+    )
+    assert stats.rows == 0 and pq.read_table(tmp_path / "out.parquet").num_rows == 0
+
+
+def test_analyze(tmp_path):
+    table = _rollouts(200, seed=4, nulls=False)
+    pq.write_table(table, tmp_path / "in.parquet", row_group_size=50)
+    result = analyze_parquet(
+        tmp_path / "in.parquet", Columns("logp", "old_logp", mask="mask"), out_dir=tmp_path
+    )
+    assert result["rows"] == 200
+    assert abs(result["raw"]["switch frequency"] - 0.5) < 0.02
+    # An EMA with gain K switches sign about arccos(1 - K) / pi of the time: 0.08 for K = 0.03.
+    assert result["filtered"]["switch frequency"] < 0.1
+    assert result["filtered"]["low-frequency energy"] > result["raw"]["low-frequency energy"]
+    assert len(result["plots"]) == 3 and all(
+        open(p, "rb").read(4) == b"\x89PNG" for p in result["plots"]
+    )
+
+
+def test_cli_filter_and_analyze(tmp_path, capsys):
+    pq.write_table(_rollouts(50, seed=5), tmp_path / "in.parquet")
+    args = ["--log-probs", "logp", "--old-log-probs", "old_logp", "--mask", "mask", "--no-progress"]
+    assert (
+        cli.main(["filter", str(tmp_path / "in.parquet"), str(tmp_path / "out.parquet"), *args])
+        == 0
+    )
+    assert "tokens/s" in capsys.readouterr().out
+    assert (
+        cli.main(["analyze", str(tmp_path / "in.parquet"), "--out", str(tmp_path / "plots"), *args])
+        == 0
+    )
+    assert "switch frequency" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("argv", "words"),
+    [
+        (["filter", "{d}/missing.parquet", "{d}/o.parquet", "--log-ratio", "x"], "cannot read"),
+        (["filter", "{d}/in.parquet", "{d}/o.parquet", "--log-ratio", "nope"], "no column 'nope'"),
+        (
+            ["filter", "{d}/in.parquet", "{d}/o.parquet", "--log-ratio", "id"],
+            "must be a list<float>",
+        ),
+        (["filter", "{d}/in.parquet", "{d}/o.parquet", "--log-probs", "logp"], "--old-log-probs"),
+        (["analyze", "{d}/in.parquet", "--ratio", "mask"], "must hold floats"),
+        (["filter", "{d}/notparquet.txt", "{d}/o.parquet", "--log-ratio", "x"], "cannot read"),
+    ],
+)
+def test_cli_errors_are_one_line_and_exit_2(tmp_path, argv, words, capsys):
+    pq.write_table(_rollouts(5), tmp_path / "in.parquet")
+    (tmp_path / "notparquet.txt").write_text("hello")
+    code = cli.main([a.format(d=tmp_path) for a in argv] + ["--no-progress"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and words in err and len(err.splitlines()) == 1, err
+
+
+def test_kpo_command_is_installed(tmp_path):
+    out = subprocess.run(
+        [os.path.join(os.path.dirname(sys.executable), "kpo"), "filter", "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert "--log-probs" in out.stdout
+
+
+def test_memory_stays_bounded_on_a_large_file(tmp_path):
+    """4 million tokens (32 MB of float32 log-probs) in 64 row groups: filtering in batches of
+    2,000 rows keeps the peak RSS growth under 150 MB, far below what holding the file would take.
+    (benches/pipeline_memory.py measures it on 50 million tokens.)"""
+    script = tmp_path / "measure.py"
+    script.write_text(
+        "import resource, sys\n"
+        "from kpo_rs.pipeline import Columns, filter_parquet\n"
+        "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "filter_parquet(sys.argv[1], sys.argv[2], Columns('logp', 'old_logp'), batch_size=2000)\n"
+        "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)\n"
+    )
+    rng = np.random.default_rng(6)
+    rows, length = 8000, 500
+    old = (-rng.random(rows * length) * 3).astype(np.float32)
+    new = (old + rng.normal(0, 0.2, old.size)).astype(np.float32)
+    offsets = pa.array(np.arange(rows + 1, dtype=np.int32) * length)
+    table = pa.table(
+        {
+            "logp": pa.ListArray.from_arrays(offsets, new),
+            "old_logp": pa.ListArray.from_arrays(offsets, old),
+        }
+    )
+    pq.write_table(table, tmp_path / "big.parquet", row_group_size=125)
+    del table, old, new
+    result = subprocess.run(
+        [sys.executable, str(script), str(tmp_path / "big.parquet"), str(tmp_path / "out.parquet")],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    growth_mb = float(result.stdout.strip().splitlines()[-1])
+    assert growth_mb < 150, growth_mb
+
+
+def test_ray_data_map_batches_equals_single_process(tmp_path):
+    """The record-batch function as a Ray Data step over a folder of Parquet files, on a local
+    Ray instance, gives the single-process result."""
+    import ray
+
+    folder = tmp_path / "rollouts"
+    folder.mkdir()
+    tables = []
+    for i in range(3):
+        t = _rollouts(40, seed=10 + i)
+        t = t.set_column(0, "id", pa.array(np.arange(40) + 100 * i))
+        tables.append(t)
+        pq.write_table(t, folder / f"part-{i}.parquet")
+    step = {"log_probs": "logp", "old_log_probs": "old_logp", "mask": "mask", **KW}
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        ds = ray.data.read_parquet(str(folder)).map_batches(
+            arrow.filter_record_batch, batch_format="pyarrow", fn_kwargs=step
+        )
+        result = pa.concat_tables(ray.get(ds.to_arrow_refs()))
+    finally:
+        ray.shutdown()
+    single = pa.concat_tables([arrow.filter_record_batch(t, **step) for t in tables])
+
+    def by_id(t: pa.Table) -> dict:
+        return dict(zip(t.column("id").to_pylist(), t.column("kpo_filtered_log_ratio").to_pylist()))
+
+    assert result.num_rows == single.num_rows == 120
+    assert by_id(result) == by_id(single)
