@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Sets up (scripts/setup.sh) and runs the whole test suite: formatting and lints (rustfmt, clippy,
-# ruff), the Rust unit tests, and the Python tests (pytest + hypothesis; the "ci" hypothesis
+# ruff), the Rust unit tests, the wheel built and installed into a bare environment, and the
+# Python tests (pytest + hypothesis; the "ci" hypothesis
 # profile, 200 examples per property, when CI is set).
 set -euo pipefail
 
@@ -22,6 +23,8 @@ step "ruff"
 "$venv/bin/ruff" format --check python tests benches examples
 step "cargo test"
 cargo test --release --quiet
+step "wheel and sdist"
+bash scripts/check_wheel.sh
 step "pytest"
 if [ -n "${CI:-}" ]; then export HYPOTHESIS_PROFILE=${HYPOTHESIS_PROFILE:-ci}; fi
 "$venv/bin/python" -m pytest "$@"

@@ -140,92 +140,90 @@ def _packed_rows(cu: np.ndarray):
 # Backend dispatch (eager implementations behind the custom ops)
 
 
+def _to_torch(arrays: tuple[np.ndarray, ...], like: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """numpy results as tensors with ``like``'s device and dtype."""
+    return tuple(torch.from_numpy(a).to(device=like.device, dtype=like.dtype) for a in arrays)
+
+
+def _check_scan(results: tuple[torch.Tensor, ...], name: str, inputs, read, rows) -> None:
+    """The scan's fused finiteness check: a non-finite value read anywhere makes the results
+    non-finite (one reduction and one host synchronisation per call)."""
+    if not all(bool(torch.isfinite(t).all()) for t in results):
+        raise _locate_non_finite(name, inputs, read, rows)
+
+
 def _forward_padded(z, mask, m0, q, r, p0, masked, backend):
     _check_ranges(q, r, p0)
-    dtype = _compute_dtype(z.dtype)
-    zc = z.to(dtype)
+    zc = z.to(_compute_dtype(z.dtype))
     if backend == "rust":
-        out = _core.filter_padded(_numpy(zc), _numpy(mask), q, r, p0, float(m0), masked)
-        return torch.from_numpy(out).to(z.dtype)
+        return _to_torch(
+            (_core.filter_padded(_numpy(zc), _numpy(mask), q, r, p0, float(m0), masked),), z
+        )[0]
     if backend == "reference":
         out = _reference.kalman_filter(
             _numpy(zc), _numpy(mask), q=q, r=r, p0=p0, m0=float(m0), masked=masked
         )
-        return torch.from_numpy(out).to(device=z.device, dtype=z.dtype)
+        return _to_torch((out,), z)[0]
     k64 = _gains(z.shape[1], q, r, p0, z.device)
     out, state = _scan.filter_padded(zc, mask, m0.to(z.device), k64, masked)
-    if not bool(torch.isfinite(state).all()):
-        read = mask if mask is not None else None
-        raise _locate_non_finite("values", zc, read, _padded_rows)
+    _check_scan((state,), "values", zc, mask, _padded_rows)
     return out.to(z.dtype)
 
 
 def _adjoint_padded(g, mask, q, r, p0, masked, backend):
     _check_ranges(q, r, p0)
-    dtype = _compute_dtype(g.dtype)
-    gc = g.to(dtype)
+    gc = g.to(_compute_dtype(g.dtype))
     if backend == "rust":
-        dz, dm0 = _core.adjoint_padded(_numpy(gc), _numpy(mask), q, r, p0, masked)
-        return torch.from_numpy(dz).to(g.dtype), torch.from_numpy(dm0).to(g.dtype)
+        return _to_torch(_core.adjoint_padded(_numpy(gc), _numpy(mask), q, r, p0, masked), g)
     if backend == "reference":
-        dz, dm0 = _reference.kalman_filter_adjoint(
-            _numpy(gc), _numpy(mask), q=q, r=r, p0=p0, masked=masked
-        )
-        return (
-            torch.from_numpy(dz).to(device=g.device, dtype=g.dtype),
-            torch.from_numpy(dm0).to(device=g.device, dtype=g.dtype),
+        return _to_torch(
+            _reference.kalman_filter_adjoint(
+                _numpy(gc), _numpy(mask), q=q, r=r, p0=p0, masked=masked
+            ),
+            g,
         )
     k64 = _gains(g.shape[1], q, r, p0, g.device)
     dz, dm0 = _scan.adjoint_padded(gc, mask, k64, masked)
-    if not bool(torch.isfinite(dm0).all() and torch.isfinite(dz).all()):
-        read = mask if (mask is not None and masked == "zero") else None
-        raise _locate_non_finite("grad", gc, read, _padded_rows)
+    _check_scan((dz, dm0), "grad", gc, mask if masked == "zero" else None, _padded_rows)
     return dz.to(g.dtype), dm0.to(g.dtype)
 
 
 def _forward_packed(values, cu_seqlens, mask, m0, q, r, p0, masked, backend):
     _check_ranges(q, r, p0)
-    dtype = _compute_dtype(values.dtype)
-    vc = values.to(dtype)
+    vc = values.to(_compute_dtype(values.dtype))
     cu = _numpy(cu_seqlens)
     longest = _core.check_offsets(cu, values.shape[0])
     if backend == "rust":
-        out = _core.filter_packed(_numpy(vc), cu, _numpy(mask), q, r, p0, float(m0), masked)
-        return torch.from_numpy(out).to(values.dtype)
+        return _to_torch(
+            (_core.filter_packed(_numpy(vc), cu, _numpy(mask), q, r, p0, float(m0), masked),),
+            values,
+        )[0]
     if backend == "reference":
         out = _reference.kalman_filter_packed(
             _numpy(vc), cu, _numpy(mask), q=q, r=r, p0=p0, m0=float(m0), masked=masked
         )
-        return torch.from_numpy(out).to(device=values.device, dtype=values.dtype)
+        return _to_torch((out,), values)[0]
     k64 = _gains(longest, q, r, p0, values.device)
     out, state = _scan.filter_packed(vc, cu_seqlens, mask, m0.to(values.device), k64, masked)
-    if not bool(torch.isfinite(state).all()):
-        raise _locate_non_finite("values", vc, mask, _packed_rows(cu))
+    _check_scan((state,), "values", vc, mask, _packed_rows(cu))
     return out.to(values.dtype)
 
 
 def _adjoint_packed(g, cu_seqlens, mask, q, r, p0, masked, backend):
     _check_ranges(q, r, p0)
-    dtype = _compute_dtype(g.dtype)
-    gc = g.to(dtype)
+    gc = g.to(_compute_dtype(g.dtype))
     cu = _numpy(cu_seqlens)
     longest = _core.check_offsets(cu, g.shape[0])
     if backend == "rust":
-        dz, dm0 = _core.adjoint_packed(_numpy(gc), cu, _numpy(mask), q, r, p0, masked)
-        return torch.from_numpy(dz).to(g.dtype), torch.from_numpy(dm0).to(g.dtype)
+        return _to_torch(_core.adjoint_packed(_numpy(gc), cu, _numpy(mask), q, r, p0, masked), g)
     if backend == "reference":
-        dz, dm0 = _reference.kalman_filter_packed_adjoint(
+        adj = _reference.kalman_filter_packed_adjoint(
             _numpy(gc), cu, _numpy(mask), q=q, r=r, p0=p0, masked=masked
         )
-        return (
-            torch.from_numpy(dz).to(device=g.device, dtype=g.dtype),
-            torch.from_numpy(dm0).to(device=g.device, dtype=g.dtype),
-        )
+        return _to_torch(adj, g)
     k64 = _gains(longest, q, r, p0, g.device)
     dz, dm0 = _scan.adjoint_packed(gc, cu_seqlens, mask, k64, masked)
-    if not bool(torch.isfinite(dm0).all() and torch.isfinite(dz).all()):
-        read = mask if (mask is not None and masked == "zero") else None
-        raise _locate_non_finite("grad", gc, read, _packed_rows(cu))
+    _check_scan((dz, dm0), "grad", gc, mask if masked == "zero" else None, _packed_rows(cu))
     return dz.to(g.dtype), dm0.to(g.dtype)
 
 

@@ -558,3 +558,41 @@ fn a_failing_row_inside_a_later_block_is_found() {
         adjoint_padded(&z, Some(&m), b, t, &g, MaskMode::Zero, &mut dz, &mut dm0).unwrap_err();
     assert_eq!(err, FilterError::NonFinite { row: 38, pos: 2 });
 }
+
+/// A deterministic sweep of arbitrary layouts (the fuzz target's inputs, in miniature): every call
+/// returns `Ok` or an error, never panics.
+#[test]
+fn arbitrary_layouts_never_panic() {
+    let mut rng = Rng(37);
+    for _ in 0..20_000 {
+        let n = (rng.next_u64() % 24) as usize;
+        let values: Vec<f32> = (0..n)
+            .map(|_| match rng.next_u64() % 10 {
+                0 => f32::NAN,
+                1 => f32::INFINITY,
+                _ => rng.uniform() as f32,
+            })
+            .collect();
+        let mask: Vec<bool> = (0..(rng.next_u64() % 26) as usize)
+            .map(|_| rng.bit(0.6))
+            .collect();
+        let mask = rng.bit(0.5).then_some(mask.as_slice());
+        let offsets: Vec<i64> = (0..(rng.next_u64() % 6) as usize)
+            .map(|_| (rng.next_u64() % 30) as i64 - 3)
+            .collect();
+        let gains =
+            Gains::<f32>::new((rng.next_u64() % 30) as usize, &FilterParams::default()).unwrap();
+        let mode = if rng.bit(0.5) {
+            MaskMode::Hold
+        } else {
+            MaskMode::Zero
+        };
+        let mut out = vec![0f32; (rng.next_u64() % 26) as usize];
+        let mut dm0 = vec![0f32; (rng.next_u64() % 6) as usize];
+        let _ = filter_packed(&values, mask, &offsets, &gains, 0.0, mode, &mut out);
+        let _ = adjoint_packed(&values, mask, &offsets, &gains, mode, &mut out, &mut dm0);
+        let (b, t) = ((rng.next_u64() % 5) as usize, (rng.next_u64() % 8) as usize);
+        let _ = filter_padded(&values, mask, b, t, &gains, 0.0, mode, &mut out);
+        let _ = adjoint_padded(&values, mask, b, t, &gains, mode, &mut out, &mut dm0);
+    }
+}

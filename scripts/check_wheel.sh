@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# Builds the abi3 wheel and the sdist with maturin, installs the wheel into a fresh virtual
+# environment that has only numpy, and runs a smoke test there (outside the source tree, so the
+# installed package is what gets imported). Also checks the sdist's contents and the metadata.
+set -euo pipefail
+
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+venv=${KPO_VENV:-$root/.venv}
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+cd "$root"
+
+"$venv/bin/maturin" build --release --quiet --out "$work/dist"
+"$venv/bin/maturin" sdist --out "$work/dist" >/dev/null
+wheel=$(ls "$work"/dist/*.whl)
+sdist=$(ls "$work"/dist/*.tar.gz)
+echo "check_wheel: built $(basename "$wheel") and $(basename "$sdist")"
+case "$(basename "$wheel")" in
+    *-cp39-abi3-manylinux*_x86_64.whl|*-cp39-abi3-manylinux*_aarch64.whl) ;;
+    *) echo "check_wheel: expected an abi3 manylinux wheel, got $(basename "$wheel")" >&2; exit 1 ;;
+esac
+listing=$(tar -tzf "$sdist")
+for f in pyproject.toml Cargo.toml Cargo.lock rust/filter.rs rust/python.rs python/kpo_rs/__init__.py; do
+    grep -qx "[^/]*/$f" <<<"$listing" || { echo "check_wheel: sdist lacks $f" >&2; exit 1; }
+done
+
+python3 -m venv "$work/venv"
+"$venv/bin/uv" pip install --quiet --python "$work/venv/bin/python" numpy "$wheel"
+cd "$work"
+"$work/venv/bin/python" - <<'PY'
+import importlib.metadata as md
+import sys
+
+import numpy as np
+
+import kpo_rs
+
+assert "site-packages" in kpo_rs.__file__, kpo_rs.__file__
+meta = md.metadata("kpo-rs")
+for key in ("License", "Summary", "Requires-Python"):
+    assert meta.get(key), f"metadata lacks {key}"
+assert any("Typing :: Typed" in c for c in meta.get_all("Classifier")), "classifiers"
+extras = set(meta.get_all("Provides-Extra"))
+assert {"torch", "verl", "trl", "testing", "demo", "arrow"} <= extras, extras
+assert any(u.startswith("Source") for u in meta.get_all("Project-URL")), "project URLs"
+assert md.entry_points(group="console_scripts", name="kpo"), "the kpo command"
+
+z = np.random.default_rng(0).normal(size=(3, 100)).astype(np.float32)
+x = kpo_rs.kalman_filter(z, z > -1, p0=float("inf"))
+dz, dm0 = kpo_rs.kalman_filter_adjoint(z)
+packed = kpo_rs.kalman_filter_packed(z.ravel(), np.array([0, 100, 300]))
+assert x.dtype == np.float32 and np.isfinite(x).all() and dz.shape == z.shape and dm0.shape == (3,)
+assert packed.shape == (300,)
+try:
+    import torch  # noqa: F401
+except ImportError:
+    pass
+else:
+    sys.exit("torch should not be installed in this environment")
+print(f"check_wheel: kpo_rs {kpo_rs.__version__} from the wheel works with numpy {np.__version__} alone")
+PY
