@@ -119,6 +119,19 @@ fn read<'py, T: Element + Copy>(
     }
 }
 
+/// A new zero-filled numpy array of `len` elements (numpy's allocator: calloc, so pages are only
+/// touched by the kernel that fills them), and a writable view of it for the kernel.
+fn output<T: Element>(py: Python<'_>, len: usize) -> Bound<'_, PyArray1<T>> {
+    PyArray1::<T>::zeros(py, len, false)
+}
+
+fn writable<'a, 'py, T: Element>(
+    rw: &'a mut numpy::PyReadwriteArray1<'py, T>,
+) -> PyResult<&'a mut [T]> {
+    rw.as_slice_mut()
+        .map_err(|e| PyValueError::new_err(format!("output array: {e}")))
+}
+
 fn parse_mode(masked: &str) -> PyResult<MaskMode> {
     match masked {
         "hold" => Ok(MaskMode::Hold),
@@ -231,17 +244,16 @@ fn filter_padded_typed<'py, T: Real + Element>(
     let (batch, time) = padded_shape(arr);
     let values = read::<T>("values", arr)?;
     let (z, m) = (values.as_slice(), mask.as_ref().map(Elems::as_slice));
-    let out = py
-        .detach(|| {
-            let g = Gains::<T>::new(time, &p)?;
-            let mut out = vec![T::ZERO; z.len()];
-            filter::filter_padded(z, m, batch, time, &g, T::from_f64(m0), mode, &mut out)?;
-            Ok(out)
-        })
-        .map_err(|e| to_py_err(e, Role::Forward))?;
-    Ok(PyArray1::from_vec(py, out)
-        .reshape([batch, time])?
-        .into_any())
+    let out = output::<T>(py, z.len());
+    let mut rw = out.readwrite();
+    let o = writable(&mut rw)?;
+    py.detach(|| {
+        let g = Gains::<T>::new(time, &p)?;
+        filter::filter_padded(z, m, batch, time, &g, T::from_f64(m0), mode, o)
+    })
+    .map_err(|e| to_py_err(e, Role::Forward))?;
+    drop(rw);
+    Ok(out.reshape([batch, time])?.into_any())
 }
 
 /// Filters `values` `[batch, time]` (float32/float64) row by row; returns `[batch, time]`.
@@ -276,17 +288,16 @@ fn adjoint_padded_typed<'py, T: Real + Element>(
     let (batch, time) = padded_shape(arr);
     let grad = read::<T>("grad", arr)?;
     let (gr, m) = (grad.as_slice(), mask.as_ref().map(Elems::as_slice));
-    let (dz, dm0) = py
-        .detach(|| {
-            let g = Gains::<T>::new(time, &p)?;
-            let mut dz = vec![T::ZERO; gr.len()];
-            let mut dm0 = vec![T::ZERO; batch];
-            filter::adjoint_padded(gr, m, batch, time, &g, mode, &mut dz, &mut dm0)?;
-            Ok((dz, dm0))
-        })
-        .map_err(|e| to_py_err(e, Role::Adjoint))?;
-    let dz = PyArray1::from_vec(py, dz).reshape([batch, time])?;
-    Ok((dz.into_any(), PyArray1::from_vec(py, dm0).into_any()))
+    let (dz, dm0) = (output::<T>(py, gr.len()), output::<T>(py, batch));
+    let (mut rw_dz, mut rw_dm0) = (dz.readwrite(), dm0.readwrite());
+    let (d, dm) = (writable(&mut rw_dz)?, writable(&mut rw_dm0)?);
+    py.detach(|| {
+        let g = Gains::<T>::new(time, &p)?;
+        filter::adjoint_padded(gr, m, batch, time, &g, mode, d, dm)
+    })
+    .map_err(|e| to_py_err(e, Role::Adjoint))?;
+    drop((rw_dz, rw_dm0));
+    Ok((dz.reshape([batch, time])?.into_any(), dm0.into_any()))
 }
 
 /// Adjoint of `filter_padded`: returns `(dvalues [batch, time], dm0 [batch])`.
@@ -351,15 +362,16 @@ fn filter_packed_typed<'py, T: Real + Element, O: Offset + Element>(
         mask.as_ref().map(Elems::as_slice),
         offsets.as_slice(),
     );
-    let out = py
-        .detach(|| {
-            let g = Gains::<T>::new(longest, &p)?;
-            let mut out = vec![T::ZERO; z.len()];
-            filter::filter_packed(z, m, cu, &g, T::from_f64(m0), mode, &mut out)?;
-            Ok(out)
-        })
-        .map_err(|e| to_py_err(e, Role::Forward))?;
-    Ok(PyArray1::from_vec(py, out).into_any())
+    let out = output::<T>(py, z.len());
+    let mut rw = out.readwrite();
+    let o = writable(&mut rw)?;
+    py.detach(|| {
+        let g = Gains::<T>::new(longest, &p)?;
+        filter::filter_packed(z, m, cu, &g, T::from_f64(m0), mode, o)
+    })
+    .map_err(|e| to_py_err(e, Role::Forward))?;
+    drop(rw);
+    Ok(out.into_any())
 }
 
 fn filter_packed_float<'py, T: Real + Element>(
@@ -412,19 +424,16 @@ fn adjoint_packed_typed<'py, T: Real + Element, O: Offset + Element>(
         offsets.as_slice(),
     );
     let batch = cu.len() - 1;
-    let (dz, dm0) = py
-        .detach(|| {
-            let g = Gains::<T>::new(longest, &p)?;
-            let mut dz = vec![T::ZERO; gr.len()];
-            let mut dm0 = vec![T::ZERO; batch];
-            filter::adjoint_packed(gr, m, cu, &g, mode, &mut dz, &mut dm0)?;
-            Ok((dz, dm0))
-        })
-        .map_err(|e| to_py_err(e, Role::Adjoint))?;
-    Ok((
-        PyArray1::from_vec(py, dz).into_any(),
-        PyArray1::from_vec(py, dm0).into_any(),
-    ))
+    let (dz, dm0) = (output::<T>(py, gr.len()), output::<T>(py, batch));
+    let (mut rw_dz, mut rw_dm0) = (dz.readwrite(), dm0.readwrite());
+    let (d, dm) = (writable(&mut rw_dz)?, writable(&mut rw_dm0)?);
+    py.detach(|| {
+        let g = Gains::<T>::new(longest, &p)?;
+        filter::adjoint_packed(gr, m, cu, &g, mode, d, dm)
+    })
+    .map_err(|e| to_py_err(e, Role::Adjoint))?;
+    drop((rw_dz, rw_dm0));
+    Ok((dz.into_any(), dm0.into_any()))
 }
 
 fn adjoint_packed_float<'py, T: Real + Element>(
