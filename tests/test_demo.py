@@ -108,3 +108,9 @@ def test_cli_rejects_a_bad_count(capsys):
         cli.main(["demo", "--steps", "0"])
     assert exc.value.code == 2
     assert "must be >= 1" in capsys.readouterr().err
+
+
+def test_cli_bench(capsys):
+    assert cli.main(["bench", "--batch", "4", "--time", "64"]) == 0
+    out = capsys.readouterr().out
+    assert "rust forward" in out and "numpy loop over time" in out

@@ -2,7 +2,8 @@
 
 ``kpo demo`` (the default) runs a small RL comparison of policy losses on CPU and writes a table,
 plots and metrics; ``kpo filter`` adds filtered-ratio columns to a Parquet file of rollouts;
-``kpo analyze`` prints ratio diagnostics of one and draws plots.
+``kpo analyze`` prints ratio diagnostics of one and draws plots; ``kpo bench`` measures the
+Rust core against numpy baselines on this machine.
 
 argparse (standard library) keeps ``import kpo_rs`` free of extra dependencies and the start-up
 fast; each sub-command imports what it needs and says what to install when it is missing. Errors
@@ -300,6 +301,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--cutoff", type=float, default=0.05, help="low-frequency cutoff, cycles/token (0.05)"
     )
     _add_source_and_filter_options(p)
+    p = sub.add_parser(
+        "bench",
+        help="throughput of the Rust core on this machine against numpy baselines",
+        description="Tokens per second of the filter and its adjoint next to a numpy copy and a "
+        "numpy loop over time, measured in the same run.",
+    )
+    p.add_argument("--batch", type=_positive, default=64, help="rows (default 64)")
+    p.add_argument("--time", type=_positive, default=4096, help="tokens per row (default 4096)")
+    p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
     return parser
 
 
@@ -319,6 +329,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _run_filter(args)
     if args.command == "analyze":
         return _run_analyze(args)
+    if args.command == "bench":
+        from .bench import report, run
+
+        print(report(run(args.batch, args.time, args.dtype), args.batch, args.time, args.dtype))
+        return 0
     parser.print_help()
     return 2
 
