@@ -3,7 +3,9 @@
 ``kalman_filter`` (padded ``[batch, time]``) and ``kalman_filter_packed`` (``[total]`` with
 ``cu_seqlens``) are registered with ``torch.library`` as custom ops (``kpo_rs::kalman_filter`` and
 friends) with fake-tensor kernels and autograd formulas, so ``torch.compile(fullgraph=True)`` traces
-them without graph breaks. The backward pass is the filter's exact adjoint.
+them without graph breaks; in eager mode the same implementations run through a
+``torch.autograd.Function``, which skips the dispatcher's per-call cost. The backward pass is the
+filter's exact adjoint.
 
 Backends
     ``"rust"``: the Rust core (CPU tensors; zero-copy when contiguous).
@@ -70,17 +72,29 @@ def _check_mask(mask: Any, values: torch.Tensor, values_name: str) -> None:
         raise ValueError(f"mask is on {mask.device}, {values_name} on {values.device}")
 
 
-def _m0_tensor(m0: Any, like: torch.Tensor) -> torch.Tensor:
+def _check_m0(m0: Any) -> float | torch.Tensor:
+    """``m0`` as a float, or as a 0-d floating-point tensor when a tensor is given."""
     if isinstance(m0, torch.Tensor):
         if m0.numel() != 1:
             raise ValueError(f"m0 must be a scalar, got a tensor of shape {tuple(m0.shape)}")
-        if not (m0.is_floating_point()):
+        if not m0.is_floating_point():
             raise TypeError(f"m0 must be a floating-point tensor, got {m0.dtype}")
         return m0.reshape(())
     (value,) = _params(m0=m0)
     if not math.isfinite(value):
         raise ValueError(f"m0 must be a finite number, got {value}")
-    return torch.tensor(value, dtype=torch.float64, device=like.device)
+    return value
+
+
+def _m0_tensor(m0: float | torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A checked ``m0`` as a tensor (the custom ops take tensors only)."""
+    if isinstance(m0, torch.Tensor):
+        return m0
+    return torch.tensor(m0, dtype=torch.float64, device=like.device)
+
+
+def _m0_on(m0: float | torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return torch.as_tensor(m0, dtype=like.dtype, device=like.device)
 
 
 def _check_ranges(q: float, r: float, p0: float) -> None:
@@ -165,7 +179,7 @@ def _forward_padded(z, mask, m0, q, r, p0, masked, backend):
         )
         return _to_torch((out,), z)[0]
     k64 = _gains(z.shape[1], q, r, p0, z.device)
-    out, state = _scan.filter_padded(zc, mask, m0.to(z.device), k64, masked)
+    out, state = _scan.filter_padded(zc, mask, _m0_on(m0, zc), k64, masked)
     _check_scan((state,), "values", zc, mask, _padded_rows)
     return out.to(z.dtype)
 
@@ -204,7 +218,7 @@ def _forward_packed(values, cu_seqlens, mask, m0, q, r, p0, masked, backend):
         )
         return _to_torch((out,), values)[0]
     k64 = _gains(longest, q, r, p0, values.device)
-    out, state = _scan.filter_packed(vc, cu_seqlens, mask, m0.to(values.device), k64, masked)
+    out, state = _scan.filter_packed(vc, cu_seqlens, mask, _m0_on(m0, vc), k64, masked)
     _check_scan((state,), "values", vc, mask, _packed_rows(cu))
     return out.to(values.dtype)
 
@@ -346,6 +360,49 @@ _packed_op.register_autograd(_backward_packed, setup_context=_setup_packed)
 
 
 # --------------------------------------------------------------------------------------------
+# Eager autograd: the same implementations and formulas as the custom ops, without the
+# dispatcher's per-call cost (the custom ops serve torch.compile)
+
+
+def _m0_grad_eager(ctx, dm0_rows: torch.Tensor) -> torch.Tensor | None:
+    if not ctx.needs_input_grad[ctx.m0_index]:
+        return None
+    return dm0_rows.sum().to(ctx.m0_dtype)
+
+
+class _PaddedFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, z, mask, m0, q, r, p0, masked, backend):
+        ctx.save_for_backward(mask)
+        ctx.args = (q, r, p0, masked, backend)
+        ctx.m0_index = 2
+        ctx.m0_dtype = m0.dtype if isinstance(m0, torch.Tensor) else None
+        return _forward_padded(z, mask, m0, q, r, p0, masked, backend)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (mask,) = ctx.saved_tensors
+        dz, dm0 = _adjoint_padded(grad.contiguous(), mask, *ctx.args)
+        return dz, None, _m0_grad_eager(ctx, dm0), None, None, None, None, None
+
+
+class _PackedFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, values, cu_seqlens, mask, m0, q, r, p0, masked, backend):
+        ctx.save_for_backward(cu_seqlens, mask)
+        ctx.args = (q, r, p0, masked, backend)
+        ctx.m0_index = 3
+        ctx.m0_dtype = m0.dtype if isinstance(m0, torch.Tensor) else None
+        return _forward_packed(values, cu_seqlens, mask, m0, q, r, p0, masked, backend)
+
+    @staticmethod
+    def backward(ctx, grad):
+        cu_seqlens, mask = ctx.saved_tensors
+        dz, dm0 = _adjoint_packed(grad.contiguous(), cu_seqlens, mask, *ctx.args)
+        return dz, None, None, _m0_grad_eager(ctx, dm0), None, None, None, None, None
+
+
+# --------------------------------------------------------------------------------------------
 # Public API
 
 
@@ -379,7 +436,10 @@ def kalman_filter(
     q, r, p0 = _params(q=q, r=r, p0=p0)
     masked = _check_masked(masked)
     backend = _resolve_backend(backend, z.device)
-    return _filter_op(z, mask, _m0_tensor(m0, z), q, r, p0, masked, backend)
+    m0 = _check_m0(m0)
+    if torch.compiler.is_compiling():
+        return _filter_op(z, mask, _m0_tensor(m0, z), q, r, p0, masked, backend)
+    return _PaddedFunction.apply(z, mask, m0, q, r, p0, masked, backend)
 
 
 def kalman_filter_packed(
@@ -416,4 +476,9 @@ def kalman_filter_packed(
     q, r, p0 = _params(q=q, r=r, p0=p0)
     masked = _check_masked(masked)
     backend = _resolve_backend(backend, values.device)
-    return _packed_op(values, cu_seqlens, mask, _m0_tensor(m0, values), q, r, p0, masked, backend)
+    m0 = _check_m0(m0)
+    if torch.compiler.is_compiling():
+        return _packed_op(
+            values, cu_seqlens, mask, _m0_tensor(m0, values), q, r, p0, masked, backend
+        )
+    return _PackedFunction.apply(values, cu_seqlens, mask, m0, q, r, p0, masked, backend)
