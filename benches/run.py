@@ -141,6 +141,7 @@ def cases(batch: int, time_len: int, dtype: str):
         "rust forward, masked=zero": lambda: kpo_rs.kalman_filter(z, mask, masked="zero"),
         "torch op fwd+bwd (rust)": lambda: op("rust"),
         "torch op fwd+bwd (scan)": lambda: op("scan"),
+        "torch op fwd (rust)": lambda: torch_ops.kalman_filter(tz),
         "torch op fwd, mask (rust)": lambda: torch_ops.kalman_filter(tz, tmask),
         "GRPO loss fwd+bwd": lambda: loss(losses.ppo_clip_loss),
         "KPO-clipped loss fwd+bwd": lambda: loss(losses.kpo_clipped_loss),
@@ -219,6 +220,9 @@ def print_table(result: dict) -> None:
         base_torch = r.get("torch loop fwd+bwd") if "fwd+bwd" in name else r.get("torch loop")
         columns = [r["numpy copy"], r["authors' form"], base_torch, r.get("numpy loop")]
         print(f"{name:32} {rate:11.3e} " + " ".join(ratio(rate, base) for base in columns))
+    op = r.get("torch op fwd (rust)")
+    if op:
+        print(f"torch op forward: {result['tokens'] / op * 1e6:.1f} us per call")
     grpo, kpo = r.get("GRPO loss fwd+bwd"), r.get("KPO-clipped loss fwd+bwd")
     if grpo and kpo:
         print(f"KPO-clipped loss time / GRPO loss time: {grpo / kpo:.2f}")

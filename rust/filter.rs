@@ -394,10 +394,38 @@ fn adjoint_row<T: Real>(
 fn first_failure(
     failures: impl ParallelIterator<Item = (usize, RowFault)>,
 ) -> Result<(), FilterError> {
-    match failures.min_by_key(|&(row, _)| row) {
+    report(failures.min_by_key(|&(row, _)| row))
+}
+
+fn first_failure_serial(
+    mut failures: impl Iterator<Item = (usize, RowFault)>,
+) -> Result<(), FilterError> {
+    report(failures.next())
+}
+
+fn report(first: Option<(usize, RowFault)>) -> Result<(), FilterError> {
+    match first {
         None => Ok(()),
         Some((row, fault)) => Err(fault.at_row(row)),
     }
+}
+
+/// Calls with fewer values than this run on the calling thread: handing them to Rayon's pool
+/// (waking its threads and waiting for them) costs more than it saves.
+const SERIAL_BELOW: usize = 1 << 15;
+
+/// Runs `$body` over the enumerated rows or blocks: serially (`$seq`, `$seq_map`) for small
+/// calls, with Rayon (`$par`, `$par_map`) otherwise. Both iterators yield the same items, and the
+/// first failure in row order is reported either way.
+macro_rules! over_rows {
+    ($values:expr, $seq:expr, $seq_map:ident, $par:expr, $par_map:ident, $body:expr) => {{
+        let body = $body;
+        if $values < SERIAL_BELOW {
+            first_failure_serial($seq.enumerate().$seq_map(&body))
+        } else {
+            first_failure($par.enumerate().$par_map(&body))
+        }
+    }};
 }
 
 fn check_finite_m0<T: Real>(m0: T) -> Result<(), FilterError> {
@@ -460,24 +488,28 @@ pub fn filter_padded<T: Real>(
     }
     if let (Some(m), MaskMode::Hold) = (mask, mode) {
         // Per-row gain indices: the one-row kernel (lanes would gather gains one by one).
-        let failures = out
-            .par_chunks_mut(time)
-            .zip(values.par_chunks(time))
-            .enumerate()
-            .filter_map(|(row, (o, z))| {
+        return over_rows!(
+            total,
+            out.chunks_mut(time).zip(values.chunks(time)),
+            filter_map,
+            out.par_chunks_mut(time).zip(values.par_chunks(time)),
+            filter_map,
+            |(row, (o, z)): (usize, (&mut [T], &[T]))| {
                 let mr = &m[row * time..(row + 1) * time];
                 forward_row(z, Some(mr), gains, m0, mode, o)
                     .err()
                     .map(|f| (row, f))
-            });
-        return first_failure(failures);
+            }
+        );
     }
     let block = LANES * time;
-    let failures = out
-        .par_chunks_mut(block)
-        .zip(values.par_chunks(block))
-        .enumerate()
-        .flat_map_iter(|(b, (o, z))| {
+    over_rows!(
+        total,
+        out.chunks_mut(block).zip(values.chunks(block)),
+        flat_map,
+        out.par_chunks_mut(block).zip(values.par_chunks(block)),
+        flat_map_iter,
+        |(b, (o, z)): (usize, (&mut [T], &[T]))| {
             let rows = z.len() / time;
             let m = mask.map(|m| &m[b * block..b * block + rows * time]);
             let last = forward_block(z, m, rows, time, gains, m0, o);
@@ -489,8 +521,8 @@ pub fn filter_padded<T: Real>(
             })
             .into_iter()
             .map(move |(l, f)| (b * LANES + l, f))
-        });
-    first_failure(failures)
+        }
+    )
 }
 
 /// The rows of a block whose final value is not finite, with the cause found by `locate`.
@@ -504,6 +536,9 @@ fn block_failures<T: Real>(
         .map(|l| (l, locate(l)))
         .collect()
 }
+
+/// An enumerated item of the adjoint's row or block iterators: `(index, ((dvalues, grad), dm0))`.
+type RowItem<'a, T, D> = (usize, ((&'a mut [T], &'a [T]), D));
 
 /// Adjoint of [`filter_padded`]: for upstream gradient `grad` (`[batch, time]`), writes
 /// `dvalues = W^T grad` (`[batch, time]`, zero at masked positions) and `dm0[row]`, the gradient
@@ -528,12 +563,19 @@ pub fn adjoint_padded<T: Real>(
         return Ok(());
     }
     if let (Some(m), MaskMode::Hold) = (mask, mode) {
-        let failures = dvalues
-            .par_chunks_mut(time)
-            .zip(grad.par_chunks(time))
-            .zip(dm0.par_iter_mut())
-            .enumerate()
-            .filter_map(|(row, ((d, gr), dm))| {
+        return over_rows!(
+            total,
+            dvalues
+                .chunks_mut(time)
+                .zip(grad.chunks(time))
+                .zip(dm0.iter_mut()),
+            filter_map,
+            dvalues
+                .par_chunks_mut(time)
+                .zip(grad.par_chunks(time))
+                .zip(dm0.par_iter_mut()),
+            filter_map,
+            |(row, ((d, gr), dm)): RowItem<'_, T, &mut T>| {
                 let mr = &m[row * time..(row + 1) * time];
                 match adjoint_row(gr, Some(mr), gains, mode, d) {
                     Ok(v) => {
@@ -542,16 +584,23 @@ pub fn adjoint_padded<T: Real>(
                     }
                     Err(f) => Some((row, f)),
                 }
-            });
-        return first_failure(failures);
+            }
+        );
     }
     let block = LANES * time;
-    let failures = dvalues
-        .par_chunks_mut(block)
-        .zip(grad.par_chunks(block))
-        .zip(dm0.par_chunks_mut(LANES))
-        .enumerate()
-        .flat_map_iter(|(b, ((d, gr), dm))| {
+    over_rows!(
+        total,
+        dvalues
+            .chunks_mut(block)
+            .zip(grad.chunks(block))
+            .zip(dm0.chunks_mut(LANES)),
+        flat_map,
+        dvalues
+            .par_chunks_mut(block)
+            .zip(grad.par_chunks(block))
+            .zip(dm0.par_chunks_mut(LANES)),
+        flat_map_iter,
+        |(b, ((d, gr), dm)): RowItem<'_, T, &mut [T]>| {
             let rows = gr.len() / time;
             let m = mask.map(|m| &m[b * block..b * block + rows * time]);
             let last = adjoint_block(gr, m, rows, time, gains, d);
@@ -566,8 +615,8 @@ pub fn adjoint_padded<T: Real>(
             })
             .into_iter()
             .map(move |(l, f)| (b * LANES + l, f))
-        });
-    first_failure(failures)
+        }
+    )
 }
 
 /// Checks `cu_seqlens` against `total` values and returns the offsets as indices.
@@ -657,17 +706,21 @@ pub fn filter_packed<T: Real, O: Offset>(
     check_len("out", out.len(), values.len(), "one per value")?;
     check_finite_m0(m0)?;
     gains.require(max_segment(&offsets))?;
-    let failures = split_segments(out, &offsets)
-        .into_par_iter()
-        .enumerate()
-        .filter_map(|(row, o)| {
+    let segments = split_segments(out, &offsets);
+    over_rows!(
+        values.len(),
+        segments.into_iter(),
+        filter_map,
+        segments.into_par_iter(),
+        filter_map,
+        |(row, o): (usize, &mut [T])| {
             let (s, e) = (offsets[row], offsets[row + 1]);
             let m = mask.map(|m| &m[s..e]);
             forward_row(&values[s..e], m, gains, m0, mode, o)
                 .err()
                 .map(|f| (row, f))
-        });
-    first_failure(failures)
+        }
+    )
 }
 
 /// Adjoint of [`filter_packed`]: writes `dvalues` `[total]` and `dm0` `[batch]`.
@@ -684,11 +737,14 @@ pub fn adjoint_packed<T: Real, O: Offset>(
     check_len("dvalues", dvalues.len(), grad.len(), "one per value")?;
     check_len("dm0", dm0.len(), offsets.len() - 1, "batch")?;
     gains.require(max_segment(&offsets))?;
-    let failures = split_segments(dvalues, &offsets)
-        .into_par_iter()
-        .zip(dm0.par_iter_mut())
-        .enumerate()
-        .filter_map(|(row, (d, dm))| {
+    let segments = split_segments(dvalues, &offsets);
+    over_rows!(
+        grad.len(),
+        segments.into_iter().zip(dm0.iter_mut()),
+        filter_map,
+        segments.into_par_iter().zip(dm0.par_iter_mut()),
+        filter_map,
+        |(row, (d, dm)): (usize, (&mut [T], &mut T))| {
             let (s, e) = (offsets[row], offsets[row + 1]);
             let m = mask.map(|m| &m[s..e]);
             match adjoint_row(&grad[s..e], m, gains, mode, d) {
@@ -698,8 +754,8 @@ pub fn adjoint_packed<T: Real, O: Offset>(
                 }
                 Err(f) => Some((row, f)),
             }
-        });
-    first_failure(failures)
+        }
+    )
 }
 
 #[cfg(test)]
