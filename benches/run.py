@@ -61,6 +61,7 @@ def cases(batch: int, time_len: int, dtype: str):
 
     import kpo_rs
     from kpo_rs import losses, torch_ops
+    from kpo_rs.bench import numpy_loop
 
     rng = np.random.default_rng(0)
     z = rng.normal(0, 0.1, (batch, time_len)).astype(dtype)
@@ -75,15 +76,6 @@ def cases(batch: int, time_len: int, dtype: str):
         zz = tz.float()
         c = torch.cumsum(torch.log1p(-tk), dim=-1)
         return torch.exp(c) * torch.cumsum(tk * zz * torch.exp(torch.clamp(-c, max=80.0)), dim=-1)
-
-    def numpy_loop():
-        out = np.empty_like(z)
-        x = np.zeros(batch, dtype=z.dtype)
-        kk = k.astype(z.dtype)
-        for t in range(time_len):
-            x = x + kk[t] * (z[:, t] - x)
-            out[:, t] = x
-        return out
 
     def torch_loop(grad: bool):
         zz = tz.clone().requires_grad_(grad)
@@ -131,7 +123,7 @@ def cases(batch: int, time_len: int, dtype: str):
         "authors' form": authors_form,
         "torch loop": lambda: torch_loop(False),
         "torch loop fwd+bwd": lambda: torch_loop(True),
-        "numpy loop": numpy_loop,
+        "numpy loop": lambda: numpy_loop(z, k),
         "simdkalman": simd,
         "rust forward": lambda: kpo_rs.kalman_filter(z),
         "rust adjoint": lambda: kpo_rs.kalman_filter_adjoint(z),

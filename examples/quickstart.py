@@ -14,13 +14,12 @@ import math
 import numpy as np
 
 import kpo_rs
+from kpo_rs import diagnostics
 
 
 def sign_switch_rate(x: np.ndarray, mask: np.ndarray) -> float:
     """Share of adjacent valid token pairs whose values have opposite signs."""
-    s = np.sign(x)
-    pairs = mask[:, 1:] & mask[:, :-1]
-    return float(((s[:, 1:] * s[:, :-1]) < 0)[pairs].mean())
+    return diagnostics.token_switches(x, mask).frequency
 
 
 def main() -> None:

@@ -27,7 +27,13 @@ except ImportError as exc:  # pragma: no cover - exercised only without pyarrow
 
 from . import kalman_filter_packed
 
-__all__ = ["filter_list_array", "filter_record_batch", "log_ratio_view", "packed_view"]
+__all__ = [
+    "filter_list_array",
+    "filter_log_ratio",
+    "filter_record_batch",
+    "log_ratio_view",
+    "packed_view",
+]
 
 FILTER_KEYS = ("q", "r", "p0", "m0", "masked")
 
@@ -190,19 +196,7 @@ def filter_record_batch(
         ratio=ratio,
         mask=mask,
     )
-    if space not in ("log_ratio", "ratio"):
-        raise ValueError(f"space must be 'log_ratio' or 'ratio', got {space!r}")
-    dtype = np.float32 if z.dtype == np.float32 else np.float64
-    z = z.astype(dtype, copy=False)
-    if valid is not None:
-        z = np.where(valid, z, 0.0).astype(dtype, copy=False)
-    if space == "log_ratio":
-        x = kalman_filter_packed(z, cu, valid, m0=kw.pop("m0", 0.0), **kw)
-        log_x = x
-    else:
-        x = kalman_filter_packed(np.exp(z), cu, valid, m0=kw.pop("m0", 1.0), **kw)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            log_x = np.log(x)
+    log_x = filter_log_ratio(z, cu, valid, space=space, **kw)
     columns = {
         f"{prefix}filtered_log_ratio": _rebuild(cu, log_x, null_rows, large),
         f"{prefix}filtered_ratio": _rebuild(cu, np.exp(log_x), null_rows, large),
@@ -213,6 +207,25 @@ def filter_record_batch(
             raise ValueError(f"the batch already has a column {name!r}; choose another prefix")
         out = out.append_column(name, col)
     return out
+
+
+def filter_log_ratio(
+    z: np.ndarray, cu: np.ndarray, valid: np.ndarray | None, *, space: str = "log_ratio", **kw: Any
+) -> np.ndarray:
+    """The filtered log-ratio of packed log-ratios ``z`` (``valid`` marks usable tokens):
+    ``space="log_ratio"`` filters ``z`` (prior 0), ``"ratio"`` filters ``exp(z)`` (prior 1) and
+    returns its log. Other keywords (``q, r, p0, m0, masked``) go to the filter."""
+    if space not in ("log_ratio", "ratio"):
+        raise ValueError(f"space must be 'log_ratio' or 'ratio', got {space!r}")
+    dtype = np.float32 if z.dtype == np.float32 else np.float64
+    z = z.astype(dtype, copy=False)
+    if valid is not None:
+        z = np.where(valid, z, 0.0).astype(dtype, copy=False)
+    if space == "log_ratio":
+        return kalman_filter_packed(z, cu, valid, **{"m0": 0.0, **kw})
+    x = kalman_filter_packed(np.exp(z), cu, valid, **{"m0": 1.0, **kw})
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.log(x)
 
 
 def log_ratio_view(

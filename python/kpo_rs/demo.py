@@ -156,12 +156,9 @@ class StepLog:
 def _switch_rates(log_ratio: np.ndarray) -> tuple[float, float]:
     """Sign-switch rates of the raw and the filtered (authors' settings) log-ratios."""
     x = kpo_rs.kalman_filter(log_ratio)
-    return _switch(log_ratio), _switch(x)
-
-
-def _switch(v: np.ndarray) -> float:
-    s = np.sign(v)
-    return float(np.mean(s[:, 1:] * s[:, :-1] < 0)) if v.shape[1] > 1 else 0.0
+    return float(L.switch_rate(torch.from_numpy(log_ratio))), float(
+        L.switch_rate(torch.from_numpy(x))
+    )
 
 
 class Run:

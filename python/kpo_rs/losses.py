@@ -98,6 +98,7 @@ def agg_loss(
     token count (``"token-mean"``) or sequence count (sequence modes) is required, and the result
     is scaled by ``dp_size`` so that averaging gradients over ranks gives the global mean.
     """
+    _check_agg(loss_agg_mode)
     if loss_agg_mode == "token-mean":
         if batch_num_tokens is None:
             if dp_size > 1:
@@ -106,8 +107,6 @@ def agg_loss(
         return _masked_sum(loss_mat, loss_mask) / batch_num_tokens * dp_size
     if loss_agg_mode == "token-sum":
         return _masked_sum(loss_mat, loss_mask) * dp_size
-    if loss_agg_mode not in LOSS_AGG_MODES:
-        raise ValueError(f"loss_agg_mode must be one of {LOSS_AGG_MODES}, got {loss_agg_mode!r}")
     token_count = loss_mask.sum(dim=-1)
     seq_losses = _masked_sum(loss_mat, loss_mask, dim=-1)
     if loss_agg_mode == "seq-mean-token-mean":

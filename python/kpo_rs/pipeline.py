@@ -19,8 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from . import diagnostics as D
-from . import kalman_filter_packed
-from .arrow import filter_record_batch, log_ratio_view
+from .arrow import filter_log_ratio, filter_record_batch, log_ratio_view
 
 __all__ = ["Columns", "PipelineError", "analyze_parquet", "filter_parquet"]
 
@@ -181,11 +180,10 @@ def analyze_parquet(
     ratio_max = 0.0
     kept_raw: list[np.ndarray] = []
     kept_filt: list[np.ndarray] = []
-    space = filter_kw.pop("space", "log_ratio")
     for batch in _batches(pf, batch_size):
         try:
             z, cu, _, valid, _ = log_ratio_view(batch, **columns.kwargs())
-            x = _filtered(z, cu, valid, space, filter_kw)
+            x = filter_log_ratio(z, cu, valid, **filter_kw)
         except (KeyError, TypeError, ValueError) as exc:
             raise PipelineError(str(exc).strip("'\"")) from exc
         if valid is not None:  # diagnostics look at valid tokens only
@@ -236,16 +234,3 @@ def analyze_parquet(
             ),
         ]
     return result
-
-
-def _filtered(
-    z: np.ndarray, cu: np.ndarray, valid: Any, space: str, kw: dict[str, Any]
-) -> np.ndarray:
-    """The filtered log-ratio (``space`` as in :func:`kpo_rs.arrow.filter_record_batch`)."""
-    if valid is not None:
-        z = np.where(valid, z, 0.0)
-    if space == "log_ratio":
-        return kalman_filter_packed(z, cu, valid, **kw)
-    if space == "ratio":
-        return np.log(kalman_filter_packed(np.exp(z), cu, valid, m0=1.0, **kw))
-    raise ValueError(f"space must be 'log_ratio' or 'ratio', got {space!r}")

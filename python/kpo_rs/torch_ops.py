@@ -364,18 +364,12 @@ _packed_op.register_autograd(_backward_packed, setup_context=_setup_packed)
 # dispatcher's per-call cost (the custom ops serve torch.compile)
 
 
-def _m0_grad_eager(ctx, dm0_rows: torch.Tensor) -> torch.Tensor | None:
-    if not ctx.needs_input_grad[ctx.m0_index]:
-        return None
-    return dm0_rows.sum().to(ctx.m0_dtype)
-
-
 class _PaddedFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, z, mask, m0, q, r, p0, masked, backend):
         ctx.save_for_backward(mask)
         ctx.args = (q, r, p0, masked, backend)
-        ctx.m0_index = 2
+        ctx.m0_needs_grad = ctx.needs_input_grad[2]
         ctx.m0_dtype = m0.dtype if isinstance(m0, torch.Tensor) else None
         return _forward_padded(z, mask, m0, q, r, p0, masked, backend)
 
@@ -383,7 +377,7 @@ class _PaddedFunction(torch.autograd.Function):
     def backward(ctx, grad):
         (mask,) = ctx.saved_tensors
         dz, dm0 = _adjoint_padded(grad.contiguous(), mask, *ctx.args)
-        return dz, None, _m0_grad_eager(ctx, dm0), None, None, None, None, None
+        return dz, None, _m0_grad(ctx, dm0), None, None, None, None, None
 
 
 class _PackedFunction(torch.autograd.Function):
@@ -391,7 +385,7 @@ class _PackedFunction(torch.autograd.Function):
     def forward(ctx, values, cu_seqlens, mask, m0, q, r, p0, masked, backend):
         ctx.save_for_backward(cu_seqlens, mask)
         ctx.args = (q, r, p0, masked, backend)
-        ctx.m0_index = 3
+        ctx.m0_needs_grad = ctx.needs_input_grad[3]
         ctx.m0_dtype = m0.dtype if isinstance(m0, torch.Tensor) else None
         return _forward_packed(values, cu_seqlens, mask, m0, q, r, p0, masked, backend)
 
@@ -399,7 +393,7 @@ class _PackedFunction(torch.autograd.Function):
     def backward(ctx, grad):
         cu_seqlens, mask = ctx.saved_tensors
         dz, dm0 = _adjoint_packed(grad.contiguous(), cu_seqlens, mask, *ctx.args)
-        return dz, None, None, _m0_grad_eager(ctx, dm0), None, None, None, None, None
+        return dz, None, None, _m0_grad(ctx, dm0), None, None, None, None, None
 
 
 # --------------------------------------------------------------------------------------------
