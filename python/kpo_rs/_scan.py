@@ -8,14 +8,24 @@ with ``a_t = 1 - K_{n(t)}`` and ``b_t = K_{n(t)} z_t`` at steps, ``a_t = 1, b_t 
 state is held, the prior folded into the first position (``b_0 += a_0 m0``) and, for packed rows,
 the carry cut at each segment start (``a = 0`` there).
 
-:func:`linear_scan` solves it in chunks of ``C`` positions: inside a chunk the map is the
-lower-triangular matrix ``L[i, j] = prod_{j<u<=i} a_u``, formed by a cumulative product (never by
-exponentiating differences of log-sums, so gains of exactly 1, ``a = 0``, and products that
-underflow are exact); one matmul per chunk applies it to the whole batch. The states entering the
-chunks obey the same recurrence one level up (coefficient: the chunk's product of ``a``), which
-is solved by the same function, so the depth is ``log_C(T)`` and nothing is sequential in ``T``.
-Each level rounds a product of at most ``C`` factors, so the error stays within a small multiple of
-``C eps`` relative to the magnitudes involved, at any length.
+:func:`linear_scan` solves it in chunks of ``C`` positions, each chunk from a zero entering state,
+then fixes the chunks up with the states entering them. Those obey the same recurrence one level
+up (coefficient: the chunk's product of ``a``) and are solved by the same function, so the depth
+is ``log_C(T)`` and nothing is sequential in ``T``. Inside a chunk, one of two methods:
+
+- the matrix method (:class:`SharedScan`), for coefficients shared by the rows: the chunk's map is
+  the lower-triangular matrix ``L[i, j] = prod_{j<u<=i} a_u``, formed by a cumulative product once
+  per gain table and dtype (cached with the table) and applied to every row by one batched matmul;
+  the adjoint applies the same matrices transposed;
+- recursive doubling (:func:`linear_scan`), for per-row coefficients, or where float32 matmuls may
+  run in TF32 (``torch.backends.cuda.matmul.allow_tf32``, or a float32 matmul precision other
+  than ``"highest"``): ``log2(C)`` elementwise steps that compose each position with the one ``s``
+  before it, ``s = 1, 2, 4, ...``, carrying the product of ``a`` alongside.
+
+Neither exponentiates differences of log-sums, so gains of exactly 1 (``a = 0``), held states
+(``a = 1``) and products that underflow are exact. Each level rounds a product of at most ``C``
+factors and a sum of at most ``C`` terms, so the error stays within a small multiple of ``C eps``
+relative to the magnitudes involved, at any length.
 
 Rows share gains when there is no mask or under ``masked="zero"``: then ``a`` is one row,
 ``[1, T]``, and each chunk's matrix is built once for the batch. Masks with holes under
@@ -36,20 +46,13 @@ import torch.nn.functional as F
 CHUNK = 64
 
 
-def _exact_matmul_allowed(t: torch.Tensor) -> bool:
+def _exact_matmul_allowed(dtype: torch.dtype, device: torch.device) -> bool:
     """False where float32 matmuls may run in reduced precision (TF32/bf16 passes)."""
-    if t.dtype == torch.float64:
+    if dtype == torch.float64:
         return True
     if torch.get_float32_matmul_precision() != "highest":
         return False
-    return not (t.is_cuda and torch.backends.cuda.matmul.allow_tf32)
-
-
-def _apply(lower: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``lower @ b`` over the last dims (``[..., C, C]`` by ``[..., C]``), in full precision."""
-    if _exact_matmul_allowed(b):
-        return torch.matmul(lower, b.unsqueeze(-1)).squeeze(-1)
-    return (lower * b.unsqueeze(-2)).sum(-1)
+    return not (device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32)
 
 
 def transfer_matrix(a: torch.Tensor) -> torch.Tensor:
@@ -62,28 +65,182 @@ def transfer_matrix(a: torch.Tensor) -> torch.Tensor:
     return torch.cumprod(factors, dim=-2).tril()
 
 
-def linear_scan(a: torch.Tensor, b: torch.Tensor, chunk: int = CHUNK) -> torch.Tensor:
-    """Solves ``x_t = a_t x_{t-1} + b_t`` (``x_{-1} = 0``) along the last dimension.
+def _chunks_by_doubling(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Chunk-local states and decays by recursive doubling: ``a`` broadcasts against ``b``
+    ``[..., n, C]``. After the step of stride ``s`` position ``i`` holds the composition of the
+    last ``2 s`` steps (fewer near the chunk start): ``x_i += A_i x_{i-s}``, ``A_i *= A_{i-s}``."""
+    x, decay = b, a
+    step = 1
+    while step < b.shape[-1]:
+        x = x + decay * F.pad(x[..., :-step], (step, 0))
+        decay = decay * F.pad(decay[..., :-step], (step, 0), value=1.0)
+        step *= 2
+    return x, decay
 
-    ``a`` broadcasts against ``b`` (``[1, T]`` for gains shared by the rows, or ``[B, T]``);
-    returns ``x`` of ``b``'s shape.
+
+def linear_scan(a: torch.Tensor, b: torch.Tensor, chunk: int = CHUNK) -> torch.Tensor:
+    """Solves ``x_t = a_t x_{t-1} + b_t`` (``x_{-1} = 0``) along the last dimension by recursive
+    doubling inside chunks.
+
+    ``a`` ``[1, T]`` (shared by the rows) or ``[B, T]``; ``b`` ``[B, T]``. Returns ``x``
+    ``[B, T]``, contiguous.
     """
     length = b.shape[-1]
-    if length <= chunk:
-        return _apply(transfer_matrix(a), b)
+    if length == 0:
+        return b.clone()
+    chunk = min(chunk, 1 << (length - 1).bit_length())  # short rows: fewer doubling steps
     pad = (-length) % chunk
     if pad:
         a = F.pad(a, (0, pad), value=1.0)
         b = F.pad(b, (0, pad))
     n_chunks = (length + pad) // chunk
-    a_chunks = a.reshape(*a.shape[:-1], n_chunks, chunk)
-    b_chunks = b.reshape(*b.shape[:-1], n_chunks, chunk)
-    local = _apply(transfer_matrix(a_chunks), b_chunks)  # each chunk from a zero state
-    decay = torch.cumprod(a_chunks, dim=-1)  # product of a from the chunk start to i
-    ends = linear_scan(decay[..., -1], local[..., -1], chunk)  # state at each chunk's end
-    entering = F.pad(ends[..., :-1], (1, 0))  # state entering each chunk
-    x = local + decay * entering.unsqueeze(-1)
-    return x.reshape(*x.shape[:-2], n_chunks * chunk)[..., :length]
+    a_chunks = a.reshape(a.shape[0], n_chunks, chunk)
+    b_chunks = b.reshape(b.shape[0], n_chunks, chunk)
+    local, decay = _chunks_by_doubling(a_chunks, b_chunks)
+    if n_chunks > 1:
+        # States entering each chunk: the same recurrence over the chunks' end states.
+        ends = linear_scan(decay[..., -1], local[..., -1], chunk)
+        entering = F.pad(ends[..., :-1], (1, 0)).unsqueeze(-1)
+        local = torch.addcmul(local, decay, entering)
+    x = local.reshape(b.shape[0], n_chunks * chunk)
+    return x[..., :length].contiguous()
+
+
+class SharedScan:
+    """The filter's recurrence ``x_t = a_t x_{t-1} + k_t z_t`` (``x_{-1} = m0``) for rows sharing
+    ``a`` and ``k`` ``[capacity]``, by the matrix method, with everything that depends on them
+    alone built once (then read-only): per level of the recursion, each chunk's map
+    ``L diag(k)`` ``[n, C, C]`` (``L[i, j] = prod_{j<u<=i} a_u``), its decay (the running product
+    of ``a`` from the chunk start) and, for the adjoint, ``diag(k) L^T`` with the decay appended
+    as one more column, and ``k`` times ``L``'s last row.
+
+    Solves rows of any length ``T <= capacity``: a prefix of ``a`` has the prefix of the chunks.
+    The levels above the first have ``k = 1`` (``k=None``) and the chunks' products of ``a`` as
+    coefficients. Each level costs one batched matmul over the data and one fix-up pass.
+    """
+
+    def __init__(self, a: torch.Tensor, k: torch.Tensor | None = None, chunk: int = CHUNK):
+        pad = (-a.shape[0]) % chunk
+        chunks = F.pad(a, (0, pad), value=1.0).reshape(-1, chunk)
+        lower = transfer_matrix(chunks)  # [n, C, C]
+        self.chunk = chunk
+        self.decay = torch.cumprod(chunks, dim=-1)  # [n, C]
+        last_row = lower[:, -1, :]  # prod_{j<u<=end} a_u
+        if k is not None:
+            k_chunks = F.pad(k, (0, pad)).reshape(-1, chunk)
+            lower = lower * k_chunks.unsqueeze(-2)
+            last_row = last_row * k_chunks
+        self.forward_maps = lower.transpose(-1, -2).contiguous()  # x = z_chunk @ this
+        # g_chunk @ this = (k * L^T g, sum_i decay_i g_i)
+        self.adjoint_maps = torch.cat([lower, self.decay.unsqueeze(-1)], dim=-1).contiguous()
+        self.last_row = last_row.contiguous()
+        n = chunks.shape[0]
+        self.next = SharedScan(self.decay[:, -1].contiguous(), None, chunk) if n > 1 else None
+        self._prefixes: dict[int, tuple[torch.Tensor, ...]] = {}
+
+    def _prefix(self, n: int) -> tuple[torch.Tensor, ...]:
+        """The first ``n`` chunks' tables (views, memoised: slicing costs more than a lookup)."""
+        views = self._prefixes.get(n)
+        if views is None:
+            views = (
+                self.forward_maps[:n],
+                self.adjoint_maps[:n],
+                self.decay[:n],
+                self.last_row[:n],
+            )
+            self._prefixes[n] = views
+        return views
+
+    def _split(self, values: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+        """``[B, T]`` padded to whole chunks, as ``[n, B, C]`` (a view of ``[B, n, C]``)."""
+        length = values.shape[-1]
+        n = -(-length // self.chunk)
+        if n * self.chunk != length:
+            values = F.pad(values, (0, n * self.chunk - length))
+        return values.reshape(values.shape[0], n, self.chunk).transpose(0, 1), n, length
+
+    def _join(self, parts: torch.Tensor, length: int) -> torch.Tensor:
+        """``[B, n, C]`` back to ``[B, T]``, contiguous."""
+        flat = parts.reshape(parts.shape[0], -1)
+        return flat[:, :length].contiguous() if flat.shape[1] != length else flat
+
+    def forward(self, z: torch.Tensor, m0: float | torch.Tensor) -> torch.Tensor:
+        """``x`` ``[B, T]`` for inputs ``z`` ``[B, T]`` and the state ``m0`` before the first
+        position (a float or a 0-d tensor)."""
+        if z.shape[-1] == 0:
+            return z.new_zeros(z.shape)
+        parts, n, length = self._split(z)
+        maps, _, decay, _ = self._prefix(n)
+        local = torch.bmm(parts, maps).transpose(0, 1)  # [B, n, C], each chunk from state 0
+        if n == 1:
+            entering = m0
+        else:
+            ends = self.next.forward(local[:, :, -1], m0)  # state at each chunk's end, [B, n]
+            if isinstance(m0, torch.Tensor):
+                first = m0.expand(z.shape[0], 1)
+                entering = torch.cat([first, ends[:, :-1]], dim=1).unsqueeze(-1)
+            else:
+                entering = F.pad(ends[:, :-1], (1, 0), value=m0).unsqueeze(-1)
+        x = z.new_empty(z.shape[0], n, self.chunk)
+        if isinstance(entering, torch.Tensor):
+            torch.addcmul(local, decay, entering, out=x)
+        else:
+            torch.add(local, decay, alpha=entering, out=x)
+        return self._join(x, length)
+
+    def adjoint(self, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """For ``g`` ``[B, T]``: ``(k * lam [B, T], dm0 [B])``, where ``lam_t = g_t + a_{t+1}
+        lam_{t+1}`` (``lam_T = 0``) is the adjoint of the state and ``dm0 = a_0 lam_0``."""
+        if g.shape[-1] == 0:
+            return g.new_zeros(g.shape), g.new_zeros(g.shape[0])
+        parts, n, length = self._split(g)
+        _, maps, decay, last_row = self._prefix(n)
+        out = torch.bmm(parts, maps)  # [n, B, C + 1]
+        local = out[:, :, : self.chunk].transpose(0, 1)  # [B, n, C]
+        heads = out[:, :, self.chunk].t()  # h_c = sum_i decay_i g_i: what chunk c sends back
+        dz = g.new_empty(g.shape[0], n, self.chunk)
+        if n == 1:
+            dz.copy_(local)
+            return self._join(dz, length), heads[:, 0]
+        # mu_c, what reaches chunk c's end from later chunks, obeys mu_c = h_{c+1} + P_{c+1}
+        # mu_{c+1} (P_c: the chunk's product of a): the next level's adjoint of h shifted by one.
+        arriving, _ = self.next.adjoint(F.pad(heads[:, 1:], (0, 1)))
+        torch.addcmul(local, last_row, arriving.unsqueeze(-1), out=dz)
+        dm0 = torch.addcmul(heads[:, 0], decay[0, -1], arriving[:, 0])
+        return self._join(dz, length), dm0
+
+
+class GainTable:
+    """The gains ``K_n`` for ``n < capacity`` (float64, on one device) and what the scan derives
+    from them, built once per dtype: ``K`` and ``1 - K`` (each formed in float64 and rounded
+    once), and the :class:`SharedScan` of ``1 - K``. Read-only once built."""
+
+    def __init__(self, k64: torch.Tensor):
+        self.k64 = k64
+        self._tables: dict[torch.dtype, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._plans: dict[torch.dtype, SharedScan] = {}
+
+    def tables(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(K, 1 - K)`` in ``dtype``, ``[capacity]`` each."""
+        if dtype not in self._tables:
+            self._tables[dtype] = (self.k64.to(dtype), (1.0 - self.k64).to(dtype))
+        return self._tables[dtype]
+
+    def plan(self, dtype: torch.dtype) -> SharedScan:
+        if dtype not in self._plans:
+            gain, keep = self.tables(dtype)
+            self._plans[dtype] = SharedScan(keep, gain)
+        return self._plans[dtype]
+
+
+#: Use the matrix method where the coefficients are shared (tests switch it off to exercise
+#: recursive doubling on the same inputs).
+MATRIX = True
+
+
+def _use_matrix(dtype: torch.dtype, device: torch.device) -> bool:
+    """The matrix method for shared coefficients, where float32 matmuls run in full precision."""
+    return MATRIX and _exact_matmul_allowed(dtype, device)
 
 
 def reverse_scan(a: torch.Tensor, g: torch.Tensor, chunk: int = CHUNK) -> torch.Tensor:
@@ -92,17 +249,12 @@ def reverse_scan(a: torch.Tensor, g: torch.Tensor, chunk: int = CHUNK) -> torch.
     return linear_scan(a_next.flip(-1), g.flip(-1), chunk).flip(-1)
 
 
-def _gain_tables(k64: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """``K`` and ``1 - K`` formed in float64, each rounded once to ``dtype``."""
-    return k64.to(dtype), (1.0 - k64).to(dtype)
-
-
 def padded_coefficients(
-    mask: torch.Tensor | None, k64: torch.Tensor, length: int, masked: str, dtype: torch.dtype
+    mask: torch.Tensor | None, table: GainTable, length: int, masked: str, dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(a, k)`` for a padded batch: the recurrence coefficient and the gain at each position
     (``k = 0`` where nothing is observed). ``[1, T]`` when rows share gains, else ``[B, T]``."""
-    gain, keep = _gain_tables(k64[:length], dtype)
+    gain, keep = (t[:length] for t in table.tables(dtype))
     if mask is None:
         return keep.unsqueeze(0), gain.unsqueeze(0)
     zero = torch.zeros((), dtype=dtype, device=mask.device)
@@ -120,56 +272,95 @@ def _observations(z: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     )
 
 
-def _fold_prior(a: torch.Tensor, b: torch.Tensor, m0: torch.Tensor) -> torch.Tensor:
-    """``b`` with ``a_0 m0`` added at the first position (the prior's contribution to ``x_0``)."""
-    first = b[..., :1] + a[..., :1] * m0
-    return torch.cat([first, b[..., 1:]], dim=-1)
+def _fold_prior(a: torch.Tensor, b: torch.Tensor, m0: float | torch.Tensor) -> torch.Tensor:
+    """Adds ``a_0 m0`` (the prior's contribution to ``x_0``) to ``b``'s first position, in place
+    (``b`` is a fresh tensor), and returns ``b``."""
+    b[..., 0] += a[..., 0] * m0
+    return b
+
+
+def _shared_forward(table: GainTable, obs: torch.Tensor, m0: float | torch.Tensor) -> torch.Tensor:
+    """The filter of observations ``obs`` ``[B, T]`` (0 where nothing is observed) with the
+    shared gains: the matrix method where it applies, else recursive doubling."""
+    if _use_matrix(obs.dtype, obs.device):
+        return table.plan(obs.dtype).forward(obs, m0)
+    gain, keep = (t[: obs.shape[-1]] for t in table.tables(obs.dtype))
+    a = keep.unsqueeze(0)
+    return linear_scan(a, _fold_prior(a, gain * obs, m0))
+
+
+def _filter_hold(
+    z: torch.Tensor, mask: torch.Tensor, m0: float | torch.Tensor, table: GainTable
+) -> torch.Tensor:
+    """Forward filter under ``masked="hold"`` with a mask: the state at a valid position is the
+    shared-gain filter of the row's valid values so far, so each row's valid values are moved to
+    its front (in order), filtered with shared gains, and the states are gathered back; a masked
+    position takes the state of the last valid one (``m0`` before the first)."""
+    batch, length = z.shape
+    count = torch.cumsum(mask, dim=-1)  # valid values up to and including t
+    slot = torch.where(mask, count - 1, length)  # masked values go to a discarded last column
+    front = z.new_zeros(batch, length + 1).scatter_(1, slot, z)[:, :length]
+    filtered = _shared_forward(table, front, m0)
+    state = torch.gather(filtered, 1, (count - 1).clamp_(min=0))
+    return torch.where(count > 0, state, m0)
 
 
 def filter_padded(
     z: torch.Tensor,
     mask: torch.Tensor | None,
-    m0: torch.Tensor,
-    k64: torch.Tensor,
+    m0: float | torch.Tensor,
+    table: GainTable,
     masked: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Forward filter of ``z`` ``[B, T]``; returns ``(output, state)``, both ``[B, T]`` (they differ
-    only at masked positions under ``masked="zero"``, where the output is 0)."""
+    """Forward filter of ``z`` ``[B, T]`` from the prior mean ``m0`` (a float or a 0-d tensor);
+    returns ``(output [B, T], witness)``: the output is 0 at masked positions under
+    ``masked="zero"``; the witness (each row's last state) is non-finite if and only if some
+    value read is (see ``torch_ops._check_scan``)."""
     batch, length = z.shape
     if batch * length == 0:
-        return z.new_zeros(z.shape), z.new_zeros(z.shape)
-    a, k = padded_coefficients(mask, k64, length, masked, z.dtype)
-    b = _fold_prior(a, k * _observations(z, mask), m0.to(z.dtype))
-    state = linear_scan(a, b)
-    out = state if mask is None or masked == "hold" else torch.where(mask, state, 0.0)
-    return out, state
+        return z.new_zeros(z.shape), z.new_zeros(batch, 0)
+    if isinstance(m0, torch.Tensor):
+        m0 = m0.to(z.dtype)
+    if mask is not None and masked == "hold":
+        state = _filter_hold(z, mask, m0, table)
+        return state, state[:, -1:]
+    state = _shared_forward(table, _observations(z, mask), m0)
+    out = state if mask is None else torch.where(mask, state, 0.0)
+    return out, state[:, -1:]
 
 
 def adjoint_padded(
-    g: torch.Tensor, mask: torch.Tensor | None, k64: torch.Tensor, masked: str
-) -> tuple[torch.Tensor, torch.Tensor]:
+    g: torch.Tensor, mask: torch.Tensor | None, table: GainTable, masked: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Adjoint of :func:`filter_padded` for upstream gradient ``g`` ``[B, T]``; returns
-    ``(dz [B, T], dm0 [B])``."""
+    ``(dz [B, T], dm0 [B], witness)`` (the witness: each row's first ``dz``)."""
     batch, length = g.shape
     if batch * length == 0:
-        return g.new_zeros(g.shape), g.new_zeros(batch)
-    a, k = padded_coefficients(mask, k64, length, masked, g.dtype)
+        return g.new_zeros(g.shape), g.new_zeros(batch), g.new_zeros(batch, 0)
+    shared = mask is None or masked == "zero"  # else a is per row (held where masked)
+    if shared and _use_matrix(g.dtype, g.device):
+        dz, dm0 = table.plan(g.dtype).adjoint(_observations(g, mask))
+        if mask is not None:
+            dz = torch.where(mask, dz, 0.0)
+        return dz, dm0, dz[:, :1]
+    a, k = padded_coefficients(mask, table, length, masked, g.dtype)
     read = g if mask is None or masked == "hold" else _observations(g, mask)
     lam = reverse_scan(a, read)
-    return k * lam, a[..., 0] * lam[..., 0]
+    dz = k * lam
+    return dz, a[..., 0] * lam[..., 0], dz[:, :1]
 
 
 def packed_coefficients(
     cu_seqlens: torch.Tensor,
     mask: torch.Tensor | None,
-    k64: torch.Tensor,
+    table: GainTable,
     total: int,
     masked: str,
     dtype: torch.dtype,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(a, k, starts, segment)`` for packed rows, each ``[total]`` but ``starts`` ``[batch]``:
     ``a`` without the cuts at segment starts, and each position's segment index."""
-    device = k64.device
+    device = table.k64.device
     cu = cu_seqlens.to(device=device, dtype=torch.int64)
     starts, lengths = cu[:-1], cu[1:] - cu[:-1]
     segment = torch.repeat_interleave(
@@ -181,7 +372,7 @@ def packed_coefficients(
         n = (valid_before[1:] - valid_before[starts][segment] - 1).clamp_(min=0)
     else:
         n = position - starts[segment]
-    gain, keep = _gain_tables(k64, dtype)
+    gain, keep = table.tables(dtype)
     a, k = keep[n], gain[n]
     if mask is not None:
         zero = torch.zeros((), dtype=dtype, device=device)
@@ -203,40 +394,87 @@ def _cut_at_starts(
     return torch.where(is_start, torch.zeros((), dtype=a.dtype, device=a.device), a), is_start
 
 
+#: Packed rows are filtered as a padded batch (gathered into ``[rows, longest]``) unless that
+#: would take more than this many times the packed size; then as one flat row with the carry cut
+#: at each row's start (per-position coefficients, recursive doubling). ``None``: always flat.
+PADDED_MAX_EXPANSION: int | None = 4
+
+
+def _padded_slots(
+    cu_seqlens: torch.Tensor, total: int, longest: int, device: torch.device
+) -> torch.Tensor | None:
+    """Each packed position's index in the flattened ``[rows, longest]`` padded layout, or None
+    where that layout would be too large."""
+    rows = cu_seqlens.shape[0] - 1
+    if PADDED_MAX_EXPANSION is None or rows * longest > PADDED_MAX_EXPANSION * total + 4096:
+        return None
+    cu = cu_seqlens.to(device=device, dtype=torch.int64)
+    starts, lengths = cu[:-1], cu[1:] - cu[:-1]
+    row = torch.repeat_interleave(torch.arange(rows, device=device), lengths, output_size=total)
+    return torch.arange(total, device=device) - starts[row] + row * longest
+
+
+def _to_padded(flat: torch.Tensor | None, slots: torch.Tensor, shape: tuple[int, int]):
+    if flat is None:
+        return None
+    padded = flat.new_zeros(shape[0] * shape[1])
+    return padded.scatter_(0, slots, flat).view(shape)
+
+
 def filter_packed(
     values: torch.Tensor,
     cu_seqlens: torch.Tensor,
+    longest: int,
     mask: torch.Tensor | None,
-    m0: torch.Tensor,
-    k64: torch.Tensor,
+    m0: float | torch.Tensor,
+    table: GainTable,
     masked: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Forward filter of packed ``values`` ``[total]``; returns ``(output, state)`` ``[total]``."""
+    """Forward filter of packed ``values`` ``[total]`` (rows of at most ``longest`` values);
+    returns ``(output [total], witness)`` as :func:`filter_padded`."""
     total = values.shape[0]
     if total == 0:
         return values.new_zeros(0), values.new_zeros(0)
-    a, k, starts, _ = packed_coefficients(cu_seqlens, mask, k64, total, masked, values.dtype)
+    slots = _padded_slots(cu_seqlens, total, longest, values.device)
+    if slots is not None:
+        shape = (cu_seqlens.shape[0] - 1, longest)
+        padded_mask = _to_padded(mask, slots, shape)
+        out, witness = filter_padded(
+            _to_padded(values, slots, shape), padded_mask, m0, table, masked
+        )
+        return out.reshape(-1)[slots], witness
+    a, k, starts, _ = packed_coefficients(cu_seqlens, mask, table, total, masked, values.dtype)
     b = k * _observations(values, mask)
     cut, is_start = _cut_at_starts(a, starts, total)
-    b = torch.where(is_start, b + a * m0.to(values.dtype), b)
+    if isinstance(m0, torch.Tensor):
+        m0 = m0.to(values.dtype)
+    b = torch.where(is_start, b + a * m0, b)
     state = linear_scan(cut.unsqueeze(0), b.unsqueeze(0)).squeeze(0)
     out = state if mask is None or masked == "hold" else torch.where(mask, state, 0.0)
-    return out, state
+    # A non-finite value propagates past the cuts (0 * nan = nan), so the last state witnesses all.
+    return out, state[-1:]
 
 
 def adjoint_packed(
     g: torch.Tensor,
     cu_seqlens: torch.Tensor,
+    longest: int,
     mask: torch.Tensor | None,
-    k64: torch.Tensor,
+    table: GainTable,
     masked: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Adjoint of :func:`filter_packed`; returns ``(dvalues [total], dm0 [batch])``."""
+    """Adjoint of :func:`filter_packed`; returns ``(dvalues [total], dm0 [batch], witness)``."""
     total = g.shape[0]
     batch = cu_seqlens.shape[0] - 1
     if total == 0:
-        return g.new_zeros(0), g.new_zeros(batch)
-    a, k, starts, _ = packed_coefficients(cu_seqlens, mask, k64, total, masked, g.dtype)
+        return g.new_zeros(0), g.new_zeros(batch), g.new_zeros(0)
+    slots = _padded_slots(cu_seqlens, total, longest, g.device)
+    if slots is not None:
+        shape = (batch, longest)
+        padded_mask = _to_padded(mask, slots, shape)
+        dz, dm0, witness = adjoint_padded(_to_padded(g, slots, shape), padded_mask, table, masked)
+        return dz.reshape(-1)[slots], dm0, witness
+    a, k, starts, _ = packed_coefficients(cu_seqlens, mask, table, total, masked, g.dtype)
     cut, _ = _cut_at_starts(a, starts, total)
     read = g if mask is None or masked == "hold" else _observations(g, mask)
     lam = reverse_scan(cut.unsqueeze(0), read.unsqueeze(0)).squeeze(0)
@@ -245,4 +483,5 @@ def adjoint_packed(
     dm0 = torch.where(
         cu[1:] > cu[:-1], a[first] * lam[first], torch.zeros((), dtype=g.dtype, device=g.device)
     )
-    return k * lam, dm0
+    dz = k * lam
+    return dz, dm0, dz[:1]

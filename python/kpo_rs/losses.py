@@ -63,11 +63,13 @@ Metrics = dict[str, torch.Tensor]
 
 
 def _masked_sum(values: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
-    """Sum of ``values * mask`` where NaN/inf outside the mask cannot leak in."""
-    kept = torch.where(
+    """Sum of ``values * mask`` where NaN/inf outside the mask cannot leak in. A bool mask selects
+    (the same sum, without the multiplication); a numeric mask also weights."""
+    prod = torch.where(
         mask.bool(), values, torch.zeros((), dtype=values.dtype, device=values.device)
     )
-    prod = kept * mask
+    if mask.dtype != torch.bool:
+        prod = prod * mask
     return prod.sum() if dim is None else prod.sum(dim=dim)
 
 
@@ -138,17 +140,26 @@ def _aggregate(
 def switch_rate(values: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
     """Share of adjacent valid token pairs (skipping masked positions) whose values have opposite
     signs; ``values`` ``[batch, time]``; returns a scalar tensor (0 when there are no pairs)."""
-    length = values.shape[-1]
     if mask is None:
         mask = torch.ones_like(values, dtype=torch.bool)
-    mask = mask.bool()
-    positions = torch.arange(length, device=values.device).expand_as(values)
+    return _switch_rate(values, mask.bool(), _valid_pairs(mask.bool()))
+
+
+def _valid_pairs(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For a bool ``mask`` ``[batch, time]``: which positions have an earlier valid position in
+    their row, and the index of the nearest one (0 where there is none)."""
+    positions = torch.arange(mask.shape[-1], device=mask.device).expand_as(mask)
     last_valid = torch.where(mask, positions, -1).cummax(dim=-1).values
     previous = torch.nn.functional.pad(last_valid[..., :-1], (1, 0), value=-1)
-    paired = mask & (previous >= 0)
+    return mask & (previous >= 0), previous.clamp(min=0)
+
+
+def _switch_rate(
+    values: torch.Tensor, mask: torch.Tensor, pairs: tuple[torch.Tensor, torch.Tensor]
+) -> torch.Tensor:
+    paired, previous = pairs
     sign = torch.sign(torch.where(mask, values, 0.0))
-    prev_sign = torch.gather(sign, -1, previous.clamp(min=0))
-    switches = paired & (sign * prev_sign < 0)
+    switches = paired & (sign * torch.gather(sign, -1, previous) < 0)
     return switches.sum() / paired.sum().clamp(min=1)
 
 
@@ -274,6 +285,7 @@ def kpo_token_losses(
     with torch.no_grad():
         raw_ratio = torch.exp(torch.clamp(z, max=LOG_RATIO_CLAMP))
         x_d = x.detach()
+        pairs = _valid_pairs(mask)
         metrics.update(
             {
                 "clipfrac": _masked_mean(clipped.float(), mask),
@@ -284,8 +296,8 @@ def kpo_token_losses(
                 "ratio_std": _masked_std(raw_ratio, mask),
                 "filtered_ratio_mean": _masked_mean(rt.detach(), mask),
                 "filtered_ratio_std": _masked_std(rt.detach(), mask),
-                "switch_rate_raw": switch_rate(z, mask),
-                "switch_rate_filtered": switch_rate(x_d, mask),
+                "switch_rate_raw": _switch_rate(z, mask, pairs),
+                "switch_rate_filtered": _switch_rate(x_d, mask, pairs),
             }
         )
     return pg_losses, metrics

@@ -22,6 +22,7 @@ Requires torch (``pip install torch``).
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -93,8 +94,11 @@ def _m0_tensor(m0: float | torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return torch.tensor(m0, dtype=torch.float64, device=like.device)
 
 
-def _m0_on(m0: float | torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    return torch.as_tensor(m0, dtype=like.dtype, device=like.device)
+def _m0_on(m0: float | torch.Tensor, like: torch.Tensor) -> float | torch.Tensor:
+    """``m0`` for the scan: a float stays a float (no device copy); a tensor moves to ``like``."""
+    if isinstance(m0, torch.Tensor):
+        return m0.to(dtype=like.dtype, device=like.device)
+    return m0
 
 
 def _check_ranges(q: float, r: float, p0: float) -> None:
@@ -113,16 +117,31 @@ def _resolve_backend(backend: Any, device: torch.device) -> str:
     return backend
 
 
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float32 if dtype in _WIDENED else dtype
+def _widen(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in its compute dtype: float16/bfloat16 as float32, others unchanged (no call)."""
+    return t.float() if t.dtype in _WIDENED else t
+
+
+def _narrow(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return t if t.dtype == dtype else t.to(dtype)
 
 
 def _numpy(t: torch.Tensor | None) -> np.ndarray | None:
     return None if t is None else t.detach().cpu().numpy()
 
 
-def _gains(n: int, q: float, r: float, p0: float, device: torch.device) -> torch.Tensor:
-    return torch.from_numpy(_core.gains(n, q, r, p0)).to(device)
+def _gains(n: int, q: float, r: float, p0: float, device: torch.device) -> _scan.GainTable:
+    """The gains for rows of up to ``n`` positions on ``device``, with the scan's derived tables.
+
+    The gains do not depend on the data or on the row length, so one table per power-of-two
+    capacity is built once and kept on the device (no host-to-device copy per call)."""
+    capacity = max(1024, 1 << max(n - 1, 0).bit_length())
+    return _gain_table(capacity, q, r, p0, device)
+
+
+@functools.lru_cache(maxsize=16)
+def _gain_table(n: int, q: float, r: float, p0: float, device: torch.device) -> _scan.GainTable:
+    return _scan.GainTable(torch.from_numpy(_core.gains(n, q, r, p0)).to(device))
 
 
 def _locate_non_finite(name: str, values: torch.Tensor, read: torch.Tensor | None, rows: Any):
@@ -159,16 +178,23 @@ def _to_torch(arrays: tuple[np.ndarray, ...], like: torch.Tensor) -> tuple[torch
     return tuple(torch.from_numpy(a).to(device=like.device, dtype=like.dtype) for a in arrays)
 
 
-def _check_scan(results: tuple[torch.Tensor, ...], name: str, inputs, read, rows) -> None:
-    """The scan's fused finiteness check: a non-finite value read anywhere makes the results
-    non-finite (one reduction and one host synchronisation per call)."""
-    if not all(bool(torch.isfinite(t).all()) for t in results):
+def _check_scan(witness: torch.Tensor, name: str, inputs, read, rows) -> None:
+    """The scan's finiteness check, one small reduction and one host synchronisation per call.
+
+    ``witness`` holds the states that every input read reaches: each row's last state for the
+    forward pass, its first ``dz`` for the adjoint (for packed rows filtered as one flat row, the
+    last or first of all). A non-finite value read anywhere makes it non-finite: the scan combines
+    values only by sums and by products with coefficients in ``[0, 1]``, and ``0 * inf`` and
+    ``0 * nan`` are nan, so not even a gain of exactly 1 (``a = 0``) or a cut between packed
+    rows stops one.
+    """
+    if not bool(torch.isfinite(witness).all()):
         raise _locate_non_finite(name, inputs, read, rows)
 
 
 def _forward_padded(z, mask, m0, q, r, p0, masked, backend):
     _check_ranges(q, r, p0)
-    zc = z.to(_compute_dtype(z.dtype))
+    zc = _widen(z)
     if backend == "rust":
         return _to_torch(
             (_core.filter_padded(_numpy(zc), _numpy(mask), q, r, p0, float(m0), masked),), z
@@ -178,15 +204,15 @@ def _forward_padded(z, mask, m0, q, r, p0, masked, backend):
             _numpy(zc), _numpy(mask), q=q, r=r, p0=p0, m0=float(m0), masked=masked
         )
         return _to_torch((out,), z)[0]
-    k64 = _gains(z.shape[1], q, r, p0, z.device)
-    out, state = _scan.filter_padded(zc, mask, _m0_on(m0, zc), k64, masked)
-    _check_scan((state,), "values", zc, mask, _padded_rows)
-    return out.to(z.dtype)
+    table = _gains(z.shape[1], q, r, p0, z.device)
+    out, witness = _scan.filter_padded(zc, mask, _m0_on(m0, zc), table, masked)
+    _check_scan(witness, "values", zc, mask, _padded_rows)
+    return _narrow(out, z.dtype)
 
 
 def _adjoint_padded(g, mask, q, r, p0, masked, backend):
     _check_ranges(q, r, p0)
-    gc = g.to(_compute_dtype(g.dtype))
+    gc = _widen(g)
     if backend == "rust":
         return _to_torch(_core.adjoint_padded(_numpy(gc), _numpy(mask), q, r, p0, masked), g)
     if backend == "reference":
@@ -196,15 +222,15 @@ def _adjoint_padded(g, mask, q, r, p0, masked, backend):
             ),
             g,
         )
-    k64 = _gains(g.shape[1], q, r, p0, g.device)
-    dz, dm0 = _scan.adjoint_padded(gc, mask, k64, masked)
-    _check_scan((dz, dm0), "grad", gc, mask if masked == "zero" else None, _padded_rows)
-    return dz.to(g.dtype), dm0.to(g.dtype)
+    table = _gains(g.shape[1], q, r, p0, g.device)
+    dz, dm0, witness = _scan.adjoint_padded(gc, mask, table, masked)
+    _check_scan(witness, "grad", gc, mask if masked == "zero" else None, _padded_rows)
+    return _narrow(dz, g.dtype), _narrow(dm0, g.dtype)
 
 
 def _forward_packed(values, cu_seqlens, mask, m0, q, r, p0, masked, backend):
     _check_ranges(q, r, p0)
-    vc = values.to(_compute_dtype(values.dtype))
+    vc = _widen(values)
     cu = _numpy(cu_seqlens)
     longest = _core.check_offsets(cu, values.shape[0])
     if backend == "rust":
@@ -217,15 +243,15 @@ def _forward_packed(values, cu_seqlens, mask, m0, q, r, p0, masked, backend):
             _numpy(vc), cu, _numpy(mask), q=q, r=r, p0=p0, m0=float(m0), masked=masked
         )
         return _to_torch((out,), values)[0]
-    k64 = _gains(longest, q, r, p0, values.device)
-    out, state = _scan.filter_packed(vc, cu_seqlens, mask, _m0_on(m0, vc), k64, masked)
-    _check_scan((state,), "values", vc, mask, _packed_rows(cu))
-    return out.to(values.dtype)
+    table = _gains(longest, q, r, p0, values.device)
+    out, witness = _scan.filter_packed(vc, cu_seqlens, longest, mask, _m0_on(m0, vc), table, masked)
+    _check_scan(witness, "values", vc, mask, _packed_rows(cu))
+    return _narrow(out, values.dtype)
 
 
 def _adjoint_packed(g, cu_seqlens, mask, q, r, p0, masked, backend):
     _check_ranges(q, r, p0)
-    gc = g.to(_compute_dtype(g.dtype))
+    gc = _widen(g)
     cu = _numpy(cu_seqlens)
     longest = _core.check_offsets(cu, g.shape[0])
     if backend == "rust":
@@ -235,10 +261,10 @@ def _adjoint_packed(g, cu_seqlens, mask, q, r, p0, masked, backend):
             _numpy(gc), cu, _numpy(mask), q=q, r=r, p0=p0, masked=masked
         )
         return _to_torch(adj, g)
-    k64 = _gains(longest, q, r, p0, g.device)
-    dz, dm0 = _scan.adjoint_packed(gc, cu_seqlens, mask, k64, masked)
-    _check_scan((dz, dm0), "grad", gc, mask if masked == "zero" else None, _packed_rows(cu))
-    return dz.to(g.dtype), dm0.to(g.dtype)
+    table = _gains(longest, q, r, p0, g.device)
+    dz, dm0, witness = _scan.adjoint_packed(gc, cu_seqlens, longest, mask, table, masked)
+    _check_scan(witness, "grad", gc, mask if masked == "zero" else None, _packed_rows(cu))
+    return _narrow(dz, g.dtype), _narrow(dm0, g.dtype)
 
 
 # --------------------------------------------------------------------------------------------
@@ -256,12 +282,13 @@ def _filter_op(
     masked: str,
     backend: str,
 ) -> torch.Tensor:
-    return _forward_padded(z, mask, m0, q, r, p0, masked, backend)
+    return _forward_padded(z, mask, m0, q, r, p0, masked, backend).contiguous()
 
 
+# The fake kernels say what the real ones return: contiguous tensors, whatever the inputs' strides.
 @_filter_op.register_fake
 def _(z, mask, m0, q, r, p0, masked, backend):
-    return torch.empty_like(z)
+    return z.new_empty(z.shape)
 
 
 @torch.library.custom_op("kpo_rs::kalman_filter_adjoint", mutates_args=())
@@ -274,12 +301,13 @@ def _adjoint_op(
     masked: str,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    return _adjoint_padded(grad, mask, q, r, p0, masked, backend)
+    dz, dm0 = _adjoint_padded(grad, mask, q, r, p0, masked, backend)
+    return dz.contiguous(), dm0.contiguous()
 
 
 @_adjoint_op.register_fake
 def _(grad, mask, q, r, p0, masked, backend):
-    return torch.empty_like(grad), grad.new_empty(grad.shape[0])
+    return grad.new_empty(grad.shape), grad.new_empty(grad.shape[0])
 
 
 @torch.library.custom_op("kpo_rs::kalman_filter_packed", mutates_args=())
@@ -294,12 +322,12 @@ def _packed_op(
     masked: str,
     backend: str,
 ) -> torch.Tensor:
-    return _forward_packed(values, cu_seqlens, mask, m0, q, r, p0, masked, backend)
+    return _forward_packed(values, cu_seqlens, mask, m0, q, r, p0, masked, backend).contiguous()
 
 
 @_packed_op.register_fake
 def _(values, cu_seqlens, mask, m0, q, r, p0, masked, backend):
-    return torch.empty_like(values)
+    return values.new_empty(values.shape)
 
 
 @torch.library.custom_op("kpo_rs::kalman_filter_packed_adjoint", mutates_args=())
@@ -313,12 +341,13 @@ def _packed_adjoint_op(
     masked: str,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    return _adjoint_packed(grad, cu_seqlens, mask, q, r, p0, masked, backend)
+    dz, dm0 = _adjoint_packed(grad, cu_seqlens, mask, q, r, p0, masked, backend)
+    return dz.contiguous(), dm0.contiguous()
 
 
 @_packed_adjoint_op.register_fake
 def _(grad, cu_seqlens, mask, q, r, p0, masked, backend):
-    return torch.empty_like(grad), grad.new_empty(cu_seqlens.shape[0] - 1)
+    return grad.new_empty(grad.shape), grad.new_empty(cu_seqlens.shape[0] - 1)
 
 
 def _m0_grad(ctx, dm0_rows: torch.Tensor) -> torch.Tensor | None:

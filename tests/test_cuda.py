@@ -1,0 +1,190 @@
+"""The scan backend on a CUDA device against the Rust core on the CPU, at training sizes.
+
+The properties of test_torch_ops.py (reference equivalence, gradcheck, half precision, non-finite
+input) also run on CUDA where a GPU is present; these tests add what only a GPU can show: sizes
+that training uses, TF32 matmuls switched on, torch.compile with CUDA kernels, arguments on mixed
+devices. Skipped where torch sees no CUDA device (CI has none).
+
+Tolerance: the scan's bound of test_torch_ops.py (kpo_rs.testing.tolerance with
+``L + 4 C depth`` steps), on the envelope of the reference.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import kpo_rs
+from kpo_rs import _scan, testing, torch_ops
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+PARAMS = [
+    {},  # the authors' settings
+    {"q": 1e-5, "p0": math.inf, "m0": 0.0},  # flat prior
+    {"q": 1e-2, "r": 0.5, "p0": 2.0, "m0": 0.1},
+]
+
+
+def _steps(length: int) -> int:
+    depth = max(1, math.ceil(math.log(max(length, 1)) / math.log(_scan.CHUNK)))
+    return length + 4 * _scan.CHUNK * depth
+
+
+def _assert_close(got: torch.Tensor, want: np.ndarray, env: np.ndarray, dtype, length: int):
+    testing.assert_filter_close(got.detach().cpu().numpy(), want, env, dtype, _steps(length))
+
+
+def _batch(batch: int, length: int, dtype, holes: bool, seed: int):
+    rng = np.random.default_rng(seed)
+    z = rng.normal(0.0, 0.3, (batch, length)).astype(dtype)
+    mask = None
+    if holes:
+        mask = rng.random((batch, length)) < 0.9
+        mask[:, length // 2 :] &= np.arange(batch)[:, None] % 3 != 0  # right padding too
+    return z, mask
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("holes", [False, True])
+@pytest.mark.parametrize("masked", ["hold", "zero"])
+@pytest.mark.parametrize("params", PARAMS)
+def test_cuda_scan_matches_the_rust_core(dtype, holes, masked, params):
+    """Forward and adjoint at 24 x 5000 (the scan's recursion goes three levels deep)."""
+    z, mask = _batch(24, 5000, dtype, holes, seed=1)
+    grad = np.random.default_rng(2).normal(size=z.shape).astype(dtype)
+    want_y = kpo_rs.kalman_filter(z, mask, masked=masked, **params)
+    adj = {k: v for k, v in params.items() if k != "m0"}
+    want_dz, want_dm0 = kpo_rs.kalman_filter_adjoint(grad, mask, masked=masked, **adj)
+
+    tz = torch.from_numpy(z).cuda().requires_grad_(True)
+    m0 = torch.tensor(params.get("m0", 0.0), dtype=torch.float64, device="cuda")
+    m0.requires_grad_(True)
+    tmask = None if mask is None else torch.from_numpy(mask).cuda()
+    kw = {k: v for k, v in params.items() if k != "m0"}
+    y = torch_ops.kalman_filter(tz, tmask, m0=m0, masked=masked, **kw)
+    y.backward(torch.from_numpy(grad).cuda())
+
+    dt = np.dtype(dtype)
+    batch = testing.PaddedBatch(z, mask)
+    env_y = testing.forward_envelope(batch, params)
+    env_dz, env_dm0 = testing.adjoint_envelope(batch, grad, dict(params, masked=masked))
+    _assert_close(y, want_y, env_y, dt, z.shape[1])
+    _assert_close(tz.grad, want_dz, env_dz, dt, z.shape[1])
+    bound = testing.tolerance(env_dm0, dt, _steps(z.shape[1])).sum() + 1e-12 * env_dm0.sum()
+    assert abs(float(m0.grad) - float(want_dm0.sum())) <= bound
+
+
+@pytest.mark.parametrize("masked", ["hold", "zero"])
+def test_cuda_packed_matches_the_rust_core(masked):
+    rng = np.random.default_rng(3)
+    lengths = rng.integers(0, 3000, 40)
+    lengths[5] = 0
+    cu = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    values = rng.normal(0.0, 0.3, int(cu[-1])).astype(np.float32)
+    mask = rng.random(values.shape) < 0.85
+    grad = rng.normal(size=values.shape).astype(np.float32)
+    want_y = kpo_rs.kalman_filter_packed(values, cu, mask, masked=masked, p0=math.inf)
+    want_dz, _ = kpo_rs.kalman_filter_packed_adjoint(grad, cu, mask, masked=masked, p0=math.inf)
+
+    tv = torch.from_numpy(values).cuda().requires_grad_(True)
+    y = torch_ops.kalman_filter_packed(
+        tv, torch.from_numpy(cu).cuda(), torch.from_numpy(mask).cuda(), masked=masked, p0=math.inf
+    )
+    y.backward(torch.from_numpy(grad).cuda())
+    batch = testing.PackedBatch(values, cu, mask)
+    params = {"p0": math.inf, "m0": 0.0, "masked": masked}
+    env_y = testing.forward_envelope(batch, params)
+    env_dz, _ = testing.adjoint_envelope(batch, grad, params)
+    _assert_close(y, want_y, env_y, np.dtype(np.float32), int(lengths.max()))
+    _assert_close(tv.grad, want_dz, env_dz, np.dtype(np.float32), int(lengths.max()))
+
+
+def test_tf32_matmuls_do_not_lower_precision():
+    """With TF32 allowed the scan avoids matmuls (10-bit mantissas would cost ~1e-3 relative)."""
+    z, mask = _batch(16, 4096, np.float32, holes=True, seed=4)
+    want = kpo_rs.kalman_filter(z, mask)
+    old = torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        y = torch_ops.kalman_filter(torch.from_numpy(z).cuda(), torch.from_numpy(mask).cuda())
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old
+    env = testing.forward_envelope(testing.PaddedBatch(z, mask), {"m0": 0.0})
+    _assert_close(y, want, env, np.dtype(np.float32), z.shape[1])
+
+
+@pytest.mark.parametrize("length", [32_768, 262_144])
+def test_cuda_float32_accuracy_on_long_rows(length):
+    """Same bound as the CPU test of the scan on long rows: 1e-5 of the largest |z|."""
+    rng = np.random.default_rng(5)
+    z64 = rng.normal(0.0, 0.5, (2, length)) + 0.01 * np.sin(np.arange(length) / 500)
+    z32 = z64.astype(np.float32)
+    for params in ({}, {"p0": math.inf, "q": 1e-5}, {"q": math.inf}):
+        want = kpo_rs.kalman_filter(z32.astype(np.float64), **params)
+        got = torch_ops.kalman_filter(torch.from_numpy(z32).cuda(), **params).cpu().numpy()
+        err = float(np.max(np.abs(got - want)))
+        assert err <= 1e-5 * float(np.max(np.abs(z64))), (params, err)
+
+
+def test_compile_fullgraph_on_cuda_matches_eager():
+    def loss_fn(logp, old_logp, adv, mask, m0):
+        x = torch_ops.kalman_filter(logp - old_logp, mask, q=1e-3, p0=math.inf, m0=m0)
+        return -(adv.unsqueeze(-1) * torch.exp(x) * mask).sum() / mask.sum()
+
+    gen = torch.Generator().manual_seed(6)
+    logp = (torch.randn(8, 700, generator=gen, dtype=torch.float64) * 0.1).cuda()
+    old = logp + (torch.randn(8, 700, generator=gen, dtype=torch.float64) * 0.05).cuda()
+    adv = torch.randn(8, generator=gen, dtype=torch.float64).cuda()
+    mask = (torch.rand(8, 700, generator=gen) < 0.9).cuda()
+    results = []
+    for fn in (loss_fn, torch.compile(loss_fn, fullgraph=True)):
+        lp = logp.clone().requires_grad_(True)
+        m0 = torch.zeros((), dtype=torch.float64, device="cuda", requires_grad=True)
+        loss = fn(lp, old, adv, mask, m0)
+        loss.backward()
+        results.append((loss.detach(), lp.grad, m0.grad))
+    for eager, compiled in zip(*results):
+        torch.testing.assert_close(compiled, eager, rtol=1e-12, atol=1e-14)
+
+
+def test_cu_seqlens_may_stay_on_the_cpu():
+    values = torch.randn(300, device="cuda")
+    cu_cpu = torch.tensor([0, 100, 300])
+    a = torch_ops.kalman_filter_packed(values, cu_cpu)
+    b = torch_ops.kalman_filter_packed(values, cu_cpu.cuda())
+    assert a.device == values.device
+    assert torch.equal(a, b)
+
+
+def test_mask_on_another_device_is_refused():
+    with pytest.raises(ValueError, match="mask is on cpu, z on cuda"):
+        z = torch.zeros(2, 3, device="cuda")
+        torch_ops.kalman_filter(z, torch.ones(2, 3, dtype=torch.bool))
+
+
+def test_rust_backend_refuses_cuda_tensors():
+    with pytest.raises(ValueError, match="needs CPU tensors"):
+        torch_ops.kalman_filter(torch.zeros(2, 3, device="cuda"), backend="rust")
+
+
+def test_losses_on_cuda_match_the_cpu():
+    """The KPO-clipped loss and its gradient: CUDA (scan) against CPU (Rust core), float64."""
+    from kpo_rs import losses
+
+    gen = torch.Generator().manual_seed(8)
+    old = -torch.rand(6, 500, generator=gen, dtype=torch.float64) * 3
+    logp = old + torch.randn(6, 500, generator=gen, dtype=torch.float64) * 0.05
+    adv = torch.randn(6, 1, generator=gen, dtype=torch.float64).expand(6, 500)
+    mask = torch.rand(6, 500, generator=gen) < 0.9
+    out = []
+    for device in ("cpu", "cuda"):
+        lp = logp.to(device).clone().requires_grad_(True)
+        loss = losses.kpo_clipped_loss(old.to(device), lp, adv.to(device), mask.to(device))[0]
+        loss.backward()
+        out.append((loss.detach().cpu(), lp.grad.cpu()))
+    torch.testing.assert_close(out[1][0], out[0][0], rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(out[1][1], out[0][1], rtol=1e-10, atol=1e-14)
