@@ -85,6 +85,9 @@ def _params(**params: Any) -> tuple[float, ...]:
     """The filter parameters as floats, in the order given; TypeError naming a non-number."""
     out = []
     for name, value in params.items():
+        if type(value) is float:  # the common case, checked first
+            out.append(value)
+            continue
         if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.number)):
             raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
         if isinstance(value, np.complexfloating):

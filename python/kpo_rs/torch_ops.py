@@ -101,9 +101,11 @@ def _m0_on(m0: float | torch.Tensor, like: torch.Tensor) -> float | torch.Tensor
     return m0
 
 
+@functools.lru_cache(maxsize=64)
 def _check_ranges(q: float, r: float, p0: float) -> None:
     """Raises ValueError naming a variance out of range (the core's own check, for every backend;
-    called inside the ops, where torch.compile does not trace)."""
+    called inside the ops, where torch.compile does not trace). Accepted values are remembered;
+    a failure is raised again on every call (lru_cache keeps no exceptions)."""
     _core.gains(0, q, r, p0)
 
 
@@ -127,7 +129,9 @@ def _narrow(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def _numpy(t: torch.Tensor | None) -> np.ndarray | None:
-    return None if t is None else t.detach().cpu().numpy()
+    if t is None:
+        return None
+    return t.detach().numpy() if t.device.type == "cpu" else t.detach().cpu().numpy()
 
 
 def _gains(n: int, q: float, r: float, p0: float, device: torch.device) -> _scan.GainTable:
@@ -174,8 +178,11 @@ def _packed_rows(cu: np.ndarray):
 
 
 def _to_torch(arrays: tuple[np.ndarray, ...], like: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """numpy results as tensors with ``like``'s device and dtype."""
-    return tuple(torch.from_numpy(a).to(device=like.device, dtype=like.dtype) for a in arrays)
+    """numpy results as tensors with ``like``'s device and dtype (no copy where they match)."""
+    out = tuple(torch.from_numpy(a) for a in arrays)
+    if like.device.type == "cpu" and all(t.dtype == like.dtype for t in out):
+        return out
+    return tuple(t.to(device=like.device, dtype=like.dtype) for t in out)
 
 
 def _check_scan(witness: torch.Tensor, name: str, inputs, read, rows) -> None:
@@ -393,6 +400,14 @@ _packed_op.register_autograd(_backward_packed, setup_context=_setup_packed)
 # dispatcher's per-call cost (the custom ops serve torch.compile)
 
 
+def _needs_graph(values: torch.Tensor, m0: float | torch.Tensor) -> bool:
+    """Whether the call must record an autograd node (else the forward runs directly, which is
+    cheaper: the detached log-ratio of the default KPO loss is filtered this way)."""
+    if not torch.is_grad_enabled():
+        return False
+    return values.requires_grad or (isinstance(m0, torch.Tensor) and m0.requires_grad)
+
+
 class _PaddedFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, z, mask, m0, q, r, p0, masked, backend):
@@ -462,6 +477,8 @@ def kalman_filter(
     m0 = _check_m0(m0)
     if torch.compiler.is_compiling():
         return _filter_op(z, mask, _m0_tensor(m0, z), q, r, p0, masked, backend)
+    if not _needs_graph(z, m0):
+        return _forward_padded(z, mask, m0, q, r, p0, masked, backend)
     return _PaddedFunction.apply(z, mask, m0, q, r, p0, masked, backend)
 
 
@@ -504,4 +521,6 @@ def kalman_filter_packed(
         return _packed_op(
             values, cu_seqlens, mask, _m0_tensor(m0, values), q, r, p0, masked, backend
         )
+    if not _needs_graph(values, m0):
+        return _forward_packed(values, cu_seqlens, mask, m0, q, r, p0, masked, backend)
     return _PackedFunction.apply(values, cu_seqlens, mask, m0, q, r, p0, masked, backend)
