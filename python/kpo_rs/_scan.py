@@ -27,12 +27,18 @@ Neither exponentiates differences of log-sums, so gains of exactly 1 (``a = 0``)
 factors and a sum of at most ``C`` terms, so the error stays within a small multiple of ``C eps``
 relative to the magnitudes involved, at any length.
 
-Rows share gains when there is no mask or under ``masked="zero"``: then ``a`` is one row,
-``[1, T]``, and each chunk's matrix is built once for the batch. Masks with holes under
-``masked="hold"`` gather per-row gains by the valid-token count ``n(t)``.
+Which rows share gains: with no mask or under ``masked="zero"`` the gains are positional, shared
+by every row (the matrix method). Under ``masked="hold"`` a row's gain index is its count of valid
+tokens ``n(t)``; the forward pass moves each row's valid values to its front, filters them with
+the shared gains and gathers the states back (a masked position takes the state of the last valid
+one), and the adjoint gathers per-row coefficients by ``n(t)`` (recursive doubling). Packed rows
+are gathered into a padded ``[rows, longest]`` batch unless that would take more than
+``PADDED_MAX_EXPANSION`` times the packed size; then they are one flat row with the carry cut at
+each row's start (``a = 0`` there).
 
-The adjoint is the same recurrence in reverse, ``lam_t = g_t + a_{t+1} lam_{t+1}``, solved by the
-same scan on flipped tensors; then ``dz_t = K_{n(t)} lam_t`` and ``dm0 = a_0 lam_0``.
+The adjoint is the same recurrence in reverse, ``lam_t = g_t + a_{t+1} lam_{t+1}``, then
+``dz_t = K_{n(t)} lam_t`` and ``dm0 = a_0 lam_0``: by recursive doubling on flipped tensors, or
+by the transposed matrices (:meth:`SharedScan.adjoint`).
 """
 
 from __future__ import annotations
