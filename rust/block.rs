@@ -4,7 +4,9 @@
 //! The time axis is walked in tiles of `TILE` positions; each tile of the block is transposed into
 //! a small buffer (`[TILE][LANES]`, position-major) so that the inner loop over lanes works on
 //! contiguous fixed-size arrays, which the compiler vectorises for whatever SIMD width the target
-//! has. No intrinsics: the same code runs everywhere.
+//! has. No intrinsics: the same code runs everywhere. The kernels take the block's rows as slices
+//! over one stretch of positions, so a long row can be cut into stretches filtered in parallel
+//! (see `filter.rs`, the split path).
 //!
 //! These kernels serve the rows that share gains: no mask, or `MaskMode::Zero` (gain index =
 //! position). Masks under `MaskMode::Hold` give each row its own gain index and use the one-row
@@ -15,27 +17,18 @@
 //! depend on how rows are grouped or on the thread count. Masked inputs never enter arithmetic
 //! that reaches an output: lanes select, they do not multiply by zero.
 
-use crate::filter::{Gains, Real};
+use crate::filter::Real;
 
 /// Rows per block.
 pub const LANES: usize = 16;
 /// Positions per tile.
 const TILE: usize = 64;
 
-/// Copies `rows` rows of `src` (row stride `time`) at positions `t0 .. t0 + len` into `buf`,
-/// position-major.
+/// Copies positions `t0 .. t0 + len` of each row into `buf`, position-major.
 #[inline(always)]
-fn load<T: Copy>(
-    buf: &mut [[T; LANES]; TILE],
-    src: &[T],
-    rows: usize,
-    time: usize,
-    t0: usize,
-    len: usize,
-) {
-    for l in 0..rows {
-        let row = &src[l * time + t0..l * time + t0 + len];
-        for (i, &v) in row.iter().enumerate() {
+fn load<T: Copy, R: AsRef<[T]>>(buf: &mut [[T; LANES]; TILE], rows: &[R], t0: usize, len: usize) {
+    for (l, row) in rows.iter().enumerate() {
+        for (i, &v) in row.as_ref()[t0..t0 + len].iter().enumerate() {
             buf[i][l] = v;
         }
     }
@@ -43,17 +36,9 @@ fn load<T: Copy>(
 
 /// The inverse of [`load`].
 #[inline(always)]
-fn store<T: Copy>(
-    buf: &[[T; LANES]; TILE],
-    dst: &mut [T],
-    rows: usize,
-    time: usize,
-    t0: usize,
-    len: usize,
-) {
-    for l in 0..rows {
-        let row = &mut dst[l * time + t0..l * time + t0 + len];
-        for (i, v) in row.iter_mut().enumerate() {
+fn store<T: Copy>(buf: &[[T; LANES]; TILE], rows: &mut [&mut [T]], t0: usize, len: usize) {
+    for (l, row) in rows.iter_mut().enumerate() {
+        for (i, v) in row[t0..t0 + len].iter_mut().enumerate() {
             *v = buf[i][l];
         }
     }
@@ -68,30 +53,29 @@ fn select<T: Copy>(cond: bool, yes: T, no: T) -> T {
     }
 }
 
-/// Forward filter of one block of `rows <= LANES` rows with shared gains (`z` and `out` hold
-/// `rows * time` values, `mask` likewise when given, read as `MaskMode::Zero`). Returns each
-/// lane's final state.
-#[allow(clippy::too_many_arguments)]
+/// Forward filter of a block of at most `LANES` rows over one stretch of positions, with shared
+/// gains (`k`, `a`: one per position of the stretch; every row slice has their length) and the
+/// states `x0` entering the stretch. With a mask, read as `MaskMode::Zero`. Returns each lane's
+/// state at the end of the stretch.
 pub fn forward_block<T: Real>(
-    z: &[T],
-    mask: Option<&[bool]>,
-    rows: usize,
-    time: usize,
-    g: &Gains<T>,
-    m0: T,
-    out: &mut [T],
+    z: &[&[T]],
+    mask: Option<&[&[bool]]>,
+    k: &[T],
+    a: &[T],
+    x0: [T; LANES],
+    out: &mut [&mut [T]],
 ) -> [T; LANES] {
-    let (k, a) = (g.k(), g.a());
-    let mut x = [m0; LANES];
+    let time = k.len();
+    let mut x = x0;
     let mut buf = [[T::ZERO; LANES]; TILE];
-    // Lanes past `rows` are never loaded: invalid.
+    // Lanes past the block's rows are never loaded: invalid.
     let mut valid = [[false; LANES]; TILE];
     let mut t0 = 0;
     while t0 < time {
         let len = TILE.min(time - t0);
-        load(&mut buf, z, rows, time, t0, len);
+        load(&mut buf, z, t0, len);
         if let Some(m) = mask {
-            load(&mut valid, m, rows, time, t0, len);
+            load(&mut valid, m, t0, len);
             for (i, (b, v)) in buf.iter_mut().zip(&valid).enumerate().take(len) {
                 let (at, kt) = (a[t0 + i], k[t0 + i]);
                 for l in 0..LANES {
@@ -109,23 +93,23 @@ pub fn forward_block<T: Real>(
                 }
             }
         }
-        store(&buf, out, rows, time, t0, len);
+        store(&buf, out, t0, len);
         t0 += len;
     }
     x
 }
 
-/// Adjoint of [`forward_block`]: writes `dz` and returns each lane's `d m0`. With a mask, the
-/// gradient at masked positions is not read.
+/// Adjoint of [`forward_block`] over one stretch, from a zero adjoint after its end: writes `dz`
+/// and returns each lane's `a_0 lam_0` (the gradient with respect to the state entering the
+/// stretch). With a mask, the gradient at masked positions is not read.
 pub fn adjoint_block<T: Real>(
-    grad: &[T],
-    mask: Option<&[bool]>,
-    rows: usize,
-    time: usize,
-    g: &Gains<T>,
-    dz: &mut [T],
+    grad: &[&[T]],
+    mask: Option<&[&[bool]]>,
+    k: &[T],
+    a: &[T],
+    dz: &mut [&mut [T]],
 ) -> [T; LANES] {
-    let (k, a) = (g.k(), g.a());
+    let time = k.len();
     let mut lam = [T::ZERO; LANES];
     let mut buf = [[T::ZERO; LANES]; TILE];
     let mut valid = [[false; LANES]; TILE];
@@ -133,9 +117,9 @@ pub fn adjoint_block<T: Real>(
     while end > 0 {
         let len = TILE.min(end);
         let t0 = end - len;
-        load(&mut buf, grad, rows, time, t0, len);
+        load(&mut buf, grad, t0, len);
         if let Some(m) = mask {
-            load(&mut valid, m, rows, time, t0, len);
+            load(&mut valid, m, t0, len);
             for (i, (b, v)) in buf.iter_mut().zip(&valid).enumerate().take(len).rev() {
                 let (at, kt) = (a[t0 + i], k[t0 + i]);
                 for l in 0..LANES {
@@ -154,7 +138,7 @@ pub fn adjoint_block<T: Real>(
                 }
             }
         }
-        store(&buf, dz, rows, time, t0, len);
+        store(&buf, dz, t0, len);
         end = t0;
     }
     lam

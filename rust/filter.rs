@@ -22,7 +22,8 @@
 
 use rayon::prelude::*;
 
-use crate::block::{adjoint_block, forward_block, LANES};
+use crate::block::LANES;
+use crate::stretch::{adjoint_blocks, forward_blocks};
 use std::fmt;
 use std::ops::{Add, Mul};
 
@@ -31,6 +32,7 @@ pub trait Real:
     Copy + Send + Sync + PartialEq + Add<Output = Self> + Mul<Output = Self> + 'static
 {
     const ZERO: Self;
+    const ONE: Self;
     /// Rounds an `f64` to this type.
     fn from_f64(v: f64) -> Self;
     fn to_f64(self) -> f64;
@@ -39,6 +41,7 @@ pub trait Real:
 
 impl Real for f32 {
     const ZERO: Self = 0.0;
+    const ONE: Self = 1.0;
     #[inline(always)]
     fn from_f64(v: f64) -> Self {
         v as f32
@@ -55,6 +58,7 @@ impl Real for f32 {
 
 impl Real for f64 {
     const ZERO: Self = 0.0;
+    const ONE: Self = 1.0;
     #[inline(always)]
     fn from_f64(v: f64) -> Self {
         v
@@ -502,39 +506,23 @@ pub fn filter_padded<T: Real>(
             }
         );
     }
-    let block = LANES * time;
-    over_rows!(
-        total,
-        out.chunks_mut(block).zip(values.chunks(block)),
-        flat_map,
-        out.par_chunks_mut(block).zip(values.par_chunks(block)),
-        flat_map_iter,
-        |(b, (o, z)): (usize, (&mut [T], &[T]))| {
-            let rows = z.len() / time;
-            let m = mask.map(|m| &m[b * block..b * block + rows * time]);
-            let last = forward_block(z, m, rows, time, gains, m0, o);
-            block_failures(&last, rows, |l| {
-                first_bad(
-                    &z[l * time..(l + 1) * time],
-                    m.map(|m| &m[l * time..(l + 1) * time]),
-                )
-            })
-            .into_iter()
-            .map(move |(l, f)| (b * LANES + l, f))
-        }
-    )
+    let finals = forward_blocks(values, mask, time, gains, m0, out, total >= SERIAL_BELOW);
+    report(block_failures(&finals, batch, |row| {
+        let at = row * time..(row + 1) * time;
+        first_bad(&values[at.clone()], mask.map(|m| &m[at]))
+    }))
 }
 
-/// The rows of a block whose final value is not finite, with the cause found by `locate`.
+/// The first row (lowest index) of `batch` whose block-path result (`per_block`, one value per
+/// lane) is not finite, with the cause found by `locate`.
 fn block_failures<T: Real>(
-    last: &[T; LANES],
-    rows: usize,
+    per_block: &[[T; LANES]],
+    batch: usize,
     locate: impl Fn(usize) -> RowFault,
-) -> Vec<(usize, RowFault)> {
-    (0..rows)
-        .filter(|&l| !last[l].is_finite())
-        .map(|l| (l, locate(l)))
-        .collect()
+) -> Option<(usize, RowFault)> {
+    (0..batch)
+        .find(|&row| !per_block[row / LANES][row % LANES].is_finite())
+        .map(|row| (row, locate(row)))
 }
 
 /// An enumerated item of the adjoint's row or block iterators: `(index, ((dvalues, grad), dm0))`.
@@ -587,36 +575,15 @@ pub fn adjoint_padded<T: Real>(
             }
         );
     }
-    let block = LANES * time;
-    over_rows!(
-        total,
-        dvalues
-            .chunks_mut(block)
-            .zip(grad.chunks(block))
-            .zip(dm0.chunks_mut(LANES)),
-        flat_map,
-        dvalues
-            .par_chunks_mut(block)
-            .zip(grad.par_chunks(block))
-            .zip(dm0.par_chunks_mut(LANES)),
-        flat_map_iter,
-        |(b, ((d, gr), dm)): RowItem<'_, T, &mut [T]>| {
-            let rows = gr.len() / time;
-            let m = mask.map(|m| &m[b * block..b * block + rows * time]);
-            let last = adjoint_block(gr, m, rows, time, gains, d);
-            dm.copy_from_slice(&last[..rows]);
-            // Only "zero" masks reach the block kernel (see above); it does not read masked `grad`.
-            let read_mask = m;
-            block_failures(&last, rows, |l| {
-                first_bad(
-                    &gr[l * time..(l + 1) * time],
-                    read_mask.map(|m| &m[l * time..(l + 1) * time]),
-                )
-            })
-            .into_iter()
-            .map(move |(l, f)| (b * LANES + l, f))
-        }
-    )
+    let per_block = adjoint_blocks(grad, mask, time, gains, dvalues, total >= SERIAL_BELOW);
+    for (dm, lanes) in dm0.chunks_mut(LANES).zip(&per_block) {
+        dm.copy_from_slice(&lanes[..dm.len()]);
+    }
+    // Only "zero" masks reach the block path (see above); it does not read masked `grad`.
+    report(block_failures(&per_block, batch, |row| {
+        let at = row * time..(row + 1) * time;
+        first_bad(&grad[at.clone()], mask.map(|m| &m[at]))
+    }))
 }
 
 /// Checks `cu_seqlens` against `total` values and returns the offsets as indices.

@@ -6,6 +6,7 @@
 
 mod block;
 pub mod filter;
+mod stretch;
 
 #[cfg(feature = "python")]
 mod python;

@@ -596,3 +596,93 @@ fn arbitrary_layouts_never_panic() {
         let _ = adjoint_padded(&values, mask, b, t, &gains, mode, &mut out, &mut dm0);
     }
 }
+
+#[test]
+fn cut_rows_match_the_one_row_kernel_within_the_error_bound() {
+    // Few rows, long rows: the row-block path cuts them into stretches (see stretch.rs); the
+    // packed layout filters each row whole. Both must stay within the recurrence's bound
+    // 8 eps (L + 1) env of each other, env the running maximum of |m0| and |z| (forward) or the
+    // adjoint of |grad| (adjoint).
+    fn check<T: Real>(z: &[T], grad: &[T], m: &[bool], b: usize, t: usize, eps: f64) {
+        assert!(
+            crate::stretch::stretch_len(b, t) < t,
+            "the shape must be cut"
+        );
+        let offsets: Vec<i64> = (0..=b as i64).map(|i| i * t as i64).collect();
+        let bound = 8.0 * eps * (t as f64 + 1.0);
+        for p in [
+            FilterParams::default(),
+            params(0.5, 1.0, f64::INFINITY),
+            params(0.0, 1.0, 1.0),
+        ] {
+            let g = Gains::<T>::new(t, &p).unwrap();
+            let g64 = Gains::<f64>::new(t, &p).unwrap();
+            for mask in [None, Some(m)] {
+                let m0 = T::from_f64(-0.75);
+                let mode = MaskMode::Zero;
+                let (mut cut, mut whole) = (vec![T::ZERO; b * t], vec![T::ZERO; b * t]);
+                filter_padded(z, mask, b, t, &g, m0, mode, &mut cut).unwrap();
+                filter_packed(z, mask, &offsets, &g, m0, mode, &mut whole).unwrap();
+                for row in 0..b {
+                    let mut env = 0.75f64;
+                    for i in row * t..(row + 1) * t {
+                        if mask.map_or(true, |m| m[i]) {
+                            env = env.max(z[i].to_f64().abs());
+                        }
+                        let err = (cut[i].to_f64() - whole[i].to_f64()).abs();
+                        assert!(err <= bound * env, "forward row {row} at {i}: {err}");
+                    }
+                }
+                let (mut dcut, mut dwhole) = (vec![T::ZERO; b * t], vec![T::ZERO; b * t]);
+                let (mut mcut, mut mwhole) = (vec![T::ZERO; b], vec![T::ZERO; b]);
+                adjoint_padded(grad, mask, b, t, &g, mode, &mut dcut, &mut mcut).unwrap();
+                adjoint_packed(grad, mask, &offsets, &g, mode, &mut dwhole, &mut mwhole).unwrap();
+                let absg: Vec<f64> = grad.iter().map(|v| v.to_f64().abs()).collect();
+                let (mut env, mut env0) = (vec![0.0; b * t], vec![0.0; b]);
+                adjoint_packed(&absg, mask, &offsets, &g64, mode, &mut env, &mut env0).unwrap();
+                for i in 0..b * t {
+                    let err = (dcut[i].to_f64() - dwhole[i].to_f64()).abs();
+                    assert!(err <= bound * env[i] + 1e-300, "adjoint at {i}: {err}");
+                }
+                for row in 0..b {
+                    let err = (mcut[row].to_f64() - mwhole[row].to_f64()).abs();
+                    assert!(err <= bound * env0[row] + 1e-300, "dm0 row {row}: {err}");
+                }
+            }
+        }
+    }
+    let mut rng = Rng(37);
+    for (b, t) in [
+        (3, 4 * crate::stretch::STRETCH + 1000),
+        (17, 4 * crate::stretch::STRETCH),
+    ] {
+        let (z, m) = random_batch(&mut rng, b, t, 0.8);
+        let (grad, _) = random_batch(&mut rng, b, t, 1.0);
+        check(&z, &grad, &m, b, t, f64::EPSILON);
+        let z32: Vec<f32> = z.iter().map(|&v| v as f32).collect();
+        let g32: Vec<f32> = grad.iter().map(|&v| v as f32).collect();
+        check(&z32, &g32, &m, b, t, f32::EPSILON as f64);
+    }
+}
+
+#[test]
+fn cut_rows_do_not_depend_on_the_thread_count() {
+    let mut rng = Rng(41);
+    let (b, t) = (5, 4 * crate::stretch::STRETCH + 77);
+    let (z, m) = random_batch(&mut rng, b, t, 0.9);
+    let g = Gains::<f64>::new(t, &FilterParams::default()).unwrap();
+    let run = |threads| {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap();
+        pool.install(|| {
+            let (mut out, mut dz, mut dm0) = (vec![0.0; b * t], vec![0.0; b * t], vec![0.0; b]);
+            filter_padded(&z, Some(&m), b, t, &g, 0.3, MaskMode::Zero, &mut out).unwrap();
+            adjoint_padded(&z, None, b, t, &g, MaskMode::Zero, &mut dz, &mut dm0).unwrap();
+            (out, dz, dm0)
+        })
+    };
+    let one = run(1);
+    assert!(one == run(2) && one == run(3));
+}
