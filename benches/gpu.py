@@ -58,6 +58,7 @@ def best_seconds(fn, device: torch.device, budget: float = 1.0, max_repeats: int
 def cases(batch: int, length: int, device: torch.device) -> dict:
     import kpo_rs
     from kpo_rs import losses, torch_ops
+    from kpo_rs.bench import authors_form, torch_loop
 
     gen = torch.Generator().manual_seed(0)
     z = (torch.randn(batch, length, generator=gen) * 0.1).to(device)
@@ -66,22 +67,6 @@ def cases(batch: int, length: int, device: torch.device) -> dict:
     k64 = torch.from_numpy(kpo_rs.gains(length))
     k32 = k64.clamp(1e-6, 1 - 1e-6).float().to(device)
     k_loop = k64.float().to(device)
-
-    def authors_form():
-        c = torch.cumsum(torch.log1p(-k32), dim=-1)
-        return torch.exp(c) * torch.cumsum(k32 * z * torch.exp(torch.clamp(-c, max=80.0)), dim=-1)
-
-    def torch_loop(grad: bool):
-        zz = z.clone().requires_grad_(grad)
-        x = torch.zeros(batch, device=device)
-        outs = []
-        for t in range(length):
-            x = x + k_loop[t] * (zz[:, t] - x)
-            outs.append(x)
-        y = torch.stack(outs, dim=1)
-        if grad:
-            y.sum().backward()
-        return y
 
     def op_grad(fn):
         def run():
@@ -107,9 +92,9 @@ def cases(batch: int, length: int, device: torch.device) -> dict:
 
     return {
         "copy": lambda: z.clone(),
-        "authors' form": authors_form,
-        "torch loop": lambda: torch_loop(False),
-        "torch loop fwd+bwd": lambda: torch_loop(True),
+        "authors' form": lambda: authors_form(z, k32),
+        "torch loop": lambda: torch_loop(z, k_loop),
+        "torch loop fwd+bwd": lambda: torch_loop(z, k_loop, grad=True),
         "scan fwd": lambda: scan(z),
         "scan fwd, mask with holes": lambda: scan(z, mask),
         "scan fwd, packed": lambda: packed(z),

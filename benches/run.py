@@ -61,7 +61,7 @@ def cases(batch: int, time_len: int, dtype: str):
 
     import kpo_rs
     from kpo_rs import losses, torch_ops
-    from kpo_rs.bench import numpy_loop
+    from kpo_rs.bench import authors_form, numpy_loop, torch_loop
 
     rng = np.random.default_rng(0)
     z = rng.normal(0, 0.1, (batch, time_len)).astype(dtype)
@@ -72,23 +72,7 @@ def cases(batch: int, time_len: int, dtype: str):
     tk = torch.from_numpy(np.clip(k, 1e-6, 1 - 1e-6).astype(np.float32))
     tmask = torch.from_numpy(mask)
 
-    def authors_form():
-        zz = tz.float()
-        c = torch.cumsum(torch.log1p(-tk), dim=-1)
-        return torch.exp(c) * torch.cumsum(tk * zz * torch.exp(torch.clamp(-c, max=80.0)), dim=-1)
-
-    def torch_loop(grad: bool):
-        zz = tz.clone().requires_grad_(grad)
-        kk = torch.from_numpy(k.astype(dtype))
-        x = torch.zeros(batch, dtype=zz.dtype)
-        outs = []
-        for t in range(time_len):
-            x = x + kk[t] * (zz[:, t] - x)
-            outs.append(x)
-        y = torch.stack(outs, dim=1)
-        if grad:
-            y.sum().backward()
-        return y
+    kk = torch.from_numpy(k.astype(dtype))
 
     def simd():
         import simdkalman
@@ -120,9 +104,9 @@ def cases(batch: int, time_len: int, dtype: str):
 
     return {
         "numpy copy": lambda: z.copy(),
-        "authors' form": authors_form,
-        "torch loop": lambda: torch_loop(False),
-        "torch loop fwd+bwd": lambda: torch_loop(True),
+        "authors' form": lambda: authors_form(tz.float(), tk),
+        "torch loop": lambda: torch_loop(tz, kk),
+        "torch loop fwd+bwd": lambda: torch_loop(tz, kk, grad=True),
         "numpy loop": lambda: numpy_loop(z, k),
         "simdkalman": simd,
         "rust forward": lambda: kpo_rs.kalman_filter(z),

@@ -126,6 +126,24 @@ fn decays<T: Real>(a: &[T], time: usize, stretch: usize) -> Vec<Vec<T>> {
         .collect()
 }
 
+/// Pass 2: adds `w[i] * carry[l]` to position `i` of each row `l` of the stretch (valid
+/// positions only, under a mask; masked outputs stay 0).
+fn add_carry<T: Real>(t: &mut Task<'_, T>, w: &[T]) {
+    for (l, row) in t.out.iter_mut().enumerate() {
+        let c = t.carry[l];
+        match t.mask.get(l) {
+            None => row.iter_mut().zip(w).for_each(|(v, &wi)| *v = *v + wi * c),
+            Some(m) => {
+                for ((v, &wi), &valid) in row.iter_mut().zip(w).zip(*m) {
+                    if valid {
+                        *v = *v + wi * c;
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// Forward filter of the padded layout by row blocks (rows sharing gains: no mask, or a mask
 /// read as `MaskMode::Zero`). Returns each block's final states (one per lane).
 pub fn forward_blocks<T: Real>(
@@ -169,20 +187,7 @@ pub fn forward_blocks<T: Real>(
         if t.stretch == 0 {
             return;
         }
-        let d = &decay[t.stretch - 1];
-        for (l, row) in t.out.iter_mut().enumerate() {
-            let e = t.carry[l];
-            match t.mask.get(l) {
-                None => row.iter_mut().zip(d).for_each(|(v, &dt)| *v = *v + dt * e),
-                Some(m) => {
-                    for ((v, &dt), &valid) in row.iter_mut().zip(d).zip(*m) {
-                        if valid {
-                            *v = *v + dt * e;
-                        }
-                    }
-                }
-            }
-        }
+        add_carry(t, &decay[t.stretch - 1]);
     });
     finals
 }
@@ -242,20 +247,7 @@ pub fn adjoint_blocks<T: Real>(
         if t.stretch + 1 == n_stretches {
             return; // nothing arrives after the last stretch
         }
-        let w = &weights[t.stretch].0;
-        for (l, row) in t.out.iter_mut().enumerate() {
-            let mu = t.carry[l];
-            match t.mask.get(l) {
-                None => row.iter_mut().zip(w).for_each(|(v, &wt)| *v = *v + wt * mu),
-                Some(m) => {
-                    for ((v, &wt), &valid) in row.iter_mut().zip(w).zip(*m) {
-                        if valid {
-                            *v = *v + wt * mu;
-                        }
-                    }
-                }
-            }
-        }
+        add_carry(t, &weights[t.stretch].0);
     });
     dm0
 }

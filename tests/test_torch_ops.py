@@ -127,6 +127,19 @@ def test_packed_forward_and_backward_match_reference(backend, device, batch, par
     _check(batch, params, backend, seed, device)
 
 
+def _coefficients(rng: np.random.Generator, shape: tuple[int, ...], kind: str) -> np.ndarray:
+    """Recurrence coefficients in [0, 1): uniform, with exact zeros (gains of 1), with exact ones
+    (held states), or tiny (products underflow)."""
+    a = rng.random(shape)
+    if kind == "zeros":
+        a[rng.random(shape) < 0.3] = 0.0
+    elif kind == "ones":
+        a[rng.random(shape) < 0.7] = 1.0
+    elif kind == "tiny":
+        a = a * 1e-30
+    return a
+
+
 @pytest.mark.parametrize("shared", [False, True])
 @given(
     st.integers(0, 300),
@@ -140,13 +153,7 @@ def test_linear_scan_matches_a_sequential_loop(shared, length, chunk, seed, kind
     state), and products that underflow."""
     rows = 3
     rng = np.random.default_rng(seed)
-    a = rng.random((1 if shared else rows, length))
-    if kind == "zeros":
-        a[rng.random(a.shape) < 0.3] = 0.0
-    elif kind == "ones":
-        a[rng.random(a.shape) < 0.7] = 1.0
-    elif kind == "tiny":
-        a = a * 1e-30
+    a = _coefficients(rng, (1 if shared else rows, length), kind)
     b = rng.normal(size=(rows, length))
     want = np.zeros_like(b)
     env = np.zeros_like(b)
@@ -177,13 +184,7 @@ def test_shared_scan_forward_and_adjoint_match_loops(capacity, length, chunk, se
     bound as for linear_scan."""
     length = min(length, capacity)
     rng = np.random.default_rng(seed)
-    a = rng.random(capacity)
-    if kind == "zeros":
-        a[rng.random(a.shape) < 0.3] = 0.0
-    elif kind == "ones":
-        a[rng.random(a.shape) < 0.7] = 1.0
-    elif kind == "tiny":
-        a = a * 1e-30
+    a = _coefficients(rng, (capacity,), kind)
     k = rng.random(capacity)
     z = rng.normal(size=(5, length))
     g = rng.normal(size=(5, length))

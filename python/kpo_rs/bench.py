@@ -11,12 +11,13 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
 from . import gains, kalman_filter, kalman_filter_adjoint, kalman_filter_packed
 
-__all__ = ["best_rate", "numpy_loop", "run"]
+__all__ = ["authors_form", "best_rate", "numpy_loop", "run", "torch_loop"]
 
 
 def best_rate(fn: Callable[[], object], tokens: int, repeats: int = 7) -> float:
@@ -39,6 +40,34 @@ def numpy_loop(z: np.ndarray, k: np.ndarray) -> np.ndarray:
         x = x + kk[t] * (z[:, t] - x)
         out[:, t] = x
     return out
+
+
+def torch_loop(z: Any, k: Any, grad: bool = False) -> Any:
+    """The filter (prior 0) as a Python loop over tokens in torch, the way it is usually written:
+    ``z`` ``[batch, time]`` and ``k`` ``[time]`` tensors on one device; with ``grad``, also the
+    backward pass of the sum through autograd."""
+    import torch
+
+    zz = z.clone().requires_grad_(grad)
+    x = zz.new_zeros(zz.shape[0])
+    outs = []
+    for t in range(zz.shape[1]):
+        x = x + k[t] * (zz[:, t] - x)
+        outs.append(x)
+    y = torch.stack(outs, dim=1)
+    if grad:
+        y.sum().backward()
+    return y
+
+
+def authors_form(z: Any, k: Any) -> Any:
+    """The KPO authors' parallel form, re-derived from its description: float32,
+    ``c = cumsum(log(1 - K))``, ``x = exp(c) * cumsum(K z exp(-c))`` with ``-c`` clipped at 80
+    (``k``: the gains clipped to ``[1e-6, 1 - 1e-6]`` as they clip them)."""
+    import torch
+
+    c = torch.cumsum(torch.log1p(-k), dim=-1)
+    return torch.exp(c) * torch.cumsum(k * z * torch.exp(torch.clamp(-c, max=80.0)), dim=-1)
 
 
 def run(

@@ -65,9 +65,7 @@ Metrics = dict[str, torch.Tensor]
 def _masked_sum(values: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
     """Sum of ``values * mask`` where NaN/inf outside the mask cannot leak in. A bool mask selects
     (the same sum, without the multiplication); a numeric mask also weights."""
-    prod = torch.where(
-        mask.bool(), values, torch.zeros((), dtype=values.dtype, device=values.device)
-    )
+    prod = torch.where(mask.bool(), values, 0.0)
     if mask.dtype != torch.bool:
         prod = prod * mask
     return prod.sum() if dim is None else prod.sum(dim=dim)
@@ -283,21 +281,31 @@ def kpo_token_losses(
         metrics["dual_clipfrac"] = _masked_mean(dual.float(), mask).detach()
 
     with torch.no_grad():
+        # One count for every metric (the same values as _masked_mean / _masked_std).
+        denom = mask.sum() + 1e-8
+
+        def mean(values: torch.Tensor) -> torch.Tensor:
+            return _masked_sum(values, mask) / denom
+
+        def fraction(flags: torch.Tensor) -> torch.Tensor:
+            return (flags & mask).sum() / denom
+
         raw_ratio = torch.exp(torch.clamp(z, max=LOG_RATIO_CLAMP))
-        x_d = x.detach()
+        rt_d = rt.detach()
+        raw_mean, filtered_mean = mean(raw_ratio), mean(rt_d)
         pairs = _valid_pairs(mask)
         metrics.update(
             {
-                "clipfrac": _masked_mean(clipped.float(), mask),
-                "clipfrac_upper": _masked_mean(upper.float(), mask),
-                "clipfrac_lower": _masked_mean(lower.float(), mask),
-                "ppo_kl": _masked_mean(-z, mask),
-                "ratio_mean": _masked_mean(raw_ratio, mask),
-                "ratio_std": _masked_std(raw_ratio, mask),
-                "filtered_ratio_mean": _masked_mean(rt.detach(), mask),
-                "filtered_ratio_std": _masked_std(rt.detach(), mask),
+                "clipfrac": fraction(clipped),
+                "clipfrac_upper": fraction(upper),
+                "clipfrac_lower": fraction(lower),
+                "ppo_kl": mean(-z),
+                "ratio_mean": raw_mean,
+                "ratio_std": torch.sqrt(mean((raw_ratio - raw_mean) ** 2)),
+                "filtered_ratio_mean": filtered_mean,
+                "filtered_ratio_std": torch.sqrt(mean((rt_d - filtered_mean) ** 2)),
                 "switch_rate_raw": _switch_rate(z, mask, pairs),
-                "switch_rate_filtered": _switch_rate(x_d, mask, pairs),
+                "switch_rate_filtered": _switch_rate(x.detach(), mask, pairs),
             }
         )
     return pg_losses, metrics
