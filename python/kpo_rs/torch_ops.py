@@ -400,6 +400,15 @@ _packed_op.register_autograd(_backward_packed, setup_context=_setup_packed)
 # dispatcher's per-call cost (the custom ops serve torch.compile)
 
 
+def _check_options(
+    values: torch.Tensor, q: Any, r: Any, p0: Any, m0: Any, masked: Any, backend: Any
+) -> tuple[float | torch.Tensor, tuple[float, float, float, str, str]]:
+    """The public functions' keyword arguments, checked: ``(m0, (q, r, p0, masked, backend))``."""
+    q, r, p0 = _params(q=q, r=r, p0=p0)
+    options = (q, r, p0, _check_masked(masked), _resolve_backend(backend, values.device))
+    return _check_m0(m0), options
+
+
 def _needs_graph(values: torch.Tensor, m0: float | torch.Tensor) -> bool:
     """Whether the call must record an autograd node (else the forward runs directly, which is
     cheaper: the detached log-ratio of the default KPO loss is filtered this way)."""
@@ -471,10 +480,7 @@ def kalman_filter(
     """
     _check_values("z", z, 2, "[batch, time]")
     _check_mask(mask, z, "z")
-    q, r, p0 = _params(q=q, r=r, p0=p0)
-    masked = _check_masked(masked)
-    backend = _resolve_backend(backend, z.device)
-    m0 = _check_m0(m0)
+    m0, (q, r, p0, masked, backend) = _check_options(z, q, r, p0, m0, masked, backend)
     if torch.compiler.is_compiling():
         return _filter_op(z, mask, _m0_tensor(m0, z), q, r, p0, masked, backend)
     if not _needs_graph(z, m0):
@@ -513,10 +519,7 @@ def kalman_filter_packed(
     if cu_seqlens.dim() != 1:
         raise ValueError(f"cu_seqlens must be 1-D [batch + 1], got shape {tuple(cu_seqlens.shape)}")
     _check_mask(mask, values, "values")
-    q, r, p0 = _params(q=q, r=r, p0=p0)
-    masked = _check_masked(masked)
-    backend = _resolve_backend(backend, values.device)
-    m0 = _check_m0(m0)
+    m0, (q, r, p0, masked, backend) = _check_options(values, q, r, p0, m0, masked, backend)
     if torch.compiler.is_compiling():
         return _packed_op(
             values, cu_seqlens, mask, _m0_tensor(m0, values), q, r, p0, masked, backend
