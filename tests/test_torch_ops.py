@@ -433,12 +433,13 @@ def test_compile_fullgraph_matches_eager(backend):
         torch.testing.assert_close(compiled, eager, rtol=1e-12, atol=1e-14)
 
 
-@pytest.mark.parametrize("length", [32_768, 262_144])
+@pytest.mark.parametrize("length", [32_768, 262_144, 300_000])
 def test_scan_float32_accuracy_on_long_rows(length):
     """Error of the float32 scan against the float64 core on one long response, for the authors'
     settings, the flat prior and gains of exactly 1 (q = inf). The bound: 1e-5 of the largest |z|,
     at least 20 times the worst error measured (scripts in the closing note of the torch-op
-    issue); the authors' float32 cumsum form exceeds it past tens of thousands of tokens."""
+    issue); the authors' float32 cumsum form exceeds it past tens of thousands of tokens. Rows
+    longer than _scan.MATRIX_MAX_LENGTH use recursive doubling."""
     rng = np.random.default_rng(5)
     z64 = rng.normal(0.0, 0.5, (1, length)) + 0.01 * np.sin(np.arange(length) / 500)
     z32 = torch.from_numpy(z64.astype(np.float32))

@@ -242,11 +242,16 @@ class GainTable:
 #: Use the matrix method where the coefficients are shared (tests switch it off to exercise
 #: recursive doubling on the same inputs).
 MATRIX = True
+#: Longest rows for the matrix method. Its cached tables hold about ``2 C`` values per position
+#: of the gain table's capacity (135 MB in float32 at this length), so longer rows use recursive
+#: doubling, which keeps nothing.
+MATRIX_MAX_LENGTH = 1 << 18
 
 
-def _use_matrix(dtype: torch.dtype, device: torch.device) -> bool:
-    """The matrix method for shared coefficients, where float32 matmuls run in full precision."""
-    return MATRIX and _exact_matmul_allowed(dtype, device)
+def _use_matrix(length: int, dtype: torch.dtype, device: torch.device) -> bool:
+    """The matrix method for shared coefficients: rows up to ``MATRIX_MAX_LENGTH``, where float32
+    matmuls run in full precision."""
+    return MATRIX and length <= MATRIX_MAX_LENGTH and _exact_matmul_allowed(dtype, device)
 
 
 def reverse_scan(a: torch.Tensor, g: torch.Tensor, chunk: int = CHUNK) -> torch.Tensor:
@@ -288,7 +293,7 @@ def _fold_prior(a: torch.Tensor, b: torch.Tensor, m0: float | torch.Tensor) -> t
 def _shared_forward(table: GainTable, obs: torch.Tensor, m0: float | torch.Tensor) -> torch.Tensor:
     """The filter of observations ``obs`` ``[B, T]`` (0 where nothing is observed) with the
     shared gains: the matrix method where it applies, else recursive doubling."""
-    if _use_matrix(obs.dtype, obs.device):
+    if _use_matrix(obs.shape[-1], obs.dtype, obs.device):
         return table.plan(obs.dtype).forward(obs, m0)
     gain, keep = (t[: obs.shape[-1]] for t in table.tables(obs.dtype))
     a = keep.unsqueeze(0)
@@ -344,7 +349,7 @@ def adjoint_padded(
     if batch * length == 0:
         return g.new_zeros(g.shape), g.new_zeros(batch), g.new_zeros(batch, 0)
     shared = mask is None or masked == "zero"  # else a is per row (held where masked)
-    if shared and _use_matrix(g.dtype, g.device):
+    if shared and _use_matrix(length, g.dtype, g.device):
         dz, dm0 = table.plan(g.dtype).adjoint(_observations(g, mask))
         if mask is not None:
             dz = torch.where(mask, dz, 0.0)
