@@ -29,13 +29,10 @@ PARAMS = [
 ]
 
 
-def _steps(length: int) -> int:
-    depth = max(1, math.ceil(math.log(max(length, 1)) / math.log(_scan.CHUNK)))
-    return length + 4 * _scan.CHUNK * depth
-
-
 def _assert_close(got: torch.Tensor, want: np.ndarray, env: np.ndarray, dtype, length: int):
-    testing.assert_filter_close(got.detach().cpu().numpy(), want, env, dtype, _steps(length))
+    testing.assert_filter_close(
+        got.detach().cpu().numpy(), want, env, dtype, _scan.error_steps(length)
+    )
 
 
 def _batch(batch: int, length: int, dtype, holes: bool, seed: int):
@@ -74,7 +71,9 @@ def test_cuda_scan_matches_the_rust_core(dtype, holes, masked, params):
     env_dz, env_dm0 = testing.adjoint_envelope(batch, grad, dict(params, masked=masked))
     _assert_close(y, want_y, env_y, dt, z.shape[1])
     _assert_close(tz.grad, want_dz, env_dz, dt, z.shape[1])
-    bound = testing.tolerance(env_dm0, dt, _steps(z.shape[1])).sum() + 1e-12 * env_dm0.sum()
+    bound = (
+        testing.tolerance(env_dm0, dt, _scan.error_steps(z.shape[1])).sum() + 1e-12 * env_dm0.sum()
+    )
     assert abs(float(m0.grad) - float(want_dm0.sum())) <= bound
 
 

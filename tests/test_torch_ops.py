@@ -53,13 +53,8 @@ def _scan_method(backend: str):
 GRAD_BACKEND_DEVICES = [("reference", "cpu"), *BACKEND_DEVICES]
 
 
-def _scan_steps(length: int) -> int:
-    depth = max(1, math.ceil(math.log(max(length, 1)) / math.log(_scan.CHUNK)))
-    return length + 4 * _scan.CHUNK * depth
-
-
 def _steps(backend: str, length: int) -> int:
-    return _scan_steps(length) if backend == "scan" else length
+    return _scan.error_steps(length) if backend == "scan" else length
 
 
 def _t(a: np.ndarray | None, device: str = "cpu") -> torch.Tensor | None:

@@ -43,6 +43,8 @@ by the transposed matrices (:meth:`SharedScan.adjoint`).
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -50,6 +52,14 @@ import torch.nn.functional as F
 #: the work per token is about C multiply-adds per level, and the depth is log_C(T) levels. 64
 #: keeps float32 errors near 1e-6 relative and the matmuls large enough to use the hardware well.
 CHUNK = 64
+
+
+def error_steps(length: int, chunk: int = CHUNK) -> int:
+    """The row length to give ``kpo_rs.testing.tolerance`` for the scan's results on rows of
+    ``length``: the recurrence's ``L`` steps plus ``4 C`` per level of recursion (each level rounds
+    a product of at most ``C`` factors, a sum of at most ``C`` terms and one fix-up)."""
+    depth = max(1, math.ceil(math.log(max(length, 1)) / math.log(chunk)))
+    return length + 4 * chunk * depth
 
 
 def _exact_matmul_allowed(dtype: torch.dtype, device: torch.device) -> bool:

@@ -76,12 +76,6 @@ def _masked_mean(values: torch.Tensor, mask: torch.Tensor, dim: int | None = Non
     return _masked_sum(values, mask, dim) / (count + 1e-8)
 
 
-def _masked_std(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Population standard deviation over the valid entries."""
-    mean = _masked_mean(values, mask)
-    return torch.sqrt(_masked_mean((values - mean) ** 2, mask))
-
-
 def agg_loss(
     loss_mat: torch.Tensor,
     loss_mask: torch.Tensor,
@@ -281,7 +275,8 @@ def kpo_token_losses(
         metrics["dual_clipfrac"] = _masked_mean(dual.float(), mask).detach()
 
     with torch.no_grad():
-        # One count for every metric (the same values as _masked_mean / _masked_std).
+        # One count for every metric (the same values as _masked_mean); standard deviations are
+        # the population ones, about the means already computed.
         denom = mask.sum() + 1e-8
 
         def mean(values: torch.Tensor) -> torch.Tensor:
