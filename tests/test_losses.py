@@ -76,7 +76,7 @@ def test_kpo_hand_checked():
     # KPO-clipped clips both ratios to 1 + 4e-4.
     loss, m = losses.kpo_clipped_loss(old, logp, adv, mask, q=0.0, p0=math.inf)
     assert float(loss) == pytest.approx(-1.0004, rel=1e-12)
-    assert float(m["clipfrac_upper"]) == 1.0 and float(m["clipfrac_lower"]) == 0.0
+    assert float(m["pg_clipfrac_upper"]) == 1.0 and float(m["pg_clipfrac_lower"]) == 0.0
     # The authors' settings barely move the ratio off 1 at the start of a response.
     loss, _ = losses.kpo_loss(old, logp, adv, mask)
     assert float(loss) == pytest.approx(-1.0, abs=1e-5)
@@ -182,9 +182,9 @@ def test_rollout_weights_and_metrics():
     pg, _ = losses.kpo_token_losses(old, logp, adv, mask, clip=losses.KPO_CLIP)
     assert torch.allclose(loss_w, losses.agg_loss(pg * w, mask, "token-mean"))
     for key in (
-        "clipfrac",
-        "clipfrac_upper",
-        "clipfrac_lower",
+        "pg_clipfrac",
+        "pg_clipfrac_upper",
+        "pg_clipfrac_lower",
         "ppo_kl",
         "ratio_mean",
         "ratio_std",

@@ -85,7 +85,7 @@ def test_kpo_trainer_runs_and_learns(tmp_path, loss_type):
     assert logs, trainer.state.log_history
     for entry in logs:
         assert math.isfinite(entry["loss"])
-        for key in ("kpo/filtered_ratio_mean", "kpo/switch_rate_raw", "kpo/clipfrac"):
+        for key in ("kpo/filtered_ratio_mean", "kpo/switch_rate_raw", "kpo/pg_clipfrac"):
             assert key in entry and math.isfinite(entry[key]), (key, entry)
     # The second iteration over a batch is off-policy: some raw ratio differs from 1.
     assert any(abs(e["kpo/ratio_std"]) > 0 for e in logs)

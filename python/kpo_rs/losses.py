@@ -291,9 +291,9 @@ def kpo_token_losses(
         pairs = _valid_pairs(mask)
         metrics.update(
             {
-                "clipfrac": fraction(clipped),
-                "clipfrac_upper": fraction(upper),
-                "clipfrac_lower": fraction(lower),
+                "pg_clipfrac": fraction(clipped),
+                "pg_clipfrac_upper": fraction(upper),
+                "pg_clipfrac_lower": fraction(lower),
                 "ppo_kl": mean(-z),
                 "ratio_mean": raw_mean,
                 "ratio_std": torch.sqrt(mean((raw_ratio - raw_mean) ** 2)),
@@ -352,10 +352,11 @@ def kpo_loss(
         backend: filter backend (see :mod:`kpo_rs.torch_ops`).
 
     Returns:
-        ``(loss, metrics)``; metrics: ``clipfrac`` (any clipping active), ``clipfrac_upper``,
-        ``clipfrac_lower``, ``dual_clipfrac`` (with ``clip_ratio_c``), ``ppo_kl`` (mean of
-        ``old_logp - logp``), ``ratio_mean/std`` (raw), ``filtered_ratio_mean/std``,
-        ``switch_rate_raw/filtered`` (sign changes of the log-ratio between adjacent valid tokens).
+        ``(loss, metrics)``; metrics: ``pg_clipfrac`` (any clipping active), ``pg_clipfrac_upper``,
+        ``pg_clipfrac_lower`` (verl's names), ``dual_clipfrac`` (with ``clip_ratio_c``),
+        ``ppo_kl`` (mean of ``old_logp - logp``), ``ratio_mean/std`` (raw),
+        ``filtered_ratio_mean/std``, ``switch_rate_raw/filtered`` (sign changes of the
+        log-ratio between adjacent valid tokens).
     """
     _check_agg(loss_agg_mode)
     pg_losses, metrics = kpo_token_losses(

@@ -119,12 +119,10 @@ def _run(
         global_batch_info=global_batch_info,
         **settings(),
     )
-    out = {
-        "actor/pg_clipfrac": float(metrics.pop("clipfrac")),
-        "actor/ppo_kl": float(metrics.pop("ppo_kl")),
-        "actor/pg_clipfrac_lower": float(metrics["clipfrac_lower"]),
-    }
-    out.update({f"actor/kpo/{k}": float(v) for k, v in metrics.items()})
+    # verl's own names pass through as they are; the KPO-specific metrics go under actor/kpo/.
+    verl_names = ("pg_clipfrac", "ppo_kl", "pg_clipfrac_lower")
+    out = {f"actor/{k}": float(metrics[k]) for k in verl_names}
+    out.update({f"actor/kpo/{k}": float(v) for k, v in metrics.items() if k not in verl_names})
     return loss, out
 
 
