@@ -6,18 +6,18 @@
 //! contiguous fixed-size arrays, which the compiler vectorises for whatever SIMD width the target
 //! has. No intrinsics: the same code runs everywhere. The kernels take the block's rows as slices
 //! over one stretch of positions, so a long row can be cut into stretches filtered in parallel
-//! (see `filter.rs`, the split path).
+//! (see `stretch.rs`).
 //!
 //! These kernels serve the rows that share gains: no mask, or `MaskMode::Zero` (gain index =
 //! position). Masks under `MaskMode::Hold` give each row its own gain index and use the one-row
-//! kernels of `filter.rs`.
+//! kernels of `row.rs`.
 //!
 //! Every lane performs exactly the operations of the one-row kernels, in the same order
 //! (`a * x + k * z`, no fused multiply-add), so results are bitwise identical to them and do not
 //! depend on how rows are grouped or on the thread count. Masked inputs never enter arithmetic
 //! that reaches an output: lanes select, they do not multiply by zero.
 
-use crate::filter::Real;
+use crate::types::Real;
 
 /// Rows per block.
 pub const LANES: usize = 16;

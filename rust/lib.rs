@@ -1,12 +1,18 @@
 //! kpo-rs: the causal Kalman filter of KPO (Kalman-filtered policy optimization) and its exact
 //! adjoint, for padded and packed batches of token sequences.
 //!
-//! [`filter`] is the pure-Rust core. With the `python` feature (enabled by maturin) this crate is
-//! also the Python extension module `kpo_rs._core`, defined in `python.rs`.
+//! [`filter`] is the pure-Rust core's public face. The modules stack without cycles, each using
+//! only those listed before it: `types` (shared types, parameters, errors, gains), `row` (one-row
+//! kernels), `block` (row-block tile kernels), `stretch` (the row-block path, long rows cut into
+//! stretches), `filter` (layout checks and dispatch). With the `python` feature (enabled by
+//! maturin) this crate is also the Python extension module `kpo_rs._core`, defined in
+//! `python.rs`. See `docs/design.md`, "Rust core".
 
 mod block;
 pub mod filter;
+mod row;
 mod stretch;
+mod types;
 
 #[cfg(feature = "python")]
 mod python;

@@ -4,50 +4,52 @@
 //! takes read-only views of the numpy inputs (copying only arrays that are not C-contiguous), runs
 //! the kernel of [`crate::filter`] with the GIL released, and returns new arrays. Every failure is
 //! a `ValueError` or `TypeError` whose message names the argument; inputs are never written.
+//!
+//! Errors of the core become Python exceptions in one place (`From<FilterError> for PyErr`, with
+//! the core's own message); dtypes are dispatched by extracting the typed enums [`Floats`] and
+//! [`Offsets`].
 
 use numpy::{
-    dtype, Element, PyArray1, PyArrayDescrMethods, PyArrayDyn, PyArrayMethods, PyReadonlyArrayDyn,
-    PyUntypedArray, PyUntypedArrayMethods,
+    Element, PyArray1, PyArrayDyn, PyArrayMethods, PyReadonlyArrayDyn, PyUntypedArray,
+    PyUntypedArrayMethods,
 };
 use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
 
 use crate::filter::{self, FilterError, FilterParams, Gains, MaskMode, Offset, Real};
 
-/// Which argument carries the sequence values, for error messages.
-#[derive(Clone, Copy)]
-enum Role {
-    Forward,
-    Adjoint,
-}
-
-impl Role {
-    fn arg(self) -> &'static str {
-        match self {
-            Role::Forward => "values",
-            Role::Adjoint => "grad",
-        }
+/// Every error of the core is a `ValueError` carrying the core's message, which names the
+/// argument (see `docs/design.md`, "Errors").
+impl From<FilterError> for PyErr {
+    fn from(err: FilterError) -> PyErr {
+        PyValueError::new_err(err.to_string())
     }
 }
 
-fn to_py_err(err: FilterError, role: Role) -> PyErr {
-    match err {
-        FilterError::NonFinite { row, pos } => PyValueError::new_err(format!(
-            "{}: non-finite value at row {row}, position {pos}",
-            role.arg()
-        )),
-        FilterError::Overflow { row } => PyValueError::new_err(format!(
-            "{}: the result overflowed in row {row} although every input is finite",
-            role.arg()
-        )),
-        other => PyValueError::new_err(other.to_string()),
-    }
+/// A float array of either supported dtype.
+#[derive(FromPyObject)]
+enum Floats<'py> {
+    F32(Bound<'py, PyArrayDyn<f32>>),
+    F64(Bound<'py, PyArrayDyn<f64>>),
+}
+
+/// A `cu_seqlens` array of either supported dtype.
+#[derive(FromPyObject)]
+enum Offsets<'py> {
+    I32(Bound<'py, PyArrayDyn<i32>>),
+    I64(Bound<'py, PyArrayDyn<i64>>),
 }
 
 fn type_name(obj: &Bound<'_, PyAny>) -> String {
     obj.get_type()
         .name()
         .map_or_else(|_| "?".to_owned(), |n| n.to_string())
+}
+
+fn dtype_str(arr: &Bound<'_, PyUntypedArray>) -> String {
+    arr.dtype()
+        .str()
+        .map_or_else(|_| "?".to_owned(), |s| s.to_string())
 }
 
 /// `obj` as an ndarray of `ndim` dimensions.
@@ -73,14 +75,24 @@ fn as_ndarray<'a, 'py>(
     Ok(arr)
 }
 
-fn has_dtype<T: Element>(arr: &Bound<'_, PyUntypedArray>) -> bool {
-    arr.dtype().is_equiv_to(&dtype::<T>(arr.py()))
+/// The float array `arr` by dtype, else a TypeError naming `arg`.
+fn floats<'py>(arg: &str, arr: &Bound<'py, PyUntypedArray>) -> PyResult<Floats<'py>> {
+    arr.extract().map_err(|_| {
+        PyTypeError::new_err(format!(
+            "{arg} must have dtype float32 or float64, got {}",
+            dtype_str(arr)
+        ))
+    })
 }
 
-fn dtype_str(arr: &Bound<'_, PyUntypedArray>) -> String {
-    arr.dtype()
-        .str()
-        .map_or_else(|_| "?".to_owned(), |s| s.to_string())
+/// The offsets array `arr` by dtype, else a TypeError.
+fn offsets<'py>(arr: &Bound<'py, PyUntypedArray>) -> PyResult<Offsets<'py>> {
+    arr.extract().map_err(|_| {
+        PyTypeError::new_err(format!(
+            "cu_seqlens must have dtype int32 or int64, got {}",
+            dtype_str(arr)
+        ))
+    })
 }
 
 /// The elements of an input array in C (row-major) order: a read-only view of numpy's buffer
@@ -104,12 +116,9 @@ impl<T: Element> Elems<'_, T> {
 
 fn read<'py, T: Element + Copy>(
     arg: &str,
-    arr: &Bound<'py, PyUntypedArray>,
+    arr: &Bound<'py, PyArrayDyn<T>>,
 ) -> PyResult<Elems<'py, T>> {
-    let typed = arr.cast::<PyArrayDyn<T>>().map_err(|_| {
-        PyTypeError::new_err(format!("{arg} has an unsupported dtype {}", dtype_str(arr)))
-    })?;
-    let ro = typed
+    let ro = arr
         .try_readonly()
         .map_err(|e| PyValueError::new_err(format!("{arg} cannot be read: {e}")))?;
     if arr.is_c_contiguous() && ro.as_slice().is_ok() {
@@ -120,7 +129,7 @@ fn read<'py, T: Element + Copy>(
 }
 
 /// A new zero-filled numpy array of `len` elements (numpy's allocator: calloc, so pages are only
-/// touched by the kernel that fills them), and a writable view of it for the kernel.
+/// touched by the kernel that fills them).
 fn output<T: Element>(py: Python<'_>, len: usize) -> Bound<'_, PyArray1<T>> {
     PyArray1::<T>::zeros(py, len, false)
 }
@@ -144,7 +153,7 @@ fn parse_mode(masked: &str) -> PyResult<MaskMode> {
 
 fn params(q: f64, r: f64, p0: f64) -> PyResult<FilterParams> {
     let p = FilterParams { q, r, p0 };
-    p.validate().map_err(|e| to_py_err(e, Role::Forward))?;
+    p.validate()?;
     Ok(p)
 }
 
@@ -158,12 +167,9 @@ fn read_mask<'py>(
         return Ok(None);
     };
     let arr = as_ndarray("mask", obj, shape.len(), "like values")?;
-    if !has_dtype::<bool>(arr) {
-        return Err(PyTypeError::new_err(format!(
-            "mask must have dtype bool, got {}",
-            dtype_str(arr)
-        )));
-    }
+    let typed = arr.cast::<PyArrayDyn<bool>>().map_err(|_| {
+        PyTypeError::new_err(format!("mask must have dtype bool, got {}", dtype_str(arr)))
+    })?;
     if arr.shape() != shape {
         return Err(PyValueError::new_err(format!(
             "mask shape {:?} differs from {values_arg} shape {:?}",
@@ -171,43 +177,7 @@ fn read_mask<'py>(
             shape
         )));
     }
-    read("mask", arr).map(Some)
-}
-
-/// Dispatches on the float dtype of `arr` (float32 or float64), else raises TypeError.
-macro_rules! by_float_dtype {
-    ($arr:expr, $arg:expr, $f:ident ( $($a:expr),* )) => {{
-        let arr = $arr;
-        if has_dtype::<f32>(arr) {
-            $f::<f32>($($a),*)
-        } else if has_dtype::<f64>(arr) {
-            $f::<f64>($($a),*)
-        } else {
-            Err(PyTypeError::new_err(format!(
-                "{} must have dtype float32 or float64, got {}",
-                $arg,
-                dtype_str(arr)
-            )))
-        }
-    }};
-}
-
-/// Dispatches on the integer dtype of `cu_seqlens` (int32 or int64), else raises TypeError:
-/// `by_offset_dtype!(cu, f[T](args))` calls `f::<T, i32>(args)` or `f::<T, i64>(args)`.
-macro_rules! by_offset_dtype {
-    ($arr:expr, $f:ident [ $($t:ty),* ] ( $($a:expr),* )) => {{
-        let arr = $arr;
-        if has_dtype::<i32>(arr) {
-            $f::<$($t,)* i32>($($a),*)
-        } else if has_dtype::<i64>(arr) {
-            $f::<$($t,)* i64>($($a),*)
-        } else {
-            Err(PyTypeError::new_err(format!(
-                "cu_seqlens must have dtype int32 or int64, got {}",
-                dtype_str(arr)
-            )))
-        }
-    }};
+    read("mask", typed).map(Some)
 }
 
 /// `K_0 .. K_{n-1}` as a float64 array `[n]`.
@@ -222,19 +192,17 @@ fn gains<'py>(
     let n = usize::try_from(n)
         .map_err(|_| PyValueError::new_err(format!("n must be >= 0, got {n}")))?;
     let p = params(q, r, p0)?;
-    let k = py
-        .detach(|| filter::gains(n, &p))
-        .map_err(|e| to_py_err(e, Role::Forward))?;
+    let k = py.detach(|| filter::gains(n, &p))?;
     Ok(PyArray1::from_vec(py, k))
 }
 
-fn padded_shape(arr: &Bound<'_, PyUntypedArray>) -> (usize, usize) {
+fn padded_shape<T: Element>(arr: &Bound<'_, PyArrayDyn<T>>) -> (usize, usize) {
     let s = arr.shape();
     (s[0], s[1])
 }
 
 fn filter_padded_typed<'py, T: Real + Element>(
-    arr: &Bound<'py, PyUntypedArray>,
+    arr: &Bound<'py, PyArrayDyn<T>>,
     mask: Option<Elems<'py, bool>>,
     p: FilterParams,
     m0: f64,
@@ -242,7 +210,7 @@ fn filter_padded_typed<'py, T: Real + Element>(
 ) -> PyResult<Bound<'py, PyAny>> {
     let py = arr.py();
     let (batch, time) = padded_shape(arr);
-    let values = read::<T>("values", arr)?;
+    let values = read("values", arr)?;
     let (z, m) = (values.as_slice(), mask.as_ref().map(Elems::as_slice));
     let out = output::<T>(py, z.len());
     let mut rw = out.readwrite();
@@ -250,8 +218,7 @@ fn filter_padded_typed<'py, T: Real + Element>(
     py.detach(|| {
         let g = Gains::<T>::new(time, &p)?;
         filter::filter_padded(z, m, batch, time, &g, T::from_f64(m0), mode, o)
-    })
-    .map_err(|e| to_py_err(e, Role::Forward))?;
+    })?;
     drop(rw);
     Ok(out.reshape([batch, time])?.into_any())
 }
@@ -273,20 +240,23 @@ fn filter_padded<'py>(
     let mode = parse_mode(masked)?;
     let p = params(q, r, p0)?;
     let m = read_mask(mask, arr.shape(), "values")?;
-    by_float_dtype!(arr, "values", filter_padded_typed(arr, m, p, m0, mode))
+    match floats("values", arr)? {
+        Floats::F32(a) => filter_padded_typed(&a, m, p, m0, mode),
+        Floats::F64(a) => filter_padded_typed(&a, m, p, m0, mode),
+    }
 }
 
 type Pair<'py> = (Bound<'py, PyAny>, Bound<'py, PyAny>);
 
 fn adjoint_padded_typed<'py, T: Real + Element>(
-    arr: &Bound<'py, PyUntypedArray>,
+    arr: &Bound<'py, PyArrayDyn<T>>,
     mask: Option<Elems<'py, bool>>,
     p: FilterParams,
     mode: MaskMode,
 ) -> PyResult<Pair<'py>> {
     let py = arr.py();
     let (batch, time) = padded_shape(arr);
-    let grad = read::<T>("grad", arr)?;
+    let grad = read("grad", arr)?;
     let (gr, m) = (grad.as_slice(), mask.as_ref().map(Elems::as_slice));
     let (dz, dm0) = (output::<T>(py, gr.len()), output::<T>(py, batch));
     let (mut rw_dz, mut rw_dm0) = (dz.readwrite(), dm0.readwrite());
@@ -294,8 +264,7 @@ fn adjoint_padded_typed<'py, T: Real + Element>(
     py.detach(|| {
         let g = Gains::<T>::new(time, &p)?;
         filter::adjoint_padded(gr, m, batch, time, &g, mode, d, dm)
-    })
-    .map_err(|e| to_py_err(e, Role::Adjoint))?;
+    })?;
     drop((rw_dz, rw_dm0));
     Ok((dz.reshape([batch, time])?.into_any(), dm0.into_any()))
 }
@@ -315,25 +284,20 @@ fn adjoint_padded<'py>(
     let mode = parse_mode(masked)?;
     let p = params(q, r, p0)?;
     let m = read_mask(mask, arr.shape(), "grad")?;
-    by_float_dtype!(arr, "grad", adjoint_padded_typed(arr, m, p, mode))
+    match floats("grad", arr)? {
+        Floats::F32(a) => adjoint_padded_typed(&a, m, p, mode),
+        Floats::F64(a) => adjoint_padded_typed(&a, m, p, mode),
+    }
 }
 
 /// Reads `cu_seqlens`, checks it against `total` values, and returns it with the longest segment.
 fn read_offsets<'py, O: Offset + Element>(
-    arr: &Bound<'py, PyUntypedArray>,
+    arr: &Bound<'py, PyArrayDyn<O>>,
     total: usize,
 ) -> PyResult<(Elems<'py, O>, usize)> {
-    let offsets = read::<O>("cu_seqlens", arr)?;
-    let idx = filter::check_offsets(offsets.as_slice(), total)
-        .map_err(|e| to_py_err(e, Role::Forward))?;
+    let offsets = read("cu_seqlens", arr)?;
+    let idx = filter::check_offsets(offsets.as_slice(), total)?;
     Ok((offsets, filter::max_segment(&idx)))
-}
-
-fn longest_segment<O: Offset + Element>(
-    arr: &Bound<'_, PyUntypedArray>,
-    total: usize,
-) -> PyResult<usize> {
-    read_offsets::<O>(arr, total).map(|(_, longest)| longest)
 }
 
 /// Checks `cu_seqlens` `[batch + 1]` (int32/int64) against `total` values; returns the length of
@@ -343,20 +307,24 @@ fn check_offsets(cu_seqlens: &Bound<'_, PyAny>, total: i64) -> PyResult<usize> {
     let total = usize::try_from(total)
         .map_err(|_| PyValueError::new_err(format!("total must be >= 0, got {total}")))?;
     let cu = as_ndarray("cu_seqlens", cu_seqlens, 1, "[batch + 1]")?;
-    by_offset_dtype!(cu, longest_segment[](cu, total))
+    let longest = match offsets(cu)? {
+        Offsets::I32(c) => read_offsets(&c, total)?.1,
+        Offsets::I64(c) => read_offsets(&c, total)?.1,
+    };
+    Ok(longest)
 }
 
 fn filter_packed_typed<'py, T: Real + Element, O: Offset + Element>(
-    arr: &Bound<'py, PyUntypedArray>,
-    cu: &Bound<'py, PyUntypedArray>,
+    arr: &Bound<'py, PyArrayDyn<T>>,
+    cu: &Bound<'py, PyArrayDyn<O>>,
     mask: Option<Elems<'py, bool>>,
     p: FilterParams,
     m0: f64,
     mode: MaskMode,
 ) -> PyResult<Bound<'py, PyAny>> {
     let py = arr.py();
-    let values = read::<T>("values", arr)?;
-    let (offsets, longest) = read_offsets::<O>(cu, values.as_slice().len())?;
+    let values = read("values", arr)?;
+    let (offsets, longest) = read_offsets(cu, values.as_slice().len())?;
     let (z, m, cu) = (
         values.as_slice(),
         mask.as_ref().map(Elems::as_slice),
@@ -368,21 +336,9 @@ fn filter_packed_typed<'py, T: Real + Element, O: Offset + Element>(
     py.detach(|| {
         let g = Gains::<T>::new(longest, &p)?;
         filter::filter_packed(z, m, cu, &g, T::from_f64(m0), mode, o)
-    })
-    .map_err(|e| to_py_err(e, Role::Forward))?;
+    })?;
     drop(rw);
     Ok(out.into_any())
-}
-
-fn filter_packed_float<'py, T: Real + Element>(
-    arr: &Bound<'py, PyUntypedArray>,
-    cu: &Bound<'py, PyUntypedArray>,
-    mask: Option<Elems<'py, bool>>,
-    p: FilterParams,
-    m0: f64,
-    mode: MaskMode,
-) -> PyResult<Bound<'py, PyAny>> {
-    by_offset_dtype!(cu, filter_packed_typed[T](arr, cu, mask, p, m0, mode))
 }
 
 /// Filters packed sequences `values` `[total]` split by `cu_seqlens` `[batch + 1]`; returns
@@ -405,19 +361,24 @@ fn filter_packed<'py>(
     let mode = parse_mode(masked)?;
     let p = params(q, r, p0)?;
     let m = read_mask(mask, arr.shape(), "values")?;
-    by_float_dtype!(arr, "values", filter_packed_float(arr, cu, m, p, m0, mode))
+    match (floats("values", arr)?, offsets(cu)?) {
+        (Floats::F32(a), Offsets::I32(c)) => filter_packed_typed(&a, &c, m, p, m0, mode),
+        (Floats::F32(a), Offsets::I64(c)) => filter_packed_typed(&a, &c, m, p, m0, mode),
+        (Floats::F64(a), Offsets::I32(c)) => filter_packed_typed(&a, &c, m, p, m0, mode),
+        (Floats::F64(a), Offsets::I64(c)) => filter_packed_typed(&a, &c, m, p, m0, mode),
+    }
 }
 
 fn adjoint_packed_typed<'py, T: Real + Element, O: Offset + Element>(
-    arr: &Bound<'py, PyUntypedArray>,
-    cu: &Bound<'py, PyUntypedArray>,
+    arr: &Bound<'py, PyArrayDyn<T>>,
+    cu: &Bound<'py, PyArrayDyn<O>>,
     mask: Option<Elems<'py, bool>>,
     p: FilterParams,
     mode: MaskMode,
 ) -> PyResult<Pair<'py>> {
     let py = arr.py();
-    let grad = read::<T>("grad", arr)?;
-    let (offsets, longest) = read_offsets::<O>(cu, grad.as_slice().len())?;
+    let grad = read("grad", arr)?;
+    let (offsets, longest) = read_offsets(cu, grad.as_slice().len())?;
     let (gr, m, cu) = (
         grad.as_slice(),
         mask.as_ref().map(Elems::as_slice),
@@ -430,20 +391,9 @@ fn adjoint_packed_typed<'py, T: Real + Element, O: Offset + Element>(
     py.detach(|| {
         let g = Gains::<T>::new(longest, &p)?;
         filter::adjoint_packed(gr, m, cu, &g, mode, d, dm)
-    })
-    .map_err(|e| to_py_err(e, Role::Adjoint))?;
+    })?;
     drop((rw_dz, rw_dm0));
     Ok((dz.into_any(), dm0.into_any()))
-}
-
-fn adjoint_packed_float<'py, T: Real + Element>(
-    arr: &Bound<'py, PyUntypedArray>,
-    cu: &Bound<'py, PyUntypedArray>,
-    mask: Option<Elems<'py, bool>>,
-    p: FilterParams,
-    mode: MaskMode,
-) -> PyResult<Pair<'py>> {
-    by_offset_dtype!(cu, adjoint_packed_typed[T](arr, cu, mask, p, mode))
 }
 
 /// Adjoint of `filter_packed`: returns `(dvalues [total], dm0 [batch])`.
@@ -464,7 +414,12 @@ fn adjoint_packed<'py>(
     let mode = parse_mode(masked)?;
     let p = params(q, r, p0)?;
     let m = read_mask(mask, arr.shape(), "grad")?;
-    by_float_dtype!(arr, "grad", adjoint_packed_float(arr, cu, m, p, mode))
+    match (floats("grad", arr)?, offsets(cu)?) {
+        (Floats::F32(a), Offsets::I32(c)) => adjoint_packed_typed(&a, &c, m, p, mode),
+        (Floats::F32(a), Offsets::I64(c)) => adjoint_packed_typed(&a, &c, m, p, mode),
+        (Floats::F64(a), Offsets::I32(c)) => adjoint_packed_typed(&a, &c, m, p, mode),
+        (Floats::F64(a), Offsets::I64(c)) => adjoint_packed_typed(&a, &c, m, p, mode),
+    }
 }
 
 #[pymodule]

@@ -11,15 +11,15 @@
 //!
 //! The stretch length is a function of the shape alone, so the results do not depend on the
 //! number of threads. The packed layout filters each row whole, so packed and padded results are
-//! bitwise equal for uncut shapes and equal within the bound below for cut ones. Uncut rows get exactly the arithmetic of the one-row kernels; cut rows add
-//! one rounding of `D(t) e` per position, whose error (the product `D` has at most `STRETCH`
-//! factors) stays within the recurrence's error bound of `8 eps (L + 1)` relative to the running
-//! maximum of the inputs.
+//! bitwise equal for uncut shapes and equal within the bound below for cut ones. Uncut rows get
+//! exactly the arithmetic of the one-row kernels; cut rows add one rounding of `D(t) e` per
+//! position, whose error (the product `D` has at most `STRETCH` factors) stays within the
+//! recurrence's error bound of `8 eps (L + 1)` relative to the running maximum of the inputs (`docs/design.md`, "Tolerances").
 
 use rayon::prelude::*;
 
 use crate::block::{adjoint_block, forward_block, LANES};
-use crate::filter::{Gains, Real};
+use crate::types::{Gains, Real};
 
 /// Length of the stretches long rows are cut into.
 pub const STRETCH: usize = 16384;

@@ -27,7 +27,7 @@ fn params(q: f64, r: f64, p0: f64) -> FilterParams {
     FilterParams { q, r, p0 }
 }
 
-/// One row straight from DESIGN.md section 2, in f64, with its own gain loop.
+/// One row straight from the equations of `docs/design.md` ("Equations"), in f64, with its own gain loop.
 fn naive_row(
     z: &[f64],
     mask: Option<&[bool]>,
@@ -339,14 +339,39 @@ fn non_finite_values_name_the_first_failing_row_and_position() {
     z[3 * t + 1] = f64::NAN;
     let mut out = vec![0.0; b * t];
     let err = filter_padded(&z, None, b, t, &g, 0.0, MaskMode::Hold, &mut out).unwrap_err();
-    assert_eq!(err, FilterError::NonFinite { row: 2, pos: 6 });
+    assert_eq!(
+        err,
+        FilterError::NonFinite {
+            arg: "values",
+            row: 2,
+            pos: 6
+        }
+    );
+    assert_eq!(
+        err.to_string(),
+        "values: non-finite value at row 2, position 6"
+    );
     let mut m = vec![true; b * t];
     m[2 * t + 6] = false;
     let err = filter_padded(&z, Some(&m), b, t, &g, 0.0, MaskMode::Zero, &mut out).unwrap_err();
-    assert_eq!(err, FilterError::NonFinite { row: 3, pos: 1 });
+    assert_eq!(
+        err,
+        FilterError::NonFinite {
+            arg: "values",
+            row: 3,
+            pos: 1
+        }
+    );
     let (mut dz, mut dm0) = (vec![0.0; b * t], vec![0.0; b]);
     let err = adjoint_padded(&z, None, b, t, &g, MaskMode::Hold, &mut dz, &mut dm0).unwrap_err();
-    assert_eq!(err, FilterError::NonFinite { row: 2, pos: 6 });
+    assert_eq!(
+        err,
+        FilterError::NonFinite {
+            arg: "grad",
+            row: 2,
+            pos: 6
+        }
+    );
     let offsets = [0i32, 3, 3, 40];
     let err = filter_packed(
         &z,
@@ -366,6 +391,7 @@ fn non_finite_values_name_the_first_failing_row_and_position() {
     assert_eq!(
         err,
         FilterError::NonFinite {
+            arg: "values",
             row: 2,
             pos: 2 * t + 6 - 3
         }
@@ -475,7 +501,17 @@ fn overflow_with_finite_inputs_is_reported_as_such() {
     let grad = vec![f32::MAX; 4];
     let (mut dz, mut dm0) = (vec![0.0; 4], vec![0.0; 1]);
     let err = adjoint_padded(&grad, None, 1, 4, &g, MaskMode::Hold, &mut dz, &mut dm0).unwrap_err();
-    assert_eq!(err, FilterError::Overflow { row: 0 });
+    assert_eq!(
+        err,
+        FilterError::Overflow {
+            arg: "grad",
+            row: 0
+        }
+    );
+    assert_eq!(
+        err.to_string(),
+        "grad: the result overflowed in row 0 although every input is finite"
+    );
 }
 
 #[test]
@@ -550,13 +586,27 @@ fn a_failing_row_inside_a_later_block_is_found() {
     z[38 * t + 2] = f32::INFINITY;
     let mut out = vec![0.0; b * t];
     let err = filter_padded(&z, None, b, t, &g, 0.0, MaskMode::Hold, &mut out).unwrap_err();
-    assert_eq!(err, FilterError::NonFinite { row: 35, pos: 66 });
+    assert_eq!(
+        err,
+        FilterError::NonFinite {
+            arg: "values",
+            row: 35,
+            pos: 66
+        }
+    );
     let mut m = vec![true; b * t];
     m[35 * t + 66] = false;
     let (mut dz, mut dm0) = (vec![0.0; b * t], vec![0.0; b]);
     let err =
         adjoint_padded(&z, Some(&m), b, t, &g, MaskMode::Zero, &mut dz, &mut dm0).unwrap_err();
-    assert_eq!(err, FilterError::NonFinite { row: 38, pos: 2 });
+    assert_eq!(
+        err,
+        FilterError::NonFinite {
+            arg: "grad",
+            row: 38,
+            pos: 2
+        }
+    );
 }
 
 /// A deterministic sweep of arbitrary layouts (the fuzz target's inputs, in miniature): every call
