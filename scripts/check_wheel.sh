@@ -1,28 +1,37 @@
 #!/usr/bin/env bash
-# Builds the abi3 wheel and the sdist with maturin, installs the wheel into a fresh virtual
-# environment that has only numpy, and runs a smoke test there (outside the source tree, so the
-# installed package is what gets imported). Also checks the sdist's contents and the metadata.
+# Smoke-tests the release wheel: builds it and the sdist with scripts/build_wheels.sh (into dist/,
+# or $KPO_DIST; the abi3 manylinux2014 x86_64 wheel, its tag confirmed by auditwheel), checks the
+# sdist's contents, installs the wheel into a fresh virtual environment that has only numpy, and
+# runs a smoke test there (outside the source tree, so the installed package is what gets
+# imported), metadata included.
+#
+# Usage: scripts/check_wheel.sh [WHEEL]   (with WHEEL, that wheel is tested and nothing is built)
 set -euo pipefail
 
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 venv=${KPO_VENV:-$root/.venv}
+dist=${KPO_DIST:-$root/dist}
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 cd "$root"
 
-"$venv/bin/maturin" build --release --quiet --out "$work/dist"
-"$venv/bin/maturin" sdist --out "$work/dist" >/dev/null
-wheel=$(ls "$work"/dist/*.whl)
-sdist=$(ls "$work"/dist/*.tar.gz)
-echo "check_wheel: built $(basename "$wheel") and $(basename "$sdist")"
+if [ $# -ge 1 ]; then
+    wheel=$(realpath "$1")
+    [ -f "$wheel" ] || { echo "check_wheel: no such wheel: $1" >&2; exit 2; }
+else
+    KPO_DIST=$dist bash scripts/build_wheels.sh
+    wheel=$(ls "$dist"/kpo_rs-*.whl)
+    sdist=$(ls "$dist"/kpo_rs-*.tar.gz)
+    listing=$(tar -tzf "$sdist")
+    for f in pyproject.toml Cargo.toml Cargo.lock rust/filter.rs rust/python.rs python/kpo_rs/__init__.py; do
+        grep -qx "[^/]*/$f" <<<"$listing" || { echo "check_wheel: sdist lacks $f" >&2; exit 1; }
+    done
+    echo "check_wheel: the sdist $(basename "$sdist") holds the sources"
+fi
 case "$(basename "$wheel")" in
-    *-cp39-abi3-manylinux*_x86_64.whl|*-cp39-abi3-manylinux*_aarch64.whl) ;;
+    *-cp39-abi3-*manylinux*_x86_64*.whl|*-cp39-abi3-*manylinux*_aarch64*.whl) ;;
     *) echo "check_wheel: expected an abi3 manylinux wheel, got $(basename "$wheel")" >&2; exit 1 ;;
 esac
-listing=$(tar -tzf "$sdist")
-for f in pyproject.toml Cargo.toml Cargo.lock rust/filter.rs rust/python.rs python/kpo_rs/__init__.py; do
-    grep -qx "[^/]*/$f" <<<"$listing" || { echo "check_wheel: sdist lacks $f" >&2; exit 1; }
-done
 
 python3 -m venv "$work/venv"
 "$venv/bin/uv" pip install --quiet --python "$work/venv/bin/python" numpy "$wheel"

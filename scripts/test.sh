@@ -23,7 +23,7 @@ step "ruff"
 "$venv/bin/ruff" format --check python tests benches examples
 step "cargo test"
 cargo test --release --quiet
-step "wheel and sdist"
+step "wheel (abi3, manylinux2014, built once with zig) and sdist"
 bash scripts/check_wheel.sh
 step "pytest"
 if [ -n "${CI:-}" ]; then export HYPOTHESIS_PROFILE=${HYPOTHESIS_PROFILE:-ci}; fi
