@@ -1,11 +1,12 @@
 """The benchmark table: every fast path of kpo-rs against its baselines, measured in one run.
 
-For each shape, dtype and thread count it prints throughput (tokens per second, best of several
-repeats) and ratios against baselines measured in the same process:
+For each shape, dtype and thread count it prints throughput (tokens per second: the best and the
+median of repeated calls, ``kpo_rs.bench.best_rate``) and the best's ratios against baselines
+measured in the same process:
 
 - ``numpy copy``: a copy of the array, the memory-speed limit;
-- ``authors' form``: the KPO authors' parallel form re-derived from its description (float32 torch,
-  ``c = cumsum(log(1 - K))``, ``x = exp(c) * cumsum(K z exp(-c))`` with ``-c`` clipped at 80);
+- ``authors' form``: the KPO authors' parallel form re-derived from its description
+  (``kpo_rs.bench.authors_form``: float32 torch, gains clipped as theirs are);
 - ``torch loop``: a Python loop over tokens in torch (forward; forward+backward with autograd);
 - ``numpy loop``: a loop over time vectorised over the batch;
 - ``simdkalman``: a generic Kalman library (small shapes only: it runs at ~0.25 M tokens/s);
@@ -28,7 +29,6 @@ import os
 import platform
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -41,22 +41,6 @@ SLOW_TOKEN_LIMIT = {
     "simdkalman": 300_000,
     "numpy loop": 20_000_000,
 }
-
-
-def best_rate(fn, tokens: int, budget: float = 0.6, max_repeats: int = 2000) -> float:
-    """Tokens per second of the fastest of repeated calls: as many as fit in ``budget`` seconds
-    (at least two, at most ``max_repeats``), so that fast calls get enough repeats for a stable
-    minimum on a noisy machine."""
-    fn()  # warm-up
-    best, spent, n = float("inf"), 0.0, 0
-    while n < max_repeats and (n < 2 or spent < budget):
-        t0 = time.perf_counter()
-        fn()
-        dt = time.perf_counter() - t0
-        best, spent, n = min(best, dt), spent + dt, n + 1
-        if dt > budget:
-            break
-    return tokens / best
 
 
 def cases(batch: int, time_len: int, dtype: str):
@@ -72,7 +56,7 @@ def cases(batch: int, time_len: int, dtype: str):
     cu = np.arange(batch + 1, dtype=np.int64) * time_len
     k = kpo_rs.gains(time_len)
     tz = torch.from_numpy(z)
-    tk = torch.from_numpy(np.clip(k, 1e-6, 1 - 1e-6).astype(np.float32))
+    tk = torch.from_numpy(k.astype(np.float32))
     tmask = torch.from_numpy(mask)
 
     kk = torch.from_numpy(k.astype(dtype))
@@ -133,20 +117,29 @@ def measure(shape: str, dtype: str, threads: int) -> dict:
     torch.set_num_threads(threads)
     batch, time_len = (int(v) for v in shape.split("x"))
     tokens = batch * time_len
-    rates = {}
+    from kpo_rs.bench import best_rate
+
+    rates: dict[str, float | None] = {}
+    medians: dict[str, float | None] = {}
     for name, fn in cases(batch, time_len, dtype).items():
+        rates[name] = medians[name] = None
         limit = SLOW_TOKEN_LIMIT.get(name)
         if limit is not None and tokens > limit:
-            rates[name] = None
             continue
         if name == "simdkalman":
             try:
                 import simdkalman  # noqa: F401
             except ImportError:
-                rates[name] = None
                 continue
-        rates[name] = best_rate(fn, tokens)
-    return {"shape": shape, "dtype": dtype, "threads": threads, "tokens": tokens, "rates": rates}
+        rates[name], medians[name], _ = best_rate(fn, tokens)
+    return {
+        "shape": shape,
+        "dtype": dtype,
+        "threads": threads,
+        "tokens": tokens,
+        "rates": rates,
+        "medians": medians,
+    }
 
 
 def _child(args: argparse.Namespace) -> None:
@@ -186,10 +179,10 @@ def ratio(a: float | None, b: float | None) -> str:
 
 
 def print_table(result: dict) -> None:
-    r = result["rates"]
+    r, med = result["rates"], result["medians"]
     print(f"\n{result['shape']} {result['dtype']}, {result['threads']} thread(s)")
     print(
-        f"{'case':32} {'tokens/s':>11} "
+        f"{'case':32} {'best tok/s':>11} {'median':>10} "
         + " ".join(f"{h:>10}" for h in ("x copy", "x authors", "x torch", "x numpy"))
     )
     for name, rate in r.items():
@@ -198,7 +191,10 @@ def print_table(result: dict) -> None:
             continue
         base_torch = r.get("torch loop fwd+bwd") if "fwd+bwd" in name else r.get("torch loop")
         columns = [r["numpy copy"], r["authors' form"], base_torch, r.get("numpy loop")]
-        print(f"{name:32} {rate:11.3e} " + " ".join(ratio(rate, base) for base in columns))
+        print(
+            f"{name:32} {rate:11.3e} {med[name]:10.3e} "
+            + " ".join(ratio(rate, base) for base in columns)
+        )
     op = r.get("torch op fwd (rust)")
     if op:
         print(f"torch op forward: {result['tokens'] / op * 1e6:.1f} us per call")
