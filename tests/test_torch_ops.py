@@ -8,7 +8,6 @@ at most C terms and one fix-up, about 4 C eps relative to the envelope, so its b
 
 from __future__ import annotations
 
-import contextlib
 import math
 
 import numpy as np
@@ -28,33 +27,17 @@ needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
 BACKEND_DEVICES = [
     ("rust", "cpu"),
     ("scan", "cpu"),
-    ("scan-doubling", "cpu"),
+    ("scan_doubling", "cpu"),
     pytest.param("scan", "cuda", marks=needs_cuda),
-    pytest.param("scan-doubling", "cuda", marks=needs_cuda),
+    pytest.param("scan_doubling", "cuda", marks=needs_cuda),
 ]
-
-
-@contextlib.contextmanager
-def _scan_method(backend: str):
-    """``"scan-doubling"``: the scan backend with its other method everywhere: recursive doubling
-    instead of the matrix method, packed rows as one flat row instead of a padded batch (what
-    TF32 matmuls or very uneven row lengths select). Other backends unchanged."""
-    if backend != "scan-doubling":
-        yield backend
-        return
-    saved = _scan.MATRIX, _scan.PADDED_MAX_EXPANSION
-    _scan.MATRIX, _scan.PADDED_MAX_EXPANSION = False, None
-    try:
-        yield "scan"
-    finally:
-        _scan.MATRIX, _scan.PADDED_MAX_EXPANSION = saved
 
 
 GRAD_BACKEND_DEVICES = [("reference", "cpu"), *BACKEND_DEVICES]
 
 
 def _steps(backend: str, length: int) -> int:
-    return _scan.error_steps(length) if backend == "scan" else length
+    return _scan.error_steps(length) if backend.startswith("scan") else length
 
 
 def _t(a: np.ndarray | None, device: str = "cpu") -> torch.Tensor | None:
@@ -79,8 +62,7 @@ def _run(batch, params, backend, grad, device="cpu"):
 
 def _check(batch, params, backend, seed, device="cpu"):
     grad = np.random.default_rng(seed).normal(size=batch.values.shape).astype(batch.dtype)
-    with _scan_method(backend) as backend:
-        y, dz, dm0 = _run(batch, params, backend, grad, device)
+    y, dz, dm0 = _run(batch, params, backend, grad, device)
     adj = {k: v for k, v in params.items() if k != "m0"}
     if isinstance(batch, testing.PackedBatch):
         want_y = reference.kalman_filter_packed(
@@ -232,8 +214,7 @@ def test_gradcheck_padded(backend, device, masked, p0, with_mask):
             z, mask, q=1e-2, p0=p0, m0=m0, masked=masked, backend=backend
         )
 
-    with _scan_method(backend) as backend:
-        assert torch.autograd.gradcheck(fn, (z, m0))
+    assert torch.autograd.gradcheck(fn, (z, m0))
 
 
 @pytest.mark.parametrize(("backend", "device"), GRAD_BACKEND_DEVICES)
@@ -250,22 +231,20 @@ def test_gradcheck_packed(backend, device, masked, p0, with_mask):
             v, cu, mask, q=0.1, r=2.0, p0=p0, m0=m0, masked=masked, backend=backend
         )
 
-    with _scan_method(backend) as backend:
-        assert torch.autograd.gradcheck(fn, (v, m0))
+    assert torch.autograd.gradcheck(fn, (v, m0))
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize(("backend", "device"), BACKEND_DEVICES)
 def test_half_precision_computes_in_float32(dtype, backend, device):
-    with _scan_method(backend) as backend:
-        gen = torch.Generator().manual_seed(2)
-        z = torch.randn(4, 100, generator=gen).to(device=device, dtype=dtype).requires_grad_(True)
-        y = torch_ops.kalman_filter(z, q=1e-2, backend=backend)
-        assert y.dtype == dtype
-        want = torch_ops.kalman_filter(z.detach().float(), q=1e-2, backend=backend).to(dtype)
-        assert torch.equal(y.detach(), want)
-        y.sum().backward()
-        assert z.grad.dtype == dtype
+    gen = torch.Generator().manual_seed(2)
+    z = torch.randn(4, 100, generator=gen).to(device=device, dtype=dtype).requires_grad_(True)
+    y = torch_ops.kalman_filter(z, q=1e-2, backend=backend)
+    assert y.dtype == dtype
+    want = torch_ops.kalman_filter(z.detach().float(), q=1e-2, backend=backend).to(dtype)
+    assert torch.equal(y.detach(), want)
+    y.sum().backward()
+    assert z.grad.dtype == dtype
 
 
 def test_m0_as_a_float_needs_no_gradient():
@@ -287,27 +266,26 @@ def test_non_contiguous_tensors():
 
 @pytest.mark.parametrize(("backend", "device"), BACKEND_DEVICES)
 def test_non_finite_at_a_valid_position(backend, device):
-    with _scan_method(backend) as backend:
-        z = torch.zeros(3, 80, dtype=torch.float32, device=device)
-        z[1, 70] = math.nan
-        z[2, 3] = math.inf
-        with pytest.raises(ValueError, match="values: non-finite value at row 1, position 70"):
-            torch_ops.kalman_filter(z, backend=backend)
-        mask = torch.ones(3, 80, dtype=torch.bool, device=device)
-        mask[1, 70] = False
-        with pytest.raises(ValueError, match="row 2, position 3"):
-            torch_ops.kalman_filter(z, mask, backend=backend)
-        mask[2, 3] = False
-        assert torch.isfinite(torch_ops.kalman_filter(z, mask, backend=backend)).all()
-        cu = torch.tensor([0, 100, 240], dtype=torch.int64, device=device)
-        with pytest.raises(ValueError, match="row 1, position 50"):  # flat index 150
-            torch_ops.kalman_filter_packed(z.reshape(-1), cu, backend=backend)
-        zz = z.clone().requires_grad_(True)
-        y = torch_ops.kalman_filter(zz, mask, backend=backend, masked="zero")
-        g = torch.zeros_like(y)
-        g[0, 5] = math.inf
-        with pytest.raises(ValueError, match="grad: non-finite value at row 0, position 5"):
-            y.backward(g)
+    z = torch.zeros(3, 80, dtype=torch.float32, device=device)
+    z[1, 70] = math.nan
+    z[2, 3] = math.inf
+    with pytest.raises(ValueError, match="values: non-finite value at row 1, position 70"):
+        torch_ops.kalman_filter(z, backend=backend)
+    mask = torch.ones(3, 80, dtype=torch.bool, device=device)
+    mask[1, 70] = False
+    with pytest.raises(ValueError, match="row 2, position 3"):
+        torch_ops.kalman_filter(z, mask, backend=backend)
+    mask[2, 3] = False
+    assert torch.isfinite(torch_ops.kalman_filter(z, mask, backend=backend)).all()
+    cu = torch.tensor([0, 100, 240], dtype=torch.int64, device=device)
+    with pytest.raises(ValueError, match="row 1, position 50"):  # flat index 150
+        torch_ops.kalman_filter_packed(z.reshape(-1), cu, backend=backend)
+    zz = z.clone().requires_grad_(True)
+    y = torch_ops.kalman_filter(zz, mask, backend=backend, masked="zero")
+    g = torch.zeros_like(y)
+    g[0, 5] = math.inf
+    with pytest.raises(ValueError, match="grad: non-finite value at row 0, position 5"):
+        y.backward(g)
 
 
 @pytest.mark.parametrize(
@@ -454,10 +432,10 @@ def test_registered_custom_ops_match_the_eager_path(backend):
     g = torch.randn(3, 90, dtype=torch.float64, generator=gen)
     m0 = torch.tensor(0.3, dtype=torch.float64)
     for masked in ("hold", "zero"):
-        args = (mask, m0, 1e-2, 1.0, math.inf, masked, backend)
+        args = (m0, 1e-2, 1.0, math.inf, masked, backend)
         a = z.clone().requires_grad_(True)
         b = z.clone().requires_grad_(True)
-        ya = torch.ops.kpo_rs.kalman_filter(a, *args)
+        ya = torch.ops.kpo_rs.filter(a, None, mask, *args)
         yb = torch_ops.kalman_filter(
             b, mask, q=1e-2, p0=math.inf, m0=m0, masked=masked, backend=backend
         )
@@ -466,7 +444,7 @@ def test_registered_custom_ops_match_the_eager_path(backend):
         yb.backward(g)
         assert torch.equal(a.grad, b.grad)
         cu = torch.tensor([0, 100, 100, 270])
-        pa = torch.ops.kpo_rs.kalman_filter_packed(z.reshape(-1), cu, mask.reshape(-1), *args[1:])
+        pa = torch.ops.kpo_rs.filter(z.reshape(-1), cu, mask.reshape(-1), *args)
         pb = torch_ops.kalman_filter_packed(
             z.reshape(-1),
             cu,

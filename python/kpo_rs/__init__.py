@@ -19,11 +19,13 @@ Dtypes
     float32 and float64 are computed natively (state kept in the input dtype, gains formed in
     float64 and rounded once); float16 is computed in float32 and returned as float16.
 
-Filter parameters (keyword-only; defaults are the KPO authors' settings)
-    ``q`` process-noise variance (>= 0), ``r`` observation-noise variance (> 0), ``p0`` prior
-    variance (>= 0; ``math.inf`` is the flat prior, where the first gain is 1), ``m0`` prior mean
-    (the held output before a row's first valid token). The values are in the units of the input:
-    log-ratios (nats) when filtering ``logp - old_logp``.
+Settings
+    :class:`FilterParams` (``params=``; default: the KPO authors' settings) holds ``q``
+    process-noise variance (>= 0), ``r`` observation-noise variance (> 0), ``p0`` prior variance
+    (>= 0; ``math.inf`` is the flat prior, where the first gain is 1), ``m0`` prior mean (the held
+    output before a row's first valid token) and ``masked``. The keyword arguments of the same
+    names override it for one call. Values are in the units of the input: log-ratios (nats) when
+    filtering ``logp - old_logp``. The equations and the contract: docs/design.md.
 
 ``masked``
     ``"hold"`` (default): masked positions are skipped; the state is held and output there.
@@ -36,13 +38,17 @@ masked positions are never read and may hold anything, NaN included.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+import functools
+from typing import Any
 
 import numpy as np
 
 from . import _core
+from .params import FilterParams, Masked
 
 __all__ = [
+    "FilterParams",
+    "Masked",
     "__version__",
     "gains",
     "kalman_filter",
@@ -52,14 +58,6 @@ __all__ = [
 ]
 
 __version__: str = _core.__version__
-
-Masked = Literal["hold", "zero"]
-
-#: The KPO authors' settings.
-DEFAULT_Q = 1e-6
-DEFAULT_R = 1.0
-DEFAULT_P0 = 0.0
-DEFAULT_M0 = 0.0
 
 
 def _prepare(x: Any) -> tuple[Any, np.dtype | None]:
@@ -81,25 +79,30 @@ def _prepare(x: Any) -> tuple[Any, np.dtype | None]:
     return x, None
 
 
-def _params(**params: Any) -> tuple[float, ...]:
-    """The filter parameters as floats, in the order given; TypeError naming a non-number."""
-    out = []
-    for name, value in params.items():
-        if type(value) is float:  # the common case, checked first
-            out.append(value)
-            continue
-        if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.number)):
-            raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-        if isinstance(value, np.complexfloating):
-            raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-        out.append(float(value))
-    return tuple(out)
+@functools.lru_cache(maxsize=256, typed=True)
+def _cached(params: FilterParams | None, q: Any, r: Any, p0: Any, m0: Any, masked: Any):
+    return FilterParams.resolve(params, q=q, r=r, p0=p0, m0=m0, masked=masked)
 
 
-def _check_masked(masked: Any) -> str:
-    if masked not in ("hold", "zero"):
-        raise ValueError(f"masked must be 'hold' or 'zero', got {masked!r}")
-    return masked
+def settings(
+    params: FilterParams | None = None,
+    *,
+    q: float | None = None,
+    r: float | None = None,
+    p0: float | None = None,
+    m0: float | None = None,
+    masked: Masked | None = None,
+) -> FilterParams:
+    """The settings of one call: ``params`` (default ``FilterParams()``) with the keyword
+    arguments that are not None applied, validated (TypeError/ValueError naming the argument).
+    Resolutions are cached, so the public functions pay for validation once per distinct
+    setting."""
+    try:
+        return _cached(params, q, r, p0, m0, masked)
+    except TypeError as exc:
+        if "unhashable" not in str(exc):
+            raise
+    return FilterParams.resolve(params, q=q, r=r, p0=p0, m0=m0, masked=masked)
 
 
 def _as_array(x: Any) -> Any:
@@ -114,7 +117,12 @@ def _restore(out: np.ndarray, dtype: np.dtype | None) -> np.ndarray:
 
 
 def gains(
-    n: int, *, q: float = DEFAULT_Q, r: float = DEFAULT_R, p0: float = DEFAULT_P0
+    n: int,
+    *,
+    q: float | None = None,
+    r: float | None = None,
+    p0: float | None = None,
+    params: FilterParams | None = None,
 ) -> np.ndarray:
     """The Kalman gains ``K_0 .. K_{n-1}`` of the ``n`` first valid tokens, float64 ``[n]``.
 
@@ -124,18 +132,19 @@ def gains(
     """
     if isinstance(n, bool) or not isinstance(n, (int, np.integer)):
         raise TypeError(f"n must be an int, got {type(n).__name__}")
-    return _core.gains(int(n), *_params(q=q, r=r, p0=p0))
+    return _core.gains(int(n), *settings(params, q=q, r=r, p0=p0).variances)
 
 
 def kalman_filter(
     values: np.ndarray,
     mask: np.ndarray | None = None,
     *,
-    q: float = DEFAULT_Q,
-    r: float = DEFAULT_R,
-    p0: float = DEFAULT_P0,
-    m0: float = DEFAULT_M0,
-    masked: Masked = "hold",
+    q: float | None = None,
+    r: float | None = None,
+    p0: float | None = None,
+    m0: float | None = None,
+    masked: Masked | None = None,
+    params: FilterParams | None = None,
 ) -> np.ndarray:
     """Causal Kalman filter of each row of a padded batch.
 
@@ -143,29 +152,29 @@ def kalman_filter(
         values: ``[batch, time]`` float32/float64/float16 observations ``z`` (for KPO the
             log-ratios ``logp - old_logp``).
         mask: optional ``[batch, time]`` bool, True where the token is valid.
-        q, r, p0, m0, masked: see the module documentation.
+        q, r, p0, m0, masked: overrides of ``params`` (see :class:`FilterParams`).
+        params: the settings (default ``FilterParams()``, the KPO authors').
 
     Returns:
         ``[batch, time]`` filtered states ``x`` in the dtype of ``values``; ``x`` at a valid token
         is the estimate from that row's valid tokens up to and including it.
     """
+    p = settings(params, q=q, r=r, p0=p0, m0=m0, masked=masked)
     z, dtype = _prepare(values)
-    return _restore(
-        _core.filter_padded(
-            z, _as_array(mask), *_params(q=q, r=r, p0=p0, m0=m0), _check_masked(masked)
-        ),
-        dtype,
-    )
+    out = _core.filter_padded(z, _as_array(mask), *p.variances, p.m0, p.masked)
+    return _restore(out, dtype)
 
 
 def kalman_filter_adjoint(
     grad: np.ndarray,
     mask: np.ndarray | None = None,
     *,
-    q: float = DEFAULT_Q,
-    r: float = DEFAULT_R,
-    p0: float = DEFAULT_P0,
-    masked: Masked = "hold",
+    q: float | None = None,
+    r: float | None = None,
+    p0: float | None = None,
+    m0: float | None = None,
+    masked: Masked | None = None,
+    params: FilterParams | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Adjoint (vector-Jacobian product) of :func:`kalman_filter`.
 
@@ -176,16 +185,16 @@ def kalman_filter_adjoint(
         grad: ``[batch, time]`` float32/float64/float16 upstream gradient with respect to the
             filter's output (read at every position under ``masked="hold"``, since held outputs
             depend on the state; only at valid positions under ``"zero"``).
-        mask, q, r, p0, masked: as given to the forward call.
+        mask, q, r, p0, m0, masked, params: as given to the forward call (the adjoint does not
+            depend on ``m0``; it is accepted so that one set of settings serves both).
 
     Returns:
         ``(dvalues, dm0)``: ``[batch, time]`` gradient with respect to ``values`` (zero at masked
         positions) and ``[batch]`` gradient with respect to each row's prior mean ``m0``.
     """
+    p = settings(params, q=q, r=r, p0=p0, m0=m0, masked=masked)
     g, dtype = _prepare(grad)
-    dz, dm0 = _core.adjoint_padded(
-        g, _as_array(mask), *_params(q=q, r=r, p0=p0), _check_masked(masked)
-    )
+    dz, dm0 = _core.adjoint_padded(g, _as_array(mask), *p.variances, p.masked)
     return _restore(dz, dtype), _restore(dm0, dtype)
 
 
@@ -194,11 +203,12 @@ def kalman_filter_packed(
     cu_seqlens: np.ndarray,
     mask: np.ndarray | None = None,
     *,
-    q: float = DEFAULT_Q,
-    r: float = DEFAULT_R,
-    p0: float = DEFAULT_P0,
-    m0: float = DEFAULT_M0,
-    masked: Masked = "hold",
+    q: float | None = None,
+    r: float | None = None,
+    p0: float | None = None,
+    m0: float | None = None,
+    masked: Masked | None = None,
+    params: FilterParams | None = None,
 ) -> np.ndarray:
     """Causal Kalman filter of packed sequences.
 
@@ -208,18 +218,16 @@ def kalman_filter_packed(
         cu_seqlens: ``[batch + 1]`` int32/int64 offsets, first 0, non-decreasing, last ``total``
             (empty rows are allowed).
         mask: optional ``[total]`` bool, True where the token is valid.
-        q, r, p0, m0, masked: see the module documentation.
+        q, r, p0, m0, masked: overrides of ``params`` (see :class:`FilterParams`).
+        params: the settings (default ``FilterParams()``, the KPO authors').
 
     Returns:
         ``[total]`` filtered states in the dtype of ``values``.
     """
+    p = settings(params, q=q, r=r, p0=p0, m0=m0, masked=masked)
     z, dtype = _prepare(values)
     out = _core.filter_packed(
-        z,
-        _as_array(cu_seqlens),
-        _as_array(mask),
-        *_params(q=q, r=r, p0=p0, m0=m0),
-        _check_masked(masked),
+        z, _as_array(cu_seqlens), _as_array(mask), *p.variances, p.m0, p.masked
     )
     return _restore(out, dtype)
 
@@ -229,10 +237,12 @@ def kalman_filter_packed_adjoint(
     cu_seqlens: np.ndarray,
     mask: np.ndarray | None = None,
     *,
-    q: float = DEFAULT_Q,
-    r: float = DEFAULT_R,
-    p0: float = DEFAULT_P0,
-    masked: Masked = "hold",
+    q: float | None = None,
+    r: float | None = None,
+    p0: float | None = None,
+    m0: float | None = None,
+    masked: Masked | None = None,
+    params: FilterParams | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Adjoint of :func:`kalman_filter_packed`.
 
@@ -240,12 +250,9 @@ def kalman_filter_packed_adjoint(
         ``(dvalues, dm0)``: ``[total]`` gradient with respect to ``values`` and ``[batch]``
         gradient with respect to each row's prior mean.
     """
+    p = settings(params, q=q, r=r, p0=p0, m0=m0, masked=masked)
     g, dtype = _prepare(grad)
     dz, dm0 = _core.adjoint_packed(
-        g,
-        _as_array(cu_seqlens),
-        _as_array(mask),
-        *_params(q=q, r=r, p0=p0),
-        _check_masked(masked),
+        g, _as_array(cu_seqlens), _as_array(mask), *p.variances, p.masked
     )
     return _restore(dz, dtype), _restore(dm0, dtype)

@@ -36,6 +36,9 @@ are gathered into a padded ``[rows, longest]`` batch unless that would take more
 ``PADDED_MAX_EXPANSION`` times the packed size; then they are one flat row with the carry cut at
 each row's start (``a = 0`` there).
 
+``doubling=True`` (the ``"scan_doubling"`` backend) uses recursive doubling everywhere and filters
+packed rows as one flat row: nothing is cached, and the tests run both methods on the same inputs.
+
 The adjoint is the same recurrence in reverse, ``lam_t = g_t + a_{t+1} lam_{t+1}``, then
 ``dz_t = K_{n(t)} lam_t`` and ``dm0 = a_0 lam_0``: by recursive doubling on flipped tensors, or
 by the transposed matrices (:meth:`SharedScan.adjoint`).
@@ -249,19 +252,16 @@ class GainTable:
         return self._plans[dtype]
 
 
-#: Use the matrix method where the coefficients are shared (tests switch it off to exercise
-#: recursive doubling on the same inputs).
-MATRIX = True
 #: Longest rows for the matrix method. Its cached tables hold about ``2 C`` values per position
 #: of the gain table's capacity (135 MB in float32 at this length), so longer rows use recursive
 #: doubling, which keeps nothing.
 MATRIX_MAX_LENGTH = 1 << 18
 
 
-def _use_matrix(length: int, dtype: torch.dtype, device: torch.device) -> bool:
-    """The matrix method for shared coefficients: rows up to ``MATRIX_MAX_LENGTH``, where float32
-    matmuls run in full precision."""
-    return MATRIX and length <= MATRIX_MAX_LENGTH and _exact_matmul_allowed(dtype, device)
+def _use_matrix(length: int, dtype: torch.dtype, device: torch.device, doubling: bool) -> bool:
+    """The matrix method for shared coefficients: unless ``doubling`` asks for recursive doubling
+    everywhere, rows up to ``MATRIX_MAX_LENGTH``, where float32 matmuls run in full precision."""
+    return not doubling and length <= MATRIX_MAX_LENGTH and _exact_matmul_allowed(dtype, device)
 
 
 def reverse_scan(a: torch.Tensor, g: torch.Tensor, chunk: int = CHUNK) -> torch.Tensor:
@@ -300,10 +300,12 @@ def _fold_prior(a: torch.Tensor, b: torch.Tensor, m0: float | torch.Tensor) -> t
     return b
 
 
-def _shared_forward(table: GainTable, obs: torch.Tensor, m0: float | torch.Tensor) -> torch.Tensor:
+def _shared_forward(
+    table: GainTable, obs: torch.Tensor, m0: float | torch.Tensor, doubling: bool
+) -> torch.Tensor:
     """The filter of observations ``obs`` ``[B, T]`` (0 where nothing is observed) with the
     shared gains: the matrix method where it applies, else recursive doubling."""
-    if _use_matrix(obs.shape[-1], obs.dtype, obs.device):
+    if _use_matrix(obs.shape[-1], obs.dtype, obs.device, doubling):
         return table.plan(obs.dtype).forward(obs, m0)
     gain, keep = (t[: obs.shape[-1]] for t in table.tables(obs.dtype))
     a = keep.unsqueeze(0)
@@ -311,7 +313,7 @@ def _shared_forward(table: GainTable, obs: torch.Tensor, m0: float | torch.Tenso
 
 
 def _filter_hold(
-    z: torch.Tensor, mask: torch.Tensor, m0: float | torch.Tensor, table: GainTable
+    z: torch.Tensor, mask: torch.Tensor, m0: float | torch.Tensor, table: GainTable, doubling: bool
 ) -> torch.Tensor:
     """Forward filter under ``masked="hold"`` with a mask: the state at a valid position is the
     shared-gain filter of the row's valid values so far, so each row's valid values are moved to
@@ -321,7 +323,7 @@ def _filter_hold(
     count = torch.cumsum(mask, dim=-1)  # valid values up to and including t
     slot = torch.where(mask, count - 1, length)  # masked values go to a discarded last column
     front = z.new_zeros(batch, length + 1).scatter_(1, slot, z)[:, :length]
-    filtered = _shared_forward(table, front, m0)
+    filtered = _shared_forward(table, front, m0, doubling)
     state = torch.gather(filtered, 1, (count - 1).clamp_(min=0))
     return torch.where(count > 0, state, m0)
 
@@ -332,26 +334,33 @@ def filter_padded(
     m0: float | torch.Tensor,
     table: GainTable,
     masked: str,
+    *,
+    doubling: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward filter of ``z`` ``[B, T]`` from the prior mean ``m0`` (a float or a 0-d tensor);
     returns ``(output [B, T], witness)``: the output is 0 at masked positions under
     ``masked="zero"``; the witness (each row's last state) is non-finite if and only if some
-    value read is (see ``torch_ops._check_scan``)."""
+    value read is (see ``kpo_rs.backends.scan``)."""
     batch, length = z.shape
     if batch * length == 0:
         return z.new_zeros(z.shape), z.new_zeros(batch, 0)
     if isinstance(m0, torch.Tensor):
         m0 = m0.to(z.dtype)
     if mask is not None and masked == "hold":
-        state = _filter_hold(z, mask, m0, table)
+        state = _filter_hold(z, mask, m0, table, doubling)
         return state, state[:, -1:]
-    state = _shared_forward(table, _observations(z, mask), m0)
+    state = _shared_forward(table, _observations(z, mask), m0, doubling)
     out = state if mask is None else torch.where(mask, state, 0.0)
     return out, state[:, -1:]
 
 
 def adjoint_padded(
-    g: torch.Tensor, mask: torch.Tensor | None, table: GainTable, masked: str
+    g: torch.Tensor,
+    mask: torch.Tensor | None,
+    table: GainTable,
+    masked: str,
+    *,
+    doubling: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Adjoint of :func:`filter_padded` for upstream gradient ``g`` ``[B, T]``; returns
     ``(dz [B, T], dm0 [B], witness)`` (the witness: each row's first ``dz``)."""
@@ -359,7 +368,7 @@ def adjoint_padded(
     if batch * length == 0:
         return g.new_zeros(g.shape), g.new_zeros(batch), g.new_zeros(batch, 0)
     shared = mask is None or masked == "zero"  # else a is per row (held where masked)
-    if shared and _use_matrix(length, g.dtype, g.device):
+    if shared and _use_matrix(length, g.dtype, g.device, doubling):
         dz, dm0 = table.plan(g.dtype).adjoint(_observations(g, mask))
         if mask is not None:
             dz = torch.where(mask, dz, 0.0)
@@ -417,17 +426,17 @@ def _cut_at_starts(
 
 #: Packed rows are filtered as a padded batch (gathered into ``[rows, longest]``) unless that
 #: would take more than this many times the packed size; then as one flat row with the carry cut
-#: at each row's start (per-position coefficients, recursive doubling). ``None``: always flat.
-PADDED_MAX_EXPANSION: int | None = 4
+#: at each row's start (per-position coefficients, recursive doubling).
+PADDED_MAX_EXPANSION = 4
 
 
 def _padded_slots(
-    cu_seqlens: torch.Tensor, total: int, longest: int, device: torch.device
+    cu_seqlens: torch.Tensor, total: int, longest: int, device: torch.device, doubling: bool
 ) -> torch.Tensor | None:
     """Each packed position's index in the flattened ``[rows, longest]`` padded layout, or None
-    where that layout would be too large."""
+    where that layout would be too large (or ``doubling`` asks for one flat row)."""
     rows = cu_seqlens.shape[0] - 1
-    if PADDED_MAX_EXPANSION is None or rows * longest > PADDED_MAX_EXPANSION * total + 4096:
+    if doubling or rows * longest > PADDED_MAX_EXPANSION * total + 4096:
         return None
     cu = cu_seqlens.to(device=device, dtype=torch.int64)
     starts, lengths = cu[:-1], cu[1:] - cu[:-1]
@@ -450,18 +459,20 @@ def filter_packed(
     m0: float | torch.Tensor,
     table: GainTable,
     masked: str,
+    *,
+    doubling: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward filter of packed ``values`` ``[total]`` (rows of at most ``longest`` values);
     returns ``(output [total], witness)`` as :func:`filter_padded`."""
     total = values.shape[0]
     if total == 0:
         return values.new_zeros(0), values.new_zeros(0)
-    slots = _padded_slots(cu_seqlens, total, longest, values.device)
+    slots = _padded_slots(cu_seqlens, total, longest, values.device, doubling)
     if slots is not None:
         shape = (cu_seqlens.shape[0] - 1, longest)
         padded_mask = _to_padded(mask, slots, shape)
         out, witness = filter_padded(
-            _to_padded(values, slots, shape), padded_mask, m0, table, masked
+            _to_padded(values, slots, shape), padded_mask, m0, table, masked, doubling=doubling
         )
         return out.reshape(-1)[slots], witness
     a, k, starts, _ = packed_coefficients(cu_seqlens, mask, table, total, masked, values.dtype)
@@ -483,17 +494,21 @@ def adjoint_packed(
     mask: torch.Tensor | None,
     table: GainTable,
     masked: str,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    *,
+    doubling: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Adjoint of :func:`filter_packed`; returns ``(dvalues [total], dm0 [batch], witness)``."""
     total = g.shape[0]
     batch = cu_seqlens.shape[0] - 1
     if total == 0:
         return g.new_zeros(0), g.new_zeros(batch), g.new_zeros(0)
-    slots = _padded_slots(cu_seqlens, total, longest, g.device)
+    slots = _padded_slots(cu_seqlens, total, longest, g.device, doubling)
     if slots is not None:
         shape = (batch, longest)
         padded_mask = _to_padded(mask, slots, shape)
-        dz, dm0, witness = adjoint_padded(_to_padded(g, slots, shape), padded_mask, table, masked)
+        dz, dm0, witness = adjoint_padded(
+            _to_padded(g, slots, shape), padded_mask, table, masked, doubling=doubling
+        )
         return dz.reshape(-1)[slots], dm0, witness
     a, k, starts, _ = packed_coefficients(cu_seqlens, mask, table, total, masked, g.dtype)
     cut, _ = _cut_at_starts(a, starts, total)

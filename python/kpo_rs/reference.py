@@ -1,8 +1,8 @@
 """The plain, obviously-correct filter: a loop per row, straight from the equations.
 
-This is the oracle every fast path is tested against. It follows DESIGN.md section 2 line by line,
-computes in float64 whatever the input dtype, and is slow on purpose. Use it in your own
-equivalence tests (see :mod:`kpo_rs.testing`).
+This is the oracle every fast path is tested against. It follows docs/design.md ("Equations")
+line by line, computes in float64 whatever the input dtype, and is slow on purpose. Use it in
+your own equivalence tests (see :mod:`kpo_rs.testing`).
 
 Per row, over its valid tokens ``n = 0, 1, ...``::
 
@@ -17,6 +17,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from .params import FilterParams
+
 __all__ = [
     "filter_matrix",
     "gains",
@@ -26,13 +28,18 @@ __all__ = [
     "kalman_filter_packed_adjoint",
 ]
 
+#: Defaults of the keyword arguments: the KPO authors' settings, read from FilterParams.
+_DEFAULTS = FilterParams()
+
 
 def _gain(p_prev: float, q: float, r: float) -> float:
     s = p_prev + q
     return 1.0 if math.isinf(s) else s / (s + r)
 
 
-def gains(n: int, *, q: float = 1e-6, r: float = 1.0, p0: float = 0.0) -> np.ndarray:
+def gains(
+    n: int, *, q: float = _DEFAULTS.q, r: float = _DEFAULTS.r, p0: float = _DEFAULTS.p0
+) -> np.ndarray:
     """``K_0 .. K_{n-1}``, float64 ``[n]``."""
     out = []
     p = p0
@@ -81,7 +88,7 @@ def adjoint_row(
     p0: float,
     masked: str,
 ) -> tuple[list[float], float]:
-    """One row of the adjoint loop of DESIGN.md section 2; returns ``(dz, dm0)``."""
+    """One row of the adjoint loop of docs/design.md ("Equations"); returns ``(dz, dm0)``."""
     length = len(g)
     if masked == "hold":
         steps = [_valid(mask_row, t) for t in range(length)]  # positions where n advances
@@ -111,11 +118,11 @@ def kalman_filter(
     values: np.ndarray,
     mask: np.ndarray | None = None,
     *,
-    q: float = 1e-6,
-    r: float = 1.0,
-    p0: float = 0.0,
-    m0: float = 0.0,
-    masked: str = "hold",
+    q: float = _DEFAULTS.q,
+    r: float = _DEFAULTS.r,
+    p0: float = _DEFAULTS.p0,
+    m0: float = _DEFAULTS.m0,
+    masked: str = _DEFAULTS.masked,
 ) -> np.ndarray:
     """Padded forward filter; ``[batch, time]`` in, float64 ``[batch, time]`` out."""
     values = np.asarray(values)
@@ -130,10 +137,11 @@ def kalman_filter_adjoint(
     grad: np.ndarray,
     mask: np.ndarray | None = None,
     *,
-    q: float = 1e-6,
-    r: float = 1.0,
-    p0: float = 0.0,
-    masked: str = "hold",
+    q: float = _DEFAULTS.q,
+    r: float = _DEFAULTS.r,
+    p0: float = _DEFAULTS.p0,
+    m0: float = _DEFAULTS.m0,
+    masked: str = _DEFAULTS.masked,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Padded adjoint; returns float64 ``(dvalues [batch, time], dm0 [batch])``."""
     grad = np.asarray(grad)
@@ -150,11 +158,11 @@ def kalman_filter_packed(
     cu_seqlens: np.ndarray,
     mask: np.ndarray | None = None,
     *,
-    q: float = 1e-6,
-    r: float = 1.0,
-    p0: float = 0.0,
-    m0: float = 0.0,
-    masked: str = "hold",
+    q: float = _DEFAULTS.q,
+    r: float = _DEFAULTS.r,
+    p0: float = _DEFAULTS.p0,
+    m0: float = _DEFAULTS.m0,
+    masked: str = _DEFAULTS.masked,
 ) -> np.ndarray:
     """Packed forward filter; ``[total]`` in, float64 ``[total]`` out."""
     values = np.asarray(values)
@@ -170,10 +178,11 @@ def kalman_filter_packed_adjoint(
     cu_seqlens: np.ndarray,
     mask: np.ndarray | None = None,
     *,
-    q: float = 1e-6,
-    r: float = 1.0,
-    p0: float = 0.0,
-    masked: str = "hold",
+    q: float = _DEFAULTS.q,
+    r: float = _DEFAULTS.r,
+    p0: float = _DEFAULTS.p0,
+    m0: float = _DEFAULTS.m0,
+    masked: str = _DEFAULTS.masked,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Packed adjoint; returns float64 ``(dvalues [total], dm0 [batch])``."""
     grad = np.asarray(grad)
@@ -190,10 +199,11 @@ def filter_matrix(
     mask_row: Sequence[bool] | None,
     length: int,
     *,
-    q: float = 1e-6,
-    r: float = 1.0,
-    p0: float = 0.0,
-    masked: str = "hold",
+    q: float = _DEFAULTS.q,
+    r: float = _DEFAULTS.r,
+    p0: float = _DEFAULTS.p0,
+    m0: float = _DEFAULTS.m0,
+    masked: str = _DEFAULTS.masked,
 ) -> tuple[np.ndarray, np.ndarray]:
     """One row's filter as a linear map: ``(W [length, length], c [length])`` with
     ``x = W z + c m0``, built from ``W[n, s] = K_s prod_{s<u<=n} (1 - K_u)`` over the steps.

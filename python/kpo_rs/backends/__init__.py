@@ -1,0 +1,80 @@
+"""The backends of the torch op, one module each, chosen from one table.
+
+Every backend module offers the same two entries, one per direction, for both layouts (padded
+``[batch, time]`` when ``cu_seqlens`` is None, packed ``[total]`` otherwise; see docs/design.md,
+"Backends"):
+
+``forward(values, cu_seqlens, mask, m0, params) -> Tensor``
+    ``values`` float32 or float64 (the op computes float16/bfloat16 in float32), ``mask`` bool of
+    the same shape or None, ``m0`` a float or a 0-d tensor in ``values``' dtype and device,
+    ``params`` a :class:`~kpo_rs.params.FilterParams` (its ``m0`` is ignored: ``m0`` comes apart
+    so that a tensor can carry a gradient). Returns the filtered values, same shape and dtype.
+``adjoint(grad, cu_seqlens, mask, params) -> (dvalues, dm0)``
+    The vector-Jacobian product: ``dvalues`` shaped like ``grad``, ``dm0`` ``[batch]`` (one per
+    row; the op sums them for a scalar ``m0``).
+
+``cu_seqlens`` reaches a backend validated (first 0, non-decreasing, last ``total``). Each
+backend raises ``ValueError("values: non-finite value at row R, position P")`` (``grad:`` for
+the adjoint) for a non-finite value it reads, except where its module says otherwise.
+
+The table (:data:`BACKENDS`) maps a name to its module, imported on first use so that an optional
+dependency (triton) costs nothing until it is asked for. ``"auto"`` picks ``"rust"`` on CPU,
+``"triton"`` on CUDA where triton is importable, and ``"scan"`` elsewhere.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+from types import ModuleType
+
+import torch
+
+__all__ = ["BACKENDS", "NAMES", "load", "resolve"]
+
+#: Backend name -> (module, what it needs). ``scan_doubling`` is the scan with recursive doubling
+#: everywhere and packed rows filtered as one flat row: it keeps no cached matrices (for very long
+#: rows, or to exercise that method on the inputs the matrix method would take).
+BACKENDS: dict[str, tuple[str, str]] = {
+    "rust": ("kpo_rs.backends.rust", "CPU tensors"),
+    "scan": ("kpo_rs.backends.scan", "any device"),
+    "scan_doubling": ("kpo_rs.backends.scan_doubling", "any device"),
+    "reference": ("kpo_rs.backends.reference", "CPU tensors (slow; for tests)"),
+    "triton": ("kpo_rs.backends.triton", "CUDA tensors and triton (CPU under TRITON_INTERPRET=1)"),
+}
+NAMES = ("auto", *BACKENDS)
+
+
+@functools.cache
+def load(name: str) -> ModuleType:
+    """The module of backend ``name`` (imported once)."""
+    return importlib.import_module(BACKENDS[name][0])
+
+
+@functools.lru_cache(maxsize=64)
+def _triton_usable(device: torch.device) -> bool:
+    try:
+        return bool(load("triton").available(device))
+    except ImportError:
+        return False
+
+
+def resolve(name: object, device: torch.device) -> str:
+    """The concrete backend for ``name`` on ``device``; ValueError naming ``backend`` when the
+    name is unknown or the backend cannot run there."""
+    if name == "auto":
+        if device.type == "cpu":
+            return "rust"
+        if device.type == "cuda" and _triton_usable(device):
+            return "triton"
+        return "scan"
+    if name not in BACKENDS:
+        raise ValueError(f"backend must be one of {NAMES}, got {name!r}")
+    if name in ("rust", "reference") and device.type != "cpu":
+        raise ValueError(f"backend={name!r} needs CPU tensors, got a tensor on {device}")
+    if name == "triton" and not _triton_usable(device):
+        raise ValueError(
+            f"backend='triton' cannot run on {device}: it needs CUDA tensors and triton "
+            "(pip install triton; on CPU only under TRITON_INTERPRET=1)"
+        )
+    return name

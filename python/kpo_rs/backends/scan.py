@@ -1,0 +1,81 @@
+"""The chunked parallel scan written in torch (:mod:`kpo_rs._scan`); any device.
+
+The matrix method where the gains are shared by the rows and float32 matmuls are exact, recursive
+doubling elsewhere (see :mod:`kpo_rs._scan`). The finiteness check costs one small reduction and
+one host synchronisation per call: the scan's witness (each row's last state for the forward pass,
+its first ``dz`` for the adjoint) is non-finite if and only if some value read is, because the scan
+combines values only by sums and by products with coefficients in ``[0, 1]``, and ``0 * inf`` and
+``0 * nan`` are nan (not even a gain of exactly 1 or a cut between packed rows stops one).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import _core, _scan
+from ..params import FilterParams
+from . import _non_finite
+from ._device_gains import gain_table
+
+__all__ = ["adjoint", "available", "forward"]
+
+
+def available(device: torch.device) -> bool:
+    return True
+
+
+def _longest(cu_seqlens: torch.Tensor, total: int) -> int:
+    return _core.check_offsets(cu_seqlens.detach().cpu().numpy(), total)
+
+
+def _check(witness: torch.Tensor, name: str, inputs, read, cu_seqlens) -> None:
+    if not bool(torch.isfinite(witness).all()):
+        raise _non_finite.locate(name, inputs, read, cu_seqlens)
+
+
+def forward(
+    values: torch.Tensor,
+    cu_seqlens: torch.Tensor | None,
+    mask: torch.Tensor | None,
+    m0: float | torch.Tensor,
+    params: FilterParams,
+    *,
+    doubling: bool = False,
+) -> torch.Tensor:
+    if cu_seqlens is None:
+        table = gain_table(values.shape[1], params, values.device)
+        out, witness = _scan.filter_padded(
+            values, mask, m0, table, params.masked, doubling=doubling
+        )
+    else:
+        longest = _longest(cu_seqlens, values.shape[0])
+        table = gain_table(longest, params, values.device)
+        out, witness = _scan.filter_packed(
+            values, cu_seqlens, longest, mask, m0, table, params.masked, doubling=doubling
+        )
+    _check(witness, "values", values, mask, cu_seqlens)
+    return out
+
+
+def adjoint(
+    grad: torch.Tensor,
+    cu_seqlens: torch.Tensor | None,
+    mask: torch.Tensor | None,
+    params: FilterParams,
+    *,
+    doubling: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    if cu_seqlens is None:
+        table = gain_table(grad.shape[1], params, grad.device)
+        dz, dm0, witness = _scan.adjoint_padded(grad, mask, table, params.masked, doubling=doubling)
+    else:
+        longest = _longest(cu_seqlens, grad.shape[0])
+        table = gain_table(longest, params, grad.device)
+        dz, dm0, witness = _scan.adjoint_packed(
+            grad, cu_seqlens, longest, mask, table, params.masked, doubling=doubling
+        )
+    # under "hold" every grad value is read (held outputs depend on the state); under "zero" only
+    # the valid ones
+    read = mask if params.masked == "zero" else None
+    _check(witness, "grad", grad, read, cu_seqlens)
+    return dz, dm0
