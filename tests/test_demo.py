@@ -9,7 +9,16 @@ import math
 import pytest
 
 from kpo_rs import cli
-from kpo_rs.demo import LOSS_NAMES, DemoConfig, run_demo, summary_rows, write_outputs
+from kpo_rs.demo import (
+    DemoConfig,
+    filters_ratios,
+    loss_function,
+    run_demo,
+    summary_rows,
+    table_footnote,
+    write_outputs,
+)
+from kpo_rs.loss_table import LOSS_NAMES
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -50,6 +59,7 @@ def test_every_loss_runs_and_writes_files(tmp_path):
         "reward_curves.png",
         "ratios.png",
         "spectra.png",
+        "summary.md",
     } <= names
     for p in paths:
         if p.suffix == ".png":
@@ -60,6 +70,45 @@ def test_every_loss_runs_and_writes_files(tmp_path):
     assert set(payload["summaries"]) == set(LOSS_NAMES)
     table = summary_rows(result)
     assert [row["loss"] for row in table] == list(LOSS_NAMES)
+    summary = (tmp_path / "summary.md").read_text()
+    assert summary.endswith(table_footnote(cfg) + "\n")
+
+
+def test_the_footnote_defines_every_column():
+    cfg = DemoConfig()
+    note = table_footnote(cfg)
+    for column in (
+        "final reward:",
+        "best reward:",
+        "steps to threshold:",
+        "collapses:",
+        "max grad norm:",
+        "ratio spikes:",
+        "switches raw / filtered:",
+    ):
+        assert column in note
+    assert f">= {cfg.reward_threshold}" in note and f"{cfg.collapse_drop} below" in note
+
+
+def test_loss_settings_come_from_the_table_and_take_overrides():
+    import torch
+
+    from kpo_rs.loss_table import get_loss
+
+    g = torch.Generator().manual_seed(0)
+    old, new = torch.randn(3, 9, generator=g), torch.randn(3, 9, generator=g)
+    adv, mask = torch.randn(3, 9, generator=g), torch.ones(3, 9, dtype=torch.bool)
+    for name in LOSS_NAMES:
+        ours, _ = loss_function(name)(old, new, adv, mask)
+        table, _ = get_loss(name)(old, new, adv, mask)
+        assert torch.equal(ours, table), name
+    # A filter setting reaches the KPO loss (q = inf: every gain 1, the raw ratio).
+    flat, _ = loss_function("kpo", q=math.inf)(old, new, adv, mask)
+    default, _ = loss_function("kpo")(old, new, adv, mask)
+    assert not torch.equal(flat, default)
+    assert filters_ratios("kpo_clipped") and not filters_ratios("grpo")
+    with pytest.raises(ValueError, match="has no setting 'q'"):
+        loss_function("grpo", q=1.0)
 
 
 def test_deterministic_for_a_fixed_seed():

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+#: The losses ``kpo demo`` runs by default; any name of :mod:`kpo_rs.loss_table` may be chosen.
 LOSS_NAMES = ("grpo", "gspo", "gmpo", "kpo", "kpo_clipped")
 
 
@@ -37,9 +38,13 @@ class DemoConfig:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> None:
-        unknown = [name for name in self.losses if name not in LOSS_NAMES]
+        from .loss_table import LOSS_NAMES as known  # imports torch: only when validating
+
+        if not self.losses:
+            raise ValueError("losses must name at least one loss")
+        unknown = [name for name in self.losses if name not in known]
         if unknown:
-            raise ValueError(f"unknown losses {unknown}; choose from {list(LOSS_NAMES)}")
+            raise ValueError(f"unknown losses {unknown}; choose from {list(known)}")
         for name in (
             "steps",
             "seeds",

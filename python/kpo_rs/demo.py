@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import inspect
 import json
 import math
 import time
@@ -37,8 +38,21 @@ import kpo_rs
 
 from . import losses as L
 from ._demo_config import LOSS_NAMES, DemoConfig
+from .loss_table import get_loss
 
-__all__ = ["LOSS_NAMES", "DemoConfig", "TinyPolicy", "run_demo", "summary_rows", "write_outputs"]
+__all__ = [
+    "LOSS_NAMES",
+    "DemoConfig",
+    "Run",
+    "StepLog",
+    "TinyPolicy",
+    "run_demo",
+    "summarize",
+    "summary_rows",
+    "table_footnote",
+    "train",
+    "write_outputs",
+]
 
 
 class _Block(nn.Module):
@@ -126,16 +140,23 @@ def _group_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
     return adv.view(-1)
 
 
-def loss_function(name: str) -> Callable[..., tuple[torch.Tensor, dict[str, torch.Tensor]]]:
-    """The loss of each name with the settings its authors (or verl) use."""
-    table = {
-        "grpo": lambda *a: L.ppo_clip_loss(*a, clip_ratio=0.2, loss_agg_mode="token-mean"),
-        "gspo": lambda *a: L.gspo_loss(*a, loss_agg_mode="seq-mean-token-mean"),
-        "gmpo": lambda *a: L.gmpo_loss(*a, clip_ratio_low=0.4, clip_ratio_high=0.4),
-        "kpo": lambda *a: L.kpo_loss(*a, loss_agg_mode="seq-mean-token-mean"),
-        "kpo_clipped": lambda *a: L.kpo_clipped_loss(*a, loss_agg_mode="seq-mean-token-mean"),
-    }
-    return table[name]
+def loss_function(
+    name: str, **overrides: Any
+) -> Callable[..., tuple[torch.Tensor, dict[str, torch.Tensor]]]:
+    """The loss ``name`` from :mod:`kpo_rs.loss_table`, at the settings its authors recommend,
+    with ``overrides`` (e.g. the filter's ``q`` and ``p0`` for the KPO losses) on top."""
+    spec = get_loss(name)
+    spec.settings(**overrides)  # an unknown setting fails here, before any training
+
+    def loss(*tensors: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        return spec(*tensors, **overrides)
+
+    return loss
+
+
+def filters_ratios(name: str) -> bool:
+    """Whether loss ``name`` takes the filter's settings (``q``, ``p0``): the KPO losses."""
+    return "q" in inspect.signature(get_loss(name).fn).parameters
 
 
 @dataclass
@@ -164,14 +185,24 @@ def _switch_rates(log_ratio: np.ndarray) -> tuple[float, float]:
 class Run:
     """One training run: one loss, one seed."""
 
-    def __init__(self, cfg: DemoConfig, loss_name: str, seed: int):
+    def __init__(
+        self,
+        cfg: DemoConfig,
+        loss_name: str,
+        seed: int,
+        loss_overrides: dict[str, Any] | None = None,
+    ):
+        """``seed`` fixes the initial policy and every random draw of the rollouts (prompts,
+        sampled tokens, minibatch order), so runs of different losses start identically and draw
+        from the same random streams; ``loss_overrides`` are passed to the loss on top of its
+        table settings."""
         self.cfg, self.loss_name, self.seed = cfg, loss_name, seed
         self.device = torch.device(cfg.device)
         torch.manual_seed(seed)
         self.model = TinyPolicy(cfg).to(self.device)
         self.opt = torch.optim.Adam(self.model.parameters(), lr=cfg.lr)
         self.gen = torch.Generator().manual_seed(10_000 + seed)
-        self.loss_fn = loss_function(loss_name)
+        self.loss_fn = loss_function(loss_name, **(loss_overrides or {}))
         # The policy after each of the last lag + 1 updates: rollouts come from the oldest.
         self.snapshots: deque[dict[str, torch.Tensor]] = deque(maxlen=cfg.lag + 1)
         self._snapshot()
@@ -257,6 +288,24 @@ def summarize(logs: list[StepLog], cfg: DemoConfig) -> dict[str, float | None]:
     }
 
 
+def train(
+    cfg: DemoConfig,
+    loss_name: str,
+    seed: int,
+    loss_overrides: dict[str, Any] | None = None,
+    progress: Callable[[StepLog], None] | None = None,
+) -> tuple[list[StepLog], Run]:
+    """One run of ``cfg.steps`` RL steps; returns its per-step logs and the finished run."""
+    run = Run(cfg, loss_name, seed, loss_overrides)
+    logs = []
+    for step in range(cfg.steps):
+        entry = run.step(step)
+        logs.append(entry)
+        if progress is not None:
+            progress(entry)
+    return logs, run
+
+
 def run_demo(cfg: DemoConfig, progress: Callable[[StepLog], None] | None = None) -> dict[str, Any]:
     """Runs every loss with every seed; returns the logs, per-run summaries and examples."""
     cfg.validate()
@@ -265,13 +314,7 @@ def run_demo(cfg: DemoConfig, progress: Callable[[StepLog], None] | None = None)
     examples: dict[str, dict[str, np.ndarray]] = {}
     for name in cfg.losses:
         for s in range(cfg.seeds):
-            run = Run(cfg, name, cfg.seed0 + s)
-            run_logs = []
-            for step in range(cfg.steps):
-                entry = run.step(step)
-                run_logs.append(entry)
-                if progress is not None:
-                    progress(entry)
+            run_logs, run = train(cfg, name, cfg.seed0 + s, progress=progress)
             logs.extend(run_logs)
             summaries.setdefault(name, []).append(summarize(run_logs, cfg))
             if s == 0:
@@ -303,6 +346,12 @@ def write_outputs(result: dict[str, Any], out: Path) -> list[Path]:
     }
     json_path.write_text(json.dumps(payload, indent=1))
     paths.append(json_path)
+    rows = summary_rows(result)
+    lines = ["| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
+    lines += ["| " + " | ".join(row.values()) + " |" for row in rows]
+    md_path = out / "summary.md"
+    md_path.write_text("\n".join(lines) + "\n\n" + table_footnote(cfg) + "\n")
+    paths.append(md_path)
     paths.extend(_plots(result, out))
     return paths
 
@@ -370,6 +419,23 @@ def _plots(result: dict[str, Any], out: Path) -> list[Path]:
     fig.savefig(paths[-1], dpi=110)
     plt.close(fig)
     return paths
+
+
+def table_footnote(cfg: DemoConfig) -> str:
+    """What each column of :func:`summary_rows`' table means (printed under the table)."""
+    return (
+        f"Each figure is the mean over seeds. final reward: mean reward of the last 5 steps "
+        f"(random policy {1 / cfg.classes:.2f}, perfect 1). best reward: highest step reward. "
+        f"steps to threshold: first step whose reward is >= {cfg.reward_threshold} "
+        f"('never' if no run got there; 'k/n runs' when only k of n did). collapses: times the "
+        f"reward fell more than {cfg.collapse_drop} below its best so far (counted once per "
+        f"fall, again only after it recovered). max grad norm: largest gradient norm before "
+        f"clipping to {cfg.max_grad_norm}. ratio spikes: share of tokens whose importance ratio "
+        f"exp(logp - old_logp) is above {math.exp(cfg.spike_log_ratio):.1f} or below "
+        f"{math.exp(-cfg.spike_log_ratio):.1f}. switches raw / filtered: share of adjacent token "
+        f"pairs whose log-ratio changes sign, before and after the Kalman filter (authors' "
+        f"settings)."
+    )
 
 
 def _seed_mean(runs: list[dict[str, float | None]], key: str, fmt: str = "{:.3f}") -> str:

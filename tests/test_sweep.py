@@ -1,0 +1,244 @@
+"""``kpo sweep``: a 2-cell smoke sweep, resuming, determinism across worker counts, learning-rate
+tuning, the report's statistics and one-line errors for bad options."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from kpo_rs import sweep
+from kpo_rs.params import FilterParams
+from kpo_rs.sweep import SweepConfig, plan, run_sweep
+from kpo_rs.sweep_report import COLUMNS, bootstrap_mean_ci, read_results, summary_table
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _tiny(tmp_path, **kw) -> SweepConfig:
+    base = {
+        "losses": ("grpo", "kpo_clipped"),
+        "lrs": (1e-2,),
+        "minibatches": (2,),
+        "lags": (1,),
+        "response_lens": (8,),
+        "seeds": 1,
+        "steps": 2,
+        "workers": 1,
+        "out": str(tmp_path / "sweep"),
+    }
+    cfg = SweepConfig(**(base | kw))
+    cfg.demo.prompts_per_step, cfg.demo.group_size = 2, 4
+    return cfg
+
+
+def _parse(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="kpo sweep")
+    sweep.add_arguments(parser)
+    return parser.parse_args(argv)
+
+
+def _rows(path) -> list[dict[str, str]]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_two_cell_smoke_sweep_through_the_cli(tmp_path, capsys):
+    out = tmp_path / "out"
+    args = _parse(
+        "--losses grpo,kpo_clipped --lr 1e-2 --minibatches 2 --lag 1 --response-len 8 "
+        f"--seeds 1 --steps 2 --workers 1 --out {out}".split()
+    )
+    assert sweep.run_cli(args) == 0
+    rows = _rows(out / "results.csv")
+    assert [r["loss"] for r in rows] == ["grpo", "kpo_clipped"]
+    assert list(rows[0]) == list(COLUMNS)
+    for r in rows:
+        assert 0.0 <= float(r["final_reward"]) <= 1.0
+        assert math.isfinite(float(r["max_grad_norm"])) and float(r["seconds"]) > 0
+    # Only the filtered loss has filter settings; they are the authors' by default.
+    assert rows[0]["q"] == "" and float(rows[1]["q"]) == FilterParams().q
+    assert float(rows[1]["p0"]) == FilterParams().p0
+    report = (out / "report.md").read_text()
+    assert "| regime | seeds | grpo | kpo_clipped | winner |" in report
+    assert "2 of 2 planned runs finished" in report
+    for name in ("final_reward.png", "collapse_rate.png"):
+        assert (out / name).read_bytes()[:8] == PNG_MAGIC
+    assert "wrote" in capsys.readouterr().out
+
+
+def test_rerun_reuses_every_stored_run_and_redoes_only_missing_ones(tmp_path, monkeypatch):
+    cfg = _tiny(tmp_path, minibatches=(1, 2))
+    run_sweep(cfg, log=lambda _: None)
+    first = read_results(f"{cfg.out}/results.csv")
+    stored = sorted((tmp_path / "sweep" / "runs").glob("*.json"))
+    assert len(stored) == 4
+
+    calls = []
+    real = sweep.run_task
+    monkeypatch.setattr(sweep, "run_task", lambda task, c: calls.append(task) or real(task, c))
+    stored[0].unlink()  # as if killed before this run finished
+    (stored[1]).write_text("{ truncated")  # a damaged file is run again, not trusted
+    (tmp_path / "sweep" / "runs" / ".left-by-a-kill.json.1.tmp").write_text("x")
+    run_sweep(cfg, log=lambda _: None)
+    assert len(calls) == 2
+    assert not list((tmp_path / "sweep" / "runs").glob(".*.tmp"))
+    second = read_results(f"{cfg.out}/results.csv")
+    strip = [{k: v for k, v in r.items() if k != "seconds"} for r in first]
+    assert strip == [{k: v for k, v in r.items() if k != "seconds"} for r in second]
+
+    calls.clear()
+    run_sweep(cfg, log=lambda _: None)
+    assert calls == []
+
+
+def test_a_changed_setting_does_not_reuse_runs(tmp_path, monkeypatch):
+    cfg = _tiny(tmp_path, losses=("grpo",))
+    run_sweep(cfg, log=lambda _: None)
+    calls = []
+    real = sweep.run_task
+    monkeypatch.setattr(sweep, "run_task", lambda task, c: calls.append(task) or real(task, c))
+    run_sweep(_tiny(tmp_path, losses=("grpo",), steps=3), log=lambda _: None)
+    assert len(calls) == 1
+
+
+def test_one_worker_and_two_workers_give_the_same_rows(tmp_path):
+    one = _tiny(tmp_path / "a", minibatches=(1, 2), workers=1)
+    two = _tiny(tmp_path / "b", minibatches=(1, 2), workers=2)
+    run_sweep(one, log=lambda _: None)
+    run_sweep(two, log=lambda _: None)
+    a = read_results(f"{one.out}/results.csv")
+    b = read_results(f"{two.out}/results.csv")
+    assert len(a) == 4
+    for ra, rb in zip(a, b):
+        ra.pop("seconds"), rb.pop("seconds")
+        assert ra == rb
+
+
+def test_tune_lr_runs_tuning_seeds_then_the_best_rate(tmp_path):
+    cfg = _tiny(tmp_path, losses=("grpo",), lrs=(1e-2, 1e-4), tune_lr=True, tune_seeds=2)
+    tune, evals = plan(cfg)
+    assert {t.seed for t in tune} == {1000, 1001} and {t.seed for t in evals} == {0}
+    report = run_sweep(cfg, log=lambda _: None)
+    rows = read_results(f"{cfg.out}/results.csv")
+    tuning = [r for r in rows if r["phase"] == "tune"]
+    reported = [r for r in rows if r["phase"] == "eval"]
+    assert len(tuning) == 4 and len(reported) == 1
+    mean = {lr: np.mean([r["final_reward"] for r in tuning if r["lr"] == lr]) for lr in cfg.lrs}
+    assert reported[0]["lr"] == max(cfg.lrs, key=lambda lr: (mean[lr], -cfg.lrs.index(lr)))
+    assert "Learning rates chosen on the tuning seeds" in report.read_text()
+
+
+def test_filter_settings_vary_only_for_the_kpo_losses(tmp_path):
+    cfg = _tiny(tmp_path, losses=("grpo", "kpo"), qs=(1e-6, 1e-3), p0s=(0.0, math.inf), seeds=2)
+    _, evals = plan(cfg)
+    assert sum(t.loss == "grpo" for t in evals) == 2
+    assert sum(t.loss == "kpo" for t in evals) == 8
+    assert {(t.q, t.p0) for t in evals if t.loss == "grpo"} == {(None, None)}
+
+
+def test_paper_preset_and_explicit_flags_override_it():
+    from kpo_rs.loss_table import LOSS_NAMES
+
+    cfg = sweep.config_from_args(_parse(["--preset", "paper", "--seeds", "1"]))
+    assert cfg.minibatches == (4,) and cfg.lags == (0,) and cfg.seeds == 1
+    assert cfg.losses == LOSS_NAMES
+    assert cfg.qs == (FilterParams().q,) and cfg.p0s == (FilterParams().p0,)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--losses", "grpo,ppo"], "--losses: unknown ['ppo']"),
+        (["--lr", "-1"], "--lr: must be a finite number > 0"),
+        (["--minibatches", "3"], "--minibatches: must be >= 1 and divide"),
+        (["--lag", "-1"], "--lag: must be >= 0"),
+        (["--q", "-1"], "--q: q must be"),
+        (["--p0", "nan"], "--p0: p0 must be"),
+        (["--seeds", "0"], "--seeds: must be >= 1"),
+        (["--workers", "0"], "--workers: must be >= 1"),
+        (["--lr", "1e-2,1e-2"], "--lr: a value is repeated"),
+    ],
+)
+def test_bad_options_print_one_line_and_exit_2(tmp_path, capsys, argv, message):
+    assert sweep.run_cli(_parse([*argv, "--out", str(tmp_path / "o")])) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"kpo sweep: {message}") and err.count("\n") == 1
+
+
+def test_unparsable_numbers_are_argparse_errors(capsys):
+    with pytest.raises(SystemExit) as exc:
+        _parse(["--lr", "fast"])
+    assert exc.value.code == 2
+    assert "--lr: expected comma-separated numbers" in capsys.readouterr().err
+
+
+def test_an_unwritable_out_is_one_line(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    assert sweep.run_cli(_parse(["--out", str(blocker / "sub")])) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("kpo sweep: --out: cannot write") and err.count("\n") == 1
+
+
+@given(st.lists(st.floats(-1.0, 1.0), min_size=2, max_size=12))
+def test_bootstrap_interval_lies_within_the_values_and_holds_the_mean(values):
+    lo, hi = bootstrap_mean_ci(values)
+    slack = 1e-12
+    assert min(values) - slack <= lo <= float(np.mean(values)) + slack
+    assert float(np.mean(values)) - slack <= hi <= max(values) + slack
+
+
+def test_bootstrap_needs_two_values():
+    assert bootstrap_mean_ci([0.3]) is None
+
+
+def _row(loss: str, seed: int, final: float) -> dict:
+    return {
+        "phase": "eval",
+        "loss": loss,
+        "lr": 1e-2,
+        "minibatches": 4,
+        "lag": 1,
+        "staleness": 2.5,
+        "response_len": 128,
+        "q": None,
+        "p0": None,
+        "seed": seed,
+        "final_reward": final,
+        "collapses": 0,
+        "ratio_spikes": 0.0,
+    }
+
+
+@pytest.mark.parametrize(
+    ("b_finals", "verdict", "winner"),
+    [
+        ((0.5, 0.6, 0.4), "clear", "a"),  # a is ahead on every seed
+        ((0.8, 0.1, 0.2), "within noise", "a"),  # b wins one seed by a lot
+        ((0.7, 0.8, 0.9), "tie", "-"),  # identical on every seed
+    ],
+)
+def test_summary_verdicts(b_finals, verdict, winner):
+    a_finals = (0.7, 0.8, 0.9)
+    rows = [_row("a", s, f) for s, f in enumerate(a_finals)]
+    rows += [_row("b", s, f) for s, f in enumerate(b_finals)]
+    line = summary_table(rows).splitlines()[-1]
+    cells = [c.strip() for c in line.strip("|").split("|")]
+    assert cells[-1] == verdict and cells[-3] == winner
+    assert cells[2] == "0.80 ± 0.10"
+
+
+def test_runs_store_every_step_reward(tmp_path):
+    cfg = _tiny(tmp_path, losses=("grpo",))
+    run_sweep(cfg, log=lambda _: None)
+    (stored,) = (tmp_path / "sweep" / "runs").glob("*.json")
+    payload = json.loads(stored.read_text())
+    assert len(payload["row"]["rewards"]) == cfg.steps
+    assert payload["key"]["demo"]["steps"] == "2"
