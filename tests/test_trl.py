@@ -1,16 +1,25 @@
-"""TRL: a real KPOTrainer run on CPU with a tiny random model and a locally built tokenizer."""
+"""TRL: real KPOTrainer runs on CPU with a tiny random model and a locally built tokenizer;
+KPOConfig's checks; and, with every gain 1 (``kpo_q=1e20``), KPOTrainer equal to GRPOTrainer for
+every option it accepts.
+
+Equality is exact (``torch.equal``): with gains of exactly 1 the filter returns the log-ratio
+itself, and KPOTrainer then evaluates GRPO's formulas with the same operations in the same order,
+so there is no rounding to allow for.
+"""
 
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
 from datasets import Dataset
 from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, set_seed
+from trl import GRPOConfig, GRPOTrainer
 
-from kpo_rs.integrations.trl import KPOConfig, KPOTrainer
+from kpo_rs.integrations.trl import SUPPORTED_LOSS_TYPES, KPOConfig, KPOTrainer
 
 VOCAB = ["<pad>", "<eos>", "<unk>", *"abcdefghij "]
 
@@ -101,12 +110,196 @@ def test_kpo_trainer_runs_and_learns(tmp_path, loss_type):
     )
 
 
-def test_unsupported_options_are_refused(tmp_path):
-    with pytest.raises(ValueError, match="loss_type"):
-        KPOTrainer(
-            model=_model(len(VOCAB)),
-            reward_funcs=reward_count_a,
-            args=KPOConfig(output_dir=str(tmp_path), loss_type="cispo", report_to=[], use_cpu=True),
-            train_dataset=Dataset.from_dict({"prompt": ["a"]}),
-            processing_class=_tokenizer(),
+def _config(tmp_path, **kw):
+    return KPOConfig(output_dir=str(tmp_path), report_to=[], use_cpu=True, **kw)
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "error", "message"),
+    [
+        ("kpo_q", -1.0, ValueError, "kpo_q must be a number >= 0"),
+        ("kpo_q", "1e-6", TypeError, "kpo_q must be a real number"),
+        ("kpo_r", 0.0, ValueError, "kpo_r must be a finite number > 0"),
+        ("kpo_p0", float("nan"), ValueError, "kpo_p0 must be a number >= 0"),
+        ("kpo_masked", "skip", ValueError, "kpo_masked must be 'hold' or 'zero'"),
+        ("kpo_space", "prob", ValueError, "kpo_space must be one of"),
+        ("kpo_grad", "adjoint", ValueError, "kpo_grad must be one of"),
+        ("kpo_backend", "cuda", ValueError, "kpo_backend must be one of"),
+        ("kpo_clip", 1, TypeError, "kpo_clip must be True or False"),
+        ("kpo_epsilon_low", 1.0, ValueError, "kpo_epsilon_low must be in"),
+        ("kpo_epsilon_high", -0.1, ValueError, "kpo_epsilon_high must be a finite number"),
+        ("kpo_epsilon_high", None, TypeError, "kpo_epsilon_high must be a real number"),
+    ],
+)
+def test_config_checks_kpo_fields_when_built(tmp_path, field, value, error, message):
+    with pytest.raises(error, match=message) as info:
+        _config(tmp_path, **{field: value})
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"loss_type": "cispo"}, "loss_type must be one of"),
+        ({"importance_sampling_level": "sequence"}, "importance_sampling_level"),
+        ({"off_policy_mask_threshold": 0.5}, "off_policy_mask_threshold"),
+        ({"entropy_coef": 0.01}, "entropy_coef"),
+        ({"use_adaptive_entropy": True}, "entropy_coef"),
+        ({"delta": 2.0, "kpo_clip": False}, "delta .*needs kpo_clip=True"),
+        ({"delta": 1.0002}, "delta must be > 1 \\+ kpo_epsilon_high"),
+    ],
+)
+def test_config_refuses_what_kpo_cannot_honour(tmp_path, options, message):
+    with pytest.raises(ValueError, match=message):
+        _config(tmp_path, **options)
+
+
+def test_grpo_clip_fields_warn_that_they_do_not_change_kpo(tmp_path):
+    with pytest.warns(UserWarning, match="epsilon_high do not change KPO's clip"):
+        _config(tmp_path, epsilon_high=0.28)
+    with pytest.warns(UserWarning, match="epsilon do not change KPO's clip"):
+        _config(tmp_path, epsilon=0.3)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*KPO's clip")
+        cfg = _config(tmp_path, kpo_q=1e-4, kpo_p0=math.inf, delta=1.5)
+    assert cfg.kpo_filter_params.q == 1e-4 and cfg.kpo_filter_params.p0 == math.inf
+
+
+# --------------------------------------------------------------------------------------------
+# Every gain 1: KPOTrainer equals GRPOTrainer
+
+EPS_LOW, EPS_HIGH = 0.2, 0.28
+# Each accepted option that changes the loss, alone; "vllm" is TRL's vLLM importance-sampling
+# correction (the ratio comes with the batch; set on the trainers, since vLLM is not installed).
+OPTIONS = {
+    "plain": {},
+    "kl": {"beta": 0.1, "use_bias_correction_kl": False},
+    "kl_bias_corrected": {"beta": 0.1, "use_bias_correction_kl": True},
+    "top_entropy": {"top_entropy_quantile": 0.5},
+    "delta": {"delta": 1.35},
+    "vllm": {},
+}
+
+
+def _pair(tmp_path, loss_type, options, **common):
+    """A GRPOTrainer and a KPOTrainer with every gain 1, on identical copies of one model."""
+    common = {
+        "per_device_train_batch_size": 4,
+        "num_generations": 4,
+        "max_completion_length": 12,
+        "report_to": [],
+        "use_cpu": True,
+        "seed": 0,
+        "save_strategy": "no",
+        "loss_type": loss_type,
+        **options,
+        **common,
+    }
+    dataset = Dataset.from_dict({"prompt": ["abc", "hij", "ddd", "jab"] * 4})
+    # Saved and loaded by path: both trainers start from the same weights, and with beta != 0
+    # TRL loads its reference model from there too.
+    path = tmp_path / "tiny-llama"
+    _model(len(VOCAB)).save_pretrained(path)
+    trainers = []
+    for kind in ("grpo", "kpo"):
+        if kind == "grpo":
+            args = GRPOConfig(
+                output_dir=str(tmp_path / kind), epsilon=EPS_LOW, epsilon_high=EPS_HIGH, **common
+            )
+            cls = GRPOTrainer
+        else:
+            args = KPOConfig(
+                output_dir=str(tmp_path / kind),
+                kpo_q=1e20,
+                kpo_epsilon_low=EPS_LOW,
+                kpo_epsilon_high=EPS_HIGH,
+                **common,
+            )
+            cls = KPOTrainer
+        trainers.append(
+            cls(
+                model=str(path),
+                reward_funcs=reward_count_a,
+                args=args,
+                train_dataset=dataset,
+                processing_class=_tokenizer(),
+            )
         )
+    return trainers
+
+
+def _inputs(seed, batch=6, prompt=5, time=12):
+    """A batch as GRPOTrainer hands it to _compute_loss, with log-ratios of about +-0.3 (so that
+    both clip sides, and delta, are reached) and ragged completion lengths."""
+    gen = torch.Generator().manual_seed(seed)
+    lengths = torch.tensor([12, 1, 7, 12, 3, 9])[:batch]
+    completion_mask = (torch.arange(time)[None, :] < lengths[:, None]).long()
+    return {
+        "prompt_ids": torch.randint(3, len(VOCAB), (batch, prompt), generator=gen),
+        "prompt_mask": torch.ones(batch, prompt, dtype=torch.long),
+        "completion_ids": torch.randint(3, len(VOCAB), (batch, time), generator=gen),
+        "completion_mask": completion_mask,
+        "advantages": torch.randn(batch, generator=gen),
+        "num_items_in_batch": completion_mask.sum() * 2,
+        "importance_sampling_ratio": torch.rand(batch, time, generator=gen) + 0.5,
+    }
+
+
+def _with_logps(trainer, inputs, seed):
+    """``inputs`` plus old and reference log-probs: the model's own, moved by N(0, 0.3^2)."""
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        logps, _, _ = trainer._get_per_token_logps_and_entropies(
+            trainer.model,
+            torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1),
+            torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1),
+            inputs["completion_ids"].size(1),
+        )
+    return inputs | {
+        "old_per_token_logps": logps + 0.3 * torch.randn(logps.shape, generator=gen),
+        "ref_per_token_logps": logps + 0.3 * torch.randn(logps.shape, generator=gen),
+    }
+
+
+@pytest.mark.parametrize("option", list(OPTIONS))
+@pytest.mark.parametrize("loss_type", SUPPORTED_LOSS_TYPES)
+def test_all_gains_one_loss_and_gradients_equal_grpo(tmp_path, loss_type, option):
+    grpo, kpo = _pair(tmp_path, loss_type, OPTIONS[option])
+    inputs = _with_logps(grpo, _inputs(seed=7), seed=7)
+    results = []
+    for trainer in (grpo, kpo):
+        trainer.model.train()
+        trainer.current_gradient_accumulation_steps = 2
+        if option == "vllm":
+            trainer.use_vllm = trainer.vllm_importance_sampling_correction = True
+        trainer.model.zero_grad()
+        loss = trainer._compute_loss(trainer.model, inputs)
+        loss.backward()
+        results.append((loss.detach(), [p.grad.clone() for p in trainer.model.parameters()]))
+    (loss_g, grads_g), (loss_k, grads_k) = results
+    assert torch.equal(loss_k, loss_g), (loss_k, loss_g)
+    assert all(torch.equal(a, b) for a, b in zip(grads_k, grads_g))
+    # the batch reaches the clip regions, and delta's cap when it is set
+    assert kpo._metrics["train"]["kpo/pg_clipfrac"][-1] > 0
+    if option == "delta":
+        assert kpo._metrics["train"]["kpo/dual_clipfrac"][-1] > 0
+
+
+@pytest.mark.parametrize("loss_type", SUPPORTED_LOSS_TYPES)
+def test_all_gains_one_training_equals_grpo(tmp_path, loss_type):
+    """Two updates per generation batch (the second off-policy), with the KL term (bias-corrected),
+    the entropy quantile and delta on: the same losses and the same weights after training."""
+    options = {"beta": 0.05, "top_entropy_quantile": 0.5, "delta": 1.5, "num_iterations": 2}
+    grpo, kpo = _pair(
+        tmp_path, loss_type, options, max_steps=4, learning_rate=5e-3, logging_steps=1
+    )
+    for trainer in (grpo, kpo):
+        set_seed(0)  # the same generations in both runs
+        trainer.train()
+    losses = [[e["loss"] for e in t.state.log_history if "loss" in e] for t in (grpo, kpo)]
+    assert len(losses[0]) == 4 and losses[1] == losses[0]
+    for a, b in zip(grpo.model.parameters(), kpo.model.parameters()):
+        assert torch.equal(a, b)
+    initial = LlamaForCausalLM.from_pretrained(tmp_path / "tiny-llama")
+    assert any(not torch.equal(a, b) for a, b in zip(initial.parameters(), kpo.model.parameters()))
+    assert any(e.get("kpo/pg_clipfrac", 0) > 0 for e in kpo.state.log_history)

@@ -10,16 +10,40 @@ the reference model and logging are GRPO's. Use it like ``GRPOTrainer``::
     trainer.train()
 
 :class:`KPOConfig` adds the filter settings (``kpo_q``, ``kpo_r``, ``kpo_p0``, ``kpo_masked``,
-``kpo_space``, ``kpo_grad``) and the variant: ``kpo_clip=True`` (default, KPO-clipped) clips the
-filtered ratio to ``[1 - kpo_epsilon_low, 1 + kpo_epsilon_high]`` (the KPO authors' 3e-4, 4e-4);
-``kpo_clip=False`` is plain KPO. TRL's ``loss_type`` aggregations ``"grpo"``, ``"bnpo"``,
-``"dr_grpo"`` and ``"dapo"`` work as in ``GRPOTrainer``, as do ``beta`` (KL to the reference),
-``top_entropy_quantile`` and vLLM importance-sampling correction. Metrics are logged under
-``kpo/`` (clip fractions, raw and filtered ratio statistics, sign-switch rates).
+``kpo_space``, ``kpo_grad``, ``kpo_backend``; defaults: :class:`kpo_rs.params.FilterParams`) and
+the variant: ``kpo_clip=True`` (default, KPO-clipped) clips the filtered ratio to
+``[1 - kpo_epsilon_low, 1 + kpo_epsilon_high]`` (the KPO authors' 3e-4, 4e-4); ``kpo_clip=False``
+is plain KPO. Every ``kpo_*`` field is checked when the config is built.
+
+What carries over from ``GRPOConfig``, done as ``GRPOTrainer`` does it (with every gain 1,
+``kpo_q=1e20``, and ``kpo_epsilon_* = epsilon*``, ``KPOTrainer`` computes what ``GRPOTrainer``
+computes; ``tests/test_trl.py`` holds it to that):
+
+- ``loss_type`` ``"grpo"``, ``"bnpo"``, ``"dr_grpo"``, ``"dapo"`` (the aggregations);
+- ``beta`` (KL to the reference) and ``use_bias_correction_kl`` (the KL term times the raw token
+  ratio ``exp(logp - old_logp)``, as TRL);
+- ``top_entropy_quantile`` (losses of low-entropy tokens zeroed, the normaliser still counts every
+  valid token, as TRL);
+- ``delta`` (INTELLECT-2's two-sided clip: for negative advantages the ratio is capped at
+  ``delta``; with ``kpo_clip=True`` this is verl's dual clip with ``clip_ratio_c = delta``, and
+  needs ``delta > 1 + kpo_epsilon_high``);
+- vLLM importance-sampling correction.
+
+Refused when the config is built: other ``loss_type`` values, ``importance_sampling_level !=
+"token"``, ``off_policy_mask_threshold``, an entropy bonus (``entropy_coef``,
+``use_adaptive_entropy``) and ``delta`` with ``kpo_clip=False``.
+
+GRPO's ``epsilon`` / ``epsilon_high`` do not change KPO's clip (``kpo_epsilon_low`` /
+``kpo_epsilon_high`` do; TRL still uses them for its ``clip_ratio/*`` metrics of the raw ratio);
+setting them on a ``KPOConfig`` warns. Metrics are logged under ``kpo/`` (clip fractions, raw and
+filtered ratio statistics, sign-switch rates).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -31,10 +55,17 @@ except ImportError as exc:  # pragma: no cover - exercised only without TRL
 import torch
 
 from ..losses import KPO_CLIP, kpo_token_losses
+from ..params import FilterParams
+from ..space import SPACES
+from ..torch_ops import BACKENDS
 
 __all__ = ["SUPPORTED_LOSS_TYPES", "KPOConfig", "KPOTrainer"]
 
 SUPPORTED_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+_GRADS = ("token", "filter")
+_DEFAULTS = FilterParams()
+# GRPOConfig's own defaults of the clip fields that KPO does not use.
+_GRPO_DEFAULTS = {f.name: f.default for f in dataclasses.fields(GRPOConfig)}
 # Model inputs of multimodal batches, passed through to the log-prob computation as GRPO does.
 _MULTIMODAL_KEYS = (
     "pixel_values",
@@ -50,31 +81,122 @@ _MULTIMODAL_KEYS = (
 )
 
 
+def _real(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    return float(value)
+
+
 @dataclass
 class KPOConfig(GRPOConfig):
-    """``GRPOConfig`` plus the KPO settings (defaults: the KPO authors')."""
+    """``GRPOConfig`` plus the KPO settings (defaults: the KPO authors'); see the module
+    documentation for which GRPO options carry over. Raises ``ValueError`` / ``TypeError`` naming
+    the ``kpo_`` field (or the GRPO option) when built with a value KPO cannot honour."""
 
     kpo_clip: bool = field(
         default=True, metadata={"help": "Clip the filtered ratio (KPO-clipped)."}
     )
     kpo_epsilon_low: float = field(
-        default=KPO_CLIP[0], metadata={"help": "Lower clip of the filtered ratio."}
+        default=KPO_CLIP[0],
+        metadata={"help": "Lower clip of the filtered ratio, in [0, 1) (not GRPO's epsilon)."},
     )
     kpo_epsilon_high: float = field(
-        default=KPO_CLIP[1], metadata={"help": "Upper clip of the filtered ratio."}
+        default=KPO_CLIP[1],
+        metadata={"help": "Upper clip of the filtered ratio, >= 0 (not GRPO's epsilon_high)."},
     )
-    kpo_q: float = field(default=1e-6, metadata={"help": "Process-noise variance of the filter."})
+    kpo_q: float = field(
+        default=_DEFAULTS.q, metadata={"help": "Process-noise variance of the filter, >= 0."}
+    )
     kpo_r: float = field(
-        default=1.0, metadata={"help": "Observation-noise variance of the filter."}
+        default=_DEFAULTS.r, metadata={"help": "Observation-noise variance of the filter, > 0."}
     )
-    kpo_p0: float = field(default=0.0, metadata={"help": "Prior variance (inf: flat prior)."})
+    kpo_p0: float = field(
+        default=_DEFAULTS.p0, metadata={"help": "Prior variance, >= 0 (inf: flat prior)."}
+    )
     kpo_masked: str = field(
-        default="hold", metadata={"help": "'hold' or 'zero' for masked tokens."}
+        default=_DEFAULTS.masked, metadata={"help": "'hold' or 'zero' for masked tokens."}
     )
-    kpo_space: str = field(default="log_ratio", metadata={"help": "'log_ratio' or 'ratio'."})
+    kpo_space: str = field(default=SPACES[0], metadata={"help": "'log_ratio' or 'ratio'."})
     kpo_grad: str = field(
-        default="token", metadata={"help": "'token' (paper) or 'filter' (adjoint)."}
+        default=_GRADS[0], metadata={"help": "'token' (paper) or 'filter' (adjoint)."}
     )
+    kpo_backend: str = field(
+        default=BACKENDS[0],
+        metadata={"help": "Filter backend: 'auto', 'rust', 'scan' or 'reference'."},
+    )
+
+    def __post_init__(self) -> None:
+        self._check_kpo_fields()
+        self._check_grpo_options()
+        super().__post_init__()
+
+    def _check_kpo_fields(self) -> None:
+        try:
+            FilterParams(q=self.kpo_q, r=self.kpo_r, p0=self.kpo_p0, masked=self.kpo_masked)
+        except (TypeError, ValueError) as exc:
+            # FilterParams names its field first ("q must be ..."): name the config's field.
+            raise type(exc)(f"kpo_{exc}") from None
+        if not isinstance(self.kpo_clip, bool):
+            raise TypeError(f"kpo_clip must be True or False, got {self.kpo_clip!r}")
+        low = _real("kpo_epsilon_low", self.kpo_epsilon_low)
+        high = _real("kpo_epsilon_high", self.kpo_epsilon_high)
+        if not 0.0 <= low < 1.0:
+            raise ValueError(f"kpo_epsilon_low must be in [0, 1), got {low!r}")
+        if not (math.isfinite(high) and high >= 0.0):
+            raise ValueError(f"kpo_epsilon_high must be a finite number >= 0, got {high!r}")
+        for name, value, allowed in (
+            ("kpo_space", self.kpo_space, SPACES),
+            ("kpo_grad", self.kpo_grad, _GRADS),
+            ("kpo_backend", self.kpo_backend, BACKENDS),
+        ):
+            if value not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+
+    def _check_grpo_options(self) -> None:
+        if self.loss_type not in SUPPORTED_LOSS_TYPES:
+            raise ValueError(
+                f"loss_type must be one of {SUPPORTED_LOSS_TYPES} for KPO, got {self.loss_type!r}"
+            )
+        if self.importance_sampling_level != "token":
+            raise ValueError(
+                "importance_sampling_level must be 'token' for KPO (it filters token ratios), "
+                f"got {self.importance_sampling_level!r}"
+            )
+        if self.off_policy_mask_threshold is not None:
+            raise ValueError("off_policy_mask_threshold is not supported by KPOTrainer")
+        if self.entropy_coef != 0.0 or self.use_adaptive_entropy:
+            raise ValueError(
+                "entropy_coef / use_adaptive_entropy (an entropy bonus) are not supported by "
+                "KPOTrainer"
+            )
+        if self.delta is not None:
+            delta = _real("delta", self.delta)
+            if not self.kpo_clip:
+                raise ValueError("delta (two-sided clip) needs kpo_clip=True")
+            if not delta > 1.0 + self.kpo_epsilon_high:
+                raise ValueError(
+                    f"delta must be > 1 + kpo_epsilon_high = {1.0 + self.kpo_epsilon_high!r}, "
+                    f"got {delta!r}"
+                )
+        changed = [
+            name
+            for name in ("epsilon", "epsilon_high")
+            if getattr(self, name) != _GRPO_DEFAULTS[name]
+        ]
+        if changed:
+            warnings.warn(
+                f"{' and '.join(changed)} do not change KPO's clip, which is "
+                f"[1 - kpo_epsilon_low, 1 + kpo_epsilon_high] = "
+                f"[1 - {self.kpo_epsilon_low}, 1 + {self.kpo_epsilon_high}]; "
+                "set kpo_epsilon_low / kpo_epsilon_high instead",
+                UserWarning,
+                stacklevel=3,
+            )
+
+    @property
+    def kpo_filter_params(self) -> FilterParams:
+        """The filter's settings as a :class:`~kpo_rs.params.FilterParams`."""
+        return FilterParams(q=self.kpo_q, r=self.kpo_r, p0=self.kpo_p0, masked=self.kpo_masked)
 
 
 class KPOTrainer(GRPOTrainer):
@@ -87,32 +209,21 @@ class KPOTrainer(GRPOTrainer):
             args = KPOConfig("kpo-output")
         if not isinstance(args, KPOConfig):
             raise TypeError(f"args must be a KPOConfig, got {type(args).__name__}")
-        if args.loss_type not in SUPPORTED_LOSS_TYPES:
-            raise ValueError(
-                f"KPOTrainer supports loss_type in {SUPPORTED_LOSS_TYPES}, got {args.loss_type!r}"
-            )
-        if args.importance_sampling_level != "token":
-            raise ValueError("KPO filters token ratios: importance_sampling_level must be 'token'")
         super().__init__(model, reward_funcs, args=args, **kwargs)
-        unsupported = []
-        if getattr(self, "off_policy_mask_threshold", None) is not None:
-            unsupported.append("off_policy_mask_threshold")
-        if getattr(self, "_entropy_bonus_enabled", False):
-            unsupported.append("an entropy bonus")
-        if unsupported:
-            raise ValueError(f"KPOTrainer does not support {', '.join(unsupported)}")
 
     def _kpo_settings(self) -> dict[str, Any]:
         a = self.args
-        clip = (a.kpo_epsilon_low, a.kpo_epsilon_high) if a.kpo_clip else None
+        params = a.kpo_filter_params
         return {
-            "clip": clip,
-            "q": a.kpo_q,
-            "r": a.kpo_r,
-            "p0": a.kpo_p0,
-            "masked": a.kpo_masked,
+            "clip": (a.kpo_epsilon_low, a.kpo_epsilon_high) if a.kpo_clip else None,
+            "clip_ratio_c": a.delta,
+            "q": params.q,
+            "r": params.r,
+            "p0": params.p0,
+            "masked": params.masked,
             "space": a.kpo_space,
             "grad": a.kpo_grad,
+            "backend": a.kpo_backend,
         }
 
     def _aggregate(
@@ -161,12 +272,6 @@ class KPOTrainer(GRPOTrainer):
         if advantages.dim() == 1:
             advantages = advantages.unsqueeze(1)
 
-        loss_mask = mask
-        if self.top_entropy_quantile < 1.0:
-            loss_mask = mask * self.get_high_entropy_mask(
-                entropies, mask, 1 - self.top_entropy_quantile
-            )
-
         per_token_loss, stats = kpo_token_losses(
             old_logps,
             logps,
@@ -174,15 +279,24 @@ class KPOTrainer(GRPOTrainer):
             mask.bool(),
             **self._kpo_settings(),
         )
+        # As GRPOTrainer: low-entropy tokens' losses are zeroed, but every valid token still counts
+        # in the normaliser; then the vLLM correction, then the KL term.
+        if self.top_entropy_quantile < 1.0:
+            per_token_loss = per_token_loss * self.get_high_entropy_mask(
+                entropies, mask, 1 - self.top_entropy_quantile
+            )
         if self.use_vllm and self.vllm_importance_sampling_correction:
             per_token_loss = per_token_loss * inputs["importance_sampling_ratio"]
         if self.beta != 0.0:
             ref = inputs["ref_per_token_logps"]
             per_token_kl = torch.exp(ref - logps) - (ref - logps) - 1
+            if self.args.use_bias_correction_kl:
+                # the raw token ratio, differentiable, as GRPOTrainer
+                per_token_kl = per_token_kl * torch.exp(logps - old_logps)
             per_token_loss = per_token_loss + self.beta * per_token_kl
 
         mode = "train" if self.model.training else "eval"
-        loss = self._aggregate(per_token_loss, loss_mask, mode, inputs)
+        loss = self._aggregate(per_token_loss, mask, mode, inputs)
         if aux_enabled:
             accumulation = self.current_gradient_accumulation_steps if mode == "train" else 1.0
             loss = loss + self.router_aux_loss_coef * aux_loss / accumulation
