@@ -30,6 +30,8 @@ from typing import Any
 import torch
 
 from . import torch_ops
+from .params import FilterParams
+from .space import LOG_RATIO_CLAMP, check_space, prior_mean, to_filter_space
 
 __all__ = [
     "LOSS_AGG_MODES",
@@ -51,8 +53,6 @@ LOSS_AGG_MODES = (
     "seq-mean-token-sum-norm",
 )
 
-#: The log-ratio is clamped here before exp in the stop-gradient forms (as in GSPO and KPO).
-LOG_RATIO_CLAMP = 10.0
 KPO_CLIP = (3e-4, 4e-4)
 
 Metrics = dict[str, torch.Tensor]
@@ -188,28 +188,17 @@ def _check_inputs(old_log_prob, log_prob, advantages, response_mask) -> None:
 
 
 def _filtered_log_ratio(
-    z: torch.Tensor,
-    mask: torch.Tensor,
-    *,
-    q: float,
-    r: float,
-    p0: float,
-    space: str,
-    masked: str,
-    backend: str,
+    z: torch.Tensor, mask: torch.Tensor, params: FilterParams, space: str, backend: str
 ) -> torch.Tensor:
-    """The filtered log-ratio ``log x``; differentiable in ``z`` (callers detach as needed)."""
-    kw = {"q": q, "r": r, "p0": p0, "masked": masked, "backend": backend}
+    """The filtered log-ratio ``log x``; differentiable in ``z`` (callers detach as needed). The
+    prior mean is the space's (0 for log-ratios, 1 for ratios), whatever ``params.m0`` says."""
+    filtered = torch_ops.kalman_filter(
+        to_filter_space(z, space), mask, m0=prior_mean(space), params=params, backend=backend
+    )
     if space == "log_ratio":
-        return torch_ops.kalman_filter(z, mask, m0=0.0, **kw)
-    if space == "ratio":
-        ratio = torch.exp(torch.clamp(z, max=LOG_RATIO_CLAMP))
-        filtered = torch_ops.kalman_filter(ratio, mask, m0=1.0, **kw)
-        # a convex combination of positive ratios (and of the prior 1) stays positive
-        return torch.log(
-            torch.where(mask, filtered, torch.ones((), dtype=z.dtype, device=z.device))
-        )
-    raise ValueError(f"space must be 'log_ratio' or 'ratio', got {space!r}")
+        return filtered
+    # a convex combination of positive ratios (and of the prior 1) stays positive
+    return torch.log(torch.where(mask, filtered, torch.ones((), dtype=z.dtype, device=z.device)))
 
 
 def kpo_token_losses(
@@ -220,11 +209,12 @@ def kpo_token_losses(
     *,
     clip: tuple[float, float] | None = None,
     clip_ratio_c: float | None = None,
-    q: float = 1e-6,
-    r: float = 1.0,
-    p0: float = 0.0,
+    q: float | None = None,
+    r: float | None = None,
+    p0: float | None = None,
+    masked: str | None = None,
+    params: FilterParams | None = None,
     space: str = "log_ratio",
-    masked: str = "hold",
     grad: str = "token",
     backend: str = "auto",
 ) -> tuple[torch.Tensor, Metrics]:
@@ -244,14 +234,15 @@ def kpo_token_losses(
             )
     if clip_ratio_c is not None and not clip_ratio_c > 1.0:
         raise ValueError(f"clip_ratio_c must be > 1 (dual clip), got {clip_ratio_c}")
+    settings = FilterParams.resolve(params, q=q, r=r, p0=p0, masked=masked)
+    check_space(space)
     mask = response_mask.bool()
     z = log_prob - old_log_prob
-    filt_kw = {"q": q, "r": r, "p0": p0, "space": space, "masked": masked, "backend": backend}
     if grad == "token":
-        x = _filtered_log_ratio(z.detach(), mask, **filt_kw)
+        x = _filtered_log_ratio(z.detach(), mask, settings, space, backend)
         log_rt = log_prob - log_prob.detach() + x
     else:
-        x = _filtered_log_ratio(z, mask, **filt_kw)
+        x = _filtered_log_ratio(z, mask, settings, space, backend)
         log_rt = x
     rt = torch.exp(torch.clamp(log_rt, max=LOG_RATIO_CLAMP))
 
@@ -314,11 +305,12 @@ def kpo_loss(
     *,
     clip: tuple[float, float] | None = None,
     clip_ratio_c: float | None = None,
-    q: float = 1e-6,
-    r: float = 1.0,
-    p0: float = 0.0,
+    q: float | None = None,
+    r: float | None = None,
+    p0: float | None = None,
+    masked: str | None = None,
+    params: FilterParams | None = None,
     space: str = "log_ratio",
-    masked: str = "hold",
     grad: str = "token",
     loss_agg_mode: str = "seq-mean-token-mean",
     rollout_is_weights: torch.Tensor | None = None,
@@ -343,7 +335,9 @@ def kpo_loss(
         response_mask: ``[batch, time]`` bool (or 0/1) tensor of valid response tokens.
         clip: ``None`` (KPO) or ``(eps_low, eps_high)`` (KPO-clipped).
         clip_ratio_c: optional dual-clip bound (> 1) for negative advantages, as verl's PPO.
-        q, r, p0: filter variances (see :mod:`kpo_rs`); masked: ``"hold"`` or ``"zero"``.
+        q, r, p0, masked: overrides of ``params``, the filter's settings (default
+            ``FilterParams()``, the KPO authors'; its ``m0`` is not used: the prior mean is the
+            space's, 0 for log-ratios and 1 for ratios).
         space, grad: see above.
         loss_agg_mode: one of :data:`LOSS_AGG_MODES`.
         rollout_is_weights: optional ``[batch, time]`` weights multiplied into the per-token
@@ -369,8 +363,9 @@ def kpo_loss(
         q=q,
         r=r,
         p0=p0,
-        space=space,
         masked=masked,
+        params=params,
+        space=space,
         grad=grad,
         backend=backend,
     )
