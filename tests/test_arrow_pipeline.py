@@ -14,7 +14,7 @@ import pytest
 
 import kpo_rs
 from kpo_rs import arrow, cli
-from kpo_rs.pipeline import Columns, analyze_parquet, filter_parquet
+from kpo_rs.pipeline import Columns, PipelineError, analyze_parquet, filter_parquet
 
 KW = {"q": 1e-3, "p0": math.inf}
 
@@ -42,7 +42,9 @@ def _rollouts(n_rows: int, seed: int = 0, max_len: int = 300, dtype=np.float32, 
 
 
 def _expected(table: pa.Table, **kw):
-    """The numpy API on the same data, row by row: (filtered log-ratio lists, null rows)."""
+    """The numpy API on the same data, row by row: filtered log-ratio lists (None for null rows),
+    computed in the dtype of the log-prob columns, as the pipeline and the training loss do."""
+    dtype = table.column("logp").type.value_type.to_pandas_dtype()
     out = []
     for lp, old, m in zip(
         table.column("logp").to_pylist(),
@@ -52,10 +54,12 @@ def _expected(table: pa.Table, **kw):
         if lp is None:
             out.append(None)
             continue
-        z = np.asarray(lp, dtype=np.float64) - np.asarray(old, dtype=np.float64)
+        z = np.asarray(lp, dtype=dtype) - np.asarray(old, dtype=dtype)
         cu = np.array([0, z.size], dtype=np.int64)
         out.append(
-            kpo_rs.kalman_filter_packed(np.where(m, z, 0.0), cu, np.asarray(m, dtype=bool), **kw)
+            kpo_rs.kalman_filter_packed(
+                np.where(m, z, dtype(0)), cu, np.asarray(m, dtype=bool), **kw
+            )
         )
     return out
 
@@ -105,10 +109,11 @@ def test_filter_record_batch_matches_the_numpy_api():
             assert g is None
         else:
             np.testing.assert_allclose(np.asarray(g), w, rtol=0, atol=0)
+    assert out.schema.field("kpo_filtered_ratio").type == pa.list_(pa.float32())
     ratio = out.column("kpo_filtered_ratio").to_pylist()
     for r, g in zip(ratio, got):
-        if g is not None:
-            np.testing.assert_allclose(r, np.exp(g), rtol=1e-15)
+        if g is not None:  # the same float32 exp of the same float32 values
+            np.testing.assert_array_equal(np.float32(r), np.exp(np.float32(g)))
 
 
 def test_ratio_and_log_ratio_sources_and_ratio_space():
@@ -172,10 +177,10 @@ def test_analyze(tmp_path):
         tmp_path / "in.parquet", Columns("logp", "old_logp", mask="mask"), out_dir=tmp_path
     )
     assert result["rows"] == 200
-    assert abs(result["raw"]["switch frequency"] - 0.5) < 0.02
+    assert abs(result["raw"]["switch_frequency"] - 0.5) < 0.02
     # An EMA with gain K switches sign about arccos(1 - K) / pi of the time: 0.08 for K = 0.03.
-    assert result["filtered"]["switch frequency"] < 0.1
-    assert result["filtered"]["low-frequency energy"] > result["raw"]["low-frequency energy"]
+    assert result["filtered"]["switch_frequency"] < 0.1
+    assert result["filtered"]["low_frequency_energy"] > result["raw"]["low_frequency_energy"]
     assert len(result["plots"]) == 3 and all(
         open(p, "rb").read(4) == b"\x89PNG" for p in result["plots"]
     )
@@ -292,3 +297,184 @@ def test_ray_data_map_batches_equals_single_process(tmp_path):
 
     assert result.num_rows == single.num_rows == 120
     assert by_id(result) == by_id(single)
+
+
+# --------------------------------------------------------------------------------------------
+# Data safety: the input is never overwritten, the output is all or nothing, errors name the
+# file's row and the column.
+
+
+def _clean_file(path, rows: int = 40, length: int = 50, dtype=np.float32, seed: int = 20):
+    """A Parquet file of ``rows`` rollouts of ``length`` tokens, row groups of 16 rows; returns
+    the table."""
+    rng = np.random.default_rng(seed)
+    old = (-rng.random(rows * length) * 3).astype(dtype)
+    new = (old + rng.normal(0, 0.2, old.size)).astype(dtype)
+    offsets = pa.array(np.arange(rows + 1, dtype=np.int32) * length)
+    table = pa.table(
+        {
+            "id": np.arange(rows),
+            "logp": pa.ListArray.from_arrays(offsets, new),
+            "old_logp": pa.ListArray.from_arrays(offsets, old),
+        }
+    )
+    pq.write_table(table, path, row_group_size=16)
+    return table
+
+
+def _with_value(table: pa.Table, column: str, row: int, position: int, value: float) -> pa.Table:
+    lists = table.column(column).to_pylist()
+    lists[row][position] = value
+    return table.set_column(
+        table.schema.get_field_index(column), column, pa.array(lists, type=table[column].type)
+    )
+
+
+def _listing(folder) -> list[str]:
+    return sorted(os.listdir(folder))
+
+
+@pytest.mark.parametrize("how", ["same path", "symlink", "hard link", "relative path"])
+def test_refuses_to_write_over_its_input(tmp_path, how, monkeypatch):
+    src = tmp_path / "in.parquet"
+    _clean_file(src)
+    before = src.read_bytes()
+    dst = src
+    if how == "symlink":
+        dst = tmp_path / "link.parquet"
+        dst.symlink_to(src)
+    elif how == "hard link":
+        dst = tmp_path / "hard.parquet"
+        os.link(src, dst)
+    elif how == "relative path":
+        monkeypatch.chdir(tmp_path)
+        dst = "./in.parquet"
+    with pytest.raises(PipelineError, match="is the input file"):
+        filter_parquet(src, dst, Columns("logp", "old_logp"))
+    assert src.read_bytes() == before
+    assert not [n for n in _listing(tmp_path) if n.endswith(".tmp")]
+
+
+def test_a_failed_run_leaves_the_destination_as_it_was(tmp_path):
+    src, dst = tmp_path / "in.parquet", tmp_path / "out.parquet"
+    table = _clean_file(src)
+    pq.write_table(_with_value(table, "old_logp", 35, 2, float("nan")), src, row_group_size=16)
+    dst.write_bytes(b"a good earlier result")
+    with pytest.raises(PipelineError) as info:
+        filter_parquet(src, dst, Columns("logp", "old_logp"), batch_size=8)
+    # row 35 of the file (in the third row group, fourth batch), not row 3 of its batch
+    message = str(info.value)
+    assert "column 'old_logp'" in message and "row 35, position 2" in message, message
+    assert "nan" in message and len(message.splitlines()) == 1
+    assert dst.read_bytes() == b"a good earlier result"
+    assert _listing(tmp_path) == ["in.parquet", "out.parquet"]  # no temporary file left
+
+
+def test_an_interrupted_run_leaves_the_destination_as_it_was(tmp_path):
+    src, dst = tmp_path / "in.parquet", tmp_path / "out.parquet"
+    _clean_file(src)
+    dst.write_bytes(b"before")
+
+    def interrupt(done, total):
+        if done >= 16:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        filter_parquet(src, dst, Columns("logp", "old_logp"), batch_size=8, progress=interrupt)
+    assert dst.read_bytes() == b"before"
+    assert _listing(tmp_path) == ["in.parquet", "out.parquet"]
+
+
+def test_a_successful_run_replaces_the_destination_and_keeps_its_mode(tmp_path):
+    src, dst = tmp_path / "in.parquet", tmp_path / "out.parquet"
+    table = _clean_file(src)
+    dst.write_bytes(b"old")
+    os.chmod(dst, 0o640)
+    filter_parquet(src, dst, Columns("logp", "old_logp"))
+    assert pq.read_table(dst).num_rows == table.num_rows
+    assert dst.stat().st_mode & 0o777 == 0o640
+    fresh = tmp_path / "fresh.parquet"
+    filter_parquet(src, fresh, Columns("logp", "old_logp"))
+    umask = os.umask(0)
+    os.umask(umask)
+    assert fresh.stat().st_mode & 0o777 == 0o666 & ~umask  # as a plain open() would create it
+    # through a symbolic link the link's target is replaced, the link stays
+    link = tmp_path / "link.parquet"
+    link.symlink_to(dst)
+    filter_parquet(src, link, Columns("logp", "old_logp"))
+    assert link.is_symlink() and pq.read_table(dst).num_rows == table.num_rows
+
+
+@pytest.mark.parametrize(
+    ("case", "words"),
+    [
+        ("missing input", "cannot read {d}/nope.parquet: no such file"),
+        ("missing folder", "the output folder {d}/no/such does not exist"),
+        ("folder as output", "is a folder"),
+        ("unwritable folder", "cannot write to the output folder {d}"),
+    ],
+)
+def test_unusable_paths_are_named(tmp_path, case, words, monkeypatch):
+    src = tmp_path / "in.parquet"
+    _clean_file(src)
+    dst = tmp_path / "out.parquet"
+    if case == "missing input":
+        src = tmp_path / "nope.parquet"
+    elif case == "missing folder":
+        dst = tmp_path / "no" / "such" / "out.parquet"
+    elif case == "folder as output":
+        dst = tmp_path
+    else:  # root may write anywhere, so the refusal of the system is simulated
+
+        def refuse(*args, **kwargs):
+            raise PermissionError(13, "Permission denied")
+
+        monkeypatch.setattr("tempfile.mkstemp", refuse)
+    calls = []
+    with pytest.raises(PipelineError, match=words.format(d=tmp_path)):
+        filter_parquet(src, dst, Columns("logp", "old_logp"), progress=lambda *a: calls.append(a))
+    assert calls == []  # nothing reported before the paths are checked
+
+
+def test_non_finite_rows_can_be_written_as_null(tmp_path):
+    src, dst = tmp_path / "in.parquet", tmp_path / "out.parquet"
+    table = _clean_file(src)
+    table = _with_value(table, "logp", 3, 0, float("inf"))
+    table = _with_value(table, "old_logp", 35, 49, float("-inf"))
+    table = _with_value(table, "old_logp", 36, 1, float("nan"))
+    pq.write_table(table, src, row_group_size=16)
+    stats = filter_parquet(src, dst, Columns("logp", "old_logp"), on_non_finite="null", **KW)
+    assert stats.bad_rows == [3, 35, 36] and stats.rows == 40 and stats.null_rows == 0
+    assert stats.tokens == 37 * 50
+    out = pq.read_table(dst)
+    got = out.column("kpo_filtered_log_ratio").to_pylist()
+    assert [i for i, g in enumerate(got) if g is None] == [3, 35, 36]
+    for name in ("logp", "old_logp"):  # the inputs are copied as they were, NaN and all
+        np.testing.assert_array_equal(
+            out[name].combine_chunks().values.to_numpy(),
+            table[name].combine_chunks().values.to_numpy(),
+        )
+    clean = arrow.filter_record_batch(
+        table.slice(0, 3), log_probs="logp", old_log_probs="old_logp", **KW
+    )
+    assert got[:3] == clean.column("kpo_filtered_log_ratio").to_pylist()[:3]
+    # the same counts from kpo analyze
+    result = analyze_parquet(src, Columns("logp", "old_logp"), on_non_finite="null")
+    assert result["bad_rows"] == [3, 35, 36] and result["tokens"] == stats.tokens
+    with pytest.raises(PipelineError, match="column 'logp': non-finite value inf at row 3"):
+        analyze_parquet(src, Columns("logp", "old_logp"))
+
+
+def test_filter_and_analyze_count_the_same_rows_and_tokens(tmp_path):
+    src = tmp_path / "in.parquet"
+    table = _rollouts(120, seed=21)  # null rows, empty rows, masked tokens
+    pq.write_table(table, src, row_group_size=40)
+    cols = Columns("logp", "old_logp", mask="mask")
+    stats = filter_parquet(src, tmp_path / "out.parquet", cols, batch_size=25)
+    result = analyze_parquet(src, cols, batch_size=25)
+    nulls = sum(v is None for v in table.column("logp").to_pylist())
+    valid = sum(
+        sum(m) for lp, m in zip(table.column("logp").to_pylist(), table["mask"].to_pylist()) if lp
+    )
+    assert (stats.rows, stats.null_rows, stats.tokens) == (120, nulls, valid)
+    assert (result["rows"], result["null_rows"], result["tokens"]) == (120, nulls, valid)

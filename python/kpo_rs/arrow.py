@@ -7,15 +7,25 @@ always read without a copy. Null lists stay null; null elements inside a list ar
 masked positions (skipped under ``masked="hold"``; the output there is the held state).
 
 :func:`filter_record_batch` adds filtered columns to a record batch of rollouts: from a log-prob
-and an old log-prob column (or a log-ratio or ratio column), with an optional ``list<bool>``
-mask column. It is a pure function of the batch, so it also serves as a Ray Data ``map_batches``
-step (``batch_format="pyarrow"``).
+and an old log-prob column (or a log-ratio or ratio column), with an optional mask column
+(``list<bool>``, or integers 0/1 as verl's ``response_mask``). It is a pure function of the batch,
+so it also serves as a Ray Data ``map_batches`` step (``batch_format="pyarrow"``).
+
+Dtypes: the new columns are float32 when every source column holds float32 or float16, float64
+when one holds float64; the log-ratio ``logp - old_logp`` is formed in that dtype, as the training
+loss forms it from tensors of that dtype.
+
+Bad rows: a source value that is not finite (NaN, +-inf) at a valid token, a ratio <= 0, lists of
+different lengths in one row, or a mask value other than 0/1 raise :class:`RowError`, which names
+the column, the row of the batch and the position in the list. With ``on_non_finite="null"`` a row
+with a non-finite value at a valid token gets null outputs instead, and the run goes on.
 
 Requires pyarrow (``pip install 'kpo-rs[arrow]'``).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -23,11 +33,17 @@ import numpy as np
 try:
     import pyarrow as pa
 except ImportError as exc:  # pragma: no cover - exercised only without pyarrow
-    raise ImportError("kpo_rs.arrow needs pyarrow: pip install 'kpo-rs[arrow]'") from exc
+    raise ImportError(
+        "kpo_rs.arrow needs pyarrow: pip install 'kpo-rs[arrow]'", name="pyarrow"
+    ) from exc
 
 from . import kalman_filter_packed
+from .params import FilterParams
+from .space import check_space, prior_mean, to_filter_space
 
 __all__ = [
+    "ON_NON_FINITE",
+    "RowError",
     "filter_list_array",
     "filter_log_ratio",
     "filter_record_batch",
@@ -35,11 +51,35 @@ __all__ = [
     "packed_view",
 ]
 
-FILTER_KEYS = ("q", "r", "p0", "m0", "masked")
+#: What to do with a row holding a non-finite value at a valid token: stop, or write null outputs.
+ON_NON_FINITE = ("error", "null")
+
+
+class RowError(ValueError):
+    """Bad data in one row of a batch: ``column`` (its name), ``row`` (0-based, in the batch),
+    ``position`` (0-based, in the row's list; None when the whole row is at fault), ``reason``.
+
+    :meth:`shifted` gives the same error with the row counted from an earlier start (the row of
+    the file when the batch starts at row ``offset`` of the file)."""
+
+    def __init__(self, column: str, row: int, position: int | None, reason: str) -> None:
+        self.column, self.row, self.position, self.reason = column, row, position, reason
+        where = f"row {row}" if position is None else f"row {row}, position {position}"
+        super().__init__(f"column {column!r}: {reason} at {where}")
+
+    def shifted(self, offset: int) -> RowError:
+        """This error with ``row + offset``."""
+        return RowError(self.column, self.row + offset, self.position, self.reason)
 
 
 def _is_list(t: pa.DataType) -> bool:
     return pa.types.is_list(t) or pa.types.is_large_list(t)
+
+
+def _row_of(cu: np.ndarray, index: int) -> tuple[int, int]:
+    """``(row, position)`` of flat ``index`` in the packed layout ``cu``."""
+    row = int(np.searchsorted(cu, index, side="right")) - 1
+    return row, int(index - cu[row])
 
 
 def packed_view(
@@ -57,14 +97,20 @@ def packed_view(
 def _view(
     arr: pa.Array, name: str, *, floats: bool
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    """:func:`packed_view` of a ``list<float>`` (``floats``) or ``list<bool>`` column."""
+    """:func:`packed_view` of a ``list<float>`` (``floats``) or a mask column: ``list<bool>`` or
+    a list of integers that are all 0 or 1 (returned as bool; RowError naming the first other
+    value)."""
     kind = "float" if floats else "bool"
     if not _is_list(arr.type):
         raise TypeError(f"{name} must be a list<{kind}> column, got {arr.type}")
     value_type = arr.type.value_type
-    ok = pa.types.is_floating(value_type) if floats else pa.types.is_boolean(value_type)
+    if floats:
+        ok = pa.types.is_floating(value_type)
+    else:
+        ok = pa.types.is_boolean(value_type) or pa.types.is_integer(value_type)
     if not ok:
-        raise TypeError(f"{name} must hold {kind}s, got list<{value_type}>")
+        what = "floats" if floats else "bools or 0/1 integers"
+        raise TypeError(f"{name} must hold {what}, got list<{value_type}>")
     offsets = arr.offsets.to_numpy(zero_copy_only=False)
     start, end = int(offsets[0]), int(offsets[-1])
     child = arr.values.slice(start, end - start)
@@ -72,13 +118,22 @@ def _view(
     valid = None
     if child.null_count:
         valid = child.is_valid().to_numpy(zero_copy_only=False)
-        child = child.fill_null(0.0 if floats else False)
+        child = child.fill_null(0.0 if floats else 0)
     if arr.null_count:
         list_valid = arr.is_valid().to_numpy(zero_copy_only=False)
         per_value = np.repeat(list_valid, np.diff(cu))
         valid = per_value if valid is None else valid & per_value
     zero_copy = floats and child.null_count == 0 and value_type != pa.float16()
     values = child.to_numpy(zero_copy_only=zero_copy)
+    if not floats and values.dtype != np.bool_:
+        odd = (values != 0) & (values != 1)
+        if valid is not None:
+            odd &= valid
+        if odd.any():
+            index = int(np.flatnonzero(odd)[0])
+            row, position = _row_of(cu, index)
+            raise RowError(name, row, position, f"mask value {values[index]} is not 0 or 1")
+        values = values.astype(bool)
     return values, cu.astype(np.int64, copy=False), valid
 
 
@@ -95,9 +150,16 @@ def _null_rows(arr: pa.Array) -> np.ndarray | None:
     return arr.is_null().to_numpy(zero_copy_only=False) if arr.null_count else None
 
 
-def _filter_chunk(arr: pa.Array, name: str, **kw: Any) -> pa.Array:
+def _settings(params: FilterParams | None, overrides: dict[str, Any]) -> FilterParams:
+    unknown = set(overrides) - {"q", "r", "p0", "m0", "masked"}
+    if unknown:
+        raise TypeError(f"unknown filter setting {sorted(unknown)[0]!r}")
+    return FilterParams.resolve(params, **overrides)
+
+
+def _filter_chunk(arr: pa.Array, name: str, p: FilterParams) -> pa.Array:
     values, cu, valid = packed_view(arr, name)
-    out = kalman_filter_packed(values, cu, valid, **kw)
+    out = kalman_filter_packed(values, cu, valid, q=p.q, r=p.r, p0=p.p0, m0=p.m0, masked=p.masked)
     return _rebuild(cu, out, _null_rows(arr), pa.types.is_large_list(arr.type))
 
 
@@ -119,9 +181,11 @@ def _aligned(
         differ = np.flatnonzero(keep & (length != lengths[0]))
         if differ.size:
             row = int(differ[0])
-            raise ValueError(
-                f"{name!r} and {columns[0][1]!r} have lists of different lengths "
-                f"(row {row}: {int(length[row])} and {int(lengths[0][row])})"
+            raise RowError(
+                name,
+                row,
+                None,
+                f"{int(length[row])} values where {columns[0][1]!r} has {int(lengths[0][row])}",
             )
     cu0 = views[0][1]
     if null_rows is None and all(np.array_equal(cu, cu0) for _, cu, _ in views):
@@ -142,15 +206,17 @@ def _aligned(
     return values, cu, null_rows, valid
 
 
-def filter_list_array(arr: pa.Array | pa.ChunkedArray, **kw: Any) -> pa.Array | pa.ChunkedArray:
+def filter_list_array(
+    arr: pa.Array | pa.ChunkedArray, *, params: FilterParams | None = None, **overrides: Any
+) -> pa.Array | pa.ChunkedArray:
     """Filters each list of ``arr`` (``list<float>`` or ``large_list<float>``, or a chunked array
-    of them) with :func:`kpo_rs.kalman_filter_packed`; keyword arguments ``q, r, p0, m0,
-    masked`` as there. Returns the same kind of array, dtype and nulls."""
+    of them) with :func:`kpo_rs.kalman_filter_packed` under ``params`` (default
+    ``FilterParams()``; keyword overrides ``q, r, p0, m0, masked``). Returns the same kind of
+    array, dtype and nulls."""
+    p = _settings(params, overrides)
     if isinstance(arr, pa.ChunkedArray):
-        return pa.chunked_array(
-            [_filter_chunk(c, "values", **kw) for c in arr.chunks], type=arr.type
-        )
-    return _filter_chunk(arr, "values", **kw)
+        return pa.chunked_array([_filter_chunk(c, "values", p) for c in arr.chunks], type=arr.type)
+    return _filter_chunk(arr, "values", p)
 
 
 def _column(batch: pa.RecordBatch, name: str) -> pa.Array:
@@ -159,73 +225,98 @@ def _column(batch: pa.RecordBatch, name: str) -> pa.Array:
     return batch.column(batch.schema.get_field_index(name))
 
 
-def filter_record_batch(
-    batch: pa.RecordBatch | pa.Table,
+@dataclass
+class _LogRatios:
+    """The log-ratios of a batch in the packed layout, and where they came from."""
+
+    z: np.ndarray  # [total] in the output dtype
+    cu: np.ndarray  # [rows + 1] int64
+    null_rows: np.ndarray | None  # [rows] bool, or None when no row is null
+    valid: np.ndarray | None  # [total] bool, or None when every position is valid
+    large: bool  # whether the first source column is a large_list
+    sources: list[tuple[str, np.ndarray]]  # (name, values aligned with z) of each source column
+
+    def non_finite(self) -> np.ndarray:
+        """Flat indices of valid positions whose log-ratio is not finite."""
+        bad = ~np.isfinite(self.z)
+        if self.valid is not None:
+            bad &= self.valid
+        return np.flatnonzero(bad)
+
+    def error_at(self, index: int) -> RowError:
+        """The RowError for a non-finite log-ratio at flat ``index``, naming the source column
+        holding the non-finite value."""
+        name = self.sources[0][0]
+        value = self.z[index]
+        for source, values in self.sources:
+            if not np.isfinite(values[index]):
+                name, value = source, values[index]
+                break
+        row, position = _row_of(self.cu, index)
+        return RowError(name, row, position, f"non-finite value {value}")
+
+    def drop_rows(self, rows: np.ndarray) -> None:
+        """Makes ``rows`` null (their outputs too) and their positions invalid."""
+        null = np.zeros(self.cu.size - 1, dtype=bool) if self.null_rows is None else self.null_rows
+        null = null.copy()
+        null[rows] = True
+        self.null_rows = null
+        per_value = np.repeat(~null, np.diff(self.cu))
+        self.valid = per_value if self.valid is None else self.valid & per_value
+
+
+def _float_dtype(types: list[pa.DataType]) -> np.dtype:
+    wide = any(t.value_type == pa.float64() for t in types)
+    return np.dtype(np.float64 if wide else np.float32)
+
+
+def _log_ratios(
+    batch: pa.RecordBatch,
     *,
-    log_probs: str | None = None,
-    old_log_probs: str | None = None,
-    log_ratio: str | None = None,
-    ratio: str | None = None,
-    mask: str | None = None,
-    space: str = "log_ratio",
-    prefix: str = "kpo_",
-    **kw: Any,
-) -> pa.RecordBatch | pa.Table:
-    """``batch`` (a record batch or a table, returned as the same) with two more columns,
-    ``{prefix}filtered_log_ratio`` and ``{prefix}filtered_ratio`` (``list<float>``, with the
-    offsets of the input).
-
-    The log-ratio is ``log_probs - old_log_probs``, or the ``log_ratio`` column, or ``log`` of the
-    ``ratio`` column (exactly one source). ``mask`` names an optional ``list<bool>`` column (True:
-    valid token). ``space="log_ratio"`` filters log-ratios (prior 0); ``"ratio"`` filters ratios
-    (prior 1). Other keywords (``q, r, p0, masked``) go to the filter.
-    """
-    if isinstance(batch, pa.Table):  # as Ray Data hands batches over: give back a table
-        columns = [c.combine_chunks() for c in batch.columns]
-        one = pa.RecordBatch.from_arrays(columns, schema=batch.schema)
-        kwargs = {"log_probs": log_probs, "old_log_probs": old_log_probs, "log_ratio": log_ratio}
-        out = filter_record_batch(
-            one, ratio=ratio, mask=mask, space=space, prefix=prefix, **kwargs, **kw
-        )
-        return pa.Table.from_batches([out])
-    z, cu, null_rows, valid, large = log_ratio_view(
-        batch,
-        log_probs=log_probs,
-        old_log_probs=old_log_probs,
-        log_ratio=log_ratio,
-        ratio=ratio,
-        mask=mask,
-    )
-    log_x = filter_log_ratio(z, cu, valid, space=space, **kw)
-    columns = {
-        f"{prefix}filtered_log_ratio": _rebuild(cu, log_x, null_rows, large),
-        f"{prefix}filtered_ratio": _rebuild(cu, np.exp(log_x), null_rows, large),
-    }
-    out = batch
-    for name, col in columns.items():
-        if name in out.schema.names:
-            raise ValueError(f"the batch already has a column {name!r}; choose another prefix")
-        out = out.append_column(name, col)
-    return out
-
-
-def filter_log_ratio(
-    z: np.ndarray, cu: np.ndarray, valid: np.ndarray | None, *, space: str = "log_ratio", **kw: Any
-) -> np.ndarray:
-    """The filtered log-ratio of packed log-ratios ``z`` (``valid`` marks usable tokens):
-    ``space="log_ratio"`` filters ``z`` (prior 0), ``"ratio"`` filters ``exp(z)`` (prior 1) and
-    returns its log. Other keywords (``q, r, p0, m0, masked``) go to the filter."""
-    if space not in ("log_ratio", "ratio"):
-        raise ValueError(f"space must be 'log_ratio' or 'ratio', got {space!r}")
-    dtype = np.float32 if z.dtype == np.float32 else np.float64
-    z = z.astype(dtype, copy=False)
-    if valid is not None:
-        z = np.where(valid, z, 0.0).astype(dtype, copy=False)
-    if space == "log_ratio":
-        return kalman_filter_packed(z, cu, valid, **{"m0": 0.0, **kw})
-    x = kalman_filter_packed(np.exp(z), cu, valid, **{"m0": 1.0, **kw})
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return np.log(x)
+    log_probs: str | None,
+    old_log_probs: str | None,
+    log_ratio: str | None,
+    ratio: str | None,
+    mask: str | None,
+) -> _LogRatios:
+    sources = [
+        log_probs is not None and old_log_probs is not None,
+        log_ratio is not None,
+        ratio is not None,
+    ]
+    if sum(sources) != 1 or (log_probs is None) != (old_log_probs is None):
+        raise ValueError("give exactly one of: log_probs and old_log_probs, log_ratio, ratio")
+    if log_probs is not None:
+        names = [log_probs, old_log_probs]
+    else:
+        names = [log_ratio if log_ratio is not None else ratio]
+    wanted = [(_column(batch, n), n, True) for n in names]
+    if mask is not None:
+        wanted.append((_column(batch, mask), mask, False))
+    values, cu, null_rows, valid = _aligned(wanted)
+    for arr, name, _ in wanted[: len(names)]:
+        if not _is_list(arr.type):  # pragma: no cover - _aligned has checked
+            raise TypeError(f"{name} must be a list<float> column, got {arr.type}")
+    dtype = _float_dtype([arr.type for arr, _, _ in wanted[: len(names)]])
+    if mask is not None:
+        valid = values[-1] if valid is None else valid & values[-1]
+    src = [(n, v) for n, v in zip(names, values)]
+    if log_probs is not None:
+        z = values[0].astype(dtype, copy=False) - values[1].astype(dtype, copy=False)
+    else:
+        z = values[0].astype(dtype, copy=False)
+        if ratio is not None:
+            bad = z <= 0
+            if valid is not None:
+                bad &= valid
+            if bad.any():
+                index = int(np.flatnonzero(bad)[0])
+                row, position = _row_of(cu, index)
+                raise RowError(ratio, row, position, f"ratio {z[index]} <= 0 has no logarithm")
+            with np.errstate(divide="ignore", invalid="ignore"):
+                z = np.log(z)
+    large = pa.types.is_large_list(wanted[0][0].type)
+    return _LogRatios(z, cu, null_rows, valid, large, src)
 
 
 def log_ratio_view(
@@ -239,36 +330,130 @@ def log_ratio_view(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None, bool]:
     """The log-ratios of a batch in the packed layout: ``(z, cu_seqlens, null_rows, valid,
     large)``; rows null in any source column are null (and empty), ``valid`` marks usable tokens
-    (element not null, mask True), ``large`` whether the source is a ``large_list``."""
-    sources = [
-        log_probs is not None and old_log_probs is not None,
-        log_ratio is not None,
-        ratio is not None,
-    ]
-    if sum(sources) != 1 or (log_probs is None) != (old_log_probs is None):
-        raise ValueError("give exactly one of: log_probs and old_log_probs, log_ratio, ratio")
-    if log_probs is not None:
-        wanted = [
-            (_column(batch, log_probs), log_probs, True),
-            (_column(batch, old_log_probs), old_log_probs, True),
-        ]
-    else:
-        name = log_ratio if log_ratio is not None else ratio
-        wanted = [(_column(batch, name), name, True)]
-    if mask is not None:
-        wanted.append((_column(batch, mask), mask, False))
-    values, cu, null_rows, valid = _aligned(wanted)
-    if log_probs is not None:
-        z = values[0].astype(np.float64) - values[1]
-    else:
-        z = values[0]
-        if ratio is not None:
-            bad = z <= 0
-            if bad.any() and (valid is None or (bad & valid).any()):
-                raise ValueError(f"{ratio!r} holds ratios <= 0, which have no logarithm")
-            with np.errstate(divide="ignore", invalid="ignore"):
-                z = np.log(z)
-    if mask is not None:
-        valid = values[-1] if valid is None else valid & values[-1]
-    large = pa.types.is_large_list(wanted[0][0].type)
-    return z, cu, null_rows, valid, large
+    (element not null, mask true), ``large`` whether the source is a ``large_list``. ``z`` is
+    float32 unless a source column holds float64."""
+    lr = _log_ratios(
+        batch,
+        log_probs=log_probs,
+        old_log_probs=old_log_probs,
+        log_ratio=log_ratio,
+        ratio=ratio,
+        mask=mask,
+    )
+    return lr.z, lr.cu, lr.null_rows, lr.valid, lr.large
+
+
+def _filter_both(
+    z: np.ndarray, cu: np.ndarray, valid: np.ndarray | None, p: FilterParams, space: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(filtered log-ratio, filtered ratio)`` of packed log-ratios ``z`` (nats), both in z's
+    dtype. The ratio is the one the KPO loss uses: ``exp(min(log-ratio, LOG_RATIO_CLAMP))``."""
+    check_space(space)
+    if valid is not None:
+        z = np.where(valid, z, z.dtype.type(0))
+    m0 = float(to_filter_space(np.asarray(p.m0, dtype=np.float64), space))
+    kw = {"q": p.q, "r": p.r, "p0": p.p0, "m0": m0, "masked": p.masked}
+    x = kalman_filter_packed(to_filter_space(z, space), cu, valid, **kw)
+    if space == "log_ratio":
+        return x, to_filter_space(x, "ratio")
+    if valid is not None and p.masked == "zero":  # masked outputs are 0: read them as the prior
+        x = np.where(valid, x, x.dtype.type(prior_mean(space)))
+    # x is a convex combination of positive ratios and the prior: its log is finite
+    return np.log(x), x
+
+
+def filter_log_ratio(
+    z: np.ndarray,
+    cu: np.ndarray,
+    valid: np.ndarray | None,
+    *,
+    space: str = "log_ratio",
+    params: FilterParams | None = None,
+    **overrides: Any,
+) -> np.ndarray:
+    """The filtered log-ratio ``[total]`` (z's dtype, nats) of packed log-ratios ``z`` (``valid``
+    marks usable tokens): ``space="log_ratio"`` filters ``z``; ``"ratio"`` filters
+    ``kpo_rs.space.to_filter_space(z, "ratio")`` (the ratio clamped as the training loss clamps
+    it) and returns its log. The prior mean is ``to_filter_space(params.m0)``: ``m0`` is a
+    log-ratio, so the default gives 0 and 1 (``kpo_rs.space.prior_mean``). Settings: ``params``
+    with keyword overrides ``q, r, p0, m0, masked``."""
+    check_space(space)
+    if not np.issubdtype(z.dtype, np.floating) or z.dtype == np.float16:
+        z = z.astype(np.float64)
+    return _filter_both(z, cu, valid, _settings(params, overrides), space)[0]
+
+
+def _filter_batch(
+    batch: pa.RecordBatch,
+    *,
+    sources: dict[str, str | None],
+    space: str,
+    prefix: str,
+    params: FilterParams,
+    on_non_finite: str,
+) -> tuple[pa.RecordBatch, np.ndarray, int]:
+    """``(batch with the new columns, rows made null for non-finite values, valid tokens)``."""
+    if on_non_finite not in ON_NON_FINITE:
+        raise ValueError(f"on_non_finite must be 'error' or 'null', got {on_non_finite!r}")
+    check_space(space)
+    names = [f"{prefix}filtered_log_ratio", f"{prefix}filtered_ratio"]
+    for name in names:
+        if name in batch.schema.names:
+            raise ValueError(f"the batch already has a column {name!r}; choose another prefix")
+    lr = _log_ratios(batch, **sources)
+    bad = lr.non_finite()
+    dropped = np.zeros(0, dtype=np.int64)
+    if bad.size:
+        if on_non_finite == "error":
+            raise lr.error_at(int(bad[0]))
+        dropped = np.unique(np.searchsorted(lr.cu, bad, side="right") - 1)
+        lr.drop_rows(dropped)
+    log_x, ratio = _filter_both(lr.z, lr.cu, lr.valid, params, space)
+    out = batch
+    for name, values in zip(names, (log_x, ratio)):
+        out = out.append_column(name, _rebuild(lr.cu, values, lr.null_rows, lr.large))
+    tokens = int(lr.cu[-1]) if lr.valid is None else int(np.count_nonzero(lr.valid))
+    return out, dropped, tokens
+
+
+def filter_record_batch(
+    batch: pa.RecordBatch | pa.Table,
+    *,
+    log_probs: str | None = None,
+    old_log_probs: str | None = None,
+    log_ratio: str | None = None,
+    ratio: str | None = None,
+    mask: str | None = None,
+    space: str = "log_ratio",
+    prefix: str = "kpo_",
+    on_non_finite: str = "error",
+    params: FilterParams | None = None,
+    **overrides: Any,
+) -> pa.RecordBatch | pa.Table:
+    """``batch`` (a record batch or a table, returned as the same) with two more columns,
+    ``{prefix}filtered_log_ratio`` (nats) and ``{prefix}filtered_ratio`` (``exp`` of it, clamped
+    at ``exp(10)`` as the KPO loss clamps it), lists with the offsets of the input, float32 unless
+    a source column holds float64.
+
+    The log-ratio is ``log_probs - old_log_probs``, or the ``log_ratio`` column, or ``log`` of the
+    ``ratio`` column (exactly one source). ``mask`` names an optional mask column (``list<bool>``
+    or 0/1 integers; true: valid token). ``space="log_ratio"`` filters log-ratios (prior 0);
+    ``"ratio"`` filters ratios (prior 1). ``on_non_finite="null"`` writes null outputs for rows
+    with a non-finite value at a valid token instead of raising :class:`RowError`. Settings:
+    ``params`` (default ``FilterParams()``) with keyword overrides ``q, r, p0, m0, masked``.
+    """
+    p = _settings(params, overrides)
+    sources = {
+        "log_probs": log_probs,
+        "old_log_probs": old_log_probs,
+        "log_ratio": log_ratio,
+        "ratio": ratio,
+        "mask": mask,
+    }
+    kw = {"sources": sources, "space": space, "prefix": prefix, "params": p}
+    if isinstance(batch, pa.Table):  # as Ray Data hands batches over: give back a table
+        columns = [c.combine_chunks() for c in batch.columns]
+        one = pa.RecordBatch.from_arrays(columns, schema=batch.schema)
+        out, _, _ = _filter_batch(one, on_non_finite=on_non_finite, **kw)
+        return pa.Table.from_batches([out])
+    return _filter_batch(batch, on_non_finite=on_non_finite, **kw)[0]
