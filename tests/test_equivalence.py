@@ -29,10 +29,6 @@ def _grad_like(batch, seed: int) -> np.ndarray:
     return rng.normal(size=batch.values.shape).astype(batch.dtype)
 
 
-def _adj_params(params):
-    return {k: v for k, v in params.items() if k != "m0"}
-
-
 @given(testing.padded_batches(), PARAMS)
 def test_padded_forward_matches_reference(batch, params):
     got = kpo_rs.kalman_filter(batch.values, batch.mask, **params)
@@ -54,7 +50,7 @@ def test_packed_forward_matches_reference(batch, params):
 @given(testing.padded_batches(), PARAMS, st.integers(0, 2**32 - 1))
 def test_padded_adjoint_matches_reference(batch, params, seed):
     grad = _grad_like(batch, seed)
-    p = _adj_params(params)
+    p = params
     dz, dm0 = kpo_rs.kalman_filter_adjoint(grad, batch.mask, **p)
     assert dz.dtype == dm0.dtype == batch.dtype
     assert dz.shape == grad.shape and dm0.shape == (grad.shape[0],)
@@ -69,7 +65,7 @@ def test_padded_adjoint_matches_reference(batch, params, seed):
 @given(testing.packed_batches(), PARAMS, st.integers(0, 2**32 - 1))
 def test_packed_adjoint_matches_reference(batch, params, seed):
     grad = _grad_like(batch, seed)
-    p = _adj_params(params)
+    p = params
     dz, dm0 = kpo_rs.kalman_filter_packed_adjoint(grad, batch.cu_seqlens, batch.mask, **p)
     assert dz.shape == grad.shape and dm0.shape == (len(batch.cu_seqlens) - 1,)
     want_dz, want_dm0 = reference.kalman_filter_packed_adjoint(
@@ -90,7 +86,7 @@ def test_packed_and_padded_agree_bitwise(batch, params, seed):
     packed = kpo_rs.kalman_filter_packed(batch.values.ravel(), cu, flat_mask, **params)
     np.testing.assert_array_equal(packed, padded.ravel())
     grad = _grad_like(batch, seed)
-    p = _adj_params(params)
+    p = params
     dz, dm0 = kpo_rs.kalman_filter_adjoint(grad, batch.mask, **p)
     dz_packed, dm0_packed = kpo_rs.kalman_filter_packed_adjoint(grad.ravel(), cu, flat_mask, **p)
     np.testing.assert_array_equal(dz_packed, dz.ravel())
@@ -204,7 +200,7 @@ def test_few_long_rows_match_reference(dtype, params):
     testing.assert_filter_close(
         got, want, testing.forward_envelope(batch, params), batch.dtype, batch.row_length
     )
-    adj = _adj_params(params)
+    adj = params
     got_dz, got_dm0 = kpo_rs.kalman_filter_adjoint(grad, mask, **adj)
     want_dz, want_dm0 = reference.kalman_filter_adjoint(grad, mask, **adj)
     env_dz, env_dm0 = testing.adjoint_envelope(batch, grad, params)

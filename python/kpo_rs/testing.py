@@ -21,6 +21,7 @@ for rows of thousands of tokens, and hypothesis still shrinks towards small shap
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -35,6 +36,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
     ) from exc
 
 from . import reference
+from .params import FilterParams
 
 __all__ = [
     "PackedBatch",
@@ -204,17 +206,15 @@ def packed_batches(
 
 @st.composite
 def filter_params(draw: Any, *, masked: tuple[str, ...] = ("hold", "zero")) -> dict[str, Any]:
-    """Keyword arguments ``q, r, p0, m0, masked``: q and r over many decades (q = 0 included),
-    p0 zero, finite or infinite (the flat prior, where ``K_0 = 1``)."""
+    """Settings as keyword arguments ``q, r, p0, m0, masked`` (a :class:`~kpo_rs.FilterParams`
+    as a dict, so ``**params`` fits every function, the adjoints included): q and r over many
+    decades (q = 0 included), p0 zero, finite or infinite (the flat prior, where ``K_0 = 1``)."""
     q = draw(st.one_of(st.just(0.0), st.just(1e-6), st.floats(-8, 2).map(lambda e: 10.0**e)))
     r = draw(st.one_of(st.just(1.0), st.floats(-3, 3).map(lambda e: 10.0**e)))
     p0 = draw(st.one_of(st.just(0.0), st.just(math.inf), st.floats(-4, 2).map(lambda e: 10.0**e)))
     m0 = draw(st.one_of(st.just(0.0), st.floats(-2.0, 2.0)))
-    return {"q": q, "r": r, "p0": p0, "m0": m0, "masked": draw(st.sampled_from(masked))}
-
-
-def _without_m0(params: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in params.items() if k != "m0"}
+    settings = FilterParams(q=q, r=r, p0=p0, m0=m0, masked=draw(st.sampled_from(masked)))
+    return dataclasses.asdict(settings)
 
 
 def forward_envelope(batch: PaddedBatch | PackedBatch, params: dict[str, Any]) -> np.ndarray:
@@ -244,13 +244,12 @@ def adjoint_envelope(
     batch: PaddedBatch | PackedBatch, grad: np.ndarray, params: dict[str, Any]
 ) -> tuple[np.ndarray, np.ndarray]:
     """The adjoint applied to ``|grad|``: bounds on ``|dvalues|`` and ``|dm0|``."""
-    p = _without_m0(params)
     absg = np.abs(grad)
-    if batch.mask is not None and p.get("masked") == "zero":
+    if batch.mask is not None and params.get("masked") == "zero":
         absg = np.where(batch.mask, absg, 0.0)
     if isinstance(batch, PackedBatch):
-        return reference.kalman_filter_packed_adjoint(absg, batch.cu_seqlens, batch.mask, **p)
-    return reference.kalman_filter_adjoint(absg, batch.mask, **p)
+        return reference.kalman_filter_packed_adjoint(absg, batch.cu_seqlens, batch.mask, **params)
+    return reference.kalman_filter_adjoint(absg, batch.mask, **params)
 
 
 def tolerance(envelope: np.ndarray, dtype: np.dtype, row_length: int) -> np.ndarray:
