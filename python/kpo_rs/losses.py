@@ -27,7 +27,12 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
+try:
+    import torch
+except ImportError as exc:  # pragma: no cover - exercised only without torch
+    raise ImportError(
+        "kpo_rs.losses needs PyTorch: pip install 'kpo-rs[torch]' (or pip install torch)"
+    ) from exc
 
 from . import torch_ops
 from .params import FilterParams
