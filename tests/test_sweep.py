@@ -242,3 +242,15 @@ def test_runs_store_every_step_reward(tmp_path):
     payload = json.loads(stored.read_text())
     assert len(payload["row"]["rewards"]) == cfg.steps
     assert payload["key"]["demo"]["steps"] == "2"
+
+
+def test_runs_are_ordered_regime_by_regime_with_every_loss_of_a_seed_together(tmp_path):
+    cfg = _tiny(tmp_path, losses=("grpo", "kpo", "gspo"), minibatches=(1, 2), lags=(0, 1), seeds=2)
+    _, evals = plan(cfg)
+    assert len(evals) == 3 * 4 * 2
+    blocks = [evals[i : i + 3] for i in range(0, len(evals), 3)]
+    for block in blocks:
+        assert [t.loss for t in block] == list(cfg.losses)
+        assert len({(t.lr, t.minibatches, t.lag, t.seed) for t in block}) == 1
+    staleness = [t.lag + (t.minibatches - 1) / 2 for t in evals]
+    assert staleness == sorted(staleness, reverse=True)

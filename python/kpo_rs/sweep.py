@@ -226,10 +226,29 @@ def _cells(cfg: SweepConfig, lrs: Sequence[float]) -> list[Task]:
     return cells
 
 
+def _ordered(tasks: list[Task], cfg: SweepConfig) -> list[Task]:
+    """Regime by regime (the most off-policy first), within a regime seed by seed, every loss
+    of a seed together: a sweep stopped early has complete comparisons for the regimes it did."""
+
+    def key(t: Task) -> tuple:
+        return (
+            -(t.lag + (t.minibatches - 1) / 2),
+            cfg.lrs.index(t.lr),
+            cfg.response_lens.index(t.response_len),
+            cfg.minibatches.index(t.minibatches),
+            t.seed,
+            cfg.losses.index(t.loss),
+            -1 if t.q is None else cfg.qs.index(t.q),
+            -1 if t.p0 is None else cfg.p0s.index(t.p0),
+        )
+
+    return sorted(tasks, key=key)
+
+
 def plan(cfg: SweepConfig) -> tuple[list[Task], list[Task]]:
-    """The tuning runs (empty without ``tune_lr``) and the reported runs of the grid; with
-    ``tune_lr``, the reported runs are listed at the grid's first learning rate (the chosen one
-    replaces it once tuning has finished)."""
+    """The tuning runs (empty without ``tune_lr``) and the reported runs of the grid, in the
+    order they run; with ``tune_lr``, the reported runs are listed at the grid's first learning
+    rate (the chosen one replaces it once tuning has finished)."""
     if cfg.tune_lr:
         tune = [
             dataclasses.replace(c, seed=cfg.seed0 + TUNE_SEED_OFFSET + s, phase="tune")
@@ -241,13 +260,13 @@ def plan(cfg: SweepConfig) -> tuple[list[Task], list[Task]]:
             for c in _cells(cfg, cfg.lrs[:1])
             for s in range(cfg.seeds)
         ]
-        return tune, evals
+        return _ordered(tune, cfg), _ordered(evals, cfg)
     evals = [
         dataclasses.replace(c, seed=cfg.seed0 + s)
         for c in _cells(cfg, cfg.lrs)
         for s in range(cfg.seeds)
     ]
-    return [], evals
+    return [], _ordered(evals, cfg)
 
 
 # --------------------------------------------------------------------------------------------
@@ -506,6 +525,13 @@ def _count(text: str) -> int:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of ``kpo sweep`` (each grid option takes a comma-separated list)."""
     d = SweepConfig.__dataclass_fields__
+    if not parser.description:
+        parser.description = (
+            "Runs the demo's task for every combination of the grid's values, each loss on the "
+            "same seeds, and writes results.csv (one row per run), report.md (which loss wins "
+            "where, by how much, with uncertainty) and plots to --out. Finished runs are stored "
+            "as they end: the same command continues an interrupted sweep."
+        )
     parser.add_argument(
         "--preset",
         choices=sorted(PRESETS),
@@ -516,38 +542,56 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--losses",
         type=_names,
+        metavar="LIST",
         help="comma-separated loss names from kpo_rs.loss_table (default grpo,kpo_clipped; "
         "presets: all)",
     )
-    parser.add_argument("--lr", dest="lrs", type=_floats, help="learning rates (default 1e-2)")
     parser.add_argument(
-        "--minibatches", type=_ints, help="updates per rollout batch, e.g. 1,4 (default 4)"
+        "--lr", dest="lrs", type=_floats, metavar="LIST", help="learning rates (default 1e-2)"
+    )
+    parser.add_argument(
+        "--minibatches",
+        type=_ints,
+        metavar="LIST",
+        help="updates per rollout batch, e.g. 1,4 (default 4)",
     )
     parser.add_argument(
         "--lag",
         dest="lags",
         type=_ints,
+        metavar="LIST",
         help="rollouts come from the policy this many updates old (default 1)",
     )
     parser.add_argument(
-        "--response-len", dest="response_lens", type=_ints, help="answer lengths (default 128)"
+        "--response-len",
+        dest="response_lens",
+        type=_ints,
+        metavar="LIST",
+        help="answer lengths (default 128)",
     )
     parser.add_argument(
         "--q",
         dest="qs",
         type=_floats,
+        metavar="LIST",
         help="filter process-noise variances for the KPO losses (default: the authors')",
     )
     parser.add_argument(
         "--p0",
         dest="p0s",
         type=_floats,
+        metavar="LIST",
         help="filter prior variances for the KPO losses, inf = flat prior (default: the authors')",
     )
-    parser.add_argument("--seeds", type=_count, help="reported seeds per cell (default 3)")
-    parser.add_argument("--steps", type=_count, help="RL steps per run (default 40)")
     parser.add_argument(
-        "--seed0", type=_count, help="first seed (default 0); tuning seeds start 1000 above"
+        "--seeds", type=_count, metavar="N", help="reported seeds per cell (default 3)"
+    )
+    parser.add_argument("--steps", type=_count, metavar="N", help="RL steps per run (default 40)")
+    parser.add_argument(
+        "--seed0",
+        type=_count,
+        metavar="N",
+        help="first seed (default 0); tuning seeds start 1000 above",
     )
     parser.add_argument(
         "--tune-lr",
@@ -556,15 +600,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="choose each loss's learning rate from --lr on separate tuning seeds first",
     )
     parser.add_argument(
-        "--tune-seeds", type=_count, help="seeds per learning rate when tuning (default 2)"
+        "--tune-seeds",
+        type=_count,
+        metavar="N",
+        help="seeds per learning rate when tuning (default 2)",
     )
     parser.add_argument(
         "--workers",
         type=_count,
+        metavar="N",
         help=f"worker processes, one torch thread each (default: the cores, "
         f"{d['workers'].default_factory()} here)",
     )
-    parser.add_argument("--out", help="output folder (default kpo-sweep-out)")
+    parser.add_argument("--out", metavar="DIR", help="output folder (default kpo-sweep-out)")
     parser.add_argument(
         "--report-only",
         action="store_true",
