@@ -296,6 +296,8 @@ def test_ray_data_map_batches_equals_single_process(tmp_path):
         return dict(zip(t.column("id").to_pylist(), t.column("kpo_filtered_log_ratio").to_pylist()))
 
     assert result.num_rows == single.num_rows == 120
+    for name in ("kpo_filtered_log_ratio", "kpo_filtered_ratio"):  # float32 in, float32 out
+        assert result.schema.field(name).type.value_type == pa.float32()
     assert by_id(result) == by_id(single)
 
 
@@ -478,3 +480,101 @@ def test_filter_and_analyze_count_the_same_rows_and_tokens(tmp_path):
     )
     assert (stats.rows, stats.null_rows, stats.tokens) == (120, nulls, valid)
     assert (result["rows"], result["null_rows"], result["tokens"]) == (120, nulls, valid)
+
+
+# --------------------------------------------------------------------------------------------
+# One ratio space for the pipeline and the training loss; dtypes; masks; writer settings.
+
+
+def test_ratio_space_agrees_with_the_training_loss_above_the_clamp():
+    """Log-ratios above 10 (where exp is clamped) through the pipeline's filter_log_ratio and the
+    KPO loss: the filtered ratios agree. Both run the same float64 filter and agree bit for bit
+    on this machine; the pipeline then takes exp of a log up to 10, whose last-bit error (1.8e-15
+    absolute) becomes a relative error of the ratio, and torch's exp/log may differ from numpy's
+    by an ulp: rtol 1e-14 bounds both."""
+    torch = pytest.importorskip("torch")
+    from kpo_rs import losses
+    from kpo_rs.space import LOG_RATIO_CLAMP
+
+    rng = np.random.default_rng(30)
+    z = rng.normal(0.0, 0.5, (3, 64))
+    z[0, 5], z[1, 0], z[2, 30:34] = 12.0, 25.0, [11.0, 40.0, 10.5, 700.0]
+    mask = rng.random(z.shape) < 0.85
+    mask[:, 0] = mask[0, 5] = mask[2, 30:34] = True
+    kw = {"q": 1e-2, "p0": math.inf, "r": 1.0}
+    cu = np.arange(4, dtype=np.int64) * 64
+    log_x = arrow.filter_log_ratio(z.ravel(), cu, mask.ravel(), space="ratio", **kw)
+    t = torch.from_numpy
+    per_token, _ = losses.kpo_token_losses(
+        t(np.zeros_like(z)), t(z), -torch.ones(z.shape, dtype=torch.float64), t(mask),
+        space="ratio", **kw,
+    )  # fmt: skip
+    # with advantages -1 and no clip, the per-token loss is the ratio the loss uses
+    loss_ratio = per_token.numpy()[mask]
+    pipe_ratio = np.exp(np.minimum(log_x.reshape(z.shape)[mask], LOG_RATIO_CLAMP))
+    np.testing.assert_allclose(pipe_ratio, loss_ratio, rtol=1e-14, atol=0)
+    # the clamp matters here: without it the filtered ratios would differ widely
+    unclamped = kpo_rs.kalman_filter_packed(np.exp(z.ravel()), cu, mask.ravel(), m0=1.0, **kw)
+    assert not np.allclose(unclamped.reshape(z.shape)[mask], loss_ratio, rtol=1e-3)
+
+
+@pytest.mark.parametrize(
+    ("types", "out"),
+    [
+        ((pa.float32(), pa.float32()), pa.float32()),
+        ((pa.float16(), pa.float32()), pa.float32()),
+        ((pa.float64(), pa.float64()), pa.float64()),
+        ((pa.float32(), pa.float64()), pa.float64()),
+    ],
+)
+def test_new_columns_keep_the_input_float_width(types, out):
+    values = [[-0.5, -1.25, -0.125], [], None, [-2.0]]
+    batch = pa.record_batch(
+        [pa.array(values, type=pa.list_(t)) for t in types], names=["logp", "old_logp"]
+    )
+    got = arrow.filter_record_batch(batch, log_probs="logp", old_log_probs="old_logp")
+    for name in ("kpo_filtered_log_ratio", "kpo_filtered_ratio"):
+        assert got.schema.field(name).type == pa.list_(out)
+    assert got.column("kpo_filtered_ratio").to_pylist()[:2] == [[1.0, 1.0, 1.0], []]
+
+
+@pytest.mark.parametrize("int_type", [pa.int8(), pa.int32(), pa.int64(), pa.uint8()])
+def test_masks_of_zero_one_integers_equal_bool_masks(int_type):
+    table = _rollouts(30, seed=31)
+    ints = pa.array(
+        [None if m is None else [int(b) for b in m] for m in table["mask"].to_pylist()],
+        type=pa.list_(int_type),
+    )
+    step = {"log_probs": "logp", "old_log_probs": "old_logp", "mask": "mask", **KW}
+    want = arrow.filter_record_batch(table, **step)
+    got = arrow.filter_record_batch(table.set_column(3, "mask", ints), **step)
+    assert got.column("kpo_filtered_log_ratio").equals(want.column("kpo_filtered_log_ratio"))
+
+
+def test_other_mask_values_are_refused_naming_row_and_position():
+    lp = pa.array([[-1.0, -2.0], [-1.0, -0.5, -0.1]], type=pa.list_(pa.float32()))
+    mask = pa.array([[1, 1], [1, 2, 0]], type=pa.list_(pa.int64()))
+    batch = pa.record_batch([lp, mask], names=["logp", "response_mask"])
+    with pytest.raises(arrow.RowError) as info:
+        arrow.filter_record_batch(batch, log_ratio="logp", mask="response_mask")
+    assert (
+        str(info.value) == "column 'response_mask': mask value 2 is not 0 or 1 at row 1, position 1"
+    )
+    assert str(info.value.shifted(100)).endswith("at row 101, position 1")
+    floats = pa.record_batch([lp, lp], names=["logp", "m"])
+    with pytest.raises(TypeError, match="m must hold bools or 0/1 integers, got list<float>"):
+        arrow.filter_record_batch(floats, log_ratio="logp", mask="m")
+
+
+def test_output_is_written_with_float_suited_settings(tmp_path):
+    src, dst = tmp_path / "in.parquet", tmp_path / "out.parquet"
+    table = _rollouts(50, seed=32)
+    pq.write_table(table, src)
+    filter_parquet(src, dst, Columns("logp", "old_logp", mask="mask"))
+    meta = pq.ParquetFile(dst).metadata.row_group(0)
+    chunks = {meta.column(i).path_in_schema: meta.column(i) for i in range(meta.num_columns)}
+    for name in ("logp", "old_logp", "kpo_filtered_log_ratio", "kpo_filtered_ratio"):
+        chunk = chunks[f"{name}.list.element"]
+        assert "BYTE_STREAM_SPLIT" in chunk.encodings and "RLE_DICTIONARY" not in chunk.encodings
+        assert chunk.compression == "ZSTD"
+    assert "RLE_DICTIONARY" in chunks["id"].encodings  # other columns keep pyarrow's defaults
