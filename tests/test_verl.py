@@ -8,6 +8,7 @@ formulas in a possibly different association of sums).
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -191,3 +192,62 @@ def test_settings_from_the_environment_and_configure(monkeypatch):
         kpo_verl.settings()
     with pytest.raises(TypeError, match="unknown KPO settings"):
         kpo_verl.configure(gamma=1.0)
+
+
+@pytest.mark.parametrize(
+    ("var", "value", "message"),
+    [
+        ("KPO_Q", "-1", "KPO_Q=-1: q must be a number >= 0"),
+        ("KPO_Q", "lots", "KPO_Q=lots: q must be a number"),
+        ("KPO_R", "0", "KPO_R=0: r must be a finite number > 0"),
+        ("KPO_P0", "nan", "KPO_P0=nan: p0 must be"),
+        ("KPO_MASKED", "skip", "KPO_MASKED=skip: masked must be 'hold' or 'zero'"),
+        ("KPO_SPACE", "prob", "KPO_SPACE=prob: space must be one of"),
+        ("KPO_GRAD", "adjoint", "KPO_GRAD=adjoint: grad must be one of"),
+        ("KPO_BACKEND", "gpu", "KPO_BACKEND=gpu: backend must be one of"),
+    ],
+)
+def test_bad_environment_value_names_the_variable(monkeypatch, var, value, message):
+    monkeypatch.setenv(var, value)
+    with pytest.raises(ValueError, match=message):
+        kpo_verl.settings()
+    old, logp, adv, mask, _ = _batch(5)
+    with pytest.raises(ValueError, match=f"^{var}="):
+        get_policy_loss_fn("kpo")(old, logp, adv, mask, loss_agg_mode="token-mean")
+
+
+def test_configure_checks_values_and_names_the_setting():
+    with pytest.raises(ValueError, match=r"configure\(q=-1\): q must be a number >= 0"):
+        kpo_verl.configure(q=-1)
+    with pytest.raises(ValueError, match=r"configure\(backend='gpu'\): backend must be one of"):
+        kpo_verl.configure(backend="gpu")
+    assert kpo_verl.settings()["q"] == kpo_verl.ENV_VARS["q"][1]  # nothing was set
+
+
+def test_unknown_kpo_variable_warns_once_and_lists_the_known_ones(monkeypatch):
+    monkeypatch.setenv("KPO_QQ", "1e-5")
+    monkeypatch.setenv("KPO_VENV", "/somewhere")  # the development scripts' own variable
+    monkeypatch.setattr(kpo_verl, "_warned_unknown", set())
+    with pytest.warns(UserWarning, match="KPO_QQ") as record:
+        kpo_verl.settings()
+    (warning,) = record
+    assert "KPO_VENV" not in str(warning.message)
+    assert all(var in str(warning.message) for var, _ in kpo_verl.ENV_VARS.values())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        kpo_verl.settings()  # warned once per process
+
+
+def test_active_settings_are_logged_once_per_process(monkeypatch, capsys):
+    old, logp, adv, mask, _ = _batch(6)
+    fn = get_policy_loss_fn("kpo")
+    monkeypatch.setattr(kpo_verl, "_last_logged", [])
+    monkeypatch.setenv("KPO_Q", "1e-4")
+    for _ in range(3):
+        fn(old, logp, adv, mask, loss_agg_mode="token-mean")
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1, lines
+    assert "q=0.0001" in lines[0] and "backend=auto" in lines[0] and "KPO_Q" in lines[0]
+    monkeypatch.setenv("KPO_Q", "1e-3")  # a change is logged again
+    fn(old, logp, adv, mask, loss_agg_mode="token-mean")
+    assert "q=0.001" in capsys.readouterr().err

@@ -122,7 +122,7 @@ class KPOConfig(GRPOConfig):
     )
     kpo_backend: str = field(
         default=BACKENDS[0],
-        metadata={"help": "Filter backend: 'auto', 'rust', 'scan' or 'reference'."},
+        metadata={"help": f"Filter backend, one of {BACKENDS}."},
     )
 
     def __post_init__(self) -> None:

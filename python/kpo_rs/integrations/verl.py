@@ -17,18 +17,27 @@ The clip range is verl's own ``clip_ratio_low`` / ``clip_ratio_high`` (as for ve
 values above are the KPO authors'), the aggregation verl's ``loss_agg_mode``, and rollout
 correction weights and data-parallel normalisation (``global_batch_info``) are applied as verl
 applies them. The filter settings, which verl's config classes have no fields for, come from
-environment variables read at each call (defaults: the KPO authors' settings):
+environment variables read at each call (defaults: :class:`kpo_rs.params.FilterParams` and the
+losses' own, the KPO authors' settings):
 
-    KPO_Q (1e-6), KPO_R (1.0), KPO_P0 (0.0), KPO_MASKED (hold), KPO_SPACE (log_ratio),
-    KPO_GRAD (token), KPO_BACKEND (auto)
+    KPO_Q (1e-6), KPO_R (1.0), KPO_P0 (0.0; inf for a flat prior), KPO_MASKED (hold | zero),
+    KPO_SPACE (log_ratio | ratio), KPO_GRAD (token | filter),
+    KPO_BACKEND (auto: the filter's implementation, one of kpo_rs.torch_ops.BACKENDS; auto
+    picks the Rust core for CPU tensors and a GPU kernel for CUDA tensors)
 
 Set them for every Ray worker through verl's config, for example
 ``+ray_kwargs.ray_init.runtime_env.env_vars.KPO_Q=1e-5``, or in-process with :func:`configure`.
+A bad value raises ``ValueError`` naming the variable (``KPO_Q=-1: q must be a number >= 0``); a
+``KPO_*`` variable that is none of these (a typo such as ``KPO_QQ``) warns once and lists the known
+ones; each worker process prints the settings its first KPO loss call uses (and again whenever
+they change) on stderr, so that a run's log shows what each worker filtered with.
 """
 
 from __future__ import annotations
 
 import os
+import sys
+import warnings
 from typing import Any
 
 try:
@@ -39,47 +48,136 @@ except ImportError as exc:  # pragma: no cover - exercised only without verl
 import torch
 
 from ..losses import kpo_loss
+from ..params import FilterParams
+from ..space import SPACES
+from ..torch_ops import BACKENDS
 
-__all__ = ["compute_policy_loss_kpo", "compute_policy_loss_kpo_clipped", "configure", "settings"]
+__all__ = [
+    "ENV_VARS",
+    "compute_policy_loss_kpo",
+    "compute_policy_loss_kpo_clipped",
+    "configure",
+    "settings",
+]
 
-_ENV = {
-    "q": ("KPO_Q", float, 1e-6),
-    "r": ("KPO_R", float, 1.0),
-    "p0": ("KPO_P0", float, 0.0),
-    "masked": ("KPO_MASKED", str, "hold"),
-    "space": ("KPO_SPACE", str, "log_ratio"),
-    "grad": ("KPO_GRAD", str, "token"),
-    "backend": ("KPO_BACKEND", str, "auto"),
+_DEFAULTS = FilterParams()
+_GRADS = ("token", "filter")
+#: Setting -> (environment variable, default).
+ENV_VARS: dict[str, tuple[str, Any]] = {
+    "q": ("KPO_Q", _DEFAULTS.q),
+    "r": ("KPO_R", _DEFAULTS.r),
+    "p0": ("KPO_P0", _DEFAULTS.p0),
+    "masked": ("KPO_MASKED", _DEFAULTS.masked),
+    "space": ("KPO_SPACE", SPACES[0]),
+    "grad": ("KPO_GRAD", _GRADS[0]),
+    "backend": ("KPO_BACKEND", BACKENDS[0]),
 }
+_CHOICES = {"space": SPACES, "grad": _GRADS, "backend": BACKENDS}
+_FLOATS = ("q", "r", "p0")
+# KPO_* variables of kpo-rs's development scripts (scripts/*.sh): known, not filter settings.
+_SCRIPT_VARS = ("KPO_VENV", "KPO_DIST")
 _overrides: dict[str, Any] = {}
+_warned_unknown: set[str] = set()
+_cache: dict[tuple, dict[str, Any]] = {}
+_last_logged: list[dict[str, Any]] = []
+
+
+def _check(values: dict[str, Any], source: dict[str, str]) -> dict[str, Any]:
+    """``values`` checked; ValueError / TypeError naming where a bad value came from
+    (``source[key]``: ``"KPO_Q='-1'"`` or ``"configure(q=-1)"``)."""
+    try:
+        FilterParams(**{k: values[k] for k in ("q", "r", "p0", "masked")})
+    except (TypeError, ValueError) as exc:
+        # FilterParams names its field first ("q must be ..."): name the variable too.
+        field = str(exc).split(" ", 1)[0]
+        raise type(exc)(f"{source.get(field, field)}: {exc}") from None
+    for key, allowed in _CHOICES.items():
+        if values[key] not in allowed:
+            raise ValueError(f"{source[key]}: {key} must be one of {allowed}, got {values[key]!r}")
+    return values
 
 
 def configure(**kwargs: Any) -> None:
     """Sets filter settings in this process (``q``, ``r``, ``p0``, ``masked``, ``space``, ``grad``,
-    ``backend``); they take precedence over the environment. ``configure()`` clears them."""
-    unknown = set(kwargs) - set(_ENV)
+    ``backend``); they take precedence over the environment. ``configure()`` clears them.
+
+    Raises TypeError for an unknown name, and ValueError / TypeError naming the setting for a bad
+    value (checked together with the settings already in force)."""
+    unknown = set(kwargs) - set(ENV_VARS)
     if unknown:
-        raise TypeError(f"unknown KPO settings {sorted(unknown)}; known: {sorted(_ENV)}")
+        raise TypeError(f"unknown KPO settings {sorted(unknown)}; known: {sorted(ENV_VARS)}")
     if not kwargs:
         _overrides.clear()
+        return
+    values = settings() | kwargs
+    source = {k: f"configure({k}={v!r})" for k, v in kwargs.items()}
+    source.update({k: ENV_VARS[k][0] for k in values if k not in source})
+    _check(values, source)
     _overrides.update(kwargs)
 
 
+def _warn_unknown_variables() -> None:
+    known = {var for var, _ in ENV_VARS.values()} | set(_SCRIPT_VARS)
+    unknown = sorted(v for v in os.environ if v.startswith("KPO_") and v not in known)
+    new = [v for v in unknown if v not in _warned_unknown]
+    if new:
+        _warned_unknown.update(new)
+        warnings.warn(
+            f"unknown KPO environment variable(s) {', '.join(new)} (ignored); the KPO loss "
+            f"reads {', '.join(var for var, _ in ENV_VARS.values())}",
+            UserWarning,
+            stacklevel=3,
+        )
+
+
 def settings() -> dict[str, Any]:
-    """The filter settings the losses use now: :func:`configure`, else environment, else default."""
-    out = {}
-    for key, (var, kind, default) in _ENV.items():
-        if key in _overrides:
-            out[key] = _overrides[key]
-            continue
-        raw = os.environ.get(var)
-        try:
-            out[key] = default if raw is None else kind(raw)
-        except ValueError as exc:
-            raise ValueError(
-                f"environment variable {var}={raw!r} is not a valid {kind.__name__}"
-            ) from exc
-    return out
+    """The filter settings the losses use now: :func:`configure`, else environment, else default.
+
+    Raises ValueError naming the environment variable when its value is not valid."""
+    raw = {key: os.environ.get(var) for key, (var, _) in ENV_VARS.items()}
+    _warn_unknown_variables()
+    key = (tuple(raw.items()), tuple(sorted(_overrides.items(), key=lambda kv: kv[0])))
+    cached = _cache.get(key)
+    if cached is not None:
+        return dict(cached)
+    values: dict[str, Any] = {}
+    source: dict[str, str] = {}
+    for name, (var, default) in ENV_VARS.items():
+        if name in _overrides:
+            values[name], source[name] = _overrides[name], f"configure({name}=...)"
+        elif raw[name] is None:
+            values[name], source[name] = default, f"{name} (default)"
+        else:
+            text = raw[name].strip()
+            source[name] = f"{var}={raw[name]}"
+            if name in _FLOATS:
+                try:
+                    values[name] = float(text)
+                except ValueError:
+                    raise ValueError(f"{source[name]}: {name} must be a number") from None
+            else:
+                values[name] = text
+    _check(values, source)
+    if len(_cache) > 64:
+        _cache.clear()
+    _cache[key] = values
+    return dict(values)
+
+
+def _log_settings(values: dict[str, Any]) -> None:
+    """Prints the settings in force once per process, and again when they change."""
+    if _last_logged and _last_logged[0] == values:
+        return
+    _last_logged[:] = [dict(values)]
+    shown = ", ".join(f"{k}={v}" for k, v in values.items())
+    from_env = [var for var, _ in ENV_VARS.values() if var in os.environ]
+    origin = f"from {', '.join(from_env)}" if from_env else "defaults"
+    print(
+        f"kpo_rs (pid {os.getpid()}): verl KPO loss filter settings {shown} ({origin}"
+        f"{'; configure() overrides ' + ', '.join(sorted(_overrides)) if _overrides else ''})",
+        file=sys.stderr,
+        flush=True,
+    )
 
 
 def _clip_range(config: Any) -> tuple[float, float]:
@@ -108,6 +206,8 @@ def _run(
     global_batch_info = (
         dict(config.get("global_batch_info", None) or {}) if config is not None else {}
     )
+    current = settings()
+    _log_settings(current)
     loss, metrics = kpo_loss(
         old_log_prob,
         log_prob,
@@ -117,7 +217,7 @@ def _run(
         loss_agg_mode=loss_agg_mode,
         rollout_is_weights=rollout_is_weights,
         global_batch_info=global_batch_info,
-        **settings(),
+        **current,
     )
     # verl's own names pass through as they are; the KPO-specific metrics go under actor/kpo/.
     verl_names = ("pg_clipfrac", "ppo_kl", "pg_clipfrac_lower")
