@@ -6,7 +6,9 @@ verl's four tensors; its recommended settings are filled in and any of them can 
 API (small and stable):
 
 ``LOSSES: Mapping[str, LossSpec]``
-    Read-only mapping, name -> :class:`LossSpec`, in a fixed order (KPO's baselines first).
+    Read-only mapping, name -> :class:`LossSpec`, in a fixed order: ``grpo``, ``gspo``,
+    ``gmpo``, ``kpo``, ``kpo_clipped`` (:mod:`kpo_rs.losses`), then the peers ``dppo_tv``,
+    ``dppo_kl``, ``minpro``, ``bapo`` (:mod:`kpo_rs.peers`).
 ``LOSS_NAMES: tuple[str, ...]``
     The names, in the table's order.
 ``get_loss(name) -> LossSpec``
@@ -36,7 +38,7 @@ from typing import Any
 
 import torch
 
-from . import losses
+from . import losses, peers
 
 __all__ = ["LOSSES", "LOSS_NAMES", "LossSpec", "get_loss"]
 
@@ -132,6 +134,51 @@ def _specs() -> list[LossSpec]:
             {"clip": losses.KPO_CLIP, "loss_agg_mode": "seq-mean-token-mean"},
             "KPO with the filtered ratio clipped to [1-3e-4, 1+4e-4] (the paper's main variant).",
             "Kalman-filtered Policy Optimization, arXiv 2602.10609",
+        ),
+        LossSpec(
+            "dppo_tv",
+            peers.dppo_loss,
+            {
+                "divergence": "tv",
+                "clip": peers.DPPO_CLIP["tv"],
+                "clip_ratio_c": 20.0,
+                "loss_agg_mode": "seq-mean-token-sum-norm",
+            },
+            "Policy gradient masked outside a binary total-variation trust region of 0.15.",
+            "DPPO, Rethinking the Trust Region in LLM Reinforcement Learning, arXiv 2602.04879",
+        ),
+        LossSpec(
+            "dppo_kl",
+            peers.dppo_loss,
+            {
+                "divergence": "kl",
+                "clip": peers.DPPO_CLIP["kl"],
+                "clip_ratio_c": 20.0,
+                "loss_agg_mode": "seq-mean-token-sum-norm",
+            },
+            "Policy gradient masked outside a binary KL trust region of 0.05 nats.",
+            "DPPO, Rethinking the Trust Region in LLM Reinforcement Learning, arXiv 2602.04879",
+        ),
+        LossSpec(
+            "minpro",
+            peers.minpro_loss,
+            {"clip": peers.MINPRO_CLIP, "loss_agg_mode": "token-mean"},
+            "Token clip weighted by the minimum token ratio over the preceding prefix.",
+            "MinPRO, A Step Back: Prefix Importance Ratio Stabilizes Policy Optimization, "
+            "arXiv 2601.22718",
+        ),
+        LossSpec(
+            "bapo",
+            peers.bapo_loss,
+            {
+                "target": peers.BAPO_TARGET,
+                "lower": peers.BAPO_LOWER,
+                "upper": peers.BAPO_UPPER,
+                "step": peers.BAPO_STEP,
+                "loss_agg_mode": "token-mean",
+            },
+            "Token clip whose bounds are searched per batch until positive tokens carry half.",
+            "BAPO, Balanced Policy Optimization with Adaptive Clipping, arXiv 2510.18927",
         ),
     ]
 
