@@ -17,6 +17,7 @@ from verl.workers.config import FSDPActorConfig
 
 import kpo_rs.integrations.verl as kpo_verl
 from kpo_rs import losses
+from kpo_rs.loss_table import get_loss
 
 AGG_MODES = list(losses.LOSS_AGG_MODES)
 
@@ -251,3 +252,38 @@ def test_active_settings_are_logged_once_per_process(monkeypatch, capsys):
     monkeypatch.setenv("KPO_Q", "1e-3")  # a change is logged again
     fn(old, logp, adv, mask, loss_agg_mode="token-mean")
     assert "q=0.001" in capsys.readouterr().err
+
+
+def test_peer_losses_are_registered():
+    assert get_policy_loss_fn("minpro") is kpo_verl.compute_policy_loss_minpro
+    assert get_policy_loss_fn("bapo") is kpo_verl.compute_policy_loss_bapo
+
+
+@pytest.mark.parametrize("mode", AGG_MODES)
+@pytest.mark.parametrize("name", ["minpro", "bapo"])
+def test_registered_peers_through_verl(name, mode):
+    """Called as verl calls them: the table's loss with the actor's clip range (MinPRO) and dual
+    clip (both), verl's aggregation and rollout weights; verl-style float metrics."""
+    old, logp, adv, mask, w = _batch(8)
+    cfg = _config(clip_ratio_low=0.2, clip_ratio_high=0.28, clip_ratio_c=3.0, loss_agg_mode=mode)
+    fn = get_policy_loss_fn(name)
+    loss, grad, metrics = _loss_and_grad(
+        fn, old, logp, adv, mask.float(), loss_agg_mode=mode, config=cfg, rollout_is_weights=w
+    )
+    overrides = {"clip": (0.2, 0.28)} if name == "minpro" else {}
+    want = _loss_and_grad(
+        get_loss(name),
+        old,
+        logp,
+        adv,
+        mask,
+        clip_ratio_c=3.0,
+        loss_agg_mode=mode,
+        rollout_is_weights=w,
+        **overrides,
+    )
+    torch.testing.assert_close(loss, want[0])
+    torch.testing.assert_close(grad, want[1])
+    assert {"actor/pg_clipfrac", "actor/ppo_kl", "actor/pg_clipfrac_lower"} <= set(metrics)
+    assert any(k.startswith(f"actor/{name}/") for k in metrics)
+    assert all(isinstance(v, float) and math.isfinite(v) for v in metrics.values())

@@ -1,9 +1,11 @@
 """KPO policy losses for upstream verl (no fork needed).
 
-Importing this module registers two entries in verl's policy-loss registry:
+Importing this module registers four entries in verl's policy-loss registry:
 
 - ``"kpo_clipped"``: KPO-clipped, the paper's main variant;
-- ``"kpo"``: KPO without clipping.
+- ``"kpo"``: KPO without clipping;
+- ``"minpro"`` and ``"bapo"``: two of the KPO paper's peers (:mod:`kpo_rs.peers`; verl has no
+  loss of these names). DPPO, the third peer, is verl's own (``dppo_tv`` / ``dppo_kl``).
 
 It is imported automatically when kpo-rs is installed next to verl (it is declared as a
 ``verl.plugins`` entry point, which verl loads on import unless ``VERL_USE_EXTERNAL_PLUGINS=none``),
@@ -47,6 +49,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without verl
 
 import torch
 
+from ..loss_table import get_loss
 from ..losses import kpo_loss
 from ..params import FilterParams
 from ..space import SPACES
@@ -54,8 +57,10 @@ from ..torch_ops import BACKENDS
 
 __all__ = [
     "ENV_VARS",
+    "compute_policy_loss_bapo",
     "compute_policy_loss_kpo",
     "compute_policy_loss_kpo_clipped",
+    "compute_policy_loss_minpro",
     "configure",
     "settings",
 ]
@@ -180,7 +185,7 @@ def _log_settings(values: dict[str, Any]) -> None:
     )
 
 
-def _clip_range(config: Any) -> tuple[float, float]:
+def _clip_range(config: Any, loss: str) -> tuple[float, float]:
     low = config.get("clip_ratio_low", None)
     high = config.get("clip_ratio_high", None)
     base = config.get("clip_ratio", None)
@@ -188,9 +193,27 @@ def _clip_range(config: Any) -> tuple[float, float]:
     high = base if high is None else high
     if low is None or high is None:
         raise ValueError(
-            "kpo_clipped needs actor.clip_ratio_low and actor.clip_ratio_high (or clip_ratio)"
+            f"{loss} needs actor.clip_ratio_low and actor.clip_ratio_high (or clip_ratio)"
         )
     return float(low), float(high)
+
+
+def _dual_clip(config: Any) -> float | None:
+    """verl's dual-clip bound ``clip_ratio_c`` (its vanilla loss applies it; default 3)."""
+    value = config.get("clip_ratio_c", None)
+    return None if value is None else float(value)
+
+
+def _global_batch_info(config: Any) -> dict[str, Any]:
+    return dict(config.get("global_batch_info", None) or {}) if config is not None else {}
+
+
+def _verl_metrics(metrics: dict[str, torch.Tensor], prefix: str) -> dict[str, float]:
+    """verl's own names pass through as they are; the loss's own go under ``actor/<prefix>/``."""
+    verl_names = ("pg_clipfrac", "ppo_kl", "pg_clipfrac_lower")
+    out = {f"actor/{k}": float(metrics[k]) for k in verl_names}
+    out.update({f"actor/{prefix}/{k}": float(v) for k, v in metrics.items() if k not in verl_names})
+    return out
 
 
 def _run(
@@ -203,9 +226,6 @@ def _run(
     config: Any,
     rollout_is_weights: torch.Tensor | None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    global_batch_info = (
-        dict(config.get("global_batch_info", None) or {}) if config is not None else {}
-    )
     current = settings()
     _log_settings(current)
     loss, metrics = kpo_loss(
@@ -216,14 +236,10 @@ def _run(
         clip=clip,
         loss_agg_mode=loss_agg_mode,
         rollout_is_weights=rollout_is_weights,
-        global_batch_info=global_batch_info,
+        global_batch_info=_global_batch_info(config),
         **current,
     )
-    # verl's own names pass through as they are; the KPO-specific metrics go under actor/kpo/.
-    verl_names = ("pg_clipfrac", "ppo_kl", "pg_clipfrac_lower")
-    out = {f"actor/{k}": float(metrics[k]) for k in verl_names}
-    out.update({f"actor/kpo/{k}": float(v) for k, v in metrics.items() if k not in verl_names})
-    return loss, out
+    return loss, _verl_metrics(metrics, "kpo")
 
 
 @register_policy_loss("kpo_clipped")
@@ -240,7 +256,7 @@ def compute_policy_loss_kpo_clipped(
     if config is None:
         raise ValueError("kpo_clipped needs verl's actor config (for the clip range)")
     return _run(
-        _clip_range(config),
+        _clip_range(config, "kpo_clipped"),
         old_log_prob,
         log_prob,
         advantages,
@@ -272,3 +288,61 @@ def compute_policy_loss_kpo(
         config,
         rollout_is_weights,
     )
+
+
+@register_policy_loss("minpro")
+def compute_policy_loss_minpro(
+    old_log_prob: torch.Tensor,
+    log_prob: torch.Tensor,
+    advantages: torch.Tensor,
+    response_mask: torch.Tensor,
+    loss_agg_mode: str = "token-mean",
+    config: Any = None,
+    rollout_is_weights: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """MinPRO (:func:`kpo_rs.peers.minpro_loss`) with verl's signature: the token clip is the
+    actor's ``clip_ratio_low`` / ``clip_ratio_high`` and the dual clip its ``clip_ratio_c``, as
+    for verl's vanilla loss."""
+    if config is None:
+        raise ValueError("minpro needs verl's actor config (for the clip range)")
+    loss, metrics = get_loss("minpro")(
+        old_log_prob,
+        log_prob,
+        advantages,
+        response_mask,
+        clip=_clip_range(config, "minpro"),
+        clip_ratio_c=_dual_clip(config),
+        loss_agg_mode=loss_agg_mode,
+        rollout_is_weights=rollout_is_weights,
+        global_batch_info=_global_batch_info(config),
+    )
+    return loss, _verl_metrics(metrics, "minpro")
+
+
+@register_policy_loss("bapo")
+def compute_policy_loss_bapo(
+    old_log_prob: torch.Tensor,
+    log_prob: torch.Tensor,
+    advantages: torch.Tensor,
+    response_mask: torch.Tensor,
+    loss_agg_mode: str = "token-mean",
+    config: Any = None,
+    rollout_is_weights: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """BAPO (:func:`kpo_rs.peers.bapo_loss`) with verl's signature. BAPO searches its ratio
+    bounds per batch within the ranges of :mod:`kpo_rs.loss_table` (the authors' settings), so
+    the actor's ``clip_ratio_low/high`` are not used; the dual clip is the actor's
+    ``clip_ratio_c`` (as in the authors' verl recipe). With ``torch.distributed`` initialised
+    every rank chooses the same bounds from the global batch."""
+    dual = _dual_clip(config) if config is not None else None
+    loss, metrics = get_loss("bapo")(
+        old_log_prob,
+        log_prob,
+        advantages,
+        response_mask,
+        clip_ratio_c=dual,
+        loss_agg_mode=loss_agg_mode,
+        rollout_is_weights=rollout_is_weights,
+        global_batch_info=_global_batch_info(config),
+    )
+    return loss, _verl_metrics(metrics, "bapo")
