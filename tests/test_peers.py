@@ -337,6 +337,17 @@ def test_bapo_candidates():
     assert peers.bapo_candidates(1.2, 1.3, 0.07) == pytest.approx([1.2, 1.27, 1.3])
     assert peers.bapo_candidates(0.6, 0.9, 0.0) == [0.6]
     assert peers.bapo_candidates(0.7, 0.7, 0.05) == [0.7]
+    # the device-side construction gives the same values, bit for bit
+    for grid in [
+        (0.6, 0.9, 0.05),
+        (1.2, 3.0, 0.05),
+        (1.2, 1.3, 0.07),
+        (0.6, 0.9, 0.0),
+        (0.3, 0.99, 0.013),
+    ]:
+        for dtype in (torch.float64, torch.float32):
+            got = peers._candidates_on(torch.device("cpu"), *grid, dtype)
+            assert got.tolist() == torch.tensor(peers.bapo_candidates(*grid), dtype=dtype).tolist()
 
 
 def test_bapo_hand_checked_search():

@@ -498,33 +498,43 @@ def _bapo_grid(target: float, lower: Any, upper: Any, step: Any) -> tuple[list[f
         raise ValueError(f"upper must be (start, max) with 1 <= start <= max < inf, got {upper}")
     if not (step_low >= 0 and step_high >= 0):
         raise ValueError(f"step must be (step_low, step_high) with both >= 0, got {step}")
-    return (
-        bapo_candidates(low_start, low_max, step_low),
-        bapo_candidates(high_start, high_max, step_high),
-    )
+    return (low_start, low_max, step_low), (high_start, high_max, step_high)
+
+
+def _candidates_on(
+    device: torch.device, start: float, stop: float, step: float, dtype: torch.dtype
+) -> torch.Tensor:
+    """:func:`bapo_candidates` built on ``device`` by arithmetic rather than copied from the host
+    (a copy from pageable memory would wait for the device): the same float64 operations, then
+    rounded to ``dtype``."""
+    if step <= 0 or stop <= start:
+        return torch.full((1,), start, dtype=dtype, device=device)
+    count = math.ceil((stop - start) / step - 1e-9)
+    k = torch.arange(count, dtype=torch.float64, device=device)
+    return torch.nn.functional.pad(start + k * step, (0, 1), value=stop).to(dtype)
 
 
 def _bapo_search(
     ratio: torch.Tensor,
     advantages: torch.Tensor,
     mask: torch.Tensor,
-    lows: list[float],
-    highs: list[float],
+    lows: tuple[float, float, float],
+    highs: tuple[float, float, float],
     target: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The chosen ``(c_low, c_high)`` and the positive shares there and at the start, as 0-d
     tensors on ``ratio``'s device and dtype."""
     device = ratio.device
     stat_dtype = torch.promote_types(ratio.dtype, torch.float32)
-    low_t = torch.tensor(lows, dtype=ratio.dtype, device=device)
-    high_t = torch.tensor(highs, dtype=ratio.dtype, device=device)
+    low_t = _candidates_on(device, *lows, ratio.dtype)
+    high_t = _candidates_on(device, *highs, ratio.dtype)
     pos, neg = _bapo_statistics(ratio, advantages, mask, low_t, high_t, stat_dtype)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         stats = torch.cat([pos, neg])
         torch.distributed.all_reduce(stats, op=torch.distributed.ReduceOp.SUM)
-        pos, neg = stats[: len(highs)], stats[len(highs) :]
+        pos, neg = stats[: high_t.numel()], stats[high_t.numel() :]
     # The walk: c_low over its candidates at c_high's start, then c_high at c_low's maximum.
-    n_low, n_high = len(lows), len(highs)
+    n_low, n_high = low_t.numel(), high_t.numel()
     low_idx = torch.cat(
         [torch.arange(n_low, device=device), torch.full((n_high - 1,), n_low - 1, device=device)]
     )
@@ -562,7 +572,7 @@ def bapo_reference(
     The bounds are compared with the ratios after rounding to the ratios' dtype, as
     :func:`bapo_loss` does.
     """
-    lows, highs = _bapo_grid(target, lower, upper, step)
+    lows, highs = (bapo_candidates(*g) for g in _bapo_grid(target, lower, upper, step))
     ratio = torch.exp(_log_ratio(old_log_prob, log_prob)).detach()
     cast = [float(v) for v in torch.tensor(lows + highs, dtype=ratio.dtype).tolist()]
     lows, highs = cast[: len(lows)], cast[len(lows) :]
