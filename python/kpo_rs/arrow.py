@@ -76,6 +76,60 @@ def _is_list(t: pa.DataType) -> bool:
     return pa.types.is_list(t) or pa.types.is_large_list(t)
 
 
+# Arrays are read and built through their buffers: pyarrow's to_numpy / pa.array import pandas
+# (0.3 s on a small machine) and copy what need not be copied.
+
+_FLOATS = {16: np.float16, 32: np.float32, 64: np.float64}
+
+
+def _np_dtype(t: pa.DataType) -> np.dtype:
+    """The numpy dtype of a fixed-width numeric pyarrow type (bool: numpy bool)."""
+    if pa.types.is_boolean(t):
+        return np.dtype(bool)
+    if pa.types.is_floating(t):
+        return np.dtype(_FLOATS[t.bit_width])
+    kind = "i" if pa.types.is_signed_integer(t) else "u"
+    return np.dtype(f"{kind}{t.bit_width // 8}")
+
+
+def _bits(buffer: pa.Buffer | None, offset: int, n: int) -> np.ndarray:
+    """``n`` bools of an Arrow bitmap (least significant bit first) from bit ``offset``."""
+    if n == 0 or buffer is None:
+        return np.zeros(n, dtype=bool)
+    raw = np.frombuffer(buffer, dtype=np.uint8)
+    return np.unpackbits(raw, count=offset + n, bitorder="little")[offset:].view(bool)
+
+
+def _numpy(arr: pa.Array) -> tuple[np.ndarray, np.ndarray | None]:
+    """``(values, valid)`` of a numeric or bool pyarrow array: the values (without a copy for
+    numbers; whatever the buffer holds at null slots) and a bool array of non-null slots (None
+    when there is no null)."""
+    validity, data = arr.buffers()[:2]
+    n, offset = len(arr), arr.offset
+    if pa.types.is_boolean(arr.type):
+        values = _bits(data, offset, n)
+    else:
+        dtype = _np_dtype(arr.type)
+        if n == 0 or data is None:
+            values = np.zeros(n, dtype=dtype)
+        else:
+            values = np.frombuffer(data, dtype=dtype, count=offset + n)[offset:]
+    valid = _bits(validity, offset, n) if arr.null_count else None
+    return values, valid
+
+
+def _array(values: np.ndarray) -> pa.Array:
+    """A pyarrow array over a 1-D numeric numpy array, without a copy."""
+    values = np.ascontiguousarray(values)
+    kind = pa.from_numpy_dtype(values.dtype)
+    return pa.Array.from_buffers(kind, len(values), [None, pa.py_buffer(values)])
+
+
+def _bool_array(flags: np.ndarray) -> pa.Array:
+    packed = np.packbits(flags, bitorder="little")
+    return pa.Array.from_buffers(pa.bool_(), len(flags), [None, pa.py_buffer(packed)])
+
+
 def _row_of(cu: np.ndarray, index: int) -> tuple[int, int]:
     """``(row, position)`` of flat ``index`` in the packed layout ``cu``."""
     row = int(np.searchsorted(cu, index, side="right")) - 1
@@ -99,7 +153,7 @@ def _view(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """:func:`packed_view` of a ``list<float>`` (``floats``) or a mask column: ``list<bool>`` or
     a list of integers that are all 0 or 1 (returned as bool; RowError naming the first other
-    value)."""
+    value). Values at invalid positions are left as the buffer holds them."""
     kind = "float" if floats else "bool"
     if not _is_list(arr.type):
         raise TypeError(f"{name} must be a list<{kind}> column, got {arr.type}")
@@ -111,20 +165,13 @@ def _view(
     if not ok:
         what = "floats" if floats else "bools or 0/1 integers"
         raise TypeError(f"{name} must hold {what}, got list<{value_type}>")
-    offsets = arr.offsets.to_numpy(zero_copy_only=False)
+    offsets, _ = _numpy(arr.offsets)
     start, end = int(offsets[0]), int(offsets[-1])
-    child = arr.values.slice(start, end - start)
+    values, valid = _numpy(arr.values.slice(start, end - start))
     cu = offsets - start if start else offsets
-    valid = None
-    if child.null_count:
-        valid = child.is_valid().to_numpy(zero_copy_only=False)
-        child = child.fill_null(0.0 if floats else 0)
     if arr.null_count:
-        list_valid = arr.is_valid().to_numpy(zero_copy_only=False)
-        per_value = np.repeat(list_valid, np.diff(cu))
+        per_value = np.repeat(~_null_rows(arr), np.diff(cu))
         valid = per_value if valid is None else valid & per_value
-    zero_copy = floats and child.null_count == 0 and value_type != pa.float16()
-    values = child.to_numpy(zero_copy_only=zero_copy)
     if not floats and values.dtype != np.bool_:
         odd = (values != 0) & (values != 1)
         if valid is not None:
@@ -140,14 +187,15 @@ def _view(
 def _rebuild(
     cu: np.ndarray, values: np.ndarray, null_rows: np.ndarray | None, large: bool
 ) -> pa.Array:
-    offsets = pa.array(cu.astype(np.int64 if large else np.int32, copy=False))
-    mask = None if null_rows is None else pa.array(null_rows)
+    offsets = _array(cu.astype(np.int64 if large else np.int32, copy=False))
+    mask = None if null_rows is None else _bool_array(null_rows)
     cls = pa.LargeListArray if large else pa.ListArray
-    return cls.from_arrays(offsets, pa.array(values), mask=mask)
+    return cls.from_arrays(offsets, _array(values), mask=mask)
 
 
 def _null_rows(arr: pa.Array) -> np.ndarray | None:
-    return arr.is_null().to_numpy(zero_copy_only=False) if arr.null_count else None
+    """Bool ``[len(arr)]``, True at null slots; None when there is none."""
+    return ~_bits(arr.buffers()[0], arr.offset, len(arr)) if arr.null_count else None
 
 
 def _settings(params: FilterParams | None, overrides: dict[str, Any]) -> FilterParams:
