@@ -114,3 +114,35 @@ def test_plots_are_pngs(tmp_path):
     ]
     for p in paths:
         assert open(p, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_welch_spectrum_of_white_noise_is_flat_at_its_variance():
+    rng = np.random.default_rng(3)
+    rows = [rng.normal(0.0, 2.0, n) for n in rng.integers(100, 3000, 60)]
+    freq, power, segments = D.welch_spectrum(rows, 64)
+    assert freq.shape == power.shape == (33,) and freq[-1] == 0.5
+    # about 60 * 1550 / 32 = 2900 segments: the mean over 31 inner bins is within 2% of 4
+    assert segments > 2000
+    assert abs(power[1:-1].mean() - 4.0) < 0.08
+
+
+def test_welch_spectrum_finds_a_tone_in_rows_of_any_length():
+    rows = [np.sin(2 * np.pi * 0.125 * np.arange(n) + n) for n in (64, 300, 1000, 77)]
+    freq, power, _ = D.welch_spectrum(rows)
+    assert freq.size == 128 // 2 + 1  # default: 128, the power of two below the median 188
+    assert freq[np.argmax(power)] == 0.125
+
+
+def test_welch_spectrum_one_segment_by_hand_and_edge_cases():
+    x = np.random.default_rng(4).normal(size=16)
+    w = np.hanning(18)[1:-1]
+    want = np.abs(np.fft.rfft((x - x.mean()) * w)) ** 2 / (w * w).sum()
+    _, power, segments = D.welch_spectrum([x, x[:10]], 16)  # the short row is left out
+    assert segments == 1
+    np.testing.assert_allclose(power, want, rtol=1e-12)  # the same sums, rounding apart
+    _, power, segments = D.welch_spectrum([np.ones(3)], 8)
+    assert segments == 0 and np.isnan(power).all()
+    assert D.welch_spectrum([np.ones(20)] * 3)[0].size == 16 // 2 + 1  # median 20 -> 16
+    assert D.welch_spectrum([np.ones(3)])[0].size == 8 // 2 + 1  # at least 8
+    with pytest.raises(ValueError, match="nperseg"):
+        D.welch_spectrum([x], 2)

@@ -13,12 +13,16 @@ Every function takes padded ``values [batch, time]`` with an optional bool ``mas
 ``values [total]`` with ``cu_seqlens [batch + 1]`` (the ``*_packed`` variants). ``space="ratio"``
 means the values are ratios (signs of ``r - 1``); ``"log_ratio"`` (default) log-ratios.
 
+:func:`welch_spectrum` averages the power spectra of rows of any lengths (Welch's method: half-
+overlapping windowed segments of one length), so that long and short responses all count.
+
 Plots (matplotlib, optional): :func:`plot_traces`, :func:`plot_spectra`,
 :func:`plot_switch_histogram`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,6 +39,7 @@ __all__ = [
     "run_lengths_packed",
     "token_switches",
     "token_switches_packed",
+    "welch_spectrum",
 ]
 
 
@@ -195,6 +200,50 @@ def low_frequency_energy_packed(
     return _low_frequency(*_compact_packed(values, cu_seqlens, mask), cutoff)
 
 
+def welch_spectrum(
+    rows: Sequence[np.ndarray], nperseg: int | None = None
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """Mean power spectrum of rows of different lengths, by Welch's method.
+
+    Each row (1-D, any length) is cut into segments of ``nperseg`` tokens that overlap by half
+    (the last ``len % (nperseg // 2)`` tokens of a row are left out); each segment has its mean
+    removed and a Hann window ``w`` applied, and its periodogram ``|rfft(w x)|^2 / sum(w^2)`` is
+    averaged over every segment of every row. With this scaling white noise of variance ``s^2``
+    has power ``s^2`` at every frequency above 0. Rows shorter than ``nperseg`` are left out.
+
+    Args:
+        rows: 1-D float arrays (the valid tokens of each response, in order).
+        nperseg: segment length, >= 4; default the largest power of two not above the median row
+            length, clipped to [8, 256].
+
+    Returns:
+        ``(freq, power, segments)``: ``freq`` ``[nperseg // 2 + 1]`` in cycles per token,
+        ``power`` of the same shape (NaN when no row is long enough), and the number of segments
+        averaged.
+    """
+    lengths = [int(np.size(r)) for r in rows]
+    if nperseg is None:
+        median = int(np.median(lengths)) if lengths else 8
+        nperseg = 1 << max(3, min(8, max(median, 1).bit_length() - 1))
+    if isinstance(nperseg, bool) or not isinstance(nperseg, (int, np.integer)) or nperseg < 4:
+        raise ValueError(f"nperseg must be an int >= 4, got {nperseg!r}")
+    window = np.hanning(nperseg + 2)[1:-1]  # no zero end points
+    scale = float((window * window).sum())
+    total = np.zeros(nperseg // 2 + 1)
+    segments = 0
+    step = nperseg // 2
+    for row, n in zip(rows, lengths):
+        if n < nperseg:
+            continue
+        seg = np.lib.stride_tricks.sliding_window_view(np.asarray(row, dtype=np.float64), nperseg)
+        seg = seg[::step]
+        seg = (seg - seg.mean(axis=1, keepdims=True)) * window
+        total += (np.abs(np.fft.rfft(seg, axis=1)) ** 2).sum(axis=0) / scale
+        segments += seg.shape[0]
+    power = total / segments if segments else np.full(total.shape, np.nan)
+    return np.fft.rfftfreq(nperseg), power, segments
+
+
 # --------------------------------------------------------------------------------------------
 # Plots
 
@@ -225,18 +274,22 @@ def plot_traces(raw: np.ndarray, filtered: np.ndarray, path: str, *, title: str 
     return path
 
 
-def plot_spectra(series: dict[str, list[np.ndarray]], path: str) -> str:
-    """Mean power spectra of several sets of rows (name -> list of 1-D arrays) to a PNG."""
+def plot_spectra(
+    series: dict[str, list[np.ndarray]], path: str, *, nperseg: int | None = None
+) -> str:
+    """Mean power spectra (:func:`welch_spectrum`) of several sets of rows of any lengths
+    (name -> list of 1-D arrays) to a PNG."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 3.5))
     for name, rows in series.items():
-        rows = [r for r in rows if r.size >= 8]
-        if not rows:
-            continue
-        n = min(r.size for r in rows)
-        spec = np.mean([np.abs(np.fft.rfft(r[:n] - r[:n].mean())) ** 2 for r in rows], axis=0)
-        ax.semilogy(np.fft.rfftfreq(n)[1:], spec[1:], label=name)
-    ax.set(xlabel="frequency (cycles per token)", ylabel="power", title="Spectrum along responses")
+        freq, power, segments = welch_spectrum(rows, nperseg)
+        if segments:
+            ax.semilogy(freq[1:], power[1:], label=f"{name} ({segments} segments)")
+    ax.set(
+        xlabel="frequency (cycles per token)",
+        ylabel="power",
+        title="Spectrum along responses (Welch)",
+    )
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
