@@ -485,6 +485,28 @@ def test_bapo_search_is_global_across_ranks(tmp_path):
     assert os.path.exists(f"{out}.1")
 
 
+@pytest.mark.parametrize(
+    ("fn", "kw"),
+    [
+        (peers.dppo_loss, {"divergence": "tv"}),
+        (peers.dppo_loss, {"divergence": "kl"}),
+        (peers.minpro_loss, {"inclusive": True, "clip_ratio_c": 3.0}),
+        (peers.bapo_loss, {"clip_ratio_c": 3.0}),
+    ],
+)
+def test_no_host_round_trip(fn, kw):
+    """The meta device has shapes but no values: any read of a value on the host (``.item()``,
+    ``bool()``, indexing with a tensor) fails there, so a loss and its backward that run on it
+    never wait for the device."""
+    shape = (4, 16)
+    old, adv, w = (torch.empty(shape, device="meta") for _ in range(3))
+    logp = torch.empty(shape, device="meta", requires_grad=True)
+    mask = torch.empty(shape, dtype=torch.bool, device="meta")
+    loss, metrics = fn(old, logp, adv, mask, rollout_is_weights=w, **kw)
+    loss.backward()
+    assert loss.shape == () and all(v.shape == () for v in metrics.values())
+
+
 # --------------------------------------------------------------------------------------------
 # Bad input and the table
 

@@ -547,10 +547,16 @@ def _bapo_search(
     share = _positive_share(pos[high_idx], neg[low_idx])
     met = share >= target
     chosen = torch.where(met.any(), torch.argmax(met.to(torch.int8)), met.numel() - 1)
+    # index_select with a one-element index tensor: indexing with a 0-d tensor reads it on the host
+    chosen = chosen.reshape(1)
+
+    def pick(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        return values.index_select(0, index).reshape(())
+
     return (
-        low_t[low_idx[chosen]],
-        high_t[high_idx[chosen]],
-        share[chosen].to(ratio.dtype),
+        pick(low_t, low_idx.index_select(0, chosen)),
+        pick(high_t, high_idx.index_select(0, chosen)),
+        pick(share, chosen).to(ratio.dtype),
         share[0].to(ratio.dtype),
     )
 
