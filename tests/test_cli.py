@@ -3,6 +3,8 @@ people and for machines."""
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import signal
 import subprocess
@@ -97,3 +99,141 @@ def test_non_finite_rows_stop_the_run_or_are_listed(tmp_path, capsys):
     assert "40 rows (0 null), 1950 valid tokens" in out
     assert "1 row with non-finite values at valid tokens has null outputs: row 37" in out
     assert pq.read_table(dst)["kpo_filtered_ratio"].null_count == 1
+
+
+# --------------------------------------------------------------------------------------------
+# Help, version, missing extras, output for people and machines.
+
+
+def test_kpo_alone_prints_help_and_version_works():
+    import kpo_rs
+
+    out = _kpo()
+    assert out.returncode == 0 and out.stdout.startswith("usage: kpo")
+    for command in ("demo", "sweep", "filter", "analyze", "bench"):
+        assert f"    {command}" in out.stdout
+    out = _kpo("--version")
+    assert out.returncode == 0 and out.stdout.strip() == f"kpo-rs {kpo_rs.__version__}"
+
+
+def _without(module: str, *argv: str) -> subprocess.CompletedProcess:
+    """``kpo argv`` in a fresh interpreter where ``module`` cannot be imported."""
+    code = (
+        "import sys\n"
+        f"sys.modules[{module!r}] = None\n"
+        "from kpo_rs.cli import main\n"
+        "sys.exit(main(sys.argv[1:]))\n"
+    )
+    return subprocess.run(
+        [sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=120
+    )
+
+
+@pytest.mark.parametrize(
+    ("module", "argv", "extra"),
+    [
+        ("pyarrow", ["filter", "{d}/in.parquet", "{d}/out.parquet", *COLS], "arrow"),
+        ("pyarrow", ["analyze", "{d}/in.parquet", *COLS], "arrow"),
+        ("matplotlib", ["analyze", "{d}/in.parquet", "--out", "{d}/plots", *COLS], "arrow"),
+        ("torch", ["demo", "--steps", "1"], "demo"),
+        ("rich", ["demo", "--steps", "1"], "demo"),
+    ],
+)
+def test_a_missing_optional_package_names_the_extra(tmp_path, module, argv, extra):
+    _file(tmp_path / "in.parquet")
+    out = _without(module, *[a.format(d=tmp_path) for a in argv], "--no-progress")
+    command = argv[0]
+    assert out.returncode == 2, out.stderr
+    assert out.stderr == (
+        f"kpo {command} needs the '{extra}' extra: pip install 'kpo-rs[{extra}]' "
+        f"(missing: {module})\n"
+    )
+
+
+def test_filter_and_analyze_need_no_rich(tmp_path):
+    _file(tmp_path / "in.parquet")
+    out = _without(
+        "rich", "filter", str(tmp_path / "in.parquet"), str(tmp_path / "o.parquet"), *COLS
+    )
+    assert out.returncode == 0 and "40 rows" in out.stdout, out.stderr
+    out = _without("rich", "analyze", str(tmp_path / "in.parquet"), *COLS)
+    assert out.returncode == 0 and "switch frequency" in out.stdout, out.stderr
+
+
+def test_sweep_is_imported_only_for_kpo_sweep():
+    code = (
+        "import sys\nfrom kpo_rs import cli\ncli.build_parser('filter')\n"
+        "print('kpo_rs.sweep' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+    out = _kpo("sweep", "--help")
+    assert out.returncode == 0 and out.stdout.startswith("usage: kpo sweep")
+    out = _without("kpo_rs.sweep", "sweep")
+    assert out.returncode == 2 and out.stderr.startswith("kpo sweep: not available"), out.stderr
+    assert len(out.stderr.splitlines()) == 1
+
+
+def test_analyze_json_and_counts_agree_with_filter(tmp_path, capsys):
+    src = tmp_path / "in.parquet"
+    rng = np.random.default_rng(5)
+    lengths = rng.integers(0, 200, 60)
+    lp = [(-rng.random(n)).astype(np.float32) for n in lengths]
+    mask = [(rng.random(n) < 0.8).astype(np.int8) for n in lengths]  # verl's 0/1 response_mask
+    table = pa.table(
+        {
+            "logp": pa.array(
+                [None if i % 9 == 4 else v for i, v in enumerate(lp)], type=pa.list_(pa.float32())
+            ),
+            "old_logp": pa.array(
+                [v - rng.normal(0, 0.1, v.size).astype(np.float32) for v in lp],
+                type=pa.list_(pa.float32()),
+            ),
+            "response_mask": pa.array(mask, type=pa.list_(pa.int8())),
+        }
+    )
+    pq.write_table(table, src)
+    common = [*COLS, "--mask", "response_mask", "--no-progress"]
+    assert cli.main(["analyze", str(src), "--json", *common]) == 0
+    result = json.loads(capsys.readouterr().out)
+    nulls = sum(i % 9 == 4 for i in range(60))
+    valid = sum(int(m.sum()) for i, m in enumerate(mask) if i % 9 != 4)
+    assert (result["rows"], result["null_rows"], result["tokens"]) == (60, nulls, valid)
+    assert result["bad_rows"] == [] and 0.4 < result["raw"]["switch_frequency"] < 0.6
+    assert cli._jsonable({"a": [math.nan, 1.0, math.inf]}) == {"a": [None, 1.0, None]}
+    assert cli.main(["filter", str(src), str(tmp_path / "out.parquet"), *common]) == 0
+    assert f"60 rows ({nulls} null), {valid} valid tokens" in capsys.readouterr().out
+
+
+def test_analyze_without_a_terminal_draws_no_boxes(tmp_path, capsys):
+    _file(tmp_path / "in.parquet")
+    assert cli.main(["analyze", str(tmp_path / "in.parquet"), *COLS, "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "switch frequency" in out and "40 rows (0 null), 2000 valid tokens" in out
+    assert out.isascii(), out  # no box-drawing characters
+
+
+def test_progress_lines_in_logs_when_stderr_is_not_a_terminal(tmp_path, capsys):
+    _file(tmp_path / "in.parquet")
+    argv = ["filter", str(tmp_path / "in.parquet"), str(tmp_path / "o.parquet"), *COLS]
+    assert cli.main([*argv, "--batch-size", "16", "--log-every", "0"]) == 0
+    err = capsys.readouterr().err.splitlines()
+    assert [line.split(",")[0] for line in err] == [
+        "kpo filter: 16/40 rows (40%)",
+        "kpo filter: 32/40 rows (80%)",
+        "kpo filter: 40/40 rows (100%)",
+    ]
+    assert cli.main([*argv, "--batch-size", "16"]) == 0  # every 10 s by default: none here
+    assert capsys.readouterr().err == ""
+    assert cli.main([*argv, "--batch-size", "16", "--log-every", "0", "--no-progress"]) == 0
+    assert capsys.readouterr().err == ""
+
+
+def test_bench_takes_tokens_per_row_and_the_old_time_still_works(capsys):
+    parser = cli.build_parser("bench")
+    assert parser.parse_args(["bench", "--tokens-per-row", "64"]).tokens_per_row == 64
+    assert capsys.readouterr().err == ""
+    assert parser.parse_args(["bench", "--time", "32"]).tokens_per_row == 32
+    assert "--time is deprecated; use --tokens-per-row" in capsys.readouterr().err
+    out = _kpo("bench", "--help").stdout
+    assert "--tokens-per-row" in out and "--time" not in out

@@ -576,9 +576,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser = build_parser(command)
     except ImportError as exc:
         module = _missing_module(exc)
-        if module is None:
+        if module is not None:
+            print(missing_extra_message(command or "", module), file=sys.stderr)
+        elif (exc.name or "").startswith("kpo_rs."):
+            print(f"kpo {command}: not available in this installation ({exc})", file=sys.stderr)
+        else:
             raise
-        print(missing_extra_message(command or "", module), file=sys.stderr)
         return 2
     if not argv:
         parser.print_help()
