@@ -237,3 +237,17 @@ def test_bench_takes_tokens_per_row_and_the_old_time_still_works(capsys):
     assert "--time is deprecated; use --tokens-per-row" in capsys.readouterr().err
     out = _kpo("bench", "--help").stdout
     assert "--tokens-per-row" in out and "--time" not in out
+
+
+def test_demo_without_a_terminal_prints_a_plain_table_and_its_footnote(tmp_path, capsys):
+    argv = ["demo", "--steps", "2", "--seeds", "1", "--losses", "grpo,kpo"]
+    assert cli.main([*argv, "--response-len", "16", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert out.isascii(), out  # no box-drawing characters
+    table = out.splitlines()
+    assert table[0].startswith("2 steps x 1 seeds") and table[1].split()[:3] == [
+        "loss",
+        "final",
+        "reward",
+    ]
+    assert "collapses: times the reward fell" in " ".join(table)  # the columns are defined

@@ -19,6 +19,7 @@ import json
 import math
 import os
 import sys
+import textwrap
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -79,8 +80,15 @@ class _Progress:
     seconds, so logs show progress. Nothing is shown before the first call, which the jobs make
     once the input and output are checked."""
 
-    def __init__(self, command: str, enabled: bool, every: float, stream: TextIO | None = None):
-        self.command, self.enabled, self.every = command, enabled, every
+    def __init__(
+        self,
+        command: str,
+        enabled: bool,
+        every: float,
+        stream: TextIO | None = None,
+        unit: str = "rows",
+    ):
+        self.command, self.enabled, self.every, self.unit = command, enabled, every, unit
         self.stream = sys.stderr if stream is None else stream
         self._bar: Any = None
         self._task: Any = None
@@ -103,7 +111,7 @@ class _Progress:
             TextColumn(f"kpo {self.command}"),
             BarColumn(),
             MofNCompleteColumn(),
-            TextColumn("rows"),
+            TextColumn(self.unit),
             TimeRemainingColumn(),
         )
         self._bar = Progress(*columns, console=Console(file=self.stream), transient=True)
@@ -124,7 +132,7 @@ class _Progress:
             self._last = now
             share = f" ({100 * done / total:.0f}%)" if total else ""
             print(
-                f"kpo {self.command}: {done}/{total} rows{share}, {now - self._start:.0f} s",
+                f"kpo {self.command}: {done}/{total} {self.unit}{share}, {now - self._start:.0f} s",
                 file=self.stream,
                 flush=True,
             )
@@ -188,6 +196,19 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
+def _plain_table(title: str, header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """A table as plain text (for logs and pipes: no box-drawing characters); the first column
+    left-aligned, the others right-aligned."""
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+
+    def line(cells: Sequence[str]) -> str:
+        first = f"{cells[0]:<{widths[0]}}"
+        rest = [f"{c:>{w}}" for c, w in zip(cells[1:], widths[1:])]
+        return "  ".join([first, *rest]).rstrip()
+
+    return "\n".join([title, line(header), *(line(r) for r in rows)])
+
+
 def _run_demo(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.progress import (
@@ -200,7 +221,7 @@ def _run_demo(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     from ._demo_config import DemoConfig
-    from .demo import run_demo, summary_rows, write_outputs
+    from .demo import run_demo, summary_rows, table_footnote, write_outputs
 
     cfg = DemoConfig(
         steps=args.steps,
@@ -217,35 +238,53 @@ def _run_demo(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"kpo demo: {exc}", file=sys.stderr)
         return 2
-    console = Console(stderr=True)
     total = len(cfg.losses) * cfg.seeds * cfg.steps
-    columns = (
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("reward {task.fields[reward]:.3f}"),
-        TimeRemainingColumn(),
-    )
-    with Progress(*columns, console=console, disable=args.no_progress) as progress:
-        task = progress.add_task("training", total=total, reward=0.0)
+    if sys.stderr.isatty():
+        columns = (
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("reward {task.fields[reward]:.3f}"),
+            TimeRemainingColumn(),
+        )
+        console = Console(stderr=True)
+        with Progress(*columns, console=console, disable=args.no_progress) as progress:
+            task = progress.add_task("training", total=total, reward=0.0)
 
-        def update(entry):
-            progress.update(
-                task, advance=1, description=f"{entry.loss} seed {entry.seed}", reward=entry.reward
-            )
+            def update(entry):
+                progress.update(
+                    task,
+                    advance=1,
+                    description=f"{entry.loss} seed {entry.seed}",
+                    reward=entry.reward,
+                )
 
-        result = run_demo(cfg, progress=update)
+            result = run_demo(cfg, progress=update)
+    else:  # logs: a line every 10 s
+        lines = _Progress("demo", not args.no_progress, 10.0, unit="steps")
+        done = [0]
+
+        def count(entry):
+            done[0] += 1
+            lines(done[0], total)
+
+        result = run_demo(cfg, progress=count)
     rows = summary_rows(result)
-    table = Table(
-        title=f"{cfg.steps} steps x {cfg.seeds} seeds, lag {cfg.lag}, "
+    title = (
+        f"{cfg.steps} steps x {cfg.seeds} seeds, lag {cfg.lag}, "
         f"{cfg.minibatches} updates per rollout batch"
     )
-    for key in rows[0]:
-        table.add_column(key, justify="left" if key == "loss" else "right")
-    for row in rows:
-        table.add_row(*row.values())
-    # A table too wide for a narrow (or absent) terminal is printed whole, not truncated.
-    Console(width=max(Console().width, 150)).print(table)
+    if sys.stdout.isatty():
+        table = Table(title=title, caption=table_footnote(cfg), caption_justify="left")
+        for key in rows[0]:
+            table.add_column(key, justify="left" if key == "loss" else "right")
+        for row in rows:
+            table.add_row(*row.values())
+        # A table too wide for a narrow terminal is printed whole, not truncated.
+        Console(width=max(Console().width, 150)).print(table)
+    else:
+        print(_plain_table(title, list(rows[0]), [list(r.values()) for r in rows]))
+        print(textwrap.fill(table_footnote(cfg), width=100))
     paths = write_outputs(result, Path(cfg.out))
     print(
         f"wrote {len(paths)} files to {Path(cfg.out).resolve()}: "
@@ -420,11 +459,7 @@ def _print_analysis(result: dict[str, Any]) -> None:
             table.add_row(*row)
         Console(width=max(Console().width, 100)).print(table)
     else:  # plain text for logs and pipes: no box-drawing characters
-        width = max(len(r[0]) for r in rows)
-        print(title)
-        print(f"{'diagnostic':{width}}  {'raw':>10}  {'filtered':>10}")
-        for name, raw, filtered in rows:
-            print(f"{name:{width}}  {raw:>10}  {filtered:>10}".rstrip())
+        print(_plain_table(title, ("diagnostic", "raw", "filtered"), rows))
     if result["bad_rows"]:
         print(_rows_listed(result["bad_rows"], "with non-finite values at valid tokens left out"))
     if result["plots"]:
