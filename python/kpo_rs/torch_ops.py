@@ -27,6 +27,7 @@ Requires torch (``pip install 'kpo-rs[torch]'``).
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 try:
@@ -105,8 +106,9 @@ def _narrow(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return t if t.dtype == dtype else t.to(dtype)
 
 
+@functools.lru_cache(maxsize=64)
 def _settings(q: float, r: float, p0: float, masked: str) -> FilterParams:
-    # q, r, p0 and masked were validated when the public function built its FilterParams.
+    """The settings behind the custom ops' plain arguments (built once per distinct setting)."""
     return FilterParams(q=q, r=r, p0=p0, masked=masked)  # type: ignore[arg-type]
 
 
@@ -192,12 +194,17 @@ def _(grad, cu_seqlens, mask, q, r, p0, masked, backend):
 # One autograd formula, for the custom op and the eager Function alike
 
 
-def _setup(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
+def _save(ctx: Any, inputs: tuple, m0_needs_grad: bool) -> None:
     _values, cu_seqlens, mask, m0, q, r, p0, masked, backend = inputs
     ctx.save_for_backward(cu_seqlens, mask)
     ctx.args = (q, r, p0, masked, backend)
-    ctx.m0_needs_grad = isinstance(m0, torch.Tensor) and m0.requires_grad
+    ctx.m0_needs_grad = m0_needs_grad
     ctx.m0_dtype = m0.dtype if isinstance(m0, torch.Tensor) else None
+
+
+def _setup(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
+    m0 = inputs[3]
+    _save(ctx, inputs, isinstance(m0, torch.Tensor) and m0.requires_grad)
 
 
 def _backward(ctx: Any, grad: torch.Tensor, adjoint: Any) -> tuple:
@@ -218,13 +225,15 @@ _filter_op.register_autograd(
 
 class _Filter(torch.autograd.Function):
     """The eager path: the custom op's implementation and autograd formula, without the
-    dispatcher's per-call cost."""
+    dispatcher's per-call cost. (The combined ``forward(ctx, ...)`` form: a separate
+    ``setup_context`` makes every call bind its arguments by signature, which costs more than
+    the filter itself at small batches.)"""
 
     @staticmethod
-    def forward(values, cu_seqlens, mask, m0, q, r, p0, masked, backend):
+    def forward(ctx, values, cu_seqlens, mask, m0, q, r, p0, masked, backend):
+        inputs = (values, cu_seqlens, mask, m0, q, r, p0, masked, backend)
+        _save(ctx, inputs, ctx.needs_input_grad[3])
         return _forward(values, cu_seqlens, mask, m0, _settings(q, r, p0, masked), backend)
-
-    setup_context = staticmethod(_setup)
 
     @staticmethod
     def backward(ctx, grad):
