@@ -251,3 +251,24 @@ def test_demo_without_a_terminal_prints_a_plain_table_and_its_footnote(tmp_path,
         "reward",
     ]
     assert "collapses: times the reward fell" in " ".join(table)  # the columns are defined
+
+
+def test_bad_settings_and_plot_folders_are_one_line(tmp_path, capsys):
+    _file(tmp_path / "in.parquet")
+    (tmp_path / "a_file").write_text("")
+    src, dst = str(tmp_path / "in.parquet"), str(tmp_path / "out.parquet")
+    assert cli.main(["filter", src, dst, *COLS, "--q", "-1", "--log-every", "0"]) == 2
+    assert capsys.readouterr().err == "kpo filter: --q must be a number >= 0, got -1.0\n"
+    assert cli.main(["analyze", src, *COLS, "--r", "0", "--log-every", "0"]) == 2
+    assert capsys.readouterr().err.startswith("kpo analyze: --r must be a finite number > 0")
+    plots = str(tmp_path / "a_file" / "plots")
+    assert cli.main(["analyze", src, *COLS, "--out", plots, "--log-every", "0"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"kpo analyze: cannot create the plot folder {plots}")
+    assert len(err.splitlines()) == 1
+
+
+def test_help_needs_no_optional_package():
+    for module in ("rich", "pyarrow", "torch", "matplotlib"):
+        out = _without(module)
+        assert out.returncode == 0 and out.stdout.startswith("usage: kpo"), out.stderr

@@ -359,7 +359,10 @@ def _job_kw(args: argparse.Namespace) -> dict[str, Any]:
     """The settings shared by ``kpo filter`` and ``kpo analyze``."""
     from .params import FilterParams
 
-    params = FilterParams.resolve(None, q=args.q, r=args.r, p0=args.p0, masked=args.masked)
+    try:
+        params = FilterParams.resolve(None, q=args.q, r=args.r, p0=args.p0, masked=args.masked)
+    except ValueError as exc:  # FilterParams names the field: name the option
+        raise ValueError(f"--{exc}") from exc
     return {
         "params": params,
         "space": args.space,

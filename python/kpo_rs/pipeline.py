@@ -330,6 +330,12 @@ def analyze_parquet(
     if on_non_finite not in ("error", "null"):
         raise PipelineError(f"on_non_finite must be 'error' or 'null', got {on_non_finite!r}")
     pf = _open(src, columns)
+    plots = None if out_dir is None else Path(out_dir)
+    if plots is not None:  # before the work, not after it
+        try:
+            plots.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise PipelineError(f"cannot create the plot folder {plots}: {exc}") from exc
     total = pf.metadata.num_rows
     raw, filt = _Tally(), _Tally()
     rows = null_rows = tokens = spikes = 0
@@ -393,9 +399,8 @@ def analyze_parquet(
         "ratio_spikes": spikes / tokens if tokens else float("nan"),
         "plots": [],
     }
-    if out_dir is not None and kept_raw:
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
+    if plots is not None and kept_raw:
+        out = plots
         result["plots"] = [
             D.plot_traces(
                 kept_raw[0], kept_filt[0], str(out / "traces.png"), title="First response"
