@@ -1,8 +1,10 @@
-//! Throughput of the Rust core's padded and packed forward kernels on one and two threads,
-//! without Python in the way: `cargo bench --bench kernel` (B=rows, T=time to change the shape).
-//! The packed path runs the one-row kernel; the padded path the row-block kernel.
+//! Throughput of the Rust core's kernels on one and two threads, without Python in the way:
+//! `cargo bench --bench kernel` (B=rows, T=time to change the shape, REPEATS the number of timed
+//! calls per case). Padded calls run the row-block kernels (explicit SIMD for the best
+//! instruction set the CPU has), packed calls the one-row kernel. Prints the best and the median
+//! call as tokens per second.
 
-use kpo_rs::filter::{filter_packed, filter_padded, FilterParams, Gains, MaskMode};
+use kpo_rs::filter::{adjoint_padded, filter_packed, filter_padded, FilterParams, Gains, MaskMode};
 use std::time::Instant;
 
 fn env_or(name: &str, default: usize) -> usize {
@@ -14,35 +16,42 @@ fn env_or(name: &str, default: usize) -> usize {
 
 fn main() {
     let (b, t) = (env_or("B", 64), env_or("T", 4096));
+    let repeats = env_or("REPEATS", 200).max(1);
     let z: Vec<f32> = (0..b * t)
         .map(|i| ((i * 7919) % 1000) as f32 / 1000.0 - 0.5)
         .collect();
     let cu: Vec<i64> = (0..=b as i64).map(|i| i * t as i64).collect();
     let g = Gains::<f32>::new(t, &FilterParams::default()).expect("valid parameters");
-    let mut out = vec![0f32; b * t];
-    println!("{b} x {t} float32, best of 20");
+    let (mut out, mut dm0) = (vec![0f32; b * t], vec![0f32; b]);
+    println!("{b} x {t} float32, {repeats} calls per case");
     for threads in [1, 2] {
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(threads)
             .build()
             .expect("a thread pool");
-        for name in ["padded (row blocks)", "packed (one row)"] {
-            let mut best = f64::MAX;
-            for _ in 0..20 {
+        for name in ["padded forward", "padded adjoint", "packed forward"] {
+            let mut times = Vec::with_capacity(repeats);
+            for _ in 0..=repeats {
                 let start = Instant::now();
-                let result = pool.install(|| {
-                    if name.starts_with("padded") {
+                let result = pool.install(|| match name {
+                    "padded forward" => {
                         filter_padded(&z, None, b, t, &g, 0.0, MaskMode::Hold, &mut out)
-                    } else {
-                        filter_packed(&z, None, &cu, &g, 0.0, MaskMode::Hold, &mut out)
                     }
+                    "padded adjoint" => {
+                        adjoint_padded(&z, None, b, t, &g, MaskMode::Hold, &mut out, &mut dm0)
+                    }
+                    _ => filter_packed(&z, None, &cu, &g, 0.0, MaskMode::Hold, &mut out),
                 });
                 result.expect("finite input");
-                best = best.min(start.elapsed().as_secs_f64());
+                times.push(start.elapsed().as_secs_f64());
             }
+            times.remove(0); // warm-up
+            times.sort_by(f64::total_cmp);
+            let rate = |s: f64| (b * t) as f64 / s;
             println!(
-                "threads {threads}  {name:20} {:.3e} tokens/s",
-                (b * t) as f64 / best
+                "threads {threads}  {name:16} best {:.3e}  median {:.3e} tokens/s",
+                rate(times[0]),
+                rate(times[times.len() / 2])
             );
         }
     }

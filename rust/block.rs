@@ -1,27 +1,29 @@
 //! Row-block kernels for the padded layout: `LANES` rows are filtered together so that the
 //! recurrence, which is one dependent multiply-add chain per row, runs in SIMD lanes.
 //!
-//! The time axis is walked in tiles of `TILE` positions; each tile of the block is transposed into
-//! a small buffer (`[TILE][LANES]`, position-major) so that the inner loop over lanes works on
-//! contiguous fixed-size arrays, which the compiler vectorises for whatever SIMD width the target
-//! has. No intrinsics: the same code runs everywhere. The kernels take the block's rows as slices
-//! over one stretch of positions, so a long row can be cut into stretches filtered in parallel
-//! (see `stretch.rs`).
+//! Unmasked blocks run the explicit SIMD kernels of `simd.rs` for the best instruction set the
+//! CPU has (chosen at run time). Masked blocks (`MaskMode::Zero`), and CPUs without such a
+//! kernel, run the portable code below: the time axis is walked in tiles of `TILE` positions;
+//! each tile of the block is transposed into a small buffer (`[TILE][LANES]`, position-major) so
+//! that the inner loop over lanes works on contiguous fixed-size arrays, which the compiler
+//! vectorises (on x86-64 with AVX2 it is compiled a second time for AVX2 and that copy is used).
+//! The kernels take the block's rows as slices over one stretch of positions, so a long row can
+//! be cut into stretches filtered in parallel (see `stretch.rs`).
 //!
 //! These kernels serve the rows that share gains: no mask, or `MaskMode::Zero` (gain index =
 //! position). Masks under `MaskMode::Hold` give each row its own gain index and use the one-row
 //! kernels of `row.rs`.
 //!
 //! Every lane performs exactly the operations of the one-row kernels, in the same order
-//! (`a * x + k * z`, no fused multiply-add), so results are bitwise identical to them and do not
-//! depend on how rows are grouped or on the thread count. Masked inputs never enter arithmetic
-//! that reaches an output: lanes select, they do not multiply by zero.
+//! (`a * x + k * z`, no fused multiply-add), so results are bitwise identical to them on every
+//! instruction set and do not depend on how rows are grouped or on the thread count. Masked
+//! inputs never enter arithmetic that reaches an output: lanes select, they do not multiply by
+//! zero.
 
+pub use crate::simd::{Isa, LANES};
 use crate::types::Real;
 
-/// Rows per block.
-pub const LANES: usize = 16;
-/// Positions per tile.
+/// Positions per tile of the portable kernels.
 const TILE: usize = 64;
 
 /// Copies positions `t0 .. t0 + len` of each row into `buf`, position-major.
@@ -58,6 +60,59 @@ fn select<T: Copy>(cond: bool, yes: T, no: T) -> T {
 /// states `x0` entering the stretch. With a mask, read as `MaskMode::Zero`. Returns each lane's
 /// state at the end of the stretch.
 pub fn forward_block<T: Real>(
+    z: &[&[T]],
+    mask: Option<&[&[bool]]>,
+    k: &[T],
+    a: &[T],
+    x0: [T; LANES],
+    out: &mut [&mut [T]],
+) -> [T; LANES] {
+    forward_block_on(Isa::best(), z, mask, k, a, x0, out)
+}
+
+/// [`forward_block`] on instruction set `isa` (which the CPU must have; else the portable code
+/// runs).
+pub fn forward_block_on<T: Real>(
+    isa: Isa,
+    z: &[&[T]],
+    mask: Option<&[&[bool]]>,
+    k: &[T],
+    a: &[T],
+    x0: [T; LANES],
+    out: &mut [&mut [T]],
+) -> [T; LANES] {
+    if mask.is_none() {
+        if let Some(x) = T::forward(isa, z, k, a, x0, out) {
+            return x;
+        }
+    }
+    #[cfg(target_arch = "x86_64")]
+    if isa == Isa::Avx2 && std::is_x86_feature_detected!("avx2") {
+        // SAFETY: AVX2 is present.
+        return unsafe { forward_portable_avx2(z, mask, k, a, x0, out) };
+    }
+    forward_portable(z, mask, k, a, x0, out)
+}
+
+/// [`forward_portable`] compiled for AVX2.
+///
+/// # Safety
+/// AVX2 must be present.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn forward_portable_avx2<T: Real>(
+    z: &[&[T]],
+    mask: Option<&[&[bool]]>,
+    k: &[T],
+    a: &[T],
+    x0: [T; LANES],
+    out: &mut [&mut [T]],
+) -> [T; LANES] {
+    forward_portable(z, mask, k, a, x0, out)
+}
+
+#[inline(always)]
+fn forward_portable<T: Real>(
     z: &[&[T]],
     mask: Option<&[&[bool]]>,
     k: &[T],
@@ -109,6 +164,56 @@ pub fn adjoint_block<T: Real>(
     a: &[T],
     dz: &mut [&mut [T]],
 ) -> [T; LANES] {
+    adjoint_block_on(Isa::best(), grad, mask, k, a, dz)
+}
+
+/// [`adjoint_block`] on instruction set `isa` (which the CPU must have; else the portable code
+/// runs).
+pub fn adjoint_block_on<T: Real>(
+    isa: Isa,
+    grad: &[&[T]],
+    mask: Option<&[&[bool]]>,
+    k: &[T],
+    a: &[T],
+    dz: &mut [&mut [T]],
+) -> [T; LANES] {
+    if mask.is_none() {
+        if let Some(lam) = T::adjoint(isa, grad, k, a, dz) {
+            return lam;
+        }
+    }
+    #[cfg(target_arch = "x86_64")]
+    if isa == Isa::Avx2 && std::is_x86_feature_detected!("avx2") {
+        // SAFETY: AVX2 is present.
+        return unsafe { adjoint_portable_avx2(grad, mask, k, a, dz) };
+    }
+    adjoint_portable(grad, mask, k, a, dz)
+}
+
+/// [`adjoint_portable`] compiled for AVX2.
+///
+/// # Safety
+/// AVX2 must be present.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn adjoint_portable_avx2<T: Real>(
+    grad: &[&[T]],
+    mask: Option<&[&[bool]]>,
+    k: &[T],
+    a: &[T],
+    dz: &mut [&mut [T]],
+) -> [T; LANES] {
+    adjoint_portable(grad, mask, k, a, dz)
+}
+
+#[inline(always)]
+fn adjoint_portable<T: Real>(
+    grad: &[&[T]],
+    mask: Option<&[&[bool]]>,
+    k: &[T],
+    a: &[T],
+    dz: &mut [&mut [T]],
+) -> [T; LANES] {
     let time = k.len();
     let mut lam = [T::ZERO; LANES];
     let mut buf = [[T::ZERO; LANES]; TILE];
@@ -142,4 +247,92 @@ pub fn adjoint_block<T: Real>(
         end = t0;
     }
     lam
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Deterministic values in [-2, 2), with an occasional large one.
+    fn values<T: Real>(n: usize, seed: u64) -> Vec<T> {
+        let mut s = seed;
+        (0..n)
+            .map(|i| {
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                let u = (s >> 11) as f64 / (1u64 << 53) as f64;
+                T::from_f64(if i % 97 == 5 {
+                    1e3 * (u - 0.5)
+                } else {
+                    4.0 * u - 2.0
+                })
+            })
+            .collect()
+    }
+
+    fn bits<T: Real>(v: &[T]) -> Vec<u64> {
+        v.iter().map(|x| x.to_f64().to_bits()).collect()
+    }
+
+    /// Runs the forward and adjoint block kernels on `isa` for `rows` rows of `len` positions;
+    /// returns every output and the returned per-lane values of the block's rows.
+    fn run<T: Real>(isa: Isa, rows: usize, len: usize, masked: bool) -> Vec<Vec<u64>> {
+        let gains = crate::types::Gains::<T>::new(
+            len,
+            &crate::types::FilterParams {
+                q: 0.01,
+                r: 1.0,
+                p0: 0.5,
+            },
+        )
+        .unwrap();
+        let z: Vec<Vec<T>> = (0..rows).map(|r| values(len, r as u64 + 1)).collect();
+        let m: Vec<Vec<bool>> = (0..rows)
+            .map(|r| (0..len).map(|t| (t * 7 + r * 3) % 5 != 0).collect())
+            .collect();
+        let zr: Vec<&[T]> = z.iter().map(|r| &r[..]).collect();
+        let mr: Vec<&[bool]> = m.iter().map(|r| &r[..]).collect();
+        let mask = masked.then_some(&mr[..]);
+        let mut x0 = [T::ZERO; LANES];
+        for (l, v) in x0.iter_mut().enumerate() {
+            *v = T::from_f64(0.125 * l as f64 - 0.5);
+        }
+        let mut out = vec![vec![T::ZERO; len]; rows];
+        let mut outs: Vec<&mut [T]> = out.iter_mut().map(|r| &mut r[..]).collect();
+        let (k, a) = (gains.k(), gains.a());
+        let fin = forward_block_on(isa, &zr, mask, k, a, x0, &mut outs);
+        let mut dz = vec![vec![T::ZERO; len]; rows];
+        let mut dzs: Vec<&mut [T]> = dz.iter_mut().map(|r| &mut r[..]).collect();
+        let lam = adjoint_block_on(isa, &zr, mask, k, a, &mut dzs);
+        let mut res: Vec<Vec<u64>> = out.iter().chain(&dz).map(|r| bits(r)).collect();
+        res.push(bits(&fin[..rows]));
+        res.push(bits(&lam[..rows]));
+        res
+    }
+
+    /// Every instruction set this CPU has gives bitwise the results of the portable code: full
+    /// and partial blocks, lengths around the chunk and tile sizes, both dtypes, with and
+    /// without a mask.
+    #[test]
+    fn every_instruction_set_equals_the_portable_code_bitwise() {
+        let isas = Isa::available();
+        #[cfg(target_arch = "x86_64")]
+        if std::is_x86_feature_detected!("avx2") {
+            assert!(isas.contains(&Isa::Avx2));
+        }
+        for &isa in &isas {
+            for rows in [1, 3, 8, 9, LANES] {
+                for len in [0, 1, 3, 4, 7, 8, 9, 63, 64, 65, 127, 128, 129, 300, 1000] {
+                    for masked in [false, true] {
+                        let want32 = run::<f32>(Isa::Portable, rows, len, masked);
+                        let want64 = run::<f64>(Isa::Portable, rows, len, masked);
+                        let ctx = format!("{isa:?}, {rows} rows, {len} positions, mask {masked}");
+                        assert_eq!(run::<f32>(isa, rows, len, masked), want32, "f32, {ctx}");
+                        assert_eq!(run::<f64>(isa, rows, len, masked), want64, "f64, {ctx}");
+                    }
+                }
+            }
+        }
+    }
 }

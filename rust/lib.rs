@@ -2,15 +2,17 @@
 //! adjoint, for padded and packed batches of token sequences.
 //!
 //! [`filter`] is the pure-Rust core's public face. The modules stack without cycles, each using
-//! only those listed before it: `types` (shared types, parameters, errors, gains), `row` (one-row
-//! kernels), `block` (row-block tile kernels), `stretch` (the row-block path, long rows cut into
-//! stretches), `filter` (layout checks and dispatch). With the `python` feature (enabled by
+//! only those listed before it: `simd` (explicit SIMD row-block kernels per instruction set,
+//! chosen at run time), `types` (shared types, parameters, errors, gains), `row` (one-row
+//! kernels), `block` (row-block kernels: dispatch to `simd`, portable fallback), `stretch` (the
+//! row-block path, long rows cut into stretches), `filter` (layout checks and dispatch). With the `python` feature (enabled by
 //! maturin) this crate is also the Python extension module `kpo_rs._core`, defined in
 //! `python.rs`. See `docs/design.md`, "Rust core".
 
 mod block;
 pub mod filter;
 mod row;
+mod simd;
 mod stretch;
 mod types;
 

@@ -1,13 +1,19 @@
 //! The types every other module of the core shares: the compute and offset types, the filter's
-//! parameters and mask mode, the error type and the gains. This module imports no other module of
-//! the crate; everything else builds on it (see `docs/design.md`, "Rust core").
+//! parameters and mask mode, the error type and the gains. Of the crate, this module imports only
+//! the SIMD kernels' trait (`simd.rs`, itself a leaf); everything else builds on it (see
+//! `docs/design.md`, "Rust core").
 
 use std::fmt;
 use std::ops::{Add, Mul};
 
+use crate::simd::Lanes;
+
 /// A floating-point type the kernels compute in (`f32` or `f64`).
+///
+/// `Lanes` (the row-block kernels of each instruction set) is sealed: only `f32` and `f64`
+/// implement it.
 pub trait Real:
-    Copy + Send + Sync + PartialEq + Add<Output = Self> + Mul<Output = Self> + 'static
+    Copy + Send + Sync + PartialEq + Add<Output = Self> + Mul<Output = Self> + Lanes + 'static
 {
     const ZERO: Self;
     const ONE: Self;

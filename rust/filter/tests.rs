@@ -37,7 +37,7 @@ fn naive_row(
 ) -> Vec<f64> {
     let (mut x, mut var, mut out) = (m0, p.p0, Vec::new());
     for (t, &zt) in z.iter().enumerate() {
-        let valid = mask.map_or(true, |m| m[t]);
+        let valid = mask.is_none_or(|m| m[t]);
         match (valid, mode) {
             (false, MaskMode::Hold) => out.push(x),
             (valid, _) => {
@@ -676,7 +676,7 @@ fn cut_rows_match_the_one_row_kernel_within_the_error_bound() {
                 for row in 0..b {
                     let mut env = 0.75f64;
                     for i in row * t..(row + 1) * t {
-                        if mask.map_or(true, |m| m[i]) {
+                        if mask.is_none_or(|m| m[i]) {
                             env = env.max(z[i].to_f64().abs());
                         }
                         let err = (cut[i].to_f64() - whole[i].to_f64()).abs();

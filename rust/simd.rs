@@ -1,0 +1,515 @@
+//! Explicit SIMD for the row-block kernels, chosen at run time (`docs/design.md`, "Rust core").
+//!
+//! A block is `LANES` rows filtered together, one row per SIMD lane. The rows are stored
+//! row-major, so each chunk of positions is transposed in registers on the way in (rows to
+//! lanes) and on the way out (lanes to rows): 8x8 transposes of `f32` and 4x4 transposes of `f64`
+//! in 256-bit registers, built from 128-bit loads and stores and in-lane shuffles. The whole
+//! chunk loop runs inside one `#[target_feature]` function, with every helper inlined into it.
+//!
+//! Every lane performs exactly the operations of the one-row kernels, in the same order: the
+//! forward `x = a x + k z` and the adjoint `lam += g; dz = k lam; lam = a lam`, each product
+//! rounded, no fused multiply-add. So every instruction set gives bitwise the same result as the
+//! portable code, and the tests compare them bit for bit.
+//!
+//! This module imports nothing from the crate. Rows past the end of a block (the last block of
+//! a batch) repeat the block's first row: those lanes compute exactly what the first lane
+//! computes and store the same values to the same places, so no scratch rows are needed.
+
+/// Rows per block.
+pub const LANES: usize = 16;
+
+/// An instruction set the block kernels can run on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Isa {
+    /// Plain Rust, vectorised by the compiler for the build's baseline target.
+    Portable,
+    /// x86-64 AVX2: explicit 256-bit kernels (detected at run time).
+    Avx2,
+}
+
+impl Isa {
+    /// Every instruction set this CPU can run, the portable one first.
+    pub fn available() -> Vec<Isa> {
+        let mut out = vec![Isa::Portable];
+        #[cfg(target_arch = "x86_64")]
+        if std::is_x86_feature_detected!("avx2") {
+            out.push(Isa::Avx2);
+        }
+        out
+    }
+
+    /// The fastest instruction set this CPU can run (detected once, then cached by `std`).
+    pub fn best() -> Isa {
+        #[cfg(target_arch = "x86_64")]
+        if std::is_x86_feature_detected!("avx2") {
+            return Isa::Avx2;
+        }
+        Isa::Portable
+    }
+}
+
+/// Block kernels for one compute type: the unmasked forward and adjoint over one stretch of a
+/// block of at most `LANES` rows, on instruction set `isa`. `None` means `isa` has no kernel for
+/// this call (the portable instruction set, a CPU without it, or slices of unequal lengths); the
+/// caller then runs the portable code.
+pub trait Lanes: Copy + Sized {
+    /// Forward filter from the entering states `x0`: writes `out` and returns the final states.
+    fn forward(
+        isa: Isa,
+        z: &[&[Self]],
+        k: &[Self],
+        a: &[Self],
+        x0: [Self; LANES],
+        out: &mut [&mut [Self]],
+    ) -> Option<[Self; LANES]>;
+
+    /// Adjoint from a zero adjoint after the stretch: writes `dz` and returns `a_0 lam_0` per lane.
+    fn adjoint(
+        isa: Isa,
+        grad: &[&[Self]],
+        k: &[Self],
+        a: &[Self],
+        dz: &mut [&mut [Self]],
+    ) -> Option<[Self; LANES]>;
+}
+
+/// Row pointers of a block for the kernels: `LANES` input and output rows of `len` elements,
+/// lanes past the block's rows repeating its first row. `None` unless there are 1 to `LANES`
+/// rows, as many outputs as inputs, and every row has `len` elements.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+fn row_pointers<T>(
+    rows: &[&[T]],
+    out: &mut [&mut [T]],
+    len: usize,
+) -> Option<([*const T; LANES], [*mut T; LANES])> {
+    let n = rows.len();
+    if n == 0 || n > LANES || out.len() != n {
+        return None;
+    }
+    if rows.iter().any(|r| r.len() != len) || out.iter().any(|r| r.len() != len) {
+        return None;
+    }
+    let mut src = [rows[0].as_ptr(); LANES];
+    let mut dst = [out[0].as_mut_ptr(); LANES];
+    for (l, (r, o)) in rows.iter().zip(out.iter_mut()).enumerate() {
+        src[l] = r.as_ptr();
+        dst[l] = o.as_mut_ptr();
+    }
+    Some((src, dst))
+}
+
+/// Lanes past the block's `n` rows take the first lane's entering state.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+fn repeat_first<T: Copy>(mut x: [T; LANES], n: usize) -> [T; LANES] {
+    for i in n..LANES {
+        x[i] = x[0];
+    }
+    x
+}
+
+impl Lanes for f32 {
+    fn forward(
+        isa: Isa,
+        z: &[&[f32]],
+        k: &[f32],
+        a: &[f32],
+        x0: [f32; LANES],
+        out: &mut [&mut [f32]],
+    ) -> Option<[f32; LANES]> {
+        match isa {
+            Isa::Portable => None,
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => {
+                if !std::is_x86_feature_detected!("avx2") || a.len() != k.len() {
+                    return None;
+                }
+                let (src, dst) = row_pointers(z, out, k.len())?;
+                let x0 = repeat_first(x0, z.len());
+                // SAFETY: AVX2 is present; every pointer addresses a row of k.len() elements
+                // (checked by row_pointers), and the output rows are writable and do not overlap
+                // the inputs (they come from distinct `&mut` slices).
+                Some(unsafe { x86::forward_f32(&src, &dst, k, a, x0, z.len()) })
+            }
+            #[cfg(not(target_arch = "x86_64"))]
+            Isa::Avx2 => None,
+        }
+    }
+
+    fn adjoint(
+        isa: Isa,
+        grad: &[&[f32]],
+        k: &[f32],
+        a: &[f32],
+        dz: &mut [&mut [f32]],
+    ) -> Option<[f32; LANES]> {
+        match isa {
+            Isa::Portable => None,
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => {
+                if !std::is_x86_feature_detected!("avx2") || a.len() != k.len() {
+                    return None;
+                }
+                let (src, dst) = row_pointers(grad, dz, k.len())?;
+                // SAFETY: as in `forward`.
+                Some(unsafe { x86::adjoint_f32(&src, &dst, k, a, grad.len()) })
+            }
+            #[cfg(not(target_arch = "x86_64"))]
+            Isa::Avx2 => None,
+        }
+    }
+}
+
+impl Lanes for f64 {
+    fn forward(
+        isa: Isa,
+        z: &[&[f64]],
+        k: &[f64],
+        a: &[f64],
+        x0: [f64; LANES],
+        out: &mut [&mut [f64]],
+    ) -> Option<[f64; LANES]> {
+        match isa {
+            Isa::Portable => None,
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => {
+                if !std::is_x86_feature_detected!("avx2") || a.len() != k.len() {
+                    return None;
+                }
+                let (src, dst) = row_pointers(z, out, k.len())?;
+                let x0 = repeat_first(x0, z.len());
+                // SAFETY: as for `f32`.
+                Some(unsafe { x86::forward_f64(&src, &dst, k, a, x0, z.len()) })
+            }
+            #[cfg(not(target_arch = "x86_64"))]
+            Isa::Avx2 => None,
+        }
+    }
+
+    fn adjoint(
+        isa: Isa,
+        grad: &[&[f64]],
+        k: &[f64],
+        a: &[f64],
+        dz: &mut [&mut [f64]],
+    ) -> Option<[f64; LANES]> {
+        match isa {
+            Isa::Portable => None,
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => {
+                if !std::is_x86_feature_detected!("avx2") || a.len() != k.len() {
+                    return None;
+                }
+                let (src, dst) = row_pointers(grad, dz, k.len())?;
+                // SAFETY: as for `f32`.
+                Some(unsafe { x86::adjoint_f64(&src, &dst, k, a, grad.len()) })
+            }
+            #[cfg(not(target_arch = "x86_64"))]
+            Isa::Avx2 => None,
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    //! The AVX2 kernels. Each public function holds the whole loop over chunks of positions;
+    //! the helpers carry the same `#[target_feature]` and are inlined into it. Positions past
+    //! the last whole chunk (fewer than one chunk) run the scalar recurrence per lane.
+
+    use super::LANES;
+    use std::arch::x86_64::*;
+
+    /// `f32` positions per chunk (lanes per register).
+    const W32: usize = 8;
+    /// `f64` positions per chunk (lanes per register).
+    const W64: usize = 4;
+
+    /// In each 128-bit half, the 4x4 transpose of `t` (its own inverse).
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn transpose4_halves(t: [__m256; 4]) -> [__m256; 4] {
+        let u0 = _mm256_unpacklo_ps(t[0], t[1]);
+        let u1 = _mm256_unpackhi_ps(t[0], t[1]);
+        let u2 = _mm256_unpacklo_ps(t[2], t[3]);
+        let u3 = _mm256_unpackhi_ps(t[2], t[3]);
+        [
+            _mm256_shuffle_ps::<0x44>(u0, u2),
+            _mm256_shuffle_ps::<0xEE>(u0, u2),
+            _mm256_shuffle_ps::<0x44>(u1, u3),
+            _mm256_shuffle_ps::<0xEE>(u1, u3),
+        ]
+    }
+
+    /// Positions `p .. p + 8` of rows `r[0..8]` as 8 registers, one per position, lane = row.
+    ///
+    /// # Safety
+    /// Each `r[i]` must be readable for `p + 8` elements.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn load_f32(r: &[*const f32], p: usize) -> [__m256; 8] {
+        let half = |j: usize, q: usize| {
+            // SAFETY: the caller guarantees rows j and j + 4 hold positions q .. q + 4.
+            unsafe {
+                _mm256_insertf128_ps::<1>(
+                    _mm256_castps128_ps256(_mm_loadu_ps(r[j].add(q))),
+                    _mm_loadu_ps(r[j + 4].add(q)),
+                )
+            }
+        };
+        let lo = transpose4_halves([half(0, p), half(1, p), half(2, p), half(3, p)]);
+        let hi = transpose4_halves([
+            half(0, p + 4),
+            half(1, p + 4),
+            half(2, p + 4),
+            half(3, p + 4),
+        ]);
+        [lo[0], lo[1], lo[2], lo[3], hi[0], hi[1], hi[2], hi[3]]
+    }
+
+    /// The inverse of [`load_f32`]: stores register `i` (lane = row) at position `p + i` of rows
+    /// `r[0..8]`.
+    ///
+    /// # Safety
+    /// Each `r[i]` must be writable for `p + 8` elements.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn store_f32(r: &[*mut f32], p: usize, v: &[__m256; 8]) {
+        let lo = transpose4_halves([v[0], v[1], v[2], v[3]]);
+        let hi = transpose4_halves([v[4], v[5], v[6], v[7]]);
+        for j in 0..4 {
+            // SAFETY: the caller guarantees rows j and j + 4 hold positions p .. p + 8.
+            unsafe {
+                _mm_storeu_ps(r[j].add(p), _mm256_castps256_ps128(lo[j]));
+                _mm_storeu_ps(r[j + 4].add(p), _mm256_extractf128_ps::<1>(lo[j]));
+                _mm_storeu_ps(r[j].add(p + 4), _mm256_castps256_ps128(hi[j]));
+                _mm_storeu_ps(r[j + 4].add(p + 4), _mm256_extractf128_ps::<1>(hi[j]));
+            }
+        }
+    }
+
+    /// Positions `p .. p + 4` of rows `r[0..4]` as 4 registers, one per position, lane = row.
+    ///
+    /// # Safety
+    /// Each `r[i]` must be readable for `p + 4` elements.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn load_f64(r: &[*const f64], p: usize) -> [__m256d; 4] {
+        let pair = |j: usize, q: usize| {
+            // SAFETY: the caller guarantees rows j and j + 2 hold positions q .. q + 2.
+            unsafe {
+                _mm256_insertf128_pd::<1>(
+                    _mm256_castpd128_pd256(_mm_loadu_pd(r[j].add(q))),
+                    _mm_loadu_pd(r[j + 2].add(q)),
+                )
+            }
+        };
+        let (t0, t1, t2, t3) = (pair(0, p), pair(1, p), pair(0, p + 2), pair(1, p + 2));
+        [
+            _mm256_unpacklo_pd(t0, t1),
+            _mm256_unpackhi_pd(t0, t1),
+            _mm256_unpacklo_pd(t2, t3),
+            _mm256_unpackhi_pd(t2, t3),
+        ]
+    }
+
+    /// The inverse of [`load_f64`].
+    ///
+    /// # Safety
+    /// Each `r[i]` must be writable for `p + 4` elements.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn store_f64(r: &[*mut f64], p: usize, v: &[__m256d; 4]) {
+        let u = [
+            _mm256_unpacklo_pd(v[0], v[1]),
+            _mm256_unpackhi_pd(v[0], v[1]),
+            _mm256_unpacklo_pd(v[2], v[3]),
+            _mm256_unpackhi_pd(v[2], v[3]),
+        ];
+        // u[0] = rows 0 | 2 at p, p + 1; u[1] = rows 1 | 3 at p, p + 1; u[2], u[3] at p + 2, p + 3.
+        for (i, ui) in u.iter().enumerate() {
+            let (j, q) = (i % 2, p + 2 * (i / 2));
+            // SAFETY: the caller guarantees rows j and j + 2 hold positions q .. q + 2.
+            unsafe {
+                _mm_storeu_pd(r[j].add(q), _mm256_castpd256_pd128(*ui));
+                _mm_storeu_pd(r[j + 2].add(q), _mm256_extractf128_pd::<1>(*ui));
+            }
+        }
+    }
+
+    /// Positions per tile: each tile is transposed into a position-major buffer group by group
+    /// (8 rows of `f32`, 4 of `f64`), filtered there, and transposed back group by group. Going
+    /// group by group keeps the rows a phase touches within the ways of L1 even when the row
+    /// stride is a multiple of 4 KiB (all rows then map to the same cache sets).
+    const TILE: usize = 128;
+
+    /// Defines the forward and adjoint kernels for one element type: `$t` elements, `$v`
+    /// registers of `$w` lanes (`LANES / $w` groups), chunk transposes `$load` and `$store`.
+    macro_rules! kernels {
+        ($forward:ident, $adjoint:ident, $t:ty, $v:ty, $w:expr, $load:ident, $store:ident,
+         $zero:ident, $splat:ident, $add:ident, $mul:ident, $loadu:ident, $storeu:ident) => {
+            /// Forward filter of `LANES` rows over `k.len()` positions from the states `x0`;
+            /// returns the final states.
+            ///
+            /// # Safety
+            /// AVX2 must be present; `src[i]` readable and `dst[i]` writable for `k.len()`
+            /// elements, the outputs not overlapping the inputs; `a.len() == k.len()`; lanes
+            /// `rows..` repeat lane 0 (pointers and `x0`).
+            #[target_feature(enable = "avx2")]
+            pub unsafe fn $forward(
+                src: &[*const $t; LANES],
+                dst: &[*mut $t; LANES],
+                k: &[$t],
+                a: &[$t],
+                x0: [$t; LANES],
+                rows: usize,
+            ) -> [$t; LANES] {
+                const G: usize = LANES / $w;
+                let len = k.len();
+                let whole = len - len % $w;
+                // SAFETY: x0 has LANES elements.
+                let mut x: [$v; G] =
+                    std::array::from_fn(|g| unsafe { $loadu(x0.as_ptr().add($w * g)) });
+                let mut buf = [[[$zero(); $w]; TILE / $w]; G];
+                let mut p = 0;
+                while p < whole {
+                    let n = TILE.min(whole - p);
+                    for (g, bg) in buf.iter_mut().enumerate() {
+                        for c in (0..n).step_by($w) {
+                            // SAFETY: p + c + $w <= whole <= len.
+                            bg[c / $w] = unsafe { $load(&src[$w * g..$w * (g + 1)], p + c) };
+                        }
+                    }
+                    for (i, (&at, &kt)) in a[p..p + n].iter().zip(&k[p..p + n]).enumerate() {
+                        let (at, kt) = ($splat(at), $splat(kt));
+                        for (xg, bg) in x.iter_mut().zip(buf.iter_mut()) {
+                            let b = &mut bg[i / $w][i % $w];
+                            *xg = $add($mul(at, *xg), $mul(kt, *b));
+                            *b = *xg;
+                        }
+                    }
+                    for (g, bg) in buf.iter().enumerate() {
+                        for c in (0..n).step_by($w) {
+                            // SAFETY: p + c + $w <= whole <= len.
+                            unsafe { $store(&dst[$w * g..$w * (g + 1)], p + c, &bg[c / $w]) };
+                        }
+                    }
+                    p += n;
+                }
+                let mut out = [0.0; LANES];
+                for (g, xg) in x.iter().enumerate() {
+                    // SAFETY: out has LANES elements.
+                    unsafe { $storeu(out.as_mut_ptr().add($w * g), *xg) };
+                }
+                for (l, xl) in out.iter_mut().enumerate().take(rows) {
+                    for t in whole..len {
+                        // SAFETY: t < len.
+                        unsafe {
+                            *xl = a[t] * *xl + k[t] * *src[l].add(t);
+                            *dst[l].add(t) = *xl;
+                        }
+                    }
+                }
+                out
+            }
+
+            /// Adjoint of the forward kernel from a zero adjoint after the last position;
+            /// returns `a_0 lam_0` per lane.
+            ///
+            /// # Safety
+            /// As for the forward kernel.
+            #[target_feature(enable = "avx2")]
+            pub unsafe fn $adjoint(
+                src: &[*const $t; LANES],
+                dst: &[*mut $t; LANES],
+                k: &[$t],
+                a: &[$t],
+                rows: usize,
+            ) -> [$t; LANES] {
+                const G: usize = LANES / $w;
+                let len = k.len();
+                let whole = len - len % $w;
+                let mut lam = [0.0; LANES];
+                for (l, ll) in lam.iter_mut().enumerate().take(rows) {
+                    for t in (whole..len).rev() {
+                        // SAFETY: t < len.
+                        unsafe {
+                            *ll += *src[l].add(t);
+                            *dst[l].add(t) = k[t] * *ll;
+                        }
+                        *ll *= a[t];
+                    }
+                }
+                for l in rows..LANES {
+                    lam[l] = lam[0];
+                }
+                // SAFETY: lam has LANES elements.
+                let mut m: [$v; G] =
+                    std::array::from_fn(|g| unsafe { $loadu(lam.as_ptr().add($w * g)) });
+                let mut buf = [[[$zero(); $w]; TILE / $w]; G];
+                let mut end = whole;
+                while end > 0 {
+                    let n = TILE.min(end);
+                    let p = end - n;
+                    for (g, bg) in buf.iter_mut().enumerate() {
+                        for c in (0..n).step_by($w).rev() {
+                            // SAFETY: p + c + $w <= whole <= len.
+                            bg[c / $w] = unsafe { $load(&src[$w * g..$w * (g + 1)], p + c) };
+                        }
+                    }
+                    let gains = a[p..end].iter().zip(&k[p..end]).enumerate().rev();
+                    for (i, (&at, &kt)) in gains {
+                        let (at, kt) = ($splat(at), $splat(kt));
+                        for (mg, bg) in m.iter_mut().zip(buf.iter_mut()) {
+                            let b = &mut bg[i / $w][i % $w];
+                            *mg = $add(*mg, *b);
+                            *b = $mul(kt, *mg);
+                            *mg = $mul(at, *mg);
+                        }
+                    }
+                    for (g, bg) in buf.iter().enumerate() {
+                        for c in (0..n).step_by($w).rev() {
+                            // SAFETY: p + c + $w <= whole <= len.
+                            unsafe { $store(&dst[$w * g..$w * (g + 1)], p + c, &bg[c / $w]) };
+                        }
+                    }
+                    end = p;
+                }
+                for (g, mg) in m.iter().enumerate() {
+                    // SAFETY: lam has LANES elements.
+                    unsafe { $storeu(lam.as_mut_ptr().add($w * g), *mg) };
+                }
+                lam
+            }
+        };
+    }
+
+    kernels!(
+        forward_f32,
+        adjoint_f32,
+        f32,
+        __m256,
+        W32,
+        load_f32,
+        store_f32,
+        _mm256_setzero_ps,
+        _mm256_set1_ps,
+        _mm256_add_ps,
+        _mm256_mul_ps,
+        _mm256_loadu_ps,
+        _mm256_storeu_ps
+    );
+    kernels!(
+        forward_f64,
+        adjoint_f64,
+        f64,
+        __m256d,
+        W64,
+        load_f64,
+        store_f64,
+        _mm256_setzero_pd,
+        _mm256_set1_pd,
+        _mm256_add_pd,
+        _mm256_mul_pd,
+        _mm256_loadu_pd,
+        _mm256_storeu_pd
+    );
+}
