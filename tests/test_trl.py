@@ -19,7 +19,13 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, set_seed
 from trl import GRPOConfig, GRPOTrainer
 
-from kpo_rs.integrations.trl import SUPPORTED_LOSS_TYPES, KPOConfig, KPOTrainer
+from kpo_rs.integrations.trl import (
+    SUPPORTED_LOSS_NAMES,
+    SUPPORTED_LOSS_TYPES,
+    KPOConfig,
+    KPOTrainer,
+)
+from kpo_rs.loss_table import get_loss
 
 VOCAB = ["<pad>", "<eos>", "<unk>", *"abcdefghij "]
 
@@ -125,7 +131,8 @@ def _config(tmp_path, **kw):
         ("kpo_space", "prob", ValueError, "kpo_space must be one of"),
         ("kpo_grad", "adjoint", ValueError, "kpo_grad must be one of"),
         ("kpo_backend", "cuda", ValueError, "kpo_backend must be one of"),
-        ("kpo_clip", 1, TypeError, "kpo_clip must be True or False"),
+        ("kpo_loss_name", "ppo", ValueError, "kpo_loss_name must be one of .*got 'ppo'"),
+        ("kpo_loss_name", "gmpo", ValueError, "'gmpo' fixes its own aggregation"),
         ("kpo_epsilon_low", 1.0, ValueError, "kpo_epsilon_low must be in"),
         ("kpo_epsilon_high", -0.1, ValueError, "kpo_epsilon_high must be a finite number"),
         ("kpo_epsilon_high", None, TypeError, "kpo_epsilon_high must be a real number"),
@@ -145,7 +152,18 @@ def test_config_checks_kpo_fields_when_built(tmp_path, field, value, error, mess
         ({"off_policy_mask_threshold": 0.5}, "off_policy_mask_threshold"),
         ({"entropy_coef": 0.01}, "entropy_coef"),
         ({"use_adaptive_entropy": True}, "entropy_coef"),
-        ({"delta": 2.0, "kpo_clip": False}, "delta .*needs kpo_clip=True"),
+        ({"delta": 2.0, "kpo_loss_name": "kpo"}, "delta .*needs kpo_loss_name='kpo_clipped'"),
+        ({"delta": 2.0, "kpo_loss_name": "minpro"}, "delta .*needs kpo_loss_name='kpo_clipped'"),
+        ({"kpo_loss_kwargs": {"clip": (0.1, 0.1)}}, "kpo_loss_kwargs is for the table's other"),
+        (
+            {"kpo_loss_name": "minpro", "kpo_loss_kwargs": {"clip_ratio": 0.2}},
+            "kpo_loss_kwargs: loss 'minpro' has no setting 'clip_ratio'",
+        ),
+        (
+            {"kpo_loss_name": "bapo", "kpo_loss_kwargs": {"loss_agg_mode": "token-mean"}},
+            "kpo_loss_kwargs cannot set 'loss_agg_mode'",
+        ),
+        ({"kpo_loss_name": "bapo", "kpo_loss_kwargs": "{target: 1}"}, "not valid JSON"),
         ({"delta": 1.0002}, "delta must be > 1 \\+ kpo_epsilon_high"),
     ],
 )
@@ -181,8 +199,9 @@ OPTIONS = {
 }
 
 
-def _pair(tmp_path, loss_type, options, **common):
-    """A GRPOTrainer and a KPOTrainer with every gain 1, on identical copies of one model."""
+def _pair(tmp_path, loss_type, options, kinds=("grpo", "kpo"), **common):
+    """A GRPOTrainer and a KPOTrainer with every gain 1, on identical copies of one model (or
+    only those of ``kinds``; ``common`` reaches the KPOConfig then)."""
     common = {
         "per_device_train_batch_size": 4,
         "num_generations": 4,
@@ -201,20 +220,17 @@ def _pair(tmp_path, loss_type, options, **common):
     path = tmp_path / "tiny-llama"
     _model(len(VOCAB)).save_pretrained(path)
     trainers = []
-    for kind in ("grpo", "kpo"):
+    for kind in kinds:
         if kind == "grpo":
             args = GRPOConfig(
                 output_dir=str(tmp_path / kind), epsilon=EPS_LOW, epsilon_high=EPS_HIGH, **common
             )
             cls = GRPOTrainer
         else:
-            args = KPOConfig(
-                output_dir=str(tmp_path / kind),
-                kpo_q=1e20,
-                kpo_epsilon_low=EPS_LOW,
-                kpo_epsilon_high=EPS_HIGH,
-                **common,
-            )
+            kpo = {"kpo_q": 1e20, "kpo_epsilon_low": EPS_LOW, "kpo_epsilon_high": EPS_HIGH}
+            if common.get("kpo_loss_name", "kpo_clipped") not in ("kpo", "kpo_clipped"):
+                kpo = {}  # the filter and its clip do not apply
+            args = KPOConfig(output_dir=str(tmp_path / kind), **kpo, **common)
             cls = KPOTrainer
         trainers.append(
             cls(
@@ -303,3 +319,102 @@ def test_all_gains_one_training_equals_grpo(tmp_path, loss_type):
     initial = LlamaForCausalLM.from_pretrained(tmp_path / "tiny-llama")
     assert any(not torch.equal(a, b) for a, b in zip(initial.parameters(), kpo.model.parameters()))
     assert any(e.get("kpo/pg_clipfrac", 0) > 0 for e in kpo.state.log_history)
+
+
+# --------------------------------------------------------------------------------------------
+# Any loss of kpo_rs.loss_table
+
+TABLE_LOSSES = [n for n in SUPPORTED_LOSS_NAMES if n not in ("kpo", "kpo_clipped")]
+# TRL's aggregation -> the same aggregation in verl's terms (every row non-empty), divided by
+# the accumulation steps as TRL divides.
+VERL_AGG = {
+    "grpo": ("seq-mean-token-mean", {}),
+    "bnpo": ("token-mean", {}),
+    "dr_grpo": ("seq-mean-token-sum-norm", {"loss_scale_factor": 12}),
+    "dapo": ("token-sum", {}),
+}
+
+
+def test_table_losses_are_offered():
+    assert {"grpo", "gspo", "dppo_tv", "dppo_kl", "minpro", "bapo"} <= set(TABLE_LOSSES)
+    assert "gmpo" not in SUPPORTED_LOSS_NAMES
+
+
+@pytest.mark.parametrize("loss_type", SUPPORTED_LOSS_TYPES)
+@pytest.mark.parametrize("name", TABLE_LOSSES)
+def test_table_loss_aggregated_as_trl(tmp_path, name, loss_type):
+    """kpo_loss_name=<name>: the table's loss with its recommended settings, aggregated as TRL's
+    loss_type, equals the table's loss called with the same aggregation in verl's terms.
+
+    Tolerance: the two sides sum the same float32 terms (at most 72 tokens) in a different
+    association (a weighted token sum against verl's sums and divisions), so they differ by a few
+    float32 roundings of the summands: rtol 1e-5 and atol 1e-6 (losses of order 0.1 to 1;
+    gradients compared relative to their largest entry)."""
+    (trainer,) = _pair(tmp_path, loss_type, {}, kinds=("kpo",), kpo_loss_name=name)
+    inputs = _with_logps(trainer, _inputs(seed=11), seed=11)
+    model = trainer.model
+    model.train()
+    trainer.current_gradient_accumulation_steps = 2
+    model.zero_grad()
+    loss = trainer._compute_loss(model, inputs)
+    loss.backward()
+    got = [p.grad.clone() for p in model.parameters()]
+
+    model.zero_grad()
+    logps, _, _ = trainer._get_per_token_logps_and_entropies(
+        model,
+        torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1),
+        torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1),
+        inputs["completion_ids"].size(1),
+    )
+    mode, extra = VERL_AGG[loss_type]
+    want, _ = get_loss(name)(
+        inputs["old_per_token_logps"],
+        logps,
+        inputs["advantages"][:, None].expand_as(logps),
+        inputs["completion_mask"].bool(),
+        loss_agg_mode=mode,
+        global_batch_info=extra,
+    )
+    if loss_type == "dapo":  # TRL: tokens of the generation batch, per accumulation window
+        want = want / (inputs["num_items_in_batch"] * 2 / trainer.args.steps_per_generation)
+    else:
+        want = want / 2
+    want.backward()
+    torch.testing.assert_close(loss.detach(), want.detach(), rtol=1e-5, atol=1e-6)
+    scale = max(float(p.grad.abs().max()) for p in model.parameters())
+    for a, p in zip(got, model.parameters()):
+        torch.testing.assert_close(a, p.grad, rtol=1e-5, atol=1e-6 * scale)
+    assert any(k.startswith("kpo/") for k in trainer._metrics["train"])
+
+
+@pytest.mark.parametrize("name", ["minpro", "bapo"])
+def test_peer_losses_train(tmp_path, name):
+    """The peers in a real run (two updates per batch, KL on): finite losses, their metrics
+    logged, the weights moved."""
+    (trainer,) = _pair(
+        tmp_path,
+        "dapo",
+        {"beta": 0.05, "num_iterations": 2},
+        kinds=("kpo",),
+        kpo_loss_name=name,
+        kpo_loss_kwargs={"clip_ratio_c": 10.0},
+        max_steps=2,
+        learning_rate=5e-3,
+        logging_steps=1,
+    )
+    trainer.train()
+    logs = [e for e in trainer.state.log_history if "loss" in e]
+    assert len(logs) == 2 and all(math.isfinite(e["loss"]) for e in logs)
+    assert all(any(k.startswith(f"kpo/{name}_") for k in e) for e in logs)
+    initial = LlamaForCausalLM.from_pretrained(tmp_path / "tiny-llama")
+    assert any(
+        not torch.equal(a, b) for a, b in zip(initial.parameters(), trainer.model.parameters())
+    )
+
+
+def test_filter_fields_warn_for_other_losses(tmp_path):
+    with pytest.warns(UserWarning, match="kpo_q only apply to kpo_loss_name"):
+        _config(tmp_path, kpo_loss_name="minpro", kpo_q=1e-3)
+    cfg = _config(tmp_path, kpo_loss_name="bapo", kpo_loss_kwargs='{"target": 0.6}')
+    assert cfg.kpo_loss_kwargs == {"target": 0.6} and cfg.kpo_loss_spec.name == "bapo"

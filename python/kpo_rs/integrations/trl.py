@@ -9,39 +9,46 @@ the reference model and logging are GRPO's. Use it like ``GRPOTrainer``::
     trainer = KPOTrainer(model=model, reward_funcs=reward_fn, args=args, train_dataset=dataset)
     trainer.train()
 
-:class:`KPOConfig` adds the filter settings (``kpo_q``, ``kpo_r``, ``kpo_p0``, ``kpo_masked``,
-``kpo_space``, ``kpo_grad``, ``kpo_backend``; defaults: :class:`kpo_rs.params.FilterParams`) and
-the variant: ``kpo_clip=True`` (default, KPO-clipped) clips the filtered ratio to
-``[1 - kpo_epsilon_low, 1 + kpo_epsilon_high]`` (the KPO authors' 3e-4, 4e-4); ``kpo_clip=False``
-is plain KPO. Every ``kpo_*`` field is checked when the config is built.
+:class:`KPOConfig` adds ``kpo_loss_name``, any policy loss of :mod:`kpo_rs.loss_table` whose
+aggregation is free (all but ``"gmpo"``): ``"kpo_clipped"`` (default, the paper's main variant:
+the filtered ratio clipped to ``[1 - kpo_epsilon_low, 1 + kpo_epsilon_high]``, the KPO authors'
+3e-4, 4e-4), ``"kpo"`` (no clip), or a baseline or peer (``"grpo"``, ``"gspo"``, ``"dppo_tv"``,
+``"dppo_kl"``, ``"minpro"``, ``"bapo"``) with the table's recommended settings, overridden by
+``kpo_loss_kwargs``. The KPO losses take the filter settings ``kpo_q``, ``kpo_r``, ``kpo_p0``,
+``kpo_masked``, ``kpo_space``, ``kpo_grad``, ``kpo_backend`` (defaults:
+:class:`kpo_rs.params.FilterParams`). Every ``kpo_*`` field is checked when the config is built.
 
 What carries over from ``GRPOConfig``, done as ``GRPOTrainer`` does it (with every gain 1,
 ``kpo_q=1e20``, and ``kpo_epsilon_* = epsilon*``, ``KPOTrainer`` computes what ``GRPOTrainer``
 computes; ``tests/test_trl.py`` holds it to that):
 
-- ``loss_type`` ``"grpo"``, ``"bnpo"``, ``"dr_grpo"``, ``"dapo"`` (the aggregations);
+- ``loss_type`` ``"grpo"``, ``"bnpo"``, ``"dr_grpo"``, ``"dapo"`` (the aggregations, for every
+  ``kpo_loss_name``: each is a weighted sum over tokens, applied to the table's losses through
+  their token weights);
 - ``beta`` (KL to the reference) and ``use_bias_correction_kl`` (the KL term times the raw token
   ratio ``exp(logp - old_logp)``, as TRL);
 - ``top_entropy_quantile`` (losses of low-entropy tokens zeroed, the normaliser still counts every
   valid token, as TRL);
 - ``delta`` (INTELLECT-2's two-sided clip: for negative advantages the ratio is capped at
-  ``delta``; with ``kpo_clip=True`` this is verl's dual clip with ``clip_ratio_c = delta``, and
+  ``delta``; for ``"kpo_clipped"`` this is verl's dual clip with ``clip_ratio_c = delta``, and
   needs ``delta > 1 + kpo_epsilon_high``);
 - vLLM importance-sampling correction.
 
 Refused when the config is built: other ``loss_type`` values, ``importance_sampling_level !=
 "token"``, ``off_policy_mask_threshold``, an entropy bonus (``entropy_coef``,
-``use_adaptive_entropy``) and ``delta`` with ``kpo_clip=False``.
+``use_adaptive_entropy``), ``delta`` with a loss other than ``"kpo_clipped"`` (the others have
+their own dual clip setting, ``clip_ratio_c``, in ``kpo_loss_kwargs``).
 
 GRPO's ``epsilon`` / ``epsilon_high`` do not change KPO's clip (``kpo_epsilon_low`` /
 ``kpo_epsilon_high`` do; TRL still uses them for its ``clip_ratio/*`` metrics of the raw ratio);
 setting them on a ``KPOConfig`` warns. Metrics are logged under ``kpo/`` (clip fractions, raw and
-filtered ratio statistics, sign-switch rates).
+filtered ratio statistics, sign-switch rates, and each loss's own).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import warnings
 from dataclasses import dataclass, field
@@ -54,14 +61,21 @@ except ImportError as exc:  # pragma: no cover - exercised only without TRL
 
 import torch
 
+from ..loss_table import LOSS_NAMES, LossSpec, get_loss
 from ..losses import KPO_CLIP, kpo_token_losses
 from ..params import FilterParams
 from ..space import SPACES
 from ..torch_ops import BACKENDS
 
-__all__ = ["SUPPORTED_LOSS_TYPES", "KPOConfig", "KPOTrainer"]
+__all__ = ["SUPPORTED_LOSS_NAMES", "SUPPORTED_LOSS_TYPES", "KPOConfig", "KPOTrainer"]
 
 SUPPORTED_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+_KPO_LOSSES = ("kpo", "kpo_clipped")
+#: The losses of :mod:`kpo_rs.loss_table` that TRL's aggregations can apply to.
+SUPPORTED_LOSS_NAMES = tuple(n for n in LOSS_NAMES if get_loss(n).honours_agg_mode)
+# Settings of the table's losses that the trainer passes itself.
+_TRAINER_SETTINGS = ("loss_agg_mode", "rollout_is_weights", "global_batch_info")
+_FILTER_FIELDS = ("kpo_q", "kpo_r", "kpo_p0", "kpo_masked", "kpo_space", "kpo_grad", "kpo_backend")
 _GRADS = ("token", "filter")
 _DEFAULTS = FilterParams()
 # GRPOConfig's own defaults of the clip fields that KPO does not use.
@@ -93,8 +107,19 @@ class KPOConfig(GRPOConfig):
     documentation for which GRPO options carry over. Raises ``ValueError`` / ``TypeError`` naming
     the ``kpo_`` field (or the GRPO option) when built with a value KPO cannot honour."""
 
-    kpo_clip: bool = field(
-        default=True, metadata={"help": "Clip the filtered ratio (KPO-clipped)."}
+    kpo_loss_name: str = field(
+        default="kpo_clipped",
+        metadata={
+            "help": "Policy loss, a name of kpo_rs.loss_table: 'kpo_clipped' (default), 'kpo', "
+            "or a baseline or peer (" + ", ".join(repr(n) for n in SUPPORTED_LOSS_NAMES) + ")."
+        },
+    )
+    kpo_loss_kwargs: dict | str | None = field(
+        default=None,
+        metadata={
+            "help": "Settings of a non-KPO kpo_loss_name over the table's recommended ones "
+            "(a dict, or its JSON), e.g. {'clip_ratio_c': 10.0}."
+        },
     )
     kpo_epsilon_low: float = field(
         default=KPO_CLIP[0],
@@ -136,8 +161,26 @@ class KPOConfig(GRPOConfig):
         except (TypeError, ValueError) as exc:
             # FilterParams names its field first ("q must be ..."): name the config's field.
             raise type(exc)(f"kpo_{exc}") from None
-        if not isinstance(self.kpo_clip, bool):
-            raise TypeError(f"kpo_clip must be True or False, got {self.kpo_clip!r}")
+        if self.kpo_loss_name not in SUPPORTED_LOSS_NAMES:
+            why = (
+                f"{self.kpo_loss_name!r} fixes its own aggregation, which TRL's loss_type sets"
+                if self.kpo_loss_name in LOSS_NAMES
+                else f"got {self.kpo_loss_name!r}"
+            )
+            raise ValueError(f"kpo_loss_name must be one of {SUPPORTED_LOSS_NAMES}: {why}")
+        self._check_loss_kwargs()
+        ignored = [
+            f
+            for f in (*_FILTER_FIELDS, "kpo_epsilon_low", "kpo_epsilon_high")
+            if getattr(self, f) != _FIELD_DEFAULTS[f]
+        ]
+        if self.kpo_loss_name not in _KPO_LOSSES and ignored:
+            warnings.warn(
+                f"{', '.join(ignored)} only apply to kpo_loss_name 'kpo' or 'kpo_clipped', "
+                f"not {self.kpo_loss_name!r}",
+                UserWarning,
+                stacklevel=4,
+            )
         low = _real("kpo_epsilon_low", self.kpo_epsilon_low)
         high = _real("kpo_epsilon_high", self.kpo_epsilon_high)
         if not 0.0 <= low < 1.0:
@@ -171,8 +214,11 @@ class KPOConfig(GRPOConfig):
             )
         if self.delta is not None:
             delta = _real("delta", self.delta)
-            if not self.kpo_clip:
-                raise ValueError("delta (two-sided clip) needs kpo_clip=True")
+            if self.kpo_loss_name != "kpo_clipped":
+                raise ValueError(
+                    "delta (two-sided clip) needs kpo_loss_name='kpo_clipped'; other losses set "
+                    "their dual clip, where they have one, with kpo_loss_kwargs={'clip_ratio_c': c}"
+                )
             if not delta > 1.0 + self.kpo_epsilon_high:
                 raise ValueError(
                     f"delta must be > 1 + kpo_epsilon_high = {1.0 + self.kpo_epsilon_high!r}, "
@@ -193,10 +239,46 @@ class KPOConfig(GRPOConfig):
                 stacklevel=3,
             )
 
+    def _check_loss_kwargs(self) -> None:
+        kwargs = self.kpo_loss_kwargs
+        if isinstance(kwargs, str):
+            try:
+                kwargs = json.loads(kwargs)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"kpo_loss_kwargs is not valid JSON: {exc}") from None
+            self.kpo_loss_kwargs = kwargs
+        if kwargs is None:
+            return
+        if not isinstance(kwargs, dict):
+            raise TypeError(f"kpo_loss_kwargs must be a dict, got {type(kwargs).__name__}")
+        if self.kpo_loss_name in _KPO_LOSSES:
+            raise ValueError(
+                "kpo_loss_kwargs is for the table's other losses; KPO's settings are the kpo_* "
+                "fields (kpo_q, kpo_epsilon_low, ...)"
+            )
+        fixed = sorted(set(kwargs) & set(_TRAINER_SETTINGS))
+        if fixed:
+            raise ValueError(
+                f"kpo_loss_kwargs cannot set {fixed[0]!r}: the trainer sets it (loss_type, vLLM "
+                "correction, entropy mask)"
+            )
+        try:
+            self.kpo_loss_spec.settings(**kwargs)
+        except ValueError as exc:
+            raise ValueError(f"kpo_loss_kwargs: {exc}") from None
+
+    @property
+    def kpo_loss_spec(self) -> LossSpec:
+        """The :mod:`kpo_rs.loss_table` entry of ``kpo_loss_name``."""
+        return get_loss(self.kpo_loss_name)
+
     @property
     def kpo_filter_params(self) -> FilterParams:
         """The filter's settings as a :class:`~kpo_rs.params.FilterParams`."""
         return FilterParams(q=self.kpo_q, r=self.kpo_r, p0=self.kpo_p0, masked=self.kpo_masked)
+
+
+_FIELD_DEFAULTS = {f.name: f.default for f in dataclasses.fields(KPOConfig)}
 
 
 class KPOTrainer(GRPOTrainer):
@@ -215,7 +297,11 @@ class KPOTrainer(GRPOTrainer):
         a = self.args
         params = a.kpo_filter_params
         return {
-            "clip": (a.kpo_epsilon_low, a.kpo_epsilon_high) if a.kpo_clip else None,
+            "clip": (
+                (a.kpo_epsilon_low, a.kpo_epsilon_high)
+                if a.kpo_loss_name == "kpo_clipped"
+                else None
+            ),
             "clip_ratio_c": a.delta,
             "q": params.q,
             "r": params.r,
@@ -250,6 +336,57 @@ class KPOTrainer(GRPOTrainer):
             )
         return masked.sum() / normalizer
 
+    def _token_weights(self, mask: torch.Tensor, mode: str, inputs: dict) -> torch.Tensor:
+        """``[batch, time]`` weights ``w`` with ``(loss * mask * w).sum()`` equal to
+        :meth:`_aggregate` ``(loss, mask)``: every TRL aggregation is a weighted token sum."""
+        accumulation = self.current_gradient_accumulation_steps if mode == "train" else 1.0
+        mask = mask.to(torch.float32 if not mask.is_floating_point() else mask.dtype)
+        if self.loss_type == "grpo":
+            per_row = 1.0 / (mask.sum(-1, keepdim=True).clamp(min=1.0) * mask.size(0))
+            return (per_row / accumulation).expand_as(mask)
+        if self.loss_type == "bnpo":
+            scale = 1.0 / (mask.sum().clamp(min=1.0) * accumulation)
+        elif self.loss_type == "dr_grpo":
+            scale = torch.tensor(
+                1.0 / (mask.size(0) * self.max_completion_length * accumulation),
+                device=mask.device,
+            )
+        else:  # "dapo"
+            normalizer = (
+                inputs["num_items_in_batch"].clamp(min=1.0) / self.accelerator.num_processes
+            )
+            if mode == "train":
+                normalizer = (
+                    normalizer
+                    * self.current_gradient_accumulation_steps
+                    / self.args.steps_per_generation
+                )
+            scale = 1.0 / normalizer
+        return scale.to(mask.dtype).expand_as(mask)
+
+    def _table_loss(
+        self,
+        old_logps: torch.Tensor,
+        logps: torch.Tensor,
+        advantages: torch.Tensor,
+        mask: torch.Tensor,
+        token_weights: torch.Tensor,
+        mode: str,
+        inputs: dict,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """A loss of :mod:`kpo_rs.loss_table` aggregated as TRL's ``loss_type``: its token sum
+        with the aggregation's weights times the entropy mask and vLLM ratio (``token_weights``)."""
+        weights = self._token_weights(mask, mode, inputs).to(logps.dtype) * token_weights
+        return self.args.kpo_loss_spec(
+            old_logps,
+            logps,
+            advantages,
+            mask.bool(),
+            loss_agg_mode="token-sum",
+            rollout_is_weights=weights,
+            **(self.args.kpo_loss_kwargs or {}),
+        )
+
     def _compute_loss(self, model: Any, inputs: dict) -> torch.Tensor:
         prompt_ids, prompt_mask = inputs["prompt_ids"], inputs["prompt_mask"]
         completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
@@ -272,31 +409,47 @@ class KPOTrainer(GRPOTrainer):
         if advantages.dim() == 1:
             advantages = advantages.unsqueeze(1)
 
-        per_token_loss, stats = kpo_token_losses(
-            old_logps,
-            logps,
-            advantages.expand_as(logps),
-            mask.bool(),
-            **self._kpo_settings(),
-        )
+        mode = "train" if self.model.training else "eval"
         # As GRPOTrainer: low-entropy tokens' losses are zeroed, but every valid token still counts
         # in the normaliser; then the vLLM correction, then the KL term.
+        token_weights = torch.ones((), dtype=logps.dtype, device=logps.device)
         if self.top_entropy_quantile < 1.0:
-            per_token_loss = per_token_loss * self.get_high_entropy_mask(
+            token_weights = token_weights * self.get_high_entropy_mask(
                 entropies, mask, 1 - self.top_entropy_quantile
             )
         if self.use_vllm and self.vllm_importance_sampling_correction:
-            per_token_loss = per_token_loss * inputs["importance_sampling_ratio"]
+            token_weights = token_weights * inputs["importance_sampling_ratio"]
+        per_token_kl = None
         if self.beta != 0.0:
             ref = inputs["ref_per_token_logps"]
             per_token_kl = torch.exp(ref - logps) - (ref - logps) - 1
             if self.args.use_bias_correction_kl:
                 # the raw token ratio, differentiable, as GRPOTrainer
                 per_token_kl = per_token_kl * torch.exp(logps - old_logps)
-            per_token_loss = per_token_loss + self.beta * per_token_kl
 
-        mode = "train" if self.model.training else "eval"
-        loss = self._aggregate(per_token_loss, mask, mode, inputs)
+        if self.args.kpo_loss_name in _KPO_LOSSES:
+            # GRPOTrainer's own sequence of operations (with every gain 1, the same numbers)
+            per_token_loss, stats = kpo_token_losses(
+                old_logps,
+                logps,
+                advantages.expand_as(logps),
+                mask.bool(),
+                **self._kpo_settings(),
+            )
+            if self.top_entropy_quantile < 1.0 or (
+                self.use_vllm and self.vllm_importance_sampling_correction
+            ):
+                per_token_loss = per_token_loss * token_weights
+            if per_token_kl is not None:
+                per_token_loss = per_token_loss + self.beta * per_token_kl
+            loss = self._aggregate(per_token_loss, mask, mode, inputs)
+        else:
+            loss, stats = self._table_loss(
+                old_logps, logps, advantages.expand_as(logps), mask, token_weights, mode, inputs
+            )
+            if per_token_kl is not None:
+                loss = loss + self._aggregate(self.beta * per_token_kl, mask, mode, inputs)
+
         if aux_enabled:
             accumulation = self.current_gradient_accumulation_steps if mode == "train" else 1.0
             loss = loss + self.router_aux_loss_coef * aux_loss / accumulation
