@@ -11,6 +11,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 import kpo_rs
 from kpo_rs import arrow, cli
@@ -578,3 +580,66 @@ def test_output_is_written_with_float_suited_settings(tmp_path):
         assert "BYTE_STREAM_SPLIT" in chunk.encodings and "RLE_DICTIONARY" not in chunk.encodings
         assert chunk.compression == "ZSTD"
     assert "RLE_DICTIONARY" in chunks["id"].encodings  # other columns keep pyarrow's defaults
+
+
+# --------------------------------------------------------------------------------------------
+# Properties: the buffer-level reads and writes against pyarrow's own Python view of the data.
+
+_rows = st.lists(
+    st.one_of(
+        st.none(),
+        st.lists(
+            st.one_of(st.none(), st.floats(-1e4, 1e4, allow_nan=False, width=16)), max_size=12
+        ),
+    ),
+    max_size=12,
+)
+
+
+@given(
+    rows=_rows,
+    value_type=st.sampled_from([pa.float16(), pa.float32(), pa.float64()]),
+    large=st.booleans(),
+    cut=st.tuples(st.integers(0, 12), st.integers(0, 12)),
+)
+def test_packed_view_and_rebuild_match_pyarrow(rows, value_type, large, cut):
+    list_type = pa.large_list(value_type) if large else pa.list_(value_type)
+    arr = pa.array(rows, type=list_type)
+    start = min(cut[0], len(arr))
+    arr = arr.slice(start, cut[1])  # offsets and validity bits that do not start at 0
+    python = arr.to_pylist()
+    values, cu, valid = arrow.packed_view(arr)
+    lengths = [0 if r is None else len(r) for r in python]
+    assert cu.tolist() == np.concatenate([[0], np.cumsum(lengths)]).tolist()
+    want_valid = [r is not None and v is not None for r in python for v in (r or [])]
+    assert (np.ones(len(want_valid), bool) if valid is None else valid).tolist() == want_valid
+    want = [v for r in python for v in (r or []) if v is not None]
+    np.testing.assert_array_equal(values[np.array(want_valid, dtype=bool)], np.array(want))
+    assert values.dtype == np.dtype(value_type.to_pandas_dtype())
+    null_rows = arrow._null_rows(arr)
+    back = arrow._rebuild(cu, np.where(valid, values, 0) if valid is not None else values,
+                          null_rows, large)  # fmt: skip
+    assert back.type == list_type
+    assert [r is None for r in back.to_pylist()] == [r is None for r in python]
+
+
+@given(
+    rows=st.lists(
+        st.one_of(st.none(), st.lists(st.one_of(st.none(), st.integers(0, 1)), max_size=10)),
+        max_size=10,
+    ),
+    int_type=st.sampled_from([pa.int8(), pa.uint8(), pa.int32(), pa.int64()]),
+    start=st.integers(0, 3),
+)
+def test_integer_masks_read_as_bools(rows, int_type, start):
+    ints = pa.array(rows, type=pa.list_(int_type)).slice(min(start, len(rows)))
+    bools = pa.array(
+        [None if r is None else [None if v is None else bool(v) for v in r] for r in rows],
+        type=pa.list_(pa.bool_()),
+    ).slice(min(start, len(rows)))
+    a, b = arrow._view(ints, "m", floats=False), arrow._view(bools, "m", floats=False)
+    assert a[0].dtype == b[0].dtype == np.bool_
+    np.testing.assert_array_equal(a[1], b[1])
+    valid = np.ones(a[0].size, bool) if a[2] is None else a[2]
+    np.testing.assert_array_equal(valid, np.ones(b[0].size, bool) if b[2] is None else b[2])
+    np.testing.assert_array_equal(a[0][valid], b[0][valid])
