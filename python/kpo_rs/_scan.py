@@ -387,9 +387,9 @@ def packed_coefficients(
     total: int,
     masked: str,
     dtype: torch.dtype,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(a, k, starts, segment)`` for packed rows, each ``[total]`` but ``starts`` ``[batch]``:
-    ``a`` without the cuts at segment starts, and each position's segment index."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(a, k, starts)`` for packed rows: ``a`` (without the cuts at segment starts) and ``k``
+    ``[total]``, and each segment's first position ``starts`` ``[batch]``."""
     device = table.k64.device
     cu = cu_seqlens.to(device=device, dtype=torch.int64)
     starts, lengths = cu[:-1], cu[1:] - cu[:-1]
@@ -409,7 +409,7 @@ def packed_coefficients(
         if masked == "hold":
             a = torch.where(mask, a, torch.ones((), dtype=dtype, device=device))
         k = torch.where(mask, k, zero)
-    return a, k, starts, segment
+    return a, k, starts
 
 
 def _cut_at_starts(
@@ -475,7 +475,7 @@ def filter_packed(
             _to_padded(values, slots, shape), padded_mask, m0, table, masked, doubling=doubling
         )
         return out.reshape(-1)[slots], witness
-    a, k, starts, _ = packed_coefficients(cu_seqlens, mask, table, total, masked, values.dtype)
+    a, k, starts = packed_coefficients(cu_seqlens, mask, table, total, masked, values.dtype)
     b = k * _observations(values, mask)
     cut, is_start = _cut_at_starts(a, starts, total)
     if isinstance(m0, torch.Tensor):
@@ -510,7 +510,7 @@ def adjoint_packed(
             _to_padded(g, slots, shape), padded_mask, table, masked, doubling=doubling
         )
         return dz.reshape(-1)[slots], dm0, witness
-    a, k, starts, _ = packed_coefficients(cu_seqlens, mask, table, total, masked, g.dtype)
+    a, k, starts = packed_coefficients(cu_seqlens, mask, table, total, masked, g.dtype)
     cut, _ = _cut_at_starts(a, starts, total)
     read = g if mask is None or masked == "hold" else _observations(g, mask)
     lam = reverse_scan(cut.unsqueeze(0), read.unsqueeze(0)).squeeze(0)
