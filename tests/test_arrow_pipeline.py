@@ -643,3 +643,69 @@ def test_integer_masks_read_as_bools(rows, int_type, start):
     valid = np.ones(a[0].size, bool) if a[2] is None else a[2]
     np.testing.assert_array_equal(valid, np.ones(b[0].size, bool) if b[2] is None else b[2])
     np.testing.assert_array_equal(a[0][valid], b[0][valid])
+
+
+def _reference_row(lp, old, mask, dtype, space, kw):
+    """One row by the numpy API, written plainly: None when the row is null or (under
+    on_non_finite="null") holds a non-finite log-ratio at a valid token."""
+    if lp is None or old is None or mask is None:
+        return None
+    valid = np.array(
+        [m is True and a is not None and b is not None for m, a, b in zip(mask, lp, old)],
+        dtype=bool,
+    )
+    # the difference of the two values rounded to the column's dtype, as the pipeline forms it
+    z = np.array(
+        [dtype(a) - dtype(b) if v else 0.0 for v, a, b in zip(valid, lp, old)], dtype=dtype
+    )
+    if not np.isfinite(z[valid]).all():
+        return None
+    cu = np.array([0, z.size])
+    if space == "log_ratio":
+        return kpo_rs.kalman_filter_packed(z, cu, valid, m0=0.0, **kw)
+    ratio = np.exp(np.minimum(z, dtype(10.0)))
+    return np.log(kpo_rs.kalman_filter_packed(ratio, cu, valid, m0=1.0, **kw))
+
+
+_value = st.one_of(
+    st.none(),
+    st.floats(-20.0, 0.0, width=32),
+    st.sampled_from([float("nan"), float("inf"), float("-inf")]),
+)
+
+
+@given(
+    data=st.lists(
+        st.tuples(
+            st.one_of(st.none(), st.lists(st.tuples(_value, _value, st.booleans()), max_size=9)),
+            st.booleans(),
+        ),
+        max_size=8,
+    ),
+    dtype=st.sampled_from([np.float32, np.float64]),
+    space=st.sampled_from(["log_ratio", "ratio"]),
+)
+def test_filter_record_batch_equals_a_plain_row_loop(data, dtype, space):
+    logp, old, mask = [], [], []
+    for row, old_null in data:
+        logp.append(None if row is None else [a for a, _, _ in row])
+        old.append(None if row is None or (old_null and len(row) % 2) else [b for _, b, _ in row])
+        mask.append(None if row is None else [m for _, _, m in row])
+    list_type = pa.list_(pa.from_numpy_dtype(dtype))
+    batch = pa.record_batch(
+        [pa.array(logp, list_type), pa.array(old, list_type), pa.array(mask, pa.list_(pa.bool_()))],
+        names=["logp", "old_logp", "mask"],
+    )
+    kw = {"q": 1e-2, "p0": math.inf, "r": 1.0}
+    out = arrow.filter_record_batch(
+        batch, log_probs="logp", old_log_probs="old_logp", mask="mask", space=space,
+        on_non_finite="null", **kw,
+    )  # fmt: skip
+    got = out.column("kpo_filtered_log_ratio").to_pylist()
+    for g, lp, o, m in zip(got, logp, old, mask):
+        want = _reference_row(lp, o, m, dtype, space, kw)
+        assert (g is None) == (want is None)
+        if want is not None:
+            valid = np.array([x is True and a is not None and b is not None
+                              for x, a, b in zip(m, lp, o)], dtype=bool)  # fmt: skip
+            np.testing.assert_array_equal(np.asarray(g, dtype=dtype)[valid], want[valid])
