@@ -66,5 +66,15 @@ except ImportError:
     pass
 else:
     sys.exit("torch should not be installed in this environment")
+# The plug-ins say which extra to install when their stack is missing.
+import importlib
+
+for module, extra in (("verl", "verl"), ("trl", "trl")):
+    try:
+        importlib.import_module(f"kpo_rs.integrations.{module}")
+    except ImportError as exc:
+        assert f"kpo-rs[{extra}]" in str(exc), exc
+    else:
+        sys.exit(f"kpo_rs.integrations.{module} imported without {module}")
 print(f"check_wheel: kpo_rs {kpo_rs.__version__} from the wheel works with numpy {np.__version__} alone")
 PY
