@@ -655,9 +655,10 @@ def _reference_row(lp, old, mask, dtype, space, kw):
         dtype=bool,
     )
     # the difference of the two values rounded to the column's dtype, as the pipeline forms it
-    z = np.array(
-        [dtype(a) - dtype(b) if v else 0.0 for v, a, b in zip(valid, lp, old)], dtype=dtype
-    )
+    with np.errstate(invalid="ignore"):  # inf - inf
+        z = np.array(
+            [dtype(a) - dtype(b) if v else 0.0 for v, a, b in zip(valid, lp, old)], dtype=dtype
+        )
     if not np.isfinite(z[valid]).all():
         return None
     cu = np.array([0, z.size])

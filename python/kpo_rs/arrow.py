@@ -350,7 +350,8 @@ def _log_ratios(
         valid = values[-1] if valid is None else valid & values[-1]
     src = [(n, v) for n, v in zip(names, values)]
     if log_probs is not None:
-        z = values[0].astype(dtype, copy=False) - values[1].astype(dtype, copy=False)
+        with np.errstate(invalid="ignore", over="ignore"):  # non-finite values are checked later
+            z = values[0].astype(dtype, copy=False) - values[1].astype(dtype, copy=False)
     else:
         z = values[0].astype(dtype, copy=False)
         if ratio is not None:
