@@ -5,6 +5,7 @@
 
 use std::fmt;
 use std::ops::{Add, Mul};
+use std::sync::{Arc, Mutex};
 
 use crate::simd::Lanes;
 
@@ -202,6 +203,35 @@ pub fn gains(n: usize, params: &FilterParams) -> Result<Vec<f64>, FilterError> {
     Ok(out)
 }
 
+/// The gains of the most recent settings, kept because computing them is a sequential chain of
+/// divisions (about 25 cycles per gain, as long as a filter call on a few rows) while a training
+/// run calls the filter with the same settings every step. Holds at most [`CACHE_MAX`] gains.
+static CACHE: Mutex<Option<CachedGains>> = Mutex::new(None);
+/// The bits of `(q, r, p0)` and their gains.
+type CachedGains = ([u64; 3], Arc<Vec<f64>>);
+/// The most gains [`CACHE`] keeps (8 MiB).
+const CACHE_MAX: usize = 1 << 20;
+
+/// [`gains`] for at least `n` positions (possibly more), from [`CACHE`] when it holds them. The
+/// values are those of [`gains`], bit for bit: the cache only skips recomputing them.
+fn cached_gains(n: usize, params: &FilterParams) -> Result<Arc<Vec<f64>>, FilterError> {
+    let key = [params.q.to_bits(), params.r.to_bits(), params.p0.to_bits()];
+    if let Ok(guard) = CACHE.lock() {
+        if let Some((k, v)) = guard.as_ref() {
+            if *k == key && v.len() >= n {
+                return Ok(Arc::clone(v));
+            }
+        }
+    }
+    let v = Arc::new(gains(n, params)?);
+    if n <= CACHE_MAX {
+        if let Ok(mut guard) = CACHE.lock() {
+            *guard = Some((key, Arc::clone(&v)));
+        }
+    }
+    Ok(v)
+}
+
 /// Gains `K_n` and `a_n = 1 - K_n` (both formed in `f64`, then rounded once) in the compute type.
 #[derive(Clone, Debug)]
 pub struct Gains<T> {
@@ -212,7 +242,8 @@ pub struct Gains<T> {
 impl<T: Real> Gains<T> {
     /// The first `n` gains for `params`.
     pub fn new(n: usize, params: &FilterParams) -> Result<Self, FilterError> {
-        Self::from_f64(&gains(n, params)?)
+        params.validate()?;
+        Self::from_f64(&cached_gains(n, params)?[..n])
     }
 
     /// Rounds precomputed `f64` gains to the compute type. Like [`gains`], reports an allocation

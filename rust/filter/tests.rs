@@ -736,3 +736,34 @@ fn cut_rows_do_not_depend_on_the_thread_count() {
     let one = run(1);
     assert!(one == run(2) && one == run(3));
 }
+
+/// Gains come from a cache when the settings repeat: the values must be those computed afresh,
+/// bit for bit, for shorter and longer requests and after the settings change.
+#[test]
+fn cached_gains_equal_fresh_ones() {
+    let fresh = |n: usize, p: &FilterParams| Gains::<f32>::from_f64(&gains(n, p).unwrap()).unwrap();
+    let (p1, p2) = (params(1e-3, 2.0, 0.5), params(0.25, 1.0, f64::INFINITY));
+    for (n, p) in [
+        (100, &p1),
+        (40, &p1),
+        (300, &p1),
+        (7, &p2),
+        (300, &p1),
+        (0, &p2),
+    ] {
+        let got = Gains::<f32>::new(n, p).unwrap();
+        let want = fresh(n, p);
+        assert_eq!(got.len(), n);
+        assert!(got
+            .k()
+            .iter()
+            .zip(want.k())
+            .all(|(x, y)| x.to_bits() == y.to_bits()));
+        assert!(got
+            .a()
+            .iter()
+            .zip(want.a())
+            .all(|(x, y)| x.to_bits() == y.to_bits()));
+    }
+    assert!(Gains::<f64>::new(3, &params(-1.0, 1.0, 0.0)).is_err());
+}
