@@ -18,9 +18,9 @@ the filtered ratio clipped to ``[1 - kpo_epsilon_low, 1 + kpo_epsilon_high]``, t
 ``kpo_masked``, ``kpo_space``, ``kpo_grad``, ``kpo_backend`` (defaults:
 :class:`kpo_rs.params.FilterParams`). Every ``kpo_*`` field is checked when the config is built.
 
-What carries over from ``GRPOConfig``, done as ``GRPOTrainer`` does it (with every gain 1,
-``kpo_q=1e20``, and ``kpo_epsilon_* = epsilon*``, ``KPOTrainer`` computes what ``GRPOTrainer``
-computes; ``tests/test_trl.py`` holds it to that):
+What carries over from ``GRPOConfig``, done as ``GRPOTrainer`` (TRL 1.16) does it (with every
+gain 1, ``kpo_q=1e20``, and ``kpo_epsilon_* = epsilon*``, ``KPOTrainer`` computes what
+``GRPOTrainer`` computes; ``tests/test_trl.py`` holds it to that):
 
 - ``loss_type`` ``"grpo"``, ``"bnpo"``, ``"dr_grpo"``, ``"dapo"`` (the aggregations, for every
   ``kpo_loss_name``: each is a weighted sum over tokens, applied to the table's losses through
@@ -205,9 +205,12 @@ class KPOConfig(GRPOConfig):
                 "importance_sampling_level must be 'token' for KPO (it filters token ratios), "
                 f"got {self.importance_sampling_level!r}"
             )
-        if self.off_policy_mask_threshold is not None:
+        # getattr: options that older TRL releases do not have are off there
+        if getattr(self, "off_policy_mask_threshold", None) is not None:
             raise ValueError("off_policy_mask_threshold is not supported by KPOTrainer")
-        if self.entropy_coef != 0.0 or self.use_adaptive_entropy:
+        if getattr(self, "entropy_coef", 0.0) != 0.0 or getattr(
+            self, "use_adaptive_entropy", False
+        ):
             raise ValueError(
                 "entropy_coef / use_adaptive_entropy (an entropy bonus) are not supported by "
                 "KPOTrainer"
@@ -236,7 +239,7 @@ class KPOConfig(GRPOConfig):
                 f"[1 - {self.kpo_epsilon_low}, 1 + {self.kpo_epsilon_high}]; "
                 "set kpo_epsilon_low / kpo_epsilon_high instead",
                 UserWarning,
-                stacklevel=3,
+                stacklevel=4,
             )
 
     def _check_loss_kwargs(self) -> None:
@@ -423,7 +426,7 @@ class KPOTrainer(GRPOTrainer):
         if self.beta != 0.0:
             ref = inputs["ref_per_token_logps"]
             per_token_kl = torch.exp(ref - logps) - (ref - logps) - 1
-            if self.args.use_bias_correction_kl:
+            if getattr(self.args, "use_bias_correction_kl", False):
                 # the raw token ratio, differentiable, as GRPOTrainer
                 per_token_kl = per_token_kl * torch.exp(logps - old_logps)
 
