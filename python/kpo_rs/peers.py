@@ -53,7 +53,7 @@ _LOG_RATIO_BOUND = 20.0
 
 #: DPPO's divergence thresholds (low, high) per variant: the authors' run script for verl.
 DPPO_CLIP = {"tv": (0.15, 0.15), "kl": (0.05, 0.05)}
-#: MinPRO's token clip (eps_low, eps_high): verl's PPO default (the paper gives none we could read).
+#: MinPRO's token clip (eps_low, eps_high): verl's PPO default (a choice; see minpro_loss).
 MINPRO_CLIP = (0.2, 0.2)
 #: BAPO's documented settings: target positive share, movable ranges of the two ratio bounds.
 BAPO_TARGET = 0.5
@@ -242,8 +242,11 @@ def minpro_loss(
 
     (and verl's dual clip ``min(., -A_t c)`` for ``A_t < 0`` when ``clip_ratio_c`` is given).
 
-    The paper's text, as far as we could read it, fixes the idea (replace the prefix product by
-    the minimum token ratio over the preceding prefix); it leaves open, and we chose:
+    Source: the paper's stated definition (the cumulative prefix ratio replaced by a
+    non-cumulative surrogate built on the minimum token-level ratio over the preceding prefix,
+    which down-weights a token when any ratio before it is small). Where that description is
+    silent this implementation chooses as follows; check these against the paper's equations
+    before expecting agreement with the authors' numbers:
 
     1. *Where the minimum sits*: as a detached coefficient on the token's own PPO-clipped term
        (the token's trust region is its own ratio, as in GRPO); not inside the clip.
