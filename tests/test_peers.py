@@ -387,11 +387,23 @@ def test_bapo_hand_checked_search():
     adv_shift=st.floats(-1.5, 0.5),
     mode=st.sampled_from(AGG_MODES),
     dual=st.sampled_from([None, 3.0]),
+    grid=st.one_of(
+        st.just((peers.BAPO_LOWER, peers.BAPO_UPPER, peers.BAPO_STEP)),
+        st.tuples(
+            st.tuples(st.floats(0.3, 0.7), st.floats(0.7, 1.0)),
+            st.tuples(st.floats(1.0, 1.5), st.floats(1.5, 4.0)),
+            st.tuples(
+                st.one_of(st.just(0.0), st.floats(0.005, 0.2)),
+                st.one_of(st.just(0.0), st.floats(0.005, 0.5)),
+            ),
+        ),
+    ),
 )
-def test_bapo_matches_reference(seed, batch, time, target, adv_shift, mode, dual):
+def test_bapo_matches_reference(seed, batch, time, target, adv_shift, mode, dual, grid):
     old, logp, adv, mask, w = _batch(
         seed, batch=batch, time=time, spread=0.6, holes=True, adv_shift=adv_shift
     )
+    lower, upper, step = grid
     ours = _loss_and_grad(
         peers.bapo_loss,
         old,
@@ -399,11 +411,16 @@ def test_bapo_matches_reference(seed, batch, time, target, adv_shift, mode, dual
         adv,
         mask,
         target=target,
+        lower=lower,
+        upper=upper,
+        step=step,
         clip_ratio_c=dual,
         loss_agg_mode=mode,
         rollout_is_weights=w,
     )
-    c_low, c_high, share = peers.bapo_reference(old, logp, adv, mask, target=target)
+    c_low, c_high, share = peers.bapo_reference(
+        old, logp, adv, mask, target=target, lower=lower, upper=upper, step=step
+    )
     assert float(ours[2]["bapo_clip_low"]) == c_low
     assert float(ours[2]["bapo_clip_high"]) == c_high
     assert float(ours[2]["bapo_positive_share"]) == pytest.approx(share, rel=1e-10, abs=1e-12)
@@ -525,6 +542,7 @@ def test_no_host_round_trip(fn, kw):
         (peers.bapo_loss, {"lower": (0.9, 0.6)}, "lower"),
         (peers.bapo_loss, {"upper": (0.9, 3.0)}, "upper"),
         (peers.bapo_loss, {"step": (-0.1, 0.05)}, "step"),
+        (peers.bapo_loss, {"step": (0.05, 1e-300)}, "step .* is too small"),
         (peers.bapo_loss, {"clip_ratio_c": 0.5}, "clip_ratio_c"),
     ],
 )

@@ -60,6 +60,8 @@ BAPO_TARGET = 0.5
 BAPO_LOWER = (0.6, 0.9)
 BAPO_UPPER = (1.2, 3.0)
 BAPO_STEP = (0.05, 0.05)
+#: At most this many candidate values per bound (a guard against a step of ~0).
+_MAX_CANDIDATES = 10_000
 
 
 def _log_ratio(old_log_prob: torch.Tensor, log_prob: torch.Tensor) -> torch.Tensor:
@@ -501,6 +503,15 @@ def _bapo_grid(target: float, lower: Any, upper: Any, step: Any) -> tuple[list[f
         raise ValueError(f"upper must be (start, max) with 1 <= start <= max < inf, got {upper}")
     if not (step_low >= 0 and step_high >= 0):
         raise ValueError(f"step must be (step_low, step_high) with both >= 0, got {step}")
+    for (start, stop), size in (
+        ((low_start, low_max), step_low),
+        ((high_start, high_max), step_high),
+    ):
+        if size > 0 and (stop - start) / size > _MAX_CANDIDATES:
+            raise ValueError(
+                f"step {step} is too small: more than {_MAX_CANDIDATES} candidate bounds "
+                f"between {start} and {stop}"
+            )
     return (low_start, low_max, step_low), (high_start, high_max, step_high)
 
 
