@@ -348,8 +348,9 @@ def test_table_loss_aggregated_as_trl(tmp_path, name, loss_type):
 
     Tolerance: the two sides sum the same float32 terms (at most 72 tokens) in a different
     association (a weighted token sum against verl's sums and divisions), so they differ by a few
-    float32 roundings of the summands: rtol 1e-5 and atol 1e-6 (losses of order 0.1 to 1;
-    gradients compared relative to their largest entry)."""
+    float32 roundings (eps 6e-8): rtol 2e-6, atol 1e-7 (measured worst over these 28 cases:
+    3.1e-7 relative in the loss; the gradients agreed exactly); gradients are compared relative
+    to their largest entry."""
     (trainer,) = _pair(tmp_path, loss_type, {}, kinds=("kpo",), kpo_loss_name=name)
     inputs = _with_logps(trainer, _inputs(seed=11), seed=11)
     model = trainer.model
@@ -381,10 +382,11 @@ def test_table_loss_aggregated_as_trl(tmp_path, name, loss_type):
     else:
         want = want / 2
     want.backward()
-    torch.testing.assert_close(loss.detach(), want.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(loss.detach(), want.detach(), rtol=2e-6, atol=1e-7)
     scale = max(float(p.grad.abs().max()) for p in model.parameters())
+    assert scale > 0
     for a, p in zip(got, model.parameters()):
-        torch.testing.assert_close(a, p.grad, rtol=1e-5, atol=1e-6 * scale)
+        torch.testing.assert_close(a, p.grad, rtol=2e-6, atol=1e-7 * scale)
     assert any(k.startswith("kpo/") for k in trainer._metrics["train"])
 
 
