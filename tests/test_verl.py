@@ -8,6 +8,9 @@ formulas in a possibly different association of sums).
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -287,3 +290,28 @@ def test_registered_peers_through_verl(name, mode):
     assert {"actor/pg_clipfrac", "actor/ppo_kl", "actor/pg_clipfrac_lower"} <= set(metrics)
     assert any(k.startswith(f"actor/{name}/") for k in metrics)
     assert all(isinstance(v, float) and math.isfinite(v) for v in metrics.values())
+
+
+def test_plugin_loading_as_the_readme_describes():
+    """In a fresh interpreter: verl's entry-point discovery registers the losses; with
+    VERL_USE_EXTERNAL_PLUGINS=none verl reports the README's 'Unsupported loss mode' error, and
+    VERL_USE_EXTERNAL_MODULES=kpo_rs.integrations.verl (the README's fix) registers them again."""
+    code = (
+        "from verl.trainer.ppo.core_algos import get_policy_loss_fn\n"
+        "for name in ('kpo', 'kpo_clipped', 'minpro', 'bapo'):\n"
+        "    get_policy_loss_fn(name)\n"
+    )
+
+    def run(**env):
+        full = {k: v for k, v in os.environ.items() if not k.startswith("VERL_USE_EXTERNAL")}
+        return subprocess.run(
+            [sys.executable, "-c", code], env=full | env, capture_output=True, text=True
+        )
+
+    assert run().returncode == 0
+    off = run(VERL_USE_EXTERNAL_PLUGINS="none")
+    assert off.returncode != 0 and "Unsupported loss mode: kpo" in off.stderr
+    explicit = run(
+        VERL_USE_EXTERNAL_PLUGINS="none", VERL_USE_EXTERNAL_MODULES="kpo_rs.integrations.verl"
+    )
+    assert explicit.returncode == 0, explicit.stderr[-2000:]
