@@ -9,7 +9,7 @@
 #
 # Options (environment): KPO_DIST (output folder, default dist/; earlier kpo_rs wheels and sdists
 # there are replaced), CARGO_TARGET_DIR (as cargo). The wheel is built once, in release mode
-# (about 40 s of CPU time from a clean target folder on this project's 2-core CI machine).
+# (about 40 s of CPU time from a clean target folder, measured on a 2-core x86_64 machine).
 set -euo pipefail
 
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
