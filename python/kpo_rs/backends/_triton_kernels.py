@@ -1,0 +1,379 @@
+"""Triton kernels of the filter and its adjoint (see :mod:`kpo_rs.backends.triton`).
+
+Both directions solve a first-order linear recurrence ``x_t = A_t x_{t-1} + B_t`` over the flat
+sequence of all tokens (a padded ``[batch, time]`` batch is ``batch`` rows of ``time`` tokens;
+packed rows are cut by ``cu_seqlens``). A row's first token is a reset, ``A = 0``, which folds
+the row's prior mean into ``B``; the adjoint runs the same recurrence backwards with resets at
+row ends. The sequence is cut into tiles of ``BT`` tokens, one program per tile:
+
+1. a ticket from an atomic counter in the workspace says which tile the program takes, so tiles
+   are taken in order and every tile a program waits for belongs to a program already running;
+2. the program scans its tile (``tl.associative_scan`` over ``(A, B)``) and publishes the tile's
+   aggregate ``(A, B)`` (or, when the tile holds a reset, its last state at once);
+3. decoupled look-back: it walks back over the preceding tiles' published aggregates until it
+   meets a published state, composes them into its carry, publishes its own last state, and
+   writes ``A_t * carry + B_t``.
+
+Under ``masked="hold"`` with a mask, the gain index is the count of valid tokens so far in the
+row: a segmented count, scanned and looked back in the same way (flags 1 and 2, before the
+state's 3 and 4). The adjoint walks tiles backwards and cannot look back for this forward count,
+so a small pre-pass (:func:`count_kernel`, mask bytes only) writes each tile's count carry-in.
+
+Workspace (int64, zeroed per call): ``[ticket, flags[n_tiles]]``. Status (int64 ``[2]``):
+non-finite inputs read (``[0]``) and non-finite results of finite inputs (``[1]``) are recorded
+with ``atomic_max`` of ``2^62 - (row * 2^32 + position)``, so the first (row, position) wins and 0
+means none.
+
+Only triton.language's builtins are called (``tl.reduce`` and ``tl.associative_scan`` with
+triton's own sum and max combine functions, not ``tl.sum`` and friends, which are jit functions):
+triton's interpreter runs a copy of these kernels even when triton.language was imported without
+``TRITON_INTERPRET``.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+#: ``2^62``: codes are stored as ``CODE_BASE - (row * 2^32 + position)`` (> 0; 0 means none).
+CODE_BASE = 1 << 62
+
+
+@triton.jit
+def _affine(a1, b1, a2, b2):
+    """``x -> a2 (a1 x + b1) + b2``. A zero ``a2`` (a reset, a gain of 1 or an underflow) drops
+    the earlier part exactly, so a non-finite value of one row never reaches the next."""
+    return a1 * a2, tl.where(a2 == 0, b2, a2 * b1 + b2)
+
+
+#: triton's own combine functions for sums and maxima: compiled, they are what ``tl.sum`` and
+#: ``tl.max`` use; interpreted, triton computes them with numpy instead of calling them per element.
+_add = tl.standard._sum_combine
+_max = tl.standard._elementwise_max
+
+
+@triton.jit
+def _running_max(a, b):
+    return tl.maximum(a, b)
+
+
+@triton.jit
+def _at(x, i, k):
+    """The element of ``x`` at index ``k`` (exact: every other term of the sum is 0)."""
+    return tl.reduce(tl.where(i == k, x, 0), 0, _add)
+
+
+@triton.jit
+def _rows(t, cu_ptr, n_rows, row_len, search_steps, PACKED: tl.constexpr):
+    """Row index and row start of each position ``t`` (int32)."""
+    if PACKED:
+        # the last row r with cu[r] <= t (rows of length 0 share their offset with the next)
+        lo = t * 0
+        hi = lo + (n_rows - 1)
+        for _ in range(search_steps):
+            mid = (lo + hi + 1) >> 1
+            go = tl.load(cu_ptr + mid).to(tl.int32) <= t
+            lo = tl.where(go, mid, lo)
+            hi = tl.where(go, hi, mid - 1)
+        start = tl.load(cu_ptr + lo).to(tl.int32)
+        row = lo
+    else:
+        row = t // row_len
+        start = row * row_len
+    return row, start
+
+
+@triton.jit
+def _row_end(row, start, cu_ptr, row_len, inb, PACKED: tl.constexpr):
+    if PACKED:
+        end = tl.load(cu_ptr + row + 1, mask=inb, other=0).to(tl.int32)
+    else:
+        end = start + row_len
+    return end
+
+
+@triton.jit
+def _segment_count(step, reset, REVERSE: tl.constexpr):
+    """Per position, in time order (``REVERSE``: the tile holds positions in reverse order):
+    ``P`` = steps from the tile's first position to here, ``R`` = ``P`` just before the last row
+    start at or before here (-1 when the row starts before the tile). The row's count of steps
+    up to here is ``P - R`` (or carry-in + ``P`` when ``R < 0``). Sums and maxima only, so the
+    direction of the scan cannot change their result."""
+    s = step.to(tl.int32)
+    p = tl.associative_scan(s, 0, _add, reverse=REVERSE)
+    r = tl.associative_scan(tl.where(reset, p - s, -1), 0, _running_max, reverse=REVERSE)
+    return p, r
+
+
+@triton.jit
+def _count_carry(j, flags_ptr, cnt_ptr, n_tiles, has_reset, agg, need):
+    """Publishes tile ``j``'s step count (aggregate: flag 1; inclusive: flag 2, at once when the
+    tile holds a row start) and returns the count carried into it: the steps of its first row
+    before the tile, looked back for only when ``need`` (the tile does not begin a row)."""
+    carry = agg * 0
+    if has_reset != 0:
+        tl.store(cnt_ptr + n_tiles + j, agg)
+        tl.debug_barrier()
+        tl.atomic_xchg(flags_ptr + j, 2, sem="release")
+    else:
+        tl.store(cnt_ptr + j, agg)
+        tl.debug_barrier()
+        tl.atomic_xchg(flags_ptr + j, 1, sem="release")
+    if need != 0:
+        k = j - 1
+        while k >= 0:
+            f = tl.atomic_add(flags_ptr + k, 0, sem="acquire")
+            if f >= 2:
+                carry += tl.load(cnt_ptr + n_tiles + k, volatile=True)
+                k = -1
+            elif f == 1:
+                carry += tl.load(cnt_ptr + k, volatile=True)
+                k -= 1
+    if has_reset == 0:
+        tl.store(cnt_ptr + n_tiles + j, agg + carry)
+        tl.debug_barrier()
+        tl.atomic_xchg(flags_ptr + j, 2, sem="release")
+    return carry
+
+
+@triton.jit
+def _state_carry(j, flags_ptr, st_ptr, n_tiles, agg_a, agg_b, need):
+    """Publishes tile ``j``'s map ``x -> agg_a x + agg_b`` (flag 3) and its last state (flag 4;
+    at once when the map ignores the carry, ``agg_a == 0``) and returns the state carried into
+    it, looked back for only when ``need`` (some position of the tile depends on it). A tile's
+    published state is ``agg_a * carry + agg_b``, and the look-back applies the maps after the
+    state it finds in the same way, so results do not depend on the programs' timing."""
+    carry = agg_b * 0
+    if agg_a == 0:
+        tl.store(st_ptr + 2 * n_tiles + j, agg_b)
+        tl.debug_barrier()
+        tl.atomic_xchg(flags_ptr + j, 4, sem="release")
+    else:
+        tl.store(st_ptr + j, agg_a)
+        tl.store(st_ptr + n_tiles + j, agg_b)
+        tl.debug_barrier()
+        tl.atomic_xchg(flags_ptr + j, 3, sem="release")
+    if need != 0:
+        # back to the nearest published state, then forward over the maps in between in time
+        # order: the carry is the same as a chain of tiles would give, whatever the timing
+        k = j - 1
+        first = j
+        while k >= 0:
+            f = tl.atomic_add(flags_ptr + k, 0, sem="acquire")
+            if f == 4:
+                carry = tl.load(st_ptr + 2 * n_tiles + k, volatile=True)
+                first = k + 1
+                k = -1
+            elif f == 3:
+                k -= 1
+        for m in range(first, j):
+            pa = tl.load(st_ptr + m, volatile=True)
+            pb = tl.load(st_ptr + n_tiles + m, volatile=True)
+            carry = pa * carry + pb
+    if agg_a != 0:
+        tl.store(st_ptr + 2 * n_tiles + j, agg_a * carry + agg_b)
+        tl.debug_barrier()
+        tl.atomic_xchg(flags_ptr + j, 4, sem="release")
+    return carry
+
+
+@triton.jit
+def _record(status_ptr, bad, row, pos):
+    """``atomic_max`` of ``2^62 - (row * 2^32 + pos)`` over the ``bad`` positions."""
+    code = (1 << 62) - (row.to(tl.int64) * (1 << 32) + pos.to(tl.int64))
+    worst = tl.reduce(tl.where(bad, code, 0), 0, _max)
+    tl.atomic_max(status_ptr, worst, mask=worst > 0)
+
+
+@triton.jit
+def _m0_at(row, reset, m0_bits, m0_ptr, m0_stride, dtype, M0_PTR: tl.constexpr):
+    if M0_PTR:
+        m0 = tl.load(m0_ptr + row * m0_stride, mask=reset, other=0).to(dtype)
+    else:
+        m0 = m0_bits.to(tl.int64).to(tl.float64, bitcast=True).to(dtype)
+    return m0
+
+
+@triton.jit(do_not_specialize=["m0_bits"])
+def forward_kernel(
+    z_ptr,
+    mask_ptr,
+    out_ptr,
+    cu_ptr,
+    m0_ptr,
+    k_ptr,
+    a_ptr,
+    ws_ptr,
+    status_ptr,
+    cnt_ptr,
+    st_ptr,
+    total,
+    n_tiles,
+    n_rows,
+    row_len,
+    search_steps,
+    m0_bits,
+    m0_stride,
+    BT: tl.constexpr,
+    PACKED: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    HOLD: tl.constexpr,
+    M0_PTR: tl.constexpr,
+):
+    """One tile of the forward filter. ``k_ptr``/``a_ptr``: the gains ``K_n`` and ``1 - K_n`` in
+    the compute dtype; ``m0_bits``: a float64 prior mean's bits (when not ``M0_PTR``)."""
+    j = tl.atomic_add(ws_ptr, 1).to(tl.int32)
+    flags_ptr = ws_ptr + 1
+    i = tl.arange(0, BT)
+    t = j * BT + i
+    inb = t < total
+    row, start = _rows(t, cu_ptr, n_rows, row_len, search_steps, PACKED)
+    reset = inb & (t == start)
+    if HAS_MASK:
+        valid = tl.load(mask_ptr + t, mask=inb, other=0).to(tl.int1)
+    else:
+        valid = inb
+    if HOLD and HAS_MASK:
+        step = valid
+        p, r = _segment_count(step, reset, False)
+        p_last = _at(p, i, BT - 1)
+        r_last = _at(r, i, BT - 1)
+        has_reset = (r_last >= 0).to(tl.int32)
+        agg = p_last - tl.maximum(r_last, 0)
+        need = 1 - _at(reset.to(tl.int32), i, 0)
+        carry_n = _count_carry(j, flags_ptr, cnt_ptr, n_tiles, has_reset, agg, need)
+        n = tl.where(r >= 0, p - r, carry_n + p) - 1
+    else:
+        step = inb
+        n = t - start
+    z = tl.load(z_ptr + t, mask=valid, other=0)
+    dtype = z.dtype
+    gain = tl.load(k_ptr + n, mask=step, other=0)
+    keep = tl.load(a_ptr + n, mask=step, other=1)
+    b = gain * z
+    m0 = _m0_at(row, reset, m0_bits, m0_ptr, m0_stride, dtype, M0_PTR)
+    a_el = tl.where(reset, 0, keep).to(dtype)
+    b_el = tl.where(reset, keep * m0 + b, b)
+    sa, sb = tl.associative_scan((a_el, b_el), 0, _affine)
+    need = (_at(sa, i, 0) != 0).to(tl.int32)
+    carry = _state_carry(
+        j, flags_ptr, st_ptr, n_tiles, _at(sa, i, BT - 1), _at(sb, i, BT - 1), need
+    )
+    x = tl.where(sa == 0, sb, sa * carry + sb)
+    if not HOLD:
+        x = tl.where(valid, x, 0)
+    tl.store(out_ptr + t, x, mask=inb)
+    pos = t - start
+    _record(status_ptr, valid & ((z - z) != 0), row, pos)
+    _record(status_ptr + 1, inb & ((x - x) != 0), row, pos)
+
+
+@triton.jit
+def count_kernel(
+    mask_ptr,
+    cu_ptr,
+    cin_ptr,
+    ws_ptr,
+    cnt_ptr,
+    total,
+    n_tiles,
+    n_rows,
+    row_len,
+    search_steps,
+    BT: tl.constexpr,
+    PACKED: tl.constexpr,
+):
+    """The adjoint's pre-pass under ``masked="hold"``: ``cin[c]`` = valid tokens of the row of
+    tile ``c``'s first position that precede the tile."""
+    j = tl.atomic_add(ws_ptr, 1).to(tl.int32)
+    i = tl.arange(0, BT)
+    t = j * BT + i
+    inb = t < total
+    _, start = _rows(t, cu_ptr, n_rows, row_len, search_steps, PACKED)
+    reset = inb & (t == start)
+    valid = tl.load(mask_ptr + t, mask=inb, other=0).to(tl.int1)
+    p, r = _segment_count(valid, reset, False)
+    p_last = _at(p, i, BT - 1)
+    r_last = _at(r, i, BT - 1)
+    has_reset = (r_last >= 0).to(tl.int32)
+    agg = p_last - tl.maximum(r_last, 0)
+    need = 1 - _at(reset.to(tl.int32), i, 0)
+    carry = _count_carry(j, ws_ptr + 1, cnt_ptr, n_tiles, has_reset, agg, need)
+    tl.store(cin_ptr + j, carry)
+
+
+@triton.jit
+def adjoint_kernel(
+    g_ptr,
+    mask_ptr,
+    dz_ptr,
+    dm0_ptr,
+    cu_ptr,
+    k_ptr,
+    a_ptr,
+    cin_ptr,
+    ws_ptr,
+    status_ptr,
+    st_ptr,
+    total,
+    n_tiles,
+    n_rows,
+    row_len,
+    search_steps,
+    BT: tl.constexpr,
+    PACKED: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    HOLD: tl.constexpr,
+):
+    """One tile of the adjoint, tiles and positions in reverse order:
+    ``mu_t = g'_t + a_{t+1} mu_{t+1}`` (``a_{t+1} = 0`` past a row's end), ``dz_t = K_{n_t} mu_t``
+    at valid positions, ``dm0 = a_s mu_s`` at a row's start ``s``. ``cin``: the count pre-pass
+    (under ``HOLD`` with a mask)."""
+    j = tl.atomic_add(ws_ptr, 1).to(tl.int32)
+    flags_ptr = ws_ptr + 1
+    c = n_tiles - 1 - j
+    i = tl.arange(0, BT)
+    t = c * BT + (BT - 1 - i)
+    inb = t < total
+    row, start = _rows(t, cu_ptr, n_rows, row_len, search_steps, PACKED)
+    end = _row_end(row, start, cu_ptr, row_len, inb, PACKED)
+    nxt = inb & (t + 1 < end)
+    if HAS_MASK:
+        valid = tl.load(mask_ptr + t, mask=inb, other=0).to(tl.int1)
+    else:
+        valid = inb
+    if HOLD and HAS_MASK:
+        step = valid
+        step_next = tl.load(mask_ptr + t + 1, mask=nxt, other=0).to(tl.int1)
+        p, r = _segment_count(step, inb & (t == start), True)
+        count = tl.where(r >= 0, p - r, tl.load(cin_ptr + c) + p)
+        n = count - 1
+        n_next = count
+        read = inb
+    else:
+        step = inb
+        step_next = nxt
+        n = t - start
+        n_next = n + 1
+        read = valid
+    if not HOLD:
+        read = valid
+    g = tl.load(g_ptr + t, mask=read, other=0)
+    dtype = g.dtype
+    a_next = tl.load(a_ptr + n_next, mask=step_next, other=1)
+    a_el = tl.where(nxt, a_next, 0).to(dtype)
+    sa, sb = tl.associative_scan((a_el, g), 0, _affine)
+    need = (_at(sa, i, 0) != 0).to(tl.int32)
+    carry = _state_carry(
+        j, flags_ptr, st_ptr, n_tiles, _at(sa, i, BT - 1), _at(sb, i, BT - 1), need
+    )
+    mu = tl.where(sa == 0, sb, sa * carry + sb)
+    gain = tl.load(k_ptr + n, mask=valid, other=0)
+    dz = tl.where(valid, gain * mu, 0)
+    tl.store(dz_ptr + t, dz, mask=inb)
+    first = inb & (t == start)
+    keep0 = tl.load(a_ptr + n, mask=first & step, other=1)
+    tl.store(dm0_ptr + row, keep0 * mu, mask=first)
+    pos = t - start
+    _record(status_ptr, read & ((g - g) != 0), row, pos)
+    _record(status_ptr + 1, inb & ((dz - dz) != 0), row, pos)

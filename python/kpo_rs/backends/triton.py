@@ -1,0 +1,342 @@
+"""The fused Triton backend: the filter in one kernel launch, its adjoint in one (two under
+``masked="hold"`` with a mask), no host synchronisation unless asked for.
+
+CUDA tensors; CPU tensors only under ``TRITON_INTERPRET=1`` (triton's interpreter, for tests).
+The kernels are in :mod:`kpo_rs.backends._triton_kernels`: one program per tile of ``BT`` tokens
+of the flat token sequence (padded rows back to back, or the packed rows), a segmented
+``tl.associative_scan`` over the recurrence's ``(decay, input)`` pairs inside the tile, and a
+decoupled look-back over the tiles before it (tiles handed out in order by an atomic ticket) for
+the state carried in. So few long rows fill the device as well as many short ones, and every token
+is read once and written once. The gains stay on the device (one cached table per capacity,
+``q``, ``r``, ``p0``, device and dtype). ``BT`` and the warp count follow from the token count and
+the device's multiprocessor count; nothing is autotuned.
+
+Non-finite values. The kernels record the first (row, position) of a non-finite value they read,
+and of a non-finite result of finite inputs, with an atomic in device memory. When that is
+reported depends on ``check``:
+
+``"sync"``
+    after the launch the call reads the record (one host synchronisation) and raises
+    ``ValueError("values: non-finite value at row R, position P")`` (``grad: ...`` for the
+    adjoint), as the other backends do;
+``"deferred"`` (default)
+    no synchronisation: the record is kept in a per-device buffer and
+    :func:`raise_if_non_finite` (``kpo_rs.torch_ops.check_finite()``) raises the same error for
+    the first bad value seen since the last check, then clears it. Rows after a bad one are not
+    affected (a row start discards the state before it exactly).
+
+Under CUDA-graph capture ``"sync"`` cannot synchronise and acts as ``"deferred"``.
+
+CUDA graphs: the per-call buffers are allocated in the calling stream (the graph's pool under
+capture); the gain table of a new ``(q, r, p0)`` or capacity and the deferred record of a new
+device are created on first use, so run the op once before capturing (the usual warm-up).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+import struct
+import sys
+from types import ModuleType
+
+import torch
+
+from ..params import FilterParams
+from ._device_gains import gain_table
+
+try:
+    import triton
+except ImportError:  # pragma: no cover - exercised only without triton
+    triton = None
+
+__all__ = ["CHECKS", "adjoint", "available", "forward", "raise_if_non_finite"]
+
+#: The ``check`` policies (see the module docstring).
+CHECKS = ("sync", "deferred")
+DEFAULT_CHECK = "deferred"
+#: Tile size override (tokens per program, a power of two); None: chosen from the shape.
+TILE: int | None = None
+
+_CODE_BASE = 1 << 62
+_MAX_TOKENS = (1 << 31) - (1 << 16)
+_NAMES = ("values", "grad")
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
+
+
+def available(device: torch.device) -> bool:
+    """Whether this backend runs on ``device``: triton importable and ``device`` a CUDA device
+    torch can use, or the CPU under ``TRITON_INTERPRET=1``."""
+    if triton is None:
+        return False
+    if device.type == "cuda":
+        return torch.cuda.is_available()
+    return device.type == "cpu" and _interpreting()
+
+
+@functools.cache
+def _kernels(interpreted: bool) -> ModuleType:
+    """The kernel module, run by triton's interpreter (CPU tensors) or compiled (CUDA). Triton
+    decides this when a kernel is defined, from ``TRITON_INTERPRET``, so each kind is a copy of
+    :mod:`kpo_rs.backends._triton_kernels` defined with that variable set accordingly."""
+    kind = "interpreted" if interpreted else "compiled"
+    name = f"{__package__}._triton_kernels_{kind}"
+    path = os.path.join(os.path.dirname(__file__), "_triton_kernels.py")
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    saved = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1" if interpreted else "0"
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        if saved is None:
+            del os.environ["TRITON_INTERPRET"]
+        else:
+            os.environ["TRITON_INTERPRET"] = saved
+    sys.modules[name] = module
+    return module
+
+
+@functools.cache
+def _multiprocessors(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _launch(total: int, device: torch.device) -> tuple[int, int]:
+    """``(BT, num_warps)``: 2048-token tiles where the grid still covers every multiprocessor
+    twice, halved down to 256 for smaller inputs; 8 tokens per thread."""
+    if TILE is not None:
+        return TILE, 4
+    if device.type != "cuda":
+        return 256, 4
+    bt, target = 2048, 2 * _multiprocessors(device)
+    while bt > 256 and total < bt * target:
+        bt //= 2
+    return bt, max(1, min(8, bt // 256))
+
+
+def _options(device: torch.device, warps: int) -> dict:
+    """Launch options: the warp count, and fused multiply-adds (one rounding per ``a x + b``;
+    named, so that triton's changing default does not change results)."""
+    if device.type != "cuda":
+        return {"num_warps": warps}
+    return {"num_warps": warps, "enable_fp_fusion": True}
+
+
+# --------------------------------------------------------------------------------------------
+# Non-finite records
+
+
+_deferred: dict[torch.device, torch.Tensor] = {}
+
+
+def _deferred_record(device: torch.device) -> torch.Tensor:
+    """The per-device record of the deferred check: int64 ``[4]`` (values in, values out, grad
+    in, grad out)."""
+    record = _deferred.get(device)
+    if record is None:
+        record = _deferred[device] = torch.zeros(4, dtype=torch.int64, device=device)
+    return record
+
+
+def _capturing(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def _error(codes: list[int], name: str) -> ValueError | None:
+    found, overflow = codes
+    if found:
+        code = _CODE_BASE - found
+        return ValueError(
+            f"{name}: non-finite value at row {code >> 32}, position {code & 0xFFFFFFFF}"
+        )
+    if overflow:
+        return ValueError(f"{name}: the result overflowed although every input is finite")
+    return None
+
+
+def raise_if_non_finite(device: torch.device | str | None = None) -> None:
+    """Raises the ValueError of the first non-finite value read by a deferred-check call since
+    the last check (on ``device``, or on every device used), and clears the record. One host
+    synchronisation per device; a no-op where nothing was recorded."""
+    devices = list(_deferred) if device is None else [torch.device(device)]
+    for dev in devices:
+        record = _deferred.get(dev)
+        if record is None:
+            continue
+        codes = record.tolist()
+        if any(codes):
+            record.zero_()
+            for slot, name in enumerate(_NAMES):
+                err = _error(codes[2 * slot : 2 * slot + 2], name)
+                if err is not None:
+                    raise err
+
+
+def _status(check: str, ws: torch.Tensor, device: torch.device, slot: int) -> tuple:
+    """Where the kernel records non-finite values, and whether to read it after the launch."""
+    if check not in CHECKS:
+        raise ValueError(f"check must be one of {CHECKS}, got {check!r}")
+    if check == "sync" and not _capturing(device):
+        return ws[:2], True
+    return _deferred_record(device)[2 * slot : 2 * slot + 2], False
+
+
+def _report(status: torch.Tensor, name: str) -> None:
+    err = _error(status.tolist(), name)
+    if err is not None:
+        raise err
+
+
+# --------------------------------------------------------------------------------------------
+# Layout
+
+
+def _dtype(name: str, t: torch.Tensor) -> None:
+    if t.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"{name} must be float32 or float64 for the triton backend, got {t.dtype}")
+
+
+def _layout(values: torch.Tensor, cu_seqlens: torch.Tensor | None, name: str):
+    """``(total, n_rows, row_len, cu, longest)`` of either layout, without reading device
+    memory: a packed batch's longest row is read only when ``cu_seqlens`` is on the CPU, else
+    bounded by the token count."""
+    if cu_seqlens is None:
+        if values.dim() != 2:
+            raise ValueError(f"{name} must be 2-D [batch, time], got shape {tuple(values.shape)}")
+        n_rows, row_len = values.shape
+        return n_rows * row_len, n_rows, row_len, values, row_len
+    if values.dim() != 1:
+        raise ValueError(f"{name} must be 1-D [total], got shape {tuple(values.shape)}")
+    total, n_rows = values.shape[0], cu_seqlens.shape[0] - 1
+    if cu_seqlens.device.type == "cpu":
+        longest = int((cu_seqlens[1:] - cu_seqlens[:-1]).max()) if n_rows > 0 else 0
+    else:
+        longest = total
+    cu = cu_seqlens.to(values.device, non_blocking=True).contiguous()
+    return total, n_rows, 0, cu, longest
+
+
+def _check_size(total: int, name: str) -> None:
+    if total > _MAX_TOKENS:
+        raise ValueError(
+            f"{name}: {total} tokens; the triton backend takes at most {_MAX_TOKENS} per call"
+        )
+
+
+def _m0_args(m0: float | torch.Tensor, values: torch.Tensor, n_rows: int):
+    """``(m0_bits, m0_tensor, stride, M0_PTR)``: a float travels as its float64 bits (no device
+    copy); a tensor ``()`` or ``[batch]`` is read in the kernel."""
+    if isinstance(m0, torch.Tensor):
+        if m0.dim() > 1 or (m0.dim() == 1 and m0.shape[0] != n_rows):
+            raise ValueError(
+                f"m0 must be a scalar or one value per row ({n_rows}), got shape {tuple(m0.shape)}"
+            )
+        t = m0.detach().to(dtype=values.dtype, device=values.device).contiguous()
+        return 0, t, (1 if t.dim() == 1 else 0), True
+    bits = struct.unpack("<q", struct.pack("<d", float(m0)))[0]
+    return bits, values, 0, False
+
+
+def _tables(longest: int, params: FilterParams, like: torch.Tensor):
+    return gain_table(max(longest, 1), params, like.device).tables(like.dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# Entry points
+
+
+def forward(
+    values: torch.Tensor,
+    cu_seqlens: torch.Tensor | None,
+    mask: torch.Tensor | None,
+    m0: float | torch.Tensor,
+    params: FilterParams,
+    *,
+    check: str = DEFAULT_CHECK,
+) -> torch.Tensor:
+    """The filtered values: same shape and dtype as ``values`` (float32 or float64, ``[batch,
+    time]`` or ``[total]`` with ``cu_seqlens`` ``[batch + 1]``), contiguous. ``m0``: a float, or
+    a tensor ``()`` or ``[batch]`` (per-row prior means). ``params.m0`` is ignored."""
+    _dtype("values", values)
+    total, n_rows, row_len, cu, longest = _layout(values, cu_seqlens, "values")
+    _check_size(total, "values")
+    values = values.contiguous()
+    out = torch.empty_like(values)
+    if total == 0:
+        return out
+    mask_arg = values if mask is None else mask.contiguous()
+    m0_bits, m0_t, m0_stride, m0_ptr = _m0_args(m0, values, n_rows)
+    k_tab, a_tab = _tables(longest, params, values)
+    bt, warps = _launch(total, values.device)
+    n_tiles = -(-total // bt)
+    ws = torch.zeros(3 + n_tiles, dtype=torch.int64, device=values.device)
+    status, sync = _status(check, ws, values.device, 0)
+    hold = params.masked == "hold"
+    cnt = torch.empty(
+        2 * n_tiles if hold and mask is not None else 1, dtype=torch.int32, device=values.device
+    )
+    st = torch.empty(3 * n_tiles, dtype=values.dtype, device=values.device)
+    kernels = _kernels(values.device.type != "cuda")
+    kernels.forward_kernel[(n_tiles,)](
+        values, mask_arg, out, cu, m0_t, k_tab, a_tab, ws[2:], status, cnt, st,
+        total, n_tiles, n_rows, row_len, max(n_rows - 1, 0).bit_length(), m0_bits, m0_stride,
+        BT=bt, PACKED=cu_seqlens is not None, HAS_MASK=mask is not None, HOLD=hold,
+        M0_PTR=m0_ptr, **_options(values.device, warps),
+    )  # fmt: skip
+    if sync:
+        _report(status, "values")
+    return out
+
+
+def adjoint(
+    grad: torch.Tensor,
+    cu_seqlens: torch.Tensor | None,
+    mask: torch.Tensor | None,
+    params: FilterParams,
+    *,
+    check: str = DEFAULT_CHECK,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The vector-Jacobian product: ``(d values`` shaped like ``grad``, ``d m0`` ``[batch])``,
+    float32 or float64 like ``grad``."""
+    _dtype("grad", grad)
+    total, n_rows, row_len, cu, longest = _layout(grad, cu_seqlens, "grad")
+    _check_size(total, "grad")
+    grad = grad.contiguous()
+    dz = torch.empty_like(grad)
+    dm0 = torch.zeros(n_rows, dtype=grad.dtype, device=grad.device)
+    if total == 0:
+        return dz, dm0
+    mask_arg = grad if mask is None else mask.contiguous()
+    k_tab, a_tab = _tables(longest, params, grad)
+    bt, warps = _launch(total, grad.device)
+    n_tiles = -(-total // bt)
+    hold = params.masked == "hold"
+    count = hold and mask is not None
+    ws = torch.zeros(
+        3 + n_tiles + (1 + n_tiles if count else 0), dtype=torch.int64, device=grad.device
+    )
+    status, sync = _status(check, ws, grad.device, 1)
+    kernels = _kernels(grad.device.type != "cuda")
+    steps = max(n_rows - 1, 0).bit_length()
+    packed = cu_seqlens is not None
+    cin = torch.empty(n_tiles if count else 1, dtype=torch.int32, device=grad.device)
+    if count:
+        cnt = torch.empty(2 * n_tiles, dtype=torch.int32, device=grad.device)
+        kernels.count_kernel[(n_tiles,)](
+            mask_arg, cu, cin, ws[3 + n_tiles :], cnt, total, n_tiles, n_rows, row_len, steps,
+            BT=bt, PACKED=packed, **_options(grad.device, warps),
+        )  # fmt: skip
+    st = torch.empty(3 * n_tiles, dtype=grad.dtype, device=grad.device)
+    kernels.adjoint_kernel[(n_tiles,)](
+        grad, mask_arg, dz, dm0, cu, k_tab, a_tab, cin, ws[2 : 3 + n_tiles], status, st,
+        total, n_tiles, n_rows, row_len, steps,
+        BT=bt, PACKED=packed, HAS_MASK=mask is not None, HOLD=hold, **_options(grad.device, warps),
+    )  # fmt: skip
+    if sync:
+        _report(status, "grad")
+    return dz, dm0

@@ -1,0 +1,393 @@
+"""The triton backend on CPU tensors under triton's interpreter, and its kernels compiled to PTX.
+
+The interpreter runs the kernels' own code (tickets, look-back, scans) one program after another,
+so these tests prove the arithmetic and the layouts; the PTX tests prove that every kernel
+compiles for sm_80 and sm_90. Concurrency on a GPU (programs waiting for each other) is tested
+where a GPU is present (tests/test_cuda.py). Small shapes (the interpreter filters about 10k
+tokens per second) with small tiles, so that rows span many tiles and the look-back is exercised.
+
+Tolerance: the Rust backend's bound, :func:`kpo_rs.testing.tolerance` with the row length ``L``.
+Each output is the loop's sum of terms, each term formed here with at most ``ceil(log2 L) + 1``
+non-trivial combinations inside a tile (combining with the scan's identity is exact), one per
+tile looked back over and one for the carry, two roundings each, plus the gains' roundings: fewer
+than ``8 (L + 1)`` roundings for every ``L >= 1``.
+
+``TRITON_INTERPRET`` is set for this module only (and restored), so other test modules in the same
+process are unaffected; the backend defines its interpreted kernels apart from the compiled ones.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+pytest.importorskip("triton", reason="the triton backend needs triton (pip install triton)")
+
+from kpo_rs import backends, reference, testing, torch_ops
+from kpo_rs.backends import triton as tb
+from kpo_rs.params import FilterParams
+
+TILES = [8, 32, 128]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _interpreter():
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TRITON_INTERPRET", "1")
+        backends._triton_usable.cache_clear()
+        yield
+    backends._triton_usable.cache_clear()
+
+
+@contextlib.contextmanager
+def _tile(bt: int | None):
+    saved = tb.TILE
+    tb.TILE = bt
+    try:
+        yield
+    finally:
+        tb.TILE = saved
+
+
+def _t(a: np.ndarray | None) -> torch.Tensor | None:
+    return None if a is None else torch.from_numpy(np.ascontiguousarray(a))
+
+
+def _n_rows(batch) -> int:
+    if isinstance(batch, testing.PackedBatch):
+        return len(batch.cu_seqlens) - 1
+    return batch.values.shape[0]
+
+
+def _reference(batch, params: dict, m0_rows: np.ndarray, grad: np.ndarray):
+    """Forward (with one prior mean per row) and adjoint of the reference."""
+    adj = {k: v for k, v in params.items() if k != "m0"}
+    if isinstance(batch, testing.PackedBatch):
+        cu = batch.cu_seqlens
+        y = np.zeros(batch.values.shape)
+        for i, (s, e) in enumerate(zip(cu[:-1], cu[1:])):
+            m = None if batch.mask is None else batch.mask[s:e]
+            y[s:e] = reference.filter_row(batch.values[s:e], m, **adj, m0=m0_rows[i])
+        dz, dm0 = reference.kalman_filter_packed_adjoint(grad, cu, batch.mask, **adj)
+    else:
+        y = np.zeros(batch.values.shape)
+        for i in range(batch.values.shape[0]):
+            m = None if batch.mask is None else batch.mask[i]
+            y[i] = reference.filter_row(batch.values[i], m, **adj, m0=m0_rows[i])
+        dz, dm0 = reference.kalman_filter_adjoint(grad, batch.mask, **adj)
+    return y, dz, dm0
+
+
+def _check_module(batch, params: dict, seed: int, m0_kind: str, tile: int) -> None:
+    """forward and adjoint of the module (check="sync") against the reference."""
+    rows = _n_rows(batch)
+    rng = np.random.default_rng(seed)
+    grad = rng.normal(size=batch.values.shape).astype(batch.dtype)
+    if m0_kind == "per row":
+        m0_rows = rng.uniform(-2.0, 2.0, rows).astype(batch.dtype).astype(np.float64)
+        m0 = torch.from_numpy(m0_rows.astype(batch.dtype))
+    else:
+        m0_rows = np.full(rows, float(np.asarray(params["m0"], dtype=batch.dtype)))
+        m0 = params["m0"]
+        if m0_kind == "tensor":
+            m0 = torch.tensor(m0, dtype=torch.float64).to(_t(grad).dtype)
+    settings = FilterParams(**params)
+    cu = None if isinstance(batch, testing.PaddedBatch) else _t(batch.cu_seqlens)
+    with _tile(tile):
+        y = tb.forward(_t(batch.values), cu, _t(batch.mask), m0, settings, check="sync")
+        dz, dm0 = tb.adjoint(_t(grad), cu, _t(batch.mask), settings, check="sync")
+    assert y.dtype == dz.dtype == dm0.dtype == _t(grad).dtype
+    assert y.shape == dz.shape == batch.values.shape and dm0.shape == (rows,)
+    want_y, want_dz, want_dm0 = _reference(batch, params, m0_rows, grad)
+    floor = float(np.abs(m0_rows).max(initial=0.0))
+    env_y = testing.forward_envelope(batch, dict(params, m0=floor))
+    env_dz, env_dm0 = testing.adjoint_envelope(batch, grad, params)
+    length = max(batch.row_length, 1)
+    testing.assert_filter_close(y.numpy(), want_y, env_y, batch.dtype, length)
+    testing.assert_filter_close(dz.numpy(), want_dz, env_dz, batch.dtype, length)
+    testing.assert_filter_close(dm0.numpy(), want_dm0, env_dm0, batch.dtype, length)
+
+
+M0_KINDS = st.sampled_from(["float", "tensor", "per row"])
+
+
+@given(
+    batch=testing.padded_batches(max_batch=4, max_time=40, long_time=300),
+    params=testing.filter_params(),
+    seed=st.integers(0, 2**32 - 1),
+    m0_kind=M0_KINDS,
+    tile=st.sampled_from(TILES),
+)
+def test_padded_matches_reference(batch, params, seed, m0_kind, tile):
+    _check_module(batch, params, seed, m0_kind, tile)
+
+
+@given(
+    batch=testing.packed_batches(max_batch=6, max_time=40, long_time=300),
+    params=testing.filter_params(),
+    seed=st.integers(0, 2**32 - 1),
+    m0_kind=M0_KINDS,
+    tile=st.sampled_from(TILES),
+)
+def test_packed_matches_reference(batch, params, seed, m0_kind, tile):
+    """Packed rows, empty ones included, and very uneven lengths (one row up to 300 tokens
+    among rows of a few), which span many tiles while others share one."""
+    _check_module(batch, params, seed, m0_kind, tile)
+
+
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("masked", ["hold", "zero"])
+def test_op_forward_backward_and_m0_gradient(packed, dtype, masked):
+    """Through the torch op (backend="triton"): values' and m0's gradients against the
+    reference's adjoint, m0 a 0-d tensor whose gradient sums the rows' dm0."""
+    gen = torch.Generator().manual_seed(11)
+    z = torch.randn(3, 90, generator=gen, dtype=torch.float64)
+    mask = torch.rand(3, 90, generator=gen) < 0.7
+    mask[1, :50] = False  # a long hole at a row start
+    g = torch.randn(3, 90, generator=gen, dtype=torch.float64)
+    params = {"q": 1e-2, "r": 0.5, "p0": math.inf, "masked": masked}
+    cu = torch.tensor([0, 90, 90, 200, 270])
+    zz = z.to(dtype).clone().requires_grad_(True)
+    m0 = torch.tensor(0.3, dtype=dtype, requires_grad=True)
+    with _tile(32):
+        if packed:
+            y = torch_ops.kalman_filter_packed(
+                zz.reshape(-1), cu, mask.reshape(-1), m0=m0, backend="triton", **params
+            )
+        else:
+            y = torch_ops.kalman_filter(zz, mask, m0=m0, backend="triton", **params)
+        y.backward(g.to(dtype).reshape(y.shape))
+    zn, mn, gn = z.to(dtype).double().numpy(), mask.numpy(), g.to(dtype).double().numpy()
+    if packed:
+        batch = testing.PackedBatch(zn.reshape(-1), cu.numpy(), mn.reshape(-1))
+        want_y = reference.kalman_filter_packed(zn.reshape(-1), cu.numpy(), mn.reshape(-1),
+                                                m0=0.3, **params)  # fmt: skip
+        want_dz, want_dm0 = reference.kalman_filter_packed_adjoint(
+            gn.reshape(-1), cu.numpy(), mn.reshape(-1), **params
+        )
+        gn = gn.reshape(-1)
+    else:
+        batch = testing.PaddedBatch(zn, mn)
+        want_y = reference.kalman_filter(zn, mn, m0=0.3, **params)
+        want_dz, want_dm0 = reference.kalman_filter_adjoint(gn, mn, **params)
+    np_dtype = np.dtype(np.float32 if dtype == torch.float32 else np.float64)
+    env_y = testing.forward_envelope(batch, dict(params, m0=0.3))
+    env_dz, env_dm0 = testing.adjoint_envelope(batch, gn, params)
+    length = batch.row_length
+    testing.assert_filter_close(y.detach().numpy(), want_y, env_y, np_dtype, length)
+    testing.assert_filter_close(zz.grad.reshape(-1).numpy(), want_dz.reshape(-1),
+                                env_dz.reshape(-1), np_dtype, length)  # fmt: skip
+    bound = testing.tolerance(env_dm0, np_dtype, length).sum()
+    assert abs(float(m0.grad) - want_dm0.sum()) <= bound
+
+
+CASES = [("hold", 0.0, True), ("hold", math.inf, True), ("zero", 1.0, True), ("hold", 0.5, False)]
+
+
+@pytest.mark.parametrize(("masked", "p0", "with_mask"), CASES)
+def test_gradcheck_padded_and_packed(masked, p0, with_mask):
+    gen = torch.Generator().manual_seed(0)
+    z = torch.randn(2, 15, dtype=torch.float64, generator=gen).requires_grad_(True)
+    mask = (torch.rand(2, 15, generator=gen) < 0.7) if with_mask else None
+    m0 = torch.tensor(0.2, dtype=torch.float64, requires_grad=True)
+    cu = torch.tensor([0, 11, 11, 12, 30], dtype=torch.int32)
+
+    def padded(z, m0):
+        return torch_ops.kalman_filter(
+            z, mask, q=1e-2, p0=p0, m0=m0, masked=masked, backend="triton"
+        )
+
+    def packed(v, m0):
+        return torch_ops.kalman_filter_packed(
+            v, cu, None if mask is None else mask.reshape(-1), q=0.1, r=2.0, p0=p0, m0=m0,
+            masked=masked, backend="triton",
+        )  # fmt: skip
+
+    with _tile(8):
+        assert torch.autograd.gradcheck(padded, (z, m0), fast_mode=True)
+        assert torch.autograd.gradcheck(
+            packed, (z.detach().reshape(-1).requires_grad_(True), m0), fast_mode=True
+        )
+
+
+class _PerRow(torch.autograd.Function):
+    """The module's two entries as an autograd function of (values, per-row m0)."""
+
+    @staticmethod
+    def forward(ctx, values, m0, mask, params):
+        ctx.save_for_backward(mask)
+        ctx.params = params
+        return tb.forward(values, None, mask, m0, params, check="sync")
+
+    @staticmethod
+    def backward(ctx, grad):
+        (mask,) = ctx.saved_tensors
+        dz, dm0 = tb.adjoint(grad.contiguous(), None, mask, ctx.params, check="sync")
+        return dz, dm0, None, None
+
+
+@pytest.mark.parametrize("masked", ["hold", "zero"])
+def test_gradcheck_per_row_m0(masked):
+    gen = torch.Generator().manual_seed(3)
+    z = torch.randn(3, 12, dtype=torch.float64, generator=gen).requires_grad_(True)
+    m0 = torch.randn(3, dtype=torch.float64, generator=gen).requires_grad_(True)
+    mask = torch.rand(3, 12, generator=gen) < 0.6
+    mask[1] = False  # a row with no valid token: its dm0 is the sum of its held gradient
+    params = FilterParams(q=0.05, p0=1.0, masked=masked)
+    with _tile(8):
+        assert torch.autograd.gradcheck(
+            lambda z, m0: _PerRow.apply(z, m0, mask, params), (z, m0), fast_mode=True
+        )
+
+
+def test_float_m0_keeps_float64_precision():
+    """A float m0 travels as its float64 bits: the same result as a float64 tensor m0."""
+    z = torch.randn(2, 50, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    m0 = 0.1 + 2.0**-50
+    params = FilterParams(q=1e-3)
+    a = tb.forward(z, None, None, m0, params)
+    b = tb.forward(z, None, None, torch.tensor(m0, dtype=torch.float64), params)
+    assert torch.equal(a, b)
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy, in the interpreter
+def test_non_finite_sync_names_row_and_position():
+    z = torch.zeros(3, 80, dtype=torch.float32)
+    z[1, 70] = math.nan
+    z[2, 3] = math.inf
+    p = FilterParams()
+    with _tile(32):
+        with pytest.raises(ValueError, match="values: non-finite value at row 1, position 70"):
+            tb.forward(z, None, None, 0.0, p, check="sync")
+        mask = torch.ones(3, 80, dtype=torch.bool)
+        mask[1, 70] = False
+        with pytest.raises(ValueError, match="values: non-finite value at row 2, position 3"):
+            tb.forward(z, None, mask, 0.0, p, check="sync")
+        mask[2, 3] = False
+        assert torch.isfinite(tb.forward(z, None, mask, 0.0, p, check="sync")).all()
+        cu = torch.tensor([0, 100, 240], dtype=torch.int64)
+        with pytest.raises(ValueError, match="values: non-finite value at row 1, position 50"):
+            tb.forward(z.reshape(-1), cu, None, 0.0, p, check="sync")
+        g = torch.zeros(3, 80, dtype=torch.float32)
+        g[0, 5] = math.inf
+        with pytest.raises(ValueError, match="grad: non-finite value at row 0, position 5"):
+            tb.adjoint(g, None, mask, p.replace(masked="zero"), check="sync")
+        mask[0, 5] = False  # "zero" does not read a masked gradient, "hold" does
+        tb.adjoint(g, None, mask, p.replace(masked="zero"), check="sync")
+        with pytest.raises(ValueError, match="grad: non-finite value at row 0, position 5"):
+            tb.adjoint(g, None, mask, p, check="sync")
+    tb.raise_if_non_finite()  # the sync checks left no deferred record
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy, in the interpreter
+def test_non_finite_deferred_is_raised_at_the_check():
+    z = torch.randn(3, 60, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    z[1, 20] = math.nan
+    z[2, 7] = math.inf
+    p = FilterParams(q=1e-2)
+    with _tile(16):
+        y = tb.forward(z, None, None, 0.0, p)  # deferred: no error here
+        assert torch.isnan(y[1, 20:]).all() and torch.isfinite(y[1, :20]).all()
+        # rows before and after a bad one are unaffected
+        want = reference.kalman_filter(z[0:1].numpy(), q=1e-2)
+        np.testing.assert_allclose(y[0:1].numpy(), want, rtol=0, atol=1e-12)
+        with pytest.raises(ValueError, match="values: non-finite value at row 1, position 20"):
+            tb.raise_if_non_finite()
+        tb.raise_if_non_finite()  # cleared
+        g = torch.ones(2, 10, dtype=torch.float64)
+        g[1, 9] = -math.inf
+        tb.adjoint(g, None, None, p)
+        with pytest.raises(ValueError, match="grad: non-finite value at row 1, position 9"):
+            tb.raise_if_non_finite("cpu")
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy, in the interpreter
+def test_overflow_of_finite_inputs_is_reported():
+    """The adjoint sums gradients: float32 ones near the largest float overflow."""
+    g = torch.full((1, 40), 3e38, dtype=torch.float32)
+    with pytest.raises(ValueError, match="grad: the result overflowed although every input"):
+        tb.adjoint(g, None, None, FilterParams(), check="sync")
+
+
+def test_empty_inputs_and_bad_arguments():
+    p = FilterParams()
+    assert tb.forward(torch.zeros(0, 5), None, None, 0.0, p).shape == (0, 5)
+    dz, dm0 = tb.adjoint(torch.zeros(3, 0), None, None, p)
+    assert dz.shape == (3, 0) and torch.equal(dm0, torch.zeros(3))
+    dz, dm0 = tb.adjoint(torch.zeros(0), torch.tensor([0, 0, 0]), None, p)
+    assert dz.shape == (0,) and dm0.shape == (2,)
+    with pytest.raises(TypeError, match="values must be float32 or float64"):
+        tb.forward(torch.zeros(2, 3, dtype=torch.float16), None, None, 0.0, p)
+    with pytest.raises(ValueError, match="m0 must be a scalar or one value per row"):
+        tb.forward(torch.zeros(2, 3), None, None, torch.zeros(3), p)
+    with pytest.raises(ValueError, match="check must be one of"):
+        tb.forward(torch.zeros(2, 3), None, None, 0.0, p, check="never")
+
+
+def test_available_only_under_the_interpreter_on_cpu(monkeypatch):
+    assert tb.available(torch.device("cpu"))
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert not tb.available(torch.device("cpu"))
+    assert not tb.available(torch.device("meta"))
+
+
+# --------------------------------------------------------------------------------------------
+# PTX
+
+
+def _signature(fn, dtype: str, constexprs: dict) -> dict:
+    """Argument types of a kernel: pointers by name, the rest int32 (m0's bits int64)."""
+    pointers = {
+        "mask_ptr": "*i1",
+        "cu_ptr": "*i64",
+        "ws_ptr": "*i64",
+        "status_ptr": "*i64",
+        "cnt_ptr": "*i32",
+        "cin_ptr": "*i32",
+    }
+    sig = {}
+    for name in fn.arg_names:
+        if name in constexprs:
+            sig[name] = "constexpr"
+        elif name.endswith("_ptr"):
+            sig[name] = pointers.get(name, f"*{dtype}")
+        else:
+            sig[name] = "i64" if name == "m0_bits" else "i32"
+    return sig
+
+
+KERNEL_VARIANTS = [
+    ("forward_kernel", "fp32", dict(BT=2048, PACKED=True, HAS_MASK=True, HOLD=True, M0_PTR=True)),
+    ("forward_kernel", "fp32", dict(BT=256, PACKED=False, HAS_MASK=False, HOLD=True, M0_PTR=False)),
+    ("forward_kernel", "fp64", dict(BT=512, PACKED=False, HAS_MASK=True, HOLD=False, M0_PTR=False)),
+    ("count_kernel", "fp32", dict(BT=2048, PACKED=True)),
+    ("adjoint_kernel", "fp32", dict(BT=2048, PACKED=True, HAS_MASK=True, HOLD=True)),
+    ("adjoint_kernel", "fp64", dict(BT=512, PACKED=False, HAS_MASK=True, HOLD=False)),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("arch", [80, 90])
+@pytest.mark.parametrize(("name", "dtype", "constexprs"), KERNEL_VARIANTS)
+def test_kernels_compile_to_ptx(arch, name, dtype, constexprs):
+    """Each kernel, with each of its branches in some variant, compiles for sm_80 and sm_90 on
+    this machine (no GPU needed); the look-back's flag reads are acquire loads and its
+    publications release atomics."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    fn = getattr(tb._kernels(False), name)
+    src = ASTSource(fn=fn, signature=_signature(fn, dtype, constexprs), constexprs=constexprs)
+    warps = max(1, min(8, constexprs["BT"] // 256))
+    options = {"num_warps": warps, "enable_fp_fusion": True}
+    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
+    ptx = compiled.asm["ptx"]
+    assert f".target sm_{arch}" in ptx
+    assert "acquire" in ptx and "release" in ptx
