@@ -1,8 +1,8 @@
 //! Throughput of the Rust core's kernels on one and two threads, without Python in the way:
 //! `cargo bench --bench kernel` (B=rows, T=time to change the shape, REPEATS the number of timed
 //! calls per case). Padded calls run the row-block kernels (explicit SIMD for the best
-//! instruction set the CPU has), packed calls the one-row kernel. Prints the best and the median
-//! call as tokens per second.
+//! instruction set the CPU has) except under a hold mask, where they run the one-row kernel, as
+//! packed calls do. Prints the best and the median call as tokens per second.
 
 use kpo_rs::filter::{adjoint_padded, filter_packed, filter_padded, FilterParams, Gains, MaskMode};
 use std::time::Instant;
@@ -20,6 +20,16 @@ fn main() {
     let z: Vec<f32> = (0..b * t)
         .map(|i| ((i * 7919) % 1000) as f32 / 1000.0 - 0.5)
         .collect();
+    // About one position in ten masked, at scattered places.
+    let mut s = 1u64;
+    let mask: Vec<bool> = (0..b * t)
+        .map(|_| {
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            !(s >> 33).is_multiple_of(10)
+        })
+        .collect();
     let cu: Vec<i64> = (0..=b as i64).map(|i| i * t as i64).collect();
     let g = Gains::<f32>::new(t, &FilterParams::default()).expect("valid parameters");
     let (mut out, mut dm0) = (vec![0f32; b * t], vec![0f32; b]);
@@ -29,7 +39,13 @@ fn main() {
             .num_threads(threads)
             .build()
             .expect("a thread pool");
-        for name in ["padded forward", "padded adjoint", "packed forward"] {
+        for name in [
+            "padded forward",
+            "padded adjoint",
+            "hold mask forward",
+            "hold mask adjoint",
+            "packed forward",
+        ] {
             let mut times = Vec::with_capacity(repeats);
             for _ in 0..=repeats {
                 let start = Instant::now();
@@ -40,6 +56,19 @@ fn main() {
                     "padded adjoint" => {
                         adjoint_padded(&z, None, b, t, &g, MaskMode::Hold, &mut out, &mut dm0)
                     }
+                    "hold mask forward" => {
+                        filter_padded(&z, Some(&mask), b, t, &g, 0.0, MaskMode::Hold, &mut out)
+                    }
+                    "hold mask adjoint" => adjoint_padded(
+                        &z,
+                        Some(&mask),
+                        b,
+                        t,
+                        &g,
+                        MaskMode::Hold,
+                        &mut out,
+                        &mut dm0,
+                    ),
                     _ => filter_packed(&z, None, &cu, &g, 0.0, MaskMode::Hold, &mut out),
                 });
                 result.expect("finite input");

@@ -767,3 +767,36 @@ fn cached_gains_equal_fresh_ones() {
     }
     assert!(Gains::<f64>::new(3, &params(-1.0, 1.0, 0.0)).is_err());
 }
+
+/// Under hold masks, a failure is reported for the first failing row of the batch at its first
+/// offending position; a masked value is never read by the forward, but under hold the
+/// gradient at a masked position reaches the held state.
+#[test]
+fn hold_mask_groups_report_the_first_failing_row() {
+    let (b, t) = (11, 30);
+    let g = Gains::<f32>::new(t, &FilterParams::default()).unwrap();
+    let mut z = vec![0.5f32; b * t];
+    let mut m = vec![true; b * t];
+    z[6 * t + 4] = f32::NAN; // masked: never read
+    m[6 * t + 4] = false;
+    z[9 * t + 20] = f32::INFINITY;
+    z[10 * t + 1] = f32::NAN;
+    let mut out = vec![0.0; b * t];
+    let err = filter_padded(&z, Some(&m), b, t, &g, 0.0, MaskMode::Hold, &mut out).unwrap_err();
+    let want = FilterError::NonFinite {
+        arg: "values",
+        row: 9,
+        pos: 20,
+    };
+    assert_eq!(err, want);
+    // Under hold, the gradient at a masked position reaches the held state: it is read.
+    let (mut dz, mut dm0) = (vec![0.0; b * t], vec![0.0; b]);
+    let err =
+        adjoint_padded(&z, Some(&m), b, t, &g, MaskMode::Hold, &mut dz, &mut dm0).unwrap_err();
+    let want = FilterError::NonFinite {
+        arg: "grad",
+        row: 6,
+        pos: 4,
+    };
+    assert_eq!(err, want);
+}
