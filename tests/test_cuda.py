@@ -1,12 +1,17 @@
-"""The scan backend on a CUDA device against the Rust core on the CPU, at training sizes.
+"""The scan and triton backends on a CUDA device against the Rust core on the CPU, at training
+sizes.
 
 The properties of test_torch_ops.py (reference equivalence, gradcheck, half precision, non-finite
 input) also run on CUDA where a GPU is present; these tests add what only a GPU can show: sizes
 that training uses, TF32 matmuls switched on, torch.compile with CUDA kernels, arguments on mixed
-devices. Skipped where torch sees no CUDA device (CI has none).
+devices, and for the triton backend its programs running at the same time (look-back across
+thousands of tiles, results that do not depend on timing) and CUDA-graph capture and replay.
+Skipped where torch sees no CUDA device (CI has none); the triton cases also where triton is
+missing.
 
 Tolerance: the scan's bound of test_torch_ops.py (kpo_rs.testing.tolerance with
-``L + 4 C depth`` steps), on the envelope of the reference.
+``L + 4 C depth`` steps); the triton backend's of test_triton.py (``L`` steps, as the Rust core);
+on the envelope of the reference.
 """
 
 from __future__ import annotations
@@ -18,9 +23,20 @@ import pytest
 import torch
 
 import kpo_rs
-from kpo_rs import _scan, testing, torch_ops
+from kpo_rs import _scan, backends, testing, torch_ops
+from kpo_rs.params import FilterParams
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+try:
+    import triton  # noqa: F401
+
+    HAS_TRITON = True
+except ImportError:
+    HAS_TRITON = False
+needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
+#: The device backends, each run on the same cases.
+BACKENDS = ["scan", pytest.param("triton", marks=needs_triton)]
 
 PARAMS = [
     {},  # the authors' settings
@@ -29,9 +45,15 @@ PARAMS = [
 ]
 
 
-def _assert_close(got: torch.Tensor, want: np.ndarray, env: np.ndarray, dtype, length: int):
+def _steps(length: int, backend: str) -> int:
+    return _scan.error_steps(length) if backend == "scan" else length
+
+
+def _assert_close(
+    got: torch.Tensor, want: np.ndarray, env: np.ndarray, dtype, length: int, backend="scan"
+):
     testing.assert_filter_close(
-        got.detach().cpu().numpy(), want, env, dtype, _scan.error_steps(length)
+        got.detach().cpu().numpy(), want, env, dtype, _steps(length, backend)
     )
 
 
@@ -49,8 +71,10 @@ def _batch(batch: int, length: int, dtype, holes: bool, seed: int):
 @pytest.mark.parametrize("holes", [False, True])
 @pytest.mark.parametrize("masked", ["hold", "zero"])
 @pytest.mark.parametrize("params", PARAMS)
-def test_cuda_scan_matches_the_rust_core(dtype, holes, masked, params):
-    """Forward and adjoint at 24 x 5000 (the scan's recursion goes three levels deep)."""
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_cuda_backends_match_the_rust_core(backend, dtype, holes, masked, params):
+    """Forward and adjoint at 24 x 5000 (the scan's recursion goes three levels deep; the triton
+    kernels' tiles span rows)."""
     z, mask = _batch(24, 5000, dtype, holes, seed=1)
     grad = np.random.default_rng(2).normal(size=z.shape).astype(dtype)
     want_y = kpo_rs.kalman_filter(z, mask, masked=masked, **params)
@@ -62,23 +86,24 @@ def test_cuda_scan_matches_the_rust_core(dtype, holes, masked, params):
     m0.requires_grad_(True)
     tmask = None if mask is None else torch.from_numpy(mask).cuda()
     kw = {k: v for k, v in params.items() if k != "m0"}
-    y = torch_ops.kalman_filter(tz, tmask, m0=m0, masked=masked, **kw)
+    y = torch_ops.kalman_filter(tz, tmask, m0=m0, masked=masked, backend=backend, **kw)
     y.backward(torch.from_numpy(grad).cuda())
 
     dt = np.dtype(dtype)
     batch = testing.PaddedBatch(z, mask)
     env_y = testing.forward_envelope(batch, params)
     env_dz, env_dm0 = testing.adjoint_envelope(batch, grad, dict(params, masked=masked))
-    _assert_close(y, want_y, env_y, dt, z.shape[1])
-    _assert_close(tz.grad, want_dz, env_dz, dt, z.shape[1])
+    _assert_close(y, want_y, env_y, dt, z.shape[1], backend)
+    _assert_close(tz.grad, want_dz, env_dz, dt, z.shape[1], backend)
     bound = (
-        testing.tolerance(env_dm0, dt, _scan.error_steps(z.shape[1])).sum() + 1e-12 * env_dm0.sum()
+        testing.tolerance(env_dm0, dt, _steps(z.shape[1], backend)).sum() + 1e-12 * env_dm0.sum()
     )
     assert abs(float(m0.grad) - float(want_dm0.sum())) <= bound
 
 
 @pytest.mark.parametrize("masked", ["hold", "zero"])
-def test_cuda_packed_matches_the_rust_core(masked):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_cuda_packed_matches_the_rust_core(backend, masked):
     rng = np.random.default_rng(3)
     lengths = rng.integers(0, 3000, 40)
     lengths[5] = 0
@@ -91,15 +116,20 @@ def test_cuda_packed_matches_the_rust_core(masked):
 
     tv = torch.from_numpy(values).cuda().requires_grad_(True)
     y = torch_ops.kalman_filter_packed(
-        tv, torch.from_numpy(cu).cuda(), torch.from_numpy(mask).cuda(), masked=masked, p0=math.inf
+        tv,
+        torch.from_numpy(cu).cuda(),
+        torch.from_numpy(mask).cuda(),
+        masked=masked,
+        p0=math.inf,
+        backend=backend,
     )
     y.backward(torch.from_numpy(grad).cuda())
     batch = testing.PackedBatch(values, cu, mask)
     params = {"p0": math.inf, "m0": 0.0, "masked": masked}
     env_y = testing.forward_envelope(batch, params)
     env_dz, _ = testing.adjoint_envelope(batch, grad, params)
-    _assert_close(y, want_y, env_y, np.dtype(np.float32), int(lengths.max()))
-    _assert_close(tv.grad, want_dz, env_dz, np.dtype(np.float32), int(lengths.max()))
+    _assert_close(y, want_y, env_y, np.dtype(np.float32), int(lengths.max()), backend)
+    _assert_close(tv.grad, want_dz, env_dz, np.dtype(np.float32), int(lengths.max()), backend)
 
 
 def test_tf32_matmuls_do_not_lower_precision():
@@ -109,7 +139,9 @@ def test_tf32_matmuls_do_not_lower_precision():
     old = torch.backends.cuda.matmul.allow_tf32
     try:
         torch.backends.cuda.matmul.allow_tf32 = True
-        y = torch_ops.kalman_filter(torch.from_numpy(z).cuda(), torch.from_numpy(mask).cuda())
+        y = torch_ops.kalman_filter(
+            torch.from_numpy(z).cuda(), torch.from_numpy(mask).cuda(), backend="scan"
+        )
     finally:
         torch.backends.cuda.matmul.allow_tf32 = old
     env = testing.forward_envelope(testing.PaddedBatch(z, mask), {"m0": 0.0})
@@ -117,21 +149,26 @@ def test_tf32_matmuls_do_not_lower_precision():
 
 
 @pytest.mark.parametrize("length", [32_768, 262_144])
-def test_cuda_float32_accuracy_on_long_rows(length):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_cuda_float32_accuracy_on_long_rows(backend, length):
     """Same bound as the CPU test of the scan on long rows: 1e-5 of the largest |z|."""
     rng = np.random.default_rng(5)
     z64 = rng.normal(0.0, 0.5, (2, length)) + 0.01 * np.sin(np.arange(length) / 500)
     z32 = z64.astype(np.float32)
     for params in ({}, {"p0": math.inf, "q": 1e-5}, {"q": math.inf}):
         want = kpo_rs.kalman_filter(z32.astype(np.float64), **params)
-        got = torch_ops.kalman_filter(torch.from_numpy(z32).cuda(), **params).cpu().numpy()
+        got = torch_ops.kalman_filter(torch.from_numpy(z32).cuda(), backend=backend, **params)
+        got = got.cpu().numpy()
         err = float(np.max(np.abs(got - want)))
         assert err <= 1e-5 * float(np.max(np.abs(z64))), (params, err)
 
 
-def test_compile_fullgraph_on_cuda_matches_eager():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_compile_fullgraph_on_cuda_matches_eager(backend):
     def loss_fn(logp, old_logp, adv, mask, m0):
-        x = torch_ops.kalman_filter(logp - old_logp, mask, q=1e-3, p0=math.inf, m0=m0)
+        x = torch_ops.kalman_filter(
+            logp - old_logp, mask, q=1e-3, p0=math.inf, m0=m0, backend=backend
+        )
         return -(adv.unsqueeze(-1) * torch.exp(x) * mask).sum() / mask.sum()
 
     gen = torch.Generator().manual_seed(6)
@@ -187,3 +224,109 @@ def test_losses_on_cuda_match_the_cpu():
         out.append((loss.detach().cpu(), lp.grad.cpu()))
     torch.testing.assert_close(out[1][0], out[0][0], rtol=1e-12, atol=1e-14)
     torch.testing.assert_close(out[1][1], out[0][1], rtol=1e-10, atol=1e-14)
+
+
+# --------------------------------------------------------------------------------------------
+# The triton backend: concurrency, determinism, CUDA graphs
+
+
+def _rust_filter(z, cu, mask, params):
+    kw = {"q": params.q, "r": params.r, "p0": params.p0, "masked": params.masked}
+    if cu is None:
+        return kpo_rs.kalman_filter(z, mask, **kw)
+    return kpo_rs.kalman_filter_packed(z, cu, mask, **kw)
+
+
+def _rust_adjoint(g, cu, mask, params):
+    kw = {"q": params.q, "r": params.r, "p0": params.p0, "masked": params.masked}
+    if cu is None:
+        return kpo_rs.kalman_filter_adjoint(g, mask, **kw)
+    return kpo_rs.kalman_filter_packed_adjoint(g, cu, mask, **kw)
+
+
+@needs_triton
+@pytest.mark.parametrize("tile", [256, None])
+@pytest.mark.parametrize("masked", ["hold", "zero"])
+def test_triton_long_rows_many_tiles_same_result_every_run(tile, masked):
+    """One packed row of a million tokens and 16 x 131072 padded rows, cut into thousands of
+    tiles whose programs run at once and wait for each other: the Rust core's result within the
+    long-row bound (1e-5 of the largest |z|; for the adjoint, of the adjoint of |grad|), and
+    bitwise the same result on every run (the look-back applies the tiles' maps in time order
+    whatever the timing)."""
+    tb = backends.load("triton")
+    rng = np.random.default_rng(9)
+    params = FilterParams(q=1e-5, p0=math.inf, masked=masked)
+    saved = tb.TILE
+    tb.TILE = tile
+    try:
+        for shape in [(1 << 20,), (16, 131072)]:
+            z = (rng.normal(0.0, 0.5, shape) + 0.1).astype(np.float32)
+            g = rng.normal(0.0, 1.0, shape).astype(np.float32)
+            mask = rng.random(shape) < 0.9
+            cu = np.array([0, shape[0]]) if len(shape) == 1 else None
+            tz, tg, tmask = (torch.from_numpy(a).cuda() for a in (z, g, mask))
+            tcu = None if cu is None else torch.from_numpy(cu).cuda()
+            runs = [tb.forward(tz, tcu, tmask, 0.0, params, check="sync") for _ in range(3)]
+            grads = [tb.adjoint(tg, tcu, tmask, params, check="sync") for _ in range(3)]
+            for y in runs[1:]:
+                assert torch.equal(y, runs[0])
+            for dz, dm0 in grads[1:]:
+                assert torch.equal(dz, grads[0][0]) and torch.equal(dm0, grads[0][1])
+            want = _rust_filter(z, cu, mask, params)
+            err = float(np.max(np.abs(runs[0].cpu().numpy() - want)))
+            assert err <= 1e-5 * float(np.max(np.abs(z))), (shape, err)
+            want_dz, want_dm0 = _rust_adjoint(g, cu, mask, params)
+            read = np.abs(g) if masked == "hold" else np.where(mask, np.abs(g), 0.0)
+            env_dz, env_dm0 = _rust_adjoint(read.astype(np.float32), cu, mask, params)
+            got_dz, got_dm0 = (t.cpu().numpy() for t in grads[0])
+            assert float(np.max(np.abs(got_dz - want_dz))) <= 1e-5 * float(np.max(env_dz))
+            assert np.all(np.abs(got_dm0 - want_dm0) <= 1e-5 * env_dm0)
+    finally:
+        tb.TILE = saved
+
+
+@needs_triton
+def test_triton_op_captured_in_a_cuda_graph_and_replayed():
+    """The op's forward and backward captured once and replayed on new inputs: the eager results
+    each time; a non-finite value read during a replay is reported by raise_if_non_finite."""
+    tb = backends.load("triton")
+    gen = torch.Generator(device="cuda").manual_seed(10)
+    z = torch.randn(8, 3000, device="cuda", generator=gen).requires_grad_(True)
+    g = torch.randn(8, 3000, device="cuda", generator=gen)
+    mask = torch.rand(8, 3000, device="cuda", generator=gen) < 0.9
+    mask[3, 100] = True
+    kw = {"q": 1e-3, "p0": math.inf, "backend": "triton"}
+
+    def step():
+        y = torch_ops.kalman_filter(z, mask, **kw)
+        y.backward(g)
+        return y
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up: compiles the kernels, builds the gain table
+        for _ in range(2):
+            z.grad = None
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    z.grad = None
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = step()
+    for seed in range(3):
+        with torch.no_grad():
+            z.copy_(torch.randn(z.shape, device="cuda", generator=gen.manual_seed(20 + seed)))
+            g.copy_(torch.randn(g.shape, device="cuda", generator=gen))
+        graph.replay()
+        torch.cuda.synchronize()
+        zz = z.detach().clone().requires_grad_(True)
+        want = torch_ops.kalman_filter(zz, mask, **kw)
+        want.backward(g)
+        assert torch.equal(y, want.detach())
+        assert torch.equal(z.grad, zz.grad)
+    tb.raise_if_non_finite()
+    with torch.no_grad():
+        z[3, 100] = math.nan
+    graph.replay()
+    with pytest.raises(ValueError, match="values: non-finite value at row 3, position 100"):
+        tb.raise_if_non_finite()
