@@ -1,4 +1,5 @@
-"""The scan backend on a GPU against its baselines, measured in one run on one device.
+"""The device backends (scan, triton) on a GPU against their baselines, measured in one run on
+one device.
 
 For each shape (float32) it prints throughput (tokens per second, best of several repeats, timed
 with device synchronisation) and ratios against baselines measured in the same process:
@@ -9,11 +10,17 @@ with device synchronisation) and ratios against baselines measured in the same p
   ``c = cumsum(log(1 - K))``, ``x = exp(c) * cumsum(K z exp(-c))``, ``-c`` clipped at 80);
 - ``torch loop``: a Python loop over tokens (forward; forward+backward with autograd), the way the
   method is usually written; only where it finishes in seconds;
-- the op on the ``scan`` backend, forward and forward+backward, without and with a mask with
-  holes, and packed; the KPO-clipped loss forward+backward next to the GRPO token-clip loss.
+- the op on the ``scan`` and ``triton`` backends (triton where it is importable), forward and
+  forward+backward, without and with a mask with holes, and packed; the triton adjoint alone (a
+  read and a write per token, like the copy); the KPO-clipped loss forward+backward (the op's
+  ``"auto"`` backend: triton on CUDA where importable) next to the GRPO token-clip loss.
 
-The scan's bandwidth is reported as a fraction of the copy's, measured in the same run, and of the
-device's nominal peak where ``--peak-gbs`` gives it.
+Bandwidths are reported as fractions of the copy's, measured in the same run, and of the device's
+nominal peak where ``--peak-gbs`` gives it. At the end, each target of the fused-kernel issue is
+printed with its measured ratio (all ratios from this one run): triton forward >= 1.5x the
+authors' form at 64x4096 and >= 2x at 256x65536; triton forward >= 0.7 and adjoint >= 0.6 of the
+copy's bandwidth at 256x65536 and 16x131072; the op's forward+backward >= 1000x the torch loop's
+at 64x4096; the KPO-clipped loss's time <= 1.3x the GRPO loss's at 64x4096.
 
 Run: python benches/gpu.py [--device cuda] [--shapes 64x4096,256x65536] [--peak-gbs 3350]
      [--json bench-results/gpu.json]
@@ -55,10 +62,24 @@ def best_seconds(fn, device: torch.device, budget: float = 1.0, max_repeats: int
     return best
 
 
+def _triton(device: torch.device):
+    """The triton backend's module where it runs compiled on ``device``, else None."""
+    if device.type != "cuda":
+        return None
+    from kpo_rs import backends
+
+    try:
+        module = backends.load("triton")
+    except ImportError:
+        return None
+    return module if module.available(device) else None
+
+
 def cases(batch: int, length: int, device: torch.device) -> dict:
     import kpo_rs
     from kpo_rs import losses, torch_ops
     from kpo_rs.bench import authors_form, torch_loop
+    from kpo_rs.params import FilterParams
 
     gen = torch.Generator().manual_seed(0)
     z = (torch.randn(batch, length, generator=gen) * 0.1).to(device)
@@ -87,10 +108,13 @@ def cases(batch: int, length: int, device: torch.device) -> dict:
     def scan(zz, m=None):
         return torch_ops.kalman_filter(zz, m, backend="scan")
 
-    def packed(zz):
-        return torch_ops.kalman_filter_packed(zz.reshape(-1), cu, backend="scan")
+    def packed(zz, backend="scan"):
+        return torch_ops.kalman_filter_packed(zz.reshape(-1), cu, backend=backend)
 
-    return {
+    def tri(zz, m=None):
+        return torch_ops.kalman_filter(zz, m, backend="triton")
+
+    out = {
         "copy": lambda: z.clone(),
         "authors' form": lambda: authors_form(z, k32),
         "torch loop": lambda: torch_loop(z, k_loop),
@@ -100,9 +124,22 @@ def cases(batch: int, length: int, device: torch.device) -> dict:
         "scan fwd, packed": lambda: packed(z),
         "scan fwd+bwd": op_grad(scan),
         "scan fwd+bwd, mask with holes": op_grad(lambda zz: scan(zz, mask)),
-        "GRPO loss fwd+bwd": lambda: loss(losses.ppo_clip_loss),
-        "KPO-clipped loss fwd+bwd": lambda: loss(losses.kpo_clipped_loss),
     }
+    tb = _triton(device)
+    if tb is not None:
+        params = FilterParams()
+        out.update({
+            "triton fwd": lambda: tri(z),
+            "triton fwd, mask with holes": lambda: tri(z, mask),
+            "triton fwd, packed": lambda: packed(z, "triton"),
+            "triton adjoint": lambda: tb.adjoint(z, None, None, params),
+            "triton adjoint, mask with holes": lambda: tb.adjoint(z, None, mask, params),
+            "triton fwd+bwd": op_grad(tri),
+            "triton fwd+bwd, mask with holes": op_grad(lambda zz: tri(zz, mask)),
+        })  # fmt: skip
+    out["GRPO loss fwd+bwd"] = lambda: loss(losses.ppo_clip_loss)
+    out["KPO-clipped loss fwd+bwd"] = lambda: loss(losses.kpo_clipped_loss)
+    return out
 
 
 def measure(shape: str, device: torch.device) -> dict:
@@ -136,14 +173,54 @@ def print_table(result: dict, peak_gbs: float | None) -> None:
         loop = r.get("torch loop fwd+bwd") if "fwd+bwd" in name else r.get("torch loop")
         columns = [r["copy"], r["authors' form"], loop]
         print(f"{name:32} {rate:11.3e} " + " ".join(ratio(rate, base) for base in columns))
-    gbs = r["scan fwd"] * 8 / 1e9  # a float32 read and a float32 write per token
-    line = f"scan fwd moves {gbs:.0f} GB/s: {r['scan fwd'] / r['copy']:.2f} of the copy's"
-    if peak_gbs:
-        line += f", {gbs / peak_gbs:.2f} of the nominal {peak_gbs:.0f} GB/s"
-    print(line)
+    for name in ("scan fwd", "triton fwd", "triton adjoint"):
+        if not r.get(name):
+            continue
+        gbs = r[name] * 8 / 1e9  # a float32 read and a float32 write per token
+        line = f"{name} moves {gbs:.0f} GB/s: {r[name] / r['copy']:.2f} of the copy's"
+        if peak_gbs:
+            line += f", {gbs / peak_gbs:.2f} of the nominal {peak_gbs:.0f} GB/s"
+        print(line)
     grpo, kpo = r.get("GRPO loss fwd+bwd"), r.get("KPO-clipped loss fwd+bwd")
     if grpo and kpo:
         print(f"KPO-clipped loss time / GRPO loss time: {grpo / kpo:.2f}")
+
+
+#: The fused-kernel issue's targets: (shape, what, numerator case, denominator case, bound, at
+#: least). Ratios of rates from one run; for the losses, the ratio of times (GRPO rate / KPO rate).
+TARGETS = [
+    ("64x4096", "triton fwd / authors' form", "triton fwd", "authors' form", 1.5, True),
+    ("256x65536", "triton fwd / authors' form", "triton fwd", "authors' form", 2.0, True),
+    ("256x65536", "triton fwd / copy", "triton fwd", "copy", 0.7, True),
+    ("16x131072", "triton fwd / copy", "triton fwd", "copy", 0.7, True),
+    ("256x65536", "triton adjoint / copy", "triton adjoint", "copy", 0.6, True),
+    ("16x131072", "triton adjoint / copy", "triton adjoint", "copy", 0.6, True),
+    ("64x4096", "op fwd+bwd / torch loop fwd+bwd", "triton fwd+bwd", "torch loop fwd+bwd",
+     1000.0, True),
+    ("64x4096", "KPO-clipped loss time / GRPO loss time", "GRPO loss fwd+bwd",
+     "KPO-clipped loss fwd+bwd", 1.3, False),
+]  # fmt: skip
+
+
+def print_targets(results: list[dict]) -> list[dict]:
+    """Each target with its measured ratio, or why it was not measured."""
+    by_shape = {result["shape"]: result["rates"] for result in results}
+    print("\ntargets (float32, ratios from this run)")
+    rows = []
+    for shape, what, num, den, bound, at_least in TARGETS:
+        rates = by_shape.get(shape)
+        a, b = (None, None) if rates is None else (rates.get(num), rates.get(den))
+        want = f"{'>=' if at_least else '<='} {bound:g}"
+        if not a or not b:
+            why = "shape not run" if rates is None else "not measured: no triton on this device"
+            print(f"  {shape:10} {what:42} {want:>9}  {why}")
+            rows.append({"shape": shape, "target": what, "bound": want, "ratio": None})
+            continue
+        value = a / b
+        met = value >= bound if at_least else value <= bound
+        print(f"  {shape:10} {what:42} {want:>9}  {value:9.2f}  {'met' if met else 'MISSED'}")
+        rows.append({"shape": shape, "target": what, "bound": want, "ratio": value, "met": met})
+    return rows
 
 
 def machine(device: torch.device) -> dict:
@@ -181,9 +258,11 @@ def main() -> None:
         result = measure(shape, device)
         results.append(result)
         print_table(result, args.peak_gbs)
+    targets = print_targets(results)
     path = Path(args.json)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"machine": info, "results": results}, indent=1))
+    report = {"machine": info, "results": results, "targets": targets}
+    path.write_text(json.dumps(report, indent=1))
     print(f"\nwrote {path}")
 
 

@@ -159,11 +159,18 @@ def _error(codes: list[int], name: str) -> ValueError | None:
     return None
 
 
+def _indexed(device: torch.device) -> torch.device:
+    """``cuda`` as ``cuda:<current>`` (the key tensors' devices have)."""
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
 def raise_if_non_finite(device: torch.device | str | None = None) -> None:
     """Raises the ValueError of the first non-finite value read by a deferred-check call since
     the last check (on ``device``, or on every device used), and clears the record. One host
     synchronisation per device; a no-op where nothing was recorded."""
-    devices = list(_deferred) if device is None else [torch.device(device)]
+    devices = list(_deferred) if device is None else [_indexed(torch.device(device))]
     for dev in devices:
         record = _deferred.get(dev)
         if record is None:
