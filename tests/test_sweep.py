@@ -254,3 +254,27 @@ def test_runs_are_ordered_regime_by_regime_with_every_loss_of_a_seed_together(tm
         assert len({(t.lr, t.minibatches, t.lag, t.seed) for t in block}) == 1
     staleness = [t.lag + (t.minibatches - 1) / 2 for t in evals]
     assert staleness == sorted(staleness, reverse=True)
+
+
+def test_kpo_against_grpo_is_paired_by_seed_with_its_sign():
+    from kpo_rs.sweep_report import kpo_table
+
+    grpo = [_row("grpo", s, f) for s, f in enumerate((0.8, 0.9, 0.7))]
+    kpo = [_row("kpo", s, f) | {"q": 1e-6, "p0": 0.0} for s, f in enumerate((0.3, 0.5, 0.4))]
+    other = [_row("grpo", s, 0.5) | {"lag": 0, "staleness": 1.5} for s in range(3)]
+    table = kpo_table(grpo + kpo + other)
+    lines = table.splitlines()
+    assert lines[0] == "| regime | kpo - grpo |"
+    assert len(lines) == 3  # the regime without a KPO run has no line
+    assert "-0.40 [" in lines[2] and "(0/3), KPO lower, clear" in lines[2]
+    assert kpo_table(grpo) is None
+
+
+def test_report_counts_coverage_and_complete_regimes(tmp_path):
+    from kpo_rs.sweep_report import write_report
+
+    rows = [_row("a", s, 0.5 + s / 10) for s in range(3)] + [_row("b", 0, 0.4)]
+    write_report(rows, tmp_path / "report.md", command="kpo sweep x", planned=6)
+    text = (tmp_path / "report.md").read_text()
+    assert "4 of 6 planned runs finished" in text
+    assert "0 of 1 regimes had every variant on the same seeds" in text

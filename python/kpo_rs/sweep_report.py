@@ -212,12 +212,76 @@ def _comparison(
     return best, second, float(np.mean(diffs)), bootstrap_mean_ci(diffs), ahead, len(diffs)
 
 
+def _paired(
+    a_runs: Sequence[dict[str, Any]], b_runs: Sequence[dict[str, Any]]
+) -> tuple[float, tuple[float, float] | None, int, int] | None:
+    """Mean final-reward difference ``a - b`` over the seeds both ran, its bootstrap interval,
+    and on how many of them ``a`` was ahead; ``None`` without a shared seed."""
+    a = {r["seed"]: r["final_reward"] for r in a_runs}
+    b = {r["seed"]: r["final_reward"] for r in b_runs}
+    diffs = [a[s] - b[s] for s in sorted(set(a) & set(b))]
+    if not diffs:
+        return None
+    return float(np.mean(diffs)), bootstrap_mean_ci(diffs), sum(d > 0 for d in diffs), len(diffs)
+
+
+def _filter_variants(groups: dict) -> list[str]:
+    """Variants of losses with a filter (the KPO losses), in first appearance order."""
+    out: list[str] = []
+    for runs in groups.values():
+        for v, rs in runs.items():
+            if rs[0]["q"] is not None and v not in out:
+                out.append(v)
+    return out
+
+
+def kpo_table(rows: Sequence[dict[str, Any]], reference: str = "grpo") -> str | None:
+    """Per regime, each KPO variant's final reward minus ``reference``'s, paired by seed, with
+    a 95% bootstrap interval and a verdict; ``None`` when either side is absent."""
+    groups, _, _ = _grouped(rows)
+    kpo = _filter_variants(groups)
+    if not kpo or not any(reference in runs for runs in groups.values()):
+        return None
+    head = ["regime", *(f"{v} - {reference}" for v in kpo)]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for key, runs in groups.items():
+        if reference not in runs:
+            continue
+        cells = []
+        for v in kpo:
+            comp = _paired(runs[v], runs[reference]) if v in runs else None
+            if comp is None:
+                cells.append("-")
+                continue
+            diff, ci, ahead, n = comp
+            interval = "" if ci is None else f" [{ci[0]:+.2f}, {ci[1]:+.2f}]"
+            verdict = _verdict(ci, n, diff)
+            if verdict == "clear":
+                verdict = "KPO higher, clear" if diff > 0 else "KPO lower, clear"
+            cells.append(f"{diff:+.2f}{interval} ({ahead}/{n}), {verdict}")
+        if all(c == "-" for c in cells):
+            continue
+        lines.append("| " + " | ".join([_regime_label(key), *cells]) + " |")
+    return "\n".join(lines)
+
+
+def _complete(groups: dict, variants: list[str]) -> dict:
+    """The regimes in which every variant ran the same seeds."""
+    out = {}
+    for key, runs in groups.items():
+        seeds = [frozenset(r["seed"] for r in runs.get(v, [])) for v in variants]
+        if seeds[0] and all(s == seeds[0] for s in seeds):
+            out[key] = runs
+    return out
+
+
 def _verdict(ci: tuple[float, float] | None, n: int, margin: float = 1.0) -> str:
+    """``tie`` (no difference at all), ``clear`` (the interval excludes 0), ``within noise``."""
     if margin == 0.0:
         return "tie"
     if ci is None:
         return "one seed: no estimate" if n == 1 else "-"
-    return "clear" if ci[0] > 0 else "within noise"
+    return "clear" if ci[0] > 0 or ci[1] < 0 else "within noise"
 
 
 def summary_table(rows: Sequence[dict[str, Any]]) -> str:
@@ -342,17 +406,35 @@ def write_report(
         "## Collapses by regime",
         "",
         "Share of runs with at least one collapse (a fall of the reward more than 0.15 below its "
-        "best so far), and in brackets the mean number of collapses per run.",
+        "best so far), and in brackets the mean number of collapses per run. A step's reward is "
+        "the mean over one rollout batch, so a dip of 0.15 on a rising curve can be sampling "
+        "noise: read collapses together with the final reward.",
         "",
         _collapse_table(groups, variants),
         "",
-        "## Per variant, over the regimes it ran in",
+    ]
+    versus = kpo_table(rows)
+    if versus is not None:
+        parts += [
+            "## KPO against GRPO",
+            "",
+            "Each KPO variant's final reward minus GRPO's on the same seeds (positive: KPO "
+            "higher), mean over seeds with the 95% bootstrap interval, the seeds on which KPO "
+            "was ahead, and the verdict as above.",
+            "",
+            versus,
+            "",
+        ]
+    complete = _complete(groups, variants)
+    parts += [
+        "## Per variant, over the regimes every variant finished",
         "",
-        "Mean final reward (each regime weighted once), regimes won clearly or within noise, the "
-        "share of runs with a collapse, and the mean share of tokens with a ratio outside "
-        "[0.5, 2].",
+        f"{len(complete)} of {len(groups)} regimes had every variant on the same seeds; over "
+        "those: mean final reward (each regime weighted once), regimes won clearly or within "
+        "noise, the share of runs with a collapse, and the mean share of tokens with a ratio "
+        "outside [0.5, 2].",
         "",
-        _per_variant_table(groups, variants),
+        _per_variant_table(complete, variants) if complete else "(none yet)",
         "",
     ]
     if tuned_lrs:
@@ -393,7 +475,8 @@ def write_report(
 def write_plots(rows: Sequence[dict[str, Any]], out: Path) -> list[Path]:
     """``final_reward.png`` and ``collapse_rate.png``: against off-policy pressure (minibatches
     per rollout batch and lag, ordered by staleness), one line per variant, one panel per learning
-    rate and answer length; error bars: the min-max range over seeds. Returns the paths written
+    rate and answer length; error bars: the min-max range over seeds; the KPO losses drawn solid
+    and thick, the others dashed. Returns the paths written
     (none without matplotlib or without reported runs)."""
     groups, variants, _ = _grouped(rows)
     if not groups:
@@ -405,6 +488,7 @@ def write_plots(rows: Sequence[dict[str, Any]], out: Path) -> list[Path]:
         import matplotlib.pyplot as plt
     except ImportError:  # pragma: no cover - matplotlib is part of the demo extra
         return []
+    kpo = set(_filter_variants(groups))
     panels = sorted({(k[0], k[1]) for k in groups}, key=lambda p: (-(p[0] or 0.0), p[1]))
     pressures = sorted({(k[2], k[3], k[4]) for k in groups})
     xpos = {p: i for i, p in enumerate(pressures)}
@@ -441,8 +525,9 @@ def write_plots(rows: Sequence[dict[str, Any]], out: Path) -> list[Path]:
                         np.array(ys)[order],
                         yerr=[np.array(lo)[order], np.array(hi)[order]],
                         marker="o",
-                        ms=3.5,
-                        lw=1.2,
+                        ms=4.5 if v in kpo else 3,
+                        lw=2.2 if v in kpo else 1.0,
+                        ls="-" if v in kpo else "--",
                         capsize=2,
                         label=v,
                     )
