@@ -432,7 +432,7 @@ def test_registered_custom_ops_match_the_eager_path(backend):
     g = torch.randn(3, 90, dtype=torch.float64, generator=gen)
     m0 = torch.tensor(0.3, dtype=torch.float64)
     for masked in ("hold", "zero"):
-        args = (m0, 1e-2, 1.0, math.inf, masked, backend)
+        args = (m0, 1e-2, 1.0, math.inf, masked, backend, "deferred")
         a = z.clone().requires_grad_(True)
         b = z.clone().requires_grad_(True)
         ya = torch.ops.kpo_rs.filter(a, None, mask, *args)

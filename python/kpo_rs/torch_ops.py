@@ -17,6 +17,12 @@ Backends (the table of :mod:`kpo_rs.backends`, one module each)
     ``"auto"`` (default): ``"rust"`` on CPU, ``"triton"`` on CUDA when triton is importable,
     ``"scan"`` elsewhere.
 
+Non-finite inputs raise ``ValueError`` naming the row and position. The triton backend does not
+synchronise the host to find out: with ``check="deferred"`` (default) its kernels record the first
+bad value in device memory and :func:`check_finite` raises it (call it where training synchronises
+anyway); ``check="sync"`` reads the record after every call. Packed offsets are checked on the host
+once per call: keep ``cu_seqlens`` on the CPU to avoid a synchronisation there.
+
 Dtypes: float32 and float64 are computed natively; float16 and bfloat16 in float32, returned (and
 differentiated) in their own dtype. Settings and masks are as in :mod:`kpo_rs`
 (:class:`~kpo_rs.FilterParams`). ``m0`` may also be a scalar tensor; when it requires grad it
@@ -40,9 +46,11 @@ except ImportError as exc:  # pragma: no cover - exercised only without torch
 from . import _core, backends, settings
 from .params import FilterParams, Masked
 
-__all__ = ["BACKENDS", "kalman_filter", "kalman_filter_packed"]
+__all__ = ["BACKENDS", "CHECKS", "check_finite", "kalman_filter", "kalman_filter_packed"]
 
 BACKENDS = backends.NAMES
+#: When a backend that runs without host synchronisation reports a non-finite input.
+CHECKS = ("deferred", "sync")
 _NATIVE = (torch.float32, torch.float64)
 _WIDENED = (torch.float16, torch.bfloat16)
 
@@ -97,6 +105,23 @@ def _check_offsets(cu_seqlens: Any) -> None:
         raise ValueError(f"cu_seqlens must be 1-D [batch + 1], got shape {tuple(cu_seqlens.shape)}")
 
 
+def _check_option(module: Any, check: str) -> dict[str, str]:
+    """The ``check`` keyword for backends that run without host synchronisation (those whose
+    module lists ``CHECKS``); the others check every call at once and take none."""
+    return {"check": check} if hasattr(module, "CHECKS") else {}
+
+
+def check_finite(device: torch.device | str | None = None) -> None:
+    """Raises the ``ValueError`` of the first non-finite input that a call with
+    ``check="deferred"`` read since the last check (on ``device``, or on every device used),
+    naming its row and position as the synchronous check does, and clears the record. One host
+    synchronisation per device; nothing to do (and no import) where no such call ran.
+
+    Call it where training synchronises anyway (after the loss's ``.item()``, at logging)."""
+    if backends.loaded("triton"):
+        backends.load("triton").raise_if_non_finite(device)
+
+
 def _widen(t: torch.Tensor) -> torch.Tensor:
     """``t`` in its compute dtype: float16/bfloat16 as float32, others unchanged (no call)."""
     return t.float() if t.dtype in _WIDENED else t
@@ -123,13 +148,15 @@ def _forward(
     m0: float | torch.Tensor,
     params: FilterParams,
     backend: str,
+    check: str = "sync",
 ) -> torch.Tensor:
     vc = _widen(values)
     if isinstance(m0, torch.Tensor):
         m0 = m0.to(dtype=vc.dtype, device=vc.device)
     if cu_seqlens is not None:
         _core.check_offsets(cu_seqlens.detach().cpu().numpy(), values.shape[0])
-    out = backends.load(backend).forward(vc, cu_seqlens, mask, m0, params)
+    module = backends.load(backend)
+    out = module.forward(vc, cu_seqlens, mask, m0, params, **_check_option(module, check))
     return _narrow(out, values.dtype).contiguous()
 
 
@@ -139,9 +166,11 @@ def _adjoint(
     mask: torch.Tensor | None,
     params: FilterParams,
     backend: str,
+    check: str = "sync",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     gc = _widen(grad.contiguous())
-    dz, dm0 = backends.load(backend).adjoint(gc, cu_seqlens, mask, params)
+    module = backends.load(backend)
+    dz, dm0 = module.adjoint(gc, cu_seqlens, mask, params, **_check_option(module, check))
     return _narrow(dz, grad.dtype).contiguous(), _narrow(dm0, grad.dtype).contiguous()
 
 
@@ -160,13 +189,14 @@ def _filter_op(
     p0: float,
     masked: str,
     backend: str,
+    check: str,
 ) -> torch.Tensor:
-    return _forward(values, cu_seqlens, mask, m0, _settings(q, r, p0, masked), backend)
+    return _forward(values, cu_seqlens, mask, m0, _settings(q, r, p0, masked), backend, check)
 
 
 # The fake kernels say what the real ones return: contiguous tensors, whatever the inputs' strides.
 @_filter_op.register_fake
-def _(values, cu_seqlens, mask, m0, q, r, p0, masked, backend):
+def _(values, cu_seqlens, mask, m0, q, r, p0, masked, backend, check):
     return values.new_empty(values.shape)
 
 
@@ -180,12 +210,13 @@ def _adjoint_op(
     p0: float,
     masked: str,
     backend: str,
+    check: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    return _adjoint(grad, cu_seqlens, mask, _settings(q, r, p0, masked), backend)
+    return _adjoint(grad, cu_seqlens, mask, _settings(q, r, p0, masked), backend, check)
 
 
 @_adjoint_op.register_fake
-def _(grad, cu_seqlens, mask, q, r, p0, masked, backend):
+def _(grad, cu_seqlens, mask, q, r, p0, masked, backend, check):
     rows = grad.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
     return grad.new_empty(grad.shape), grad.new_empty(rows)
 
@@ -195,9 +226,9 @@ def _(grad, cu_seqlens, mask, q, r, p0, masked, backend):
 
 
 def _save(ctx: Any, inputs: tuple, m0_needs_grad: bool) -> None:
-    _values, cu_seqlens, mask, m0, q, r, p0, masked, backend = inputs
+    _values, cu_seqlens, mask, m0, q, r, p0, masked, backend, check = inputs
     ctx.save_for_backward(cu_seqlens, mask)
-    ctx.args = (q, r, p0, masked, backend)
+    ctx.args = (q, r, p0, masked, backend, check)
     ctx.m0_needs_grad = m0_needs_grad
     ctx.m0_dtype = m0.dtype if isinstance(m0, torch.Tensor) else None
 
@@ -211,11 +242,11 @@ def _backward(ctx: Any, grad: torch.Tensor, adjoint: Any) -> tuple:
     cu_seqlens, mask = ctx.saved_tensors
     dz, dm0 = adjoint(grad, cu_seqlens, mask, *ctx.args)
     dm0 = dm0.sum().to(ctx.m0_dtype) if ctx.m0_needs_grad else None
-    return dz, None, None, dm0, None, None, None, None, None
+    return dz, None, None, dm0, None, None, None, None, None, None
 
 
-def _adjoint_eager(grad, cu_seqlens, mask, q, r, p0, masked, backend):
-    return _adjoint(grad, cu_seqlens, mask, _settings(q, r, p0, masked), backend)
+def _adjoint_eager(grad, cu_seqlens, mask, q, r, p0, masked, backend, check):
+    return _adjoint(grad, cu_seqlens, mask, _settings(q, r, p0, masked), backend, check)
 
 
 _filter_op.register_autograd(
@@ -230,10 +261,11 @@ class _Filter(torch.autograd.Function):
     the filter itself at small batches.)"""
 
     @staticmethod
-    def forward(ctx, values, cu_seqlens, mask, m0, q, r, p0, masked, backend):
-        inputs = (values, cu_seqlens, mask, m0, q, r, p0, masked, backend)
+    def forward(ctx, values, cu_seqlens, mask, m0, q, r, p0, masked, backend, check):
+        inputs = (values, cu_seqlens, mask, m0, q, r, p0, masked, backend, check)
         _save(ctx, inputs, ctx.needs_input_grad[3])
-        return _forward(values, cu_seqlens, mask, m0, _settings(q, r, p0, masked), backend)
+        params = _settings(q, r, p0, masked)
+        return _forward(values, cu_seqlens, mask, m0, params, backend, check)
 
     @staticmethod
     def backward(ctx, grad):
@@ -255,6 +287,7 @@ def _run(
     masked: Any,
     params: FilterParams | None,
     backend: Any,
+    check: Any,
 ) -> torch.Tensor:
     """The shared body of the public functions: settings resolved once, then the custom op
     (compiling), the direct forward (no gradient can flow) or the autograd Function."""
@@ -266,7 +299,9 @@ def _run(
     )
     prior = m0 if isinstance(m0, torch.Tensor) else p.m0
     name = backends.resolve(backend, values.device)
-    args = (p.q, p.r, p.p0, p.masked, name)
+    if check not in CHECKS:
+        raise ValueError(f"check must be one of {CHECKS}, got {check!r}")
+    args = (p.q, p.r, p.p0, p.masked, name, check)
     if torch.compiler.is_compiling():
         if not isinstance(prior, torch.Tensor):
             prior = torch.tensor(prior, dtype=torch.float64, device=values.device)
@@ -276,7 +311,7 @@ def _run(
     )
     if not needs_graph:
         # no autograd node (cheaper: the detached log-ratio of the default KPO loss goes here)
-        return _forward(values, cu_seqlens, mask, prior, p, name)
+        return _forward(values, cu_seqlens, mask, prior, p, name, check)
     return _Filter.apply(values, cu_seqlens, mask, prior, *args)
 
 
@@ -291,6 +326,7 @@ def kalman_filter(
     masked: Masked | None = None,
     params: FilterParams | None = None,
     backend: str = "auto",
+    check: str = "deferred",
 ) -> torch.Tensor:
     """Differentiable causal Kalman filter of each row of a padded batch.
 
@@ -303,13 +339,17 @@ def kalman_filter(
             default ``params.m0``.
         params: the settings (default ``FilterParams()``, the KPO authors').
         backend: one of :data:`BACKENDS` (see the module documentation).
+        check: when a non-finite input of a backend that runs without host synchronisation
+            (``"triton"``) is reported: ``"deferred"`` (default) at :func:`check_finite`,
+            ``"sync"`` at once (one synchronisation per call). The other backends always check
+            at once. See the module documentation.
 
     Returns:
         ``[batch, time]`` filtered states in ``z``'s dtype and device.
     """
     _check_values("z", z, 2, "[batch, time]")
     _check_mask(mask, z, "z")
-    return _run(z, None, mask, q, r, p0, m0, masked, params, backend)
+    return _run(z, None, mask, q, r, p0, m0, masked, params, backend, check)
 
 
 def kalman_filter_packed(
@@ -324,6 +364,7 @@ def kalman_filter_packed(
     masked: Masked | None = None,
     params: FilterParams | None = None,
     backend: str = "auto",
+    check: str = "deferred",
 ) -> torch.Tensor:
     """Differentiable causal Kalman filter of packed sequences.
 
@@ -331,7 +372,7 @@ def kalman_filter_packed(
         values: ``[total]`` observations; row ``i`` is ``values[cu_seqlens[i]:cu_seqlens[i+1]]``.
         cu_seqlens: ``[batch + 1]`` int32/int64 offsets (first 0, non-decreasing, last
             ``total``), on any device (checked on the host once per call).
-        mask, q, r, p0, m0, masked, params, backend: as in :func:`kalman_filter`.
+        mask, q, r, p0, m0, masked, params, backend, check: as in :func:`kalman_filter`.
 
     Returns:
         ``[total]`` filtered states in ``values``' dtype and device.
@@ -339,4 +380,4 @@ def kalman_filter_packed(
     _check_values("values", values, 1, "[total]")
     _check_offsets(cu_seqlens)
     _check_mask(mask, values, "values")
-    return _run(values, cu_seqlens, mask, q, r, p0, m0, masked, params, backend)
+    return _run(values, cu_seqlens, mask, q, r, p0, m0, masked, params, backend, check)

@@ -26,11 +26,12 @@ from __future__ import annotations
 
 import functools
 import importlib
+import sys
 from types import ModuleType
 
 import torch
 
-__all__ = ["BACKENDS", "NAMES", "load", "resolve"]
+__all__ = ["BACKENDS", "NAMES", "load", "loaded", "resolve"]
 
 #: Backend name -> (module, what it needs). ``scan_doubling`` is the scan with recursive doubling
 #: everywhere and packed rows filtered as one flat row: it keeps no cached matrices (for very long
@@ -49,6 +50,11 @@ NAMES = ("auto", *BACKENDS)
 def load(name: str) -> ModuleType:
     """The module of backend ``name`` (imported once)."""
     return importlib.import_module(BACKENDS[name][0])
+
+
+def loaded(name: str) -> bool:
+    """Whether backend ``name``'s module has been imported (by :func:`load` or otherwise)."""
+    return BACKENDS[name][0] in sys.modules
 
 
 @functools.lru_cache(maxsize=64)
