@@ -257,6 +257,21 @@ def test_float_m0_keeps_float64_precision():
     assert torch.equal(a, b)
 
 
+def test_packed_gain_table_size_does_not_change_results():
+    """The gain table sized by the longest row (given, or read from host offsets) or by the
+    whole batch (offsets on the device, not read): the same results."""
+    gen = torch.Generator().manual_seed(6)
+    v = torch.randn(200, dtype=torch.float64, generator=gen)
+    cu = torch.tensor([0, 50, 50, 180, 200])
+    p = FilterParams(q=0.0, p0=math.inf)
+    want = tb.forward(v, cu, None, 0.1, p)
+    assert torch.equal(tb.forward(v, cu, None, 0.1, p, longest=130), want)
+    assert torch.equal(tb.forward(v, cu, None, 0.1, p, longest=5000), want)
+    dz, dm0 = tb.adjoint(v, cu, None, p)
+    dz2, dm02 = tb.adjoint(v, cu, None, p, longest=5000)
+    assert torch.equal(dz, dz2) and torch.equal(dm0, dm02)
+
+
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy, in the interpreter
 def test_non_finite_sync_names_row_and_position():
     z = torch.zeros(3, 80, dtype=torch.float32)

@@ -211,10 +211,10 @@ def _dtype(name: str, t: torch.Tensor) -> None:
         raise TypeError(f"{name} must be float32 or float64 for the triton backend, got {t.dtype}")
 
 
-def _layout(values: torch.Tensor, cu_seqlens: torch.Tensor | None, name: str):
+def _layout(values: torch.Tensor, cu_seqlens: torch.Tensor | None, name: str, longest: int | None):
     """``(total, n_rows, row_len, cu, longest)`` of either layout, without reading device
-    memory: a packed batch's longest row is read only when ``cu_seqlens`` is on the CPU, else
-    bounded by the token count."""
+    memory: a packed batch's longest row, unless given, is read when ``cu_seqlens`` is on the
+    CPU, else bounded by the token count (the gain table then covers the whole batch)."""
     if cu_seqlens is None:
         if values.dim() != 2:
             raise ValueError(f"{name} must be 2-D [batch, time], got shape {tuple(values.shape)}")
@@ -223,10 +223,9 @@ def _layout(values: torch.Tensor, cu_seqlens: torch.Tensor | None, name: str):
     if values.dim() != 1:
         raise ValueError(f"{name} must be 1-D [total], got shape {tuple(values.shape)}")
     total, n_rows = values.shape[0], cu_seqlens.shape[0] - 1
-    if cu_seqlens.device.type == "cpu":
-        longest = int((cu_seqlens[1:] - cu_seqlens[:-1]).max()) if n_rows > 0 else 0
-    else:
-        longest = total
+    if longest is None:
+        on_host = cu_seqlens.device.type == "cpu"
+        longest = int((cu_seqlens[1:] - cu_seqlens[:-1]).max()) if on_host and n_rows else total
     cu = cu_seqlens.to(values.device, non_blocking=True).contiguous()
     return total, n_rows, 0, cu, longest
 
@@ -268,12 +267,16 @@ def forward(
     params: FilterParams,
     *,
     check: str = DEFAULT_CHECK,
+    longest: int | None = None,
 ) -> torch.Tensor:
     """The filtered values: same shape and dtype as ``values`` (float32 or float64, ``[batch,
     time]`` or ``[total]`` with ``cu_seqlens`` ``[batch + 1]``), contiguous. ``m0``: a float, or
-    a tensor ``()`` or ``[batch]`` (per-row prior means). ``params.m0`` is ignored."""
+    a tensor ``()`` or ``[batch]`` (per-row prior means). ``params.m0`` is ignored. ``check``:
+    see the module docstring. ``longest``: the longest packed row where the caller knows it
+    (sizes the gain table; without it, a device ``cu_seqlens`` is not read and the table covers
+    the whole batch)."""
     _dtype("values", values)
-    total, n_rows, row_len, cu, longest = _layout(values, cu_seqlens, "values")
+    total, n_rows, row_len, cu, longest = _layout(values, cu_seqlens, "values", longest)
     _check_size(total, "values")
     values = values.contiguous()
     out = torch.empty_like(values)
@@ -310,11 +313,12 @@ def adjoint(
     params: FilterParams,
     *,
     check: str = DEFAULT_CHECK,
+    longest: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The vector-Jacobian product: ``(d values`` shaped like ``grad``, ``d m0`` ``[batch])``,
-    float32 or float64 like ``grad``."""
+    float32 or float64 like ``grad``. ``check`` and ``longest`` as for :func:`forward`."""
     _dtype("grad", grad)
-    total, n_rows, row_len, cu, longest = _layout(grad, cu_seqlens, "grad")
+    total, n_rows, row_len, cu, longest = _layout(grad, cu_seqlens, "grad", longest)
     _check_size(total, "grad")
     grad = grad.contiguous()
     dz = torch.empty_like(grad)
