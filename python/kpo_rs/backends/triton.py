@@ -7,9 +7,14 @@ of the flat token sequence (padded rows back to back, or the packed rows), a seg
 ``tl.associative_scan`` over the recurrence's ``(decay, input)`` pairs inside the tile, and a
 decoupled look-back over the tiles before it (tiles handed out in order by an atomic ticket) for
 the state carried in. So few long rows fill the device as well as many short ones, and every token
-is read once and written once. The gains stay on the device (one cached table per capacity,
-``q``, ``r``, ``p0``, device and dtype). ``BT`` and the warp count follow from the token count and
-the device's multiprocessor count; nothing is autotuned.
+is read once and written once (a two-pass carry fix-up would read it twice, which caps it at two
+thirds of a copy's bandwidth). The look-back applies the earlier tiles' maps in time order from
+the nearest published state, so a result is the same on every run, whatever the programs' timing.
+Under ``masked="hold"`` with a mask the adjoint runs a small pre-pass first (mask bytes only): its
+gain index counts valid tokens from the row's start, against the adjoint's direction. The gains
+stay on the device (one cached table per capacity, ``q``, ``r``, ``p0``, device and dtype). ``BT``
+and the warp count follow from the token count and the device's multiprocessor count; nothing is
+autotuned.
 
 Non-finite values. The kernels record the first (row, position) of a non-finite value they read,
 and of a non-finite result of finite inputs, with an atomic in device memory. When that is
@@ -21,9 +26,10 @@ reported depends on ``check``:
     adjoint), as the other backends do;
 ``"deferred"`` (default)
     no synchronisation: the record is kept in a per-device buffer and
-    :func:`raise_if_non_finite` (``kpo_rs.torch_ops.check_finite()``) raises the same error for
-    the first bad value seen since the last check, then clears it. Rows after a bad one are not
-    affected (a row start discards the state before it exactly).
+    :func:`raise_if_non_finite` (``kpo_rs.torch_ops.check_finite()``) raises the same error,
+    for the first (row, position) recorded by any call since the last check (a forward's before an
+    adjoint's), then clears the record. Meanwhile the bad value shows as NaN or inf in its own
+    row's outputs only: a row start discards the state before it exactly.
 
 Under CUDA-graph capture ``"sync"`` cannot synchronise and acts as ``"deferred"``.
 
