@@ -247,12 +247,6 @@ def test_gradcheck_per_row_m0(masked):
         )
 
 
-@pytest.mark.xfail(
-    raises=torch._dynamo.exc.Unsupported,
-    strict=True,
-    reason="backends.resolve reaches importlib.import_module while dynamo traces; remove this "
-    "mark with the fix (an assume_constant_result wrapper around backends._triton_usable)",
-)
 def test_compile_fullgraph_matches_eager():
     """The op with backend="triton" inside torch.compile(fullgraph=True): no graph break (the
     backend runs inside the custom op), forward and backward equal to eager."""

@@ -111,6 +111,14 @@ def _check_option(module: Any, check: str) -> dict[str, str]:
     return {"check": check} if hasattr(module, "CHECKS") else {}
 
 
+def _longest(cu_seqlens: torch.Tensor | None, total: int) -> int | None:
+    """The longest packed row, from offsets checked on the host (a ValueError naming
+    ``cu_seqlens`` when they do not fit ``total``); None for the padded layout."""
+    if cu_seqlens is None:
+        return None
+    return _core.check_offsets(cu_seqlens.detach().cpu().numpy(), total)
+
+
 def check_finite(device: torch.device | str | None = None) -> None:
     """Raises the ``ValueError`` of the first non-finite input that a call with
     ``check="deferred"`` read since the last check (on ``device``, or on every device used),
@@ -153,10 +161,10 @@ def _forward(
     vc = _widen(values)
     if isinstance(m0, torch.Tensor):
         m0 = m0.to(dtype=vc.dtype, device=vc.device)
-    if cu_seqlens is not None:
-        _core.check_offsets(cu_seqlens.detach().cpu().numpy(), values.shape[0])
+    longest = _longest(cu_seqlens, values.shape[0])
     module = backends.load(backend)
-    out = module.forward(vc, cu_seqlens, mask, m0, params, **_check_option(module, check))
+    opts = _check_option(module, check)
+    out = module.forward(vc, cu_seqlens, mask, m0, params, longest=longest, **opts)
     return _narrow(out, values.dtype).contiguous()
 
 
@@ -169,8 +177,10 @@ def _adjoint(
     check: str = "sync",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     gc = _widen(grad.contiguous())
+    longest = _longest(cu_seqlens, grad.shape[0])
     module = backends.load(backend)
-    dz, dm0 = module.adjoint(gc, cu_seqlens, mask, params, **_check_option(module, check))
+    opts = _check_option(module, check)
+    dz, dm0 = module.adjoint(gc, cu_seqlens, mask, params, longest=longest, **opts)
     return _narrow(dz, grad.dtype).contiguous(), _narrow(dm0, grad.dtype).contiguous()
 
 

@@ -4,16 +4,19 @@ Every backend module offers the same two entries, one per direction, for both la
 ``[batch, time]`` when ``cu_seqlens`` is None, packed ``[total]`` otherwise; see docs/design.md,
 "Backends"):
 
-``forward(values, cu_seqlens, mask, m0, params) -> Tensor``
+``forward(values, cu_seqlens, mask, m0, params, *, longest=None) -> Tensor``
     ``values`` float32 or float64 (the op computes float16/bfloat16 in float32), ``mask`` bool of
     the same shape or None, ``m0`` a float or a 0-d tensor in ``values``' dtype and device,
     ``params`` a :class:`~kpo_rs.params.FilterParams` (its ``m0`` is ignored: ``m0`` comes apart
     so that a tensor can carry a gradient). Returns the filtered values, same shape and dtype.
-``adjoint(grad, cu_seqlens, mask, params) -> (dvalues, dm0)``
+``adjoint(grad, cu_seqlens, mask, params, *, longest=None) -> (dvalues, dm0)``
     The vector-Jacobian product: ``dvalues`` shaped like ``grad``, ``dm0`` ``[batch]`` (one per
     row; the op sums them for a scalar ``m0``).
 
-``cu_seqlens`` reaches a backend validated (first 0, non-decreasing, last ``total``). Each
+``cu_seqlens`` reaches a backend validated (first 0, non-decreasing, last ``total``), with the
+longest row's length as ``longest`` (None for the padded layout), which device backends use to
+size their gain tables without reading the offsets again. Backends that run without host
+synchronisation list their ``CHECKS`` and take ``check=`` (see :mod:`kpo_rs.torch_ops`). Each
 backend raises ``ValueError("values: non-finite value at row R, position P")`` (``grad:`` for
 the adjoint) for a non-finite value it reads, except where its module says otherwise.
 
@@ -26,6 +29,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import os
 import sys
 from types import ModuleType
 
@@ -58,11 +62,20 @@ def loaded(name: str) -> bool:
 
 
 @functools.lru_cache(maxsize=64)
-def _triton_usable(device: torch.device) -> bool:
+def _triton_usable(device: torch.device, interpreting: bool) -> bool:
     try:
         return bool(load("triton").available(device))
     except ImportError:
         return False
+
+
+@torch.compiler.assume_constant_result
+def _triton_runs_on(device: torch.device) -> bool:
+    """Whether the triton backend runs on ``device`` (cached; under ``torch.compile`` a constant
+    of the trace, so that dynamo does not trace the import). On CPU the answer depends on
+    ``TRITON_INTERPRET``, which is part of the cache key."""
+    interpreting = os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes")
+    return _triton_usable(device, interpreting and device.type == "cpu")
 
 
 def resolve(name: object, device: torch.device) -> str:
@@ -71,14 +84,14 @@ def resolve(name: object, device: torch.device) -> str:
     if name == "auto":
         if device.type == "cpu":
             return "rust"
-        if device.type == "cuda" and _triton_usable(device):
+        if device.type == "cuda" and _triton_runs_on(device):
             return "triton"
         return "scan"
     if name not in BACKENDS:
         raise ValueError(f"backend must be one of {NAMES}, got {name!r}")
     if name in ("rust", "reference") and device.type != "cpu":
         raise ValueError(f"backend={name!r} needs CPU tensors, got a tensor on {device}")
-    if name == "triton" and not _triton_usable(device):
+    if name == "triton" and not _triton_runs_on(device):
         raise ValueError(
             f"backend='triton' cannot run on {device}: it needs CUDA tensors and triton "
             "(pip install triton; on CPU only under TRITON_INTERPRET=1)"

@@ -23,6 +23,8 @@ def forward(
     mask: torch.Tensor | None,
     m0: float | torch.Tensor,
     params: FilterParams,
+    *,
+    longest: int | None = None,
 ) -> torch.Tensor:
     kw = {**dataclasses.asdict(params), "m0": float(m0)}
     v, m = to_numpy(values), to_numpy(mask)
@@ -38,6 +40,8 @@ def adjoint(
     cu_seqlens: torch.Tensor | None,
     mask: torch.Tensor | None,
     params: FilterParams,
+    *,
+    longest: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     kw = dataclasses.asdict(params)
     g, m = to_numpy(grad), to_numpy(mask)

@@ -21,6 +21,8 @@ def forward(
     mask: torch.Tensor | None,
     m0: float | torch.Tensor,
     params: FilterParams,
+    *,
+    longest: int | None = None,
 ) -> torch.Tensor:
     v, m = to_numpy(values), to_numpy(mask)
     if cu_seqlens is None:
@@ -36,6 +38,8 @@ def adjoint(
     cu_seqlens: torch.Tensor | None,
     mask: torch.Tensor | None,
     params: FilterParams,
+    *,
+    longest: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     g, m = to_numpy(grad), to_numpy(mask)
     if cu_seqlens is None:

@@ -40,6 +40,7 @@ def forward(
     m0: float | torch.Tensor,
     params: FilterParams,
     *,
+    longest: int | None = None,
     doubling: bool = False,
 ) -> torch.Tensor:
     if cu_seqlens is None:
@@ -48,7 +49,8 @@ def forward(
             values, mask, m0, table, params.masked, doubling=doubling
         )
     else:
-        longest = _longest(cu_seqlens, values.shape[0])
+        if longest is None:
+            longest = _longest(cu_seqlens, values.shape[0])
         table = gain_table(longest, params, values.device)
         out, witness = _scan.filter_packed(
             values, cu_seqlens, longest, mask, m0, table, params.masked, doubling=doubling
@@ -63,13 +65,15 @@ def adjoint(
     mask: torch.Tensor | None,
     params: FilterParams,
     *,
+    longest: int | None = None,
     doubling: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     if cu_seqlens is None:
         table = gain_table(grad.shape[1], params, grad.device)
         dz, dm0, witness = _scan.adjoint_padded(grad, mask, table, params.masked, doubling=doubling)
     else:
-        longest = _longest(cu_seqlens, grad.shape[0])
+        if longest is None:
+            longest = _longest(cu_seqlens, grad.shape[0])
         table = gain_table(longest, params, grad.device)
         dz, dm0, witness = _scan.adjoint_packed(
             grad, cu_seqlens, longest, mask, table, params.masked, doubling=doubling

@@ -22,8 +22,10 @@ def forward(
     mask: torch.Tensor | None,
     m0: float | torch.Tensor,
     params: FilterParams,
+    *,
+    longest: int | None = None,
 ) -> torch.Tensor:
-    return scan.forward(values, cu_seqlens, mask, m0, params, doubling=True)
+    return scan.forward(values, cu_seqlens, mask, m0, params, longest=longest, doubling=True)
 
 
 def adjoint(
@@ -31,5 +33,7 @@ def adjoint(
     cu_seqlens: torch.Tensor | None,
     mask: torch.Tensor | None,
     params: FilterParams,
+    *,
+    longest: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    return scan.adjoint(grad, cu_seqlens, mask, params, doubling=True)
+    return scan.adjoint(grad, cu_seqlens, mask, params, longest=longest, doubling=True)
