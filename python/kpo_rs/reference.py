@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -114,45 +115,6 @@ def _rows(cu_seqlens: np.ndarray) -> list[tuple[int, int]]:
     return list(zip(cu[:-1], cu[1:]))
 
 
-def kalman_filter(
-    values: np.ndarray,
-    mask: np.ndarray | None = None,
-    *,
-    q: float = _DEFAULTS.q,
-    r: float = _DEFAULTS.r,
-    p0: float = _DEFAULTS.p0,
-    m0: float = _DEFAULTS.m0,
-    masked: str = _DEFAULTS.masked,
-) -> np.ndarray:
-    """Padded forward filter; ``[batch, time]`` in, float64 ``[batch, time]`` out."""
-    values = np.asarray(values)
-    out = np.zeros(values.shape, dtype=np.float64)
-    for b in range(values.shape[0]):
-        row_mask = None if mask is None else mask[b]
-        out[b] = filter_row(values[b], row_mask, q=q, r=r, p0=p0, m0=m0, masked=masked)
-    return out
-
-
-def kalman_filter_adjoint(
-    grad: np.ndarray,
-    mask: np.ndarray | None = None,
-    *,
-    q: float = _DEFAULTS.q,
-    r: float = _DEFAULTS.r,
-    p0: float = _DEFAULTS.p0,
-    m0: float = _DEFAULTS.m0,
-    masked: str = _DEFAULTS.masked,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Padded adjoint; returns float64 ``(dvalues [batch, time], dm0 [batch])``."""
-    grad = np.asarray(grad)
-    dz = np.zeros(grad.shape, dtype=np.float64)
-    dm0 = np.zeros(grad.shape[0], dtype=np.float64)
-    for b in range(grad.shape[0]):
-        row_mask = None if mask is None else mask[b]
-        dz[b], dm0[b] = adjoint_row(grad[b], row_mask, q=q, r=r, p0=p0, masked=masked)
-    return dz, dm0
-
-
 def kalman_filter_packed(
     values: np.ndarray,
     cu_seqlens: np.ndarray,
@@ -193,6 +155,34 @@ def kalman_filter_packed_adjoint(
         row_mask = None if mask is None else mask[s:e]
         dz[s:e], dm0[i] = adjoint_row(grad[s:e], row_mask, q=q, r=r, p0=p0, masked=masked)
     return dz, dm0
+
+
+def _uniform_offsets(batch: int, time: int) -> np.ndarray:
+    """The offsets of a padded ``[batch, time]`` batch read as packed rows."""
+    return np.arange(batch + 1, dtype=np.int64) * time
+
+
+def kalman_filter(
+    values: np.ndarray, mask: np.ndarray | None = None, **settings: Any
+) -> np.ndarray:
+    """Padded forward filter; ``[batch, time]`` in, float64 ``[batch, time]`` out: the rows of
+    the batch as packed rows (``settings``: as :func:`kalman_filter_packed`)."""
+    values = np.asarray(values)
+    flat_mask = None if mask is None else np.asarray(mask).reshape(-1)
+    cu = _uniform_offsets(*values.shape)
+    return kalman_filter_packed(values.reshape(-1), cu, flat_mask, **settings).reshape(values.shape)
+
+
+def kalman_filter_adjoint(
+    grad: np.ndarray, mask: np.ndarray | None = None, **settings: Any
+) -> tuple[np.ndarray, np.ndarray]:
+    """Padded adjoint; returns float64 ``(dvalues [batch, time], dm0 [batch])`` (``settings``:
+    as :func:`kalman_filter_packed`)."""
+    grad = np.asarray(grad)
+    flat_mask = None if mask is None else np.asarray(mask).reshape(-1)
+    cu = _uniform_offsets(*grad.shape)
+    dz, dm0 = kalman_filter_packed_adjoint(grad.reshape(-1), cu, flat_mask, **settings)
+    return dz.reshape(grad.shape), dm0
 
 
 def filter_matrix(
