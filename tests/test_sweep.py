@@ -278,3 +278,12 @@ def test_report_counts_coverage_and_complete_regimes(tmp_path):
     text = (tmp_path / "report.md").read_text()
     assert "4 of 6 planned runs finished" in text
     assert "0 of 1 regimes had every variant on the same seeds" in text
+
+
+def test_a_tiny_difference_is_negligible_even_when_every_seed_agrees():
+    from kpo_rs.sweep_report import NEGLIGIBLE
+
+    rows = [_row("a", s, 0.30 + s / 100) for s in range(3)]
+    rows += [_row("b", s, 0.30 + s / 100 - NEGLIGIBLE / 2) for s in range(3)]
+    line = summary_table(rows).splitlines()[-1]
+    assert line.rstrip(" |").endswith("negligible") and "(3/3 seeds)" in line

@@ -77,6 +77,9 @@ _FLOATS = (
     "seconds",
 )
 _BOOTSTRAP_RESAMPLES = 4000
+#: Differences of mean final reward below this are called negligible whatever their interval
+#: (2% of the reward's range from random to perfect play is below what matters on this task).
+NEGLIGIBLE = 0.015
 _BOOTSTRAP_SEED = 0
 
 
@@ -276,9 +279,12 @@ def _complete(groups: dict, variants: list[str]) -> dict:
 
 
 def _verdict(ci: tuple[float, float] | None, n: int, margin: float = 1.0) -> str:
-    """``tie`` (no difference at all), ``clear`` (the interval excludes 0), ``within noise``."""
+    """``tie`` (no difference at all), ``negligible`` (below :data:`NEGLIGIBLE`), ``clear``
+    (the interval excludes 0) or ``within noise``."""
     if margin == 0.0:
         return "tie"
+    if abs(margin) < NEGLIGIBLE:
+        return "negligible"
     if ci is None:
         return "one seed: no estimate" if n == 1 else "-"
     return "clear" if ci[0] > 0 or ci[1] < 0 else "within noise"
@@ -396,7 +402,8 @@ def write_report(
         "has the highest mean; its margin over the runner-up is paired by seed (the same seeds "
         "run every loss), with a 95% percentile-bootstrap interval over seeds and the number of "
         "seeds on which the winner was ahead. *clear*: the interval excludes 0; *within noise*: "
-        "it does not; *tie*: the two leaders had the same result on every seed. "
+        f"it does not; *negligible*: the difference is below {NEGLIGIBLE} (2% of the range "
+        "from random to perfect) whatever its interval; *tie*: the same result on every seed. "
         "With 2 or 3 seeds the interval is about the range of the per-seed "
         "differences, so *clear* means the winner was ahead on every seed; treat it as a sign, "
         "not as proof.",
