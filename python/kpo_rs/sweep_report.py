@@ -507,7 +507,7 @@ def write_plots(rows: Sequence[dict[str, Any]], out: Path) -> list[Path]:
         cols = min(len(panels), 3)
         nrows = math.ceil(len(panels) / cols)
         fig, axes = plt.subplots(
-            nrows, cols, figsize=(4.6 * cols, 3.6 * nrows), squeeze=False, sharey=True
+            nrows, cols, figsize=(4.6 * cols + 1.4, 3.6 * nrows), squeeze=False, sharey=True
         )
         for ax, (lr, length) in zip(axes.flat, panels):
             for j, v in enumerate(variants):
@@ -551,13 +551,14 @@ def write_plots(rows: Sequence[dict[str, Any]], out: Path) -> list[Path]:
             ax.set_ylabel(ylabel, fontsize=8)
         for ax in axes[-1, :]:
             ax.set_xlabel("off-policy pressure (mean staleness grows to the right)", fontsize=8)
-        axes.flat[0].legend(fontsize=7)
+        handles, labels = axes.flat[0].get_legend_handles_labels()
+        fig.legend(handles, labels, loc="center right", fontsize=7)
         seeds = sorted({len(rs) for runs in groups.values() for rs in runs.values()})
         spread = "bars: min-max over seeds" if metric == "final_reward" else "over seeds"
         fig.suptitle(
             f"kpo sweep: {ylabel} ({'/'.join(map(str, seeds))} seeds; {spread})", fontsize=9
         )
-        fig.tight_layout()
+        fig.tight_layout(rect=(0, 0, 1 - 1.3 / (4.6 * cols + 1.4), 1))
         paths.append(out / fname)
         fig.savefig(paths[-1], dpi=100)
         plt.close(fig)
