@@ -287,3 +287,22 @@ def test_a_tiny_difference_is_negligible_even_when_every_seed_agrees():
     rows += [_row("b", s, 0.30 + s / 100 - NEGLIGIBLE / 2) for s in range(3)]
     line = summary_table(rows).splitlines()[-1]
     assert line.rstrip(" |").endswith("negligible") and "(3/3 seeds)" in line
+
+
+def test_a_run_finished_meanwhile_by_another_sweep_is_not_run_again(tmp_path, monkeypatch):
+    cfg = _tiny(tmp_path, losses=("grpo",), minibatches=(1, 2))
+    _, evals = plan(cfg)
+    calls = []
+    real = sweep.run_task
+
+    def first_also_stores_the_second(task, c):
+        calls.append(task)
+        row = real(task, c)
+        if len(calls) == 1:
+            real(evals[1], c)  # as another process writing to the same folder would
+        return row
+
+    monkeypatch.setattr(sweep, "run_task", first_also_stores_the_second)
+    run_sweep(cfg, log=lambda _: None)
+    assert calls == [evals[0]]
+    assert len(read_results(f"{cfg.out}/results.csv")) == 2

@@ -370,6 +370,12 @@ def _execute(
 
     if cfg.workers == 1 or len(todo) <= 1:
         for i in todo:
+            # Another sweep writing to the same folder may have finished this run meanwhile.
+            row = _stored(tasks[i], cfg)
+            if row is not None:
+                rows[i] = row
+                counter[0] += 1
+                continue
             done(i, run_task(tasks[i], cfg))
     elif todo:
         import multiprocessing
