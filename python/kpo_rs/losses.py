@@ -142,23 +142,21 @@ def switch_rate(values: torch.Tensor, mask: torch.Tensor | None = None) -> torch
     return _switch_rates(values.unsqueeze(0), mask.bool())[0]
 
 
-def _valid_pairs(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """For a bool ``mask`` ``[batch, time]``: which positions have an earlier valid position in
-    their row, and the index of the nearest one (0 where there is none)."""
-    positions = torch.arange(mask.shape[-1], device=mask.device).expand_as(mask)
-    last_valid = torch.where(mask, positions, -1).cummax(dim=-1).values
-    previous = torch.nn.functional.pad(last_valid[..., :-1], (1, 0), value=-1)
-    return mask & (previous >= 0), previous.clamp(min=0)
-
-
 def _switch_rates(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Switch rates of each of a stack of value tensors ``[k, batch, time]`` sharing one bool
-    ``mask`` ``[batch, time]``; returns ``[k]``."""
-    paired, previous = _valid_pairs(mask)
-    sign = torch.sign(torch.where(mask, values, 0.0))
-    before = torch.gather(sign, -1, previous.expand_as(sign))
-    switches = paired & (sign * before < 0)
-    return switches.sum(dim=(-2, -1)) / paired.sum().clamp(min=1)
+    ``mask`` ``[batch, time]``; returns ``[k]``.
+
+    Each row's valid signs are moved to its front (a scatter by the count of valid tokens so
+    far; masked values go to a spare column), where adjacent valid tokens are adjacent: a few
+    passes, no cumulative maximum and no gather."""
+    length = mask.shape[-1]
+    count = torch.cumsum(mask, dim=-1)
+    slot = torch.where(mask, count - 1, length).expand_as(values)
+    front = values.new_zeros(*values.shape[:-1], length + 1)
+    front = front.scatter_(-1, slot, torch.sign(values))[..., :length]
+    switches = (front[..., 1:] * front[..., :-1] < 0).sum(dim=(-2, -1))
+    pairs = (count[..., -1:] - 1).clamp(min=0).sum() if length else count.sum()
+    return switches / pairs.clamp(min=1)
 
 
 def _check_agg(loss_agg_mode: str) -> None:
@@ -219,20 +217,21 @@ def _kpo_metrics(
     """KPO's metrics from the raw log-ratio ``z``, the filtered one ``x``, the ratio ``rt`` and the
     clip flags (all ``[batch, time]``, detached), as means over the valid tokens.
 
-    The means and fractions are one masked reduction over a stack, the standard deviations
-    (population ones, about those means: two passes, no cancellation) a second, and both switch
-    rates a third: a handful of kernels whatever the batch, which keeps KPO's per-call cost near
-    the baselines' at small batches."""
+    The means are one masked reduction over a stack, the clip fractions one over a stack of
+    flags, the standard deviations (population ones, about those means: two passes, no
+    cancellation) a third, and both switch rates a fourth: a handful of kernels whatever the
+    batch, which keeps KPO's per-call cost near the baselines'."""
     denom = mask.sum() + 1e-8
     raw_ratio = torch.exp(torch.clamp(z, max=LOG_RATIO_CLAMP))
-    flags = torch.stack((clipped, upper, lower)).to(rt.dtype)
-    first = torch.cat((torch.stack((raw_ratio, rt, -z)), flags))
-    means = torch.where(mask, first, 0.0).sum(dim=(1, 2)) / denom
-    raw_mean, filtered_mean, kl, clipfrac, clipfrac_upper, clipfrac_lower = means.unbind()
+    firsts = torch.where(mask, torch.stack((raw_ratio, rt, z)), 0.0).sum(dim=(1, 2)) / denom
+    raw_mean, filtered_mean, mean_z = firsts.unbind()
+    flags = torch.stack((clipped, upper, lower)) & mask
+    clipfrac, clipfrac_upper, clipfrac_lower = (flags.sum(dim=(1, 2)) / denom).unbind()
     centred = torch.stack((raw_ratio - raw_mean, rt - filtered_mean))
     variances = torch.where(mask, centred.square(), 0.0).sum(dim=(1, 2)) / denom
     raw_std, filtered_std = variances.sqrt().unbind()
     switch_raw, switch_filtered = _switch_rates(torch.stack((z, x)), mask)
+    kl = -mean_z
     return {
         "pg_clipfrac": clipfrac,
         "pg_clipfrac_upper": clipfrac_upper,
