@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
 import kpo_rs
 from kpo_rs import losses
@@ -251,3 +254,27 @@ def test_bad_shapes():
         losses.ppo_clip_loss(old, logp, adv, mask[:, :3])
     with pytest.raises(TypeError, match="log_prob"):
         losses.gspo_loss(old, logp.numpy(), adv, mask)
+
+
+@given(
+    shape=st.tuples(st.integers(0, 5), st.integers(0, 40)),
+    seed=st.integers(0, 2**32 - 1),
+    hole_rate=st.sampled_from([0.0, 0.3, 0.9]),
+)
+def test_switch_rate_equals_a_plain_loop(shape, seed, hole_rate):
+    """Sign changes between adjacent valid tokens over all rows, holes skipped, exact zeros
+    counted as pairs without a switch, NaN at masked positions ignored."""
+    rng = np.random.default_rng(seed)
+    values = rng.normal(size=shape).round(1)  # some exact zeros
+    mask = rng.random(shape) >= hole_rate
+    values[~mask] = np.nan
+    switches = pairs = 0
+    for row, valid in zip(values, mask):
+        kept = row[valid]
+        pairs += max(len(kept) - 1, 0)
+        switches += int(np.sum(kept[1:] * kept[:-1] < 0))
+    want = switches / max(pairs, 1)
+    got = losses.switch_rate(torch.from_numpy(values), torch.from_numpy(mask))
+    # both counts are exact integers; their quotient is rounded once to float32 (torch's default
+    # dtype for the division of integer tensors): half an ulp, 2**-24 relative
+    assert float(got) == pytest.approx(want, rel=2.0**-24, abs=0)
