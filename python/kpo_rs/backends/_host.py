@@ -1,23 +1,52 @@
-"""Helpers of the backends that run on the host through numpy (rust, reference)."""
+"""The adapter of the backends that compute on the host through numpy (rust, reference).
+
+Such a backend supplies two numpy functions, ``forward(values, cu_seqlens, mask, m0, params)``
+and ``adjoint(grad, cu_seqlens, mask, params)`` over ndarrays (``cu_seqlens`` and ``mask`` may be
+None, ``m0`` is a float); :func:`host_backend` turns them into the backend entries of
+:mod:`kpo_rs.backends` on CPU tensors, without copies where dtypes match.
+"""
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
 
-__all__ = ["to_numpy", "to_torch"]
+from ..params import FilterParams
+
+__all__ = ["host_backend"]
+
+Array = Any  # an ndarray or None
 
 
-def to_numpy(t: torch.Tensor | None) -> np.ndarray | None:
-    """A CPU tensor's data as an ndarray (no copy), or None."""
-    if t is None:
-        return None
-    return t.detach().numpy() if t.device.type == "cpu" else t.detach().cpu().numpy()
+def _numpy(t: torch.Tensor | None) -> np.ndarray | None:
+    return None if t is None else t.detach().numpy()
 
 
-def to_torch(arrays: tuple[np.ndarray, ...], like: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """numpy results as tensors with ``like``'s device and dtype (no copy where they match)."""
+def _torch(arrays: tuple[np.ndarray, ...], like: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """numpy results as tensors in ``like``'s dtype (no copy where it matches)."""
     out = tuple(torch.from_numpy(a) for a in arrays)
-    if like.device.type == "cpu" and all(t.dtype == like.dtype for t in out):
-        return out
-    return tuple(t.to(device=like.device, dtype=like.dtype) for t in out)
+    return tuple(t if t.dtype == like.dtype else t.to(like.dtype) for t in out)
+
+
+def host_backend(
+    forward_np: Callable[[np.ndarray, Array, Array, float, FilterParams], np.ndarray],
+    adjoint_np: Callable[[np.ndarray, Array, Array, FilterParams], tuple[np.ndarray, np.ndarray]],
+) -> tuple[Callable, Callable, Callable]:
+    """``(available, forward, adjoint)`` of a backend computing with ``forward_np`` and
+    ``adjoint_np`` on CPU tensors (``longest`` is not needed on the host and is ignored)."""
+
+    def available(device: torch.device) -> bool:
+        return device.type == "cpu"
+
+    def forward(values, cu_seqlens, mask, m0, params, *, longest=None) -> torch.Tensor:
+        out = forward_np(_numpy(values), _numpy(cu_seqlens), _numpy(mask), float(m0), params)
+        return _torch((out,), values)[0]
+
+    def adjoint(grad, cu_seqlens, mask, params, *, longest=None) -> tuple:
+        out = adjoint_np(_numpy(grad), _numpy(cu_seqlens), _numpy(mask), params)
+        return _torch(out, grad)
+
+    return available, forward, adjoint

@@ -4,49 +4,24 @@ from __future__ import annotations
 
 import dataclasses
 
-import torch
-
 from .. import reference
-from ..params import FilterParams
-from ._host import to_numpy, to_torch
+from ._host import host_backend
 
 __all__ = ["adjoint", "available", "forward"]
 
 
-def available(device: torch.device) -> bool:
-    return device.type == "cpu"
-
-
-def forward(
-    values: torch.Tensor,
-    cu_seqlens: torch.Tensor | None,
-    mask: torch.Tensor | None,
-    m0: float | torch.Tensor,
-    params: FilterParams,
-    *,
-    longest: int | None = None,
-) -> torch.Tensor:
-    kw = {**dataclasses.asdict(params), "m0": float(m0)}
-    v, m = to_numpy(values), to_numpy(mask)
+def _forward(values, cu_seqlens, mask, m0, params):
+    kw = {**dataclasses.asdict(params), "m0": m0}
     if cu_seqlens is None:
-        out = reference.kalman_filter(v, m, **kw)
-    else:
-        out = reference.kalman_filter_packed(v, to_numpy(cu_seqlens), m, **kw)
-    return to_torch((out,), values)[0]
+        return reference.kalman_filter(values, mask, **kw)
+    return reference.kalman_filter_packed(values, cu_seqlens, mask, **kw)
 
 
-def adjoint(
-    grad: torch.Tensor,
-    cu_seqlens: torch.Tensor | None,
-    mask: torch.Tensor | None,
-    params: FilterParams,
-    *,
-    longest: int | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+def _adjoint(grad, cu_seqlens, mask, params):
     kw = dataclasses.asdict(params)
-    g, m = to_numpy(grad), to_numpy(mask)
     if cu_seqlens is None:
-        out = reference.kalman_filter_adjoint(g, m, **kw)
-    else:
-        out = reference.kalman_filter_packed_adjoint(g, to_numpy(cu_seqlens), m, **kw)
-    return to_torch(out, grad)
+        return reference.kalman_filter_adjoint(grad, mask, **kw)
+    return reference.kalman_filter_packed_adjoint(grad, cu_seqlens, mask, **kw)
+
+
+available, forward, adjoint = host_backend(_forward, _adjoint)
