@@ -157,9 +157,11 @@ def kalman_filter_packed_adjoint(
     return dz, dm0
 
 
-def _uniform_offsets(batch: int, time: int) -> np.ndarray:
-    """The offsets of a padded ``[batch, time]`` batch read as packed rows."""
-    return np.arange(batch + 1, dtype=np.int64) * time
+def _as_packed(values: np.ndarray, mask: np.ndarray | None) -> tuple:
+    """A padded ``[batch, time]`` batch as packed rows: ``(flat values, offsets, flat mask)``."""
+    values = np.asarray(values)
+    cu = np.arange(values.shape[0] + 1, dtype=np.int64) * values.shape[1]
+    return values.reshape(-1), cu, None if mask is None else np.asarray(mask).reshape(-1)
 
 
 def kalman_filter(
@@ -167,10 +169,8 @@ def kalman_filter(
 ) -> np.ndarray:
     """Padded forward filter; ``[batch, time]`` in, float64 ``[batch, time]`` out: the rows of
     the batch as packed rows (``settings``: as :func:`kalman_filter_packed`)."""
-    values = np.asarray(values)
-    flat_mask = None if mask is None else np.asarray(mask).reshape(-1)
-    cu = _uniform_offsets(*values.shape)
-    return kalman_filter_packed(values.reshape(-1), cu, flat_mask, **settings).reshape(values.shape)
+    out = kalman_filter_packed(*_as_packed(values, mask), **settings)
+    return out.reshape(np.shape(values))
 
 
 def kalman_filter_adjoint(
@@ -178,11 +178,8 @@ def kalman_filter_adjoint(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Padded adjoint; returns float64 ``(dvalues [batch, time], dm0 [batch])`` (``settings``:
     as :func:`kalman_filter_packed`)."""
-    grad = np.asarray(grad)
-    flat_mask = None if mask is None else np.asarray(mask).reshape(-1)
-    cu = _uniform_offsets(*grad.shape)
-    dz, dm0 = kalman_filter_packed_adjoint(grad.reshape(-1), cu, flat_mask, **settings)
-    return dz.reshape(grad.shape), dm0
+    dz, dm0 = kalman_filter_packed_adjoint(*_as_packed(grad, mask), **settings)
+    return dz.reshape(np.shape(grad)), dm0
 
 
 def filter_matrix(
