@@ -183,6 +183,10 @@ def _sort_key(key: tuple) -> tuple:
     return (-(lr or 0.0), length, staleness, mb, lag)
 
 
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" + ("" if n == 1 else "s")
+
+
 def _mean_std(values: Sequence[float]) -> str:
     if not values:
         return "-"
@@ -386,8 +390,8 @@ def write_report(
         "",
         f"Coverage: {len(done) + len(tune_rows)} of {planned} planned runs finished "
         f"({len(done)} reported, {len(tune_rows)} for tuning the learning rate); "
-        f"{len(groups)} regimes, {len(variants)} variants. Regimes or variants missing from the "
-        "tables below did not finish.",
+        f"{_plural(len(groups), 'regime')}, {_plural(len(variants), 'variant')}. Regimes or "
+        "variants missing from the tables below did not finish.",
         "",
     ]
     if not done:
