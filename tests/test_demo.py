@@ -160,6 +160,6 @@ def test_cli_rejects_a_bad_count(capsys):
 
 
 def test_cli_bench(capsys):
-    assert cli.main(["bench", "--batch", "4", "--time", "64"]) == 0
+    assert cli.main(["bench", "--batch", "4", "--tokens-per-row", "64"]) == 0
     out = capsys.readouterr().out
     assert "rust forward" in out and "numpy loop over time" in out
