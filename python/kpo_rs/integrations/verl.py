@@ -216,133 +216,92 @@ def _verl_metrics(metrics: dict[str, torch.Tensor], prefix: str) -> dict[str, fl
     return out
 
 
-def _run(
-    clip: tuple[float, float] | None,
-    old_log_prob: torch.Tensor,
-    log_prob: torch.Tensor,
-    advantages: torch.Tensor,
-    response_mask: torch.Tensor,
-    loss_agg_mode: str,
-    config: Any,
-    rollout_is_weights: torch.Tensor | None,
-) -> tuple[torch.Tensor, dict[str, float]]:
+def _kpo_options(clip: tuple[float, float] | None, config: Any) -> tuple[Any, dict[str, Any]]:
     current = settings()
     _log_settings(current)
-    loss, metrics = kpo_loss(
-        old_log_prob,
-        log_prob,
-        advantages,
-        response_mask,
-        clip=clip,
-        loss_agg_mode=loss_agg_mode,
-        rollout_is_weights=rollout_is_weights,
-        global_batch_info=_global_batch_info(config),
-        **current,
-    )
-    return loss, _verl_metrics(metrics, "kpo")
+    return kpo_loss, {"clip": clip, **current}
 
 
-@register_policy_loss("kpo_clipped")
-def compute_policy_loss_kpo_clipped(
-    old_log_prob: torch.Tensor,
-    log_prob: torch.Tensor,
-    advantages: torch.Tensor,
-    response_mask: torch.Tensor,
-    loss_agg_mode: str = "seq-mean-token-mean",
-    config: Any = None,
-    rollout_is_weights: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, dict[str, float]]:
-    """KPO-clipped with verl's signature; the clip range is the actor's clip_ratio_low/high."""
+def _needs_config(loss: str, config: Any) -> Any:
     if config is None:
-        raise ValueError("kpo_clipped needs verl's actor config (for the clip range)")
-    return _run(
-        _clip_range(config, "kpo_clipped"),
-        old_log_prob,
-        log_prob,
-        advantages,
-        response_mask,
-        loss_agg_mode,
-        config,
-        rollout_is_weights,
-    )
+        raise ValueError(f"{loss} needs verl's actor config (for the clip range)")
+    return config
 
 
-@register_policy_loss("kpo")
-def compute_policy_loss_kpo(
-    old_log_prob: torch.Tensor,
-    log_prob: torch.Tensor,
-    advantages: torch.Tensor,
-    response_mask: torch.Tensor,
-    loss_agg_mode: str = "seq-mean-token-mean",
-    config: Any = None,
-    rollout_is_weights: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, dict[str, float]]:
-    """KPO (no clipping) with verl's signature."""
-    return _run(
-        None,
-        old_log_prob,
-        log_prob,
-        advantages,
-        response_mask,
-        loss_agg_mode,
-        config,
-        rollout_is_weights,
-    )
+def _policy_loss(name: str, default_agg: str, options: Any, doc: str, prefix: str = "") -> Any:
+    """A function with the signature verl's registry expects that computes loss ``name``:
+    ``options(config) -> (loss function, its keyword arguments)``; registered under ``name``;
+    the loss's own metrics are logged under ``actor/<prefix or name>/``."""
+
+    def compute(
+        old_log_prob: torch.Tensor,
+        log_prob: torch.Tensor,
+        advantages: torch.Tensor,
+        response_mask: torch.Tensor,
+        loss_agg_mode: str = default_agg,
+        config: Any = None,
+        rollout_is_weights: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        fn, kwargs = options(config)
+        loss, metrics = fn(
+            old_log_prob,
+            log_prob,
+            advantages,
+            response_mask,
+            loss_agg_mode=loss_agg_mode,
+            rollout_is_weights=rollout_is_weights,
+            global_batch_info=_global_batch_info(config),
+            **kwargs,
+        )
+        return loss, _verl_metrics(metrics, prefix or name)
+
+    compute.__name__ = compute.__qualname__ = f"compute_policy_loss_{name}"
+    compute.__doc__ = doc
+    return register_policy_loss(name)(compute)
 
 
-@register_policy_loss("minpro")
-def compute_policy_loss_minpro(
-    old_log_prob: torch.Tensor,
-    log_prob: torch.Tensor,
-    advantages: torch.Tensor,
-    response_mask: torch.Tensor,
-    loss_agg_mode: str = "token-mean",
-    config: Any = None,
-    rollout_is_weights: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, dict[str, float]]:
+compute_policy_loss_kpo_clipped = _policy_loss(
+    "kpo_clipped",
+    "seq-mean-token-mean",
+    lambda config: _kpo_options(
+        _clip_range(_needs_config("kpo_clipped", config), "kpo_clipped"), config
+    ),
+    "KPO-clipped with verl's signature; the clip range is the actor's clip_ratio_low/high.",
+    prefix="kpo",
+)
+
+compute_policy_loss_kpo = _policy_loss(
+    "kpo",
+    "seq-mean-token-mean",
+    lambda config: _kpo_options(None, config),
+    "KPO (no clipping) with verl's signature.",
+)
+
+compute_policy_loss_minpro = _policy_loss(
+    "minpro",
+    "token-mean",
+    lambda config: (
+        get_loss("minpro"),
+        {
+            "clip": _clip_range(_needs_config("minpro", config), "minpro"),
+            "clip_ratio_c": _dual_clip(config),
+        },
+    ),
     """MinPRO (:func:`kpo_rs.peers.minpro_loss`) with verl's signature: the token clip is the
     actor's ``clip_ratio_low`` / ``clip_ratio_high`` and the dual clip its ``clip_ratio_c``, as
-    for verl's vanilla loss."""
-    if config is None:
-        raise ValueError("minpro needs verl's actor config (for the clip range)")
-    loss, metrics = get_loss("minpro")(
-        old_log_prob,
-        log_prob,
-        advantages,
-        response_mask,
-        clip=_clip_range(config, "minpro"),
-        clip_ratio_c=_dual_clip(config),
-        loss_agg_mode=loss_agg_mode,
-        rollout_is_weights=rollout_is_weights,
-        global_batch_info=_global_batch_info(config),
-    )
-    return loss, _verl_metrics(metrics, "minpro")
+    for verl's vanilla loss.""",
+)
 
-
-@register_policy_loss("bapo")
-def compute_policy_loss_bapo(
-    old_log_prob: torch.Tensor,
-    log_prob: torch.Tensor,
-    advantages: torch.Tensor,
-    response_mask: torch.Tensor,
-    loss_agg_mode: str = "token-mean",
-    config: Any = None,
-    rollout_is_weights: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, dict[str, float]]:
+compute_policy_loss_bapo = _policy_loss(
+    "bapo",
+    "token-mean",
+    lambda config: (
+        get_loss("bapo"),
+        {"clip_ratio_c": _dual_clip(config) if config is not None else None},
+    ),
     """BAPO (:func:`kpo_rs.peers.bapo_loss`) with verl's signature. BAPO searches its ratio
     bounds per batch within the ranges of :mod:`kpo_rs.loss_table` (the authors' settings), so
     the actor's ``clip_ratio_low/high`` are not used; the dual clip is the actor's
     ``clip_ratio_c`` (as in the authors' verl recipe). With ``torch.distributed`` initialised
-    every rank chooses the same bounds from the global batch."""
-    dual = _dual_clip(config) if config is not None else None
-    loss, metrics = get_loss("bapo")(
-        old_log_prob,
-        log_prob,
-        advantages,
-        response_mask,
-        clip_ratio_c=dual,
-        loss_agg_mode=loss_agg_mode,
-        rollout_is_weights=rollout_is_weights,
-        global_batch_info=_global_batch_info(config),
-    )
-    return loss, _verl_metrics(metrics, "bapo")
+    every rank chooses the same bounds from the global batch.""",
+)
