@@ -28,10 +28,9 @@ def _forward(batch, values, m0, params):
 
 
 def _adjoint(batch, grad, params):
-    p = {k: v for k, v in params.items() if k != "m0"}
     if isinstance(batch, testing.PackedBatch):
-        return kpo_rs.kalman_filter_packed_adjoint(grad, batch.cu_seqlens, batch.mask, **p)
-    return kpo_rs.kalman_filter_adjoint(grad, batch.mask, **p)
+        return kpo_rs.kalman_filter_packed_adjoint(grad, batch.cu_seqlens, batch.mask, **params)
+    return kpo_rs.kalman_filter_adjoint(grad, batch.mask, **params)
 
 
 def _clean(batch):

@@ -63,17 +63,16 @@ def _run(batch, params, backend, grad, device="cpu"):
 def _check(batch, params, backend, seed, device="cpu"):
     grad = np.random.default_rng(seed).normal(size=batch.values.shape).astype(batch.dtype)
     y, dz, dm0 = _run(batch, params, backend, grad, device)
-    adj = {k: v for k, v in params.items() if k != "m0"}
     if isinstance(batch, testing.PackedBatch):
         want_y = reference.kalman_filter_packed(
             batch.values, batch.cu_seqlens, batch.mask, **params
         )
         want_dz, want_dm0 = reference.kalman_filter_packed_adjoint(
-            grad, batch.cu_seqlens, batch.mask, **adj
+            grad, batch.cu_seqlens, batch.mask, **params
         )
     else:
         want_y = reference.kalman_filter(batch.values, batch.mask, **params)
-        want_dz, want_dm0 = reference.kalman_filter_adjoint(grad, batch.mask, **adj)
+        want_dz, want_dm0 = reference.kalman_filter_adjoint(grad, batch.mask, **params)
     steps = _steps(backend, batch.row_length)
     env_y = testing.forward_envelope(batch, params)
     env_dz, env_dm0 = testing.adjoint_envelope(batch, grad, params)

@@ -67,20 +67,19 @@ def _n_rows(batch) -> int:
 
 def _reference(batch, params: dict, m0_rows: np.ndarray, grad: np.ndarray):
     """Forward (with one prior mean per row) and adjoint of the reference."""
-    adj = {k: v for k, v in params.items() if k != "m0"}
     if isinstance(batch, testing.PackedBatch):
         cu = batch.cu_seqlens
         y = np.zeros(batch.values.shape)
         for i, (s, e) in enumerate(zip(cu[:-1], cu[1:])):
             m = None if batch.mask is None else batch.mask[s:e]
-            y[s:e] = reference.filter_row(batch.values[s:e], m, **adj, m0=m0_rows[i])
-        dz, dm0 = reference.kalman_filter_packed_adjoint(grad, cu, batch.mask, **adj)
+            y[s:e] = reference.filter_row(batch.values[s:e], m, **{**params, "m0": m0_rows[i]})
+        dz, dm0 = reference.kalman_filter_packed_adjoint(grad, cu, batch.mask, **params)
     else:
         y = np.zeros(batch.values.shape)
         for i in range(batch.values.shape[0]):
             m = None if batch.mask is None else batch.mask[i]
-            y[i] = reference.filter_row(batch.values[i], m, **adj, m0=m0_rows[i])
-        dz, dm0 = reference.kalman_filter_adjoint(grad, batch.mask, **adj)
+            y[i] = reference.filter_row(batch.values[i], m, **{**params, "m0": m0_rows[i]})
+        dz, dm0 = reference.kalman_filter_adjoint(grad, batch.mask, **params)
     return y, dz, dm0
 
 
