@@ -34,7 +34,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without torch
         "kpo_rs.losses needs PyTorch: pip install 'kpo-rs[torch]' (or pip install torch)"
     ) from exc
 
-from . import torch_ops
+from . import settings, torch_ops
 from .params import FilterParams
 from .space import LOG_RATIO_CLAMP, check_space, prior_mean, to_filter_space
 
@@ -279,15 +279,15 @@ def kpo_token_losses(
             )
     if clip_ratio_c is not None and not clip_ratio_c > 1.0:
         raise ValueError(f"clip_ratio_c must be > 1 (dual clip), got {clip_ratio_c}")
-    settings = FilterParams.resolve(params, q=q, r=r, p0=p0, masked=masked)
+    filter_params = settings(params, q=q, r=r, p0=p0, masked=masked)
     check_space(space)
     mask = response_mask.bool()
     z = log_prob - old_log_prob
     if grad == "token":
-        x = _filtered_log_ratio(z.detach(), mask, settings, space, backend)
+        x = _filtered_log_ratio(z.detach(), mask, filter_params, space, backend)
         log_rt = log_prob - log_prob.detach() + x
     else:
-        x = _filtered_log_ratio(z, mask, settings, space, backend)
+        x = _filtered_log_ratio(z, mask, filter_params, space, backend)
         log_rt = x
     rt = torch.exp(torch.clamp(log_rt, max=LOG_RATIO_CLAMP))
 

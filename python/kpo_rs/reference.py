@@ -194,6 +194,8 @@ def filter_matrix(
 ) -> tuple[np.ndarray, np.ndarray]:
     """One row's filter as a linear map: ``(W [length, length], c [length])`` with
     ``x = W z + c m0``, built from ``W[n, s] = K_s prod_{s<u<=n} (1 - K_u)`` over the steps.
+    The map does not depend on ``m0``; it is accepted so that one set of settings fits every
+    function here (as the adjoints accept it).
     """
     if masked == "hold":
         steps = [_valid(mask_row, t) for t in range(length)]

@@ -33,7 +33,6 @@ Requires torch (``pip install 'kpo-rs[torch]'``).
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 try:
@@ -139,10 +138,9 @@ def _narrow(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return t if t.dtype == dtype else t.to(dtype)
 
 
-@functools.lru_cache(maxsize=64)
 def _settings(q: float, r: float, p0: float, masked: str) -> FilterParams:
-    """The settings behind the custom ops' plain arguments (built once per distinct setting)."""
-    return FilterParams(q=q, r=r, p0=p0, masked=masked)  # type: ignore[arg-type]
+    """The settings behind the custom ops' plain arguments (:func:`kpo_rs.settings`, cached)."""
+    return settings(q=q, r=r, p0=p0, masked=masked)  # type: ignore[arg-type]
 
 
 # --------------------------------------------------------------------------------------------
