@@ -10,7 +10,11 @@ pyarrow.compute, write both as new columns with the same writer settings
 its bookkeeping cost; the target is >= 0.7. Each job runs --repeats times; the best and the
 spread are reported.
 
-Run: python benches/pipeline_memory.py [--tokens 50000000] [--dir /tmp] [--repeats 3]
+``--writers`` also runs the plain job with pyarrow's default writer settings and with dictionary
+encoding off, next to the chosen ones, and reports each one's speed and output size: the
+measurement behind ``writer_options``.
+
+Run: python benches/pipeline_memory.py [--tokens 50000000] [--dir /tmp] [--repeats 3] [--writers]
 """
 
 from __future__ import annotations
@@ -87,6 +91,12 @@ FILTER_JOB = (
 PLAIN_JOB = (
     IMPORTS + "\nimport sys, time\nimport pyarrow as pa, pyarrow.compute as pc\n"
     "import pyarrow.parquet as pq\nfrom kpo_rs.pipeline import writer_options\n"
+    "WRITERS = {\n"
+    "    'chosen': writer_options,\n"
+    "    'pyarrow default': lambda schema: {},\n"
+    "    'no dictionary': lambda schema: {'use_dictionary': False},\n"
+    "}\n"
+    "options = WRITERS[sys.argv[4] if len(sys.argv) > 4 else 'chosen']\n"
     "start = time.perf_counter()\n"
     "pf = pq.ParquetFile(sys.argv[1])\n"
     "writer = None\n"
@@ -98,7 +108,7 @@ PLAIN_JOB = (
     "        b = b.append_column('log_ratio', pa.ListArray.from_arrays(offsets, z))\n"
     "        b = b.append_column('ratio', pa.ListArray.from_arrays(offsets, pc.exp(z)))\n"
     "        if writer is None:\n"
-    "            writer = pq.ParquetWriter(sys.argv[2], b.schema, **writer_options(b.schema))\n"
+    "            writer = pq.ParquetWriter(sys.argv[2], b.schema, **options(b.schema))\n"
     "        writer.write_batch(b)\n"
     "writer.close()\n"
     "print(time.perf_counter() - start)"
@@ -111,6 +121,7 @@ def main() -> None:
     ap.add_argument("--dir", default=tempfile.gettempdir())
     ap.add_argument("--batch-size", type=int, default=1024)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--writers", action="store_true", help="compare writer settings too")
     args = ap.parse_args()
     folder = Path(tempfile.mkdtemp(dir=args.dir))
     src, dst = folder / "rollouts.parquet", folder / "filtered.parquet"
@@ -145,9 +156,30 @@ def main() -> None:
         f"speed, best against best ({median['plain pyarrow'] / median['kpo filter']:.2f} median "
         "against median); target >= 0.7"
     )
+    if args.writers:
+        compare_writers(args.tokens, job_args, args.repeats)
     src.unlink()
     dst.unlink()
     folder.rmdir()
+
+
+def compare_writers(tokens: int, job_args: tuple[str, str, str], repeats: int) -> None:
+    """The plain job with each writer setting, repeated alternately: best speed, output size."""
+    names = ("pyarrow default", "no dictionary", "chosen")
+    seconds: dict[str, list[float]] = {name: [] for name in names}
+    sizes: dict[str, float] = {}
+    for _ in range(repeats):
+        for name in names:
+            out = child_peak_mb(PLAIN_JOB, *job_args, name)[2]
+            seconds[name].append(float(out.split()[-1]))
+            sizes[name] = os.path.getsize(job_args[1]) / 2**20
+    base = min(seconds["pyarrow default"])
+    for name in names:
+        best = min(seconds[name])
+        print(
+            f"writer {name:16} {tokens / best:.3e} tokens/s best of {repeats} "
+            f"({base / best:.2f}x pyarrow's default), output {sizes[name]:.0f} MiB"
+        )
 
 
 if __name__ == "__main__":
