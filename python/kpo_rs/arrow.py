@@ -136,6 +136,14 @@ def _row_of(cu: np.ndarray, index: int) -> tuple[int, int]:
     return row, int(index - cu[row])
 
 
+def _first_bad(bad: np.ndarray, valid: np.ndarray | None) -> int | None:
+    """The first flat index where ``bad`` holds at a valid position (``valid`` None: all are);
+    None when there is none."""
+    if valid is not None:
+        bad &= valid
+    return int(np.flatnonzero(bad)[0]) if bad.any() else None
+
+
 def packed_view(
     arr: pa.Array, name: str = "values"
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
@@ -173,11 +181,8 @@ def _view(
         per_value = np.repeat(~_null_rows(arr), np.diff(cu))
         valid = per_value if valid is None else valid & per_value
     if not floats and values.dtype != np.bool_:
-        odd = (values != 0) & (values != 1)
-        if valid is not None:
-            odd &= valid
-        if odd.any():
-            index = int(np.flatnonzero(odd)[0])
+        index = _first_bad((values != 0) & (values != 1), valid)
+        if index is not None:
             row, position = _row_of(cu, index)
             raise RowError(name, row, position, f"mask value {values[index]} is not 0 or 1")
         values = values.astype(bool)
@@ -303,6 +308,19 @@ class _LogRatios:
         row, position = _row_of(self.cu, index)
         return RowError(name, row, position, f"non-finite value {value}")
 
+    def settle_non_finite(self, on_non_finite: str) -> np.ndarray:
+        """Applies ``on_non_finite`` to the valid positions whose log-ratio is not finite:
+        ``"error"`` raises the RowError of the first, ``"null"`` makes their rows null (see
+        :meth:`drop_rows`). Returns the rows made null, int64 ``[n]`` (batch-local)."""
+        bad = self.non_finite()
+        if not bad.size:
+            return np.zeros(0, dtype=np.int64)
+        if on_non_finite == "error":
+            raise self.error_at(int(bad[0]))
+        dropped = np.unique(np.searchsorted(self.cu, bad, side="right") - 1)
+        self.drop_rows(dropped)
+        return dropped
+
     def drop_rows(self, rows: np.ndarray) -> None:
         """Makes ``rows`` null (their outputs too) and their positions invalid."""
         null = np.zeros(self.cu.size - 1, dtype=bool) if self.null_rows is None else self.null_rows
@@ -355,11 +373,8 @@ def _log_ratios(
     else:
         z = values[0].astype(dtype, copy=False)
         if ratio is not None:
-            bad = z <= 0
-            if valid is not None:
-                bad &= valid
-            if bad.any():
-                index = int(np.flatnonzero(bad)[0])
+            index = _first_bad(z <= 0, valid)
+            if index is not None:
                 row, position = _row_of(cu, index)
                 raise RowError(ratio, row, position, f"ratio {z[index]} <= 0 has no logarithm")
             with np.errstate(divide="ignore", invalid="ignore"):
@@ -450,13 +465,7 @@ def _filter_batch(
         if name in batch.schema.names:
             raise ValueError(f"the batch already has a column {name!r}; choose another prefix")
     lr = _log_ratios(batch, **sources)
-    bad = lr.non_finite()
-    dropped = np.zeros(0, dtype=np.int64)
-    if bad.size:
-        if on_non_finite == "error":
-            raise lr.error_at(int(bad[0]))
-        dropped = np.unique(np.searchsorted(lr.cu, bad, side="right") - 1)
-        lr.drop_rows(dropped)
+    dropped = lr.settle_non_finite(on_non_finite)
     log_x, ratio = _filter_both(lr.z, lr.cu, lr.valid, params, space)
     out = batch
     for name, values in zip(names, (log_x, ratio)):

@@ -36,8 +36,10 @@ except ImportError as exc:  # pragma: no cover - exercised only without torch
 
 import kpo_rs
 
+from . import _plotting
 from . import losses as L
 from ._demo_config import LOSS_NAMES, DemoConfig
+from .diagnostics import plot_spectra
 from .loss_table import get_loss
 
 __all__ = [
@@ -357,16 +359,11 @@ def write_outputs(result: dict[str, Any], out: Path) -> list[Path]:
 
 
 def _plots(result: dict[str, Any], out: Path) -> list[Path]:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:  # pragma: no cover - matplotlib is part of the demo extra
+    if not _plotting.available():  # pragma: no cover - matplotlib is part of the demo extra
         return []
+    plt = _plotting.pyplot()
     cfg: DemoConfig = result["config"]
     logs: list[StepLog] = result["logs"]
-    paths = []
 
     fig, ax = plt.subplots(figsize=(7, 4.2))
     for name in cfg.losses:
@@ -385,39 +382,19 @@ def _plots(result: dict[str, Any], out: Path) -> list[Path]:
         ylabel="reward",
         title=f"Reward by loss (band: min-max over {cfg.seeds} seeds)",
     )
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    paths.append(out / "reward_curves.png")
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
+    paths = [_plotting.save(fig, ax, out / "reward_curves.png")]
 
     example = result["examples"].get("kpo_clipped") or next(iter(result["examples"].values()))
     fig, ax = plt.subplots(figsize=(7, 3.6))
     ax.plot(np.exp(example["raw"]), lw=0.8, label="raw ratio")
     ax.plot(np.exp(example["filtered"]), lw=1.6, label="filtered ratio (KPO)")
     ax.set(xlabel="token", ylabel="importance ratio", title="One response, last update of the run")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    paths.append(out / "ratios.png")
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
+    paths.append(_plotting.save(fig, ax, out / "ratios.png"))
 
     z = example["all"]
     x = kpo_rs.kalman_filter(z, p0=math.inf, q=1e-3)
-    fig, ax = plt.subplots(figsize=(7, 3.6))
-    for label, v in (("raw log-ratio", z), ("filtered (flat prior, q = 1e-3)", x)):
-        spec = np.mean(np.abs(np.fft.rfft(v - v.mean(axis=1, keepdims=True), axis=1)) ** 2, axis=0)
-        ax.semilogy(np.fft.rfftfreq(v.shape[1])[1:], spec[1:], label=label)
-    ax.set(
-        xlabel="frequency (cycles per token)",
-        ylabel="power",
-        title="Spectrum of the log-ratio along responses",
-    )
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    paths.append(out / "spectra.png")
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
+    series = {"raw log-ratio": list(z), "filtered (flat prior, q = 1e-3)": list(x)}
+    paths.append(Path(plot_spectra(series, str(out / "spectra.png"))))
     return paths
 
 

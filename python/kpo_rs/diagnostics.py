@@ -28,6 +28,8 @@ from typing import Any
 
 import numpy as np
 
+from ._plotting import pyplot, save
+
 __all__ = [
     "Switches",
     "low_frequency_energy",
@@ -248,30 +250,15 @@ def welch_spectrum(
 # Plots
 
 
-def _pyplot():
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as exc:  # pragma: no cover - exercised only without matplotlib
-        raise ImportError("plots need matplotlib: pip install 'kpo-rs[demo]'") from exc
-    return plt
-
-
 def plot_traces(raw: np.ndarray, filtered: np.ndarray, path: str, *, title: str = "") -> str:
     """One response's raw and filtered log-ratios (1-D arrays) to a PNG at ``path``."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 3.5))
     ax.plot(raw, lw=0.7, label="raw")
     ax.plot(filtered, lw=1.6, label="filtered")
     ax.axhline(0.0, color="grey", lw=0.6)
     ax.set(xlabel="token", ylabel="log-ratio", title=title or "Raw and filtered log-ratio")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save(fig, ax, path)
 
 
 def plot_spectra(
@@ -279,7 +266,7 @@ def plot_spectra(
 ) -> str:
     """Mean power spectra (:func:`welch_spectrum`) of several sets of rows of any lengths
     (name -> list of 1-D arrays) to a PNG."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 3.5))
     for name, rows in series.items():
         freq, power, segments = welch_spectrum(rows, nperseg)
@@ -290,23 +277,15 @@ def plot_spectra(
         ylabel="power",
         title="Spectrum along responses (Welch)",
     )
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save(fig, ax, path)
 
 
 def plot_switch_histogram(frequencies: dict[str, np.ndarray], path: str) -> str:
     """Histograms of per-row switch frequencies (name -> ``[batch]``) to a PNG."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 3.5))
     bins = np.linspace(0.0, 1.0, 41)
     for name, freq in frequencies.items():
         ax.hist(freq[np.isfinite(freq)], bins=bins, alpha=0.6, label=name)
     ax.set(xlabel="switch frequency per response", ylabel="responses", title="Sign switches")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save(fig, ax, path)

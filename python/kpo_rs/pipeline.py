@@ -349,14 +349,8 @@ def analyze_parquet(
     for batch in _batches(pf, batch_size):
         try:
             lr = _log_ratios(batch, **columns.kwargs())
-            bad = lr.non_finite()
-            dropped = np.zeros(0, dtype=np.int64)
-            if bad.size:
-                if on_non_finite == "error":
-                    raise lr.error_at(int(bad[0]))
-                dropped = np.unique(np.searchsorted(lr.cu, bad, side="right") - 1)
-                lr.drop_rows(dropped)
-                bad_rows.extend((dropped + rows).tolist())
+            dropped = lr.settle_non_finite(on_non_finite)
+            bad_rows.extend((dropped + rows).tolist())
             x, _ = _filter_both(lr.z, lr.cu, lr.valid, p, space)
         except (KeyError, TypeError, ValueError) as exc:
             raise _row_error(exc, src, rows) from exc

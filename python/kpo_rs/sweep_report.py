@@ -27,6 +27,8 @@ from typing import Any
 
 import numpy as np
 
+from . import _plotting
+
 __all__ = [
     "COLUMNS",
     "bootstrap_mean_ci",
@@ -492,13 +494,9 @@ def write_plots(rows: Sequence[dict[str, Any]], out: Path) -> list[Path]:
     groups, variants, _ = _grouped(rows)
     if not groups:
         return []
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:  # pragma: no cover - matplotlib is part of the demo extra
+    if not _plotting.available():  # pragma: no cover - matplotlib is part of the demo extra
         return []
+    plt = _plotting.pyplot()
     kpo = set(_filter_variants(groups))
     panels = sorted({(k[0], k[1]) for k in groups}, key=lambda p: (-(p[0] or 0.0), p[1]))
     pressures = sorted({(k[2], k[3], k[4]) for k in groups})
