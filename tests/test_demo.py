@@ -149,7 +149,7 @@ def test_cli_runs_the_demo(tmp_path, capsys):
 
 def test_cli_rejects_an_unknown_loss(capsys):
     assert cli.main(["demo", "--losses", "ppo"]) == 2
-    assert "unknown losses" in capsys.readouterr().err
+    assert "losses: unknown ['ppo']" in capsys.readouterr().err
 
 
 def test_cli_rejects_a_bad_count(capsys):

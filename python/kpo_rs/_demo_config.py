@@ -38,13 +38,9 @@ class DemoConfig:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> None:
-        from .loss_table import LOSS_NAMES as known  # imports torch: only when validating
+        from .loss_table import check_names  # imports torch: only when validating
 
-        if not self.losses:
-            raise ValueError("losses must name at least one loss")
-        unknown = [name for name in self.losses if name not in known]
-        if unknown:
-            raise ValueError(f"unknown losses {unknown}; choose from {list(known)}")
+        check_names(self.losses)
         for name in (
             "steps",
             "seeds",

@@ -328,24 +328,18 @@ def _filter_hold(
     return torch.where(count > 0, state, m0)
 
 
-def filter_padded(
+def _forward_padded(
     z: torch.Tensor,
     mask: torch.Tensor | None,
     m0: float | torch.Tensor,
     table: GainTable,
     masked: str,
-    *,
-    doubling: bool = False,
+    doubling: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Forward filter of ``z`` ``[B, T]`` from the prior mean ``m0`` (a float or a 0-d tensor);
-    returns ``(output [B, T], witness)``: the output is 0 at masked positions under
-    ``masked="zero"``; the witness (each row's last state) is non-finite if and only if some
-    value read is (see ``kpo_rs.backends.scan``)."""
+    """:func:`forward` of a padded batch ``z`` ``[B, T]``; the witness: each row's last state."""
     batch, length = z.shape
     if batch * length == 0:
         return z.new_zeros(z.shape), z.new_zeros(batch, 0)
-    if isinstance(m0, torch.Tensor):
-        m0 = m0.to(z.dtype)
     if mask is not None and masked == "hold":
         state = _filter_hold(z, mask, m0, table, doubling)
         return state, state[:, -1:]
@@ -354,16 +348,14 @@ def filter_padded(
     return out, state[:, -1:]
 
 
-def adjoint_padded(
+def _adjoint_padded(
     g: torch.Tensor,
     mask: torch.Tensor | None,
     table: GainTable,
     masked: str,
-    *,
-    doubling: bool = False,
+    doubling: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Adjoint of :func:`filter_padded` for upstream gradient ``g`` ``[B, T]``; returns
-    ``(dz [B, T], dm0 [B], witness)`` (the witness: each row's first ``dz``)."""
+    """:func:`adjoint` of a padded batch ``g`` ``[B, T]``; the witness: each row's first ``dz``."""
     batch, length = g.shape
     if batch * length == 0:
         return g.new_zeros(g.shape), g.new_zeros(batch), g.new_zeros(batch, 0)
@@ -430,56 +422,105 @@ def _cut_at_starts(
 PADDED_MAX_EXPANSION = 4
 
 
-def _padded_slots(
-    cu_seqlens: torch.Tensor, total: int, longest: int, device: torch.device, doubling: bool
-) -> torch.Tensor | None:
-    """Each packed position's index in the flattened ``[rows, longest]`` padded layout, or None
-    where that layout would be too large (or ``doubling`` asks for one flat row)."""
-    rows = cu_seqlens.shape[0] - 1
-    if doubling or rows * longest > PADDED_MAX_EXPANSION * total + 4096:
-        return None
-    cu = cu_seqlens.to(device=device, dtype=torch.int64)
-    starts, lengths = cu[:-1], cu[1:] - cu[:-1]
-    row = torch.repeat_interleave(torch.arange(rows, device=device), lengths, output_size=total)
-    return torch.arange(total, device=device) - starts[row] + row * longest
+class _Padding:
+    """Packed rows gathered into a padded ``[rows, longest]`` batch (:meth:`pad`) and back
+    (:meth:`unpad`): ``slots`` is each packed position's index in the flattened batch."""
+
+    def __init__(self, slots: torch.Tensor, shape: tuple[int, int]) -> None:
+        self.slots, self.shape = slots, shape
+
+    @classmethod
+    def plan(
+        cls, cu_seqlens: torch.Tensor, flat: torch.Tensor, longest: int, doubling: bool
+    ) -> _Padding | None:
+        """The padding of the rows of ``flat`` ``[total]``, or None where the padded batch would
+        be too large (or ``doubling`` asks for one flat row)."""
+        rows, total, device = cu_seqlens.shape[0] - 1, flat.shape[0], flat.device
+        if doubling or rows * longest > PADDED_MAX_EXPANSION * total + 4096:
+            return None
+        cu = cu_seqlens.to(device=device, dtype=torch.int64)
+        starts, lengths = cu[:-1], cu[1:] - cu[:-1]
+        row = torch.repeat_interleave(torch.arange(rows, device=device), lengths, output_size=total)
+        slots = torch.arange(total, device=device) - starts[row] + row * longest
+        return cls(slots, (rows, longest))
+
+    def pad(self, flat: torch.Tensor | None) -> torch.Tensor | None:
+        if flat is None:
+            return None
+        padded = flat.new_zeros(self.shape[0] * self.shape[1])
+        return padded.scatter_(0, self.slots, flat).view(self.shape)
+
+    def unpad(self, padded: torch.Tensor) -> torch.Tensor:
+        return padded.reshape(-1)[self.slots]
 
 
-def _to_padded(flat: torch.Tensor | None, slots: torch.Tensor, shape: tuple[int, int]):
-    if flat is None:
-        return None
-    padded = flat.new_zeros(shape[0] * shape[1])
-    return padded.scatter_(0, slots, flat).view(shape)
-
-
-def filter_packed(
+def forward(
     values: torch.Tensor,
-    cu_seqlens: torch.Tensor,
-    longest: int,
+    cu_seqlens: torch.Tensor | None,
     mask: torch.Tensor | None,
     m0: float | torch.Tensor,
     table: GainTable,
     masked: str,
     *,
+    longest: int = 0,
     doubling: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Forward filter of packed ``values`` ``[total]`` (rows of at most ``longest`` values);
-    returns ``(output [total], witness)`` as :func:`filter_padded`."""
+    """Forward filter from the prior mean ``m0`` (a float or a 0-d tensor) of a padded batch
+    ``values`` ``[B, T]``, or of packed rows ``values`` ``[total]`` split by ``cu_seqlens``
+    ``[B + 1]`` (on ``values``' device; rows of at most ``longest`` values). Returns
+    ``(output, witness)``: the output shaped like ``values``, 0 at masked positions under
+    ``masked="zero"``; the witness is non-finite if and only if some value read is (see
+    ``kpo_rs.backends.scan``)."""
+    if isinstance(m0, torch.Tensor):
+        m0 = m0.to(values.dtype)
+    if cu_seqlens is None:
+        return _forward_padded(values, mask, m0, table, masked, doubling)
+    padding = _Padding.plan(cu_seqlens, values, longest, doubling)
+    if padding is None:
+        return _forward_flat(values, cu_seqlens, mask, m0, table, masked)
+    out, witness = _forward_padded(
+        padding.pad(values), padding.pad(mask), m0, table, masked, doubling
+    )
+    return padding.unpad(out), witness
+
+
+def adjoint(
+    grad: torch.Tensor,
+    cu_seqlens: torch.Tensor | None,
+    mask: torch.Tensor | None,
+    table: GainTable,
+    masked: str,
+    *,
+    longest: int = 0,
+    doubling: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Adjoint of :func:`forward` for the upstream gradient ``grad`` (either layout); returns
+    ``(dz` shaped like ``grad``, ``dm0 [B]``, witness)``."""
+    if cu_seqlens is None:
+        return _adjoint_padded(grad, mask, table, masked, doubling)
+    padding = _Padding.plan(cu_seqlens, grad, longest, doubling)
+    if padding is None:
+        return _adjoint_flat(grad, cu_seqlens, mask, table, masked)
+    padded = padding.pad(grad)
+    dz, dm0, witness = _adjoint_padded(padded, padding.pad(mask), table, masked, doubling)
+    return padding.unpad(dz), dm0, witness
+
+
+def _forward_flat(
+    values: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    mask: torch.Tensor | None,
+    m0: float | torch.Tensor,
+    table: GainTable,
+    masked: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Packed rows as one flat row with the carry cut at each row's start."""
     total = values.shape[0]
     if total == 0:
         return values.new_zeros(0), values.new_zeros(0)
-    slots = _padded_slots(cu_seqlens, total, longest, values.device, doubling)
-    if slots is not None:
-        shape = (cu_seqlens.shape[0] - 1, longest)
-        padded_mask = _to_padded(mask, slots, shape)
-        out, witness = filter_padded(
-            _to_padded(values, slots, shape), padded_mask, m0, table, masked, doubling=doubling
-        )
-        return out.reshape(-1)[slots], witness
     a, k, starts = packed_coefficients(cu_seqlens, mask, table, total, masked, values.dtype)
     b = k * _observations(values, mask)
     cut, is_start = _cut_at_starts(a, starts, total)
-    if isinstance(m0, torch.Tensor):
-        m0 = m0.to(values.dtype)
     b = torch.where(is_start, b + a * m0, b)
     state = linear_scan(cut.unsqueeze(0), b.unsqueeze(0)).squeeze(0)
     out = state if mask is None or masked == "hold" else torch.where(mask, state, 0.0)
@@ -487,29 +528,18 @@ def filter_packed(
     return out, state[-1:]
 
 
-def adjoint_packed(
+def _adjoint_flat(
     g: torch.Tensor,
     cu_seqlens: torch.Tensor,
-    longest: int,
     mask: torch.Tensor | None,
     table: GainTable,
     masked: str,
-    *,
-    doubling: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Adjoint of :func:`filter_packed`; returns ``(dvalues [total], dm0 [batch], witness)``."""
+    """The adjoint of :func:`_forward_flat`."""
     total = g.shape[0]
     batch = cu_seqlens.shape[0] - 1
     if total == 0:
         return g.new_zeros(0), g.new_zeros(batch), g.new_zeros(0)
-    slots = _padded_slots(cu_seqlens, total, longest, g.device, doubling)
-    if slots is not None:
-        shape = (batch, longest)
-        padded_mask = _to_padded(mask, slots, shape)
-        dz, dm0, witness = adjoint_padded(
-            _to_padded(g, slots, shape), padded_mask, table, masked, doubling=doubling
-        )
-        return dz.reshape(-1)[slots], dm0, witness
     a, k, starts = packed_coefficients(cu_seqlens, mask, table, total, masked, g.dtype)
     cut, _ = _cut_at_starts(a, starts, total)
     read = g if mask is None or masked == "hold" else _observations(g, mask)

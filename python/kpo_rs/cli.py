@@ -160,34 +160,20 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
         description="Trains a tiny causal transformer with group-relative advantages on a "
         "synthetic task with a verifiable reward, once per loss and seed, and compares the losses.",
     )
-    p.add_argument(
-        "--steps", type=_positive, default=d.steps, help=f"RL steps per run (default {d.steps})"
+    counts = (
+        ("--steps", _positive, "RL steps per run"),
+        ("--seeds", _positive, "seeds per loss"),
+        ("--lag", _non_negative, "rollouts come from the policy this many updates old"),
+        ("--minibatches", _positive, "updates per rollout batch"),
+        ("--response-len", _positive, "tokens per response"),
     )
-    p.add_argument(
-        "--seeds", type=_positive, default=d.seeds, help=f"seeds per loss (default {d.seeds})"
-    )
+    for flag, kind, text in counts:
+        default = getattr(d, flag[2:].replace("-", "_"))
+        p.add_argument(flag, type=kind, default=default, help=f"{text} (default {default})")
     p.add_argument(
         "--losses",
         default=",".join(LOSS_NAMES),
         help=f"comma-separated losses from {','.join(LOSS_NAMES)} (default: all)",
-    )
-    p.add_argument(
-        "--lag",
-        type=_non_negative,
-        default=d.lag,
-        help=f"rollouts come from the policy this many updates old (default {d.lag})",
-    )
-    p.add_argument(
-        "--minibatches",
-        type=_positive,
-        default=d.minibatches,
-        help=f"updates per rollout batch (default {d.minibatches})",
-    )
-    p.add_argument(
-        "--response-len",
-        type=_positive,
-        default=d.response_len,
-        help=f"tokens per response (default {d.response_len})",
     )
     p.add_argument("--out", default=d.out, help=f"output folder (default {d.out})")
     p.add_argument(

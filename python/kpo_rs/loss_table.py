@@ -31,7 +31,7 @@ come from :class:`kpo_rs.params.FilterParams` through the loss functions.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
@@ -40,7 +40,7 @@ import torch
 
 from . import losses, peers
 
-__all__ = ["LOSSES", "LOSS_NAMES", "LossSpec", "get_loss"]
+__all__ = ["LOSSES", "LOSS_NAMES", "LossSpec", "check_names", "get_loss"]
 
 LossFn = Callable[..., tuple[torch.Tensor, dict[str, torch.Tensor]]]
 
@@ -193,3 +193,13 @@ def get_loss(name: str) -> LossSpec:
         return LOSSES[name]
     except (KeyError, TypeError):
         raise ValueError(f"unknown loss {name!r}; choose from {', '.join(LOSS_NAMES)}") from None
+
+
+def check_names(names: Sequence[str], label: str = "losses") -> None:
+    """ValueError, prefixed with ``label`` (a setting's name or command-line flag), unless
+    ``names`` is a non-empty list of the table's losses."""
+    if not names:
+        raise ValueError(f"{label}: name at least one loss")
+    unknown = [n for n in names if n not in LOSSES]
+    if unknown:
+        raise ValueError(f"{label}: unknown {unknown}; choose from {','.join(LOSS_NAMES)}")

@@ -100,13 +100,9 @@ class SweepConfig:
 
     def validate(self) -> None:
         """ValueError naming the setting (as its command-line flag) for any bad value."""
-        from .loss_table import LOSS_NAMES
+        from .loss_table import check_names
 
-        if not self.losses:
-            raise ValueError("--losses: name at least one loss")
-        unknown = [n for n in self.losses if n not in LOSS_NAMES]
-        if unknown:
-            raise ValueError(f"--losses: unknown {unknown}; choose from {','.join(LOSS_NAMES)}")
+        check_names(self.losses, "--losses")
         axes = (
             ("--lr", self.lrs),
             ("--minibatches", self.minibatches),

@@ -33,6 +33,16 @@ def _check(witness: torch.Tensor, name: str, inputs, read, cu_seqlens) -> None:
         raise _non_finite.locate(name, inputs, read, cu_seqlens)
 
 
+def _table(values: torch.Tensor, cu_seqlens, params: FilterParams, longest: int | None):
+    """The gain table and the longest row: a padded batch's time axis, or the packed rows'
+    longest (checked on the host here unless the caller knows it)."""
+    if cu_seqlens is None:
+        longest = values.shape[1]
+    elif longest is None:
+        longest = _longest(cu_seqlens, values.shape[0])
+    return gain_table(longest, params, values.device), longest
+
+
 def forward(
     values: torch.Tensor,
     cu_seqlens: torch.Tensor | None,
@@ -43,18 +53,10 @@ def forward(
     longest: int | None = None,
     doubling: bool = False,
 ) -> torch.Tensor:
-    if cu_seqlens is None:
-        table = gain_table(values.shape[1], params, values.device)
-        out, witness = _scan.filter_padded(
-            values, mask, m0, table, params.masked, doubling=doubling
-        )
-    else:
-        if longest is None:
-            longest = _longest(cu_seqlens, values.shape[0])
-        table = gain_table(longest, params, values.device)
-        out, witness = _scan.filter_packed(
-            values, cu_seqlens, longest, mask, m0, table, params.masked, doubling=doubling
-        )
+    table, longest = _table(values, cu_seqlens, params, longest)
+    out, witness = _scan.forward(
+        values, cu_seqlens, mask, m0, table, params.masked, longest=longest, doubling=doubling
+    )
     _check(witness, "values", values, mask, cu_seqlens)
     return out
 
@@ -68,16 +70,10 @@ def adjoint(
     longest: int | None = None,
     doubling: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    if cu_seqlens is None:
-        table = gain_table(grad.shape[1], params, grad.device)
-        dz, dm0, witness = _scan.adjoint_padded(grad, mask, table, params.masked, doubling=doubling)
-    else:
-        if longest is None:
-            longest = _longest(cu_seqlens, grad.shape[0])
-        table = gain_table(longest, params, grad.device)
-        dz, dm0, witness = _scan.adjoint_packed(
-            grad, cu_seqlens, longest, mask, table, params.masked, doubling=doubling
-        )
+    table, longest = _table(grad, cu_seqlens, params, longest)
+    dz, dm0, witness = _scan.adjoint(
+        grad, cu_seqlens, mask, table, params.masked, longest=longest, doubling=doubling
+    )
     # under "hold" every grad value is read (held outputs depend on the state); under "zero" only
     # the valid ones
     read = mask if params.masked == "zero" else None
