@@ -52,8 +52,41 @@ impl Isa {
 /// block of at most `LANES` rows, on instruction set `isa`. `None` means `isa` has no kernel for
 /// this call (the portable instruction set, a CPU without it, or slices of unequal lengths); the
 /// caller then runs the portable code.
+///
+/// `f32` and `f64` supply only their AVX2 kernels (emitted with them by `x86::kernels!`); the
+/// checks and the dispatch are the provided methods, the same for both.
 pub trait Lanes: Copy + Sized {
+    /// The AVX2 forward kernel of this type.
+    ///
+    /// # Safety
+    /// AVX2 must be present; `src[i]` readable and `dst[i]` writable for `k.len()` elements, the
+    /// outputs not overlapping the inputs; `a.len() == k.len()`; lanes `rows..` repeat lane 0
+    /// (pointers and `x0`).
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn forward_avx2(
+        src: &[*const Self; LANES],
+        dst: &[*mut Self; LANES],
+        k: &[Self],
+        a: &[Self],
+        x0: [Self; LANES],
+        rows: usize,
+    ) -> [Self; LANES];
+
+    /// The AVX2 adjoint kernel of this type.
+    ///
+    /// # Safety
+    /// As for [`Lanes::forward_avx2`].
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn adjoint_avx2(
+        src: &[*const Self; LANES],
+        dst: &[*mut Self; LANES],
+        k: &[Self],
+        a: &[Self],
+        rows: usize,
+    ) -> [Self; LANES];
+
     /// Forward filter from the entering states `x0`: writes `out` and returns the final states.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables))]
     fn forward(
         isa: Isa,
         z: &[&[Self]],
@@ -61,28 +94,58 @@ pub trait Lanes: Copy + Sized {
         a: &[Self],
         x0: [Self; LANES],
         out: &mut [&mut [Self]],
-    ) -> Option<[Self; LANES]>;
+    ) -> Option<[Self; LANES]> {
+        #[cfg(target_arch = "x86_64")]
+        if let Some((src, dst)) = avx2_rows(isa, z, out, k, a) {
+            let x0 = repeat_first(x0, z.len());
+            // SAFETY: AVX2 is present; every pointer addresses a row of k.len() elements
+            // (checked by avx2_rows), and the output rows are writable and do not overlap the
+            // inputs (they come from distinct `&mut` slices).
+            return Some(unsafe { Self::forward_avx2(&src, &dst, k, a, x0, z.len()) });
+        }
+        None
+    }
 
     /// Adjoint from a zero adjoint after the stretch: writes `dz` and returns `a_0 lam_0` per lane.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables))]
     fn adjoint(
         isa: Isa,
         grad: &[&[Self]],
         k: &[Self],
         a: &[Self],
         dz: &mut [&mut [Self]],
-    ) -> Option<[Self; LANES]>;
+    ) -> Option<[Self; LANES]> {
+        #[cfg(target_arch = "x86_64")]
+        if let Some((src, dst)) = avx2_rows(isa, grad, dz, k, a) {
+            // SAFETY: as in `forward`.
+            return Some(unsafe { Self::adjoint_avx2(&src, &dst, k, a, grad.len()) });
+        }
+        None
+    }
 }
 
-/// Row pointers of a block for the kernels: `LANES` input and output rows of `len` elements,
-/// lanes past the block's rows repeating its first row. `None` unless there are 1 to `LANES`
-/// rows, as many outputs as inputs, and every row has `len` elements.
-#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
-fn row_pointers<T>(
+/// Without x86-64 there are no explicit kernels: the provided methods always return `None`.
+#[cfg(not(target_arch = "x86_64"))]
+impl Lanes for f32 {}
+#[cfg(not(target_arch = "x86_64"))]
+impl Lanes for f64 {}
+
+/// Row pointers of a block for the AVX2 kernels: `LANES` input and output rows of `k.len()`
+/// elements, lanes past the block's rows repeating its first row. `None` unless `isa` is AVX2
+/// and the CPU has it, `k` and `a` have equal lengths, there are 1 to `LANES` rows, as many
+/// outputs as inputs, and every row has `k.len()` elements.
+#[cfg(target_arch = "x86_64")]
+fn avx2_rows<T>(
+    isa: Isa,
     rows: &[&[T]],
     out: &mut [&mut [T]],
-    len: usize,
+    k: &[T],
+    a: &[T],
 ) -> Option<([*const T; LANES], [*mut T; LANES])> {
-    let n = rows.len();
+    if isa != Isa::Avx2 || !std::is_x86_feature_detected!("avx2") || a.len() != k.len() {
+        return None;
+    }
+    let (n, len) = (rows.len(), k.len());
     if n == 0 || n > LANES || out.len() != n {
         return None;
     }
@@ -99,7 +162,7 @@ fn row_pointers<T>(
 }
 
 /// Lanes past the block's `n` rows take the first lane's entering state.
-#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+#[cfg(target_arch = "x86_64")]
 fn repeat_first<T: Copy>(mut x: [T; LANES], n: usize) -> [T; LANES] {
     for i in n..LANES {
         x[i] = x[0];
@@ -107,115 +170,14 @@ fn repeat_first<T: Copy>(mut x: [T; LANES], n: usize) -> [T; LANES] {
     x
 }
 
-impl Lanes for f32 {
-    fn forward(
-        isa: Isa,
-        z: &[&[f32]],
-        k: &[f32],
-        a: &[f32],
-        x0: [f32; LANES],
-        out: &mut [&mut [f32]],
-    ) -> Option<[f32; LANES]> {
-        match isa {
-            Isa::Portable => None,
-            #[cfg(target_arch = "x86_64")]
-            Isa::Avx2 => {
-                if !std::is_x86_feature_detected!("avx2") || a.len() != k.len() {
-                    return None;
-                }
-                let (src, dst) = row_pointers(z, out, k.len())?;
-                let x0 = repeat_first(x0, z.len());
-                // SAFETY: AVX2 is present; every pointer addresses a row of k.len() elements
-                // (checked by row_pointers), and the output rows are writable and do not overlap
-                // the inputs (they come from distinct `&mut` slices).
-                Some(unsafe { x86::forward_f32(&src, &dst, k, a, x0, z.len()) })
-            }
-            #[cfg(not(target_arch = "x86_64"))]
-            Isa::Avx2 => None,
-        }
-    }
-
-    fn adjoint(
-        isa: Isa,
-        grad: &[&[f32]],
-        k: &[f32],
-        a: &[f32],
-        dz: &mut [&mut [f32]],
-    ) -> Option<[f32; LANES]> {
-        match isa {
-            Isa::Portable => None,
-            #[cfg(target_arch = "x86_64")]
-            Isa::Avx2 => {
-                if !std::is_x86_feature_detected!("avx2") || a.len() != k.len() {
-                    return None;
-                }
-                let (src, dst) = row_pointers(grad, dz, k.len())?;
-                // SAFETY: as in `forward`.
-                Some(unsafe { x86::adjoint_f32(&src, &dst, k, a, grad.len()) })
-            }
-            #[cfg(not(target_arch = "x86_64"))]
-            Isa::Avx2 => None,
-        }
-    }
-}
-
-impl Lanes for f64 {
-    fn forward(
-        isa: Isa,
-        z: &[&[f64]],
-        k: &[f64],
-        a: &[f64],
-        x0: [f64; LANES],
-        out: &mut [&mut [f64]],
-    ) -> Option<[f64; LANES]> {
-        match isa {
-            Isa::Portable => None,
-            #[cfg(target_arch = "x86_64")]
-            Isa::Avx2 => {
-                if !std::is_x86_feature_detected!("avx2") || a.len() != k.len() {
-                    return None;
-                }
-                let (src, dst) = row_pointers(z, out, k.len())?;
-                let x0 = repeat_first(x0, z.len());
-                // SAFETY: as for `f32`.
-                Some(unsafe { x86::forward_f64(&src, &dst, k, a, x0, z.len()) })
-            }
-            #[cfg(not(target_arch = "x86_64"))]
-            Isa::Avx2 => None,
-        }
-    }
-
-    fn adjoint(
-        isa: Isa,
-        grad: &[&[f64]],
-        k: &[f64],
-        a: &[f64],
-        dz: &mut [&mut [f64]],
-    ) -> Option<[f64; LANES]> {
-        match isa {
-            Isa::Portable => None,
-            #[cfg(target_arch = "x86_64")]
-            Isa::Avx2 => {
-                if !std::is_x86_feature_detected!("avx2") || a.len() != k.len() {
-                    return None;
-                }
-                let (src, dst) = row_pointers(grad, dz, k.len())?;
-                // SAFETY: as for `f32`.
-                Some(unsafe { x86::adjoint_f64(&src, &dst, k, a, grad.len()) })
-            }
-            #[cfg(not(target_arch = "x86_64"))]
-            Isa::Avx2 => None,
-        }
-    }
-}
-
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    //! The AVX2 kernels. Each public function holds the whole loop over chunks of positions;
-    //! the helpers carry the same `#[target_feature]` and are inlined into it. Positions past
-    //! the last whole chunk (fewer than one chunk) run the scalar recurrence per lane.
+    //! The AVX2 kernels: `Lanes::forward_avx2` and `Lanes::adjoint_avx2` of `f32` and `f64`. Each
+    //! holds the whole loop over chunks of positions; the helpers carry the same
+    //! `#[target_feature]` and are inlined into it. Positions past the last whole chunk (fewer
+    //! than one chunk) run the scalar recurrence per lane.
 
-    use super::LANES;
+    use super::{Lanes, LANES};
     use std::arch::x86_64::*;
 
     /// `f32` positions per chunk (lanes per register).
@@ -341,150 +303,143 @@ mod x86 {
     /// stride is a multiple of 4 KiB (all rows then map to the same cache sets).
     const TILE: usize = 128;
 
-    /// Defines the forward and adjoint kernels for one element type: `$t` elements, `$v`
-    /// registers of `$w` lanes (`LANES / $w` groups), chunk transposes `$load` and `$store`.
+    /// Implements [`Lanes`] for one element type (its AVX2 forward and adjoint kernels): `$t`
+    /// elements, `$v` registers of `$w` lanes (`LANES / $w` groups), chunk transposes `$load`
+    /// and `$store`.
     macro_rules! kernels {
-        ($forward:ident, $adjoint:ident, $t:ty, $v:ty, $w:expr, $load:ident, $store:ident,
+        ($t:ty, $v:ty, $w:expr, $load:ident, $store:ident,
          $zero:ident, $splat:ident, $add:ident, $mul:ident, $loadu:ident, $storeu:ident) => {
-            /// Forward filter of `LANES` rows over `k.len()` positions from the states `x0`;
-            /// returns the final states.
-            ///
-            /// # Safety
-            /// AVX2 must be present; `src[i]` readable and `dst[i]` writable for `k.len()`
-            /// elements, the outputs not overlapping the inputs; `a.len() == k.len()`; lanes
-            /// `rows..` repeat lane 0 (pointers and `x0`).
-            #[target_feature(enable = "avx2")]
-            pub unsafe fn $forward(
-                src: &[*const $t; LANES],
-                dst: &[*mut $t; LANES],
-                k: &[$t],
-                a: &[$t],
-                x0: [$t; LANES],
-                rows: usize,
-            ) -> [$t; LANES] {
-                const G: usize = LANES / $w;
-                let len = k.len();
-                let whole = len - len % $w;
-                // SAFETY: x0 has LANES elements.
-                let mut x: [$v; G] =
-                    std::array::from_fn(|g| unsafe { $loadu(x0.as_ptr().add($w * g)) });
-                let mut buf = [[[$zero(); $w]; TILE / $w]; G];
-                let mut p = 0;
-                while p < whole {
-                    let n = TILE.min(whole - p);
-                    for (g, bg) in buf.iter_mut().enumerate() {
-                        for c in (0..n).step_by($w) {
-                            // SAFETY: p + c + $w <= whole <= len.
-                            bg[c / $w] = unsafe { $load(&src[$w * g..$w * (g + 1)], p + c) };
+            impl Lanes for $t {
+                /// Forward filter of `LANES` rows over `k.len()` positions from the states `x0`;
+                /// returns the final states.
+                #[target_feature(enable = "avx2")]
+                unsafe fn forward_avx2(
+                    src: &[*const $t; LANES],
+                    dst: &[*mut $t; LANES],
+                    k: &[$t],
+                    a: &[$t],
+                    x0: [$t; LANES],
+                    rows: usize,
+                ) -> [$t; LANES] {
+                    const G: usize = LANES / $w;
+                    let len = k.len();
+                    let whole = len - len % $w;
+                    // SAFETY: x0 has LANES elements.
+                    let mut x: [$v; G] =
+                        std::array::from_fn(|g| unsafe { $loadu(x0.as_ptr().add($w * g)) });
+                    let mut buf = [[[$zero(); $w]; TILE / $w]; G];
+                    let mut p = 0;
+                    while p < whole {
+                        let n = TILE.min(whole - p);
+                        for (g, bg) in buf.iter_mut().enumerate() {
+                            for c in (0..n).step_by($w) {
+                                // SAFETY: p + c + $w <= whole <= len.
+                                bg[c / $w] = unsafe { $load(&src[$w * g..$w * (g + 1)], p + c) };
+                            }
+                        }
+                        for (i, (&at, &kt)) in a[p..p + n].iter().zip(&k[p..p + n]).enumerate() {
+                            let (at, kt) = ($splat(at), $splat(kt));
+                            for (xg, bg) in x.iter_mut().zip(buf.iter_mut()) {
+                                let b = &mut bg[i / $w][i % $w];
+                                *xg = $add($mul(at, *xg), $mul(kt, *b));
+                                *b = *xg;
+                            }
+                        }
+                        for (g, bg) in buf.iter().enumerate() {
+                            for c in (0..n).step_by($w) {
+                                // SAFETY: p + c + $w <= whole <= len.
+                                unsafe { $store(&dst[$w * g..$w * (g + 1)], p + c, &bg[c / $w]) };
+                            }
+                        }
+                        p += n;
+                    }
+                    let mut out = [0.0; LANES];
+                    for (g, xg) in x.iter().enumerate() {
+                        // SAFETY: out has LANES elements.
+                        unsafe { $storeu(out.as_mut_ptr().add($w * g), *xg) };
+                    }
+                    for (l, xl) in out.iter_mut().enumerate().take(rows) {
+                        for t in whole..len {
+                            // SAFETY: t < len.
+                            unsafe {
+                                *xl = a[t] * *xl + k[t] * *src[l].add(t);
+                                *dst[l].add(t) = *xl;
+                            }
                         }
                     }
-                    for (i, (&at, &kt)) in a[p..p + n].iter().zip(&k[p..p + n]).enumerate() {
-                        let (at, kt) = ($splat(at), $splat(kt));
-                        for (xg, bg) in x.iter_mut().zip(buf.iter_mut()) {
-                            let b = &mut bg[i / $w][i % $w];
-                            *xg = $add($mul(at, *xg), $mul(kt, *b));
-                            *b = *xg;
-                        }
-                    }
-                    for (g, bg) in buf.iter().enumerate() {
-                        for c in (0..n).step_by($w) {
-                            // SAFETY: p + c + $w <= whole <= len.
-                            unsafe { $store(&dst[$w * g..$w * (g + 1)], p + c, &bg[c / $w]) };
-                        }
-                    }
-                    p += n;
+                    out
                 }
-                let mut out = [0.0; LANES];
-                for (g, xg) in x.iter().enumerate() {
-                    // SAFETY: out has LANES elements.
-                    unsafe { $storeu(out.as_mut_ptr().add($w * g), *xg) };
-                }
-                for (l, xl) in out.iter_mut().enumerate().take(rows) {
-                    for t in whole..len {
-                        // SAFETY: t < len.
-                        unsafe {
-                            *xl = a[t] * *xl + k[t] * *src[l].add(t);
-                            *dst[l].add(t) = *xl;
-                        }
-                    }
-                }
-                out
-            }
 
-            /// Adjoint of the forward kernel from a zero adjoint after the last position;
-            /// returns `a_0 lam_0` per lane.
-            ///
-            /// # Safety
-            /// As for the forward kernel.
-            #[target_feature(enable = "avx2")]
-            pub unsafe fn $adjoint(
-                src: &[*const $t; LANES],
-                dst: &[*mut $t; LANES],
-                k: &[$t],
-                a: &[$t],
-                rows: usize,
-            ) -> [$t; LANES] {
-                const G: usize = LANES / $w;
-                let len = k.len();
-                let whole = len - len % $w;
-                let mut lam = [0.0; LANES];
-                for (l, ll) in lam.iter_mut().enumerate().take(rows) {
-                    for t in (whole..len).rev() {
-                        // SAFETY: t < len.
-                        unsafe {
-                            *ll += *src[l].add(t);
-                            *dst[l].add(t) = k[t] * *ll;
-                        }
-                        *ll *= a[t];
-                    }
-                }
-                for l in rows..LANES {
-                    lam[l] = lam[0];
-                }
-                // SAFETY: lam has LANES elements.
-                let mut m: [$v; G] =
-                    std::array::from_fn(|g| unsafe { $loadu(lam.as_ptr().add($w * g)) });
-                let mut buf = [[[$zero(); $w]; TILE / $w]; G];
-                let mut end = whole;
-                while end > 0 {
-                    let n = TILE.min(end);
-                    let p = end - n;
-                    for (g, bg) in buf.iter_mut().enumerate() {
-                        for c in (0..n).step_by($w).rev() {
-                            // SAFETY: p + c + $w <= whole <= len.
-                            bg[c / $w] = unsafe { $load(&src[$w * g..$w * (g + 1)], p + c) };
+                /// Adjoint of the forward kernel from a zero adjoint after the last position;
+                /// returns `a_0 lam_0` per lane.
+                #[target_feature(enable = "avx2")]
+                unsafe fn adjoint_avx2(
+                    src: &[*const $t; LANES],
+                    dst: &[*mut $t; LANES],
+                    k: &[$t],
+                    a: &[$t],
+                    rows: usize,
+                ) -> [$t; LANES] {
+                    const G: usize = LANES / $w;
+                    let len = k.len();
+                    let whole = len - len % $w;
+                    let mut lam = [0.0; LANES];
+                    for (l, ll) in lam.iter_mut().enumerate().take(rows) {
+                        for t in (whole..len).rev() {
+                            // SAFETY: t < len.
+                            unsafe {
+                                *ll += *src[l].add(t);
+                                *dst[l].add(t) = k[t] * *ll;
+                            }
+                            *ll *= a[t];
                         }
                     }
-                    let gains = a[p..end].iter().zip(&k[p..end]).enumerate().rev();
-                    for (i, (&at, &kt)) in gains {
-                        let (at, kt) = ($splat(at), $splat(kt));
-                        for (mg, bg) in m.iter_mut().zip(buf.iter_mut()) {
-                            let b = &mut bg[i / $w][i % $w];
-                            *mg = $add(*mg, *b);
-                            *b = $mul(kt, *mg);
-                            *mg = $mul(at, *mg);
-                        }
+                    for l in rows..LANES {
+                        lam[l] = lam[0];
                     }
-                    for (g, bg) in buf.iter().enumerate() {
-                        for c in (0..n).step_by($w).rev() {
-                            // SAFETY: p + c + $w <= whole <= len.
-                            unsafe { $store(&dst[$w * g..$w * (g + 1)], p + c, &bg[c / $w]) };
-                        }
-                    }
-                    end = p;
-                }
-                for (g, mg) in m.iter().enumerate() {
                     // SAFETY: lam has LANES elements.
-                    unsafe { $storeu(lam.as_mut_ptr().add($w * g), *mg) };
+                    let mut m: [$v; G] =
+                        std::array::from_fn(|g| unsafe { $loadu(lam.as_ptr().add($w * g)) });
+                    let mut buf = [[[$zero(); $w]; TILE / $w]; G];
+                    let mut end = whole;
+                    while end > 0 {
+                        let n = TILE.min(end);
+                        let p = end - n;
+                        for (g, bg) in buf.iter_mut().enumerate() {
+                            for c in (0..n).step_by($w).rev() {
+                                // SAFETY: p + c + $w <= whole <= len.
+                                bg[c / $w] = unsafe { $load(&src[$w * g..$w * (g + 1)], p + c) };
+                            }
+                        }
+                        let gains = a[p..end].iter().zip(&k[p..end]).enumerate().rev();
+                        for (i, (&at, &kt)) in gains {
+                            let (at, kt) = ($splat(at), $splat(kt));
+                            for (mg, bg) in m.iter_mut().zip(buf.iter_mut()) {
+                                let b = &mut bg[i / $w][i % $w];
+                                *mg = $add(*mg, *b);
+                                *b = $mul(kt, *mg);
+                                *mg = $mul(at, *mg);
+                            }
+                        }
+                        for (g, bg) in buf.iter().enumerate() {
+                            for c in (0..n).step_by($w).rev() {
+                                // SAFETY: p + c + $w <= whole <= len.
+                                unsafe { $store(&dst[$w * g..$w * (g + 1)], p + c, &bg[c / $w]) };
+                            }
+                        }
+                        end = p;
+                    }
+                    for (g, mg) in m.iter().enumerate() {
+                        // SAFETY: lam has LANES elements.
+                        unsafe { $storeu(lam.as_mut_ptr().add($w * g), *mg) };
+                    }
+                    lam
                 }
-                lam
             }
         };
     }
 
     kernels!(
-        forward_f32,
-        adjoint_f32,
         f32,
         __m256,
         W32,
@@ -498,8 +453,6 @@ mod x86 {
         _mm256_storeu_ps
     );
     kernels!(
-        forward_f64,
-        adjoint_f64,
         f64,
         __m256d,
         W64,
