@@ -39,16 +39,21 @@ masked positions are never read and may hold anything, NaN included.
 from __future__ import annotations
 
 import functools
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from . import _core
-from .params import FilterParams, Masked
+from .params import FilterOverrides, FilterParams, Masked, Overrides
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 __all__ = [
+    "FilterOverrides",
     "FilterParams",
     "Masked",
+    "Overrides",
     "__version__",
     "gains",
     "kalman_filter",
@@ -80,29 +85,23 @@ def _prepare(x: Any) -> tuple[Any, np.dtype | None]:
 
 
 @functools.lru_cache(maxsize=256, typed=True)
-def _cached(params: FilterParams | None, q: Any, r: Any, p0: Any, m0: Any, masked: Any):
-    return FilterParams.resolve(params, q=q, r=r, p0=p0, m0=m0, masked=masked)
+def _cached(params: FilterParams | None, **overrides: Any) -> FilterParams:
+    return FilterParams.resolve(params, **overrides)
 
 
 def settings(
-    params: FilterParams | None = None,
-    *,
-    q: float | None = None,
-    r: float | None = None,
-    p0: float | None = None,
-    m0: float | None = None,
-    masked: Masked | None = None,
+    params: FilterParams | None = None, **overrides: Unpack[FilterOverrides]
 ) -> FilterParams:
     """The settings of one call: ``params`` (default ``FilterParams()``) with the keyword
-    arguments that are not None applied, validated (TypeError/ValueError naming the argument).
+    overrides that are not None applied, validated (TypeError/ValueError naming the argument).
     Resolutions are cached, so the public functions pay for validation once per distinct
     setting."""
     try:
-        return _cached(params, q, r, p0, m0, masked)
+        return _cached(params, **overrides)
     except TypeError as exc:
         if "unhashable" not in str(exc):
             raise
-    return FilterParams.resolve(params, q=q, r=r, p0=p0, m0=m0, masked=masked)
+    return FilterParams.resolve(params, **overrides)
 
 
 def _as_array(x: Any) -> Any:
@@ -117,12 +116,7 @@ def _restore(out: np.ndarray, dtype: np.dtype | None) -> np.ndarray:
 
 
 def gains(
-    n: int,
-    *,
-    q: float | None = None,
-    r: float | None = None,
-    p0: float | None = None,
-    params: FilterParams | None = None,
+    n: int, *, params: FilterParams | None = None, **overrides: Unpack[Overrides]
 ) -> np.ndarray:
     """The Kalman gains ``K_0 .. K_{n-1}`` of the ``n`` first valid tokens, float64 ``[n]``.
 
@@ -132,19 +126,15 @@ def gains(
     """
     if isinstance(n, bool) or not isinstance(n, (int, np.integer)):
         raise TypeError(f"n must be an int, got {type(n).__name__}")
-    return _core.gains(int(n), *settings(params, q=q, r=r, p0=p0).variances)
+    return _core.gains(int(n), *settings(params, **overrides).variances)
 
 
 def kalman_filter(
     values: np.ndarray,
     mask: np.ndarray | None = None,
     *,
-    q: float | None = None,
-    r: float | None = None,
-    p0: float | None = None,
-    m0: float | None = None,
-    masked: Masked | None = None,
     params: FilterParams | None = None,
+    **overrides: Unpack[FilterOverrides],
 ) -> np.ndarray:
     """Causal Kalman filter of each row of a padded batch.
 
@@ -152,14 +142,15 @@ def kalman_filter(
         values: ``[batch, time]`` float32/float64/float16 observations ``z`` (for KPO the
             log-ratios ``logp - old_logp``).
         mask: optional ``[batch, time]`` bool, True where the token is valid.
-        q, r, p0, m0, masked: overrides of ``params`` (see :class:`FilterParams`).
         params: the settings (default ``FilterParams()``, the KPO authors').
+        **overrides: ``q``, ``r``, ``p0``, ``m0``, ``masked`` for this call, over ``params``
+            (see :class:`FilterParams`).
 
     Returns:
         ``[batch, time]`` filtered states ``x`` in the dtype of ``values``; ``x`` at a valid token
         is the estimate from that row's valid tokens up to and including it.
     """
-    p = settings(params, q=q, r=r, p0=p0, m0=m0, masked=masked)
+    p = settings(params, **overrides)
     z, dtype = _prepare(values)
     out = _core.filter_padded(z, _as_array(mask), *p.variances, p.m0, p.masked)
     return _restore(out, dtype)
@@ -169,12 +160,8 @@ def kalman_filter_adjoint(
     grad: np.ndarray,
     mask: np.ndarray | None = None,
     *,
-    q: float | None = None,
-    r: float | None = None,
-    p0: float | None = None,
-    m0: float | None = None,
-    masked: Masked | None = None,
     params: FilterParams | None = None,
+    **overrides: Unpack[FilterOverrides],
 ) -> tuple[np.ndarray, np.ndarray]:
     """Adjoint (vector-Jacobian product) of :func:`kalman_filter`.
 
@@ -185,14 +172,14 @@ def kalman_filter_adjoint(
         grad: ``[batch, time]`` float32/float64/float16 upstream gradient with respect to the
             filter's output (read at every position under ``masked="hold"``, since held outputs
             depend on the state; only at valid positions under ``"zero"``).
-        mask, q, r, p0, m0, masked, params: as given to the forward call (the adjoint does not
-            depend on ``m0``; it is accepted so that one set of settings serves both).
+        mask, params, **overrides: as given to the forward call (the adjoint does not depend on
+            ``m0``; it is accepted so that one set of settings serves both).
 
     Returns:
         ``(dvalues, dm0)``: ``[batch, time]`` gradient with respect to ``values`` (zero at masked
         positions) and ``[batch]`` gradient with respect to each row's prior mean ``m0``.
     """
-    p = settings(params, q=q, r=r, p0=p0, m0=m0, masked=masked)
+    p = settings(params, **overrides)
     g, dtype = _prepare(grad)
     dz, dm0 = _core.adjoint_padded(g, _as_array(mask), *p.variances, p.masked)
     return _restore(dz, dtype), _restore(dm0, dtype)
@@ -203,12 +190,8 @@ def kalman_filter_packed(
     cu_seqlens: np.ndarray,
     mask: np.ndarray | None = None,
     *,
-    q: float | None = None,
-    r: float | None = None,
-    p0: float | None = None,
-    m0: float | None = None,
-    masked: Masked | None = None,
     params: FilterParams | None = None,
+    **overrides: Unpack[FilterOverrides],
 ) -> np.ndarray:
     """Causal Kalman filter of packed sequences.
 
@@ -218,13 +201,14 @@ def kalman_filter_packed(
         cu_seqlens: ``[batch + 1]`` int32/int64 offsets, first 0, non-decreasing, last ``total``
             (empty rows are allowed).
         mask: optional ``[total]`` bool, True where the token is valid.
-        q, r, p0, m0, masked: overrides of ``params`` (see :class:`FilterParams`).
         params: the settings (default ``FilterParams()``, the KPO authors').
+        **overrides: ``q``, ``r``, ``p0``, ``m0``, ``masked`` for this call, over ``params``
+            (see :class:`FilterParams`).
 
     Returns:
         ``[total]`` filtered states in the dtype of ``values``.
     """
-    p = settings(params, q=q, r=r, p0=p0, m0=m0, masked=masked)
+    p = settings(params, **overrides)
     z, dtype = _prepare(values)
     out = _core.filter_packed(
         z, _as_array(cu_seqlens), _as_array(mask), *p.variances, p.m0, p.masked
@@ -237,12 +221,8 @@ def kalman_filter_packed_adjoint(
     cu_seqlens: np.ndarray,
     mask: np.ndarray | None = None,
     *,
-    q: float | None = None,
-    r: float | None = None,
-    p0: float | None = None,
-    m0: float | None = None,
-    masked: Masked | None = None,
     params: FilterParams | None = None,
+    **overrides: Unpack[FilterOverrides],
 ) -> tuple[np.ndarray, np.ndarray]:
     """Adjoint of :func:`kalman_filter_packed`.
 
@@ -250,7 +230,7 @@ def kalman_filter_packed_adjoint(
         ``(dvalues, dm0)``: ``[total]`` gradient with respect to ``values`` and ``[batch]``
         gradient with respect to each row's prior mean.
     """
-    p = settings(params, q=q, r=r, p0=p0, m0=m0, masked=masked)
+    p = settings(params, **overrides)
     g, dtype = _prepare(grad)
     dz, dm0 = _core.adjoint_packed(
         g, _as_array(cu_seqlens), _as_array(mask), *p.variances, p.masked

@@ -12,14 +12,37 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, TypedDict
 
 import numpy as np
 
-__all__ = ["FilterParams", "Masked"]
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
+__all__ = ["FilterOverrides", "FilterParams", "Masked", "Overrides"]
 
 Masked = Literal["hold", "zero"]
 _MASKED = ("hold", "zero")
+
+
+class Overrides(TypedDict, total=False):
+    """Keyword overrides of :class:`FilterParams` for one call (``None``: not given), taken by the
+    torch op (which takes ``m0`` apart: it may be a tensor) and the losses (whose prior follows
+    from their space). The meaning of each is the field's."""
+
+    q: float | None
+    r: float | None
+    p0: float | None
+    masked: Masked | None
+
+
+class FilterOverrides(Overrides, total=False):
+    """:class:`Overrides` and ``m0``: what the numpy API, the reference and the pipelines take."""
+
+    m0: float | None
+
+
+_FIELDS = ("q", "r", "p0", "m0", "masked")
 
 
 def _real(name: str, value: Any) -> float:
@@ -74,14 +97,22 @@ class FilterParams:
             raise ValueError(f"masked must be 'hold' or 'zero', got {self.masked!r}")
 
     @classmethod
-    def resolve(cls, params: FilterParams | None = None, **overrides: Any) -> FilterParams:
+    def resolve(
+        cls, params: FilterParams | None = None, **overrides: Unpack[FilterOverrides]
+    ) -> FilterParams:
         """``params`` (default: ``FilterParams()``) with every override that is not ``None`` set.
 
-        The public functions call this with their keyword arguments, which default to ``None``
-        ("not given"), so that the defaults live here only.
+        The public functions pass their keyword overrides here; they default to "not given", so
+        that the defaults live in this class only. An unknown name raises ``TypeError`` naming
+        it.
         """
         if params is not None and not isinstance(params, cls):
             raise TypeError(f"params must be a kpo_rs.FilterParams, got {type(params).__name__}")
+        for name in overrides:
+            if name not in _FIELDS:
+                raise TypeError(
+                    f"unexpected keyword argument {name!r} (the settings are {', '.join(_FIELDS)})"
+                )
         given = {k: v for k, v in overrides.items() if v is not None}
         base = cls() if params is None else params
         return dataclasses.replace(base, **given) if given else base

@@ -14,11 +14,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .params import FilterParams
+from .params import FilterOverrides, FilterParams
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 __all__ = [
     "filter_matrix",
@@ -29,8 +32,10 @@ __all__ = [
     "kalman_filter_packed_adjoint",
 ]
 
-#: Defaults of the keyword arguments: the KPO authors' settings, read from FilterParams.
-_DEFAULTS = FilterParams()
+
+def _settings(overrides: dict[str, Any]) -> FilterParams:
+    """The keyword settings of a call over the KPO authors' defaults (:class:`FilterParams`)."""
+    return FilterParams.resolve(None, **overrides)
 
 
 def _gain(p_prev: float, q: float, r: float) -> float:
@@ -38,16 +43,15 @@ def _gain(p_prev: float, q: float, r: float) -> float:
     return 1.0 if math.isinf(s) else s / (s + r)
 
 
-def gains(
-    n: int, *, q: float = _DEFAULTS.q, r: float = _DEFAULTS.r, p0: float = _DEFAULTS.p0
-) -> np.ndarray:
-    """``K_0 .. K_{n-1}``, float64 ``[n]``."""
+def gains(n: int, **settings: Unpack[FilterOverrides]) -> np.ndarray:
+    """``K_0 .. K_{n-1}``, float64 ``[n]`` (``settings``: ``q``, ``r``, ``p0``)."""
+    s = _settings(settings)
     out = []
-    p = p0
+    p = s.p0
     for _ in range(n):
-        k = _gain(p, q, r)
+        k = _gain(p, s.q, s.r)
         out.append(k)
-        p = k * r
+        p = k * s.r
     return np.array(out, dtype=np.float64)
 
 
@@ -56,46 +60,39 @@ def _valid(mask_row: Sequence[bool] | None, t: int) -> bool:
 
 
 def filter_row(
-    z: Sequence[float],
-    mask_row: Sequence[bool] | None,
-    *,
-    q: float,
-    r: float,
-    p0: float,
-    m0: float,
-    masked: str,
+    z: Sequence[float], mask_row: Sequence[bool] | None, **settings: Unpack[FilterOverrides]
 ) -> list[float]:
     """One row of the forward filter; returns the output at every position."""
-    x, p, out = float(m0), float(p0), []
+    s = _settings(settings)
+    x, p, out = s.m0, s.p0, []
     for t in range(len(z)):
         valid = _valid(mask_row, t)
-        if not valid and masked == "hold":
+        if not valid and s.masked == "hold":
             out.append(x)  # state held, n does not advance
             continue
         obs = float(z[t]) if valid else 0.0  # "zero": a masked token is observed as 0
-        k = _gain(p, q, r)
+        k = _gain(p, s.q, s.r)
         x = x + k * (obs - x)
-        p = k * r
+        p = k * s.r
         out.append(x if valid else 0.0)
     return out
 
 
+def _steps(mask_row: Sequence[bool] | None, length: int, masked: str) -> list[bool]:
+    """The positions where the gain index ``n`` advances."""
+    if masked == "hold":
+        return [_valid(mask_row, t) for t in range(length)]
+    return [True] * length  # "zero": the gain index is the position
+
+
 def adjoint_row(
-    g: Sequence[float],
-    mask_row: Sequence[bool] | None,
-    *,
-    q: float,
-    r: float,
-    p0: float,
-    masked: str,
+    g: Sequence[float], mask_row: Sequence[bool] | None, **settings: Unpack[FilterOverrides]
 ) -> tuple[list[float], float]:
     """One row of the adjoint loop of docs/design.md ("Equations"); returns ``(dz, dm0)``."""
+    masked = _settings(settings).masked
     length = len(g)
-    if masked == "hold":
-        steps = [_valid(mask_row, t) for t in range(length)]  # positions where n advances
-    else:
-        steps = [True] * length  # "zero": the gain index is the position
-    k = gains(sum(steps), q=q, r=r, p0=p0)
+    steps = _steps(mask_row, length, masked)
+    k = gains(sum(steps), **settings)
     n = sum(steps)
     lam, dz = 0.0, [0.0] * length
     for t in reversed(range(length)):
@@ -115,46 +112,36 @@ def _rows(cu_seqlens: np.ndarray) -> list[tuple[int, int]]:
     return list(zip(cu[:-1], cu[1:]))
 
 
+def _over_rows(row_fn: Any, values: Any, cu_seqlens: Any, mask: Any, settings: dict) -> list:
+    """``row_fn`` applied to each packed row (its values and mask slices)."""
+    values = np.asarray(values)
+    return [
+        row_fn(values[s:e], None if mask is None else mask[s:e], **settings)
+        for s, e in _rows(cu_seqlens)
+    ]
+
+
 def kalman_filter_packed(
     values: np.ndarray,
     cu_seqlens: np.ndarray,
     mask: np.ndarray | None = None,
-    *,
-    q: float = _DEFAULTS.q,
-    r: float = _DEFAULTS.r,
-    p0: float = _DEFAULTS.p0,
-    m0: float = _DEFAULTS.m0,
-    masked: str = _DEFAULTS.masked,
+    **settings: Unpack[FilterOverrides],
 ) -> np.ndarray:
     """Packed forward filter; ``[total]`` in, float64 ``[total]`` out."""
-    values = np.asarray(values)
-    out = np.zeros(values.shape, dtype=np.float64)
-    for s, e in _rows(cu_seqlens):
-        row_mask = None if mask is None else mask[s:e]
-        out[s:e] = filter_row(values[s:e], row_mask, q=q, r=r, p0=p0, m0=m0, masked=masked)
-    return out
+    rows = _over_rows(filter_row, values, cu_seqlens, mask, settings)
+    return np.array([x for row in rows for x in row], dtype=np.float64)
 
 
 def kalman_filter_packed_adjoint(
     grad: np.ndarray,
     cu_seqlens: np.ndarray,
     mask: np.ndarray | None = None,
-    *,
-    q: float = _DEFAULTS.q,
-    r: float = _DEFAULTS.r,
-    p0: float = _DEFAULTS.p0,
-    m0: float = _DEFAULTS.m0,
-    masked: str = _DEFAULTS.masked,
+    **settings: Unpack[FilterOverrides],
 ) -> tuple[np.ndarray, np.ndarray]:
     """Packed adjoint; returns float64 ``(dvalues [total], dm0 [batch])``."""
-    grad = np.asarray(grad)
-    rows = _rows(cu_seqlens)
-    dz = np.zeros(grad.shape, dtype=np.float64)
-    dm0 = np.zeros(len(rows), dtype=np.float64)
-    for i, (s, e) in enumerate(rows):
-        row_mask = None if mask is None else mask[s:e]
-        dz[s:e], dm0[i] = adjoint_row(grad[s:e], row_mask, q=q, r=r, p0=p0, masked=masked)
-    return dz, dm0
+    rows = _over_rows(adjoint_row, grad, cu_seqlens, mask, settings)
+    dz = np.array([d for row, _ in rows for d in row], dtype=np.float64)
+    return dz, np.array([dm0 for _, dm0 in rows], dtype=np.float64)
 
 
 def _as_packed(values: np.ndarray, mask: np.ndarray | None) -> tuple:
@@ -165,7 +152,7 @@ def _as_packed(values: np.ndarray, mask: np.ndarray | None) -> tuple:
 
 
 def kalman_filter(
-    values: np.ndarray, mask: np.ndarray | None = None, **settings: Any
+    values: np.ndarray, mask: np.ndarray | None = None, **settings: Unpack[FilterOverrides]
 ) -> np.ndarray:
     """Padded forward filter; ``[batch, time]`` in, float64 ``[batch, time]`` out: the rows of
     the batch as packed rows (``settings``: as :func:`kalman_filter_packed`)."""
@@ -174,7 +161,7 @@ def kalman_filter(
 
 
 def kalman_filter_adjoint(
-    grad: np.ndarray, mask: np.ndarray | None = None, **settings: Any
+    grad: np.ndarray, mask: np.ndarray | None = None, **settings: Unpack[FilterOverrides]
 ) -> tuple[np.ndarray, np.ndarray]:
     """Padded adjoint; returns float64 ``(dvalues [batch, time], dm0 [batch])`` (``settings``:
     as :func:`kalman_filter_packed`)."""
@@ -183,25 +170,16 @@ def kalman_filter_adjoint(
 
 
 def filter_matrix(
-    mask_row: Sequence[bool] | None,
-    length: int,
-    *,
-    q: float = _DEFAULTS.q,
-    r: float = _DEFAULTS.r,
-    p0: float = _DEFAULTS.p0,
-    m0: float = _DEFAULTS.m0,
-    masked: str = _DEFAULTS.masked,
+    mask_row: Sequence[bool] | None, length: int, **settings: Unpack[FilterOverrides]
 ) -> tuple[np.ndarray, np.ndarray]:
     """One row's filter as a linear map: ``(W [length, length], c [length])`` with
     ``x = W z + c m0``, built from ``W[n, s] = K_s prod_{s<u<=n} (1 - K_u)`` over the steps.
     The map does not depend on ``m0``; it is accepted so that one set of settings fits every
     function here (as the adjoints accept it).
     """
-    if masked == "hold":
-        steps = [_valid(mask_row, t) for t in range(length)]
-    else:
-        steps = [True] * length
-    k = gains(sum(steps), q=q, r=r, p0=p0)
+    masked = _settings(settings).masked
+    steps = _steps(mask_row, length, masked)
+    k = gains(sum(steps), **settings)
     # step index of each position: the n of the last step at or before it (-1: none yet)
     n_at, n = [], -1
     for t in range(length):
