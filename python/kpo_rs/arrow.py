@@ -26,7 +26,7 @@ Requires pyarrow (``pip install 'kpo-rs[arrow]'``).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -38,8 +38,11 @@ except ImportError as exc:  # pragma: no cover - exercised only without pyarrow
     ) from exc
 
 from . import kalman_filter_packed
-from .params import FilterParams
+from .params import FilterOverrides, FilterParams
 from .space import check_space, prior_mean, to_filter_space
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 __all__ = [
     "ON_NON_FINITE",
@@ -203,16 +206,9 @@ def _null_rows(arr: pa.Array) -> np.ndarray | None:
     return ~_bits(arr.buffers()[0], arr.offset, len(arr)) if arr.null_count else None
 
 
-def _settings(params: FilterParams | None, overrides: dict[str, Any]) -> FilterParams:
-    unknown = set(overrides) - {"q", "r", "p0", "m0", "masked"}
-    if unknown:
-        raise TypeError(f"unknown filter setting {sorted(unknown)[0]!r}")
-    return FilterParams.resolve(params, **overrides)
-
-
 def _filter_chunk(arr: pa.Array, name: str, p: FilterParams) -> pa.Array:
     values, cu, valid = packed_view(arr, name)
-    out = kalman_filter_packed(values, cu, valid, q=p.q, r=p.r, p0=p.p0, m0=p.m0, masked=p.masked)
+    out = kalman_filter_packed(values, cu, valid, params=p)
     return _rebuild(cu, out, _null_rows(arr), pa.types.is_large_list(arr.type))
 
 
@@ -260,13 +256,16 @@ def _aligned(
 
 
 def filter_list_array(
-    arr: pa.Array | pa.ChunkedArray, *, params: FilterParams | None = None, **overrides: Any
+    arr: pa.Array | pa.ChunkedArray,
+    *,
+    params: FilterParams | None = None,
+    **overrides: Unpack[FilterOverrides],
 ) -> pa.Array | pa.ChunkedArray:
     """Filters each list of ``arr`` (``list<float>`` or ``large_list<float>``, or a chunked array
     of them) with :func:`kpo_rs.kalman_filter_packed` under ``params`` (default
     ``FilterParams()``; keyword overrides ``q, r, p0, m0, masked``). Returns the same kind of
     array, dtype and nulls."""
-    p = _settings(params, overrides)
+    p = FilterParams.resolve(params, **overrides)
     if isinstance(arr, pa.ChunkedArray):
         return pa.chunked_array([_filter_chunk(c, "values", p) for c in arr.chunks], type=arr.type)
     return _filter_chunk(arr, "values", p)
@@ -433,7 +432,7 @@ def filter_log_ratio(
     *,
     space: str = "log_ratio",
     params: FilterParams | None = None,
-    **overrides: Any,
+    **overrides: Unpack[FilterOverrides],
 ) -> np.ndarray:
     """The filtered log-ratio ``[total]`` (z's dtype, nats) of packed log-ratios ``z`` (``valid``
     marks usable tokens): ``space="log_ratio"`` filters ``z``; ``"ratio"`` filters
@@ -444,7 +443,7 @@ def filter_log_ratio(
     check_space(space)
     if not np.issubdtype(z.dtype, np.floating) or z.dtype == np.float16:
         z = z.astype(np.float64)
-    return _filter_both(z, cu, valid, _settings(params, overrides), space)[0]
+    return _filter_both(z, cu, valid, FilterParams.resolve(params, **overrides), space)[0]
 
 
 def _filter_batch(
@@ -486,7 +485,7 @@ def filter_record_batch(
     prefix: str = "kpo_",
     on_non_finite: str = "error",
     params: FilterParams | None = None,
-    **overrides: Any,
+    **overrides: Unpack[FilterOverrides],
 ) -> pa.RecordBatch | pa.Table:
     """``batch`` (a record batch or a table, returned as the same) with two more columns,
     ``{prefix}filtered_log_ratio`` (nats) and ``{prefix}filtered_ratio`` (``exp`` of it, clamped
@@ -500,7 +499,7 @@ def filter_record_batch(
     with a non-finite value at a valid token instead of raising :class:`RowError`. Settings:
     ``params`` (default ``FilterParams()``) with keyword overrides ``q, r, p0, m0, masked``.
     """
-    p = _settings(params, overrides)
+    p = FilterParams.resolve(params, **overrides)
     sources = {
         "log_probs": log_probs,
         "old_log_probs": old_log_probs,

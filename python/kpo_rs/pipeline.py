@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
@@ -32,8 +32,11 @@ import pyarrow.parquet as pq
 
 from . import diagnostics as D
 from .arrow import RowError, _filter_batch, _filter_both, _log_ratios
-from .params import FilterParams
+from .params import FilterOverrides, FilterParams
 from .space import check_space
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 __all__ = [
     "Columns",
@@ -224,7 +227,7 @@ def filter_parquet(
     on_non_finite: str = "error",
     batch_size: int = 4096,
     progress: Progress | None = None,
-    **overrides: Any,
+    **overrides: Unpack[FilterOverrides],
 ) -> FilterStats:
     """Copies ``src`` to ``dst`` adding ``kpo_filtered_log_ratio`` and ``kpo_filtered_ratio``
     columns (see :func:`kpo_rs.arrow.filter_record_batch`; float32 unless a source column is
@@ -318,7 +321,7 @@ def analyze_parquet(
     cutoff: float = 0.05,
     plot_rows: int = 64,
     progress: Progress | None = None,
-    **overrides: Any,
+    **overrides: Unpack[FilterOverrides],
 ) -> dict[str, Any]:
     """Diagnostics of the raw and the filtered log-ratios of every response in ``src``: switch
     frequency, mean run length, low-frequency energy, ratio statistics over the valid tokens;
