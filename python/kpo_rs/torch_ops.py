@@ -1,8 +1,8 @@
 """The filter as a differentiable torch op.
 
-``kalman_filter`` (padded ``[batch, time]``) and ``kalman_filter_packed`` (``[total]`` with
-``cu_seqlens``) run one internal entry per direction (forward, adjoint) with an optional
-``cu_seqlens``, registered with ``torch.library`` as custom ops (``kpo_rs::filter`` and
+``kalman_filter`` filters a padded batch ``[batch, time]``, or packed rows ``[total]`` when given
+``cu_seqlens`` (``kalman_filter_packed`` is that call with ``cu_seqlens`` positional). Both run one
+internal entry per direction (forward, adjoint) with an optional ``cu_seqlens``, registered with ``torch.library`` as custom ops (``kpo_rs::filter`` and
 ``kpo_rs::filter_adjoint``) with fake-tensor kernels and one autograd formula, so
 ``torch.compile(fullgraph=True)`` traces them without graph breaks; in eager mode the same
 implementations run through a ``torch.autograd.Function`` sharing that formula, which skips the
@@ -33,7 +33,7 @@ Requires torch (``pip install 'kpo-rs[torch]'``).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 try:
     import torch
@@ -43,9 +43,19 @@ except ImportError as exc:  # pragma: no cover - exercised only without torch
     ) from exc
 
 from . import _core, backends, settings
-from .params import FilterParams, Masked
+from .params import FilterParams, Overrides
 
-__all__ = ["BACKENDS", "CHECKS", "check_finite", "kalman_filter", "kalman_filter_packed"]
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
+__all__ = [
+    "BACKENDS",
+    "CHECKS",
+    "FilterOptions",
+    "check_finite",
+    "kalman_filter",
+    "kalman_filter_packed",
+]
 
 BACKENDS = backends.NAMES
 #: When a backend that runs without host synchronisation reports a non-finite input.
@@ -284,27 +294,34 @@ class _Filter(torch.autograd.Function):
 # Public API
 
 
+class FilterOptions(Overrides, total=False):
+    """The keyword options of :func:`kalman_filter` other than ``cu_seqlens`` (what
+    :func:`kalman_filter_packed` passes on): the settings overrides, ``m0``, ``params``,
+    ``backend`` and ``check``."""
+
+    m0: float | torch.Tensor | None
+    params: FilterParams | None
+    backend: str
+    check: str
+
+
 def _run(
     values: torch.Tensor,
     cu_seqlens: torch.Tensor | None,
     mask: torch.Tensor | None,
-    q: Any,
-    r: Any,
-    p0: Any,
     m0: Any,
-    masked: Any,
     params: FilterParams | None,
     backend: Any,
     check: Any,
+    overrides: dict[str, Any],
 ) -> torch.Tensor:
-    """The shared body of the public functions: settings resolved once, then the custom op
-    (compiling), the direct forward (no gradient can flow) or the autograd Function."""
+    """The body of :func:`kalman_filter` once the tensors are checked: settings resolved once,
+    then the custom op (compiling), the direct forward (no gradient can flow) or the autograd
+    Function."""
     m0 = _check_m0(m0)
     # (dynamo traces through lru_cache wrappers: resolve directly while compiling)
     resolve = FilterParams.resolve if torch.compiler.is_compiling() else settings
-    p = resolve(
-        params, q=q, r=r, p0=p0, m0=None if isinstance(m0, torch.Tensor) else m0, masked=masked
-    )
+    p = resolve(params, m0=None if isinstance(m0, torch.Tensor) else m0, **overrides)
     prior = m0 if isinstance(m0, torch.Tensor) else p.m0
     name = backends.resolve(backend, values.device)
     if check not in CHECKS:
@@ -323,26 +340,37 @@ def _run(
     return _Filter.apply(values, cu_seqlens, mask, prior, *args)
 
 
+def _check_layout(name: str, values: Any, cu_seqlens: Any, mask: Any) -> None:
+    if cu_seqlens is None:
+        _check_values(name, values, 2, "[batch, time]")
+    else:
+        _check_values(name, values, 1, "[total] (packed: cu_seqlens is given)")
+        _check_offsets(cu_seqlens)
+    _check_mask(mask, values, name)
+
+
 def kalman_filter(
     z: torch.Tensor,
     mask: torch.Tensor | None = None,
     *,
-    q: float | None = None,
-    r: float | None = None,
-    p0: float | None = None,
+    cu_seqlens: torch.Tensor | None = None,
     m0: float | torch.Tensor | None = None,
-    masked: Masked | None = None,
     params: FilterParams | None = None,
     backend: str = "auto",
     check: str = "deferred",
+    **overrides: Unpack[Overrides],
 ) -> torch.Tensor:
-    """Differentiable causal Kalman filter of each row of a padded batch.
+    """Differentiable causal Kalman filter of each row of a padded batch, or of packed rows.
 
     Args:
         z: ``[batch, time]`` observations (float32/float64/float16/bfloat16), e.g. token
-            log-ratios ``logp - old_logp``. Its gradient is the filter's adjoint.
-        mask: optional ``[batch, time]`` bool tensor on ``z``'s device, True at valid tokens.
-        q, r, p0, masked: overrides of ``params`` (see :class:`~kpo_rs.FilterParams`).
+            log-ratios ``logp - old_logp``; with ``cu_seqlens``, packed rows ``[total]``. Its
+            gradient is the filter's adjoint.
+        mask: optional bool tensor shaped like ``z`` on ``z``'s device, True at valid tokens.
+        cu_seqlens: optional ``[batch + 1]`` int32/int64 offsets of packed rows: row ``i`` is
+            ``z[cu_seqlens[i]:cu_seqlens[i + 1]]`` (first 0, non-decreasing, last ``total``),
+            on any device (checked on the host once per call). See also
+            :func:`kalman_filter_packed`.
         m0: prior mean, a float or a scalar tensor (differentiable when it requires grad);
             default ``params.m0``.
         params: the settings (default ``FilterParams()``, the KPO authors').
@@ -351,41 +379,35 @@ def kalman_filter(
             (``"triton"``) is reported: ``"deferred"`` (default) at :func:`check_finite`,
             ``"sync"`` at once (one synchronisation per call). The other backends always check
             at once. See the module documentation.
+        **overrides: ``q``, ``r``, ``p0``, ``masked`` for this call, over ``params`` (see
+            :class:`~kpo_rs.FilterParams`).
 
     Returns:
-        ``[batch, time]`` filtered states in ``z``'s dtype and device.
+        Filtered states shaped like ``z``, in its dtype and on its device.
     """
-    _check_values("z", z, 2, "[batch, time]")
-    _check_mask(mask, z, "z")
-    return _run(z, None, mask, q, r, p0, m0, masked, params, backend, check)
+    _check_layout("z", z, cu_seqlens, mask)
+    return _run(z, cu_seqlens, mask, m0, params, backend, check, overrides)
 
 
 def kalman_filter_packed(
     values: torch.Tensor,
     cu_seqlens: torch.Tensor,
     mask: torch.Tensor | None = None,
-    *,
-    q: float | None = None,
-    r: float | None = None,
-    p0: float | None = None,
-    m0: float | torch.Tensor | None = None,
-    masked: Masked | None = None,
-    params: FilterParams | None = None,
-    backend: str = "auto",
-    check: str = "deferred",
+    **options: Unpack[FilterOptions],
 ) -> torch.Tensor:
-    """Differentiable causal Kalman filter of packed sequences.
+    """Differentiable causal Kalman filter of packed rows: ``kalman_filter(values, mask,
+    cu_seqlens=cu_seqlens, **options)``, with errors naming ``values``.
 
     Args:
         values: ``[total]`` observations; row ``i`` is ``values[cu_seqlens[i]:cu_seqlens[i+1]]``.
         cu_seqlens: ``[batch + 1]`` int32/int64 offsets (first 0, non-decreasing, last
             ``total``), on any device (checked on the host once per call).
-        mask, q, r, p0, m0, masked, params, backend, check: as in :func:`kalman_filter`.
+        mask: optional ``[total]`` bool tensor, True at valid tokens.
+        **options: ``m0``, ``params``, ``backend``, ``check`` and the overrides, as in
+            :func:`kalman_filter`.
 
     Returns:
         ``[total]`` filtered states in ``values``' dtype and device.
     """
-    _check_values("values", values, 1, "[total]")
-    _check_offsets(cu_seqlens)
-    _check_mask(mask, values, "values")
-    return _run(values, cu_seqlens, mask, q, r, p0, m0, masked, params, backend, check)
+    _check_layout("values", values, cu_seqlens, mask)
+    return kalman_filter(values, mask, cu_seqlens=cu_seqlens, **options)
