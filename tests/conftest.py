@@ -1,5 +1,8 @@
 """Hypothesis profiles: "ci" runs 200 examples per property (chosen by scripts/test.sh when CI is
-set), "dev" 50 for quick local runs (the default). Pick one with HYPOTHESIS_PROFILE."""
+set), "dev" 50 for quick local runs (the default). Pick one with HYPOTHESIS_PROFILE.
+
+Also the helpers that several test modules share (imported as ``from conftest import ...``); each
+imports what it needs when called, so that collecting a test needs no optional package."""
 
 import os
 
@@ -13,3 +16,26 @@ _common = {
 settings.register_profile("ci", max_examples=200, **_common)
 settings.register_profile("dev", max_examples=50, **_common)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
+
+
+def write_rollouts_parquet(
+    path, rows: int = 40, length: int = 50, seed: int = 0, row_group: int = 16
+) -> None:
+    """A Parquet file of ``rows`` rollouts of ``length`` tokens each: float32 list columns
+    ``logp`` and ``old_logp`` (old in [-3, 0], new = old + N(0, 0.2)), ``row_group`` rows per
+    row group."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rng = np.random.default_rng(seed)
+    old = (-rng.random(rows * length) * 3).astype(np.float32)
+    new = (old + rng.normal(0, 0.2, old.size)).astype(np.float32)
+    offsets = pa.array(np.arange(rows + 1, dtype=np.int32) * length)
+    table = pa.table(
+        {
+            "logp": pa.ListArray.from_arrays(offsets, new),
+            "old_logp": pa.ListArray.from_arrays(offsets, old),
+        }
+    )
+    pq.write_table(table, path, row_group_size=row_group)

@@ -15,6 +15,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import kpo_rs
+from conftest import write_rollouts_parquet
 from kpo_rs import arrow, cli
 from kpo_rs.pipeline import Columns, PipelineError, analyze_parquet, filter_parquet
 
@@ -247,19 +248,7 @@ def test_memory_stays_bounded_on_a_large_file(tmp_path):
         "filter_parquet(sys.argv[1], sys.argv[2], Columns('logp', 'old_logp'), batch_size=2000)\n"
         "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)\n"
     )
-    rng = np.random.default_rng(6)
-    rows, length = 8000, 500
-    old = (-rng.random(rows * length) * 3).astype(np.float32)
-    new = (old + rng.normal(0, 0.2, old.size)).astype(np.float32)
-    offsets = pa.array(np.arange(rows + 1, dtype=np.int32) * length)
-    table = pa.table(
-        {
-            "logp": pa.ListArray.from_arrays(offsets, new),
-            "old_logp": pa.ListArray.from_arrays(offsets, old),
-        }
-    )
-    pq.write_table(table, tmp_path / "big.parquet", row_group_size=125)
-    del table, old, new
+    write_rollouts_parquet(tmp_path / "big.parquet", rows=8000, length=500, seed=6, row_group=125)
     result = subprocess.run(
         [sys.executable, str(script), str(tmp_path / "big.parquet"), str(tmp_path / "out.parquet")],
         capture_output=True,

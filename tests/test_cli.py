@@ -15,24 +15,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from conftest import write_rollouts_parquet
 from kpo_rs import cli
 
 KPO = os.path.join(os.path.dirname(sys.executable), "kpo")
 COLS = ["--log-probs", "logp", "--old-log-probs", "old_logp"]
-
-
-def _file(path, rows: int = 40, length: int = 50, seed: int = 0, row_group: int = 16) -> None:
-    rng = np.random.default_rng(seed)
-    old = (-rng.random(rows * length) * 3).astype(np.float32)
-    new = (old + rng.normal(0, 0.2, old.size)).astype(np.float32)
-    offsets = pa.array(np.arange(rows + 1, dtype=np.int32) * length)
-    table = pa.table(
-        {
-            "logp": pa.ListArray.from_arrays(offsets, new),
-            "old_logp": pa.ListArray.from_arrays(offsets, old),
-        }
-    )
-    pq.write_table(table, path, row_group_size=row_group)
 
 
 def _kpo(*args: str, **kw) -> subprocess.CompletedProcess:
@@ -41,7 +28,7 @@ def _kpo(*args: str, **kw) -> subprocess.CompletedProcess:
 
 def test_ctrl_c_leaves_the_destination_unchanged_and_exits_130(tmp_path):
     src, dst = tmp_path / "in.parquet", tmp_path / "out.parquet"
-    _file(src, rows=3000, length=1500, row_group=256)
+    write_rollouts_parquet(src, rows=3000, length=1500, row_group=256)
     dst.write_bytes(b"an earlier result")
     args = ["filter", str(src), str(dst), *COLS, "--batch-size", "32", "--log-every", "0"]
     proc = subprocess.Popen([KPO, *args], stderr=subprocess.PIPE, text=True)
@@ -68,7 +55,7 @@ def test_ctrl_c_leaves_the_destination_unchanged_and_exits_130(tmp_path):
     ],
 )
 def test_path_errors_are_one_line_exit_2_and_no_progress(tmp_path, argv, words):
-    _file(tmp_path / "in.parquet")
+    write_rollouts_parquet(tmp_path / "in.parquet")
     before = (tmp_path / "in.parquet").read_bytes()
     out = _kpo(*[a.format(d=tmp_path) for a in argv], *COLS, "--log-every", "0")
     assert out.returncode == 2 and out.stdout == ""
@@ -81,7 +68,7 @@ def test_path_errors_are_one_line_exit_2_and_no_progress(tmp_path, argv, words):
 
 def test_non_finite_rows_stop_the_run_or_are_listed(tmp_path, capsys):
     src, dst = tmp_path / "in.parquet", tmp_path / "out.parquet"
-    _file(src)
+    write_rollouts_parquet(src)
     table = pq.read_table(src)
     lists = table["old_logp"].to_pylist()
     lists[37][4] = float("nan")
@@ -140,7 +127,7 @@ def _without(module: str, *argv: str) -> subprocess.CompletedProcess:
     ],
 )
 def test_a_missing_optional_package_names_the_extra(tmp_path, module, argv, extra):
-    _file(tmp_path / "in.parquet")
+    write_rollouts_parquet(tmp_path / "in.parquet")
     out = _without(module, *[a.format(d=tmp_path) for a in argv], "--no-progress")
     command = argv[0]
     assert out.returncode == 2, out.stderr
@@ -151,7 +138,7 @@ def test_a_missing_optional_package_names_the_extra(tmp_path, module, argv, extr
 
 
 def test_filter_and_analyze_need_no_rich(tmp_path):
-    _file(tmp_path / "in.parquet")
+    write_rollouts_parquet(tmp_path / "in.parquet")
     out = _without(
         "rich", "filter", str(tmp_path / "in.parquet"), str(tmp_path / "o.parquet"), *COLS
     )
@@ -206,7 +193,7 @@ def test_analyze_json_and_counts_agree_with_filter(tmp_path, capsys):
 
 
 def test_analyze_without_a_terminal_draws_no_boxes(tmp_path, capsys):
-    _file(tmp_path / "in.parquet")
+    write_rollouts_parquet(tmp_path / "in.parquet")
     assert cli.main(["analyze", str(tmp_path / "in.parquet"), *COLS, "--no-progress"]) == 0
     out = capsys.readouterr().out
     assert "switch frequency" in out and "40 rows (0 null), 2000 valid tokens" in out
@@ -214,7 +201,7 @@ def test_analyze_without_a_terminal_draws_no_boxes(tmp_path, capsys):
 
 
 def test_progress_lines_in_logs_when_stderr_is_not_a_terminal(tmp_path, capsys):
-    _file(tmp_path / "in.parquet")
+    write_rollouts_parquet(tmp_path / "in.parquet")
     argv = ["filter", str(tmp_path / "in.parquet"), str(tmp_path / "o.parquet"), *COLS]
     assert cli.main([*argv, "--batch-size", "16", "--log-every", "0"]) == 0
     err = capsys.readouterr().err.splitlines()
@@ -254,7 +241,7 @@ def test_demo_without_a_terminal_prints_a_plain_table_and_its_footnote(tmp_path,
 
 
 def test_bad_settings_and_plot_folders_are_one_line(tmp_path, capsys):
-    _file(tmp_path / "in.parquet")
+    write_rollouts_parquet(tmp_path / "in.parquet")
     (tmp_path / "a_file").write_text("")
     src, dst = str(tmp_path / "in.parquet"), str(tmp_path / "out.parquet")
     assert cli.main(["filter", src, dst, *COLS, "--q", "-1", "--log-every", "0"]) == 2
