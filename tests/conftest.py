@@ -39,3 +39,33 @@ def write_rollouts_parquet(
         }
     )
     pq.write_table(table, path, row_group_size=row_group)
+
+
+def loss_and_grad(fn, old, logp, adv, mask, **kw):
+    """``fn`` called with verl's keywords (``old_log_prob``, ``log_prob``, ``advantages``,
+    ``response_mask``) and ``kw``: the loss, its gradient with respect to ``logp``, and the
+    metrics."""
+    lp = logp.clone().requires_grad_(True)
+    loss, metrics = fn(old_log_prob=old, log_prob=lp, advantages=adv, response_mask=mask, **kw)
+    loss.backward()
+    return loss.detach(), lp.grad, metrics
+
+
+def verl_actor_config(**kw):
+    """verl's FSDP actor config for a single-process, one-rollout run, with ``kw`` on top."""
+    from verl.workers.config import FSDPActorConfig
+
+    base = {"strategy": "fsdp", "rollout_n": 1, "ppo_micro_batch_size_per_gpu": 1}
+    return FSDPActorConfig(**(base | kw))
+
+
+def verl_loss_and_grad(name, old, logp, adv, mask, *, mode, config, weights):
+    """verl's registered policy loss ``name`` called as verl's actor calls it, with the
+    aggregation ``mode``, the actor ``config`` and the rollout ``weights``: as
+    :func:`loss_and_grad`."""
+    from verl.trainer.ppo.core_algos import get_policy_loss_fn
+
+    fn = get_policy_loss_fn(name)
+    return loss_and_grad(
+        fn, old, logp, adv, mask, loss_agg_mode=mode, config=config, rollout_is_weights=weights
+    )

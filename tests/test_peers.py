@@ -17,9 +17,8 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
-from verl.trainer.ppo.core_algos import get_policy_loss_fn
-from verl.workers.config import FSDPActorConfig
 
+from conftest import verl_actor_config, verl_loss_and_grad
 from kpo_rs import losses, peers
 from kpo_rs.loss_table import get_loss
 
@@ -62,28 +61,30 @@ def _loss_and_grad(fn, old, logp, adv, mask, **kw):
 
 
 def _verl_dppo(divergence, low, high, c, mode, old, logp, adv, mask, w):
-    cfg = FSDPActorConfig(
-        strategy="fsdp",
-        rollout_n=1,
-        ppo_micro_batch_size_per_gpu=1,
-        clip_ratio=high,
-        clip_ratio_low=low,
-        clip_ratio_high=high,
+    clip = {"clip_ratio": high, "clip_ratio_low": low, "clip_ratio_high": high, "clip_ratio_c": c}
+    cfg = verl_actor_config(loss_agg_mode=mode, **clip)
+    return verl_loss_and_grad(
+        f"dppo_{divergence}", old, logp, adv, mask, mode=mode, config=cfg, weights=w
+    )
+
+
+def _dppo_ours_and_verls(divergence, low, high, c, mode, old, logp, adv, mask, w):
+    """peers.dppo_loss and verl's DPPO loss with the same divergence, clip range, dual clip,
+    aggregation and rollout weights: (ours, theirs), each a (loss, gradient, metrics)."""
+    theirs = _verl_dppo(divergence, low, high, c, mode, old, logp, adv, mask, w)
+    ours = _loss_and_grad(
+        peers.dppo_loss,
+        old,
+        logp,
+        adv,
+        mask,
+        divergence=divergence,
+        clip=(low, high),
         clip_ratio_c=c,
         loss_agg_mode=mode,
-    )
-    lp = logp.clone().requires_grad_(True)
-    loss, metrics = get_policy_loss_fn(f"dppo_{divergence}")(
-        old_log_prob=old,
-        log_prob=lp,
-        advantages=adv,
-        response_mask=mask,
-        loss_agg_mode=mode,
-        config=cfg,
         rollout_is_weights=w,
     )
-    loss.backward()
-    return loss.detach(), lp.grad, metrics
+    return ours, theirs
 
 
 @pytest.mark.parametrize("divergence", ["tv", "kl"])
@@ -94,19 +95,7 @@ def test_dppo_matches_verl(divergence, mode, weighted, dtype):
     old, logp, adv, mask, w = _batch(1, dtype=dtype)
     w = w if weighted else None
     low, high = (0.1, 0.15) if divergence == "tv" else (0.03, 0.05)
-    theirs = _verl_dppo(divergence, low, high, 1.3, mode, old, logp, adv, mask, w)
-    ours = _loss_and_grad(
-        peers.dppo_loss,
-        old,
-        logp,
-        adv,
-        mask,
-        divergence=divergence,
-        clip=(low, high),
-        clip_ratio_c=1.3,
-        loss_agg_mode=mode,
-        rollout_is_weights=w,
-    )
+    ours, theirs = _dppo_ours_and_verls(divergence, low, high, 1.3, mode, old, logp, adv, mask, w)
     tol = {"rtol": 1e-6, "atol": 1e-7} if dtype == torch.float32 else {"rtol": 1e-12, "atol": 1e-14}
     torch.testing.assert_close(ours[0], theirs[0], **tol)
     torch.testing.assert_close(ours[1], theirs[1], **tol)
@@ -141,19 +130,7 @@ def test_dppo_tv_and_kl_differ_and_defaults_are_the_authors():
 )
 def test_dppo_matches_verl_property(seed, batch, time, divergence, mode, low, high, c):
     old, logp, adv, mask, w = _batch(seed, batch=batch, time=time, spread=1.0, holes=True)
-    theirs = _verl_dppo(divergence, low, high, c, mode, old, logp, adv, mask, w)
-    ours = _loss_and_grad(
-        peers.dppo_loss,
-        old,
-        logp,
-        adv,
-        mask,
-        divergence=divergence,
-        clip=(low, high),
-        clip_ratio_c=c,
-        loss_agg_mode=mode,
-        rollout_is_weights=w,
-    )
+    ours, theirs = _dppo_ours_and_verls(divergence, low, high, c, mode, old, logp, adv, mask, w)
     # equal_nan: a fully masked batch gives 0 / 0 in "token-mean", in verl as here
     torch.testing.assert_close(ours[0], theirs[0], rtol=1e-12, atol=1e-14, equal_nan=True)
     torch.testing.assert_close(ours[1], theirs[1], rtol=1e-12, atol=1e-14, equal_nan=True)
@@ -404,23 +381,19 @@ def test_bapo_matches_reference(seed, batch, time, target, adv_shift, mode, dual
         seed, batch=batch, time=time, spread=0.6, holes=True, adv_shift=adv_shift
     )
     lower, upper, step = grid
+    search = {"target": target, "lower": lower, "upper": upper, "step": step}
     ours = _loss_and_grad(
         peers.bapo_loss,
         old,
         logp,
         adv,
         mask,
-        target=target,
-        lower=lower,
-        upper=upper,
-        step=step,
         clip_ratio_c=dual,
         loss_agg_mode=mode,
         rollout_is_weights=w,
+        **search,
     )
-    c_low, c_high, share = peers.bapo_reference(
-        old, logp, adv, mask, target=target, lower=lower, upper=upper, step=step
-    )
+    c_low, c_high, share = peers.bapo_reference(old, logp, adv, mask, **search)
     assert float(ours[2]["bapo_clip_low"]) == c_low
     assert float(ours[2]["bapo_clip_high"]) == c_high
     assert float(ours[2]["bapo_positive_share"]) == pytest.approx(share, rel=1e-10, abs=1e-12)

@@ -16,21 +16,18 @@ import warnings
 import pytest
 import torch
 from verl.trainer.ppo.core_algos import get_policy_loss_fn
-from verl.workers.config import FSDPActorConfig
 
 import kpo_rs.integrations.verl as kpo_verl
+from conftest import loss_and_grad, verl_actor_config, verl_loss_and_grad
 from kpo_rs import losses
 from kpo_rs.loss_table import get_loss
 
 AGG_MODES = list(losses.LOSS_AGG_MODES)
 
 
-def _config(**kw):
-    base = {"strategy": "fsdp", "rollout_n": 1, "ppo_micro_batch_size_per_gpu": 1}
-    return FSDPActorConfig(**(base | kw))
-
-
-def _batch(seed, batch=8, time=64, dtype=torch.float32):
+def _batch(seed, weighted=True, batch=8, time=64, dtype=torch.float32):
+    """Right-padded log-probs, per-sequence advantages and rollout weights; the weights are None
+    unless ``weighted`` (drawn either way, so the other tensors do not depend on it)."""
     gen = torch.Generator().manual_seed(seed)
     old = -torch.rand(batch, time, generator=gen) * 4
     logp = old + torch.randn(batch, time, generator=gen) * 0.3
@@ -38,14 +35,8 @@ def _batch(seed, batch=8, time=64, dtype=torch.float32):
     lengths = torch.randint(0, time + 1, (batch,), generator=gen)
     mask = torch.arange(time)[None, :] < lengths[:, None]
     weights = torch.rand(batch, time, generator=gen) + 0.5
-    return [t.to(dtype) if t.is_floating_point() else t for t in (old, logp, adv, mask, weights)]
-
-
-def _loss_and_grad(fn, old, logp, adv, mask, **kw):
-    lp = logp.clone().requires_grad_(True)
-    loss, metrics = fn(old_log_prob=old, log_prob=lp, advantages=adv, response_mask=mask, **kw)
-    loss.backward()
-    return loss.detach(), lp.grad, metrics
+    tensors = [t.to(dtype) if t.is_floating_point() else t for t in (old, logp, adv, mask, weights)]
+    return tensors if weighted else [*tensors[:4], None]
 
 
 def _close(a, b):
@@ -56,36 +47,12 @@ def _close(a, b):
 @pytest.mark.parametrize("seed", [0, 1])
 @pytest.mark.parametrize("weighted", [False, True])
 def test_ppo_clip_matches_verl_vanilla(mode, seed, weighted):
-    old, logp, adv, mask, w = _batch(seed)
-    w = w if weighted else None
-    cfg = _config(
-        clip_ratio=0.2,
-        clip_ratio_low=0.2,
-        clip_ratio_high=0.28,
-        clip_ratio_c=3.0,
-        loss_agg_mode=mode,
-    )
-    theirs = _loss_and_grad(
-        get_policy_loss_fn("vanilla"),
-        old,
-        logp,
-        adv,
-        mask,
-        loss_agg_mode=mode,
-        config=cfg,
-        rollout_is_weights=w,
-    )
-    ours = _loss_and_grad(
-        losses.ppo_clip_loss,
-        old,
-        logp,
-        adv,
-        mask,
-        clip_ratio_low=0.2,
-        clip_ratio_high=0.28,
-        clip_ratio_c=3.0,
-        loss_agg_mode=mode,
-        rollout_is_weights=w,
+    old, logp, adv, mask, w = _batch(seed, weighted)
+    kw = {"clip_ratio_low": 0.2, "clip_ratio_high": 0.28, "clip_ratio_c": 3.0}
+    cfg = verl_actor_config(clip_ratio=0.2, loss_agg_mode=mode, **kw)
+    theirs = verl_loss_and_grad("vanilla", old, logp, adv, mask, mode=mode, config=cfg, weights=w)
+    ours = loss_and_grad(
+        losses.ppo_clip_loss, old, logp, adv, mask, loss_agg_mode=mode, rollout_is_weights=w, **kw
     )
     _close(ours[0], theirs[0])
     _close(ours[1], theirs[1])
@@ -97,20 +64,10 @@ def test_ppo_clip_matches_verl_vanilla(mode, seed, weighted):
 @pytest.mark.parametrize("seed", [0, 1])
 @pytest.mark.parametrize("weighted", [False, True])
 def test_gspo_matches_verl(mode, seed, weighted):
-    old, logp, adv, mask, w = _batch(seed)
-    w = w if weighted else None
-    cfg = _config(clip_ratio_low=3e-4, clip_ratio_high=4e-4, loss_agg_mode=mode)
-    theirs = _loss_and_grad(
-        get_policy_loss_fn("gspo"),
-        old,
-        logp,
-        adv,
-        mask,
-        loss_agg_mode=mode,
-        config=cfg,
-        rollout_is_weights=w,
-    )
-    ours = _loss_and_grad(
+    old, logp, adv, mask, w = _batch(seed, weighted)
+    cfg = verl_actor_config(clip_ratio_low=3e-4, clip_ratio_high=4e-4, loss_agg_mode=mode)
+    theirs = verl_loss_and_grad("gspo", old, logp, adv, mask, mode=mode, config=cfg, weights=w)
+    ours = loss_and_grad(
         losses.gspo_loss, old, logp, adv, mask, loss_agg_mode=mode, rollout_is_weights=w
     )
     _close(ours[0], theirs[0])
@@ -121,29 +78,13 @@ def test_gspo_matches_verl(mode, seed, weighted):
 @pytest.mark.parametrize("seed", [0, 1, 2])
 @pytest.mark.parametrize("weighted", [False, True])
 def test_gmpo_matches_verl_geo_mean(clip, seed, weighted):
-    old, logp, adv, mask, w = _batch(seed)
-    w = w if weighted else None
-    cfg = _config(clip_ratio=clip, clip_ratio_low=clip, clip_ratio_high=clip)
-    theirs = _loss_and_grad(
-        get_policy_loss_fn("geo_mean"),
-        old,
-        logp,
-        adv,
-        mask,
-        loss_agg_mode="token-mean",
-        config=cfg,
-        rollout_is_weights=w,
+    old, logp, adv, mask, w = _batch(seed, weighted)
+    kw = {"clip_ratio_low": clip, "clip_ratio_high": clip}
+    cfg = verl_actor_config(clip_ratio=clip, **kw)
+    theirs = verl_loss_and_grad(
+        "geo_mean", old, logp, adv, mask, mode="token-mean", config=cfg, weights=w
     )
-    ours = _loss_and_grad(
-        losses.gmpo_loss,
-        old,
-        logp,
-        adv,
-        mask,
-        clip_ratio_low=clip,
-        clip_ratio_high=clip,
-        rollout_is_weights=w,
-    )
+    ours = loss_and_grad(losses.gmpo_loss, old, logp, adv, mask, rollout_is_weights=w, **kw)
     _close(ours[0], theirs[0])
     _close(ours[1], theirs[1])
 
@@ -158,15 +99,14 @@ def test_registered_kpo_clipped_through_verl(mode):
     """Called as verl calls it (keywords, a real actor config, global batch info): the same as
     kpo_clipped_loss with the config's clip range, and verl-style float metrics."""
     old, logp, adv, mask, w = _batch(3)
-    cfg = _config(clip_ratio_low=3e-4, clip_ratio_high=4e-4, loss_agg_mode=mode)
+    cfg = verl_actor_config(clip_ratio_low=3e-4, clip_ratio_high=4e-4, loss_agg_mode=mode)
     cfg.global_batch_info.update(
         {"dp_size": 1, "batch_num_tokens": None, "global_batch_size": None}
     )
-    fn = get_policy_loss_fn("kpo_clipped")
-    loss, grad, metrics = _loss_and_grad(
-        fn, old, logp, adv, mask.float(), loss_agg_mode=mode, config=cfg, rollout_is_weights=w
+    loss, grad, metrics = verl_loss_and_grad(
+        "kpo_clipped", old, logp, adv, mask.float(), mode=mode, config=cfg, weights=w
     )
-    want = _loss_and_grad(
+    want = loss_and_grad(
         losses.kpo_clipped_loss, old, logp, adv, mask, loss_agg_mode=mode, rollout_is_weights=w
     )
     torch.testing.assert_close(loss, want[0])
@@ -178,7 +118,7 @@ def test_registered_kpo_clipped_through_verl(mode):
 
 def test_settings_from_the_environment_and_configure(monkeypatch):
     old, logp, adv, mask, _ = _batch(4)
-    cfg = _config(clip_ratio_low=0.2, clip_ratio_high=0.2)
+    cfg = verl_actor_config(clip_ratio_low=0.2, clip_ratio_high=0.2)
     fn = get_policy_loss_fn("kpo")
     monkeypatch.setenv("KPO_Q", "0.01")
     monkeypatch.setenv("KPO_P0", "inf")
@@ -268,13 +208,14 @@ def test_registered_peers_through_verl(name, mode):
     """Called as verl calls them: the table's loss with the actor's clip range (MinPRO) and dual
     clip (both), verl's aggregation and rollout weights; verl-style float metrics."""
     old, logp, adv, mask, w = _batch(8)
-    cfg = _config(clip_ratio_low=0.2, clip_ratio_high=0.28, clip_ratio_c=3.0, loss_agg_mode=mode)
-    fn = get_policy_loss_fn(name)
-    loss, grad, metrics = _loss_and_grad(
-        fn, old, logp, adv, mask.float(), loss_agg_mode=mode, config=cfg, rollout_is_weights=w
+    cfg = verl_actor_config(
+        clip_ratio_low=0.2, clip_ratio_high=0.28, clip_ratio_c=3.0, loss_agg_mode=mode
+    )
+    loss, grad, metrics = verl_loss_and_grad(
+        name, old, logp, adv, mask.float(), mode=mode, config=cfg, weights=w
     )
     overrides = {"clip": (0.2, 0.28)} if name == "minpro" else {}
-    want = _loss_and_grad(
+    want = loss_and_grad(
         get_loss(name),
         old,
         logp,
