@@ -83,22 +83,20 @@ def _check(batch, params, backend, seed, device="cpu"):
     assert abs(dm0 - want_dm0.sum()) <= bound, (dm0, want_dm0.sum(), bound)
 
 
+def _given_batches(batches):
+    """The draws of a :func:`_check`: a batch from ``batches``, filter settings and the seed of
+    the output's gradient."""
+    return given(batch=batches, params=testing.filter_params(), seed=st.integers(0, 2**32 - 1))
+
+
 @pytest.mark.parametrize(("backend", "device"), BACKEND_DEVICES)
-@given(
-    batch=testing.padded_batches(long_time=3000),
-    params=testing.filter_params(),
-    seed=st.integers(0, 2**32 - 1),
-)
+@_given_batches(testing.padded_batches(long_time=3000))
 def test_padded_forward_and_backward_match_reference(backend, device, batch, params, seed):
     _check(batch, params, backend, seed, device)
 
 
 @pytest.mark.parametrize(("backend", "device"), BACKEND_DEVICES)
-@given(
-    batch=testing.packed_batches(long_time=3000),
-    params=testing.filter_params(),
-    seed=st.integers(0, 2**32 - 1),
-)
+@_given_batches(testing.packed_batches(long_time=3000))
 def test_packed_forward_and_backward_match_reference(backend, device, batch, params, seed):
     _check(batch, params, backend, seed, device)
 

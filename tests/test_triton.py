@@ -113,27 +113,24 @@ def _check_module(batch, params: dict, seed: int, m0_kind: str, tile: int) -> No
     testing.assert_filter_close(dm0.numpy(), want_dm0, env_dm0, batch.dtype, length)
 
 
-M0_KINDS = st.sampled_from(["float", "tensor", "per row"])
+def _given_module_cases(batches):
+    """The draws of a :func:`_check_module`: a batch from ``batches``, filter settings, the seed
+    of the output's gradient (and of per-row prior means), how m0 is passed, and the tile."""
+    return given(
+        batch=batches,
+        params=testing.filter_params(),
+        seed=st.integers(0, 2**32 - 1),
+        m0_kind=st.sampled_from(["float", "tensor", "per row"]),
+        tile=st.sampled_from(TILES),
+    )
 
 
-@given(
-    batch=testing.padded_batches(max_batch=4, max_time=40, long_time=300),
-    params=testing.filter_params(),
-    seed=st.integers(0, 2**32 - 1),
-    m0_kind=M0_KINDS,
-    tile=st.sampled_from(TILES),
-)
+@_given_module_cases(testing.padded_batches(max_batch=4, max_time=40, long_time=300))
 def test_padded_matches_reference(batch, params, seed, m0_kind, tile):
     _check_module(batch, params, seed, m0_kind, tile)
 
 
-@given(
-    batch=testing.packed_batches(max_batch=6, max_time=40, long_time=300),
-    params=testing.filter_params(),
-    seed=st.integers(0, 2**32 - 1),
-    m0_kind=M0_KINDS,
-    tile=st.sampled_from(TILES),
-)
+@_given_module_cases(testing.packed_batches(max_batch=6, max_time=40, long_time=300))
 def test_packed_matches_reference(batch, params, seed, m0_kind, tile):
     """Packed rows, empty ones included, and very uneven lengths (one row up to 300 tokens
     among rows of a few), which span many tiles while others share one."""
