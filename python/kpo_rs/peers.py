@@ -580,19 +580,19 @@ def bapo_reference(
     log_prob: torch.Tensor,
     advantages: torch.Tensor,
     response_mask: torch.Tensor,
-    *,
-    target: float = BAPO_TARGET,
-    lower: tuple[float, float] = BAPO_LOWER,
-    upper: tuple[float, float] = BAPO_UPPER,
-    step: tuple[float, float] = BAPO_STEP,
+    **search: Any,
 ) -> tuple[float, float, float]:
     """BAPO's bound search step by step with plain Python sums over tokens (one host round trip
     per step, as the recipe does): ``(c_low, c_high, positive_share)``. Slow: for tests.
 
-    The bounds are compared with the ratios after rounding to the ratios' dtype, as
+    ``search``: ``target``, ``lower``, ``upper``, ``step`` as for :func:`bapo_loss` (same
+    defaults). The bounds are compared with the ratios after rounding to the ratios' dtype, as
     :func:`bapo_loss` does.
     """
-    lows, highs = (bapo_candidates(*g) for g in _bapo_grid(target, lower, upper, step))
+    grid = dict(target=BAPO_TARGET, lower=BAPO_LOWER, upper=BAPO_UPPER, step=BAPO_STEP)
+    grid.update(search)
+    target = grid["target"]
+    lows, highs = (bapo_candidates(*g) for g in _bapo_grid(**grid))
     ratio = torch.exp(_log_ratio(old_log_prob, log_prob)).detach()
     cast = [float(v) for v in torch.tensor(lows + highs, dtype=ratio.dtype).tolist()]
     lows, highs = cast[: len(lows)], cast[len(lows) :]
