@@ -313,19 +313,23 @@ def minpro_loss(
     return loss, metrics
 
 
+def _minpro_settings(
+    clip: tuple[float, float] = MINPRO_CLIP, clip_ratio_c: float | None = None, inclusive=False
+) -> tuple[tuple[float, float], float | None, bool]:
+    return clip, clip_ratio_c, inclusive
+
+
 def minpro_reference(
     old_log_prob: torch.Tensor,
     log_prob: torch.Tensor,
     advantages: torch.Tensor,
     response_mask: torch.Tensor,
-    *,
-    clip: tuple[float, float] = MINPRO_CLIP,
-    clip_ratio_c: float | None = None,
-    inclusive: bool = False,
+    **settings: Any,
 ) -> torch.Tensor:
     """The per-token MinPRO losses ``[batch, time]`` by a plain loop over rows and tokens (zero
-    at masked positions); differentiable in ``log_prob``. Slow: for tests."""
-    low, high = clip
+    at masked positions); differentiable in ``log_prob``. Slow: for tests. ``settings``:
+    ``clip``, ``clip_ratio_c``, ``inclusive`` as for :func:`minpro_loss` (same defaults)."""
+    (low, high), clip_ratio_c, inclusive = _minpro_settings(**settings)
     rows = []
     for b in range(log_prob.shape[0]):
         smallest = None  # minimum log-ratio over the valid tokens seen so far in this row
@@ -575,6 +579,12 @@ def _bapo_search(
     )
 
 
+def _bapo_search(
+    target: float = BAPO_TARGET, lower=BAPO_LOWER, upper=BAPO_UPPER, step=BAPO_STEP
+) -> tuple[float, Any, Any, Any]:
+    return target, lower, upper, step
+
+
 def bapo_reference(
     old_log_prob: torch.Tensor,
     log_prob: torch.Tensor,
@@ -589,10 +599,8 @@ def bapo_reference(
     defaults). The bounds are compared with the ratios after rounding to the ratios' dtype, as
     :func:`bapo_loss` does.
     """
-    grid = dict(target=BAPO_TARGET, lower=BAPO_LOWER, upper=BAPO_UPPER, step=BAPO_STEP)
-    grid.update(search)
-    target = grid["target"]
-    lows, highs = (bapo_candidates(*g) for g in _bapo_grid(**grid))
+    target, lower, upper, step = _bapo_search(**search)
+    lows, highs = (bapo_candidates(*g) for g in _bapo_grid(target, lower, upper, step))
     ratio = torch.exp(_log_ratio(old_log_prob, log_prob)).detach()
     cast = [float(v) for v in torch.tensor(lows + highs, dtype=ratio.dtype).tolist()]
     lows, highs = cast[: len(lows)], cast[len(lows) :]
