@@ -579,7 +579,7 @@ def _bapo_search(
     )
 
 
-def _bapo_search(
+def _bapo_settings(
     target: float = BAPO_TARGET, lower=BAPO_LOWER, upper=BAPO_UPPER, step=BAPO_STEP
 ) -> tuple[float, Any, Any, Any]:
     return target, lower, upper, step
@@ -599,7 +599,7 @@ def bapo_reference(
     defaults). The bounds are compared with the ratios after rounding to the ratios' dtype, as
     :func:`bapo_loss` does.
     """
-    target, lower, upper, step = _bapo_search(**search)
+    target, lower, upper, step = _bapo_settings(**search)
     lows, highs = (bapo_candidates(*g) for g in _bapo_grid(target, lower, upper, step))
     ratio = torch.exp(_log_ratio(old_log_prob, log_prob)).detach()
     cast = [float(v) for v in torch.tensor(lows + highs, dtype=ratio.dtype).tolist()]
