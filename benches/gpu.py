@@ -78,8 +78,8 @@ def _triton(device: torch.device):
 def cases(batch: int, length: int, device: torch.device) -> dict:
     import kpo_rs
     from kpo_rs import losses, torch_ops
+    from kpo_rs._rows import Rows
     from kpo_rs.bench import authors_form, torch_loop
-    from kpo_rs.params import FilterParams
 
     gen = torch.Generator().manual_seed(0)
     z = (torch.randn(batch, length, generator=gen) * 0.1).to(device)
@@ -127,13 +127,12 @@ def cases(batch: int, length: int, device: torch.device) -> dict:
     }
     tb = _triton(device)
     if tb is not None:
-        params = FilterParams()
         out.update({
             "triton fwd": lambda: tri(z),
             "triton fwd, mask with holes": lambda: tri(z, mask),
             "triton fwd, packed": lambda: packed(z, "triton"),
-            "triton adjoint": lambda: tb.adjoint(z, None, None, params),
-            "triton adjoint, mask with holes": lambda: tb.adjoint(z, None, mask, params),
+            "triton adjoint": lambda: tb.adjoint(Rows(z)),
+            "triton adjoint, mask with holes": lambda: tb.adjoint(Rows(z, mask=mask)),
             "triton fwd+bwd": op_grad(tri),
             "triton fwd+bwd, mask with holes": op_grad(lambda zz: tri(zz, mask)),
         })  # fmt: skip

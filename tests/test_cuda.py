@@ -24,6 +24,7 @@ import torch
 
 import kpo_rs
 from kpo_rs import _scan, backends, testing, torch_ops
+from kpo_rs._rows import Rows
 from kpo_rs.params import FilterParams
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -265,8 +266,8 @@ def test_triton_long_rows_many_tiles_same_result_every_run(tile, masked):
             cu = np.array([0, shape[0]]) if len(shape) == 1 else None
             tz, tg, tmask = (torch.from_numpy(a).cuda() for a in (z, g, mask))
             tcu = None if cu is None else torch.from_numpy(cu).cuda()
-            runs = [tb.forward(tz, tcu, tmask, 0.0, params, check="sync") for _ in range(3)]
-            grads = [tb.adjoint(tg, tcu, tmask, params, check="sync") for _ in range(3)]
+            runs = [tb.forward(Rows(tz, tcu, tmask, params), 0.0, check="sync") for _ in range(3)]
+            grads = [tb.adjoint(Rows(tg, tcu, tmask, params), check="sync") for _ in range(3)]
             for y in runs[1:]:
                 assert torch.equal(y, runs[0])
             for dz, dm0 in grads[1:]:

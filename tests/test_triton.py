@@ -30,6 +30,7 @@ from hypothesis import strategies as st
 pytest.importorskip("triton", reason="the triton backend needs triton (pip install triton)")
 
 from kpo_rs import reference, testing, torch_ops
+from kpo_rs._rows import Rows
 from kpo_rs.backends import triton as tb
 from kpo_rs.params import FilterParams
 
@@ -99,8 +100,8 @@ def _check_module(batch, params: dict, seed: int, m0_kind: str, tile: int) -> No
     settings = FilterParams(**params)
     cu = None if isinstance(batch, testing.PaddedBatch) else _t(batch.cu_seqlens)
     with _tile(tile):
-        y = tb.forward(_t(batch.values), cu, _t(batch.mask), m0, settings, check="sync")
-        dz, dm0 = tb.adjoint(_t(grad), cu, _t(batch.mask), settings, check="sync")
+        y = tb.forward(Rows(_t(batch.values), cu, _t(batch.mask), settings), m0, check="sync")
+        dz, dm0 = tb.adjoint(Rows(_t(grad), cu, _t(batch.mask), settings), check="sync")
     assert y.dtype == dz.dtype == dm0.dtype == _t(grad).dtype
     assert y.shape == dz.shape == batch.values.shape and dm0.shape == (rows,)
     want_y, want_dz, want_dm0 = _reference(batch, params, m0_rows, grad)
@@ -220,12 +221,12 @@ class _PerRow(torch.autograd.Function):
     def forward(ctx, values, m0, mask, params):
         ctx.save_for_backward(mask)
         ctx.params = params
-        return tb.forward(values, None, mask, m0, params, check="sync")
+        return tb.forward(Rows(values, mask=mask, params=params), m0, check="sync")
 
     @staticmethod
     def backward(ctx, grad):
         (mask,) = ctx.saved_tensors
-        dz, dm0 = tb.adjoint(grad.contiguous(), None, mask, ctx.params, check="sync")
+        dz, dm0 = tb.adjoint(Rows(grad.contiguous(), mask=mask, params=ctx.params), check="sync")
         return dz, dm0, None, None
 
 
@@ -272,8 +273,8 @@ def test_float_m0_keeps_float64_precision():
     z = torch.randn(2, 50, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
     m0 = 0.1 + 2.0**-50
     params = FilterParams(q=1e-3)
-    a = tb.forward(z, None, None, m0, params)
-    b = tb.forward(z, None, None, torch.tensor(m0, dtype=torch.float64), params)
+    a = tb.forward(Rows(z, params=params), m0)
+    b = tb.forward(Rows(z, params=params), torch.tensor(m0, dtype=torch.float64))
     assert torch.equal(a, b)
 
 
@@ -284,11 +285,11 @@ def test_packed_gain_table_size_does_not_change_results():
     v = torch.randn(200, dtype=torch.float64, generator=gen)
     cu = torch.tensor([0, 50, 50, 180, 200])
     p = FilterParams(q=0.0, p0=math.inf)
-    want = tb.forward(v, cu, None, 0.1, p)
-    assert torch.equal(tb.forward(v, cu, None, 0.1, p, longest=130), want)
-    assert torch.equal(tb.forward(v, cu, None, 0.1, p, longest=5000), want)
-    dz, dm0 = tb.adjoint(v, cu, None, p)
-    dz2, dm02 = tb.adjoint(v, cu, None, p, longest=5000)
+    want = tb.forward(Rows(v, cu, params=p), 0.1)
+    assert torch.equal(tb.forward(Rows(v, cu, params=p, longest=130), 0.1), want)
+    assert torch.equal(tb.forward(Rows(v, cu, params=p, longest=5000), 0.1), want)
+    dz, dm0 = tb.adjoint(Rows(v, cu, params=p))
+    dz2, dm02 = tb.adjoint(Rows(v, cu, params=p, longest=5000))
     assert torch.equal(dz, dz2) and torch.equal(dm0, dm02)
 
 
@@ -300,24 +301,24 @@ def test_non_finite_sync_names_row_and_position():
     p = FilterParams()
     with _tile(32):
         with pytest.raises(ValueError, match="values: non-finite value at row 1, position 70"):
-            tb.forward(z, None, None, 0.0, p, check="sync")
+            tb.forward(Rows(z, params=p), 0.0, check="sync")
         mask = torch.ones(3, 80, dtype=torch.bool)
         mask[1, 70] = False
         with pytest.raises(ValueError, match="values: non-finite value at row 2, position 3"):
-            tb.forward(z, None, mask, 0.0, p, check="sync")
+            tb.forward(Rows(z, mask=mask, params=p), 0.0, check="sync")
         mask[2, 3] = False
-        assert torch.isfinite(tb.forward(z, None, mask, 0.0, p, check="sync")).all()
+        assert torch.isfinite(tb.forward(Rows(z, mask=mask, params=p), 0.0, check="sync")).all()
         cu = torch.tensor([0, 100, 240], dtype=torch.int64)
         with pytest.raises(ValueError, match="values: non-finite value at row 1, position 50"):
-            tb.forward(z.reshape(-1), cu, None, 0.0, p, check="sync")
+            tb.forward(Rows(z.reshape(-1), cu, params=p), 0.0, check="sync")
         g = torch.zeros(3, 80, dtype=torch.float32)
         g[0, 5] = math.inf
         with pytest.raises(ValueError, match="grad: non-finite value at row 0, position 5"):
-            tb.adjoint(g, None, mask, p.replace(masked="zero"), check="sync")
+            tb.adjoint(Rows(g, mask=mask, params=p.replace(masked="zero")), check="sync")
         mask[0, 5] = False  # "zero" does not read a masked gradient, "hold" does
-        tb.adjoint(g, None, mask, p.replace(masked="zero"), check="sync")
+        tb.adjoint(Rows(g, mask=mask, params=p.replace(masked="zero")), check="sync")
         with pytest.raises(ValueError, match="grad: non-finite value at row 0, position 5"):
-            tb.adjoint(g, None, mask, p, check="sync")
+            tb.adjoint(Rows(g, mask=mask, params=p), check="sync")
     tb.raise_if_non_finite()  # the sync checks left no deferred record
 
 
@@ -328,7 +329,7 @@ def test_non_finite_deferred_is_raised_at_the_check():
     z[2, 7] = math.inf
     p = FilterParams(q=1e-2)
     with _tile(16):
-        y = tb.forward(z, None, None, 0.0, p)  # deferred: no error here
+        y = tb.forward(Rows(z, params=p), 0.0)  # deferred: no error here
         assert torch.isnan(y[1, 20:]).all() and torch.isfinite(y[1, :20]).all()
         # rows before and after a bad one are unaffected
         want = reference.kalman_filter(z[0:1].numpy(), q=1e-2)
@@ -338,7 +339,7 @@ def test_non_finite_deferred_is_raised_at_the_check():
         tb.raise_if_non_finite()  # cleared
         g = torch.ones(2, 10, dtype=torch.float64)
         g[1, 9] = -math.inf
-        tb.adjoint(g, None, None, p)
+        tb.adjoint(Rows(g, params=p))
         with pytest.raises(ValueError, match="grad: non-finite value at row 1, position 9"):
             tb.raise_if_non_finite("cpu")
 
@@ -348,22 +349,22 @@ def test_overflow_of_finite_inputs_is_reported():
     """The adjoint sums gradients: float32 ones near the largest float overflow."""
     g = torch.full((1, 40), 3e38, dtype=torch.float32)
     with pytest.raises(ValueError, match="grad: the result overflowed although every input"):
-        tb.adjoint(g, None, None, FilterParams(), check="sync")
+        tb.adjoint(Rows(g), check="sync")
 
 
 def test_empty_inputs_and_bad_arguments():
     p = FilterParams()
-    assert tb.forward(torch.zeros(0, 5), None, None, 0.0, p).shape == (0, 5)
-    dz, dm0 = tb.adjoint(torch.zeros(3, 0), None, None, p)
+    assert tb.forward(Rows(torch.zeros(0, 5), params=p), 0.0).shape == (0, 5)
+    dz, dm0 = tb.adjoint(Rows(torch.zeros(3, 0), params=p))
     assert dz.shape == (3, 0) and torch.equal(dm0, torch.zeros(3))
-    dz, dm0 = tb.adjoint(torch.zeros(0), torch.tensor([0, 0, 0]), None, p)
+    dz, dm0 = tb.adjoint(Rows(torch.zeros(0), torch.tensor([0, 0, 0]), params=p))
     assert dz.shape == (0,) and dm0.shape == (2,)
     with pytest.raises(TypeError, match="values must be float32 or float64"):
-        tb.forward(torch.zeros(2, 3, dtype=torch.float16), None, None, 0.0, p)
+        tb.forward(Rows(torch.zeros(2, 3, dtype=torch.float16), params=p), 0.0)
     with pytest.raises(ValueError, match="m0 must be a scalar or one value per row"):
-        tb.forward(torch.zeros(2, 3), None, None, torch.zeros(3), p)
+        tb.forward(Rows(torch.zeros(2, 3), params=p), torch.zeros(3))
     with pytest.raises(ValueError, match="check must be one of"):
-        tb.forward(torch.zeros(2, 3), None, None, 0.0, p, check="never")
+        tb.forward(Rows(torch.zeros(2, 3), params=p), 0.0, check="never")
 
 
 def test_available_only_under_the_interpreter_on_cpu(monkeypatch):

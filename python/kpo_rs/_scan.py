@@ -51,6 +51,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from ._rows import Rows
+
 #: Chunk length. Products inside a chunk have at most this many factors (error ~ C eps per level);
 #: the work per token is about C multiply-adds per level, and the depth is log_C(T) levels. 64
 #: keeps float32 errors near 1e-6 relative and the matmuls large enough to use the hardware well.
@@ -430,15 +432,14 @@ class _Padding:
         self.slots, self.shape = slots, shape
 
     @classmethod
-    def plan(
-        cls, cu_seqlens: torch.Tensor, flat: torch.Tensor, longest: int, doubling: bool
-    ) -> _Padding | None:
-        """The padding of the rows of ``flat`` ``[total]``, or None where the padded batch would
-        be too large (or ``doubling`` asks for one flat row)."""
-        rows, total, device = cu_seqlens.shape[0] - 1, flat.shape[0], flat.device
+    def plan(cls, packed: Rows, doubling: bool) -> _Padding | None:
+        """The padding of ``packed`` rows, or None where the padded batch would be too large (or
+        ``doubling`` asks for one flat row)."""
+        rows, longest = packed.count, packed.longest or 0
+        total, device = packed.values.shape[0], packed.values.device
         if doubling or rows * longest > PADDED_MAX_EXPANSION * total + 4096:
             return None
-        cu = cu_seqlens.to(device=device, dtype=torch.int64)
+        cu = packed.cu_seqlens.to(device=device, dtype=torch.int64)
         starts, lengths = cu[:-1], cu[1:] - cu[:-1]
         row = torch.repeat_interleave(torch.arange(rows, device=device), lengths, output_size=total)
         slots = torch.arange(total, device=device) - starts[row] + row * longest
@@ -455,29 +456,21 @@ class _Padding:
 
 
 def forward(
-    values: torch.Tensor,
-    cu_seqlens: torch.Tensor | None,
-    mask: torch.Tensor | None,
-    m0: float | torch.Tensor,
-    table: GainTable,
-    masked: str,
-    *,
-    longest: int = 0,
-    doubling: bool = False,
+    rows: Rows, m0: float | torch.Tensor, table: GainTable, *, doubling: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Forward filter from the prior mean ``m0`` (a float or a 0-d tensor) of a padded batch
-    ``values`` ``[B, T]``, or of packed rows ``values`` ``[total]`` split by ``cu_seqlens``
-    ``[B + 1]`` (on ``values``' device; rows of at most ``longest`` values). Returns
-    ``(output, witness)``: the output shaped like ``values``, 0 at masked positions under
-    ``masked="zero"``; the witness is non-finite if and only if some value read is (see
-    ``kpo_rs.backends.scan``)."""
+    """Forward filter of ``rows`` (either layout; packed rows of at most ``rows.longest``
+    values, offsets on the values' device) from the prior mean ``m0`` (a float or a 0-d tensor),
+    gains from ``table``. Returns ``(output, witness)``: the output shaped like the values, 0 at
+    masked positions under ``masked="zero"``; the witness is non-finite if and only if some
+    value read is (see ``kpo_rs.backends.scan``)."""
+    values, mask, masked = rows.values, rows.mask, rows.params.masked
     if isinstance(m0, torch.Tensor):
         m0 = m0.to(values.dtype)
-    if cu_seqlens is None:
+    if not rows.packed:
         return _forward_padded(values, mask, m0, table, masked, doubling)
-    padding = _Padding.plan(cu_seqlens, values, longest, doubling)
+    padding = _Padding.plan(rows, doubling)
     if padding is None:
-        return _forward_flat(values, cu_seqlens, mask, m0, table, masked)
+        return _forward_flat(values, rows.cu_seqlens, mask, m0, table, masked)
     out, witness = _forward_padded(
         padding.pad(values), padding.pad(mask), m0, table, masked, doubling
     )
@@ -485,22 +478,16 @@ def forward(
 
 
 def adjoint(
-    grad: torch.Tensor,
-    cu_seqlens: torch.Tensor | None,
-    mask: torch.Tensor | None,
-    table: GainTable,
-    masked: str,
-    *,
-    longest: int = 0,
-    doubling: bool = False,
+    rows: Rows, table: GainTable, *, doubling: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Adjoint of :func:`forward` for the upstream gradient ``grad`` (either layout); returns
-    ``(dz` shaped like ``grad``, ``dm0 [B]``, witness)``."""
-    if cu_seqlens is None:
+    """Adjoint of :func:`forward` for the upstream gradient ``rows.values`` (either layout);
+    returns ``(dz`` shaped like it, ``dm0 [B]``, witness)``."""
+    grad, mask, masked = rows.values, rows.mask, rows.params.masked
+    if not rows.packed:
         return _adjoint_padded(grad, mask, table, masked, doubling)
-    padding = _Padding.plan(cu_seqlens, grad, longest, doubling)
+    padding = _Padding.plan(rows, doubling)
     if padding is None:
-        return _adjoint_flat(grad, cu_seqlens, mask, table, masked)
+        return _adjoint_flat(grad, rows.cu_seqlens, mask, table, masked)
     padded = padding.pad(grad)
     dz, dm0, witness = _adjoint_padded(padded, padding.pad(mask), table, masked, doubling)
     return padding.unpad(dz), dm0, witness

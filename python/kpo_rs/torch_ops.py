@@ -2,11 +2,12 @@
 
 ``kalman_filter`` filters a padded batch ``[batch, time]``, or packed rows ``[total]`` when given
 ``cu_seqlens`` (``kalman_filter_packed`` is that call with ``cu_seqlens`` positional). Both run one
-internal entry per direction (forward, adjoint) with an optional ``cu_seqlens``, registered with ``torch.library`` as custom ops (``kpo_rs::filter`` and
-``kpo_rs::filter_adjoint``) with fake-tensor kernels and one autograd formula, so
-``torch.compile(fullgraph=True)`` traces them without graph breaks; in eager mode the same
-implementations run through a ``torch.autograd.Function`` sharing that formula, which skips the
-dispatcher's per-call cost. The backward pass is the filter's exact adjoint.
+internal entry per direction (forward, adjoint), registered with ``torch.library`` as custom ops
+(``kpo_rs::filter`` and ``kpo_rs::filter_adjoint``) with fake-tensor kernels and one autograd
+formula, so ``torch.compile(fullgraph=True)`` traces them without graph breaks; in eager mode the
+same implementations run through a ``torch.autograd.Function`` sharing that formula, which skips
+the dispatcher's per-call cost. The backward pass is the filter's exact adjoint. Every backend
+receives the call's :class:`~kpo_rs._rows.Rows`.
 
 Backends (the table of :mod:`kpo_rs.backends`, one module each)
     ``"rust"``: the Rust core (CPU tensors; zero-copy when contiguous).
@@ -43,6 +44,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without torch
     ) from exc
 
 from . import _core, backends, settings
+from ._rows import Rows
 from .params import FilterParams, Overrides
 
 if TYPE_CHECKING:
@@ -157,39 +159,33 @@ def _settings(q: float, r: float, p0: float, masked: str) -> FilterParams:
 # The two directions, any layout, any backend (eager implementations behind the custom ops)
 
 
+def _prepare(
+    rows: Rows, backend: str, check: str, contiguous: bool
+) -> tuple[Rows, Any, dict[str, str]]:
+    """``rows`` in the compute dtype (made contiguous if asked) with the longest packed row
+    known, the backend's module and its options."""
+    values = rows.values.contiguous() if contiguous else rows.values
+    longest = _longest(rows.cu_seqlens, values.shape[0])
+    rows = Rows(_widen(values), rows.cu_seqlens, rows.mask, rows.params, longest)
+    module = backends.load(backend)
+    return rows, module, _check_option(module, check)
+
+
 def _forward(
-    values: torch.Tensor,
-    cu_seqlens: torch.Tensor | None,
-    mask: torch.Tensor | None,
-    m0: float | torch.Tensor,
-    params: FilterParams,
-    backend: str,
-    check: str = "sync",
+    rows: Rows, m0: float | torch.Tensor, backend: str, check: str = "sync"
 ) -> torch.Tensor:
-    vc = _widen(values)
+    dtype = rows.values.dtype
+    rows, module, opts = _prepare(rows, backend, check, contiguous=False)
     if isinstance(m0, torch.Tensor):
-        m0 = m0.to(dtype=vc.dtype, device=vc.device)
-    longest = _longest(cu_seqlens, values.shape[0])
-    module = backends.load(backend)
-    opts = _check_option(module, check)
-    out = module.forward(vc, cu_seqlens, mask, m0, params, longest=longest, **opts)
-    return _narrow(out, values.dtype).contiguous()
+        m0 = m0.to(dtype=rows.values.dtype, device=rows.values.device)
+    return _narrow(module.forward(rows, m0, **opts), dtype).contiguous()
 
 
-def _adjoint(
-    grad: torch.Tensor,
-    cu_seqlens: torch.Tensor | None,
-    mask: torch.Tensor | None,
-    params: FilterParams,
-    backend: str,
-    check: str = "sync",
-) -> tuple[torch.Tensor, torch.Tensor]:
-    gc = _widen(grad.contiguous())
-    longest = _longest(cu_seqlens, grad.shape[0])
-    module = backends.load(backend)
-    opts = _check_option(module, check)
-    dz, dm0 = module.adjoint(gc, cu_seqlens, mask, params, longest=longest, **opts)
-    return _narrow(dz, grad.dtype).contiguous(), _narrow(dm0, grad.dtype).contiguous()
+def _adjoint(rows: Rows, backend: str, check: str = "sync") -> tuple[torch.Tensor, torch.Tensor]:
+    dtype = rows.values.dtype
+    rows, module, opts = _prepare(rows, backend, check, contiguous=True)
+    dz, dm0 = module.adjoint(rows, **opts)
+    return _narrow(dz, dtype).contiguous(), _narrow(dm0, dtype).contiguous()
 
 
 # --------------------------------------------------------------------------------------------
@@ -209,7 +205,7 @@ def _filter_op(
     backend: str,
     check: str,
 ) -> torch.Tensor:
-    return _forward(values, cu_seqlens, mask, m0, _settings(q, r, p0, masked), backend, check)
+    return _forward(Rows(values, cu_seqlens, mask, _settings(q, r, p0, masked)), m0, backend, check)
 
 
 # The fake kernels say what the real ones return: contiguous tensors, whatever the inputs' strides.
@@ -230,7 +226,7 @@ def _adjoint_op(
     backend: str,
     check: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    return _adjoint(grad, cu_seqlens, mask, _settings(q, r, p0, masked), backend, check)
+    return _adjoint(Rows(grad, cu_seqlens, mask, _settings(q, r, p0, masked)), backend, check)
 
 
 @_adjoint_op.register_fake
@@ -264,7 +260,7 @@ def _backward(ctx: Any, grad: torch.Tensor, adjoint: Any) -> tuple:
 
 
 def _adjoint_eager(grad, cu_seqlens, mask, q, r, p0, masked, backend, check):
-    return _adjoint(grad, cu_seqlens, mask, _settings(q, r, p0, masked), backend, check)
+    return _adjoint(Rows(grad, cu_seqlens, mask, _settings(q, r, p0, masked)), backend, check)
 
 
 _filter_op.register_autograd(
@@ -282,8 +278,8 @@ class _Filter(torch.autograd.Function):
     def forward(ctx, values, cu_seqlens, mask, m0, q, r, p0, masked, backend, check):
         inputs = (values, cu_seqlens, mask, m0, q, r, p0, masked, backend, check)
         _save(ctx, inputs, ctx.needs_input_grad[3])
-        params = _settings(q, r, p0, masked)
-        return _forward(values, cu_seqlens, mask, m0, params, backend, check)
+        rows = Rows(values, cu_seqlens, mask, _settings(q, r, p0, masked))
+        return _forward(rows, m0, backend, check)
 
     @staticmethod
     def backward(ctx, grad):
@@ -336,7 +332,7 @@ def _run(
     )
     if not needs_graph:
         # no autograd node (cheaper: the detached log-ratio of the default KPO loss goes here)
-        return _forward(values, cu_seqlens, mask, prior, p, name, check)
+        return _forward(Rows(values, cu_seqlens, mask, p), prior, name, check)
     return _Filter.apply(values, cu_seqlens, mask, prior, *args)
 
 

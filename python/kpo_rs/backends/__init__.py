@@ -1,21 +1,21 @@
 """The backends of the torch op, one module each, chosen from one table.
 
-Every backend module offers the same two entries, one per direction, for both layouts (padded
-``[batch, time]`` when ``cu_seqlens`` is None, packed ``[total]`` otherwise; see docs/design.md,
-"Backends"):
+Every backend module offers the same two entries, one per direction, for both layouts; each
+takes the call's :class:`~kpo_rs._rows.Rows` (values, ``cu_seqlens``, mask, settings, longest
+packed row; see docs/design.md, "Backends"):
 
-``forward(values, cu_seqlens, mask, m0, params, *, longest=None) -> Tensor``
-    ``values`` float32 or float64 (the op computes float16/bfloat16 in float32), ``mask`` bool of
-    the same shape or None, ``m0`` a float or a 0-d tensor in ``values``' dtype and device,
-    ``params`` a :class:`~kpo_rs.params.FilterParams` (its ``m0`` is ignored: ``m0`` comes apart
-    so that a tensor can carry a gradient). Returns the filtered values, same shape and dtype.
-``adjoint(grad, cu_seqlens, mask, params, *, longest=None) -> (dvalues, dm0)``
-    The vector-Jacobian product: ``dvalues`` shaped like ``grad``, ``dm0`` ``[batch]`` (one per
-    row; the op sums them for a scalar ``m0``).
+``forward(rows, m0) -> Tensor``
+    ``rows.values`` float32 or float64 (the op computes float16/bfloat16 in float32), padded
+    ``[batch, time]`` or packed ``[total]``; ``m0`` a float or a 0-d tensor in the values' dtype
+    and device (apart from ``rows.params``, whose ``m0`` is ignored, so that a tensor can carry a
+    gradient). Returns the filtered values, same shape and dtype.
+``adjoint(rows) -> (dvalues, dm0)``
+    The vector-Jacobian product for the upstream gradient ``rows.values``: ``dvalues`` shaped
+    like it, ``dm0`` ``[batch]`` (one per row; the op sums them for a scalar ``m0``).
 
-``cu_seqlens`` reaches a backend validated (first 0, non-decreasing, last ``total``), with the
-longest row's length as ``longest`` (None for the padded layout), which device backends use to
-size their gain tables without reading the offsets again. Backends that run without host
+``rows.cu_seqlens`` reaches a backend validated (first 0, non-decreasing, last ``total``), with
+the longest row's length as ``rows.longest`` (None for the padded layout), which device backends
+use to size their gain tables without reading the offsets again. Backends that run without host
 synchronisation list their ``CHECKS`` and take ``check=`` (see :mod:`kpo_rs.torch_ops`). Each
 backend raises ``ValueError("values: non-finite value at row R, position P")`` (``grad:`` for
 the adjoint) for a non-finite value it reads, except where its module says otherwise.

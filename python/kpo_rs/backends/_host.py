@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .._rows import Rows
 from ..params import FilterParams
 
 __all__ = ["host_backend"]
@@ -23,6 +24,10 @@ Array = Any  # an ndarray or None
 
 def _numpy(t: torch.Tensor | None) -> np.ndarray | None:
     return None if t is None else t.detach().numpy()
+
+
+def _arrays(rows: Rows) -> tuple[np.ndarray, Array, Array]:
+    return _numpy(rows.values), _numpy(rows.cu_seqlens), _numpy(rows.mask)
 
 
 def _torch(arrays: tuple[np.ndarray, ...], like: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -36,17 +41,16 @@ def host_backend(
     adjoint_np: Callable[[np.ndarray, Array, Array, FilterParams], tuple[np.ndarray, np.ndarray]],
 ) -> tuple[Callable, Callable, Callable]:
     """``(available, forward, adjoint)`` of a backend computing with ``forward_np`` and
-    ``adjoint_np`` on CPU tensors (``longest`` is not needed on the host and is ignored)."""
+    ``adjoint_np`` on CPU tensors (``rows.longest`` is not needed on the host)."""
 
     def available(device: torch.device) -> bool:
         return device.type == "cpu"
 
-    def forward(values, cu_seqlens, mask, m0, params, *, longest=None) -> torch.Tensor:
-        out = forward_np(_numpy(values), _numpy(cu_seqlens), _numpy(mask), float(m0), params)
-        return _torch((out,), values)[0]
+    def forward(rows: Rows, m0: float) -> torch.Tensor:
+        out = forward_np(*_arrays(rows), float(m0), rows.params)
+        return _torch((out,), rows.values)[0]
 
-    def adjoint(grad, cu_seqlens, mask, params, *, longest=None) -> tuple:
-        out = adjoint_np(_numpy(grad), _numpy(cu_seqlens), _numpy(mask), params)
-        return _torch(out, grad)
+    def adjoint(rows: Rows) -> tuple[torch.Tensor, torch.Tensor]:
+        return _torch(adjoint_np(*_arrays(rows), rows.params), rows.values)
 
     return available, forward, adjoint

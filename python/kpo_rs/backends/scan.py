@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from .. import _core, _scan
-from ..params import FilterParams
+from .._rows import Rows
 from . import _non_finite
 from ._device_gains import gain_table
 
@@ -33,49 +33,29 @@ def _check(witness: torch.Tensor, name: str, inputs, read, cu_seqlens) -> None:
         raise _non_finite.locate(name, inputs, read, cu_seqlens)
 
 
-def _table(values: torch.Tensor, cu_seqlens, params: FilterParams, longest: int | None):
-    """The gain table and the longest row: a padded batch's time axis, or the packed rows'
-    longest (checked on the host here unless the caller knows it)."""
-    if cu_seqlens is None:
-        longest = values.shape[1]
+def _table(rows: Rows) -> tuple[_scan.GainTable, Rows]:
+    """The gain table of ``rows``, and the rows with ``longest`` set: a padded batch's time axis,
+    or the packed rows' longest (checked on the host here unless the caller knows it)."""
+    longest = rows.longest
+    if not rows.packed:
+        longest = rows.values.shape[1]
     elif longest is None:
-        longest = _longest(cu_seqlens, values.shape[0])
-    return gain_table(longest, params, values.device), longest
+        longest = _longest(rows.cu_seqlens, rows.values.shape[0])
+    return gain_table(longest, rows.params, rows.values.device), rows.replace(longest=longest)
 
 
-def forward(
-    values: torch.Tensor,
-    cu_seqlens: torch.Tensor | None,
-    mask: torch.Tensor | None,
-    m0: float | torch.Tensor,
-    params: FilterParams,
-    *,
-    longest: int | None = None,
-    doubling: bool = False,
-) -> torch.Tensor:
-    table, longest = _table(values, cu_seqlens, params, longest)
-    out, witness = _scan.forward(
-        values, cu_seqlens, mask, m0, table, params.masked, longest=longest, doubling=doubling
-    )
-    _check(witness, "values", values, mask, cu_seqlens)
+def forward(rows: Rows, m0: float | torch.Tensor, *, doubling: bool = False) -> torch.Tensor:
+    table, rows = _table(rows)
+    out, witness = _scan.forward(rows, m0, table, doubling=doubling)
+    _check(witness, "values", rows.values, rows.mask, rows.cu_seqlens)
     return out
 
 
-def adjoint(
-    grad: torch.Tensor,
-    cu_seqlens: torch.Tensor | None,
-    mask: torch.Tensor | None,
-    params: FilterParams,
-    *,
-    longest: int | None = None,
-    doubling: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    table, longest = _table(grad, cu_seqlens, params, longest)
-    dz, dm0, witness = _scan.adjoint(
-        grad, cu_seqlens, mask, table, params.masked, longest=longest, doubling=doubling
-    )
+def adjoint(rows: Rows, *, doubling: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    table, rows = _table(rows)
+    dz, dm0, witness = _scan.adjoint(rows, table, doubling=doubling)
     # under "hold" every grad value is read (held outputs depend on the state); under "zero" only
     # the valid ones
-    read = mask if params.masked == "zero" else None
-    _check(witness, "grad", grad, read, cu_seqlens)
+    read = rows.mask if rows.params.masked == "zero" else None
+    _check(witness, "grad", rows.values, read, rows.cu_seqlens)
     return dz, dm0

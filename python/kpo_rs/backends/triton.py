@@ -49,6 +49,7 @@ from types import ModuleType
 
 import torch
 
+from .._rows import Rows
 from ..params import FilterParams
 from ._device_gains import gain_table
 
@@ -265,24 +266,14 @@ def _tables(longest: int, params: FilterParams, like: torch.Tensor):
 # Entry points
 
 
-def forward(
-    values: torch.Tensor,
-    cu_seqlens: torch.Tensor | None,
-    mask: torch.Tensor | None,
-    m0: float | torch.Tensor,
-    params: FilterParams,
-    *,
-    check: str = DEFAULT_CHECK,
-    longest: int | None = None,
-) -> torch.Tensor:
-    """The filtered values: same shape and dtype as ``values`` (float32 or float64, ``[batch,
-    time]`` or ``[total]`` with ``cu_seqlens`` ``[batch + 1]``), contiguous. ``m0``: a float, or
-    a tensor ``()`` or ``[batch]`` (per-row prior means). ``params.m0`` is ignored. ``check``:
-    see the module docstring. ``longest``: the longest packed row where the caller knows it
-    (sizes the gain table; without it, a device ``cu_seqlens`` is not read and the table covers
-    the whole batch)."""
+def forward(rows: Rows, m0: float | torch.Tensor, *, check: str = DEFAULT_CHECK) -> torch.Tensor:
+    """The filtered values: same shape and dtype as ``rows.values`` (float32 or float64, either
+    layout), contiguous. ``m0``: a float, or a tensor ``()`` or ``[batch]`` (per-row prior
+    means). ``check``: see the module docstring. Without ``rows.longest`` a device
+    ``cu_seqlens`` is not read and the gain table covers the whole batch."""
+    values, cu_seqlens, mask, params = rows.values, rows.cu_seqlens, rows.mask, rows.params
     _dtype("values", values)
-    total, n_rows, row_len, cu, longest = _layout(values, cu_seqlens, "values", longest)
+    total, n_rows, row_len, cu, longest = _layout(values, cu_seqlens, "values", rows.longest)
     _check_size(total, "values")
     values = values.contiguous()
     out = torch.empty_like(values)
@@ -312,19 +303,13 @@ def forward(
     return out
 
 
-def adjoint(
-    grad: torch.Tensor,
-    cu_seqlens: torch.Tensor | None,
-    mask: torch.Tensor | None,
-    params: FilterParams,
-    *,
-    check: str = DEFAULT_CHECK,
-    longest: int | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The vector-Jacobian product: ``(d values`` shaped like ``grad``, ``d m0`` ``[batch])``,
-    float32 or float64 like ``grad``. ``check`` and ``longest`` as for :func:`forward`."""
+def adjoint(rows: Rows, *, check: str = DEFAULT_CHECK) -> tuple[torch.Tensor, torch.Tensor]:
+    """The vector-Jacobian product for the upstream gradient ``rows.values``: ``(d values``
+    shaped like it, ``d m0`` ``[batch])``, float32 or float64 like it. ``check`` as for
+    :func:`forward`."""
+    grad, cu_seqlens, mask, params = rows.values, rows.cu_seqlens, rows.mask, rows.params
     _dtype("grad", grad)
-    total, n_rows, row_len, cu, longest = _layout(grad, cu_seqlens, "grad", longest)
+    total, n_rows, row_len, cu, longest = _layout(grad, cu_seqlens, "grad", rows.longest)
     _check_size(total, "grad")
     grad = grad.contiguous()
     dz = torch.empty_like(grad)

@@ -1,0 +1,51 @@
+"""The rows of one call, as every backend receives them (docs/design.md, "Backends")."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .params import FilterParams
+
+__all__ = ["Rows"]
+
+_AUTHORS = FilterParams()
+
+
+@dataclass(frozen=True)
+class Rows:
+    """A batch of rows and the settings to filter them with.
+
+    Attributes:
+        values: float32/float64, ``[batch, time]`` (padded) or ``[total]`` (packed, when
+            ``cu_seqlens`` is given): the observations for the forward pass, the upstream
+            gradient for the adjoint.
+        cu_seqlens: None, or ``[batch + 1]`` int32/int64 offsets of the packed rows (validated by
+            the caller: first 0, non-decreasing, last ``total``).
+        mask: None, or bool shaped like ``values``, True at valid tokens.
+        params: the settings (their ``m0`` is ignored: the prior mean travels apart so that a
+            tensor can carry its gradient).
+        longest: the longest packed row where the caller knows it (device backends size their
+            gain tables with it instead of reading the offsets); None otherwise.
+    """
+
+    values: torch.Tensor
+    cu_seqlens: torch.Tensor | None = None
+    mask: torch.Tensor | None = None
+    params: FilterParams = _AUTHORS
+    longest: int | None = None
+
+    @property
+    def packed(self) -> bool:
+        return self.cu_seqlens is not None
+
+    @property
+    def count(self) -> int:
+        """The number of rows."""
+        return self.values.shape[0] if self.cu_seqlens is None else self.cu_seqlens.shape[0] - 1
+
+    def replace(self, **changes: Any) -> Rows:
+        return dataclasses.replace(self, **changes)
