@@ -55,198 +55,164 @@ fn select<T: Copy>(cond: bool, yes: T, no: T) -> T {
     }
 }
 
-/// Forward filter of a block of at most `LANES` rows over one stretch of positions, with shared
-/// gains (`k`, `a`: one per position of the stretch; every row slice has their length) and the
-/// states `x0` entering the stretch. With a mask, read as `MaskMode::Zero`. Returns each lane's
-/// state at the end of the stretch.
-pub fn forward_block<T: Real>(
-    z: &[&[T]],
-    mask: Option<&[&[bool]]>,
-    k: &[T],
-    a: &[T],
-    x0: [T; LANES],
-    out: &mut [&mut [T]],
-) -> [T; LANES] {
-    forward_block_on(Isa::best(), z, mask, k, a, x0, out)
+/// The read-only inputs of the block kernels: a block of at most `LANES` rows over one stretch
+/// of positions, and the gains the rows share there (`k`, `a`: one per position of the stretch;
+/// every row slice, and every mask row, has their length).
+#[derive(Clone, Copy)]
+pub struct Block<'a, T> {
+    /// The rows' values (forward) or upstream gradients (adjoint).
+    pub rows: &'a [&'a [T]],
+    /// One mask row per row, read as `MaskMode::Zero`; `None` without a mask.
+    pub mask: Option<&'a [&'a [bool]]>,
+    pub k: &'a [T],
+    pub a: &'a [T],
 }
 
-/// [`forward_block`] on instruction set `isa` (which the CPU must have; else the portable code
-/// runs).
-pub fn forward_block_on<T: Real>(
-    isa: Isa,
-    z: &[&[T]],
-    mask: Option<&[&[bool]]>,
-    k: &[T],
-    a: &[T],
-    x0: [T; LANES],
-    out: &mut [&mut [T]],
-) -> [T; LANES] {
-    if mask.is_none() {
-        if let Some(x) = T::forward(isa, z, k, a, x0, out) {
-            return x;
-        }
+impl<T: Real> Block<'_, T> {
+    /// Forward filter from the states `x0` entering the stretch: writes `out` (one row per row,
+    /// of the stretch's length) and returns each lane's state at the end of the stretch.
+    pub fn forward(&self, x0: [T; LANES], out: &mut [&mut [T]]) -> [T; LANES] {
+        self.forward_on(Isa::best(), x0, out)
     }
+
+    /// [`Block::forward`] on instruction set `isa` (which the CPU must have; else the portable
+    /// code runs).
+    pub fn forward_on(&self, isa: Isa, x0: [T; LANES], out: &mut [&mut [T]]) -> [T; LANES] {
+        if self.mask.is_none() {
+            if let Some(x) = T::forward(isa, self.rows, self.k, self.a, x0, out) {
+                return x;
+            }
+        }
+        portable_on(
+            isa,
+            #[inline(always)]
+            || self.forward_portable(x0, out),
+        )
+    }
+
+    /// Adjoint of [`Block::forward`] from a zero adjoint after the stretch's end: writes `dz` and
+    /// returns each lane's `a_0 lam_0` (the gradient with respect to the state entering the
+    /// stretch). With a mask, the gradient at masked positions is not read.
+    pub fn adjoint(&self, dz: &mut [&mut [T]]) -> [T; LANES] {
+        self.adjoint_on(Isa::best(), dz)
+    }
+
+    /// [`Block::adjoint`] on instruction set `isa` (which the CPU must have; else the portable
+    /// code runs).
+    pub fn adjoint_on(&self, isa: Isa, dz: &mut [&mut [T]]) -> [T; LANES] {
+        if self.mask.is_none() {
+            if let Some(lam) = T::adjoint(isa, self.rows, self.k, self.a, dz) {
+                return lam;
+            }
+        }
+        portable_on(
+            isa,
+            #[inline(always)]
+            || self.adjoint_portable(dz),
+        )
+    }
+
+    /// The portable code of [`Block::forward`].
+    #[inline(always)]
+    fn forward_portable(&self, x0: [T; LANES], out: &mut [&mut [T]]) -> [T; LANES] {
+        let Block { rows, mask, k, a } = *self;
+        let time = k.len();
+        let mut x = x0;
+        let mut buf = [[T::ZERO; LANES]; TILE];
+        // Lanes past the block's rows are never loaded: invalid.
+        let mut valid = [[false; LANES]; TILE];
+        let mut t0 = 0;
+        while t0 < time {
+            let len = TILE.min(time - t0);
+            load(&mut buf, rows, t0, len);
+            if let Some(m) = mask {
+                load(&mut valid, m, t0, len);
+                for (i, (b, v)) in buf.iter_mut().zip(&valid).enumerate().take(len) {
+                    let (at, kt) = (a[t0 + i], k[t0 + i]);
+                    for l in 0..LANES {
+                        let obs = select(v[l], b[l], T::ZERO);
+                        x[l] = at * x[l] + kt * obs;
+                        b[l] = select(v[l], x[l], T::ZERO);
+                    }
+                }
+            } else {
+                for (i, b) in buf.iter_mut().enumerate().take(len) {
+                    let (at, kt) = (a[t0 + i], k[t0 + i]);
+                    for l in 0..LANES {
+                        x[l] = at * x[l] + kt * b[l];
+                        b[l] = x[l];
+                    }
+                }
+            }
+            store(&buf, out, t0, len);
+            t0 += len;
+        }
+        x
+    }
+
+    /// The portable code of [`Block::adjoint`].
+    #[inline(always)]
+    fn adjoint_portable(&self, dz: &mut [&mut [T]]) -> [T; LANES] {
+        let Block { rows, mask, k, a } = *self;
+        let time = k.len();
+        let mut lam = [T::ZERO; LANES];
+        let mut buf = [[T::ZERO; LANES]; TILE];
+        let mut valid = [[false; LANES]; TILE];
+        let mut end = time;
+        while end > 0 {
+            let len = TILE.min(end);
+            let t0 = end - len;
+            load(&mut buf, rows, t0, len);
+            if let Some(m) = mask {
+                load(&mut valid, m, t0, len);
+                for (i, (b, v)) in buf.iter_mut().zip(&valid).enumerate().take(len).rev() {
+                    let (at, kt) = (a[t0 + i], k[t0 + i]);
+                    for l in 0..LANES {
+                        lam[l] = select(v[l], lam[l] + b[l], lam[l]);
+                        b[l] = select(v[l], kt * lam[l], T::ZERO);
+                        lam[l] = at * lam[l];
+                    }
+                }
+            } else {
+                for (i, b) in buf.iter_mut().enumerate().take(len).rev() {
+                    let (at, kt) = (a[t0 + i], k[t0 + i]);
+                    for l in 0..LANES {
+                        lam[l] = lam[l] + b[l];
+                        b[l] = kt * lam[l];
+                        lam[l] = at * lam[l];
+                    }
+                }
+            }
+            store(&buf, dz, t0, len);
+            end = t0;
+        }
+        lam
+    }
+}
+
+/// Runs portable kernel code `f` compiled for AVX2 when `isa` is AVX2 and the CPU has it (`f`
+/// inlined into [`with_avx2`]), else for the build's baseline target. Callers mark the closure
+/// `#[inline(always)]`: a closure that is not inlined stays baseline code, AVX2 or not.
+#[inline(always)]
+fn portable_on<R>(isa: Isa, f: impl FnOnce() -> R) -> R {
     #[cfg(target_arch = "x86_64")]
     if isa == Isa::Avx2 && std::is_x86_feature_detected!("avx2") {
         // SAFETY: AVX2 is present.
-        return unsafe { forward_portable_avx2(z, mask, k, a, x0, out) };
+        return unsafe { with_avx2(f) };
     }
-    forward_portable(z, mask, k, a, x0, out)
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = isa;
+    f()
 }
 
-/// [`forward_portable`] compiled for AVX2.
+/// Calls `f` with AVX2 enabled: `f`'s body, inlined here, is compiled for AVX2.
 ///
 /// # Safety
 /// AVX2 must be present.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-unsafe fn forward_portable_avx2<T: Real>(
-    z: &[&[T]],
-    mask: Option<&[&[bool]]>,
-    k: &[T],
-    a: &[T],
-    x0: [T; LANES],
-    out: &mut [&mut [T]],
-) -> [T; LANES] {
-    forward_portable(z, mask, k, a, x0, out)
-}
-
-#[inline(always)]
-fn forward_portable<T: Real>(
-    z: &[&[T]],
-    mask: Option<&[&[bool]]>,
-    k: &[T],
-    a: &[T],
-    x0: [T; LANES],
-    out: &mut [&mut [T]],
-) -> [T; LANES] {
-    let time = k.len();
-    let mut x = x0;
-    let mut buf = [[T::ZERO; LANES]; TILE];
-    // Lanes past the block's rows are never loaded: invalid.
-    let mut valid = [[false; LANES]; TILE];
-    let mut t0 = 0;
-    while t0 < time {
-        let len = TILE.min(time - t0);
-        load(&mut buf, z, t0, len);
-        if let Some(m) = mask {
-            load(&mut valid, m, t0, len);
-            for (i, (b, v)) in buf.iter_mut().zip(&valid).enumerate().take(len) {
-                let (at, kt) = (a[t0 + i], k[t0 + i]);
-                for l in 0..LANES {
-                    let obs = select(v[l], b[l], T::ZERO);
-                    x[l] = at * x[l] + kt * obs;
-                    b[l] = select(v[l], x[l], T::ZERO);
-                }
-            }
-        } else {
-            for (i, b) in buf.iter_mut().enumerate().take(len) {
-                let (at, kt) = (a[t0 + i], k[t0 + i]);
-                for l in 0..LANES {
-                    x[l] = at * x[l] + kt * b[l];
-                    b[l] = x[l];
-                }
-            }
-        }
-        store(&buf, out, t0, len);
-        t0 += len;
-    }
-    x
-}
-
-/// Adjoint of [`forward_block`] over one stretch, from a zero adjoint after its end: writes `dz`
-/// and returns each lane's `a_0 lam_0` (the gradient with respect to the state entering the
-/// stretch). With a mask, the gradient at masked positions is not read.
-pub fn adjoint_block<T: Real>(
-    grad: &[&[T]],
-    mask: Option<&[&[bool]]>,
-    k: &[T],
-    a: &[T],
-    dz: &mut [&mut [T]],
-) -> [T; LANES] {
-    adjoint_block_on(Isa::best(), grad, mask, k, a, dz)
-}
-
-/// [`adjoint_block`] on instruction set `isa` (which the CPU must have; else the portable code
-/// runs).
-pub fn adjoint_block_on<T: Real>(
-    isa: Isa,
-    grad: &[&[T]],
-    mask: Option<&[&[bool]]>,
-    k: &[T],
-    a: &[T],
-    dz: &mut [&mut [T]],
-) -> [T; LANES] {
-    if mask.is_none() {
-        if let Some(lam) = T::adjoint(isa, grad, k, a, dz) {
-            return lam;
-        }
-    }
-    #[cfg(target_arch = "x86_64")]
-    if isa == Isa::Avx2 && std::is_x86_feature_detected!("avx2") {
-        // SAFETY: AVX2 is present.
-        return unsafe { adjoint_portable_avx2(grad, mask, k, a, dz) };
-    }
-    adjoint_portable(grad, mask, k, a, dz)
-}
-
-/// [`adjoint_portable`] compiled for AVX2.
-///
-/// # Safety
-/// AVX2 must be present.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn adjoint_portable_avx2<T: Real>(
-    grad: &[&[T]],
-    mask: Option<&[&[bool]]>,
-    k: &[T],
-    a: &[T],
-    dz: &mut [&mut [T]],
-) -> [T; LANES] {
-    adjoint_portable(grad, mask, k, a, dz)
-}
-
-#[inline(always)]
-fn adjoint_portable<T: Real>(
-    grad: &[&[T]],
-    mask: Option<&[&[bool]]>,
-    k: &[T],
-    a: &[T],
-    dz: &mut [&mut [T]],
-) -> [T; LANES] {
-    let time = k.len();
-    let mut lam = [T::ZERO; LANES];
-    let mut buf = [[T::ZERO; LANES]; TILE];
-    let mut valid = [[false; LANES]; TILE];
-    let mut end = time;
-    while end > 0 {
-        let len = TILE.min(end);
-        let t0 = end - len;
-        load(&mut buf, grad, t0, len);
-        if let Some(m) = mask {
-            load(&mut valid, m, t0, len);
-            for (i, (b, v)) in buf.iter_mut().zip(&valid).enumerate().take(len).rev() {
-                let (at, kt) = (a[t0 + i], k[t0 + i]);
-                for l in 0..LANES {
-                    lam[l] = select(v[l], lam[l] + b[l], lam[l]);
-                    b[l] = select(v[l], kt * lam[l], T::ZERO);
-                    lam[l] = at * lam[l];
-                }
-            }
-        } else {
-            for (i, b) in buf.iter_mut().enumerate().take(len).rev() {
-                let (at, kt) = (a[t0 + i], k[t0 + i]);
-                for l in 0..LANES {
-                    lam[l] = lam[l] + b[l];
-                    b[l] = kt * lam[l];
-                    lam[l] = at * lam[l];
-                }
-            }
-        }
-        store(&buf, dz, t0, len);
-        end = t0;
-    }
-    lam
+unsafe fn with_avx2<R>(f: impl FnOnce() -> R) -> R {
+    f()
 }
 
 #[cfg(test)]
@@ -300,11 +266,16 @@ mod tests {
         }
         let mut out = vec![vec![T::ZERO; len]; rows];
         let mut outs: Vec<&mut [T]> = out.iter_mut().map(|r| &mut r[..]).collect();
-        let (k, a) = (gains.k(), gains.a());
-        let fin = forward_block_on(isa, &zr, mask, k, a, x0, &mut outs);
+        let block = Block {
+            rows: &zr,
+            mask,
+            k: gains.k(),
+            a: gains.a(),
+        };
+        let fin = block.forward_on(isa, x0, &mut outs);
         let mut dz = vec![vec![T::ZERO; len]; rows];
         let mut dzs: Vec<&mut [T]> = dz.iter_mut().map(|r| &mut r[..]).collect();
-        let lam = adjoint_block_on(isa, &zr, mask, k, a, &mut dzs);
+        let lam = block.adjoint_on(isa, &mut dzs);
         let mut res: Vec<Vec<u64>> = out.iter().chain(&dz).map(|r| bits(r)).collect();
         res.push(bits(&fin[..rows]));
         res.push(bits(&lam[..rows]));

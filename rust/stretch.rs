@@ -18,7 +18,7 @@
 
 use rayon::prelude::*;
 
-use crate::block::{adjoint_block, forward_block, LANES};
+use crate::block::{Block, LANES};
 use crate::types::{Gains, Real};
 
 /// Length of the stretches long rows are cut into.
@@ -55,9 +55,23 @@ struct Task<'a, T> {
     carry: [T; LANES],
 }
 
-impl<T: Real> Task<'_, T> {
+impl<'a, T: Real> Task<'a, T> {
     fn len(&self) -> usize {
         self.values.first().map_or(0, |r| r.len())
+    }
+
+    /// The task's rows as a block over its stretch, with its part of the row's gains `k` and
+    /// `a`, and its output rows.
+    fn block<'s>(&'s mut self, k: &'s [T], a: &'s [T]) -> (Block<'s, T>, &'s mut [&'a mut [T]]) {
+        let at = self.start..self.start + self.len();
+        let block = Block {
+            rows: &self.values,
+            // A task holds one mask row per row, or none without a mask.
+            mask: (!self.mask.is_empty()).then_some(&self.mask[..]),
+            k: &k[at.clone()],
+            a: &a[at],
+        };
+        (block, &mut self.out)
     }
 }
 
@@ -158,13 +172,10 @@ pub fn forward_blocks<T: Real>(
     let stretch = stretch_len(values.len() / time, time);
     let (k, a) = (gains.k(), gains.a());
     let mut tasks = tasks(values, mask, time, stretch, out);
-    let with_mask = mask.is_some();
     for_each(&mut tasks, parallel, |t| {
-        let (s0, len) = (t.start, t.len());
         let x0 = [if t.stretch == 0 { m0 } else { T::ZERO }; LANES];
-        let m = with_mask.then_some(&t.mask[..]);
-        let (kk, aa) = (&k[s0..s0 + len], &a[s0..s0 + len]);
-        t.local = forward_block(&t.values, m, kk, aa, x0, &mut t.out);
+        let (block, out) = t.block(k, a);
+        t.local = block.forward(x0, out);
     });
     let n_stretches = time.div_ceil(stretch);
     if n_stretches == 1 {
@@ -204,12 +215,9 @@ pub fn adjoint_blocks<T: Real>(
     let stretch = stretch_len(grad.len() / time, time);
     let (k, a) = (gains.k(), gains.a());
     let mut tasks = tasks(grad, mask, time, stretch, dz);
-    let with_mask = mask.is_some();
     for_each(&mut tasks, parallel, |t| {
-        let (s0, len) = (t.start, t.len());
-        let m = with_mask.then_some(&t.mask[..]);
-        let (kk, aa) = (&k[s0..s0 + len], &a[s0..s0 + len]);
-        t.local = adjoint_block(&t.values, m, kk, aa, &mut t.out);
+        let (block, dz) = t.block(k, a);
+        t.local = block.adjoint(dz);
     });
     let n_stretches = time.div_ceil(stretch);
     if n_stretches == 1 {
