@@ -46,6 +46,7 @@ import os
 import struct
 import sys
 from types import ModuleType
+from typing import NamedTuple
 
 import torch
 
@@ -266,37 +267,74 @@ def _tables(longest: int, params: FilterParams, like: torch.Tensor):
 # Entry points
 
 
+class _Call(NamedTuple):
+    """One call's tensors and launch shape: ``x`` the contiguous values (or gradient), ``mask``
+    contiguous or None, ``cu`` the device offsets (``x`` itself in the padded layout, unread),
+    ``row_len`` the padded row length (0 when packed), ``bt``/``warps``/``tiles`` the grid."""
+
+    x: torch.Tensor
+    mask: torch.Tensor | None
+    cu: torch.Tensor
+    total: int
+    n_rows: int
+    row_len: int
+    longest: int
+    packed: bool
+    hold: bool
+    bt: int
+    warps: int
+    tiles: int
+
+    @property
+    def mask_arg(self) -> torch.Tensor:
+        """The mask pointer argument (``x`` stands in, unread, when there is no mask)."""
+        return self.x if self.mask is None else self.mask
+
+    @property
+    def steps(self) -> int:
+        """Steps of the kernels' binary search for a position's row."""
+        return max(self.n_rows - 1, 0).bit_length()
+
+    def empty(self, n: int, dtype: torch.dtype) -> torch.Tensor:
+        return torch.empty(n, dtype=dtype, device=self.x.device)
+
+    def options(self) -> dict:
+        return _options(self.x.device, self.warps)
+
+
+def _call(rows: Rows, name: str) -> _Call:
+    _dtype(name, rows.values)
+    total, n_rows, row_len, cu, longest = _layout(rows.values, rows.cu_seqlens, name, rows.longest)
+    _check_size(total, name)
+    x = rows.values.contiguous()
+    mask = None if rows.mask is None else rows.mask.contiguous()
+    bt, warps = _launch(total, x.device)
+    return _Call(
+        x, mask, cu, total, n_rows, row_len, longest, rows.packed,
+        rows.params.masked == "hold", bt, warps, -(-total // bt),
+    )  # fmt: skip
+
+
 def forward(rows: Rows, m0: float | torch.Tensor, *, check: str = DEFAULT_CHECK) -> torch.Tensor:
     """The filtered values: same shape and dtype as ``rows.values`` (float32 or float64, either
     layout), contiguous. ``m0``: a float, or a tensor ``()`` or ``[batch]`` (per-row prior
     means). ``check``: see the module docstring. Without ``rows.longest`` a device
     ``cu_seqlens`` is not read and the gain table covers the whole batch."""
-    values, cu_seqlens, mask, params = rows.values, rows.cu_seqlens, rows.mask, rows.params
-    _dtype("values", values)
-    total, n_rows, row_len, cu, longest = _layout(values, cu_seqlens, "values", rows.longest)
-    _check_size(total, "values")
-    values = values.contiguous()
-    out = torch.empty_like(values)
-    if total == 0:
+    c = _call(rows, "values")
+    out = torch.empty_like(c.x)
+    if c.total == 0:
         return out
-    mask_arg = values if mask is None else mask.contiguous()
-    m0_bits, m0_t, m0_stride, m0_ptr = _m0_args(m0, values, n_rows)
-    k_tab, a_tab = _tables(longest, params, values)
-    bt, warps = _launch(total, values.device)
-    n_tiles = -(-total // bt)
-    ws = torch.zeros(3 + n_tiles, dtype=torch.int64, device=values.device)
-    status, sync = _status(check, ws, values.device, 0)
-    hold = params.masked == "hold"
-    cnt = torch.empty(
-        2 * n_tiles if hold and mask is not None else 1, dtype=torch.int32, device=values.device
-    )
-    st = torch.empty(3 * n_tiles, dtype=values.dtype, device=values.device)
-    kernels = _kernels(values.device.type != "cuda")
-    kernels.forward_kernel[(n_tiles,)](
-        values, mask_arg, out, cu, m0_t, k_tab, a_tab, ws[2:], status, cnt, st,
-        total, n_tiles, n_rows, row_len, max(n_rows - 1, 0).bit_length(), m0_bits, m0_stride,
-        BT=bt, PACKED=cu_seqlens is not None, HAS_MASK=mask is not None, HOLD=hold,
-        M0_PTR=m0_ptr, **_options(values.device, warps),
+    m0_bits, m0_t, m0_stride, m0_ptr = _m0_args(m0, c.x, c.n_rows)
+    k_tab, a_tab = _tables(c.longest, rows.params, c.x)
+    ws = torch.zeros(3 + c.tiles, dtype=torch.int64, device=c.x.device)
+    status, sync = _status(check, ws, c.x.device, 0)
+    cnt = c.empty(2 * c.tiles if c.hold and c.mask is not None else 1, torch.int32)
+    _kernels(c.x.device.type != "cuda").forward_kernel[(c.tiles,)](
+        c.x, c.mask_arg, out, c.cu, m0_t, k_tab, a_tab, ws[2:], status, cnt,
+        c.empty(3 * c.tiles, c.x.dtype),
+        c.total, c.tiles, c.n_rows, c.row_len, c.steps, m0_bits, m0_stride,
+        BT=c.bt, PACKED=c.packed, HAS_MASK=c.mask is not None, HOLD=c.hold, M0_PTR=m0_ptr,
+        **c.options(),
     )  # fmt: skip
     if sync:
         _report(status, "values")
@@ -307,40 +345,30 @@ def adjoint(rows: Rows, *, check: str = DEFAULT_CHECK) -> tuple[torch.Tensor, to
     """The vector-Jacobian product for the upstream gradient ``rows.values``: ``(d values``
     shaped like it, ``d m0`` ``[batch])``, float32 or float64 like it. ``check`` as for
     :func:`forward`."""
-    grad, cu_seqlens, mask, params = rows.values, rows.cu_seqlens, rows.mask, rows.params
-    _dtype("grad", grad)
-    total, n_rows, row_len, cu, longest = _layout(grad, cu_seqlens, "grad", rows.longest)
-    _check_size(total, "grad")
-    grad = grad.contiguous()
-    dz = torch.empty_like(grad)
-    dm0 = torch.zeros(n_rows, dtype=grad.dtype, device=grad.device)
-    if total == 0:
+    c = _call(rows, "grad")
+    dz = torch.empty_like(c.x)
+    dm0 = torch.zeros(c.n_rows, dtype=c.x.dtype, device=c.x.device)
+    if c.total == 0:
         return dz, dm0
-    mask_arg = grad if mask is None else mask.contiguous()
-    k_tab, a_tab = _tables(longest, params, grad)
-    bt, warps = _launch(total, grad.device)
-    n_tiles = -(-total // bt)
-    hold = params.masked == "hold"
-    count = hold and mask is not None
+    k_tab, a_tab = _tables(c.longest, rows.params, c.x)
+    count = c.hold and c.mask is not None
     ws = torch.zeros(
-        3 + n_tiles + (1 + n_tiles if count else 0), dtype=torch.int64, device=grad.device
+        3 + c.tiles + (1 + c.tiles if count else 0), dtype=torch.int64, device=c.x.device
     )
-    status, sync = _status(check, ws, grad.device, 1)
-    kernels = _kernels(grad.device.type != "cuda")
-    steps = max(n_rows - 1, 0).bit_length()
-    packed = cu_seqlens is not None
-    cin = torch.empty(n_tiles if count else 1, dtype=torch.int32, device=grad.device)
+    status, sync = _status(check, ws, c.x.device, 1)
+    kernels = _kernels(c.x.device.type != "cuda")
+    cin = c.empty(c.tiles if count else 1, torch.int32)
     if count:
-        cnt = torch.empty(2 * n_tiles, dtype=torch.int32, device=grad.device)
-        kernels.count_kernel[(n_tiles,)](
-            mask_arg, cu, cin, ws[3 + n_tiles :], cnt, total, n_tiles, n_rows, row_len, steps,
-            BT=bt, PACKED=packed, **_options(grad.device, warps),
+        kernels.count_kernel[(c.tiles,)](
+            c.mask_arg, c.cu, cin, ws[3 + c.tiles :], c.empty(2 * c.tiles, torch.int32),
+            c.total, c.tiles, c.n_rows, c.row_len, c.steps,
+            BT=c.bt, PACKED=c.packed, **c.options(),
         )  # fmt: skip
-    st = torch.empty(3 * n_tiles, dtype=grad.dtype, device=grad.device)
-    kernels.adjoint_kernel[(n_tiles,)](
-        grad, mask_arg, dz, dm0, cu, k_tab, a_tab, cin, ws[2 : 3 + n_tiles], status, st,
-        total, n_tiles, n_rows, row_len, steps,
-        BT=bt, PACKED=packed, HAS_MASK=mask is not None, HOLD=hold, **_options(grad.device, warps),
+    kernels.adjoint_kernel[(c.tiles,)](
+        c.x, c.mask_arg, dz, dm0, c.cu, k_tab, a_tab, cin, ws[2 : 3 + c.tiles], status,
+        c.empty(3 * c.tiles, c.x.dtype),
+        c.total, c.tiles, c.n_rows, c.row_len, c.steps,
+        BT=c.bt, PACKED=c.packed, HAS_MASK=c.mask is not None, HOLD=c.hold, **c.options(),
     )  # fmt: skip
     if sync:
         _report(status, "grad")
