@@ -365,6 +365,38 @@ def test_bad_input(call, exc, words):
         call()
 
 
+@pytest.mark.parametrize("backend", ["rust", "scan", "reference"])
+def test_cu_seqlens_keyword_is_the_packed_call(backend):
+    """kalman_filter(z, mask, cu_seqlens=cu) is kalman_filter_packed(z, cu, mask): the same
+    values and gradients, bitwise (one code path); a wrong rank names the layout."""
+    gen = torch.Generator().manual_seed(21)
+    z = torch.randn(90, dtype=torch.float64, generator=gen)
+    cu = torch.tensor([0, 30, 30, 90])
+    mask = torch.rand(90, generator=gen) < 0.8
+    outs = []
+    for call in (
+        lambda v: torch_ops.kalman_filter(v, mask, cu_seqlens=cu, q=1e-3, backend=backend),
+        lambda v: torch_ops.kalman_filter_packed(v, cu, mask, q=1e-3, backend=backend),
+    ):
+        v = z.clone().requires_grad_(True)
+        y = call(v)
+        (y * torch.arange(90.0, dtype=torch.float64)).sum().backward()
+        outs.append((y.detach(), v.grad))
+    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+    with pytest.raises(ValueError, match=r"z must be 1-D \[total\] \(packed"):
+        torch_ops.kalman_filter(z.reshape(3, 30), cu_seqlens=cu, backend=backend)
+    with pytest.raises(ValueError, match="values must be 1-D"):
+        torch_ops.kalman_filter_packed(z.reshape(3, 30), cu, backend=backend)
+
+
+def test_unknown_setting_is_named():
+    z = torch.zeros(2, 3)
+    with pytest.raises(TypeError, match=r"unexpected keyword argument 'qq'.*q, r, p0, m0, masked"):
+        torch_ops.kalman_filter(z, qq=1.0)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'qq'"):
+        kpo_rs.kalman_filter(z.numpy(), qq=1.0)
+
+
 def test_empty_inputs():
     for backend in ["rust", "scan", "reference"]:
         z = torch.zeros(0, 5, requires_grad=True)
