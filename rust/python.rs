@@ -140,11 +140,31 @@ fn output<T: Element>(py: Python<'_>, len: usize) -> Bound<'_, PyArray1<T>> {
     unsafe { PyArray1::<T>::new(py, len, false) }
 }
 
-fn writable<'a, 'py, T: Element>(
-    rw: &'a mut numpy::PyReadwriteArray1<'py, T>,
-) -> PyResult<&'a mut [T]> {
-    rw.as_slice_mut()
-        .map_err(|e| PyValueError::new_err(format!("output array: {e}")))
+/// Runs a kernel with the GIL released: computes the gains of `n` positions for `params` and
+/// hands them to `kernel` with `N` new arrays ([`output`]) of `lens` elements, which it fills;
+/// returns the arrays.
+fn run_kernel<'py, T: Real + Element, const N: usize>(
+    py: Python<'py>,
+    lens: [usize; N],
+    n: usize,
+    params: &FilterParams,
+    kernel: impl Send + FnOnce(&Gains<T>, [&mut [T]; N]) -> Result<(), FilterError>,
+) -> PyResult<[Bound<'py, PyArray1<T>>; N]> {
+    let outs = lens.map(|len| output::<T>(py, len));
+    let mut rws = outs.each_ref().map(|o| o.readwrite());
+    let mut failed = None;
+    let slices = rws.each_mut().map(|rw| {
+        rw.as_slice_mut().unwrap_or_else(|e| {
+            failed.get_or_insert(e);
+            &mut []
+        })
+    });
+    if let Some(e) = failed {
+        return Err(PyValueError::new_err(format!("output array: {e}")));
+    }
+    py.detach(|| kernel(&Gains::<T>::new(n, params)?, slices))?;
+    drop(rws);
+    Ok(outs)
 }
 
 fn parse_mode(masked: &str) -> PyResult<MaskMode> {
@@ -186,6 +206,54 @@ fn read_mask<'py>(
     read("mask", typed).map(Some)
 }
 
+/// The checked arguments the four filter functions share besides the array they filter.
+struct Settings<'py> {
+    mask: Option<Elems<'py, bool>>,
+    params: FilterParams,
+    mode: MaskMode,
+}
+
+impl Settings<'_> {
+    fn mask(&self) -> Option<&[bool]> {
+        self.mask.as_ref().map(Elems::as_slice)
+    }
+}
+
+/// Checks what the four filter functions share, in the order their errors are reported:
+/// `masked`, the parameters, the mask (against the shape of `arr`, the argument named `arg`),
+/// then the dtype of `arr`.
+fn settings<'py>(
+    arg: &str,
+    arr: &Bound<'py, PyUntypedArray>,
+    mask: Option<&Bound<'py, PyAny>>,
+    q: f64,
+    r: f64,
+    p0: f64,
+    masked: &str,
+) -> PyResult<(Floats<'py>, Settings<'py>)> {
+    let mode = parse_mode(masked)?;
+    let params = params(q, r, p0)?;
+    let mask = read_mask(mask, arr.shape(), arg)?;
+    Ok((floats(arg, arr)?, Settings { mask, params, mode }))
+}
+
+/// `$body` with `$x` bound to the typed array of `$e`, a [`Floats`] or an [`Offsets`]: the body is
+/// compiled once per dtype.
+macro_rules! by_dtype {
+    (Floats, $e:expr, $x:ident => $body:expr) => {
+        match $e {
+            Floats::F32($x) => $body,
+            Floats::F64($x) => $body,
+        }
+    };
+    (Offsets, $e:expr, $x:ident => $body:expr) => {
+        match $e {
+            Offsets::I32($x) => $body,
+            Offsets::I64($x) => $body,
+        }
+    };
+}
+
 /// `K_0 .. K_{n-1}` as a float64 array `[n]`.
 #[pyfunction]
 fn gains<'py>(
@@ -209,23 +277,15 @@ fn padded_shape<T: Element>(arr: &Bound<'_, PyArrayDyn<T>>) -> (usize, usize) {
 
 fn filter_padded_typed<'py, T: Real + Element>(
     arr: &Bound<'py, PyArrayDyn<T>>,
-    mask: Option<Elems<'py, bool>>,
-    p: FilterParams,
+    s: Settings<'py>,
     m0: f64,
-    mode: MaskMode,
 ) -> PyResult<Bound<'py, PyAny>> {
-    let py = arr.py();
     let (batch, time) = padded_shape(arr);
     let values = read("values", arr)?;
-    let (z, m) = (values.as_slice(), mask.as_ref().map(Elems::as_slice));
-    let out = output::<T>(py, z.len());
-    let mut rw = out.readwrite();
-    let o = writable(&mut rw)?;
-    py.detach(|| {
-        let g = Gains::<T>::new(time, &p)?;
-        filter::filter_padded(z, m, batch, time, &g, T::from_f64(m0), mode, o)
+    let (z, m) = (values.as_slice(), s.mask());
+    let [out] = run_kernel(arr.py(), [z.len()], time, &s.params, |g, [o]| {
+        filter::filter_padded(z, m, batch, time, g, T::from_f64(m0), s.mode, o)
     })?;
-    drop(rw);
     Ok(out.reshape([batch, time])?.into_any())
 }
 
@@ -243,35 +303,26 @@ fn filter_padded<'py>(
     masked: &str,
 ) -> PyResult<Bound<'py, PyAny>> {
     let arr = as_ndarray("values", values, 2, "[batch, time]")?;
-    let mode = parse_mode(masked)?;
-    let p = params(q, r, p0)?;
-    let m = read_mask(mask, arr.shape(), "values")?;
-    match floats("values", arr)? {
-        Floats::F32(a) => filter_padded_typed(&a, m, p, m0, mode),
-        Floats::F64(a) => filter_padded_typed(&a, m, p, m0, mode),
-    }
+    let (floats, s) = settings("values", arr, mask, q, r, p0, masked)?;
+    by_dtype!(Floats, floats, a => filter_padded_typed(&a, s, m0))
 }
 
 type Pair<'py> = (Bound<'py, PyAny>, Bound<'py, PyAny>);
 
 fn adjoint_padded_typed<'py, T: Real + Element>(
     arr: &Bound<'py, PyArrayDyn<T>>,
-    mask: Option<Elems<'py, bool>>,
-    p: FilterParams,
-    mode: MaskMode,
+    s: Settings<'py>,
 ) -> PyResult<Pair<'py>> {
-    let py = arr.py();
     let (batch, time) = padded_shape(arr);
     let grad = read("grad", arr)?;
-    let (gr, m) = (grad.as_slice(), mask.as_ref().map(Elems::as_slice));
-    let (dz, dm0) = (output::<T>(py, gr.len()), output::<T>(py, batch));
-    let (mut rw_dz, mut rw_dm0) = (dz.readwrite(), dm0.readwrite());
-    let (d, dm) = (writable(&mut rw_dz)?, writable(&mut rw_dm0)?);
-    py.detach(|| {
-        let g = Gains::<T>::new(time, &p)?;
-        filter::adjoint_padded(gr, m, batch, time, &g, mode, d, dm)
-    })?;
-    drop((rw_dz, rw_dm0));
+    let (gr, m) = (grad.as_slice(), s.mask());
+    let [dz, dm0] = run_kernel(
+        arr.py(),
+        [gr.len(), batch],
+        time,
+        &s.params,
+        |g, [d, dm]| filter::adjoint_padded(gr, m, batch, time, g, s.mode, d, dm),
+    )?;
     Ok((dz.reshape([batch, time])?.into_any(), dm0.into_any()))
 }
 
@@ -287,13 +338,8 @@ fn adjoint_padded<'py>(
     masked: &str,
 ) -> PyResult<Pair<'py>> {
     let arr = as_ndarray("grad", grad, 2, "[batch, time]")?;
-    let mode = parse_mode(masked)?;
-    let p = params(q, r, p0)?;
-    let m = read_mask(mask, arr.shape(), "grad")?;
-    match floats("grad", arr)? {
-        Floats::F32(a) => adjoint_padded_typed(&a, m, p, mode),
-        Floats::F64(a) => adjoint_padded_typed(&a, m, p, mode),
-    }
+    let (floats, s) = settings("grad", arr, mask, q, r, p0, masked)?;
+    by_dtype!(Floats, floats, a => adjoint_padded_typed(&a, s))
 }
 
 /// Reads `cu_seqlens`, checks it against `total` values, and returns it with the longest segment.
@@ -313,37 +359,21 @@ fn check_offsets(cu_seqlens: &Bound<'_, PyAny>, total: i64) -> PyResult<usize> {
     let total = usize::try_from(total)
         .map_err(|_| PyValueError::new_err(format!("total must be >= 0, got {total}")))?;
     let cu = as_ndarray("cu_seqlens", cu_seqlens, 1, "[batch + 1]")?;
-    let longest = match offsets(cu)? {
-        Offsets::I32(c) => read_offsets(&c, total)?.1,
-        Offsets::I64(c) => read_offsets(&c, total)?.1,
-    };
-    Ok(longest)
+    Ok(by_dtype!(Offsets, offsets(cu)?, c => read_offsets(&c, total)?.1))
 }
 
 fn filter_packed_typed<'py, T: Real + Element, O: Offset + Element>(
     arr: &Bound<'py, PyArrayDyn<T>>,
     cu: &Bound<'py, PyArrayDyn<O>>,
-    mask: Option<Elems<'py, bool>>,
-    p: FilterParams,
+    s: Settings<'py>,
     m0: f64,
-    mode: MaskMode,
 ) -> PyResult<Bound<'py, PyAny>> {
-    let py = arr.py();
     let values = read("values", arr)?;
     let (offsets, longest) = read_offsets(cu, values.as_slice().len())?;
-    let (z, m, cu) = (
-        values.as_slice(),
-        mask.as_ref().map(Elems::as_slice),
-        offsets.as_slice(),
-    );
-    let out = output::<T>(py, z.len());
-    let mut rw = out.readwrite();
-    let o = writable(&mut rw)?;
-    py.detach(|| {
-        let g = Gains::<T>::new(longest, &p)?;
-        filter::filter_packed(z, m, cu, &g, T::from_f64(m0), mode, o)
+    let (z, m, cu) = (values.as_slice(), s.mask(), offsets.as_slice());
+    let [out] = run_kernel(arr.py(), [z.len()], longest, &s.params, |g, [o]| {
+        filter::filter_packed(z, m, cu, g, T::from_f64(m0), s.mode, o)
     })?;
-    drop(rw);
     Ok(out.into_any())
 }
 
@@ -364,41 +394,28 @@ fn filter_packed<'py>(
 ) -> PyResult<Bound<'py, PyAny>> {
     let arr = as_ndarray("values", values, 1, "[total]")?;
     let cu = as_ndarray("cu_seqlens", cu_seqlens, 1, "[batch + 1]")?;
-    let mode = parse_mode(masked)?;
-    let p = params(q, r, p0)?;
-    let m = read_mask(mask, arr.shape(), "values")?;
-    match (floats("values", arr)?, offsets(cu)?) {
-        (Floats::F32(a), Offsets::I32(c)) => filter_packed_typed(&a, &c, m, p, m0, mode),
-        (Floats::F32(a), Offsets::I64(c)) => filter_packed_typed(&a, &c, m, p, m0, mode),
-        (Floats::F64(a), Offsets::I32(c)) => filter_packed_typed(&a, &c, m, p, m0, mode),
-        (Floats::F64(a), Offsets::I64(c)) => filter_packed_typed(&a, &c, m, p, m0, mode),
-    }
+    let (floats, s) = settings("values", arr, mask, q, r, p0, masked)?;
+    by_dtype!(Floats, floats, a => by_dtype!(Offsets, offsets(cu)?, c => {
+        filter_packed_typed(&a, &c, s, m0)
+    }))
 }
 
 fn adjoint_packed_typed<'py, T: Real + Element, O: Offset + Element>(
     arr: &Bound<'py, PyArrayDyn<T>>,
     cu: &Bound<'py, PyArrayDyn<O>>,
-    mask: Option<Elems<'py, bool>>,
-    p: FilterParams,
-    mode: MaskMode,
+    s: Settings<'py>,
 ) -> PyResult<Pair<'py>> {
-    let py = arr.py();
     let grad = read("grad", arr)?;
     let (offsets, longest) = read_offsets(cu, grad.as_slice().len())?;
-    let (gr, m, cu) = (
-        grad.as_slice(),
-        mask.as_ref().map(Elems::as_slice),
-        offsets.as_slice(),
-    );
+    let (gr, m, cu) = (grad.as_slice(), s.mask(), offsets.as_slice());
     let batch = cu.len() - 1;
-    let (dz, dm0) = (output::<T>(py, gr.len()), output::<T>(py, batch));
-    let (mut rw_dz, mut rw_dm0) = (dz.readwrite(), dm0.readwrite());
-    let (d, dm) = (writable(&mut rw_dz)?, writable(&mut rw_dm0)?);
-    py.detach(|| {
-        let g = Gains::<T>::new(longest, &p)?;
-        filter::adjoint_packed(gr, m, cu, &g, mode, d, dm)
-    })?;
-    drop((rw_dz, rw_dm0));
+    let [dz, dm0] = run_kernel(
+        arr.py(),
+        [gr.len(), batch],
+        longest,
+        &s.params,
+        |g, [d, dm]| filter::adjoint_packed(gr, m, cu, g, s.mode, d, dm),
+    )?;
     Ok((dz.into_any(), dm0.into_any()))
 }
 
@@ -417,15 +434,10 @@ fn adjoint_packed<'py>(
 ) -> PyResult<Pair<'py>> {
     let arr = as_ndarray("grad", grad, 1, "[total]")?;
     let cu = as_ndarray("cu_seqlens", cu_seqlens, 1, "[batch + 1]")?;
-    let mode = parse_mode(masked)?;
-    let p = params(q, r, p0)?;
-    let m = read_mask(mask, arr.shape(), "grad")?;
-    match (floats("grad", arr)?, offsets(cu)?) {
-        (Floats::F32(a), Offsets::I32(c)) => adjoint_packed_typed(&a, &c, m, p, mode),
-        (Floats::F32(a), Offsets::I64(c)) => adjoint_packed_typed(&a, &c, m, p, mode),
-        (Floats::F64(a), Offsets::I32(c)) => adjoint_packed_typed(&a, &c, m, p, mode),
-        (Floats::F64(a), Offsets::I64(c)) => adjoint_packed_typed(&a, &c, m, p, mode),
-    }
+    let (floats, s) = settings("grad", arr, mask, q, r, p0, masked)?;
+    by_dtype!(Floats, floats, a => by_dtype!(Offsets, offsets(cu)?, c => {
+        adjoint_packed_typed(&a, &c, s)
+    }))
 }
 
 #[pymodule]
