@@ -81,6 +81,43 @@ fn assert_close(got: &[f64], want: &[f64], tol: f64) {
     }
 }
 
+/// Whether `x` and `y` hold the same bits, element by element.
+fn same_bits<T: Real>(x: &[T], y: &[T]) -> bool {
+    x.iter()
+        .zip(y)
+        .all(|(a, b)| a.to_f64().to_bits() == b.to_f64().to_bits())
+}
+
+/// `v` with `fill` at the positions `m` masks.
+fn masked_to(v: &[f64], m: &[bool], fill: f64) -> Vec<f64> {
+    v.iter()
+        .zip(m)
+        .map(|(&x, &ok)| if ok { x } else { fill })
+        .collect()
+}
+
+fn to_f32(v: &[f64]) -> Vec<f32> {
+    v.iter().map(|&x| x as f32).collect()
+}
+
+/// The offsets of `b` packed rows of `t` values each.
+fn even_offsets(b: usize, t: usize) -> Vec<i64> {
+    (0..=b as i64).map(|i| i * t as i64).collect()
+}
+
+fn non_finite(arg: &'static str, row: usize, pos: usize) -> FilterError {
+    FilterError::NonFinite { arg, row, pos }
+}
+
+/// `f` run in a Rayon pool of `threads` threads.
+fn on_threads<R: Send>(threads: usize, f: impl FnOnce() -> R + Send) -> R {
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build()
+        .unwrap()
+        .install(f)
+}
+
 #[test]
 fn gains_flat_prior_without_process_noise_is_a_running_mean() {
     let k = gains(6, &params(0.0, 2.5, f64::INFINITY)).unwrap();
@@ -157,12 +194,11 @@ fn forward_matches_the_equations_for_every_mode_and_prior() {
 
 #[test]
 fn f32_follows_f64_within_rounding() {
-    let mut rng = Rng(11);
     let (b, t) = (3, 500);
     let p = params(1e-3, 1.0, f64::INFINITY);
-    let (z, m) = random_batch(&mut rng, b, t, 0.8);
+    let (z, m) = random_batch(&mut Rng(11), b, t, 0.8);
     let want = run_padded(&z, Some(&m), b, t, &p, 0.0, MaskMode::Hold);
-    let z32: Vec<f32> = z.iter().map(|&v| v as f32).collect();
+    let z32 = to_f32(&z);
     let g = Gains::<f32>::new(t, &p).unwrap();
     let mut out = vec![0f32; b * t];
     filter_padded(&z32, Some(&m), b, t, &g, 0.0, MaskMode::Hold, &mut out).unwrap();
@@ -184,14 +220,9 @@ fn flat_prior_rows_of_w_sum_to_one() {
 
 #[test]
 fn masked_inputs_are_never_read() {
-    let mut rng = Rng(3);
     let (b, t) = (4, 64);
-    let (z, m) = random_batch(&mut rng, b, t, 0.5);
-    let poisoned: Vec<f64> = z
-        .iter()
-        .zip(&m)
-        .map(|(&v, &ok)| if ok { v } else { f64::NAN })
-        .collect();
+    let (z, m) = random_batch(&mut Rng(3), b, t, 0.5);
+    let poisoned = masked_to(&z, &m, f64::NAN);
     for mode in MODES {
         let p = FilterParams::default();
         assert_eq!(
@@ -206,11 +237,7 @@ fn masked_inputs_are_never_read() {
             vec![0.0; b],
         );
         let grad: Vec<f64> = z.iter().map(|v| v * 0.5 + 0.1).collect();
-        let poisoned_grad: Vec<f64> = grad
-            .iter()
-            .zip(&m)
-            .map(|(&v, &ok)| if ok { v } else { f64::NAN })
-            .collect();
+        let poisoned_grad = masked_to(&grad, &m, f64::NAN);
         adjoint_padded(&grad, Some(&m), b, t, &g, MaskMode::Zero, &mut d1, &mut m1).unwrap();
         adjoint_padded(
             &poisoned_grad,
@@ -233,20 +260,14 @@ fn masked_inputs_are_never_read() {
 
 #[test]
 fn hold_and_zero_agree_on_right_padded_rows() {
-    let mut rng = Rng(5);
     let (b, t) = (6, 40);
-    let (z, _) = random_batch(&mut rng, b, t, 1.0);
+    let (z, _) = random_batch(&mut Rng(5), b, t, 1.0);
     let lens = [0, 1, 17, 39, 40, 25];
     let m: Vec<bool> = (0..b * t).map(|i| i % t < lens[i / t]).collect();
     let p = params(1e-3, 1.0, 0.5);
     let hold = run_padded(&z, Some(&m), b, t, &p, 0.0, MaskMode::Hold);
     let zero = run_padded(&z, Some(&m), b, t, &p, 0.0, MaskMode::Zero);
-    let hold_masked: Vec<f64> = hold
-        .iter()
-        .zip(&m)
-        .map(|(&v, &ok)| if ok { v } else { 0.0 })
-        .collect();
-    assert_eq!(hold_masked, zero);
+    assert_eq!(masked_to(&hold, &m, 0.0), zero);
 }
 
 /// <W z + c m0, g> = <z, dz> + m0 * dm0 for every mode, layout and mask.
@@ -339,14 +360,7 @@ fn non_finite_values_name_the_first_failing_row_and_position() {
     z[3 * t + 1] = f64::NAN;
     let mut out = vec![0.0; b * t];
     let err = filter_padded(&z, None, b, t, &g, 0.0, MaskMode::Hold, &mut out).unwrap_err();
-    assert_eq!(
-        err,
-        FilterError::NonFinite {
-            arg: "values",
-            row: 2,
-            pos: 6
-        }
-    );
+    assert_eq!(err, non_finite("values", 2, 6));
     assert_eq!(
         err.to_string(),
         "values: non-finite value at row 2, position 6"
@@ -354,24 +368,10 @@ fn non_finite_values_name_the_first_failing_row_and_position() {
     let mut m = vec![true; b * t];
     m[2 * t + 6] = false;
     let err = filter_padded(&z, Some(&m), b, t, &g, 0.0, MaskMode::Zero, &mut out).unwrap_err();
-    assert_eq!(
-        err,
-        FilterError::NonFinite {
-            arg: "values",
-            row: 3,
-            pos: 1
-        }
-    );
+    assert_eq!(err, non_finite("values", 3, 1));
     let (mut dz, mut dm0) = (vec![0.0; b * t], vec![0.0; b]);
     let err = adjoint_padded(&z, None, b, t, &g, MaskMode::Hold, &mut dz, &mut dm0).unwrap_err();
-    assert_eq!(
-        err,
-        FilterError::NonFinite {
-            arg: "grad",
-            row: 2,
-            pos: 6
-        }
-    );
+    assert_eq!(err, non_finite("grad", 2, 6));
     let offsets = [0i32, 3, 3, 40];
     let err = filter_packed(
         &z,
@@ -388,14 +388,7 @@ fn non_finite_values_name_the_first_failing_row_and_position() {
     );
     let g40 = Gains::<f64>::new(40, &p).unwrap();
     let err = filter_packed(&z, None, &offsets, &g40, 0.0, MaskMode::Hold, &mut out).unwrap_err();
-    assert_eq!(
-        err,
-        FilterError::NonFinite {
-            arg: "values",
-            row: 2,
-            pos: 2 * t + 6 - 3
-        }
-    );
+    assert_eq!(err, non_finite("values", 2, 2 * t + 6 - 3));
 }
 
 #[test]
@@ -516,16 +509,13 @@ fn overflow_with_finite_inputs_is_reported_as_such() {
 
 #[test]
 fn results_do_not_depend_on_the_thread_count() {
-    let mut rng = Rng(29);
     let (b, t) = (33, 200);
-    let (z, m) = random_batch(&mut rng, b, t, 0.9);
+    let (z, m) = random_batch(&mut Rng(29), b, t, 0.9);
     let p = FilterParams::default();
     let run = |threads| {
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(threads)
-            .build()
-            .unwrap();
-        pool.install(|| run_padded(&z, Some(&m), b, t, &p, 0.0, MaskMode::Hold))
+        on_threads(threads, || {
+            run_padded(&z, Some(&m), b, t, &p, 0.0, MaskMode::Hold)
+        })
     };
     let one = run(1);
     assert_eq!(one, run(2));
@@ -537,7 +527,7 @@ fn results_do_not_depend_on_the_thread_count() {
 #[test]
 fn row_blocks_equal_the_one_row_kernel_bitwise() {
     fn check<T: Real + std::fmt::Debug>(z: &[T], grad: &[T], m: &[bool], b: usize, t: usize) {
-        let offsets: Vec<i64> = (0..=b as i64).map(|i| i * t as i64).collect();
+        let offsets = even_offsets(b, t);
         for p in [FilterParams::default(), params(0.5, 1.0, f64::INFINITY)] {
             let g = Gains::<T>::new(t, &p).unwrap();
             for mode in MODES {
@@ -546,22 +536,13 @@ fn row_blocks_equal_the_one_row_kernel_bitwise() {
                     let (mut a, mut c) = (vec![T::ZERO; b * t], vec![T::ZERO; b * t]);
                     filter_padded(z, mask, b, t, &g, m0, mode, &mut a).unwrap();
                     filter_packed(z, mask, &offsets, &g, m0, mode, &mut c).unwrap();
-                    assert!(a
-                        .iter()
-                        .zip(&c)
-                        .all(|(x, y)| x.to_f64().to_bits() == y.to_f64().to_bits()));
+                    assert!(same_bits(&a, &c));
                     let (mut da, mut dc) = (vec![T::ZERO; b * t], vec![T::ZERO; b * t]);
                     let (mut ma, mut mc) = (vec![T::ZERO; b], vec![T::ZERO; b]);
                     adjoint_padded(grad, mask, b, t, &g, mode, &mut da, &mut ma).unwrap();
                     adjoint_packed(grad, mask, &offsets, &g, mode, &mut dc, &mut mc).unwrap();
-                    assert!(da
-                        .iter()
-                        .zip(&dc)
-                        .all(|(x, y)| x.to_f64().to_bits() == y.to_f64().to_bits()));
-                    assert!(ma
-                        .iter()
-                        .zip(&mc)
-                        .all(|(x, y)| x.to_f64().to_bits() == y.to_f64().to_bits()));
+                    assert!(same_bits(&da, &dc));
+                    assert!(same_bits(&ma, &mc));
                 }
             }
         }
@@ -571,8 +552,7 @@ fn row_blocks_equal_the_one_row_kernel_bitwise() {
         let (z, m) = random_batch(&mut rng, b, t, 0.7);
         let (grad, _) = random_batch(&mut rng, b, t, 1.0);
         check(&z, &grad, &m, b, t);
-        let z32: Vec<f32> = z.iter().map(|&v| v as f32).collect();
-        let g32: Vec<f32> = grad.iter().map(|&v| v as f32).collect();
+        let (z32, g32) = (to_f32(&z), to_f32(&grad));
         check(&z32, &g32, &m, b, t);
     }
 }
@@ -586,27 +566,13 @@ fn a_failing_row_inside_a_later_block_is_found() {
     z[38 * t + 2] = f32::INFINITY;
     let mut out = vec![0.0; b * t];
     let err = filter_padded(&z, None, b, t, &g, 0.0, MaskMode::Hold, &mut out).unwrap_err();
-    assert_eq!(
-        err,
-        FilterError::NonFinite {
-            arg: "values",
-            row: 35,
-            pos: 66
-        }
-    );
+    assert_eq!(err, non_finite("values", 35, 66));
     let mut m = vec![true; b * t];
     m[35 * t + 66] = false;
     let (mut dz, mut dm0) = (vec![0.0; b * t], vec![0.0; b]);
     let err =
         adjoint_padded(&z, Some(&m), b, t, &g, MaskMode::Zero, &mut dz, &mut dm0).unwrap_err();
-    assert_eq!(
-        err,
-        FilterError::NonFinite {
-            arg: "grad",
-            row: 38,
-            pos: 2
-        }
-    );
+    assert_eq!(err, non_finite("grad", 38, 2));
 }
 
 /// A deterministic sweep of arbitrary layouts (the fuzz target's inputs, in miniature): every call
@@ -658,7 +624,7 @@ fn cut_rows_match_the_one_row_kernel_within_the_error_bound() {
             crate::stretch::stretch_len(b, t) < t,
             "the shape must be cut"
         );
-        let offsets: Vec<i64> = (0..=b as i64).map(|i| i * t as i64).collect();
+        let offsets = even_offsets(b, t);
         let bound = 8.0 * eps * (t as f64 + 1.0);
         for p in [
             FilterParams::default(),
@@ -709,24 +675,18 @@ fn cut_rows_match_the_one_row_kernel_within_the_error_bound() {
         let (z, m) = random_batch(&mut rng, b, t, 0.8);
         let (grad, _) = random_batch(&mut rng, b, t, 1.0);
         check(&z, &grad, &m, b, t, f64::EPSILON);
-        let z32: Vec<f32> = z.iter().map(|&v| v as f32).collect();
-        let g32: Vec<f32> = grad.iter().map(|&v| v as f32).collect();
+        let (z32, g32) = (to_f32(&z), to_f32(&grad));
         check(&z32, &g32, &m, b, t, f32::EPSILON as f64);
     }
 }
 
 #[test]
 fn cut_rows_do_not_depend_on_the_thread_count() {
-    let mut rng = Rng(41);
     let (b, t) = (5, 4 * crate::stretch::STRETCH + 77);
-    let (z, m) = random_batch(&mut rng, b, t, 0.9);
+    let (z, m) = random_batch(&mut Rng(41), b, t, 0.9);
     let g = Gains::<f64>::new(t, &FilterParams::default()).unwrap();
     let run = |threads| {
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(threads)
-            .build()
-            .unwrap();
-        pool.install(|| {
+        on_threads(threads, || {
             let (mut out, mut dz, mut dm0) = (vec![0.0; b * t], vec![0.0; b * t], vec![0.0; b]);
             filter_padded(&z, Some(&m), b, t, &g, 0.3, MaskMode::Zero, &mut out).unwrap();
             adjoint_padded(&z, None, b, t, &g, MaskMode::Zero, &mut dz, &mut dm0).unwrap();
@@ -783,20 +743,10 @@ fn hold_mask_groups_report_the_first_failing_row() {
     z[10 * t + 1] = f32::NAN;
     let mut out = vec![0.0; b * t];
     let err = filter_padded(&z, Some(&m), b, t, &g, 0.0, MaskMode::Hold, &mut out).unwrap_err();
-    let want = FilterError::NonFinite {
-        arg: "values",
-        row: 9,
-        pos: 20,
-    };
-    assert_eq!(err, want);
+    assert_eq!(err, non_finite("values", 9, 20));
     // Under hold, the gradient at a masked position reaches the held state: it is read.
     let (mut dz, mut dm0) = (vec![0.0; b * t], vec![0.0; b]);
     let err =
         adjoint_padded(&z, Some(&m), b, t, &g, MaskMode::Hold, &mut dz, &mut dm0).unwrap_err();
-    let want = FilterError::NonFinite {
-        arg: "grad",
-        row: 6,
-        pos: 4,
-    };
-    assert_eq!(err, want);
+    assert_eq!(err, non_finite("grad", 6, 4));
 }
