@@ -206,7 +206,7 @@ fn read_mask<'py>(
     read("mask", typed).map(Some)
 }
 
-/// The checked arguments the four filter functions share besides the array they filter.
+/// The checked arguments the two filter functions share besides the array they filter.
 struct Settings<'py> {
     mask: Option<Elems<'py, bool>>,
     params: FilterParams,
@@ -219,16 +219,33 @@ impl Settings<'_> {
     }
 }
 
-/// Checks what the four filter functions share, in the order their errors are reported:
+/// The array a function filters (or whose adjoint it takes), named `arg`, and the offsets of its
+/// rows: padded `[batch, time]` when `cu_seqlens` is None, packed `[total]` otherwise.
+fn layout<'a, 'py>(
+    arg: &str,
+    obj: &'a Bound<'py, PyAny>,
+    cu_seqlens: Option<&'a Bound<'py, PyAny>>,
+) -> PyResult<(
+    &'a Bound<'py, PyUntypedArray>,
+    Option<&'a Bound<'py, PyUntypedArray>>,
+)> {
+    match cu_seqlens.filter(|c| !c.is_none()) {
+        None => Ok((as_ndarray(arg, obj, 2, "[batch, time]")?, None)),
+        Some(cu) => Ok((
+            as_ndarray(arg, obj, 1, "[total]")?,
+            Some(as_ndarray("cu_seqlens", cu, 1, "[batch + 1]")?),
+        )),
+    }
+}
+
+/// Checks what the two filter functions share, in the order their errors are reported:
 /// `masked`, the parameters, the mask (against the shape of `arr`, the argument named `arg`),
 /// then the dtype of `arr`.
 fn settings<'py>(
     arg: &str,
     arr: &Bound<'py, PyUntypedArray>,
     mask: Option<&Bound<'py, PyAny>>,
-    q: f64,
-    r: f64,
-    p0: f64,
+    (q, r, p0): (f64, f64, f64),
     masked: &str,
 ) -> PyResult<(Floats<'py>, Settings<'py>)> {
     let mode = parse_mode(masked)?;
@@ -289,24 +306,6 @@ fn filter_padded_typed<'py, T: Real + Element>(
     Ok(out.reshape([batch, time])?.into_any())
 }
 
-/// Filters `values` `[batch, time]` (float32/float64) row by row; returns `[batch, time]`.
-#[pyfunction]
-#[pyo3(signature = (values, mask, q, r, p0, m0, masked))]
-#[allow(clippy::too_many_arguments)]
-fn filter_padded<'py>(
-    values: &Bound<'py, PyAny>,
-    mask: Option<&Bound<'py, PyAny>>,
-    q: f64,
-    r: f64,
-    p0: f64,
-    m0: f64,
-    masked: &str,
-) -> PyResult<Bound<'py, PyAny>> {
-    let arr = as_ndarray("values", values, 2, "[batch, time]")?;
-    let (floats, s) = settings("values", arr, mask, q, r, p0, masked)?;
-    by_dtype!(Floats, floats, a => filter_padded_typed(&a, s, m0))
-}
-
 type Pair<'py> = (Bound<'py, PyAny>, Bound<'py, PyAny>);
 
 fn adjoint_padded_typed<'py, T: Real + Element>(
@@ -324,22 +323,6 @@ fn adjoint_padded_typed<'py, T: Real + Element>(
         |g, [d, dm]| filter::adjoint_padded(gr, m, batch, time, g, s.mode, d, dm),
     )?;
     Ok((dz.reshape([batch, time])?.into_any(), dm0.into_any()))
-}
-
-/// Adjoint of `filter_padded`: returns `(dvalues [batch, time], dm0 [batch])`.
-#[pyfunction]
-#[pyo3(signature = (grad, mask, q, r, p0, masked))]
-fn adjoint_padded<'py>(
-    grad: &Bound<'py, PyAny>,
-    mask: Option<&Bound<'py, PyAny>>,
-    q: f64,
-    r: f64,
-    p0: f64,
-    masked: &str,
-) -> PyResult<Pair<'py>> {
-    let arr = as_ndarray("grad", grad, 2, "[batch, time]")?;
-    let (floats, s) = settings("grad", arr, mask, q, r, p0, masked)?;
-    by_dtype!(Floats, floats, a => adjoint_padded_typed(&a, s))
 }
 
 /// Reads `cu_seqlens`, checks it against `total` values, and returns it with the longest segment.
@@ -377,29 +360,6 @@ fn filter_packed_typed<'py, T: Real + Element, O: Offset + Element>(
     Ok(out.into_any())
 }
 
-/// Filters packed sequences `values` `[total]` split by `cu_seqlens` `[batch + 1]`; returns
-/// `[total]`.
-#[pyfunction]
-#[pyo3(signature = (values, cu_seqlens, mask, q, r, p0, m0, masked))]
-#[allow(clippy::too_many_arguments)]
-fn filter_packed<'py>(
-    values: &Bound<'py, PyAny>,
-    cu_seqlens: &Bound<'py, PyAny>,
-    mask: Option<&Bound<'py, PyAny>>,
-    q: f64,
-    r: f64,
-    p0: f64,
-    m0: f64,
-    masked: &str,
-) -> PyResult<Bound<'py, PyAny>> {
-    let arr = as_ndarray("values", values, 1, "[total]")?;
-    let cu = as_ndarray("cu_seqlens", cu_seqlens, 1, "[batch + 1]")?;
-    let (floats, s) = settings("values", arr, mask, q, r, p0, masked)?;
-    by_dtype!(Floats, floats, a => by_dtype!(Offsets, offsets(cu)?, c => {
-        filter_packed_typed(&a, &c, s, m0)
-    }))
-}
-
 fn adjoint_packed_typed<'py, T: Real + Element, O: Offset + Element>(
     arr: &Bound<'py, PyArrayDyn<T>>,
     cu: &Bound<'py, PyArrayDyn<O>>,
@@ -419,25 +379,48 @@ fn adjoint_packed_typed<'py, T: Real + Element, O: Offset + Element>(
     Ok((dz.into_any(), dm0.into_any()))
 }
 
-/// Adjoint of `filter_packed`: returns `(dvalues [total], dm0 [batch])`.
+/// Filters the rows of `values` (float32/float64): padded `[batch, time]` when `cu_seqlens` is
+/// None, else packed `[total]` split by `cu_seqlens` `[batch + 1]` (int32/int64). Returns the
+/// filtered values, shaped like `values`.
 #[pyfunction]
-#[pyo3(signature = (grad, cu_seqlens, mask, q, r, p0, masked))]
-#[allow(clippy::too_many_arguments)]
-fn adjoint_packed<'py>(
-    grad: &Bound<'py, PyAny>,
-    cu_seqlens: &Bound<'py, PyAny>,
+#[pyo3(name = "filter", signature = (values, cu_seqlens, mask, variances, m0, masked))]
+fn filter_rows<'py>(
+    values: &Bound<'py, PyAny>,
+    cu_seqlens: Option<&Bound<'py, PyAny>>,
     mask: Option<&Bound<'py, PyAny>>,
-    q: f64,
-    r: f64,
-    p0: f64,
+    variances: (f64, f64, f64),
+    m0: f64,
+    masked: &str,
+) -> PyResult<Bound<'py, PyAny>> {
+    let (arr, cu) = layout("values", values, cu_seqlens)?;
+    let (floats, s) = settings("values", arr, mask, variances, masked)?;
+    match cu {
+        None => by_dtype!(Floats, floats, a => filter_padded_typed(&a, s, m0)),
+        Some(cu) => by_dtype!(Floats, floats, a => by_dtype!(Offsets, offsets(cu)?, c => {
+            filter_packed_typed(&a, &c, s, m0)
+        })),
+    }
+}
+
+/// Adjoint of `filter` for the upstream gradient `grad` (either layout): returns
+/// `(dvalues` shaped like `grad`, `dm0 [batch])`.
+#[pyfunction]
+#[pyo3(name = "adjoint", signature = (grad, cu_seqlens, mask, variances, masked))]
+fn adjoint_rows<'py>(
+    grad: &Bound<'py, PyAny>,
+    cu_seqlens: Option<&Bound<'py, PyAny>>,
+    mask: Option<&Bound<'py, PyAny>>,
+    variances: (f64, f64, f64),
     masked: &str,
 ) -> PyResult<Pair<'py>> {
-    let arr = as_ndarray("grad", grad, 1, "[total]")?;
-    let cu = as_ndarray("cu_seqlens", cu_seqlens, 1, "[batch + 1]")?;
-    let (floats, s) = settings("grad", arr, mask, q, r, p0, masked)?;
-    by_dtype!(Floats, floats, a => by_dtype!(Offsets, offsets(cu)?, c => {
-        adjoint_packed_typed(&a, &c, s)
-    }))
+    let (arr, cu) = layout("grad", grad, cu_seqlens)?;
+    let (floats, s) = settings("grad", arr, mask, variances, masked)?;
+    match cu {
+        None => by_dtype!(Floats, floats, a => adjoint_padded_typed(&a, s)),
+        Some(cu) => by_dtype!(Floats, floats, a => by_dtype!(Offsets, offsets(cu)?, c => {
+            adjoint_packed_typed(&a, &c, s)
+        })),
+    }
 }
 
 #[pymodule]
@@ -446,9 +429,7 @@ fn core_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add_function(wrap_pyfunction!(gains, m)?)?;
     m.add_function(wrap_pyfunction!(check_offsets, m)?)?;
-    m.add_function(wrap_pyfunction!(filter_padded, m)?)?;
-    m.add_function(wrap_pyfunction!(adjoint_padded, m)?)?;
-    m.add_function(wrap_pyfunction!(filter_packed, m)?)?;
-    m.add_function(wrap_pyfunction!(adjoint_packed, m)?)?;
+    m.add_function(wrap_pyfunction!(filter_rows, m)?)?;
+    m.add_function(wrap_pyfunction!(adjoint_rows, m)?)?;
     Ok(())
 }

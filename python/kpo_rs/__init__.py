@@ -111,6 +111,13 @@ def _as_array(x: Any) -> Any:
     return x
 
 
+def _offsets(cu_seqlens: Any) -> Any:
+    """``cu_seqlens`` for the native module, which reads None as "padded": refused here."""
+    if cu_seqlens is None:
+        raise TypeError("cu_seqlens must be a numpy.ndarray, got NoneType")
+    return _as_array(cu_seqlens)
+
+
 def _restore(out: np.ndarray, dtype: np.dtype | None) -> np.ndarray:
     return out if dtype is None else out.astype(dtype)
 
@@ -152,7 +159,7 @@ def kalman_filter(
     """
     p = settings(params, **overrides)
     z, dtype = _prepare(values)
-    out = _core.filter_padded(z, _as_array(mask), *p.variances, p.m0, p.masked)
+    out = _core.filter(z, None, _as_array(mask), p.variances, p.m0, p.masked)
     return _restore(out, dtype)
 
 
@@ -181,7 +188,7 @@ def kalman_filter_adjoint(
     """
     p = settings(params, **overrides)
     g, dtype = _prepare(grad)
-    dz, dm0 = _core.adjoint_padded(g, _as_array(mask), *p.variances, p.masked)
+    dz, dm0 = _core.adjoint(g, None, _as_array(mask), p.variances, p.masked)
     return _restore(dz, dtype), _restore(dm0, dtype)
 
 
@@ -210,9 +217,7 @@ def kalman_filter_packed(
     """
     p = settings(params, **overrides)
     z, dtype = _prepare(values)
-    out = _core.filter_packed(
-        z, _as_array(cu_seqlens), _as_array(mask), *p.variances, p.m0, p.masked
-    )
+    out = _core.filter(z, _offsets(cu_seqlens), _as_array(mask), p.variances, p.m0, p.masked)
     return _restore(out, dtype)
 
 
@@ -232,7 +237,5 @@ def kalman_filter_packed_adjoint(
     """
     p = settings(params, **overrides)
     g, dtype = _prepare(grad)
-    dz, dm0 = _core.adjoint_packed(
-        g, _as_array(cu_seqlens), _as_array(mask), *p.variances, p.masked
-    )
+    dz, dm0 = _core.adjoint(g, _offsets(cu_seqlens), _as_array(mask), p.variances, p.masked)
     return _restore(dz, dtype), _restore(dm0, dtype)

@@ -20,50 +20,28 @@ _Masked = Literal["hold", "zero"]
 def gains(n: int, q: float, r: float, p0: float) -> npt.NDArray[np.float64]:
     """Gains ``K_0 .. K_{n-1}``, float64 ``[n]``."""
 
-def filter_padded(
+def filter(
     values: _Float,
+    cu_seqlens: _Offsets | None,
     mask: npt.NDArray[np.bool_] | None,
-    q: float,
-    r: float,
-    p0: float,
+    variances: tuple[float, float, float],
     m0: float,
     masked: _Masked,
 ) -> _Float:
-    """``values`` ``[batch, time]`` float32/float64, ``mask`` ``[batch, time]`` bool -> filtered
-    ``[batch, time]`` in the dtype of ``values``."""
+    """Filters the rows of ``values`` float32/float64: padded ``[batch, time]`` when
+    ``cu_seqlens`` is None, else packed ``[total]`` split by ``cu_seqlens`` ``[batch + 1]``;
+    ``mask`` bool shaped like ``values``; ``variances`` ``(q, r, p0)``. Returns the filtered
+    values, shaped like ``values`` and in its dtype."""
 
-def adjoint_padded(
+def adjoint(
     grad: _Float,
+    cu_seqlens: _Offsets | None,
     mask: npt.NDArray[np.bool_] | None,
-    q: float,
-    r: float,
-    p0: float,
+    variances: tuple[float, float, float],
     masked: _Masked,
 ) -> tuple[_Float, _Float]:
-    """``grad`` ``[batch, time]`` -> ``(dvalues [batch, time], dm0 [batch])``."""
-
-def filter_packed(
-    values: _Float,
-    cu_seqlens: _Offsets,
-    mask: npt.NDArray[np.bool_] | None,
-    q: float,
-    r: float,
-    p0: float,
-    m0: float,
-    masked: _Masked,
-) -> _Float:
-    """``values`` ``[total]``, ``cu_seqlens`` ``[batch + 1]`` -> filtered ``[total]``."""
-
-def adjoint_packed(
-    grad: _Float,
-    cu_seqlens: _Offsets,
-    mask: npt.NDArray[np.bool_] | None,
-    q: float,
-    r: float,
-    p0: float,
-    masked: _Masked,
-) -> tuple[_Float, _Float]:
-    """``grad`` ``[total]`` -> ``(dvalues [total], dm0 [batch])``."""
+    """Adjoint of :func:`filter` for ``grad`` (either layout): ``(dvalues`` shaped like
+    ``grad``, ``dm0 [batch])``."""
 
 def check_offsets(cu_seqlens: _Offsets, total: int) -> int:
     """Checks ``cu_seqlens`` against ``total`` values; returns the longest segment's length."""

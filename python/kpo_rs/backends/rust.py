@@ -9,15 +9,11 @@ __all__ = ["adjoint", "available", "forward"]
 
 
 def _forward(values, cu_seqlens, mask, m0, params):
-    if cu_seqlens is None:
-        return _core.filter_padded(values, mask, *params.variances, m0, params.masked)
-    return _core.filter_packed(values, cu_seqlens, mask, *params.variances, m0, params.masked)
+    return _core.filter(values, cu_seqlens, mask, params.variances, m0, params.masked)
 
 
 def _adjoint(grad, cu_seqlens, mask, params):
-    if cu_seqlens is None:
-        return _core.adjoint_padded(grad, mask, *params.variances, params.masked)
-    return _core.adjoint_packed(grad, cu_seqlens, mask, *params.variances, params.masked)
+    return _core.adjoint(grad, cu_seqlens, mask, params.variances, params.masked)
 
 
 available, forward, adjoint = host_backend(_forward, _adjoint)
