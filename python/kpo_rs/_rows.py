@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -15,9 +13,9 @@ __all__ = ["Rows"]
 _AUTHORS = FilterParams()
 
 
-@dataclass(frozen=True)
-class Rows:
-    """A batch of rows and the settings to filter them with.
+class Rows(NamedTuple):
+    """A batch of rows and the settings to filter them with (a named tuple: built on every call
+    of the op, so it costs a tuple).
 
     Attributes:
         values: float32/float64, ``[batch, time]`` (padded) or ``[total]`` (packed, when
@@ -48,4 +46,4 @@ class Rows:
         return self.values.shape[0] if self.cu_seqlens is None else self.cu_seqlens.shape[0] - 1
 
     def replace(self, **changes: Any) -> Rows:
-        return dataclasses.replace(self, **changes)
+        return self._replace(**changes)

@@ -164,9 +164,12 @@ def _prepare(
 ) -> tuple[Rows, Any, dict[str, str]]:
     """``rows`` in the compute dtype (made contiguous if asked) with the longest packed row
     known, the backend's module and its options."""
-    values = rows.values.contiguous() if contiguous else rows.values
-    longest = _longest(rows.cu_seqlens, values.shape[0])
-    rows = Rows(_widen(values), rows.cu_seqlens, rows.mask, rows.params, longest)
+    values = _widen(rows.values.contiguous() if contiguous else rows.values)
+    cu_seqlens = rows.cu_seqlens
+    if cu_seqlens is not None:
+        rows = Rows(values, cu_seqlens, rows.mask, rows.params, _longest(cu_seqlens, len(values)))
+    elif values is not rows.values:
+        rows = Rows(values, None, rows.mask, rows.params)
     module = backends.load(backend)
     return rows, module, _check_option(module, check)
 
@@ -317,7 +320,9 @@ def _run(
     m0 = _check_m0(m0)
     # (dynamo traces through lru_cache wrappers: resolve directly while compiling)
     resolve = FilterParams.resolve if torch.compiler.is_compiling() else settings
-    p = resolve(params, m0=None if isinstance(m0, torch.Tensor) else m0, **overrides)
+    if m0 is not None and not isinstance(m0, torch.Tensor):
+        overrides = {**overrides, "m0": m0}
+    p = resolve(params, **overrides)
     prior = m0 if isinstance(m0, torch.Tensor) else p.m0
     name = backends.resolve(backend, values.device)
     if check not in CHECKS:

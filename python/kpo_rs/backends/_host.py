@@ -26,10 +26,6 @@ def _numpy(t: torch.Tensor | None) -> np.ndarray | None:
     return None if t is None else t.detach().numpy()
 
 
-def _arrays(rows: Rows) -> tuple[np.ndarray, Array, Array]:
-    return _numpy(rows.values), _numpy(rows.cu_seqlens), _numpy(rows.mask)
-
-
 def _torch(arrays: tuple[np.ndarray, ...], like: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """numpy results as tensors in ``like``'s dtype (no copy where it matches)."""
     out = tuple(torch.from_numpy(a) for a in arrays)
@@ -47,10 +43,12 @@ def host_backend(
         return device.type == "cpu"
 
     def forward(rows: Rows, m0: float) -> torch.Tensor:
-        out = forward_np(*_arrays(rows), float(m0), rows.params)
-        return _torch((out,), rows.values)[0]
+        values, cu_seqlens, mask, params, _ = rows
+        out = forward_np(_numpy(values), _numpy(cu_seqlens), _numpy(mask), float(m0), params)
+        return _torch((out,), values)[0]
 
     def adjoint(rows: Rows) -> tuple[torch.Tensor, torch.Tensor]:
-        return _torch(adjoint_np(*_arrays(rows), rows.params), rows.values)
+        grad, cu_seqlens, mask, params, _ = rows
+        return _torch(adjoint_np(_numpy(grad), _numpy(cu_seqlens), _numpy(mask), params), grad)
 
     return available, forward, adjoint
