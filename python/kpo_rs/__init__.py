@@ -129,7 +129,8 @@ def gains(
 
     ``K_n = S_n / (S_n + r)`` with ``S_n = P_{n-1} + q``, ``P_n = K_n r``, ``P_{-1} = p0``. They
     depend on neither the data nor the row, and tend to ``S / (S + r)`` with
-    ``S = (q + sqrt(q^2 + 4 q r)) / 2`` (about 1e-3 for the defaults).
+    ``S = (q + sqrt(q^2 + 4 q r)) / 2`` (about 1e-3 for the defaults). Of the settings
+    (``params`` and the overrides ``q``, ``r``, ``p0``) only the variances matter here.
     """
     if isinstance(n, bool) or not isinstance(n, (int, np.integer)):
         raise TypeError(f"n must be an int, got {type(n).__name__}")

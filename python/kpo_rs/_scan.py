@@ -459,7 +459,7 @@ def forward(
     rows: Rows, m0: float | torch.Tensor, table: GainTable, *, doubling: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward filter of ``rows`` (either layout; packed rows of at most ``rows.longest``
-    values, offsets on the values' device) from the prior mean ``m0`` (a float or a 0-d tensor),
+    values) from the prior mean ``m0`` (a float or a 0-d tensor),
     gains from ``table``. Returns ``(output, witness)``: the output shaped like the values, 0 at
     masked positions under ``masked="zero"``; the witness is non-finite if and only if some
     value read is (see ``kpo_rs.backends.scan``)."""

@@ -27,8 +27,8 @@ _MASKED = ("hold", "zero")
 
 class Overrides(TypedDict, total=False):
     """Keyword overrides of :class:`FilterParams` for one call (``None``: not given), taken by the
-    torch op (which takes ``m0`` apart: it may be a tensor) and the losses (whose prior follows
-    from their space). The meaning of each is the field's."""
+    torch op (which takes ``m0`` apart: it may be a tensor) and :func:`kpo_rs.gains`. The meaning
+    of each is the field's."""
 
     q: float | None
     r: float | None

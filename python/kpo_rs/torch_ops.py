@@ -191,6 +191,16 @@ def _adjoint(rows: Rows, backend: str, check: str = "sync") -> tuple[torch.Tenso
     return _narrow(dz, dtype).contiguous(), _narrow(dm0, dtype).contiguous()
 
 
+def _forward_plain(values, cu_seqlens, mask, m0, q, r, p0, masked, backend, check):
+    """:func:`_forward` from the custom op's plain arguments (the op and the eager Function)."""
+    return _forward(Rows(values, cu_seqlens, mask, _settings(q, r, p0, masked)), m0, backend, check)
+
+
+def _adjoint_plain(grad, cu_seqlens, mask, q, r, p0, masked, backend, check):
+    """:func:`_adjoint` from the custom op's plain arguments (the op and the eager backward)."""
+    return _adjoint(Rows(grad, cu_seqlens, mask, _settings(q, r, p0, masked)), backend, check)
+
+
 # --------------------------------------------------------------------------------------------
 # Custom ops (what torch.compile traces)
 
@@ -208,7 +218,7 @@ def _filter_op(
     backend: str,
     check: str,
 ) -> torch.Tensor:
-    return _forward(Rows(values, cu_seqlens, mask, _settings(q, r, p0, masked)), m0, backend, check)
+    return _forward_plain(values, cu_seqlens, mask, m0, q, r, p0, masked, backend, check)
 
 
 # The fake kernels say what the real ones return: contiguous tensors, whatever the inputs' strides.
@@ -229,7 +239,7 @@ def _adjoint_op(
     backend: str,
     check: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    return _adjoint(Rows(grad, cu_seqlens, mask, _settings(q, r, p0, masked)), backend, check)
+    return _adjoint_plain(grad, cu_seqlens, mask, q, r, p0, masked, backend, check)
 
 
 @_adjoint_op.register_fake
@@ -262,10 +272,6 @@ def _backward(ctx: Any, grad: torch.Tensor, adjoint: Any) -> tuple:
     return dz, None, None, dm0, None, None, None, None, None, None
 
 
-def _adjoint_eager(grad, cu_seqlens, mask, q, r, p0, masked, backend, check):
-    return _adjoint(Rows(grad, cu_seqlens, mask, _settings(q, r, p0, masked)), backend, check)
-
-
 _filter_op.register_autograd(
     lambda ctx, grad: _backward(ctx, grad, _adjoint_op), setup_context=_setup
 )
@@ -281,12 +287,11 @@ class _Filter(torch.autograd.Function):
     def forward(ctx, values, cu_seqlens, mask, m0, q, r, p0, masked, backend, check):
         inputs = (values, cu_seqlens, mask, m0, q, r, p0, masked, backend, check)
         _save(ctx, inputs, ctx.needs_input_grad[3])
-        rows = Rows(values, cu_seqlens, mask, _settings(q, r, p0, masked))
-        return _forward(rows, m0, backend, check)
+        return _forward_plain(*inputs)
 
     @staticmethod
     def backward(ctx, grad):
-        return _backward(ctx, grad, _adjoint_eager)
+        return _backward(ctx, grad, _adjoint_plain)
 
 
 # --------------------------------------------------------------------------------------------
