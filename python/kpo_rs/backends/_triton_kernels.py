@@ -137,6 +137,20 @@ def _count_carry(j, flags_ptr, cnt_ptr, n_tiles, has_reset, agg, need):
 
 
 @triton.jit
+def _tile_counts(valid, reset, i, j, flags_ptr, cnt_ptr, n_tiles, BT: tl.constexpr):
+    """The valid-token counts of tile ``j`` (positions in time order): ``(P, R, carry)`` of
+    :func:`_segment_count`, with the count carried into the tile from its first row's earlier
+    tiles (published and looked back for by :func:`_count_carry`)."""
+    p, r = _segment_count(valid, reset, False)
+    p_last = _at(p, i, BT - 1)
+    r_last = _at(r, i, BT - 1)
+    has_reset = (r_last >= 0).to(tl.int32)
+    agg = p_last - tl.maximum(r_last, 0)
+    need = 1 - _at(reset.to(tl.int32), i, 0)
+    return p, r, _count_carry(j, flags_ptr, cnt_ptr, n_tiles, has_reset, agg, need)
+
+
+@triton.jit
 def _state_carry(j, flags_ptr, st_ptr, n_tiles, agg_a, agg_b, need):
     """Publishes tile ``j``'s map ``x -> agg_a x + agg_b`` (flag 3) and its last state (flag 4;
     at once when the map ignores the carry, ``agg_a == 0``) and returns the state carried into
@@ -235,13 +249,7 @@ def forward_kernel(
         valid = inb
     if HOLD and HAS_MASK:
         step = valid
-        p, r = _segment_count(step, reset, False)
-        p_last = _at(p, i, BT - 1)
-        r_last = _at(r, i, BT - 1)
-        has_reset = (r_last >= 0).to(tl.int32)
-        agg = p_last - tl.maximum(r_last, 0)
-        need = 1 - _at(reset.to(tl.int32), i, 0)
-        carry_n = _count_carry(j, flags_ptr, cnt_ptr, n_tiles, has_reset, agg, need)
+        p, r, carry_n = _tile_counts(valid, reset, i, j, flags_ptr, cnt_ptr, n_tiles, BT)
         n = tl.where(r >= 0, p - r, carry_n + p) - 1
     else:
         step = inb
@@ -292,13 +300,7 @@ def count_kernel(
     _, start = _rows(t, cu_ptr, n_rows, row_len, search_steps, PACKED)
     reset = inb & (t == start)
     valid = tl.load(mask_ptr + t, mask=inb, other=0).to(tl.int1)
-    p, r = _segment_count(valid, reset, False)
-    p_last = _at(p, i, BT - 1)
-    r_last = _at(r, i, BT - 1)
-    has_reset = (r_last >= 0).to(tl.int32)
-    agg = p_last - tl.maximum(r_last, 0)
-    need = 1 - _at(reset.to(tl.int32), i, 0)
-    carry = _count_carry(j, ws_ptr + 1, cnt_ptr, n_tiles, has_reset, agg, need)
+    _, _, carry = _tile_counts(valid, reset, i, j, ws_ptr + 1, cnt_ptr, n_tiles, BT)
     tl.store(cin_ptr + j, carry)
 
 
