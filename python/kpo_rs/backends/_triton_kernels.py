@@ -200,6 +200,20 @@ def _record(status_ptr, bad, row, pos):
 
 
 @triton.jit
+def _next_tile(
+    ws_ptr, total, cu_ptr, n_rows, row_len, search_steps, BT: tl.constexpr, PACKED: tl.constexpr
+):
+    """The tile this program takes (tickets in time order) and its positions:
+    ``(j, i, t, inb, row, start, reset)``, ``reset`` where a row starts."""
+    j = tl.atomic_add(ws_ptr, 1).to(tl.int32)
+    i = tl.arange(0, BT)
+    t = j * BT + i
+    inb = t < total
+    row, start = _rows(t, cu_ptr, n_rows, row_len, search_steps, PACKED)
+    return j, i, t, inb, row, start, inb & (t == start)
+
+
+@triton.jit
 def _m0_at(row, reset, m0_bits, m0_ptr, m0_stride, dtype, M0_PTR: tl.constexpr):
     if M0_PTR:
         m0 = tl.load(m0_ptr + row * m0_stride, mask=reset, other=0).to(dtype)
@@ -236,13 +250,10 @@ def forward_kernel(
 ):
     """One tile of the forward filter. ``k_ptr``/``a_ptr``: the gains ``K_n`` and ``1 - K_n`` in
     the compute dtype; ``m0_bits``: a float64 prior mean's bits (when not ``M0_PTR``)."""
-    j = tl.atomic_add(ws_ptr, 1).to(tl.int32)
+    j, i, t, inb, row, start, reset = _next_tile(
+        ws_ptr, total, cu_ptr, n_rows, row_len, search_steps, BT, PACKED
+    )
     flags_ptr = ws_ptr + 1
-    i = tl.arange(0, BT)
-    t = j * BT + i
-    inb = t < total
-    row, start = _rows(t, cu_ptr, n_rows, row_len, search_steps, PACKED)
-    reset = inb & (t == start)
     if HAS_MASK:
         valid = tl.load(mask_ptr + t, mask=inb, other=0).to(tl.int1)
     else:
@@ -293,12 +304,9 @@ def count_kernel(
 ):
     """The adjoint's pre-pass under ``masked="hold"``: ``cin[c]`` = valid tokens of the row of
     tile ``c``'s first position that precede the tile."""
-    j = tl.atomic_add(ws_ptr, 1).to(tl.int32)
-    i = tl.arange(0, BT)
-    t = j * BT + i
-    inb = t < total
-    _, start = _rows(t, cu_ptr, n_rows, row_len, search_steps, PACKED)
-    reset = inb & (t == start)
+    j, i, t, inb, _, _, reset = _next_tile(
+        ws_ptr, total, cu_ptr, n_rows, row_len, search_steps, BT, PACKED
+    )
     valid = tl.load(mask_ptr + t, mask=inb, other=0).to(tl.int1)
     _, _, carry = _tile_counts(valid, reset, i, j, ws_ptr + 1, cnt_ptr, n_tiles, BT)
     tl.store(cin_ptr + j, carry)
