@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -147,10 +148,10 @@ def main() -> None:
         rates = sorted(args.tokens / s for s in seconds)
         print(
             f"{name:14} {rates[-1]:.3e} tokens/s best of {len(rates)} "
-            f"(worst {rates[0]:.3e}, median {rates[len(rates) // 2]:.3e})"
+            f"(worst {rates[0]:.3e}, median {statistics.median(rates):.3e})"
         )
     best = {name: min(seconds) for name, seconds in times.items()}
-    median = {name: sorted(seconds)[len(seconds) // 2] for name, seconds in times.items()}
+    median = {name: statistics.median(seconds) for name, seconds in times.items()}
     print(
         f"kpo filter / plain pyarrow: {best['plain pyarrow'] / best['kpo filter']:.2f} of the "
         f"speed, best against best ({median['plain pyarrow'] / median['kpo filter']:.2f} median "

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Builds the release artifacts into dist/ (or $KPO_DIST): the abi3 wheel for Linux x86_64, tagged
-# manylinux2014 (glibc 2.17: RHEL/Rocky 8, Ubuntu 20.04 and older clusters install it), and the
+# Builds the release artifacts into dist/ (or $KPO_DIST): the abi3 wheel for this machine's Linux
+# architecture (x86_64 or aarch64), tagged manylinux2014 (glibc 2.17: RHEL/Rocky 8, Ubuntu 20.04 and older clusters install it), and the
 # sdist; then confirms the wheel's platform tag with auditwheel.
 #
 # The wheel is linked with zig (`ziglang` from PyPI, in requirements/dev.lock) against glibc 2.17's
@@ -23,23 +23,29 @@ done
 "$venv/bin/python" -m ziglang version >/dev/null 2>&1 \
     || { echo "build_wheels: ziglang is not installed in $venv; run scripts/setup.sh" >&2; exit 2; }
 
+arch=$(uname -m)
+case "$arch" in
+    x86_64|aarch64) ;;
+    *) echo "build_wheels: no manylinux2014 wheel is built for $arch (x86_64 and aarch64 are)" >&2; exit 2 ;;
+esac
+
 mkdir -p "$dist"
 # maturin runs `python3 -m ziglang` when no `zig` is on PATH: make that the venv's python.
 export PATH="$venv/bin:$PATH"
 rm -f "$dist"/kpo_rs-*.whl "$dist"/kpo_rs-*.tar.gz
 
 "$venv/bin/maturin" build --release --zig --compatibility manylinux2014 \
-    --target x86_64-unknown-linux-gnu --out "$dist"
+    --target "$arch-unknown-linux-gnu" --out "$dist"
 "$venv/bin/maturin" sdist --out "$dist"
 
 wheel=$(ls "$dist"/kpo_rs-*.whl)
 case "$(basename "$wheel")" in
-    *-cp39-abi3-*manylinux2014_x86_64*.whl) ;;
-    *) echo "build_wheels: expected an abi3 manylinux2014 x86_64 wheel, got $(basename "$wheel")" >&2; exit 1 ;;
+    *-cp39-abi3-*manylinux2014_"$arch"*.whl) ;;
+    *) echo "build_wheels: expected an abi3 manylinux2014 $arch wheel, got $(basename "$wheel")" >&2; exit 1 ;;
 esac
 # auditwheel reads the symbol versions the extension needs and names the oldest policy it meets.
 report=$("$venv/bin/auditwheel" show "$wheel")
 echo "$report"
-grep -q '"manylinux_2_17_x86_64"' <<<"$report" \
+grep -q "\"manylinux_2_17_$arch\"" <<<"$report" \
     || { echo "build_wheels: auditwheel does not confirm manylinux_2_17 (manylinux2014)" >&2; exit 1; }
 echo "build_wheels: $(cd "$dist" && ls kpo_rs-*)"

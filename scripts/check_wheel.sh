@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Smoke-tests the release wheel: builds it and the sdist with scripts/build_wheels.sh (into dist/,
-# or $KPO_DIST; the abi3 manylinux2014 x86_64 wheel, its tag confirmed by auditwheel), checks the
+# Smoke-tests the release wheel: builds it and the sdist with scripts/build_wheels.sh (into a
+# temporary folder, or $KPO_DIST; the abi3 manylinux2014 wheel of this machine's architecture, its
+# tag confirmed by auditwheel), checks the
 # sdist's contents, installs the wheel into a fresh virtual environment that has only numpy, and
 # runs a smoke test there (outside the source tree, so the installed package is what gets
 # imported), metadata included.
@@ -10,9 +11,9 @@ set -euo pipefail
 
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 venv=${KPO_VENV:-$root/.venv}
-dist=${KPO_DIST:-$root/dist}
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
+dist=${KPO_DIST:-$work/dist}
 cd "$root"
 
 if [ $# -ge 1 ]; then
