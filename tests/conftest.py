@@ -19,11 +19,12 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
 
 
 def write_rollouts_parquet(
-    path, rows: int = 40, length: int = 50, seed: int = 0, row_group: int = 16
-) -> None:
+    path, rows: int = 40, length: int = 50, seed: int = 0, row_group: int = 16, *, ids: bool = False
+):
     """A Parquet file of ``rows`` rollouts of ``length`` tokens each: float32 list columns
     ``logp`` and ``old_logp`` (old in [-3, 0], new = old + N(0, 0.2)), ``row_group`` rows per
-    row group."""
+    row group; with ``ids``, an int64 column ``id`` (0, 1, ...) before them. Returns the table
+    written."""
     import numpy as np
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -34,11 +35,25 @@ def write_rollouts_parquet(
     offsets = pa.array(np.arange(rows + 1, dtype=np.int32) * length)
     table = pa.table(
         {
+            **({"id": np.arange(rows)} if ids else {}),
             "logp": pa.ListArray.from_arrays(offsets, new),
             "old_logp": pa.ListArray.from_arrays(offsets, old),
         }
     )
     pq.write_table(table, path, row_group_size=row_group)
+    return table
+
+
+def with_value(table, column: str, row: int, position: int, value: float):
+    """``table`` with ``value`` at ``position`` of row ``row``'s list in the list column
+    ``column`` (the column's type kept)."""
+    import pyarrow as pa
+
+    lists = table.column(column).to_pylist()
+    lists[row][position] = value
+    return table.set_column(
+        table.schema.get_field_index(column), column, pa.array(lists, type=table[column].type)
+    )
 
 
 def loss_and_grad(fn, old, logp, adv, mask, **kw):

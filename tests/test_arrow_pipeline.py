@@ -15,7 +15,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import kpo_rs
-from conftest import write_rollouts_parquet
+from conftest import with_value, write_rollouts_parquet
 from kpo_rs import arrow, cli
 from kpo_rs.pipeline import Columns, PipelineError, analyze_parquet, filter_parquet
 
@@ -297,32 +297,6 @@ def test_ray_data_map_batches_equals_single_process(tmp_path):
 # file's row and the column.
 
 
-def _clean_file(path, rows: int = 40, length: int = 50, dtype=np.float32, seed: int = 20):
-    """A Parquet file of ``rows`` rollouts of ``length`` tokens, row groups of 16 rows; returns
-    the table."""
-    rng = np.random.default_rng(seed)
-    old = (-rng.random(rows * length) * 3).astype(dtype)
-    new = (old + rng.normal(0, 0.2, old.size)).astype(dtype)
-    offsets = pa.array(np.arange(rows + 1, dtype=np.int32) * length)
-    table = pa.table(
-        {
-            "id": np.arange(rows),
-            "logp": pa.ListArray.from_arrays(offsets, new),
-            "old_logp": pa.ListArray.from_arrays(offsets, old),
-        }
-    )
-    pq.write_table(table, path, row_group_size=16)
-    return table
-
-
-def _with_value(table: pa.Table, column: str, row: int, position: int, value: float) -> pa.Table:
-    lists = table.column(column).to_pylist()
-    lists[row][position] = value
-    return table.set_column(
-        table.schema.get_field_index(column), column, pa.array(lists, type=table[column].type)
-    )
-
-
 def _listing(folder) -> list[str]:
     return sorted(os.listdir(folder))
 
@@ -330,7 +304,7 @@ def _listing(folder) -> list[str]:
 @pytest.mark.parametrize("how", ["same path", "symlink", "hard link", "relative path"])
 def test_refuses_to_write_over_its_input(tmp_path, how, monkeypatch):
     src = tmp_path / "in.parquet"
-    _clean_file(src)
+    write_rollouts_parquet(src, seed=20, ids=True)
     before = src.read_bytes()
     dst = src
     if how == "symlink":
@@ -350,8 +324,8 @@ def test_refuses_to_write_over_its_input(tmp_path, how, monkeypatch):
 
 def test_a_failed_run_leaves_the_destination_as_it_was(tmp_path):
     src, dst = tmp_path / "in.parquet", tmp_path / "out.parquet"
-    table = _clean_file(src)
-    pq.write_table(_with_value(table, "old_logp", 35, 2, float("nan")), src, row_group_size=16)
+    table = write_rollouts_parquet(src, seed=20, ids=True)
+    pq.write_table(with_value(table, "old_logp", 35, 2, float("nan")), src, row_group_size=16)
     dst.write_bytes(b"a good earlier result")
     with pytest.raises(PipelineError) as info:
         filter_parquet(src, dst, Columns("logp", "old_logp"), batch_size=8)
@@ -365,7 +339,7 @@ def test_a_failed_run_leaves_the_destination_as_it_was(tmp_path):
 
 def test_an_interrupted_run_leaves_the_destination_as_it_was(tmp_path):
     src, dst = tmp_path / "in.parquet", tmp_path / "out.parquet"
-    _clean_file(src)
+    write_rollouts_parquet(src, seed=20, ids=True)
     dst.write_bytes(b"before")
 
     def interrupt(done, total):
@@ -380,7 +354,7 @@ def test_an_interrupted_run_leaves_the_destination_as_it_was(tmp_path):
 
 def test_a_successful_run_replaces_the_destination_and_keeps_its_mode(tmp_path):
     src, dst = tmp_path / "in.parquet", tmp_path / "out.parquet"
-    table = _clean_file(src)
+    table = write_rollouts_parquet(src, seed=20, ids=True)
     dst.write_bytes(b"old")
     os.chmod(dst, 0o640)
     filter_parquet(src, dst, Columns("logp", "old_logp"))
@@ -409,7 +383,7 @@ def test_a_successful_run_replaces_the_destination_and_keeps_its_mode(tmp_path):
 )
 def test_unusable_paths_are_named(tmp_path, case, words, monkeypatch):
     src = tmp_path / "in.parquet"
-    _clean_file(src)
+    write_rollouts_parquet(src, seed=20, ids=True)
     dst = tmp_path / "out.parquet"
     if case == "missing input":
         src = tmp_path / "nope.parquet"
@@ -431,10 +405,10 @@ def test_unusable_paths_are_named(tmp_path, case, words, monkeypatch):
 
 def test_non_finite_rows_can_be_written_as_null(tmp_path):
     src, dst = tmp_path / "in.parquet", tmp_path / "out.parquet"
-    table = _clean_file(src)
-    table = _with_value(table, "logp", 3, 0, float("inf"))
-    table = _with_value(table, "old_logp", 35, 49, float("-inf"))
-    table = _with_value(table, "old_logp", 36, 1, float("nan"))
+    table = write_rollouts_parquet(src, seed=20, ids=True)
+    table = with_value(table, "logp", 3, 0, float("inf"))
+    table = with_value(table, "old_logp", 35, 49, float("-inf"))
+    table = with_value(table, "old_logp", 36, 1, float("nan"))
     pq.write_table(table, src, row_group_size=16)
     stats = filter_parquet(src, dst, Columns("logp", "old_logp"), on_non_finite="null", **KW)
     assert stats.bad_rows == [3, 35, 36] and stats.rows == 40 and stats.null_rows == 0

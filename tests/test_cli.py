@@ -15,7 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import write_rollouts_parquet
+from conftest import with_value, write_rollouts_parquet
 from kpo_rs import cli
 
 KPO = os.path.join(os.path.dirname(sys.executable), "kpo")
@@ -68,12 +68,8 @@ def test_path_errors_are_one_line_exit_2_and_no_progress(tmp_path, argv, words):
 
 def test_non_finite_rows_stop_the_run_or_are_listed(tmp_path, capsys):
     src, dst = tmp_path / "in.parquet", tmp_path / "out.parquet"
-    write_rollouts_parquet(src)
-    table = pq.read_table(src)
-    lists = table["old_logp"].to_pylist()
-    lists[37][4] = float("nan")
-    table = table.set_column(1, "old_logp", pa.array(lists, type=pa.list_(pa.float32())))
-    pq.write_table(table, src, row_group_size=16)
+    table = write_rollouts_parquet(src)
+    pq.write_table(with_value(table, "old_logp", 37, 4, float("nan")), src, row_group_size=16)
     argv = ["filter", str(src), str(dst), *COLS, "--no-progress"]
     assert cli.main(argv) == 2
     err = capsys.readouterr().err
