@@ -18,6 +18,7 @@ import kpo_rs
 from conftest import with_value, write_rollouts_parquet
 from kpo_rs import arrow, cli
 from kpo_rs.pipeline import Columns, PipelineError, analyze_parquet, filter_parquet
+from kpo_rs.space import LOG_RATIO_CLAMP
 
 KW = {"q": 1e-3, "p0": math.inf}
 
@@ -459,7 +460,6 @@ def test_ratio_space_agrees_with_the_training_loss_above_the_clamp():
     by an ulp: rtol 1e-14 bounds both."""
     torch = pytest.importorskip("torch")
     from kpo_rs import losses
-    from kpo_rs.space import LOG_RATIO_CLAMP
 
     rng = np.random.default_rng(30)
     z = rng.normal(0.0, 0.5, (3, 64))
@@ -627,7 +627,7 @@ def _reference_row(lp, old, mask, dtype, space, kw):
     cu = np.array([0, z.size])
     if space == "log_ratio":
         return kpo_rs.kalman_filter_packed(z, cu, valid, m0=0.0, **kw)
-    ratio = np.exp(np.minimum(z, dtype(10.0)))
+    ratio = np.exp(np.minimum(z, dtype(LOG_RATIO_CLAMP)))
     return np.log(kpo_rs.kalman_filter_packed(ratio, cu, valid, m0=1.0, **kw))
 
 
