@@ -36,7 +36,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without torch
 
 import kpo_rs
 
-from . import _plotting
+from . import _files, _plotting
 from . import losses as L
 from ._demo_config import LOSS_NAMES, DemoConfig
 from .diagnostics import plot_spectra
@@ -335,7 +335,7 @@ def write_outputs(result: dict[str, Any], out: Path) -> list[Path]:
     logs: list[StepLog] = result["logs"]
     paths = []
     csv_path = out / "metrics.csv"
-    with csv_path.open("w", newline="") as f:
+    with _files.replacing(csv_path) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(asdict(logs[0])))
         writer.writeheader()
         writer.writerows(asdict(entry) for entry in logs)
@@ -346,13 +346,13 @@ def write_outputs(result: dict[str, Any], out: Path) -> list[Path]:
         "summaries": result["summaries"],
         "steps": [asdict(entry) for entry in logs],
     }
-    json_path.write_text(json.dumps(payload, indent=1))
+    _files.write_text(json_path, json.dumps(payload, indent=1))
     paths.append(json_path)
     rows = summary_rows(result)
     lines = ["| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
     lines += ["| " + " | ".join(row.values()) + " |" for row in rows]
     md_path = out / "summary.md"
-    md_path.write_text("\n".join(lines) + "\n\n" + table_footnote(cfg) + "\n")
+    _files.write_text(md_path, "\n".join(lines) + "\n\n" + table_footnote(cfg) + "\n")
     paths.append(md_path)
     paths.extend(_plots(result, out))
     return paths

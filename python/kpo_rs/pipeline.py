@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -30,6 +29,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from . import _files
 from . import diagnostics as D
 from .arrow import RowError, _filter_batch, _filter_both, _log_ratios
 from .params import FilterOverrides, FilterParams
@@ -160,30 +160,18 @@ def _check_output(src: str | Path, dst: str | Path) -> Path:
     return target
 
 
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
 @contextlib.contextmanager
 def _replacing(target: Path) -> Iterator[str]:
-    """A temporary file next to ``target`` that replaces it when the block ends without an
-    exception; otherwise (an error, Ctrl-C) it is removed and ``target`` is left untouched."""
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    except OSError as exc:
-        raise PipelineError(f"cannot write to the output folder {target.parent}: {exc}") from exc
-    os.close(fd)
-    try:
+    """:func:`kpo_rs._files.replacing` with PipelineError when the temporary file cannot be
+    created."""
+    with contextlib.ExitStack() as stack:
+        try:
+            tmp = stack.enter_context(_files.replacing(target))
+        except OSError as exc:
+            raise PipelineError(
+                f"cannot write to the output folder {target.parent}: {exc}"
+            ) from exc
         yield tmp
-        mode = target.stat().st_mode & 0o7777 if target.exists() else 0o666 & ~_umask()
-        os.chmod(tmp, mode)
-        os.replace(tmp, target)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
 
 
 @dataclass

@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from . import _files
 from ._demo_config import DemoConfig
 from .params import FilterParams
 from .sweep_report import write_plots, write_report, write_results
@@ -269,12 +270,6 @@ def plan(cfg: SweepConfig) -> tuple[list[Task], list[Task]]:
 # Running one task
 
 
-def _atomic_json(path: Path, payload: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(payload, indent=1))
-    os.replace(tmp, path)
-
-
 def run_task(task: Task, cfg: SweepConfig) -> dict[str, Any]:
     """Trains one run and stores it in ``cfg.out/runs``; returns its row (see
     :data:`kpo_rs.sweep_report.COLUMNS`, plus ``rewards``: the reward of every step)."""
@@ -317,7 +312,9 @@ def run_task(task: Task, cfg: SweepConfig) -> dict[str, Any]:
     }
     runs = Path(cfg.out) / "runs"
     runs.mkdir(parents=True, exist_ok=True)
-    _atomic_json(runs / task.filename(cfg), {"key": task.key(cfg), "row": row})
+    _files.write_text(
+        runs / task.filename(cfg), json.dumps({"key": task.key(cfg), "row": row}, indent=1)
+    )
     return row
 
 

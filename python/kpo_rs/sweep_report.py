@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import csv
 import math
-import os
 import sys
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
@@ -27,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from . import _plotting
+from . import _files, _plotting
 
 __all__ = [
     "COLUMNS",
@@ -85,22 +84,13 @@ NEGLIGIBLE = 0.015
 _BOOTSTRAP_SEED = 0
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    """Writes ``text`` to a temporary file beside ``path``, then renames it over ``path``."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def write_results(rows: Sequence[dict[str, Any]], path: Path) -> None:
     """``results.csv``: :data:`COLUMNS`, one row per run; a missing figure is an empty cell."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with tmp.open("w", newline="") as f:
+    with _files.replacing(path) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
         writer.writeheader()
         for row in rows:
             writer.writerow({k: "" if row.get(k) is None else row[k] for k in COLUMNS})
-    os.replace(tmp, path)
 
 
 def read_results(path: Path) -> list[dict[str, Any]]:
@@ -398,7 +388,7 @@ def write_report(
     ]
     if not done:
         parts += ["No reported run has finished yet.", ""]
-        _atomic_write_text(path, "\n".join(parts))
+        _files.write_text(path, "\n".join(parts))
         return
     parts += [
         "## Final reward by regime",
@@ -478,7 +468,7 @@ def write_report(
         ),
         "",
     ]
-    _atomic_write_text(path, "\n".join(parts))
+    _files.write_text(path, "\n".join(parts))
 
 
 # --------------------------------------------------------------------------------------------
