@@ -18,7 +18,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from conftest import verl_actor_config, verl_loss_and_grad
+from conftest import loss_and_grad, verl_actor_config, verl_loss_and_grad
 from kpo_rs import losses, peers
 from kpo_rs.loss_table import get_loss
 
@@ -49,11 +49,9 @@ def _batch(seed, batch=8, time=48, dtype=torch.float64, spread=0.4, holes=False,
     return [t.to(dtype) if t.is_floating_point() else t for t in (old, logp, adv, mask, weights)]
 
 
-def _loss_and_grad(fn, old, logp, adv, mask, **kw):
-    lp = logp.clone().requires_grad_(True)
-    loss, metrics = fn(old, lp, adv, mask, **kw)
-    loss.backward()
-    return loss.detach(), lp.grad, metrics
+def _as_loss(surrogate):
+    """``surrogate(log_prob)`` as a loss function with verl's keywords and no metrics."""
+    return lambda old_log_prob, log_prob, advantages, response_mask: (surrogate(log_prob), {})
 
 
 # --------------------------------------------------------------------------------------------
@@ -72,7 +70,7 @@ def _dppo_ours_and_verls(divergence, low, high, c, mode, old, logp, adv, mask, w
     """peers.dppo_loss and verl's DPPO loss with the same divergence, clip range, dual clip,
     aggregation and rollout weights: (ours, theirs), each a (loss, gradient, metrics)."""
     theirs = _verl_dppo(divergence, low, high, c, mode, old, logp, adv, mask, w)
-    ours = _loss_and_grad(
+    ours = loss_and_grad(
         peers.dppo_loss,
         old,
         logp,
@@ -108,8 +106,8 @@ def test_dppo_matches_verl(divergence, mode, weighted, dtype):
 
 def test_dppo_tv_and_kl_differ_and_defaults_are_the_authors():
     old, logp, adv, mask, _ = _batch(2)
-    tv = _loss_and_grad(peers.dppo_loss, old, logp, adv, mask, divergence="tv")
-    kl = _loss_and_grad(peers.dppo_loss, old, logp, adv, mask, divergence="kl")
+    tv = loss_and_grad(peers.dppo_loss, old, logp, adv, mask, divergence="tv")
+    kl = loss_and_grad(peers.dppo_loss, old, logp, adv, mask, divergence="kl")
     assert float(tv[2]["pg_clipfrac"]) != float(kl[2]["pg_clipfrac"])
     for divergence, th in (("tv", 0.15), ("kl", 0.05)):
         theirs = _verl_dppo(divergence, th, th, 20.0, "token-mean", old, logp, adv, mask, None)
@@ -194,7 +192,7 @@ def test_minpro_hand_checked():
 def test_minpro_matches_reference(seed, batch, time, inclusive, mode, low, high, dual):
     old, logp, adv, mask, w = _batch(seed, batch=batch, time=time, spread=0.8, holes=True)
     kw = {"clip": (low, high), "clip_ratio_c": dual, "inclusive": inclusive}
-    ours = _loss_and_grad(
+    ours = loss_and_grad(
         peers.minpro_loss, old, logp, adv, mask, loss_agg_mode=mode, rollout_is_weights=w, **kw
     )
     lp = logp.clone().requires_grad_(True)
@@ -239,8 +237,8 @@ def test_minpro_on_policy_and_single_tokens_are_grpo():
         want, _ = losses.ppo_clip_loss(old, old.clone(), adv, mask, loss_agg_mode=mode)
         torch.testing.assert_close(got, want, rtol=1e-14, atol=1e-15)
     col = (slice(None), slice(0, 1))
-    got = _loss_and_grad(peers.minpro_loss, old[col], logp[col], adv[col], mask[col])
-    want = _loss_and_grad(
+    got = loss_and_grad(peers.minpro_loss, old[col], logp[col], adv[col], mask[col])
+    want = loss_and_grad(
         losses.ppo_clip_loss, old[col], logp[col], adv[col], mask[col], clip_ratio_c=1e9
     )
     torch.testing.assert_close(got[0], want[0], rtol=1e-14, atol=1e-15)
@@ -264,8 +262,8 @@ def test_minpro_gradcheck(inclusive):
         return losses.agg_loss(m0 * token * w, mask, "token-mean")
 
     assert torch.autograd.gradcheck(surrogate, (logp.clone().requires_grad_(True),))
-    ours = _loss_and_grad(peers.minpro_loss, old, logp, adv, mask, **kw)
-    want = _loss_and_grad(lambda o, lp, a, m: (surrogate(lp), {}), old, logp, adv, mask)
+    ours = loss_and_grad(peers.minpro_loss, old, logp, adv, mask, **kw)
+    want = loss_and_grad(_as_loss(surrogate), old, logp, adv, mask)
     torch.testing.assert_close(ours[0], want[0], rtol=1e-14, atol=0)
     torch.testing.assert_close(ours[1], want[1], rtol=1e-14, atol=1e-16)
 
@@ -292,8 +290,8 @@ def test_dppo_gradcheck(divergence):
 
     assert torch.autograd.gradcheck(surrogate, (logp.clone().requires_grad_(True),))
     kw = {"divergence": divergence, "clip": (th, th), "clip_ratio_c": 1.3, "rollout_is_weights": w}
-    ours = _loss_and_grad(peers.dppo_loss, old, logp, adv, mask, **kw)
-    want = _loss_and_grad(lambda o, lp, a, m: (surrogate(lp), {}), old, logp, adv, mask)
+    ours = loss_and_grad(peers.dppo_loss, old, logp, adv, mask, **kw)
+    want = loss_and_grad(_as_loss(surrogate), old, logp, adv, mask)
     # the batch has tokens outside the trust region and truncated ratios
     assert 0.0 < float(ours[2]["pg_clipfrac"]) < 1.0
     assert float(ours[2]["pg_clipfrac_lower"]) > 0.0
@@ -382,7 +380,7 @@ def test_bapo_matches_reference(seed, batch, time, target, adv_shift, mode, dual
     )
     lower, upper, step = grid
     search = {"target": target, "lower": lower, "upper": upper, "step": step}
-    ours = _loss_and_grad(
+    ours = loss_and_grad(
         peers.bapo_loss,
         old,
         logp,
@@ -399,7 +397,7 @@ def test_bapo_matches_reference(seed, batch, time, target, adv_shift, mode, dual
     assert float(ours[2]["bapo_positive_share"]) == pytest.approx(share, rel=1e-10, abs=1e-12)
     # With the bounds fixed, BAPO is verl's vanilla token clip (losses.ppo_clip_loss, checked
     # against verl) with clip_ratio_low = 1 - c_low and clip_ratio_high = c_high - 1.
-    want = _loss_and_grad(
+    want = loss_and_grad(
         losses.ppo_clip_loss,
         old,
         logp,
