@@ -28,7 +28,9 @@ pub enum Isa {
 }
 
 impl Isa {
-    /// Every instruction set this CPU can run, the portable one first.
+    /// Every instruction set this CPU can run, the portable one first (for the tests, which
+    /// check each against the portable code).
+    #[cfg(test)]
     pub fn available() -> Vec<Isa> {
         let mut out = vec![Isa::Portable];
         #[cfg(target_arch = "x86_64")]
@@ -161,7 +163,8 @@ fn avx2_rows<T>(
     Some((src, dst))
 }
 
-/// Lanes past the block's `n` rows take the first lane's entering state.
+/// Lanes past the block's `n` rows take the first lane's value (its entering state in the forward,
+/// its adjoint after the scalar tail in the adjoint).
 #[cfg(target_arch = "x86_64")]
 fn repeat_first<T: Copy>(mut x: [T; LANES], n: usize) -> [T; LANES] {
     for i in n..LANES {
@@ -177,7 +180,7 @@ mod x86 {
     //! `#[target_feature]` and are inlined into it. Positions past the last whole chunk (fewer
     //! than one chunk) run the scalar recurrence per lane.
 
-    use super::{Lanes, LANES};
+    use super::{repeat_first, Lanes, LANES};
     use std::arch::x86_64::*;
 
     /// `f32` positions per chunk (lanes per register).
@@ -394,9 +397,7 @@ mod x86 {
                             *ll *= a[t];
                         }
                     }
-                    for l in rows..LANES {
-                        lam[l] = lam[0];
-                    }
+                    let mut lam = repeat_first(lam, rows);
                     // SAFETY: lam has LANES elements.
                     let mut m: [$v; G] =
                         std::array::from_fn(|g| unsafe { $loadu(lam.as_ptr().add($w * g)) });
