@@ -189,10 +189,7 @@ pub(crate) fn layout_err<T>(arg: &'static str, message: String) -> Result<T, Fil
 pub fn gains(n: usize, params: &FilterParams) -> Result<Vec<f64>, FilterError> {
     params.validate()?;
     let FilterParams { q, r, p0 } = *params;
-    let mut out = Vec::new();
-    if out.try_reserve_exact(n).is_err() {
-        return layout_err("n", format!("cannot allocate {n} gains"));
-    }
+    let mut out = gain_buffer(n)?;
     let mut p = p0;
     for _ in 0..n {
         let s = p + q;
@@ -201,6 +198,16 @@ pub fn gains(n: usize, params: &FilterParams) -> Result<Vec<f64>, FilterError> {
         p = k * r;
     }
     Ok(out)
+}
+
+/// An empty vector with room for `n` gains, or an error (not an abort) when that cannot be
+/// allocated.
+fn gain_buffer<T>(n: usize) -> Result<Vec<T>, FilterError> {
+    let mut v = Vec::new();
+    if v.try_reserve_exact(n).is_err() {
+        return layout_err("n", format!("cannot allocate {n} gains"));
+    }
+    Ok(v)
 }
 
 /// The gains of the most recent settings, kept because computing them is a sequential chain of
@@ -240,20 +247,16 @@ pub struct Gains<T> {
 }
 
 impl<T: Real> Gains<T> {
-    /// The first `n` gains for `params`.
+    /// The first `n` gains for `params` (checked by [`gains`] when they are computed; the cache
+    /// only holds gains of settings that passed that check).
     pub fn new(n: usize, params: &FilterParams) -> Result<Self, FilterError> {
-        params.validate()?;
         Self::from_f64(&cached_gains(n, params)?[..n])
     }
 
     /// Rounds precomputed `f64` gains to the compute type. Like [`gains`], reports an allocation
     /// that cannot be made as an error instead of aborting.
     pub fn from_f64(k: &[f64]) -> Result<Self, FilterError> {
-        let n = k.len();
-        let (mut kt, mut at) = (Vec::new(), Vec::new());
-        if kt.try_reserve_exact(n).is_err() || at.try_reserve_exact(n).is_err() {
-            return layout_err("n", format!("cannot allocate {n} gains"));
-        }
+        let (mut kt, mut at) = (gain_buffer(k.len())?, gain_buffer(k.len())?);
         kt.extend(k.iter().map(|&v| T::from_f64(v)));
         at.extend(k.iter().map(|&v| T::from_f64(1.0 - v)));
         Ok(Self { k: kt, a: at })
