@@ -117,7 +117,7 @@ pub fn filter_padded<T: Real>(
     mode: MaskMode,
     out: &mut [T],
 ) -> Result<(), FilterError> {
-    let total = check_padded("values", values, mask, batch, time)?;
+    let total = check_padded(VALUES, values, mask, batch, time)?;
     check_len("out", out.len(), total, "batch x time")?;
     check_finite_m0(m0)?;
     gains.require(time)?;
@@ -178,7 +178,7 @@ pub fn adjoint_padded<T: Real>(
     dvalues: &mut [T],
     dm0: &mut [T],
 ) -> Result<(), FilterError> {
-    let total = check_padded("grad", grad, mask, batch, time)?;
+    let total = check_padded(GRAD, grad, mask, batch, time)?;
     check_len("dvalues", dvalues.len(), total, "batch x time")?;
     check_len("dm0", dm0.len(), batch, "batch")?;
     gains.require(time)?;
