@@ -131,9 +131,10 @@ fn read<'py, T: Element + Copy>(
 /// A new numpy array of `len` elements for a kernel to fill, left uninitialised (`numpy.empty`):
 /// zero-filling it first would cost a third of a small call.
 ///
-/// Every kernel writes every element of its outputs before it reads any (`filter.rs`: each row,
-/// block and segment is written whole, and `dm0` once per row), and an output of a call that
-/// fails is dropped without being read or returned.
+/// Every kernel writes every element of its outputs before it reads any: each row, block and
+/// segment is written whole by the one-row kernels (`row.rs`) or the block kernels (`block.rs`,
+/// `simd.rs`; `stretch.rs` only adds to what they wrote), and `dm0` once per row (`filter.rs`).
+/// An output of a call that fails is dropped without being read or returned.
 fn output<T: Element>(py: Python<'_>, len: usize) -> Bound<'_, PyArray1<T>> {
     // SAFETY: `T` is a float or integer type, for which every bit pattern is a value, and the
     // array is fully written before Python sees it (see above).
@@ -152,16 +153,12 @@ fn run_kernel<'py, T: Real + Element, const N: usize>(
 ) -> PyResult<[Bound<'py, PyArray1<T>>; N]> {
     let outs = lens.map(|len| output::<T>(py, len));
     let mut rws = outs.each_ref().map(|o| o.readwrite());
-    let mut failed = None;
-    let slices = rws.each_mut().map(|rw| {
-        rw.as_slice_mut().unwrap_or_else(|e| {
-            failed.get_or_insert(e);
-            &mut []
-        })
-    });
-    if let Some(e) = failed {
-        return Err(PyValueError::new_err(format!("output array: {e}")));
-    }
+    // A new array is C-contiguous, so its slice always exists. Were it missing, the empty slice
+    // would fail the kernels' length checks of every output before anything is written (a
+    // `ValueError`: "out: has 0 elements, expected ..."), as `Elems::as_slice` does for inputs.
+    let slices = rws
+        .each_mut()
+        .map(|rw| rw.as_slice_mut().unwrap_or(&mut []));
     py.detach(|| kernel(&Gains::<T>::new(n, params)?, slices))?;
     drop(rws);
     Ok(outs)
