@@ -14,7 +14,8 @@
 //! bitwise equal for uncut shapes and equal within the bound below for cut ones. Uncut rows get
 //! exactly the arithmetic of the one-row kernels; cut rows add one rounding of `D(t) e` per
 //! position, whose error (the product `D` has at most `STRETCH` factors) stays within the
-//! recurrence's error bound of `8 eps (L + 1)` relative to the running maximum of the inputs (`docs/design.md`, "Tolerances").
+//! recurrence's error bound of `8 eps (L + 1)` relative to the running maximum of the inputs
+//! (`docs/design.md`, "Tolerances").
 
 use rayon::prelude::*;
 
