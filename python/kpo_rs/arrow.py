@@ -26,7 +26,7 @@ Requires pyarrow (``pip install 'kpo-rs[arrow]'``).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -47,6 +47,7 @@ if TYPE_CHECKING:
 __all__ = [
     "ON_NON_FINITE",
     "RowError",
+    "check_on_non_finite",
     "filter_list_array",
     "filter_log_ratio",
     "filter_record_batch",
@@ -56,6 +57,14 @@ __all__ = [
 
 #: What to do with a row holding a non-finite value at a valid token: stop, or write null outputs.
 ON_NON_FINITE = ("error", "null")
+
+
+def check_on_non_finite(on_non_finite: Any) -> str:
+    """``on_non_finite`` itself; ValueError naming the argument when it is not one of
+    :data:`ON_NON_FINITE`."""
+    if on_non_finite not in ON_NON_FINITE:
+        raise ValueError(f"on_non_finite must be 'error' or 'null', got {on_non_finite!r}")
+    return on_non_finite
 
 
 class RowError(ValueError):
@@ -311,6 +320,7 @@ class _LogRatios:
         """Applies ``on_non_finite`` to the valid positions whose log-ratio is not finite:
         ``"error"`` raises the RowError of the first, ``"null"`` makes their rows null (see
         :meth:`drop_rows`). Returns the rows made null, int64 ``[n]`` (batch-local)."""
+        check_on_non_finite(on_non_finite)
         bad = self.non_finite()
         if not bad.size:
             return np.zeros(0, dtype=np.int64)
@@ -456,8 +466,6 @@ def _filter_batch(
     on_non_finite: str,
 ) -> tuple[pa.RecordBatch, np.ndarray, int]:
     """``(batch with the new columns, rows made null for non-finite values, valid tokens)``."""
-    if on_non_finite not in ON_NON_FINITE:
-        raise ValueError(f"on_non_finite must be 'error' or 'null', got {on_non_finite!r}")
     check_space(space)
     names = [f"{prefix}filtered_log_ratio", f"{prefix}filtered_ratio"]
     for name in names:
@@ -500,6 +508,7 @@ def filter_record_batch(
     ``params`` (default ``FilterParams()``) with keyword overrides ``q, r, p0, m0, masked``.
     """
     p = FilterParams.resolve(params, **overrides)
+    check_on_non_finite(on_non_finite)
     sources = {
         "log_probs": log_probs,
         "old_log_probs": old_log_probs,

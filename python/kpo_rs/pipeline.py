@@ -31,7 +31,7 @@ import pyarrow.parquet as pq
 
 from . import _files
 from . import diagnostics as D
-from .arrow import RowError, _filter_batch, _filter_both, _log_ratios
+from .arrow import RowError, _filter_batch, _filter_both, _log_ratios, check_on_non_finite
 from .params import FilterOverrides, FilterParams
 from .space import check_space
 
@@ -197,12 +197,21 @@ def _params(params: FilterParams | None, overrides: dict[str, Any]) -> FilterPar
         raise PipelineError(str(exc)) from exc
 
 
+def _check_on_non_finite(on_non_finite: str) -> None:
+    try:
+        check_on_non_finite(on_non_finite)
+    except ValueError as exc:
+        raise PipelineError(str(exc)) from exc
+
+
 def _row_error(exc: Exception, src: str | Path, first_row: int) -> PipelineError:
     """A PipelineError naming ``src`` and the file's row for an error from a batch that starts at
     row ``first_row`` of the file."""
     if isinstance(exc, RowError):
         exc = exc.shifted(first_row)
-    return PipelineError(f"{src}: {str(exc).strip(chr(39) + chr(34))}")
+    # str() of a KeyError is the repr of its message: take the message itself
+    message = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
+    return PipelineError(f"{src}: {message}")
 
 
 def filter_parquet(
@@ -229,6 +238,7 @@ def filter_parquet(
     """
     p = _params(params, overrides)
     check_space(space)
+    _check_on_non_finite(on_non_finite)
     pf = _open(src, columns)
     target = _check_output(src, dst)
     total = pf.metadata.num_rows
@@ -318,8 +328,7 @@ def analyze_parquet(
     gives them for the same file and settings."""
     p = _params(params, overrides)
     check_space(space)
-    if on_non_finite not in ("error", "null"):
-        raise PipelineError(f"on_non_finite must be 'error' or 'null', got {on_non_finite!r}")
+    _check_on_non_finite(on_non_finite)
     pf = _open(src, columns)
     plots = None if out_dir is None else Path(out_dir)
     if plots is not None:  # before the work, not after it
