@@ -277,8 +277,7 @@ def kpo_token_losses(
                 "clip must be (eps_low, eps_high) with 0 <= eps_low < 1 and eps_high >= 0, "
                 f"got {clip}"
             )
-    if clip_ratio_c is not None and not clip_ratio_c > 1.0:
-        raise ValueError(f"clip_ratio_c must be > 1 (dual clip), got {clip_ratio_c}")
+    _check_clip_ratio_c(clip_ratio_c)
     filter_params = settings(params, q=q, r=r, p0=p0, masked=masked)
     check_space(space)
     mask = response_mask.bool()
@@ -411,6 +410,39 @@ def kpo_clipped_loss(
 # --------------------------------------------------------------------------------------------
 # Baselines (verl 0.9's formulas)
 
+#: verl clamps the token log-ratio here before ``exp`` (its "vanilla" and DPPO losses).
+_LOG_RATIO_BOUND = 20.0
+
+
+def _log_ratio(old_log_prob: torch.Tensor, log_prob: torch.Tensor) -> torch.Tensor:
+    return torch.clamp(log_prob - old_log_prob, min=-_LOG_RATIO_BOUND, max=_LOG_RATIO_BOUND)
+
+
+def _check_clip_ratio_c(clip_ratio_c: float | None) -> None:
+    if clip_ratio_c is not None and not clip_ratio_c > 1.0:
+        raise ValueError(f"clip_ratio_c must be > 1 (dual clip), got {clip_ratio_c}")
+
+
+def _ppo_token_losses(
+    ratio: torch.Tensor,
+    advantages: torch.Tensor,
+    low: float | torch.Tensor,
+    high: float | torch.Tensor,
+    clip_ratio_c: float | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """verl's vanilla token objective with ratio bounds ``[low, high]`` (absolute ratios) and an
+    optional dual clip: ``(pg_losses, clipped, dual_clipped)``, the latter two bool."""
+    pg_losses1 = -advantages * ratio
+    pg_losses2 = -advantages * torch.clamp(ratio, low, high)
+    clip_losses1 = torch.maximum(pg_losses1, pg_losses2)
+    clipped = pg_losses2 > pg_losses1
+    if clip_ratio_c is None:
+        return clip_losses1, clipped, torch.zeros_like(clipped)
+    pg_losses3 = -advantages * clip_ratio_c
+    dual = (clip_losses1 > pg_losses3) & (advantages < 0)
+    pg_losses = torch.where(advantages < 0, torch.minimum(pg_losses3, clip_losses1), clip_losses1)
+    return pg_losses, clipped, dual
+
 
 def ppo_clip_loss(
     old_log_prob: torch.Tensor,
@@ -431,28 +463,21 @@ def ppo_clip_loss(
     ``clip_ratio``) and dual clip ``clip_ratio_c`` for negative advantages."""
     _check_inputs(old_log_prob, log_prob, advantages, response_mask)
     _check_agg(loss_agg_mode)
-    if not clip_ratio_c > 1.0:
-        raise ValueError(f"clip_ratio_c must be > 1 (dual clip), got {clip_ratio_c}")
+    _check_clip_ratio_c(clip_ratio_c)
     low = clip_ratio if clip_ratio_low is None else clip_ratio_low
     high = clip_ratio if clip_ratio_high is None else clip_ratio_high
-    neg_kl = torch.clamp(log_prob - old_log_prob, min=-20.0, max=20.0)
-    ratio = torch.exp(neg_kl)
-    pg_losses1 = -advantages * ratio
-    pg_losses2 = -advantages * torch.clamp(ratio, 1 - low, 1 + high)
-    clip_losses1 = torch.maximum(pg_losses1, pg_losses2)
-    pg_losses3 = -advantages * clip_ratio_c
-    clip_losses2 = torch.min(pg_losses3, clip_losses1)
-    pg_losses = torch.where(advantages < 0, clip_losses2, clip_losses1)
+    neg_kl = _log_ratio(old_log_prob, log_prob)
+    pg_losses, clipped, dual = _ppo_token_losses(
+        torch.exp(neg_kl), advantages, 1 - low, 1 + high, clip_ratio_c
+    )
     loss = _aggregate(
         pg_losses, response_mask, loss_agg_mode, rollout_is_weights, global_batch_info
     )
     with torch.no_grad():
         metrics = {
-            "pg_clipfrac": _masked_mean((pg_losses2 > pg_losses1).float(), response_mask),
+            "pg_clipfrac": _masked_mean(clipped.float(), response_mask),
             "ppo_kl": _masked_mean(-neg_kl, response_mask),
-            "pg_clipfrac_lower": _masked_mean(
-                ((clip_losses1 > pg_losses3) & (advantages < 0)).float(), response_mask
-            ),
+            "pg_clipfrac_lower": _masked_mean(dual.float(), response_mask),
             "switch_rate_raw": switch_rate(neg_kl, response_mask),
         }
     return loss, metrics

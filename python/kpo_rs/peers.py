@@ -28,7 +28,17 @@ from typing import Any
 
 import torch
 
-from .losses import _aggregate, _check_agg, _check_inputs, _masked_mean, switch_rate
+from .losses import (
+    _LOG_RATIO_BOUND,
+    _aggregate,
+    _check_agg,
+    _check_clip_ratio_c,
+    _check_inputs,
+    _log_ratio,
+    _masked_mean,
+    _ppo_token_losses,
+    switch_rate,
+)
 
 __all__ = [
     "BAPO_LOWER",
@@ -48,9 +58,6 @@ __all__ = [
 
 Metrics = dict[str, torch.Tensor]
 
-#: verl clamps the token log-ratio here before ``exp`` (its "vanilla" and DPPO losses).
-_LOG_RATIO_BOUND = 20.0
-
 #: DPPO's divergence thresholds (low, high) per variant: the authors' run script for verl.
 DPPO_CLIP = {"tv": (0.15, 0.15), "kl": (0.05, 0.05)}
 #: MinPRO's token clip (eps_low, eps_high): verl's PPO default (a choice; see minpro_loss).
@@ -64,42 +71,12 @@ BAPO_STEP = (0.05, 0.05)
 _MAX_CANDIDATES = 10_000
 
 
-def _log_ratio(old_log_prob: torch.Tensor, log_prob: torch.Tensor) -> torch.Tensor:
-    return torch.clamp(log_prob - old_log_prob, min=-_LOG_RATIO_BOUND, max=_LOG_RATIO_BOUND)
-
-
 def _check_pair(name: str, value: Any) -> tuple[float, float]:
     try:
         low, high = (float(v) for v in value)
     except (TypeError, ValueError):
         raise ValueError(f"{name} must be a pair of numbers (low, high), got {value!r}") from None
     return low, high
-
-
-def _check_clip_ratio_c(clip_ratio_c: float | None) -> None:
-    if clip_ratio_c is not None and not clip_ratio_c > 1.0:
-        raise ValueError(f"clip_ratio_c must be > 1 (dual clip), got {clip_ratio_c}")
-
-
-def _ppo_token_losses(
-    ratio: torch.Tensor,
-    advantages: torch.Tensor,
-    low: float | torch.Tensor,
-    high: float | torch.Tensor,
-    clip_ratio_c: float | None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """verl's vanilla token objective with ratio bounds ``[low, high]`` (absolute ratios) and an
-    optional dual clip: ``(pg_losses, clipped, dual_clipped)``, the latter two bool."""
-    pg_losses1 = -advantages * ratio
-    pg_losses2 = -advantages * torch.clamp(ratio, low, high)
-    clip_losses1 = torch.maximum(pg_losses1, pg_losses2)
-    clipped = pg_losses2 > pg_losses1
-    if clip_ratio_c is None:
-        return clip_losses1, clipped, torch.zeros_like(clipped)
-    pg_losses3 = -advantages * clip_ratio_c
-    dual = (clip_losses1 > pg_losses3) & (advantages < 0)
-    pg_losses = torch.where(advantages < 0, torch.minimum(pg_losses3, clip_losses1), clip_losses1)
-    return pg_losses, clipped, dual
 
 
 # --------------------------------------------------------------------------------------------
