@@ -39,6 +39,7 @@ from .params import FilterParams
 from .space import LOG_RATIO_CLAMP, check_space, prior_mean, to_filter_space
 
 __all__ = [
+    "GRADS",
     "LOSS_AGG_MODES",
     "agg_loss",
     "gmpo_loss",
@@ -59,6 +60,9 @@ LOSS_AGG_MODES = (
 )
 
 KPO_CLIP = (3e-4, 4e-4)
+#: The forms of the KPO gradient (``grad``): through each token's own log-prob, or through the
+#: filter's adjoint (see :func:`kpo_loss`).
+GRADS = ("token", "filter")
 
 Metrics = dict[str, torch.Tensor]
 
@@ -268,7 +272,7 @@ def kpo_token_losses(
     See :func:`kpo_loss` for the arguments.
     """
     _check_inputs(old_log_prob, log_prob, advantages, response_mask)
-    if grad not in ("token", "filter"):
+    if grad not in GRADS:
         raise ValueError(f"grad must be 'token' or 'filter', got {grad!r}")
     if clip is not None:
         low, high = clip

@@ -62,7 +62,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without TRL
 import torch
 
 from ..loss_table import LOSS_NAMES, LossSpec, get_loss
-from ..losses import KPO_CLIP, kpo_token_losses
+from ..losses import GRADS, KPO_CLIP, kpo_token_losses
 from ..params import FilterParams
 from ..space import SPACES
 from ..torch_ops import BACKENDS
@@ -76,7 +76,6 @@ SUPPORTED_LOSS_NAMES = tuple(n for n in LOSS_NAMES if get_loss(n).honours_agg_mo
 # Settings of the table's losses that the trainer passes itself.
 _TRAINER_SETTINGS = ("loss_agg_mode", "rollout_is_weights", "global_batch_info")
 _FILTER_FIELDS = ("kpo_q", "kpo_r", "kpo_p0", "kpo_masked", "kpo_space", "kpo_grad", "kpo_backend")
-_GRADS = ("token", "filter")
 _DEFAULTS = FilterParams()
 # GRPOConfig's own defaults of the clip fields that KPO does not use.
 _GRPO_DEFAULTS = {f.name: f.default for f in dataclasses.fields(GRPOConfig)}
@@ -143,7 +142,7 @@ class KPOConfig(GRPOConfig):
     )
     kpo_space: str = field(default=SPACES[0], metadata={"help": "'log_ratio' or 'ratio'."})
     kpo_grad: str = field(
-        default=_GRADS[0], metadata={"help": "'token' (paper) or 'filter' (adjoint)."}
+        default=GRADS[0], metadata={"help": "'token' (paper) or 'filter' (adjoint)."}
     )
     kpo_backend: str = field(
         default=BACKENDS[0],
@@ -189,7 +188,7 @@ class KPOConfig(GRPOConfig):
             raise ValueError(f"kpo_epsilon_high must be a finite number >= 0, got {high!r}")
         for name, value, allowed in (
             ("kpo_space", self.kpo_space, SPACES),
-            ("kpo_grad", self.kpo_grad, _GRADS),
+            ("kpo_grad", self.kpo_grad, GRADS),
             ("kpo_backend", self.kpo_backend, BACKENDS),
         ):
             if value not in allowed:

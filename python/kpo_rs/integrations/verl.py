@@ -50,7 +50,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without verl
 import torch
 
 from ..loss_table import get_loss
-from ..losses import kpo_loss
+from ..losses import GRADS, kpo_loss
 from ..params import FilterParams
 from ..space import SPACES
 from ..torch_ops import BACKENDS
@@ -66,7 +66,6 @@ __all__ = [
 ]
 
 _DEFAULTS = FilterParams()
-_GRADS = ("token", "filter")
 #: Setting -> (environment variable, default).
 ENV_VARS: dict[str, tuple[str, Any]] = {
     "q": ("KPO_Q", _DEFAULTS.q),
@@ -74,10 +73,10 @@ ENV_VARS: dict[str, tuple[str, Any]] = {
     "p0": ("KPO_P0", _DEFAULTS.p0),
     "masked": ("KPO_MASKED", _DEFAULTS.masked),
     "space": ("KPO_SPACE", SPACES[0]),
-    "grad": ("KPO_GRAD", _GRADS[0]),
+    "grad": ("KPO_GRAD", GRADS[0]),
     "backend": ("KPO_BACKEND", BACKENDS[0]),
 }
-_CHOICES = {"space": SPACES, "grad": _GRADS, "backend": BACKENDS}
+_CHOICES = {"space": SPACES, "grad": GRADS, "backend": BACKENDS}
 _FLOATS = ("q", "r", "p0")
 # KPO_* variables of kpo-rs's development scripts (scripts/*.sh): known, not filter settings.
 _SCRIPT_VARS = ("KPO_VENV", "KPO_DIST")
