@@ -63,7 +63,7 @@ import torch
 
 from ..loss_table import LOSS_NAMES, LossSpec, get_loss
 from ..losses import GRADS, KPO_CLIP, kpo_token_losses
-from ..params import FilterParams
+from ..params import FilterParams, _real
 from ..space import SPACES
 from ..torch_ops import BACKENDS
 
@@ -92,12 +92,6 @@ _MULTIMODAL_KEYS = (
     "mm_token_type_ids",
     "image_position_ids",
 )
-
-
-def _real(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    return float(value)
 
 
 @dataclass
