@@ -322,7 +322,11 @@ class KPOTrainer(GRPOTrainer):
             return (
                 masked.sum() / (per_token_loss.size(0) * self.max_completion_length) / accumulation
             )
-        # "dapo": normalise by the generation batch's token count, per accumulation window
+        return masked.sum() / self._dapo_normalizer(mode, inputs)
+
+    def _dapo_normalizer(self, mode: str, inputs: dict) -> torch.Tensor:
+        """The "dapo" loss type's divisor: the generation batch's token count, per process and
+        (in training) per gradient accumulation window."""
         normalizer = inputs["num_items_in_batch"].clamp(min=1.0) / self.accelerator.num_processes
         if mode == "train":
             normalizer = (
@@ -330,7 +334,7 @@ class KPOTrainer(GRPOTrainer):
                 * self.current_gradient_accumulation_steps
                 / self.args.steps_per_generation
             )
-        return masked.sum() / normalizer
+        return normalizer
 
     def _token_weights(self, mask: torch.Tensor, mode: str, inputs: dict) -> torch.Tensor:
         """``[batch, time]`` weights ``w`` with ``(loss * mask * w).sum()`` equal to
@@ -348,16 +352,7 @@ class KPOTrainer(GRPOTrainer):
                 device=mask.device,
             )
         else:  # "dapo"
-            normalizer = (
-                inputs["num_items_in_batch"].clamp(min=1.0) / self.accelerator.num_processes
-            )
-            if mode == "train":
-                normalizer = (
-                    normalizer
-                    * self.current_gradient_accumulation_steps
-                    / self.args.steps_per_generation
-                )
-            scale = 1.0 / normalizer
+            scale = 1.0 / self._dapo_normalizer(mode, inputs)
         return scale.to(mask.dtype).expand_as(mask)
 
     def _table_loss(
