@@ -306,141 +306,187 @@ mod x86 {
     /// stride is a multiple of 4 KiB (all rows then map to the same cache sets).
     const TILE: usize = 128;
 
-    /// Implements [`Lanes`] for one element type (its AVX2 forward and adjoint kernels): `$t`
-    /// elements, `$v` registers of `$w` lanes (`LANES / $w` groups), chunk transposes `$load`
-    /// and `$store`.
+    /// Implements [`Lanes`] for one element type (its AVX2 forward and adjoint kernels), in module
+    /// `$m` with the tile helpers both kernels share: `$t` elements, `$v` registers of `$w` lanes
+    /// (`LANES / $w` groups), chunk transposes `$load` and `$store`.
     macro_rules! kernels {
-        ($t:ty, $v:ty, $w:expr, $load:ident, $store:ident,
+        ($m:ident, $t:ty, $v:ty, $w:expr, $load:ident, $store:ident,
          $zero:ident, $splat:ident, $add:ident, $mul:ident, $loadu:ident, $storeu:ident) => {
-            impl Lanes for $t {
-                /// Forward filter of `LANES` rows over `k.len()` positions from the states `x0`;
-                /// returns the final states.
+            mod $m {
+                use super::*;
+
+                /// Register groups per block.
+                const G: usize = LANES / $w;
+                /// A tile, position-major: `[group][chunk][position in chunk]`, lane = row.
+                type Tile = [[[$v; $w]; TILE / $w]; G];
+
+                /// Transposes positions `p .. p + n` (`n` a multiple of `$w`, at most `TILE`) of
+                /// the rows `src` into `buf`, group by group, chunks in reverse order if `REV`.
+                ///
+                /// # Safety
+                /// Each `src[i]` must be readable for `p + n` elements.
+                #[inline]
                 #[target_feature(enable = "avx2")]
-                unsafe fn forward_avx2(
+                unsafe fn tile_in<const REV: bool>(
                     src: &[*const $t; LANES],
-                    dst: &[*mut $t; LANES],
-                    k: &[$t],
-                    a: &[$t],
-                    x0: [$t; LANES],
-                    rows: usize,
-                ) -> [$t; LANES] {
-                    const G: usize = LANES / $w;
-                    let len = k.len();
-                    let whole = len - len % $w;
-                    // SAFETY: x0 has LANES elements.
-                    let mut x: [$v; G] =
-                        std::array::from_fn(|g| unsafe { $loadu(x0.as_ptr().add($w * g)) });
-                    let mut buf = [[[$zero(); $w]; TILE / $w]; G];
-                    let mut p = 0;
-                    while p < whole {
-                        let n = TILE.min(whole - p);
-                        for (g, bg) in buf.iter_mut().enumerate() {
-                            for c in (0..n).step_by($w) {
-                                // SAFETY: p + c + $w <= whole <= len.
-                                bg[c / $w] = unsafe { $load(&src[$w * g..$w * (g + 1)], p + c) };
-                            }
-                        }
-                        for (i, (&at, &kt)) in a[p..p + n].iter().zip(&k[p..p + n]).enumerate() {
-                            let (at, kt) = ($splat(at), $splat(kt));
-                            for (xg, bg) in x.iter_mut().zip(buf.iter_mut()) {
-                                let b = &mut bg[i / $w][i % $w];
-                                *xg = $add($mul(at, *xg), $mul(kt, *b));
-                                *b = *xg;
-                            }
-                        }
-                        for (g, bg) in buf.iter().enumerate() {
-                            for c in (0..n).step_by($w) {
-                                // SAFETY: p + c + $w <= whole <= len.
-                                unsafe { $store(&dst[$w * g..$w * (g + 1)], p + c, &bg[c / $w]) };
-                            }
-                        }
-                        p += n;
-                    }
-                    let mut out = [0.0; LANES];
-                    for (g, xg) in x.iter().enumerate() {
-                        // SAFETY: out has LANES elements.
-                        unsafe { $storeu(out.as_mut_ptr().add($w * g), *xg) };
-                    }
-                    for (l, xl) in out.iter_mut().enumerate().take(rows) {
-                        for t in whole..len {
-                            // SAFETY: t < len.
-                            unsafe {
-                                *xl = a[t] * *xl + k[t] * *src[l].add(t);
-                                *dst[l].add(t) = *xl;
-                            }
+                    p: usize,
+                    n: usize,
+                    buf: &mut Tile,
+                ) {
+                    for (g, bg) in buf.iter_mut().enumerate() {
+                        let rows = &src[$w * g..$w * (g + 1)];
+                        for j in 0..n / $w {
+                            let c = if REV { n - $w * (j + 1) } else { $w * j };
+                            // SAFETY: p + c + $w <= p + n (the caller's bound).
+                            bg[c / $w] = unsafe { $load(rows, p + c) };
                         }
                     }
-                    out
                 }
 
-                /// Adjoint of the forward kernel from a zero adjoint after the last position;
-                /// returns `a_0 lam_0` per lane.
+                /// The inverse of [`tile_in`]: transposes `buf` back to positions `p .. p + n` of
+                /// the rows `dst`.
+                ///
+                /// # Safety
+                /// Each `dst[i]` must be writable for `p + n` elements.
+                #[inline]
                 #[target_feature(enable = "avx2")]
-                unsafe fn adjoint_avx2(
-                    src: &[*const $t; LANES],
+                unsafe fn tile_out<const REV: bool>(
                     dst: &[*mut $t; LANES],
-                    k: &[$t],
-                    a: &[$t],
-                    rows: usize,
-                ) -> [$t; LANES] {
-                    const G: usize = LANES / $w;
-                    let len = k.len();
-                    let whole = len - len % $w;
-                    let mut lam = [0.0; LANES];
-                    for (l, ll) in lam.iter_mut().enumerate().take(rows) {
-                        for t in (whole..len).rev() {
-                            // SAFETY: t < len.
-                            unsafe {
-                                *ll += *src[l].add(t);
-                                *dst[l].add(t) = k[t] * *ll;
-                            }
-                            *ll *= a[t];
+                    p: usize,
+                    n: usize,
+                    buf: &Tile,
+                ) {
+                    for (g, bg) in buf.iter().enumerate() {
+                        let rows = &dst[$w * g..$w * (g + 1)];
+                        for j in 0..n / $w {
+                            let c = if REV { n - $w * (j + 1) } else { $w * j };
+                            // SAFETY: p + c + $w <= p + n (the caller's bound).
+                            unsafe { $store(rows, p + c, &bg[c / $w]) };
                         }
                     }
-                    let mut lam = repeat_first(lam, rows);
-                    // SAFETY: lam has LANES elements.
-                    let mut m: [$v; G] =
-                        std::array::from_fn(|g| unsafe { $loadu(lam.as_ptr().add($w * g)) });
-                    let mut buf = [[[$zero(); $w]; TILE / $w]; G];
-                    let mut end = whole;
-                    while end > 0 {
-                        let n = TILE.min(end);
-                        let p = end - n;
-                        for (g, bg) in buf.iter_mut().enumerate() {
-                            for c in (0..n).step_by($w).rev() {
-                                // SAFETY: p + c + $w <= whole <= len.
-                                bg[c / $w] = unsafe { $load(&src[$w * g..$w * (g + 1)], p + c) };
-                            }
-                        }
-                        let gains = a[p..end].iter().zip(&k[p..end]).enumerate().rev();
-                        for (i, (&at, &kt)) in gains {
-                            let (at, kt) = ($splat(at), $splat(kt));
-                            for (mg, bg) in m.iter_mut().zip(buf.iter_mut()) {
-                                let b = &mut bg[i / $w][i % $w];
-                                *mg = $add(*mg, *b);
-                                *b = $mul(kt, *mg);
-                                *mg = $mul(at, *mg);
-                            }
-                        }
-                        for (g, bg) in buf.iter().enumerate() {
-                            for c in (0..n).step_by($w).rev() {
-                                // SAFETY: p + c + $w <= whole <= len.
-                                unsafe { $store(&dst[$w * g..$w * (g + 1)], p + c, &bg[c / $w]) };
-                            }
-                        }
-                        end = p;
+                }
+
+                /// One value per lane as `G` registers.
+                #[inline]
+                #[target_feature(enable = "avx2")]
+                fn to_registers(x: &[$t; LANES]) -> [$v; G] {
+                    // SAFETY: x has LANES = $w * G elements.
+                    std::array::from_fn(|g| unsafe { $loadu(x.as_ptr().add($w * g)) })
+                }
+
+                /// The inverse of [`to_registers`].
+                #[inline]
+                #[target_feature(enable = "avx2")]
+                fn from_registers(v: &[$v; G]) -> [$t; LANES] {
+                    let mut x = [0.0; LANES];
+                    for (g, vg) in v.iter().enumerate() {
+                        // SAFETY: x has LANES = $w * G elements.
+                        unsafe { $storeu(x.as_mut_ptr().add($w * g), *vg) };
                     }
-                    for (g, mg) in m.iter().enumerate() {
-                        // SAFETY: lam has LANES elements.
-                        unsafe { $storeu(lam.as_mut_ptr().add($w * g), *mg) };
+                    x
+                }
+
+                impl Lanes for $t {
+                    /// Forward filter of `LANES` rows over `k.len()` positions from the states
+                    /// `x0`; returns the final states.
+                    #[target_feature(enable = "avx2")]
+                    unsafe fn forward_avx2(
+                        src: &[*const $t; LANES],
+                        dst: &[*mut $t; LANES],
+                        k: &[$t],
+                        a: &[$t],
+                        x0: [$t; LANES],
+                        rows: usize,
+                    ) -> [$t; LANES] {
+                        let len = k.len();
+                        let whole = len - len % $w;
+                        let mut x = to_registers(&x0);
+                        let mut buf: Tile = [[[$zero(); $w]; TILE / $w]; G];
+                        let mut p = 0;
+                        while p < whole {
+                            let n = TILE.min(whole - p);
+                            // SAFETY: p + n <= whole <= len.
+                            unsafe { tile_in::<false>(src, p, n, &mut buf) };
+                            let gains = a[p..p + n].iter().zip(&k[p..p + n]).enumerate();
+                            for (i, (&at, &kt)) in gains {
+                                let (at, kt) = ($splat(at), $splat(kt));
+                                for (xg, bg) in x.iter_mut().zip(buf.iter_mut()) {
+                                    let b = &mut bg[i / $w][i % $w];
+                                    *xg = $add($mul(at, *xg), $mul(kt, *b));
+                                    *b = *xg;
+                                }
+                            }
+                            // SAFETY: as for tile_in.
+                            unsafe { tile_out::<false>(dst, p, n, &buf) };
+                            p += n;
+                        }
+                        let mut out = from_registers(&x);
+                        for (l, xl) in out.iter_mut().enumerate().take(rows) {
+                            for t in whole..len {
+                                // SAFETY: t < len.
+                                unsafe {
+                                    *xl = a[t] * *xl + k[t] * *src[l].add(t);
+                                    *dst[l].add(t) = *xl;
+                                }
+                            }
+                        }
+                        out
                     }
-                    lam
+
+                    /// Adjoint of the forward kernel from a zero adjoint after the last
+                    /// position; returns `a_0 lam_0` per lane.
+                    #[target_feature(enable = "avx2")]
+                    unsafe fn adjoint_avx2(
+                        src: &[*const $t; LANES],
+                        dst: &[*mut $t; LANES],
+                        k: &[$t],
+                        a: &[$t],
+                        rows: usize,
+                    ) -> [$t; LANES] {
+                        let len = k.len();
+                        let whole = len - len % $w;
+                        let mut lam = [0.0; LANES];
+                        for (l, ll) in lam.iter_mut().enumerate().take(rows) {
+                            for t in (whole..len).rev() {
+                                // SAFETY: t < len.
+                                unsafe {
+                                    *ll += *src[l].add(t);
+                                    *dst[l].add(t) = k[t] * *ll;
+                                }
+                                *ll *= a[t];
+                            }
+                        }
+                        let mut m = to_registers(&repeat_first(lam, rows));
+                        let mut buf: Tile = [[[$zero(); $w]; TILE / $w]; G];
+                        let mut end = whole;
+                        while end > 0 {
+                            let n = TILE.min(end);
+                            let p = end - n;
+                            // SAFETY: p + n = end <= whole <= len.
+                            unsafe { tile_in::<true>(src, p, n, &mut buf) };
+                            let gains = a[p..end].iter().zip(&k[p..end]).enumerate().rev();
+                            for (i, (&at, &kt)) in gains {
+                                let (at, kt) = ($splat(at), $splat(kt));
+                                for (mg, bg) in m.iter_mut().zip(buf.iter_mut()) {
+                                    let b = &mut bg[i / $w][i % $w];
+                                    *mg = $add(*mg, *b);
+                                    *b = $mul(kt, *mg);
+                                    *mg = $mul(at, *mg);
+                                }
+                            }
+                            // SAFETY: as for tile_in.
+                            unsafe { tile_out::<true>(dst, p, n, &buf) };
+                            end = p;
+                        }
+                        from_registers(&m)
+                    }
                 }
             }
         };
     }
 
     kernels!(
+        kernels_f32,
         f32,
         __m256,
         W32,
@@ -454,6 +500,7 @@ mod x86 {
         _mm256_storeu_ps
     );
     kernels!(
+        kernels_f64,
         f64,
         __m256d,
         W64,
