@@ -84,3 +84,12 @@ def verl_loss_and_grad(name, old, logp, adv, mask, *, mode, config, weights):
     return loss_and_grad(
         fn, old, logp, adv, mask, loss_agg_mode=mode, config=config, rollout_is_weights=weights
     )
+
+
+def error_steps(backend: str, length: int) -> int:
+    """The row length to give ``kpo_rs.testing.tolerance`` for ``backend``'s results on rows of
+    ``length``: the scan's (``scan`` and ``scan_doubling``) ``kpo_rs._scan.error_steps``, the
+    recurrence's ``length`` for every other backend."""
+    from kpo_rs import _scan
+
+    return _scan.error_steps(length) if backend.startswith("scan") else length

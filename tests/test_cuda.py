@@ -23,7 +23,8 @@ import pytest
 import torch
 
 import kpo_rs
-from kpo_rs import _scan, backends, testing, torch_ops
+from conftest import error_steps
+from kpo_rs import backends, testing, torch_ops
 from kpo_rs._rows import Rows
 from kpo_rs.params import FilterParams
 
@@ -46,15 +47,11 @@ PARAMS = [
 ]
 
 
-def _steps(length: int, backend: str) -> int:
-    return _scan.error_steps(length) if backend == "scan" else length
-
-
 def _assert_close(
     got: torch.Tensor, want: np.ndarray, env: np.ndarray, dtype, length: int, backend="scan"
 ):
     testing.assert_filter_close(
-        got.detach().cpu().numpy(), want, env, dtype, _steps(length, backend)
+        got.detach().cpu().numpy(), want, env, dtype, error_steps(backend, length)
     )
 
 
@@ -96,7 +93,8 @@ def test_cuda_backends_match_the_rust_core(backend, dtype, holes, masked, params
     _assert_close(y, want_y, env_y, dt, z.shape[1], backend)
     _assert_close(tz.grad, want_dz, env_dz, dt, z.shape[1], backend)
     bound = (
-        testing.tolerance(env_dm0, dt, _steps(z.shape[1], backend)).sum() + 1e-12 * env_dm0.sum()
+        testing.tolerance(env_dm0, dt, error_steps(backend, z.shape[1])).sum()
+        + 1e-12 * env_dm0.sum()
     )
     assert abs(float(m0.grad) - float(want_dm0.sum())) <= bound
 

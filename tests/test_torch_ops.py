@@ -17,6 +17,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import kpo_rs
+from conftest import error_steps
 from kpo_rs import _scan, reference, testing, torch_ops
 
 BACKENDS = ["rust", "scan"]
@@ -34,10 +35,6 @@ BACKEND_DEVICES = [
 
 
 GRAD_BACKEND_DEVICES = [("reference", "cpu"), *BACKEND_DEVICES]
-
-
-def _steps(backend: str, length: int) -> int:
-    return _scan.error_steps(length) if backend.startswith("scan") else length
 
 
 def _t(a: np.ndarray | None, device: str = "cpu") -> torch.Tensor | None:
@@ -73,7 +70,7 @@ def _check(batch, params, backend, seed, device="cpu"):
     else:
         want_y = reference.kalman_filter(batch.values, batch.mask, **params)
         want_dz, want_dm0 = reference.kalman_filter_adjoint(grad, batch.mask, **params)
-    steps = _steps(backend, batch.row_length)
+    steps = error_steps(backend, batch.row_length)
     env_y = testing.forward_envelope(batch, params)
     env_dz, env_dm0 = testing.adjoint_envelope(batch, grad, params)
     testing.assert_filter_close(y, want_y, env_y, batch.dtype, steps)
