@@ -229,17 +229,15 @@ def test_losses_on_cuda_match_the_cpu():
 
 
 def _rust_filter(z, cu, mask, params):
-    kw = {"q": params.q, "r": params.r, "p0": params.p0, "masked": params.masked}
     if cu is None:
-        return kpo_rs.kalman_filter(z, mask, **kw)
-    return kpo_rs.kalman_filter_packed(z, cu, mask, **kw)
+        return kpo_rs.kalman_filter(z, mask, params=params)
+    return kpo_rs.kalman_filter_packed(z, cu, mask, params=params)
 
 
 def _rust_adjoint(g, cu, mask, params):
-    kw = {"q": params.q, "r": params.r, "p0": params.p0, "masked": params.masked}
     if cu is None:
-        return kpo_rs.kalman_filter_adjoint(g, mask, **kw)
-    return kpo_rs.kalman_filter_packed_adjoint(g, cu, mask, **kw)
+        return kpo_rs.kalman_filter_adjoint(g, mask, params=params)
+    return kpo_rs.kalman_filter_packed_adjoint(g, cu, mask, params=params)
 
 
 @needs_triton
