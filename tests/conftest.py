@@ -4,6 +4,7 @@ set), "dev" 50 for quick local runs (the default). Pick one with HYPOTHESIS_PROF
 Also the helpers that several test modules share (imported as ``from conftest import ...``); each
 imports what it needs when called, so that collecting a test needs no optional package."""
 
+import contextlib
 import os
 
 from hypothesis import HealthCheck, settings
@@ -93,3 +94,16 @@ def error_steps(backend: str, length: int) -> int:
     from kpo_rs import _scan
 
     return _scan.error_steps(length) if backend.startswith("scan") else length
+
+
+@contextlib.contextmanager
+def triton_tile(tile: int | None):
+    """Inside the block the triton backend cuts rows into tiles of ``tile`` tokens (None: its
+    own choice); its setting before is restored on leaving."""
+    import pytest
+
+    from kpo_rs.backends import triton
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(triton, "TILE", tile)
+        yield

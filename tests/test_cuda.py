@@ -23,7 +23,7 @@ import pytest
 import torch
 
 import kpo_rs
-from conftest import error_steps
+from conftest import error_steps, triton_tile
 from kpo_rs import backends, testing, torch_ops
 from kpo_rs._rows import Rows
 from kpo_rs.params import FilterParams
@@ -252,9 +252,7 @@ def test_triton_long_rows_many_tiles_same_result_every_run(tile, masked):
     tb = backends.load("triton")
     rng = np.random.default_rng(9)
     params = FilterParams(q=1e-5, p0=math.inf, masked=masked)
-    saved = tb.TILE
-    tb.TILE = tile
-    try:
+    with triton_tile(tile):
         for shape in [(1 << 20,), (16, 131072)]:
             z = (rng.normal(0.0, 0.5, shape) + 0.1).astype(np.float32)
             g = rng.normal(0.0, 1.0, shape).astype(np.float32)
@@ -277,8 +275,6 @@ def test_triton_long_rows_many_tiles_same_result_every_run(tile, masked):
             got_dz, got_dm0 = (t.cpu().numpy() for t in grads[0])
             assert float(np.max(np.abs(got_dz - want_dz))) <= 1e-5 * float(np.max(env_dz))
             assert np.all(np.abs(got_dm0 - want_dm0) <= 1e-5 * env_dm0)
-    finally:
-        tb.TILE = saved
 
 
 @needs_triton

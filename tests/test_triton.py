@@ -18,7 +18,6 @@ process are unaffected; the backend defines its interpreted kernels apart from t
 
 from __future__ import annotations
 
-import contextlib
 import math
 
 import numpy as np
@@ -29,6 +28,7 @@ from hypothesis import strategies as st
 
 pytest.importorskip("triton", reason="the triton backend needs triton (pip install triton)")
 
+from conftest import triton_tile
 from kpo_rs import reference, testing, torch_ops
 from kpo_rs._rows import Rows
 from kpo_rs.backends import triton as tb
@@ -44,16 +44,6 @@ def _interpreter():
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("TRITON_INTERPRET", "1")
         yield
-
-
-@contextlib.contextmanager
-def _tile(bt: int | None):
-    saved = tb.TILE
-    tb.TILE = bt
-    try:
-        yield
-    finally:
-        tb.TILE = saved
 
 
 def _t(a: np.ndarray | None) -> torch.Tensor | None:
@@ -99,7 +89,7 @@ def _check_module(batch, params: dict, seed: int, m0_kind: str, tile: int) -> No
             m0 = torch.tensor(m0, dtype=torch.float64).to(_t(grad).dtype)
     settings = FilterParams(**params)
     cu = None if isinstance(batch, testing.PaddedBatch) else _t(batch.cu_seqlens)
-    with _tile(tile):
+    with triton_tile(tile):
         y = tb.forward(Rows(_t(batch.values), cu, _t(batch.mask), settings), m0, check="sync")
         dz, dm0 = tb.adjoint(Rows(_t(grad), cu, _t(batch.mask), settings), check="sync")
     assert y.dtype == dz.dtype == dm0.dtype == _t(grad).dtype
@@ -153,7 +143,7 @@ def test_op_forward_backward_and_m0_gradient(packed, dtype, masked):
     cu = torch.tensor([0, 90, 90, 200, 270])
     zz = z.to(dtype).clone().requires_grad_(True)
     m0 = torch.tensor(0.3, dtype=dtype, requires_grad=True)
-    with _tile(32):
+    with triton_tile(32):
         if packed:
             y = torch_ops.kalman_filter_packed(
                 zz.reshape(-1), cu, mask.reshape(-1), m0=m0, backend="triton", **params
@@ -207,7 +197,7 @@ def test_gradcheck_padded_and_packed(masked, p0, with_mask):
             masked=masked, backend="triton",
         )  # fmt: skip
 
-    with _tile(8):
+    with triton_tile(8):
         assert torch.autograd.gradcheck(padded, (z, m0), fast_mode=True)
         assert torch.autograd.gradcheck(
             packed, (z.detach().reshape(-1).requires_grad_(True), m0), fast_mode=True
@@ -238,7 +228,7 @@ def test_gradcheck_per_row_m0(masked):
     mask = torch.rand(3, 12, generator=gen) < 0.6
     mask[1] = False  # a row with no valid token: its dm0 is the sum of its held gradient
     params = FilterParams(q=0.05, p0=1.0, masked=masked)
-    with _tile(8):
+    with triton_tile(8):
         assert torch.autograd.gradcheck(
             lambda z, m0: _PerRow.apply(z, m0, mask, params), (z, m0), fast_mode=True
         )
@@ -257,7 +247,7 @@ def test_compile_fullgraph_matches_eager():
     old = logp + torch.randn(3, 40, generator=gen, dtype=torch.float64) * 0.05
     mask = torch.rand(3, 40, generator=gen) < 0.8
     results = []
-    with _tile(16):
+    with triton_tile(16):
         for fn in (loss_fn, torch.compile(loss_fn, fullgraph=True)):
             lp = logp.clone().requires_grad_(True)
             m0 = torch.tensor(0.1, dtype=torch.float64, requires_grad=True)
@@ -299,7 +289,7 @@ def test_non_finite_sync_names_row_and_position():
     z[1, 70] = math.nan
     z[2, 3] = math.inf
     p = FilterParams()
-    with _tile(32):
+    with triton_tile(32):
         with pytest.raises(ValueError, match="values: non-finite value at row 1, position 70"):
             tb.forward(Rows(z, params=p), 0.0, check="sync")
         mask = torch.ones(3, 80, dtype=torch.bool)
@@ -328,7 +318,7 @@ def test_non_finite_deferred_is_raised_at_the_check():
     z[1, 20] = math.nan
     z[2, 7] = math.inf
     p = FilterParams(q=1e-2)
-    with _tile(16):
+    with triton_tile(16):
         y = tb.forward(Rows(z, params=p), 0.0)  # deferred: no error here
         assert torch.isnan(y[1, 20:]).all() and torch.isfinite(y[1, :20]).all()
         # rows before and after a bad one are unaffected
