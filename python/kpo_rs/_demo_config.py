@@ -11,6 +11,11 @@ from typing import Any
 LOSS_NAMES = ("grpo", "gspo", "gmpo", "kpo", "kpo_clipped")
 
 
+def split_names(text: str) -> tuple[str, ...]:
+    """The names of a comma-separated list (``--losses``), spaces and empty items dropped."""
+    return tuple(name.strip() for name in text.split(",") if name.strip())
+
+
 @dataclass
 class DemoConfig:
     """Settings of a demo run (the defaults finish in a few minutes on 2 CPU cores)."""

@@ -206,13 +206,13 @@ def _run_demo(args: argparse.Namespace) -> int:
     )
     from rich.table import Table
 
-    from ._demo_config import DemoConfig
+    from ._demo_config import DemoConfig, split_names
     from .demo import run_demo, summary_rows, table_footnote, write_outputs
 
     cfg = DemoConfig(
         steps=args.steps,
         seeds=args.seeds,
-        losses=tuple(name.strip() for name in args.losses.split(",") if name.strip()),
+        losses=split_names(args.losses),
         lag=args.lag,
         minibatches=args.minibatches,
         response_len=args.response_len,

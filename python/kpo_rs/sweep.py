@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from . import _files
-from ._demo_config import DemoConfig
+from ._demo_config import DemoConfig, split_names
 from .params import FilterParams
 from .sweep_report import write_plots, write_report, write_results
 
@@ -510,10 +510,6 @@ _floats = _number_list(float, "numbers")
 _ints = _number_list(int, "integers")
 
 
-def _names(text: str) -> tuple[str, ...]:
-    return tuple(v.strip() for v in text.split(",") if v.strip())
-
-
 def _count(text: str) -> int:
     try:
         return int(text)
@@ -540,7 +536,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--losses",
-        type=_names,
+        type=split_names,
         metavar="LIST",
         help="comma-separated loss names from kpo_rs.loss_table (default grpo,kpo_clipped; "
         "presets: all)",
