@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 #: The losses ``kpo demo`` runs by default; any name of :mod:`kpo_rs.loss_table` may be chosen.
-LOSS_NAMES = ("grpo", "gspo", "gmpo", "kpo", "kpo_clipped")
+DEFAULT_LOSSES = ("grpo", "gspo", "gmpo", "kpo", "kpo_clipped")
 
 
 def split_names(text: str) -> tuple[str, ...]:
@@ -22,7 +22,7 @@ class DemoConfig:
 
     steps: int = 40
     seeds: int = 2
-    losses: Sequence[str] = LOSS_NAMES
+    losses: Sequence[str] = DEFAULT_LOSSES
     lag: int = 1
     minibatches: int = 4
     prompts_per_step: int = 8

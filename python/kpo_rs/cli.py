@@ -151,7 +151,7 @@ class _Progress:
 
 
 def _add_demo(sub: argparse._SubParsersAction) -> None:
-    from ._demo_config import LOSS_NAMES, DemoConfig
+    from ._demo_config import DEFAULT_LOSSES, DemoConfig
 
     d = DemoConfig()
     p = sub.add_parser(
@@ -172,8 +172,9 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
         p.add_argument(flag, type=kind, default=default, help=f"{text} (default {default})")
     p.add_argument(
         "--losses",
-        default=",".join(LOSS_NAMES),
-        help=f"comma-separated losses from {','.join(LOSS_NAMES)} (default: all)",
+        default=",".join(DEFAULT_LOSSES),
+        help="comma-separated loss names from kpo_rs.loss_table "
+        f"(default {','.join(DEFAULT_LOSSES)})",
     )
     p.add_argument("--out", default=d.out, help=f"output folder (default {d.out})")
     p.add_argument(

@@ -38,12 +38,12 @@ import kpo_rs
 
 from . import _files, _plotting
 from . import losses as L
-from ._demo_config import LOSS_NAMES, DemoConfig
+from ._demo_config import DEFAULT_LOSSES, DemoConfig
 from .diagnostics import plot_spectra
 from .loss_table import get_loss
 
 __all__ = [
-    "LOSS_NAMES",
+    "DEFAULT_LOSSES",
     "DemoConfig",
     "Run",
     "StepLog",
