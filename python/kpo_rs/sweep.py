@@ -181,6 +181,12 @@ class Task:
             device="cpu",
         )
 
+    @property
+    def staleness(self) -> float:
+        """The mean number of updates between the policy that produced a minibatch's rollouts
+        and the policy being updated: ``lag + (minibatches - 1) / 2``."""
+        return self.lag + (self.minibatches - 1) / 2
+
     def overrides(self) -> dict[str, float]:
         return {} if self.q is None else {"q": self.q, "p0": self.p0}
 
@@ -200,8 +206,9 @@ class Task:
             "loss_settings": {k: repr(v) for k, v in sorted(settings.items())},
         }
 
-    def filename(self, cfg: SweepConfig) -> str:
-        digest = hashlib.sha256(json.dumps(self.key(cfg), sort_keys=True).encode()).hexdigest()[:12]
+    def filename(self, key: dict[str, Any]) -> str:
+        """The name of the run's file in ``runs/``; ``key``: :meth:`key`'s result."""
+        digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
         filt = "" if self.q is None else f"_q{self.q:g}_p0{self.p0:g}"
         return (
             f"{self.loss}_lr{self.lr:g}_mb{self.minibatches}_lag{self.lag}_len"
@@ -229,7 +236,7 @@ def _ordered(tasks: list[Task], cfg: SweepConfig) -> list[Task]:
 
     def key(t: Task) -> tuple:
         return (
-            -(t.lag + (t.minibatches - 1) / 2),
+            -t.staleness,
             cfg.lrs.index(t.lr),
             cfg.response_lens.index(t.response_len),
             cfg.minibatches.index(t.minibatches),
@@ -293,7 +300,7 @@ def run_task(task: Task, cfg: SweepConfig) -> dict[str, Any]:
         "lr": task.lr,
         "minibatches": task.minibatches,
         "lag": task.lag,
-        "staleness": task.lag + (task.minibatches - 1) / 2,
+        "staleness": task.staleness,
         "response_len": task.response_len,
         "q": task.q,
         "p0": task.p0,
@@ -312,9 +319,8 @@ def run_task(task: Task, cfg: SweepConfig) -> dict[str, Any]:
     }
     runs = Path(cfg.out) / "runs"
     runs.mkdir(parents=True, exist_ok=True)
-    _files.write_text(
-        runs / task.filename(cfg), json.dumps({"key": task.key(cfg), "row": row}, indent=1)
-    )
+    key = task.key(cfg)
+    _files.write_text(runs / task.filename(key), json.dumps({"key": key, "row": row}, indent=1))
     return row
 
 
@@ -326,12 +332,13 @@ def _worker_init() -> None:
 
 
 def _stored(task: Task, cfg: SweepConfig) -> dict[str, Any] | None:
-    path = Path(cfg.out) / "runs" / task.filename(cfg)
+    key = task.key(cfg)
+    path = Path(cfg.out) / "runs" / task.filename(key)
     try:
         payload = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-    if payload.get("key") != task.key(cfg):
+    if payload.get("key") != key:
         return None
     row = payload["row"]
     row["phase"] = task.phase
