@@ -38,6 +38,29 @@ def _tiny(tmp_path, **kw) -> SweepConfig:
     return cfg
 
 
+@pytest.fixture
+def record_runs(monkeypatch):
+    """``record_runs(after=None)`` wraps ``sweep.run_task`` from then on and returns the list of
+    the tasks it is called with, in order; ``after(run_task, cfg)``, when given, is called after
+    each run with the unwrapped ``run_task``."""
+
+    def record(after=None) -> list:
+        calls = []
+        real = sweep.run_task
+
+        def run_task(task, cfg):
+            calls.append(task)
+            row = real(task, cfg)
+            if after is not None:
+                after(real, cfg)
+            return row
+
+        monkeypatch.setattr(sweep, "run_task", run_task)
+        return calls
+
+    return record
+
+
 def _parse(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="kpo sweep")
     sweep.add_arguments(parser)
@@ -73,16 +96,14 @@ def test_two_cell_smoke_sweep_through_the_cli(tmp_path, capsys):
     assert "wrote" in capsys.readouterr().out
 
 
-def test_rerun_reuses_every_stored_run_and_redoes_only_missing_ones(tmp_path, monkeypatch):
+def test_rerun_reuses_every_stored_run_and_redoes_only_missing_ones(tmp_path, record_runs):
     cfg = _tiny(tmp_path, minibatches=(1, 2))
     run_sweep(cfg, log=lambda _: None)
     first = read_results(f"{cfg.out}/results.csv")
     stored = sorted((tmp_path / "sweep" / "runs").glob("*.json"))
     assert len(stored) == 4
 
-    calls = []
-    real = sweep.run_task
-    monkeypatch.setattr(sweep, "run_task", lambda task, c: calls.append(task) or real(task, c))
+    calls = record_runs()
     stored[0].unlink()  # as if killed before this run finished
     (stored[1]).write_text("{ truncated")  # a damaged file is run again, not trusted
     (tmp_path / "sweep" / "runs" / ".left-by-a-kill.json.1.tmp").write_text("x")
@@ -98,12 +119,10 @@ def test_rerun_reuses_every_stored_run_and_redoes_only_missing_ones(tmp_path, mo
     assert calls == []
 
 
-def test_a_changed_setting_does_not_reuse_runs(tmp_path, monkeypatch):
+def test_a_changed_setting_does_not_reuse_runs(tmp_path, record_runs):
     cfg = _tiny(tmp_path, losses=("grpo",))
     run_sweep(cfg, log=lambda _: None)
-    calls = []
-    real = sweep.run_task
-    monkeypatch.setattr(sweep, "run_task", lambda task, c: calls.append(task) or real(task, c))
+    calls = record_runs()
     run_sweep(_tiny(tmp_path, losses=("grpo",), steps=3), log=lambda _: None)
     assert len(calls) == 1
 
@@ -289,20 +308,15 @@ def test_a_tiny_difference_is_negligible_even_when_every_seed_agrees():
     assert line.rstrip(" |").endswith("negligible") and "(3/3 seeds)" in line
 
 
-def test_a_run_finished_meanwhile_by_another_sweep_is_not_run_again(tmp_path, monkeypatch):
+def test_a_run_finished_meanwhile_by_another_sweep_is_not_run_again(tmp_path, record_runs):
     cfg = _tiny(tmp_path, losses=("grpo",), minibatches=(1, 2))
     _, evals = plan(cfg)
-    calls = []
-    real = sweep.run_task
 
-    def first_also_stores_the_second(task, c):
-        calls.append(task)
-        row = real(task, c)
+    def first_also_stores_the_second(real, c):
         if len(calls) == 1:
             real(evals[1], c)  # as another process writing to the same folder would
-        return row
 
-    monkeypatch.setattr(sweep, "run_task", first_also_stores_the_second)
+    calls = record_runs(after=first_also_stores_the_second)
     run_sweep(cfg, log=lambda _: None)
     assert calls == [evals[0]]
     assert len(read_results(f"{cfg.out}/results.csv")) == 2
