@@ -50,11 +50,10 @@ def test_packed_forward_matches_reference(batch, params):
 @given(testing.padded_batches(), PARAMS, st.integers(0, 2**32 - 1))
 def test_padded_adjoint_matches_reference(batch, params, seed):
     grad = _grad_like(batch, seed)
-    p = params
-    dz, dm0 = kpo_rs.kalman_filter_adjoint(grad, batch.mask, **p)
+    dz, dm0 = kpo_rs.kalman_filter_adjoint(grad, batch.mask, **params)
     assert dz.dtype == dm0.dtype == batch.dtype
     assert dz.shape == grad.shape and dm0.shape == (grad.shape[0],)
-    want_dz, want_dm0 = reference.kalman_filter_adjoint(grad, batch.mask, **p)
+    want_dz, want_dm0 = reference.kalman_filter_adjoint(grad, batch.mask, **params)
     env_dz, env_dm0 = testing.adjoint_envelope(batch, grad, params)
     testing.assert_filter_close(dz, want_dz, env_dz, batch.dtype, batch.row_length)
     testing.assert_filter_close(dm0, want_dm0, env_dm0, batch.dtype, batch.row_length)
@@ -65,11 +64,10 @@ def test_padded_adjoint_matches_reference(batch, params, seed):
 @given(testing.packed_batches(), PARAMS, st.integers(0, 2**32 - 1))
 def test_packed_adjoint_matches_reference(batch, params, seed):
     grad = _grad_like(batch, seed)
-    p = params
-    dz, dm0 = kpo_rs.kalman_filter_packed_adjoint(grad, batch.cu_seqlens, batch.mask, **p)
+    dz, dm0 = kpo_rs.kalman_filter_packed_adjoint(grad, batch.cu_seqlens, batch.mask, **params)
     assert dz.shape == grad.shape and dm0.shape == (len(batch.cu_seqlens) - 1,)
     want_dz, want_dm0 = reference.kalman_filter_packed_adjoint(
-        grad, batch.cu_seqlens, batch.mask, **p
+        grad, batch.cu_seqlens, batch.mask, **params
     )
     env_dz, env_dm0 = testing.adjoint_envelope(batch, grad, params)
     testing.assert_filter_close(dz, want_dz, env_dz, batch.dtype, batch.row_length)
@@ -86,9 +84,10 @@ def test_packed_and_padded_agree_bitwise(batch, params, seed):
     packed = kpo_rs.kalman_filter_packed(batch.values.ravel(), cu, flat_mask, **params)
     np.testing.assert_array_equal(packed, padded.ravel())
     grad = _grad_like(batch, seed)
-    p = params
-    dz, dm0 = kpo_rs.kalman_filter_adjoint(grad, batch.mask, **p)
-    dz_packed, dm0_packed = kpo_rs.kalman_filter_packed_adjoint(grad.ravel(), cu, flat_mask, **p)
+    dz, dm0 = kpo_rs.kalman_filter_adjoint(grad, batch.mask, **params)
+    dz_packed, dm0_packed = kpo_rs.kalman_filter_packed_adjoint(
+        grad.ravel(), cu, flat_mask, **params
+    )
     np.testing.assert_array_equal(dz_packed, dz.ravel())
     np.testing.assert_array_equal(dm0_packed, dm0)
 
@@ -200,9 +199,8 @@ def test_few_long_rows_match_reference(dtype, params):
     testing.assert_filter_close(
         got, want, testing.forward_envelope(batch, params), batch.dtype, batch.row_length
     )
-    adj = params
-    got_dz, got_dm0 = kpo_rs.kalman_filter_adjoint(grad, mask, **adj)
-    want_dz, want_dm0 = reference.kalman_filter_adjoint(grad, mask, **adj)
+    got_dz, got_dm0 = kpo_rs.kalman_filter_adjoint(grad, mask, **params)
+    want_dz, want_dm0 = reference.kalman_filter_adjoint(grad, mask, **params)
     env_dz, env_dm0 = testing.adjoint_envelope(batch, grad, params)
     testing.assert_filter_close(got_dz, want_dz, env_dz, batch.dtype, batch.row_length)
     testing.assert_filter_close(got_dm0, want_dm0, env_dm0, batch.dtype, batch.row_length)
