@@ -1,8 +1,9 @@
 """The package's structure: no two modules import each other, directly or around a circle.
 
 Every import of one kpo_rs module by another counts, at module level or inside a function (a lazy
-import still ties the two together). The Rust crate's module graph is checked the same way by
-``rust_module_cycles`` over ``use crate::`` lines. See docs/design.md, "Map of the code".
+import still ties the two together). The Rust crate's module graph is checked the same way:
+:func:`rust_imports` (the crate modules each file names in ``crate::`` paths) and :func:`cycles`.
+See docs/design.md, "Map of the code".
 """
 
 from __future__ import annotations
@@ -59,8 +60,10 @@ def python_imports() -> dict[str, set[str]]:
 
 
 def rust_imports() -> dict[str, set[str]]:
-    """Rust module (file stem) -> the crate modules it names in ``use crate::...`` or
-    ``super::`` paths."""
+    """Rust module (file stem; a file in a folder counts as the folder's module) -> the crate
+    modules it names in ``crate::`` paths. ``super::`` paths are not followed: in this crate they
+    appear only in submodules (inline ones, and ``filter/tests.rs``), where they name a module of
+    the same file or folder, so they add no edge."""
     graph: dict[str, set[str]] = {}
     for path in RUST.rglob("*.rs"):
         name = path.stem if path.parent == RUST else path.parent.name
