@@ -369,9 +369,6 @@ def _log_ratios(
     if mask is not None:
         wanted.append((_column(batch, mask), mask, False))
     values, cu, null_rows, valid = _aligned(wanted)
-    for arr, name, _ in wanted[: len(names)]:
-        if not _is_list(arr.type):  # pragma: no cover - _aligned has checked
-            raise TypeError(f"{name} must be a list<float> column, got {arr.type}")
     dtype = _float_dtype([arr.type for arr, _, _ in wanted[: len(names)]])
     if mask is not None:
         valid = values[-1] if valid is None else valid & values[-1]
@@ -425,8 +422,7 @@ def _filter_both(
     if valid is not None:
         z = np.where(valid, z, z.dtype.type(0))
     m0 = float(to_filter_space(np.asarray(p.m0, dtype=np.float64), space))
-    kw = {"q": p.q, "r": p.r, "p0": p.p0, "m0": m0, "masked": p.masked}
-    x = kalman_filter_packed(to_filter_space(z, space), cu, valid, **kw)
+    x = kalman_filter_packed(to_filter_space(z, space), cu, valid, params=p.replace(m0=m0))
     if space == "log_ratio":
         return x, to_filter_space(x, "ratio")
     if valid is not None and p.masked == "zero":  # masked outputs are 0: read them as the prior
@@ -444,8 +440,9 @@ def filter_log_ratio(
     params: FilterParams | None = None,
     **overrides: Unpack[FilterOverrides],
 ) -> np.ndarray:
-    """The filtered log-ratio ``[total]`` (z's dtype, nats) of packed log-ratios ``z`` (``valid``
-    marks usable tokens): ``space="log_ratio"`` filters ``z``; ``"ratio"`` filters
+    """The filtered log-ratio ``[total]`` (nats; float32 when ``z`` is float32, float64 for
+    float64, float16 and integer ``z``) of packed log-ratios ``z`` (``valid`` marks usable
+    tokens): ``space="log_ratio"`` filters ``z``; ``"ratio"`` filters
     ``kpo_rs.space.to_filter_space(z, "ratio")`` (the ratio clamped as the training loss clamps
     it) and returns its log. The prior mean is ``to_filter_space(params.m0)``: ``m0`` is a
     log-ratio, so the default gives 0 and 1 (``kpo_rs.space.prior_mean``). Settings: ``params``
