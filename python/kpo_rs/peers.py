@@ -472,7 +472,11 @@ def bapo_loss(
     return loss, metrics
 
 
-def _bapo_grid(target: float, lower: Any, upper: Any, step: Any) -> tuple[list[float], list[float]]:
+def _bapo_grid(
+    target: float, lower: Any, upper: Any, step: Any
+) -> tuple[tuple[float, float, float], tuple[float, float, float]]:
+    """The checked search ranges of the two bounds: ``(start, stop, step)`` for the lower bound,
+    then for the upper."""
     if not 0.0 <= target <= 1.0:
         raise ValueError(f"target must be a share in [0, 1], got {target}")
     low_start, low_max = _check_pair("lower", lower)
