@@ -215,7 +215,7 @@ def _verl_metrics(metrics: dict[str, torch.Tensor], prefix: str) -> dict[str, fl
     return out
 
 
-def _kpo_options(clip: tuple[float, float] | None, config: Any) -> tuple[Any, dict[str, Any]]:
+def _kpo_options(clip: tuple[float, float] | None) -> tuple[Any, dict[str, Any]]:
     current = settings()
     _log_settings(current)
     return kpo_loss, {"clip": clip, **current}
@@ -262,9 +262,7 @@ def _policy_loss(name: str, default_agg: str, options: Any, doc: str, prefix: st
 compute_policy_loss_kpo_clipped = _policy_loss(
     "kpo_clipped",
     "seq-mean-token-mean",
-    lambda config: _kpo_options(
-        _clip_range(_needs_config("kpo_clipped", config), "kpo_clipped"), config
-    ),
+    lambda config: _kpo_options(_clip_range(_needs_config("kpo_clipped", config), "kpo_clipped")),
     "KPO-clipped with verl's signature; the clip range is the actor's clip_ratio_low/high.",
     prefix="kpo",
 )
@@ -272,7 +270,7 @@ compute_policy_loss_kpo_clipped = _policy_loss(
 compute_policy_loss_kpo = _policy_loss(
     "kpo",
     "seq-mean-token-mean",
-    lambda config: _kpo_options(None, config),
+    lambda config: _kpo_options(None),
     "KPO (no clipping) with verl's signature.",
 )
 
