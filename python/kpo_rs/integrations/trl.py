@@ -291,7 +291,6 @@ class KPOTrainer(GRPOTrainer):
 
     def _kpo_settings(self) -> dict[str, Any]:
         a = self.args
-        params = a.kpo_filter_params
         return {
             "clip": (
                 (a.kpo_epsilon_low, a.kpo_epsilon_high)
@@ -299,10 +298,7 @@ class KPOTrainer(GRPOTrainer):
                 else None
             ),
             "clip_ratio_c": a.delta,
-            "q": params.q,
-            "r": params.r,
-            "p0": params.p0,
-            "masked": params.masked,
+            "params": a.kpo_filter_params,
             "space": a.kpo_space,
             "grad": a.kpo_grad,
             "backend": a.kpo_backend,
