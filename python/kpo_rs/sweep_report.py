@@ -22,7 +22,7 @@ import sys
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 
@@ -187,13 +187,22 @@ def _mean_std(values: Sequence[float]) -> str:
     return f"{np.mean(values):.2f} ± {np.std(values, ddof=1):.2f}"
 
 
+def _md_table(head: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
+    """A Markdown table: the header, its separator line, one line per row."""
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
 # --------------------------------------------------------------------------------------------
 # Report
 
 
-def _comparison(
-    runs: dict[str, list[dict[str, Any]]],
-) -> tuple[str, str, float, tuple[float, float] | None, int, int] | None:
+#: What :func:`_comparison` gives for one regime.
+_Comparison = Optional[tuple[str, str, float, Optional[tuple[float, float]], int, int]]
+
+
+def _comparison(runs: dict[str, list[dict[str, Any]]]) -> _Comparison:
     """Winner and runner-up by mean final reward, the winner's margin paired by seed, its
     bootstrap interval and on how many of the shared seeds the winner was ahead."""
     means = {v: float(np.mean([r["final_reward"] for r in rs])) for v, rs in runs.items()}
@@ -201,14 +210,15 @@ def _comparison(
         return None
     ranked = sorted(means, key=lambda v: -means[v])
     best, second = ranked[0], ranked[1]
-    a = {r["seed"]: r["final_reward"] for r in runs[best]}
-    b = {r["seed"]: r["final_reward"] for r in runs[second]}
-    shared = sorted(set(a) & set(b))
-    diffs = [a[s] - b[s] for s in shared]
-    if not diffs:
+    paired = _paired(runs[best], runs[second])
+    if paired is None:
         return best, second, means[best] - means[second], None, 0, 0
-    ahead = sum(d > 0 for d in diffs)
-    return best, second, float(np.mean(diffs)), bootstrap_mean_ci(diffs), ahead, len(diffs)
+    return (best, second, *paired)
+
+
+def _comparisons(groups: dict) -> dict[tuple, _Comparison]:
+    """:func:`_comparison` of every regime (its bootstrap computed once for all the tables)."""
+    return {key: _comparison(runs) for key, runs in groups.items()}
 
 
 def _paired(
@@ -237,12 +247,14 @@ def _filter_variants(groups: dict) -> list[str]:
 def kpo_table(rows: Sequence[dict[str, Any]], reference: str = "grpo") -> str | None:
     """Per regime, each KPO variant's final reward minus ``reference``'s, paired by seed, with
     a 95% bootstrap interval and a verdict; ``None`` when either side is absent."""
-    groups, _, _ = _grouped(rows)
+    return _kpo_table(_grouped(rows)[0], reference)
+
+
+def _kpo_table(groups: dict, reference: str) -> str | None:
     kpo = _filter_variants(groups)
     if not kpo or not any(reference in runs for runs in groups.values()):
         return None
-    head = ["regime", *(f"{v} - {reference}" for v in kpo)]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines: list[list[str]] = []
     for key, runs in groups.items():
         if reference not in runs:
             continue
@@ -260,8 +272,8 @@ def kpo_table(rows: Sequence[dict[str, Any]], reference: str = "grpo") -> str | 
             cells.append(f"{diff:+.2f}{interval} ({ahead}/{n}), {verdict}")
         if all(c == "-" for c in cells):
             continue
-        lines.append("| " + " | ".join([_regime_label(key), *cells]) + " |")
-    return "\n".join(lines)
+        lines.append([_regime_label(key), *cells])
+    return _md_table(["regime", *(f"{v} - {reference}" for v in kpo)], lines)
 
 
 def _complete(groups: dict, variants: list[str]) -> dict:
@@ -290,12 +302,15 @@ def summary_table(rows: Sequence[dict[str, Any]]) -> str:
     """The report's summary: one line per regime, each variant's final reward (mean ± std over
     seeds), the winner and its margin over the runner-up with a 95% bootstrap interval."""
     groups, variants, _ = _grouped(rows)
-    head = ["regime", "seeds", *variants, "winner", "margin [95% CI]", "verdict"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    return _summary_table(groups, variants, _comparisons(groups))
+
+
+def _summary_table(groups: dict, variants: list[str], comparisons: dict[tuple, _Comparison]) -> str:
+    lines: list[list[str]] = []
     for key, runs in groups.items():
         seeds = sorted({len(rs) for rs in runs.values()})
         cells = [_mean_std([r["final_reward"] for r in runs.get(v, [])]) for v in variants]
-        comp = _comparison(runs)
+        comp = comparisons[key]
         if comp is None:
             tail = ["-", "-", "-"]
         else:
@@ -308,13 +323,13 @@ def summary_table(rows: Sequence[dict[str, Any]]) -> str:
                 verdict,
             ]
         seeds_text = "/".join(str(s) for s in seeds)
-        lines.append("| " + " | ".join([_regime_label(key), seeds_text, *cells, *tail]) + " |")
-    return "\n".join(lines)
+        lines.append([_regime_label(key), seeds_text, *cells, *tail])
+    head = ["regime", "seeds", *variants, "winner", "margin [95% CI]", "verdict"]
+    return _md_table(head, lines)
 
 
 def _collapse_table(groups: dict, variants: list[str]) -> str:
-    head = ["regime", *variants]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines: list[list[str]] = []
     for key, runs in groups.items():
         cells = []
         for v in variants:
@@ -324,11 +339,13 @@ def _collapse_table(groups: dict, variants: list[str]) -> str:
                 continue
             rate = np.mean([r["collapses"] > 0 for r in rs])
             cells.append(f"{rate:.0%} ({np.mean([r['collapses'] for r in rs]):.1f})")
-        lines.append("| " + " | ".join([_regime_label(key), *cells]) + " |")
-    return "\n".join(lines)
+        lines.append([_regime_label(key), *cells])
+    return _md_table(["regime", *variants], lines)
 
 
-def _per_variant_table(groups: dict, variants: list[str]) -> str:
+def _per_variant_table(
+    groups: dict, variants: list[str], comparisons: dict[tuple, _Comparison]
+) -> str:
     head = [
         "variant",
         "regimes",
@@ -338,10 +355,10 @@ def _per_variant_table(groups: dict, variants: list[str]) -> str:
         "collapse rate",
         "ratio spikes",
     ]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines: list[list[str]] = []
     for v in variants:
         finals, collapsed, spikes, regimes, clear, noisy = [], [], [], 0, 0, 0
-        for runs in groups.values():
+        for key, runs in groups.items():
             rs = runs.get(v, [])
             if not rs:
                 continue
@@ -349,16 +366,23 @@ def _per_variant_table(groups: dict, variants: list[str]) -> str:
             finals.append(np.mean([r["final_reward"] for r in rs]))
             collapsed.extend(r["collapses"] > 0 for r in rs)
             spikes.extend(r["ratio_spikes"] for r in rs)
-            comp = _comparison(runs)
+            comp = comparisons[key]
             if comp is not None and comp[0] == v:
                 verdict = _verdict(comp[3], comp[5], comp[2])
                 clear += verdict == "clear"
                 noisy += verdict == "within noise"
         lines.append(
-            f"| {v} | {regimes} | {np.mean(finals):.3f} | {clear} | {noisy} | "
-            f"{np.mean(collapsed):.0%} | {np.mean(spikes):.2%} |"
+            [
+                v,
+                str(regimes),
+                f"{np.mean(finals):.3f}",
+                str(clear),
+                str(noisy),
+                f"{np.mean(collapsed):.0%}",
+                f"{np.mean(spikes):.2%}",
+            ]
         )
-    return "\n".join(lines)
+    return _md_table(head, lines)
 
 
 def write_report(
@@ -390,6 +414,7 @@ def write_report(
         parts += ["No reported run has finished yet.", ""]
         _files.write_text(path, "\n".join(parts))
         return
+    comparisons = _comparisons(groups)
     parts += [
         "## Final reward by regime",
         "",
@@ -404,7 +429,7 @@ def write_report(
         "differences, so *clear* means the winner was ahead on every seed; treat it as a sign, "
         "not as proof.",
         "",
-        summary_table(rows),
+        _summary_table(groups, variants, comparisons),
         "",
         "## Collapses by regime",
         "",
@@ -416,7 +441,7 @@ def write_report(
         _collapse_table(groups, variants),
         "",
     ]
-    versus = kpo_table(rows)
+    versus = _kpo_table(groups, "grpo")
     if versus is not None:
         parts += [
             "## KPO against GRPO",
@@ -437,16 +462,17 @@ def write_report(
         "noise, the share of runs with a collapse, and the mean share of tokens with a ratio "
         "outside [0.5, 2].",
         "",
-        _per_variant_table(complete, variants) if complete else "(none yet)",
+        _per_variant_table(complete, variants, comparisons) if complete else "(none yet)",
         "",
     ]
     if tuned_lrs:
         parts += [
             "## Learning rates chosen on the tuning seeds",
             "",
-            "| variant and regime | learning rate |",
-            "|---|---|",
-            *(f"| {k} | {_fmt_num(v)} |" for k, v in tuned_lrs.items()),
+            _md_table(
+                ["variant and regime", "learning rate"],
+                ([k, _fmt_num(v)] for k, v in tuned_lrs.items()),
+            ),
             "",
         ]
     if figures:
