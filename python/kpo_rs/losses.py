@@ -294,23 +294,18 @@ def kpo_token_losses(
         log_rt = x
     rt = torch.exp(torch.clamp(log_rt, max=LOG_RATIO_CLAMP))
 
-    pg_losses1 = -advantages * rt
     metrics: Metrics = {}
     if clip is None:
-        pg_losses = pg_losses1
+        pg_losses = -advantages * rt
         clipped = torch.zeros_like(mask)
         upper = lower = clipped
     else:
         low, high = clip
-        pg_losses2 = -advantages * torch.clamp(rt, 1.0 - low, 1.0 + high)
-        pg_losses = torch.maximum(pg_losses1, pg_losses2)
-        clipped = pg_losses2 > pg_losses1
+        pg_losses, clipped = _clipped_token_losses(rt, advantages, 1.0 - low, 1.0 + high)
         upper = clipped & (rt > 1.0 + high)
         lower = clipped & (rt < 1.0 - low)
     if clip_ratio_c is not None:
-        pg_losses3 = -advantages * clip_ratio_c
-        dual = (pg_losses > pg_losses3) & (advantages < 0)
-        pg_losses = torch.where(advantages < 0, torch.minimum(pg_losses3, pg_losses), pg_losses)
+        pg_losses, dual = _dual_clip(pg_losses, advantages, clip_ratio_c)
         metrics["dual_clipfrac"] = _masked_mean(dual.float(), mask).detach()
 
     with torch.no_grad():
@@ -436,16 +431,33 @@ def _ppo_token_losses(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """verl's vanilla token objective with ratio bounds ``[low, high]`` (absolute ratios) and an
     optional dual clip: ``(pg_losses, clipped, dual_clipped)``, the latter two bool."""
+    pg_losses, clipped = _clipped_token_losses(ratio, advantages, low, high)
+    if clip_ratio_c is None:
+        return pg_losses, clipped, torch.zeros_like(clipped)
+    pg_losses, dual = _dual_clip(pg_losses, advantages, clip_ratio_c)
+    return pg_losses, clipped, dual
+
+
+def _clipped_token_losses(
+    ratio: torch.Tensor,
+    advantages: torch.Tensor,
+    low: float | torch.Tensor,
+    high: float | torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """PPO's clipped token losses ``max(-A r, -A clip(r, low, high))`` and where the clip is
+    active (bool)."""
     pg_losses1 = -advantages * ratio
     pg_losses2 = -advantages * torch.clamp(ratio, low, high)
-    clip_losses1 = torch.maximum(pg_losses1, pg_losses2)
-    clipped = pg_losses2 > pg_losses1
-    if clip_ratio_c is None:
-        return clip_losses1, clipped, torch.zeros_like(clipped)
+    return torch.maximum(pg_losses1, pg_losses2), pg_losses2 > pg_losses1
+
+
+def _dual_clip(
+    pg_losses: torch.Tensor, advantages: torch.Tensor, clip_ratio_c: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The dual clip of negative-advantage tokens at ``-A c`` and where it is active (bool)."""
     pg_losses3 = -advantages * clip_ratio_c
-    dual = (clip_losses1 > pg_losses3) & (advantages < 0)
-    pg_losses = torch.where(advantages < 0, torch.minimum(pg_losses3, clip_losses1), clip_losses1)
-    return pg_losses, clipped, dual
+    dual = (pg_losses > pg_losses3) & (advantages < 0)
+    return torch.where(advantages < 0, torch.minimum(pg_losses3, pg_losses), pg_losses), dual
 
 
 def ppo_clip_loss(
@@ -509,15 +521,15 @@ def gspo_loss(
     seq_neg_kl = _masked_sum(neg_kl, response_mask, dim=-1) / lengths
     log_seq_ratio = log_prob - log_prob.detach() + seq_neg_kl.detach().unsqueeze(-1)
     seq_ratio = torch.exp(torch.clamp(log_seq_ratio, max=LOG_RATIO_CLAMP))
-    pg_losses1 = -advantages * seq_ratio
-    pg_losses2 = -advantages * torch.clamp(seq_ratio, 1 - clip_ratio_low, 1 + clip_ratio_high)
-    pg_losses = torch.maximum(pg_losses1, pg_losses2)
+    pg_losses, clipped = _clipped_token_losses(
+        seq_ratio, advantages, 1 - clip_ratio_low, 1 + clip_ratio_high
+    )
     loss = _aggregate(
         pg_losses, response_mask, loss_agg_mode, rollout_is_weights, global_batch_info
     )
     with torch.no_grad():
         metrics = {
-            "pg_clipfrac": _masked_mean((pg_losses2 > pg_losses1).float(), response_mask),
+            "pg_clipfrac": _masked_mean(clipped.float(), response_mask),
             "ppo_kl": _masked_mean(-neg_kl, response_mask),
             "pg_clipfrac_lower": torch.zeros((), device=loss.device),
             "switch_rate_raw": switch_rate(neg_kl, response_mask),
