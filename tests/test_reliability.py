@@ -130,7 +130,7 @@ def _rss_mb() -> float:
     raise RuntimeError("no VmRSS")
 
 
-def test_no_leaks_over_100k_calls_of_each_api():
+def test_no_leaks_over_150k_calls_of_each_api():
     rng = np.random.default_rng(4)
     z = rng.normal(size=(4, 32))
     mask = rng.random(z.shape) < 0.8
@@ -150,13 +150,19 @@ def test_no_leaks_over_100k_calls_of_each_api():
     for name, call in calls.items():
         for _ in range(1000):  # warm-up: allocator pools reach their steady size
             call()
-        gc.collect()
-        before = _rss_mb()
-        for _ in range(100_000):
-            call()
-        gc.collect()
-        growth = _rss_mb() - before
-        assert growth < 5.0, f"{name}: RSS grew {growth:.1f} MB over 100,000 calls"
+        growths = []
+        for _ in range(3):
+            gc.collect()
+            before = _rss_mb()
+            for _ in range(50_000):
+                call()
+            gc.collect()
+            growths.append(_rss_mb() - before)
+        # A leak grows the process in every window: even one stranded array header (about 100
+        # bytes) per call is 5 MB per window. A one-off step (a new allocator arena, another
+        # thread of the test process touching pages) shows in one window only, so the test
+        # judges the smallest of three: under 2 MB is under 40 bytes per call.
+        assert min(growths) < 2.0, f"{name}: RSS grew {growths} MB in three windows of 50,000 calls"
     for _ in range(10_000):  # the error path must not leak either
         with pytest.raises(ValueError):
             kpo_rs.kalman_filter(bad)
