@@ -206,7 +206,7 @@ def test_ctrl_c_during_a_long_call_is_raised_after_it_returns():
         out = None
         try:
             start = time.perf_counter()
-            for _ in range(20):
+            while time.perf_counter() - start < 60:  # calls until the interrupt, however fast
                 out = kpo_rs.kalman_filter(z)
             print("no interrupt", flush=True)
         except KeyboardInterrupt:
