@@ -6,6 +6,7 @@ from typing import Any, NamedTuple
 
 import torch
 
+from . import _core
 from .params import FilterParams
 
 __all__ = ["Rows"]
@@ -47,3 +48,13 @@ class Rows(NamedTuple):
 
     def replace(self, **changes: Any) -> Rows:
         return self._replace(**changes)
+
+    def measured(self) -> Rows:
+        """These rows with ``longest`` known where they are packed: unless the caller gave it, the
+        offsets are checked on the host (a ValueError naming ``cu_seqlens`` when they do not fit
+        the values) and the longest row read from them. Padded rows are returned as they are."""
+        if self.cu_seqlens is None or self.longest is not None:
+            return self
+        offsets = self.cu_seqlens.detach().cpu().numpy()
+        longest = _core.check_offsets(offsets, self.values.shape[0])
+        return Rows(self.values, self.cu_seqlens, self.mask, self.params, longest)

@@ -43,7 +43,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without torch
         "kpo_rs.torch_ops needs PyTorch: pip install 'kpo-rs[torch]' (or pip install torch)"
     ) from exc
 
-from . import _core, backends, settings
+from . import backends, settings
 from ._rows import Rows
 from .params import FilterParams, Overrides
 
@@ -122,14 +122,6 @@ def _check_option(module: Any, check: str) -> dict[str, str]:
     return {"check": check} if hasattr(module, "CHECKS") else {}
 
 
-def _longest(cu_seqlens: torch.Tensor | None, total: int) -> int | None:
-    """The longest packed row, from offsets checked on the host (a ValueError naming
-    ``cu_seqlens`` when they do not fit ``total``); None for the padded layout."""
-    if cu_seqlens is None:
-        return None
-    return _core.check_offsets(cu_seqlens.detach().cpu().numpy(), total)
-
-
 def check_finite(device: torch.device | str | None = None) -> None:
     """Raises the ``ValueError`` of the first non-finite input that a call with
     ``check="deferred"`` read since the last check (on ``device``, or on every device used),
@@ -165,11 +157,9 @@ def _prepare(
     """``rows`` in the compute dtype (made contiguous if asked) with the longest packed row
     known, the backend's module and its options."""
     values = _widen(rows.values.contiguous() if contiguous else rows.values)
-    cu_seqlens = rows.cu_seqlens
-    if cu_seqlens is not None:
-        rows = Rows(values, cu_seqlens, rows.mask, rows.params, _longest(cu_seqlens, len(values)))
-    elif values is not rows.values:
-        rows = Rows(values, None, rows.mask, rows.params)
+    if values is not rows.values:
+        rows = Rows(values, rows.cu_seqlens, rows.mask, rows.params, rows.longest)
+    rows = rows.measured()
     module = backends.load(backend)
     return rows, module, _check_option(module, check)
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from .. import _core, _scan
+from .. import _scan
 from .._rows import Rows
 from . import _non_finite
 from ._device_gains import gain_table
@@ -24,24 +24,17 @@ def available(device: torch.device) -> bool:
     return True
 
 
-def _longest(cu_seqlens: torch.Tensor, total: int) -> int:
-    return _core.check_offsets(cu_seqlens.detach().cpu().numpy(), total)
-
-
 def _check(witness: torch.Tensor, name: str, inputs, read, cu_seqlens) -> None:
     if not bool(torch.isfinite(witness).all()):
         raise _non_finite.locate(name, inputs, read, cu_seqlens)
 
 
 def _table(rows: Rows) -> tuple[_scan.GainTable, Rows]:
-    """The gain table of ``rows``, and the rows with ``longest`` set: a padded batch's time axis,
-    or the packed rows' longest (checked on the host here unless the caller knows it)."""
-    longest = rows.longest
-    if not rows.packed:
-        longest = rows.values.shape[1]
-    elif longest is None:
-        longest = _longest(rows.cu_seqlens, rows.values.shape[0])
-    return gain_table(longest, rows.params, rows.values.device), rows.replace(longest=longest)
+    """The gain table of ``rows`` (as long as a padded batch's time axis or the longest packed
+    row), and the rows :meth:`~kpo_rs._rows.Rows.measured`."""
+    rows = rows.measured()
+    longest = rows.longest if rows.packed else rows.values.shape[1]
+    return gain_table(longest, rows.params, rows.values.device), rows
 
 
 def forward(rows: Rows, m0: float | torch.Tensor, *, doubling: bool = False) -> torch.Tensor:
