@@ -290,23 +290,20 @@ def minpro_loss(
     return loss, metrics
 
 
-def _minpro_settings(
-    clip: tuple[float, float] = MINPRO_CLIP, clip_ratio_c: float | None = None, inclusive=False
-) -> tuple[tuple[float, float], float | None, bool]:
-    return clip, clip_ratio_c, inclusive
-
-
 def minpro_reference(
     old_log_prob: torch.Tensor,
     log_prob: torch.Tensor,
     advantages: torch.Tensor,
     response_mask: torch.Tensor,
-    **settings: Any,
+    *,
+    clip: tuple[float, float] = MINPRO_CLIP,
+    clip_ratio_c: float | None = None,
+    inclusive: bool = False,
 ) -> torch.Tensor:
     """The per-token MinPRO losses ``[batch, time]`` by a plain loop over rows and tokens (zero
-    at masked positions); differentiable in ``log_prob``. Slow: for tests. ``settings``:
-    ``clip``, ``clip_ratio_c``, ``inclusive`` as for :func:`minpro_loss` (same defaults)."""
-    (low, high), clip_ratio_c, inclusive = _minpro_settings(**settings)
+    at masked positions); differentiable in ``log_prob``. Slow: for tests. The settings are
+    :func:`minpro_loss`'s."""
+    low, high = clip
     rows = []
     for b in range(log_prob.shape[0]):
         smallest = None  # minimum log-ratio over the valid tokens seen so far in this row
@@ -560,27 +557,23 @@ def _bapo_search(
     )
 
 
-def _bapo_settings(
-    target: float = BAPO_TARGET, lower=BAPO_LOWER, upper=BAPO_UPPER, step=BAPO_STEP
-) -> tuple[float, Any, Any, Any]:
-    return target, lower, upper, step
-
-
 def bapo_reference(
     old_log_prob: torch.Tensor,
     log_prob: torch.Tensor,
     advantages: torch.Tensor,
     response_mask: torch.Tensor,
-    **search: Any,
+    *,
+    target: float = BAPO_TARGET,
+    lower: tuple[float, float] = BAPO_LOWER,
+    upper: tuple[float, float] = BAPO_UPPER,
+    step: tuple[float, float] = BAPO_STEP,
 ) -> tuple[float, float, float]:
     """BAPO's bound search step by step with plain Python sums over tokens (one host round trip
     per step, as the recipe does): ``(c_low, c_high, positive_share)``. Slow: for tests.
 
-    ``search``: ``target``, ``lower``, ``upper``, ``step`` as for :func:`bapo_loss` (same
-    defaults). The bounds are compared with the ratios after rounding to the ratios' dtype, as
-    :func:`bapo_loss` does.
+    The settings are :func:`bapo_loss`'s. The bounds are compared with the ratios after rounding
+    to the ratios' dtype, as :func:`bapo_loss` does.
     """
-    target, lower, upper, step = _bapo_settings(**search)
     lows, highs = (bapo_candidates(*g) for g in _bapo_grid(target, lower, upper, step))
     ratio = torch.exp(_log_ratio(old_log_prob, log_prob)).detach()
     cast = [float(v) for v in torch.tensor(lows + highs, dtype=ratio.dtype).tolist()]
