@@ -365,6 +365,22 @@ def test_available_only_under_the_interpreter_on_cpu(monkeypatch):
     assert not tb.available(torch.device("meta"))
 
 
+def test_backend_choice_follows_triton_interpret_on_cpu(monkeypatch):
+    """The op's backend table caches whether triton runs on a device; on CPU the cache follows
+    every change of TRITON_INTERPRET, with the backend's own reading of its value."""
+    from kpo_rs import backends
+
+    cpu = torch.device("cpu")
+    for value, runs in (("1", True), ("0", False), ("on", True), ("", False), ("yes", True)):
+        monkeypatch.setenv("TRITON_INTERPRET", value)
+        assert tb.available(cpu) is runs, value
+        if runs:
+            assert backends.resolve("triton", cpu) == "triton"
+        else:
+            with pytest.raises(ValueError, match="backend='triton' cannot run on cpu"):
+                backends.resolve("triton", cpu)
+
+
 def test_launch_parameters_follow_the_shape(monkeypatch):
     """1024-token tiles (4 warps) while the grid covers 2 x 132 multiprocessors, else smaller."""
     monkeypatch.setattr(tb, "_multiprocessors", lambda device: 132)

@@ -62,7 +62,8 @@ def loaded(name: str) -> bool:
 
 
 @functools.lru_cache(maxsize=64)
-def _triton_usable(device: torch.device, interpreting: bool) -> bool:
+def _triton_usable(device: torch.device, interpret: str | None) -> bool:
+    """``interpret``: only a cache key (the triton module reads the variable itself)."""
     try:
         return bool(load("triton").available(device))
     except ImportError:
@@ -73,9 +74,9 @@ def _triton_usable(device: torch.device, interpreting: bool) -> bool:
 def _triton_runs_on(device: torch.device) -> bool:
     """Whether the triton backend runs on ``device`` (cached; under ``torch.compile`` a constant
     of the trace, so that dynamo does not trace the import). On CPU the answer depends on
-    ``TRITON_INTERPRET``, which is part of the cache key."""
-    interpreting = os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes")
-    return _triton_usable(device, interpreting and device.type == "cpu")
+    ``TRITON_INTERPRET``, whose value is part of the cache key."""
+    interpret = os.environ.get("TRITON_INTERPRET") if device.type == "cpu" else None
+    return _triton_usable(device, interpret)
 
 
 def resolve(name: object, device: torch.device) -> str:
