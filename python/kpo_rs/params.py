@@ -42,9 +42,6 @@ class FilterOverrides(Overrides, total=False):
     m0: float | None
 
 
-_FIELDS = ("q", "r", "p0", "m0", "masked")
-
-
 def _real(name: str, value: Any) -> float:
     """``value`` as a float; TypeError naming ``name`` for anything that is not a real number."""
     if type(value) is float:
@@ -125,3 +122,7 @@ class FilterParams:
     def variances(self) -> tuple[float, float, float]:
         """``(q, r, p0)``: what the gains depend on."""
         return (self.q, self.r, self.p0)
+
+
+#: The settings' names, in field order (what :meth:`FilterParams.resolve` accepts).
+_FIELDS = tuple(f.name for f in dataclasses.fields(FilterParams))
