@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Builds the release artifacts into dist/ (or $KPO_DIST): the abi3 wheel for this machine's Linux
-# architecture (x86_64 or aarch64), tagged manylinux2014 (glibc 2.17: RHEL/Rocky 8, Ubuntu 20.04 and older clusters install it), and the
-# sdist; then confirms the wheel's platform tag with auditwheel.
+# architecture (x86_64 or aarch64), tagged manylinux2014 (glibc 2.17: RHEL/Rocky 8, Ubuntu 20.04
+# and older clusters install it), and the sdist; then confirms the wheel's platform tag with
+# auditwheel.
 #
 # The wheel is linked with zig (`ziglang` from PyPI, in requirements/dev.lock) against glibc 2.17's
 # symbols, so the build machine's newer glibc does not leak into the tag. Run scripts/setup.sh
