@@ -78,8 +78,8 @@ def _triton(device: torch.device):
 def cases(batch: int, length: int, device: torch.device) -> dict:
     import kpo_rs
     from kpo_rs import losses, torch_ops
-    from kpo_rs._rows import Rows
-    from kpo_rs.bench import authors_form, torch_loop
+    from kpo_rs.backends import Rows
+    from kpo_rs.experiments.bench import authors_form, torch_loop
 
     gen = torch.Generator().manual_seed(0)
     z = (torch.randn(batch, length, generator=gen) * 0.1).to(device)

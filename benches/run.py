@@ -1,12 +1,12 @@
 """The benchmark table: every fast path of kpo-rs against its baselines, measured in one run.
 
 For each shape, dtype and thread count it prints throughput (tokens per second: the best and the
-median of repeated calls, ``kpo_rs.bench.best_rate``) and the best's ratios against baselines
-measured in the same process:
+median of repeated calls, ``kpo_rs.experiments.bench.best_rate``) and the best's ratios against
+baselines measured in the same process:
 
 - ``numpy copy``: a copy of the array, the memory-speed limit;
 - ``authors' form``: the KPO authors' parallel form re-derived from its description
-  (``kpo_rs.bench.authors_form``: float32 torch, gains clipped as theirs are);
+  (``kpo_rs.experiments.bench.authors_form``: float32 torch, gains clipped as theirs are);
 - ``torch loop``: a Python loop over tokens in torch (forward; forward+backward with autograd);
 - ``numpy loop``: a loop over time vectorised over the batch;
 - ``simdkalman``: a generic Kalman library (small shapes only: it runs at ~0.25 M tokens/s);
@@ -48,7 +48,7 @@ def cases(batch: int, time_len: int, dtype: str):
 
     import kpo_rs
     from kpo_rs import losses, torch_ops
-    from kpo_rs.bench import authors_form, numpy_loop, torch_loop
+    from kpo_rs.experiments.bench import authors_form, numpy_loop, torch_loop
 
     rng = np.random.default_rng(0)
     z = rng.normal(0, 0.1, (batch, time_len)).astype(dtype)
@@ -117,7 +117,7 @@ def measure(shape: str, dtype: str, threads: int) -> dict:
     torch.set_num_threads(threads)
     batch, time_len = (int(v) for v in shape.split("x"))
     tokens = batch * time_len
-    from kpo_rs.bench import best_rate
+    from kpo_rs.experiments.bench import best_rate
 
     rates: dict[str, float | None] = {}
     medians: dict[str, float | None] = {}

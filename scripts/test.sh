@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Sets up (scripts/setup.sh) and runs the whole test suite: formatting and lints (rustfmt, clippy,
 # ruff), the Rust unit tests, the wheel built and installed into a bare environment, and the
-# Python tests (pytest + hypothesis; the "ci" hypothesis
-# profile, 200 examples per property, when CI is set).
+# Python tests of every tier (pytest -m "": fast, slow, integration; gpu tests skip without a
+# device) with hypothesis's "ci" profile (200 examples per property) when CI is set, "dev" (50)
+# otherwise. The quick loop is a plain `pytest` (the fast tier): see tests/README.md.
 set -euo pipefail
 
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -26,5 +27,9 @@ cargo test --release --quiet
 step "wheel (abi3, manylinux2014, built once with zig) and sdist"
 bash scripts/check_wheel.sh
 step "pytest"
-if [ -n "${CI:-}" ]; then export HYPOTHESIS_PROFILE=${HYPOTHESIS_PROFILE:-ci}; fi
-"$venv/bin/python" -m pytest "$@"
+if [ -n "${CI:-}" ]; then
+    export HYPOTHESIS_PROFILE=${HYPOTHESIS_PROFILE:-ci}
+else
+    export HYPOTHESIS_PROFILE=${HYPOTHESIS_PROFILE:-dev}
+fi
+"$venv/bin/python" -m pytest -m "" "$@"

@@ -1,10 +1,15 @@
-"""Hypothesis profiles: "ci" runs 200 examples per property (chosen by scripts/test.sh when CI is
-set), "dev" 50 for quick local runs (the default). Pick one with HYPOTHESIS_PROFILE.
+"""Hypothesis profiles and the test tiers.
 
-Also the helpers that several test modules share (imported as ``from conftest import ...``); each
-imports what it needs when called, so that collecting a test needs no optional package."""
+Profiles (pick one with HYPOTHESIS_PROFILE): "fast" runs 20 examples per property (the default:
+the quick loop), "dev" 50, "ci" 200 (chosen by scripts/test.sh when CI is set).
 
-import contextlib
+Tiers are pytest markers registered in pyproject.toml: ``slow`` (over about a second each; left
+out of a plain ``pytest`` run by its ``-m "not slow"`` default, run with ``pytest -m ""``),
+``integration`` (needs an optional stack: verl, TRL, Ray; skipped when it is missing) and ``gpu``
+(needs a CUDA device; skipped without one). tests/README.md says what runs where. The helpers the
+test modules share are in ``helpers.py``.
+"""
+
 import os
 
 from hypothesis import HealthCheck, settings
@@ -16,94 +21,5 @@ _common = {
 }
 settings.register_profile("ci", max_examples=200, **_common)
 settings.register_profile("dev", max_examples=50, **_common)
-settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
-
-
-def write_rollouts_parquet(
-    path, rows: int = 40, length: int = 50, seed: int = 0, row_group: int = 16, *, ids: bool = False
-):
-    """A Parquet file of ``rows`` rollouts of ``length`` tokens each: float32 list columns
-    ``logp`` and ``old_logp`` (old in [-3, 0], new = old + N(0, 0.2)), ``row_group`` rows per
-    row group; with ``ids``, an int64 column ``id`` (0, 1, ...) before them. Returns the table
-    written."""
-    import numpy as np
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    rng = np.random.default_rng(seed)
-    old = (-rng.random(rows * length) * 3).astype(np.float32)
-    new = (old + rng.normal(0, 0.2, old.size)).astype(np.float32)
-    offsets = pa.array(np.arange(rows + 1, dtype=np.int32) * length)
-    table = pa.table(
-        {
-            **({"id": np.arange(rows)} if ids else {}),
-            "logp": pa.ListArray.from_arrays(offsets, new),
-            "old_logp": pa.ListArray.from_arrays(offsets, old),
-        }
-    )
-    pq.write_table(table, path, row_group_size=row_group)
-    return table
-
-
-def with_value(table, column: str, row: int, position: int, value: float):
-    """``table`` with ``value`` at ``position`` of row ``row``'s list in the list column
-    ``column`` (the column's type kept)."""
-    import pyarrow as pa
-
-    lists = table.column(column).to_pylist()
-    lists[row][position] = value
-    return table.set_column(
-        table.schema.get_field_index(column), column, pa.array(lists, type=table[column].type)
-    )
-
-
-def loss_and_grad(fn, old, logp, adv, mask, **kw):
-    """``fn`` called with verl's keywords (``old_log_prob``, ``log_prob``, ``advantages``,
-    ``response_mask``) and ``kw``: the loss, its gradient with respect to ``logp``, and the
-    metrics."""
-    lp = logp.clone().requires_grad_(True)
-    loss, metrics = fn(old_log_prob=old, log_prob=lp, advantages=adv, response_mask=mask, **kw)
-    loss.backward()
-    return loss.detach(), lp.grad, metrics
-
-
-def verl_actor_config(**kw):
-    """verl's FSDP actor config for a single-process, one-rollout run, with ``kw`` on top."""
-    from verl.workers.config import FSDPActorConfig
-
-    base = {"strategy": "fsdp", "rollout_n": 1, "ppo_micro_batch_size_per_gpu": 1}
-    return FSDPActorConfig(**(base | kw))
-
-
-def verl_loss_and_grad(name, old, logp, adv, mask, *, mode, config, weights):
-    """verl's registered policy loss ``name`` called as verl's actor calls it, with the
-    aggregation ``mode``, the actor ``config`` and the rollout ``weights``: as
-    :func:`loss_and_grad`."""
-    from verl.trainer.ppo.core_algos import get_policy_loss_fn
-
-    fn = get_policy_loss_fn(name)
-    return loss_and_grad(
-        fn, old, logp, adv, mask, loss_agg_mode=mode, config=config, rollout_is_weights=weights
-    )
-
-
-def error_steps(backend: str, length: int) -> int:
-    """The row length to give ``kpo_rs.testing.tolerance`` for ``backend``'s results on rows of
-    ``length``: the scan's (``scan`` and ``scan_doubling``) ``kpo_rs._scan.error_steps``, the
-    recurrence's ``length`` for every other backend."""
-    from kpo_rs import _scan
-
-    return _scan.error_steps(length) if backend.startswith("scan") else length
-
-
-@contextlib.contextmanager
-def triton_tile(tile: int | None):
-    """Inside the block the triton backend cuts rows into tiles of ``tile`` tokens (None: its
-    own choice); its setting before is restored on leaving."""
-    import pytest
-
-    from kpo_rs.backends import triton
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(triton, "TILE", tile)
-        yield
+settings.register_profile("fast", max_examples=20, **_common)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "fast"))

@@ -15,7 +15,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import kpo_rs
-from conftest import with_value, write_rollouts_parquet
+from helpers import requires, with_value, write_rollouts_parquet
 from kpo_rs import arrow, cli
 from kpo_rs.pipeline import Columns, PipelineError, analyze_parquet, filter_parquet
 from kpo_rs.space import LOG_RATIO_CLAMP
@@ -174,6 +174,7 @@ def test_empty_file(tmp_path):
     assert stats.rows == 0 and pq.read_table(tmp_path / "out.parquet").num_rows == 0
 
 
+@pytest.mark.slow
 def test_analyze(tmp_path):
     table = _rollouts(200, seed=4, nulls=False)
     pq.write_table(table, tmp_path / "in.parquet", row_group_size=50)
@@ -190,6 +191,7 @@ def test_analyze(tmp_path):
     )
 
 
+@pytest.mark.slow
 def test_cli_filter_and_analyze(tmp_path, capsys):
     pq.write_table(_rollouts(50, seed=5), tmp_path / "in.parquet")
     args = ["--log-probs", "logp", "--old-log-probs", "old_logp", "--mask", "mask", "--no-progress"]
@@ -237,6 +239,7 @@ def test_kpo_command_is_installed(tmp_path):
     assert "--log-probs" in out.stdout
 
 
+@pytest.mark.slow
 def test_memory_stays_bounded_on_a_large_file(tmp_path):
     """4 million tokens (32 MB of float32 log-probs) in 64 row groups: filtering in batches of
     2,000 rows keeps the peak RSS growth under 150 MB, far below what holding the file would take.
@@ -260,6 +263,8 @@ def test_memory_stays_bounded_on_a_large_file(tmp_path):
     assert growth_mb < 150, growth_mb
 
 
+@requires("ray")
+@pytest.mark.slow
 def test_ray_data_map_batches_equals_single_process(tmp_path):
     """The record-batch function as a Ray Data step over a folder of Parquet files, on a local
     Ray instance, gives the single-process result."""

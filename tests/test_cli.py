@@ -15,8 +15,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import with_value, write_rollouts_parquet
+from helpers import with_value, write_rollouts_parquet
 from kpo_rs import cli
+from kpo_rs.cli import _common as cli_common
 
 KPO = os.path.join(os.path.dirname(sys.executable), "kpo")
 COLS = ["--log-probs", "logp", "--old-log-probs", "old_logp"]
@@ -26,6 +27,7 @@ def _kpo(*args: str, **kw) -> subprocess.CompletedProcess:
     return subprocess.run([KPO, *args], capture_output=True, text=True, timeout=120, **kw)
 
 
+@pytest.mark.slow
 def test_ctrl_c_leaves_the_destination_unchanged_and_exits_130(tmp_path):
     src, dst = tmp_path / "in.parquet", tmp_path / "out.parquet"
     write_rollouts_parquet(src, rows=3000, length=1500, row_group=256)
@@ -146,13 +148,13 @@ def test_filter_and_analyze_need_no_rich(tmp_path):
 def test_sweep_is_imported_only_for_kpo_sweep():
     code = (
         "import sys\nfrom kpo_rs import cli\ncli.build_parser('filter')\n"
-        "print('kpo_rs.sweep' in sys.modules)"
+        "print('kpo_rs.experiments.sweep' in sys.modules)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
     out = _kpo("sweep", "--help")
     assert out.returncode == 0 and out.stdout.startswith("usage: kpo sweep")
-    out = _without("kpo_rs.sweep", "sweep")
+    out = _without("kpo_rs.experiments.sweep", "sweep")
     assert out.returncode == 2 and out.stderr.startswith("kpo sweep: not available"), out.stderr
     assert len(out.stderr.splitlines()) == 1
 
@@ -183,7 +185,7 @@ def test_analyze_json_and_counts_agree_with_filter(tmp_path, capsys):
     valid = sum(int(m.sum()) for i, m in enumerate(mask) if i % 9 != 4)
     assert (result["rows"], result["null_rows"], result["tokens"]) == (60, nulls, valid)
     assert result["bad_rows"] == [] and 0.4 < result["raw"]["switch_frequency"] < 0.6
-    assert cli._jsonable({"a": [math.nan, 1.0, math.inf]}) == {"a": [None, 1.0, None]}
+    assert cli_common.jsonable({"a": [math.nan, 1.0, math.inf]}) == {"a": [None, 1.0, None]}
     assert cli.main(["filter", str(src), str(tmp_path / "out.parquet"), *common]) == 0
     assert f"60 rows ({nulls} null), {valid} valid tokens" in capsys.readouterr().out
 

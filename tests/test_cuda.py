@@ -23,9 +23,9 @@ import pytest
 import torch
 
 import kpo_rs
-from conftest import error_steps, triton_tile
+from helpers import error_steps, triton_tile
 from kpo_rs import backends, testing, torch_ops
-from kpo_rs._rows import Rows
+from kpo_rs.backends import Rows
 from kpo_rs.params import FilterParams
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -9,7 +9,7 @@ import math
 import pytest
 
 from kpo_rs import cli
-from kpo_rs.demo import (
+from kpo_rs.experiments.demo import (
     DemoConfig,
     filters_ratios,
     loss_function,
@@ -35,6 +35,7 @@ def _tiny(**kw) -> DemoConfig:
     return DemoConfig(**(base | kw))
 
 
+@pytest.mark.slow
 def test_every_loss_runs_and_writes_files(tmp_path):
     cfg = _tiny(losses=LOSS_NAMES, seeds=2, lag=2)
     result = run_demo(cfg)

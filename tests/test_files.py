@@ -85,7 +85,7 @@ def test_missing_folder_is_an_os_error(tmp_path):
 
 
 def test_write_results_keeps_the_old_file_on_error(tmp_path):
-    from kpo_rs import sweep_report
+    from kpo_rs.experiments import report as sweep_report
 
     dst = tmp_path / "results.csv"
     sweep_report.write_results([{"loss": "grpo", "seed": 0}], dst)
@@ -107,7 +107,7 @@ def test_write_results_keeps_the_old_file_on_error(tmp_path):
 
 def test_demo_outputs_keep_the_old_file_on_error(tmp_path):
     pytest.importorskip("torch")
-    from kpo_rs import demo
+    from kpo_rs.experiments import demo
 
     dst = tmp_path / "metrics.csv"
     dst.write_bytes(b"old metrics\n")

@@ -163,7 +163,7 @@ def test_grad_modes_same_value_different_gradients_both_correct(space, mode):
     # "token": the gradient of the surrogate whose filtered part is frozen at the current point.
     with torch.no_grad():
         params = kpo_rs.FilterParams(q=0.05, r=1.0, p0=math.inf, masked="hold")
-        x0 = losses._filtered_log_ratio(logp - old, mask, params, space, "auto")
+        x0 = losses.kpo._filtered_log_ratio(logp - old, mask, params, space, "auto")
 
     def surrogate(lp):
         rt = torch.exp(torch.clamp(lp - logp + x0, max=10.0))

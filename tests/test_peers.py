@@ -18,9 +18,10 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from conftest import loss_and_grad, verl_actor_config, verl_loss_and_grad
-from kpo_rs import losses, peers
+from helpers import loss_and_grad, requires, verl_actor_config, verl_loss_and_grad
+from kpo_rs import losses
 from kpo_rs.loss_table import get_loss
+from kpo_rs.losses import peers
 
 AGG_MODES = list(losses.LOSS_AGG_MODES)
 F64 = {"rtol": 1e-10, "atol": 1e-12}
@@ -85,6 +86,7 @@ def _dppo_ours_and_verls(divergence, low, high, c, mode, old, logp, adv, mask, w
     return ours, theirs
 
 
+@requires("verl")
 @pytest.mark.parametrize("divergence", ["tv", "kl"])
 @pytest.mark.parametrize("mode", AGG_MODES)
 @pytest.mark.parametrize("weighted", [False, True])
@@ -104,6 +106,7 @@ def test_dppo_matches_verl(divergence, mode, weighted, dtype):
         assert float(ours[2][key]) == pytest.approx(theirs[2][f"actor/{key}"], rel=1e-6, abs=1e-7)
 
 
+@requires("verl")
 def test_dppo_tv_and_kl_differ_and_defaults_are_the_authors():
     old, logp, adv, mask, _ = _batch(2)
     tv = loss_and_grad(peers.dppo_loss, old, logp, adv, mask, divergence="tv")
@@ -116,6 +119,7 @@ def test_dppo_tv_and_kl_differ_and_defaults_are_the_authors():
         torch.testing.assert_close(ours[1], theirs[1], rtol=1e-12, atol=1e-14)
 
 
+@requires("verl")
 @given(
     seed=st.integers(0, 2**31 - 1),
     batch=st.integers(1, 4),
@@ -445,6 +449,7 @@ def _bapo_rank(rank: int, world: int, init_file: str, seed: int, out: str) -> No
         torch.distributed.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_bapo_search_is_global_across_ranks(tmp_path):
     seed = 11
     old, logp, adv, mask, _ = _batch(seed, batch=8, adv_shift=-0.8)

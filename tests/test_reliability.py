@@ -46,7 +46,9 @@ DIGEST = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_bitwise_identical_for_any_thread_count():
+    pytest.importorskip("torch")  # the digest covers the torch op too
     digests = set()
     for threads in ("1", "2", "8"):
         env = dict(os.environ, RAYON_NUM_THREADS=threads)
@@ -98,6 +100,7 @@ def test_eight_threads_on_different_and_shared_inputs():
     assert not errors, errors[:5]
 
 
+@pytest.mark.slow
 def test_the_gil_is_released_while_the_kernel_runs():
     """While one thread runs a long call, pure-Python work in another thread keeps going."""
     z = np.random.default_rng(3).normal(size=(1, 20_000_000)).astype(np.float32)
@@ -130,6 +133,7 @@ def _rss_mb() -> float:
     raise RuntimeError("no VmRSS")
 
 
+@pytest.mark.slow
 def test_no_leaks_over_150k_calls_of_each_api():
     rng = np.random.default_rng(4)
     z = rng.normal(size=(4, 32))
@@ -170,6 +174,7 @@ def test_no_leaks_over_150k_calls_of_each_api():
     assert refs_after == refs_before
 
 
+@pytest.mark.slow
 def test_a_row_of_ten_million_tokens():
     z = np.random.default_rng(5).normal(0, 0.3, (1, 10_000_000)).astype(np.float32)
     x = kpo_rs.kalman_filter(z)
@@ -197,6 +202,7 @@ def test_a_batch_of_one_all_masked_row():
     assert not kpo_rs.kalman_filter(z, mask, masked="zero").any()
 
 
+@pytest.mark.slow
 def test_ctrl_c_during_a_long_call_is_raised_after_it_returns():
     code = textwrap.dedent(
         """

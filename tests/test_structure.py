@@ -122,3 +122,96 @@ def test_rust_modules_import_no_circle():
     graph = rust_imports()
     assert graph, "no Rust sources found"
     assert cycles(graph) == []
+
+
+# --------------------------------------------------------------------------------------------
+# Layers (docs/design.md, "Map of the code"): dependencies point one way, down this table.
+
+#: Module (or package: it covers its submodules) -> its layer. A module may import modules of a
+#: lower layer, or of its own package (``kpo_rs.losses.kpo`` -> ``kpo_rs.losses._common``);
+#: nothing imports up. The library (layers 0-7) never imports the applications (8-9).
+LAYERS = {
+    "kpo_rs.params": 0,
+    "kpo_rs.space": 0,
+    "kpo_rs._files": 0,
+    "kpo_rs._plotting": 0,
+    "kpo_rs": 1,  # the numpy API over the Rust core
+    "kpo_rs.reference": 1,
+    "kpo_rs.diagnostics": 2,
+    "kpo_rs.testing": 2,
+    "kpo_rs.backends": 3,
+    "kpo_rs.torch_ops": 4,
+    "kpo_rs.losses": 5,
+    "kpo_rs.peers": 6,  # kept importable: re-exports of kpo_rs.losses.peers
+    "kpo_rs.loss_table": 6,  # and of kpo_rs.losses.table
+    "kpo_rs.arrow": 6,
+    "kpo_rs.integrations": 6,
+    "kpo_rs.pipeline": 7,
+    "kpo_rs.experiments": 8,
+    "kpo_rs.cli": 9,
+}
+APPLICATIONS = 8
+
+
+def _group(module: str) -> str:
+    """The longest key of :data:`LAYERS` that is ``module`` or a package above it."""
+    parts = module.split(".")
+    for n in range(len(parts), 0, -1):
+        key = ".".join(parts[:n])
+        if key in LAYERS:
+            return key
+    raise AssertionError(f"{module} has no layer: add it to LAYERS and to docs/design.md")
+
+
+def layer_violations(graph: dict[str, set[str]]) -> list[str]:
+    """Each import that points up the table or sideways into another group, as ``a -> b``."""
+    bad = []
+    for module, targets in graph.items():
+        group = _group(module)
+        for target in targets:
+            other = _group(target)
+            if other != group and LAYERS[other] >= LAYERS[group]:
+                bad.append(f"{module} -> {target}")
+    return sorted(bad)
+
+
+def test_layer_checker_finds_an_upward_import():
+    graph = {"kpo_rs.torch_ops": {"kpo_rs.losses.kpo"}, "kpo_rs.losses.kpo": {"kpo_rs.params"}}
+    assert layer_violations(graph) == ["kpo_rs.torch_ops -> kpo_rs.losses.kpo"]
+    assert layer_violations({"kpo_rs.arrow": {"kpo_rs.integrations.verl"}}) == [
+        "kpo_rs.arrow -> kpo_rs.integrations.verl"
+    ]
+
+
+def test_every_module_has_a_layer_and_imports_only_down():
+    graph = python_imports()
+    assert layer_violations(graph) == []
+    library = [m for m in graph if LAYERS[_group(m)] < APPLICATIONS]
+    assert "kpo_rs.losses.kpo" in library and "kpo_rs.experiments.demo" not in library
+
+
+def private_imports() -> list[str]:
+    """``from X import _name`` in the package where ``_name`` is not a module: a private name of
+    another module. What modules share gets a public name, or lives in a private module meant
+    for sharing (``_common``), whose names are public."""
+    modules = {_module_name(p) for p in PACKAGE.rglob("*.py")}
+    found = []
+    for path in PACKAGE.rglob("*.py"):
+        name = _module_name(path)
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if not isinstance(node, ast.ImportFrom):
+                continue
+            base = (
+                _resolve(name, path.name == "__init__.py", node.level, node.module)
+                if node.level
+                else node.module or ""
+            )
+            for alias in node.names:
+                if alias.name.startswith("_") and not alias.name.startswith("__"):
+                    if f"{base}.{alias.name}" not in modules and alias.name != "_core":
+                        found.append(f"{name}: from {base} import {alias.name}")
+    return sorted(found)
+
+
+def test_no_module_imports_a_private_name_of_another():
+    assert private_imports() == []

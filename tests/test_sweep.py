@@ -13,10 +13,11 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from kpo_rs import sweep
+from kpo_rs.cli import sweep as sweep_cli
+from kpo_rs.experiments import sweep
+from kpo_rs.experiments.report import COLUMNS, bootstrap_mean_ci, read_results, summary_table
+from kpo_rs.experiments.sweep import SweepConfig, plan, run_sweep
 from kpo_rs.params import FilterParams
-from kpo_rs.sweep import SweepConfig, plan, run_sweep
-from kpo_rs.sweep_report import COLUMNS, bootstrap_mean_ci, read_results, summary_table
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -63,7 +64,7 @@ def record_runs(monkeypatch):
 
 def _parse(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="kpo sweep")
-    sweep.add_arguments(parser)
+    sweep_cli.add_arguments(parser)
     return parser.parse_args(argv)
 
 
@@ -78,7 +79,7 @@ def test_two_cell_smoke_sweep_through_the_cli(tmp_path, capsys):
         "--losses grpo,kpo_clipped --lr 1e-2 --minibatches 2 --lag 1 --response-len 8 "
         f"--seeds 1 --steps 2 --workers 1 --out {out}".split()
     )
-    assert sweep.run_cli(args) == 0
+    assert sweep_cli.run_cli(args) == 0
     rows = _rows(out / "results.csv")
     assert [r["loss"] for r in rows] == ["grpo", "kpo_clipped"]
     assert list(rows[0]) == list(COLUMNS)
@@ -96,6 +97,7 @@ def test_two_cell_smoke_sweep_through_the_cli(tmp_path, capsys):
     assert "wrote" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_rerun_reuses_every_stored_run_and_redoes_only_missing_ones(tmp_path, record_runs):
     cfg = _tiny(tmp_path, minibatches=(1, 2))
     run_sweep(cfg, log=lambda _: None)
@@ -165,7 +167,7 @@ def test_filter_settings_vary_only_for_the_kpo_losses(tmp_path):
 def test_paper_preset_and_explicit_flags_override_it():
     from kpo_rs.loss_table import LOSS_NAMES
 
-    cfg = sweep.config_from_args(_parse(["--preset", "paper", "--seeds", "1"]))
+    cfg = sweep_cli.config_from_args(_parse(["--preset", "paper", "--seeds", "1"]))
     assert cfg.minibatches == (4,) and cfg.lags == (0,) and cfg.seeds == 1
     assert cfg.losses == LOSS_NAMES
     assert cfg.qs == (FilterParams().q,) and cfg.p0s == (FilterParams().p0,)
@@ -186,7 +188,7 @@ def test_paper_preset_and_explicit_flags_override_it():
     ],
 )
 def test_bad_options_print_one_line_and_exit_2(tmp_path, capsys, argv, message):
-    assert sweep.run_cli(_parse([*argv, "--out", str(tmp_path / "o")])) == 2
+    assert sweep_cli.run_cli(_parse([*argv, "--out", str(tmp_path / "o")])) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"kpo sweep: {message}") and err.count("\n") == 1
 
@@ -201,7 +203,7 @@ def test_unparsable_numbers_are_argparse_errors(capsys):
 def test_an_unwritable_out_is_one_line(tmp_path, capsys):
     blocker = tmp_path / "file"
     blocker.write_text("")
-    assert sweep.run_cli(_parse(["--out", str(blocker / "sub")])) == 2
+    assert sweep_cli.run_cli(_parse(["--out", str(blocker / "sub")])) == 2
     err = capsys.readouterr().err
     assert err.startswith("kpo sweep: --out: cannot write") and err.count("\n") == 1
 
@@ -276,7 +278,7 @@ def test_runs_are_ordered_regime_by_regime_with_every_loss_of_a_seed_together(tm
 
 
 def test_kpo_against_grpo_is_paired_by_seed_with_its_sign():
-    from kpo_rs.sweep_report import kpo_table
+    from kpo_rs.experiments.report import kpo_table
 
     grpo = [_row("grpo", s, f) for s, f in enumerate((0.8, 0.9, 0.7))]
     kpo = [_row("kpo", s, f) | {"q": 1e-6, "p0": 0.0} for s, f in enumerate((0.3, 0.5, 0.4))]
@@ -290,7 +292,7 @@ def test_kpo_against_grpo_is_paired_by_seed_with_its_sign():
 
 
 def test_report_counts_coverage_and_complete_regimes(tmp_path):
-    from kpo_rs.sweep_report import write_report
+    from kpo_rs.experiments.report import write_report
 
     rows = [_row("a", s, 0.5 + s / 10) for s in range(3)] + [_row("b", 0, 0.4)]
     write_report(rows, tmp_path / "report.md", command="kpo sweep x", planned=6)
@@ -300,7 +302,7 @@ def test_report_counts_coverage_and_complete_regimes(tmp_path):
 
 
 def test_a_tiny_difference_is_negligible_even_when_every_seed_agrees():
-    from kpo_rs.sweep_report import NEGLIGIBLE
+    from kpo_rs.experiments.report import NEGLIGIBLE
 
     rows = [_row("a", s, 0.30 + s / 100) for s in range(3)]
     rows += [_row("b", s, 0.30 + s / 100 - NEGLIGIBLE / 2) for s in range(3)]

@@ -17,8 +17,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import kpo_rs
-from conftest import error_steps
-from kpo_rs import _scan, reference, testing, torch_ops
+from helpers import error_steps
+from kpo_rs import reference, testing, torch_ops
+from kpo_rs.backends import _scan
 
 BACKENDS = ["rust", "scan"]
 HAS_CUDA = torch.cuda.is_available()
@@ -405,6 +406,7 @@ def test_empty_inputs():
         assert y.shape == (0,)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", ["auto", "scan"])
 def test_compile_fullgraph_matches_eager(backend):
     """A small KPO-style loss through torch.compile(fullgraph=True) on CPU, forward and backward.
@@ -432,6 +434,7 @@ def test_compile_fullgraph_matches_eager(backend):
         torch.testing.assert_close(compiled, eager, rtol=1e-12, atol=1e-14)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("length", [32_768, 262_144, 300_000])
 def test_scan_float32_accuracy_on_long_rows(length):
     """Error of the float32 scan against the float64 core on one long response, for the authors'

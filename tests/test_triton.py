@@ -28,9 +28,9 @@ from hypothesis import strategies as st
 
 pytest.importorskip("triton", reason="the triton backend needs triton (pip install triton)")
 
-from conftest import triton_tile
+from helpers import triton_tile
 from kpo_rs import reference, testing, torch_ops
-from kpo_rs._rows import Rows
+from kpo_rs.backends import Rows
 from kpo_rs.backends import triton as tb
 from kpo_rs.params import FilterParams
 
@@ -116,11 +116,13 @@ def _given_module_cases(batches):
     )
 
 
+@pytest.mark.slow
 @_given_module_cases(testing.padded_batches(max_batch=4, max_time=40, long_time=300))
 def test_padded_matches_reference(batch, params, seed, m0_kind, tile):
     _check_module(batch, params, seed, m0_kind, tile)
 
 
+@pytest.mark.slow
 @_given_module_cases(testing.packed_batches(max_batch=6, max_time=40, long_time=300))
 def test_packed_matches_reference(batch, params, seed, m0_kind, tile):
     """Packed rows, empty ones included, and very uneven lengths (one row up to 300 tokens
@@ -178,6 +180,7 @@ def test_op_forward_backward_and_m0_gradient(packed, dtype, masked):
 CASES = [("hold", 0.0, True), ("hold", math.inf, True), ("zero", 1.0, True), ("hold", 0.5, False)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("masked", "p0", "with_mask"), CASES)
 def test_gradcheck_padded_and_packed(masked, p0, with_mask):
     gen = torch.Generator().manual_seed(0)
@@ -220,6 +223,7 @@ class _PerRow(torch.autograd.Function):
         return dz, dm0, None, None
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("masked", ["hold", "zero"])
 def test_gradcheck_per_row_m0(masked):
     gen = torch.Generator().manual_seed(3)
@@ -234,6 +238,7 @@ def test_gradcheck_per_row_m0(masked):
         )
 
 
+@pytest.mark.slow
 def test_compile_fullgraph_matches_eager():
     """The op with backend="triton" inside torch.compile(fullgraph=True): no graph break (the
     backend runs inside the custom op), forward and backward equal to eager."""
@@ -283,6 +288,7 @@ def test_packed_gain_table_size_does_not_change_results():
     assert torch.equal(dz, dz2) and torch.equal(dm0, dm02)
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy, in the interpreter
 def test_non_finite_sync_names_row_and_position():
     z = torch.zeros(3, 80, dtype=torch.float32)

@@ -14,6 +14,9 @@ import warnings
 
 import pytest
 import torch
+
+pytest.importorskip("trl")
+
 from datasets import Dataset
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, set_seed
@@ -26,6 +29,8 @@ from kpo_rs.integrations.trl import (
     KPOTrainer,
 )
 from kpo_rs.loss_table import get_loss
+
+pytestmark = pytest.mark.integration
 
 VOCAB = ["<pad>", "<eos>", "<unk>", *"abcdefghij "]
 
@@ -301,6 +306,7 @@ def test_all_gains_one_loss_and_gradients_equal_grpo(tmp_path, loss_type, option
         assert kpo._metrics["train"]["kpo/dual_clipfrac"][-1] > 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("loss_type", SUPPORTED_LOSS_TYPES)
 def test_all_gains_one_training_equals_grpo(tmp_path, loss_type):
     """Two updates per generation batch (the second off-policy), with the KL term (bias-corrected),
@@ -390,6 +396,7 @@ def test_table_loss_aggregated_as_trl(tmp_path, name, loss_type):
     assert any(k.startswith("kpo/") for k in trainer._metrics["train"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["minpro", "bapo"])
 def test_peer_losses_train(tmp_path, name):
     """The peers in a real run (two updates per batch, KL on): finite losses, their metrics

@@ -10,6 +10,8 @@ pytest.importorskip("trl")
 
 from kpo_rs.integrations.trl import KPOConfig
 
+pytestmark = pytest.mark.integration
+
 
 def _config(tmp_path, **kw):
     return KPOConfig(output_dir=str(tmp_path), report_to=[], use_cpu=True, **kw)

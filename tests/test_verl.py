@@ -15,12 +15,17 @@ import warnings
 
 import pytest
 import torch
+
+pytest.importorskip("verl")
+
 from verl.trainer.ppo.core_algos import get_policy_loss_fn
 
 import kpo_rs.integrations.verl as kpo_verl
-from conftest import loss_and_grad, verl_actor_config, verl_loss_and_grad
+from helpers import loss_and_grad, verl_actor_config, verl_loss_and_grad
 from kpo_rs import losses
 from kpo_rs.loss_table import get_loss
+
+pytestmark = pytest.mark.integration
 
 AGG_MODES = list(losses.LOSS_AGG_MODES)
 
@@ -233,6 +238,7 @@ def test_registered_peers_through_verl(name, mode):
     assert all(isinstance(v, float) and math.isfinite(v) for v in metrics.values())
 
 
+@pytest.mark.slow
 def test_plugin_loading_as_the_readme_describes():
     """In a fresh interpreter: verl's entry-point discovery registers the losses; with
     VERL_USE_EXTERNAL_PLUGINS=none verl reports the README's 'Unsupported loss mode' error, and

@@ -38,13 +38,12 @@ masked positions are never read and may hold anything, NaN included.
 
 from __future__ import annotations
 
-import functools
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from . import _core
-from .params import FilterOverrides, FilterParams, Masked, Overrides
+from .params import FilterOverrides, FilterParams, Masked, Overrides, resolve_params
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -60,6 +59,7 @@ __all__ = [
     "kalman_filter_adjoint",
     "kalman_filter_packed",
     "kalman_filter_packed_adjoint",
+    "resolve_params",
 ]
 
 __version__: str = _core.__version__
@@ -82,26 +82,6 @@ def _prepare(x: Any) -> tuple[Any, np.dtype | None]:
     if x.dtype.kind == "f" and not x.dtype.isnative:
         return x.astype(x.dtype.newbyteorder("=")), None
     return x, None
-
-
-@functools.lru_cache(maxsize=256, typed=True)
-def _cached(params: FilterParams | None, **overrides: Any) -> FilterParams:
-    return FilterParams.resolve(params, **overrides)
-
-
-def settings(
-    params: FilterParams | None = None, **overrides: Unpack[FilterOverrides]
-) -> FilterParams:
-    """The settings of one call: ``params`` (default ``FilterParams()``) with the keyword
-    overrides that are not None applied, validated (TypeError/ValueError naming the argument).
-    Resolutions are cached, so the public functions pay for validation once per distinct
-    setting."""
-    try:
-        return _cached(params, **overrides)
-    except TypeError as exc:
-        if "unhashable" not in str(exc):
-            raise
-    return FilterParams.resolve(params, **overrides)
 
 
 def _as_array(x: Any) -> Any:
@@ -134,7 +114,7 @@ def gains(
     """
     if isinstance(n, bool) or not isinstance(n, (int, np.integer)):
         raise TypeError(f"n must be an int, got {type(n).__name__}")
-    return _core.gains(int(n), *settings(params, **overrides).variances)
+    return _core.gains(int(n), *resolve_params(params, **overrides).variances)
 
 
 def kalman_filter(
@@ -158,7 +138,7 @@ def kalman_filter(
         ``[batch, time]`` filtered states ``x`` in the dtype of ``values``; ``x`` at a valid token
         is the estimate from that row's valid tokens up to and including it.
     """
-    p = settings(params, **overrides)
+    p = resolve_params(params, **overrides)
     z, dtype = _prepare(values)
     out = _core.filter(z, None, _as_array(mask), p.variances, p.m0, p.masked)
     return _restore(out, dtype)
@@ -187,7 +167,7 @@ def kalman_filter_adjoint(
         ``(dvalues, dm0)``: ``[batch, time]`` gradient with respect to ``values`` (zero at masked
         positions) and ``[batch]`` gradient with respect to each row's prior mean ``m0``.
     """
-    p = settings(params, **overrides)
+    p = resolve_params(params, **overrides)
     g, dtype = _prepare(grad)
     dz, dm0 = _core.adjoint(g, None, _as_array(mask), p.variances, p.masked)
     return _restore(dz, dtype), _restore(dm0, dtype)
@@ -216,7 +196,7 @@ def kalman_filter_packed(
     Returns:
         ``[total]`` filtered states in the dtype of ``values``.
     """
-    p = settings(params, **overrides)
+    p = resolve_params(params, **overrides)
     z, dtype = _prepare(values)
     out = _core.filter(z, _offsets(cu_seqlens), _as_array(mask), p.variances, p.m0, p.masked)
     return _restore(out, dtype)
@@ -236,7 +216,7 @@ def kalman_filter_packed_adjoint(
         ``(dvalues, dm0)``: ``[total]`` gradient with respect to ``values`` and ``[batch]``
         gradient with respect to each row's prior mean.
     """
-    p = settings(params, **overrides)
+    p = resolve_params(params, **overrides)
     g, dtype = _prepare(grad)
     dz, dm0 = _core.adjoint(g, _offsets(cu_seqlens), _as_array(mask), p.variances, p.masked)
     return _restore(dz, dtype), _restore(dm0, dtype)

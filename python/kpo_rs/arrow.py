@@ -345,7 +345,7 @@ def _float_dtype(types: list[pa.DataType]) -> np.dtype:
     return np.dtype(np.float64 if wide else np.float32)
 
 
-def _log_ratios(
+def batch_log_ratios(
     batch: pa.RecordBatch,
     *,
     log_probs: str | None,
@@ -402,7 +402,7 @@ def log_ratio_view(
     large)``; rows null in any source column are null (and empty), ``valid`` marks usable tokens
     (element not null, mask true), ``large`` whether the source is a ``large_list``. ``z`` is
     float32 unless a source column holds float64."""
-    lr = _log_ratios(
+    lr = batch_log_ratios(
         batch,
         log_probs=log_probs,
         old_log_probs=old_log_probs,
@@ -413,7 +413,7 @@ def log_ratio_view(
     return lr.z, lr.cu, lr.null_rows, lr.valid, lr.large
 
 
-def _filter_both(
+def filter_log_ratio_and_ratio(
     z: np.ndarray, cu: np.ndarray, valid: np.ndarray | None, p: FilterParams, space: str
 ) -> tuple[np.ndarray, np.ndarray]:
     """``(filtered log-ratio, filtered ratio)`` of packed log-ratios ``z`` (nats), both in z's
@@ -450,10 +450,12 @@ def filter_log_ratio(
     check_space(space)
     if not np.issubdtype(z.dtype, np.floating) or z.dtype == np.float16:
         z = z.astype(np.float64)
-    return _filter_both(z, cu, valid, FilterParams.resolve(params, **overrides), space)[0]
+    return filter_log_ratio_and_ratio(
+        z, cu, valid, FilterParams.resolve(params, **overrides), space
+    )[0]
 
 
-def _filter_batch(
+def filter_batch_with_stats(
     batch: pa.RecordBatch,
     *,
     sources: dict[str, str | None],
@@ -468,9 +470,9 @@ def _filter_batch(
     for name in names:
         if name in batch.schema.names:
             raise ValueError(f"the batch already has a column {name!r}; choose another prefix")
-    lr = _log_ratios(batch, **sources)
+    lr = batch_log_ratios(batch, **sources)
     dropped = lr.settle_non_finite(on_non_finite)
-    log_x, ratio = _filter_both(lr.z, lr.cu, lr.valid, params, space)
+    log_x, ratio = filter_log_ratio_and_ratio(lr.z, lr.cu, lr.valid, params, space)
     out = batch
     for name, values in zip(names, (log_x, ratio)):
         out = out.append_column(name, _rebuild(lr.cu, values, lr.null_rows, lr.large))
@@ -517,6 +519,6 @@ def filter_record_batch(
     if isinstance(batch, pa.Table):  # as Ray Data hands batches over: give back a table
         columns = [c.combine_chunks() for c in batch.columns]
         one = pa.RecordBatch.from_arrays(columns, schema=batch.schema)
-        out, _, _ = _filter_batch(one, on_non_finite=on_non_finite, **kw)
+        out, _, _ = filter_batch_with_stats(one, on_non_finite=on_non_finite, **kw)
         return pa.Table.from_batches([out])
-    return _filter_batch(batch, on_non_finite=on_non_finite, **kw)[0]
+    return filter_batch_with_stats(batch, on_non_finite=on_non_finite, **kw)[0]

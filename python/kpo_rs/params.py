@@ -11,6 +11,7 @@ the three variances; ``m0`` and ``masked`` are per-call there). See docs/design.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import TYPE_CHECKING, Any, Literal, TypedDict
 
@@ -19,7 +20,14 @@ import numpy as np
 if TYPE_CHECKING:
     from typing_extensions import Unpack
 
-__all__ = ["FilterOverrides", "FilterParams", "Masked", "Overrides"]
+__all__ = [
+    "FilterOverrides",
+    "FilterParams",
+    "Masked",
+    "Overrides",
+    "real_setting",
+    "resolve_params",
+]
 
 Masked = Literal["hold", "zero"]
 _MASKED = ("hold", "zero")
@@ -42,7 +50,7 @@ class FilterOverrides(Overrides, total=False):
     m0: float | None
 
 
-def _real(name: str, value: Any) -> float:
+def real_setting(name: str, value: Any) -> float:
     """``value`` as a float; TypeError naming ``name`` for anything that is not a real number."""
     if type(value) is float:
         return value
@@ -81,7 +89,7 @@ class FilterParams:
 
     def __post_init__(self) -> None:
         for name in ("q", "r", "p0", "m0"):
-            object.__setattr__(self, name, _real(name, getattr(self, name)))
+            object.__setattr__(self, name, real_setting(name, getattr(self, name)))
         if math.isnan(self.q) or self.q < 0.0:
             raise ValueError(f"q must be a number >= 0, got {self.q!r}")
         if not (math.isfinite(self.r) and self.r > 0.0):
@@ -126,3 +134,23 @@ class FilterParams:
 
 #: The settings' names, in field order (what :meth:`FilterParams.resolve` accepts).
 _FIELDS = tuple(f.name for f in dataclasses.fields(FilterParams))
+
+
+@functools.lru_cache(maxsize=256, typed=True)
+def _cached(params: FilterParams | None, **overrides: Any) -> FilterParams:
+    return FilterParams.resolve(params, **overrides)
+
+
+def resolve_params(
+    params: FilterParams | None = None, **overrides: Unpack[FilterOverrides]
+) -> FilterParams:
+    """The settings of one call: ``params`` (default ``FilterParams()``) with the keyword
+    overrides that are not None applied, validated (TypeError/ValueError naming the argument).
+    Resolutions are cached, so the public functions pay for validation once per distinct
+    setting."""
+    try:
+        return _cached(params, **overrides)
+    except TypeError as exc:
+        if "unhashable" not in str(exc):
+            raise
+    return FilterParams.resolve(params, **overrides)

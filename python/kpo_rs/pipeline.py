@@ -31,7 +31,13 @@ import pyarrow.parquet as pq
 
 from . import _files
 from . import diagnostics as D
-from .arrow import RowError, _filter_batch, _filter_both, _log_ratios, check_on_non_finite
+from .arrow import (
+    RowError,
+    batch_log_ratios,
+    check_on_non_finite,
+    filter_batch_with_stats,
+    filter_log_ratio_and_ratio,
+)
 from .params import FilterOverrides, FilterParams
 from .space import check_space
 
@@ -251,7 +257,7 @@ def filter_parquet(
         try:
             for batch in _batches(pf, batch_size):
                 try:
-                    out, dropped, tokens = _filter_batch(
+                    out, dropped, tokens = filter_batch_with_stats(
                         batch,
                         sources=columns.kwargs(),
                         space=space,
@@ -348,10 +354,10 @@ def analyze_parquet(
         progress(0, total)
     for batch in _batches(pf, batch_size):
         try:
-            lr = _log_ratios(batch, **columns.kwargs())
+            lr = batch_log_ratios(batch, **columns.kwargs())
             dropped = lr.settle_non_finite(on_non_finite)
             bad_rows.extend((dropped + rows).tolist())
-            x, _ = _filter_both(lr.z, lr.cu, lr.valid, p, space)
+            x, _ = filter_log_ratio_and_ratio(lr.z, lr.cu, lr.valid, p, space)
         except (KeyError, TypeError, ValueError) as exc:
             raise _row_error(exc, src, rows) from exc
         z, cu = lr.z, lr.cu

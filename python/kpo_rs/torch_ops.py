@@ -7,11 +7,11 @@ internal entry per direction (forward, adjoint), registered with ``torch.library
 formula, so ``torch.compile(fullgraph=True)`` traces them without graph breaks; in eager mode the
 same implementations run through a ``torch.autograd.Function`` sharing that formula, which skips
 the dispatcher's per-call cost. The backward pass is the filter's exact adjoint. Every backend
-receives the call's :class:`~kpo_rs._rows.Rows`.
+receives the call's :class:`~kpo_rs.backends.Rows`.
 
 Backends (the table of :mod:`kpo_rs.backends`, one module each)
     ``"rust"``: the Rust core (CPU tensors; zero-copy when contiguous).
-    ``"scan"``: a chunked parallel scan written in torch (:mod:`kpo_rs._scan`); any device.
+    ``"scan"``: a chunked parallel scan written in torch (:mod:`kpo_rs.backends._scan`); any device.
     ``"scan_doubling"``: the scan with recursive doubling only (keeps no cached matrices).
     ``"triton"``: fused Triton kernels, one launch per direction (CUDA; optional dependency).
     ``"reference"``: the plain loop of :mod:`kpo_rs.reference` (slow; for tests).
@@ -43,9 +43,9 @@ except ImportError as exc:  # pragma: no cover - exercised only without torch
         "kpo_rs.torch_ops needs PyTorch: pip install 'kpo-rs[torch]' (or pip install torch)"
     ) from exc
 
-from . import backends, settings
-from ._rows import Rows
-from .params import FilterParams, Overrides
+from . import backends
+from .backends import Rows
+from .params import FilterParams, Overrides, resolve_params
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -143,8 +143,8 @@ def _narrow(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def _settings(q: float, r: float, p0: float, masked: str) -> FilterParams:
-    """The settings behind the custom ops' plain arguments (:func:`kpo_rs.settings`, cached)."""
-    return settings(q=q, r=r, p0=p0, masked=masked)  # type: ignore[arg-type]
+    """The settings behind the custom ops' plain arguments (cached: :func:`resolve_params`)."""
+    return resolve_params(q=q, r=r, p0=p0, masked=masked)  # type: ignore[arg-type]
 
 
 # --------------------------------------------------------------------------------------------
@@ -314,7 +314,7 @@ def _run(
     Function."""
     m0 = _check_m0(m0)
     # (dynamo traces through lru_cache wrappers: resolve directly while compiling)
-    resolve = FilterParams.resolve if torch.compiler.is_compiling() else settings
+    resolve = FilterParams.resolve if torch.compiler.is_compiling() else resolve_params
     if m0 is not None and not isinstance(m0, torch.Tensor):
         overrides = {**overrides, "m0": m0}
     p = resolve(params, **overrides)

@@ -1,7 +1,7 @@
 """The backends of the torch op, one module each, chosen from one table.
 
 Every backend module offers the same two entries, one per direction, for both layouts; each
-takes the call's :class:`~kpo_rs._rows.Rows` (values, ``cu_seqlens``, mask, settings, longest
+takes the call's :class:`~kpo_rs.backends.Rows` (values, ``cu_seqlens``, mask, settings, longest
 packed row; see docs/design.md, "Backends"):
 
 ``forward(rows, m0) -> Tensor``
@@ -35,7 +35,9 @@ from types import ModuleType
 
 import torch
 
-__all__ = ["BACKENDS", "NAMES", "load", "loaded", "resolve"]
+from ._rows import Rows
+
+__all__ = ["BACKENDS", "NAMES", "Rows", "load", "loaded", "resolve"]
 
 #: Backend name -> (module, what it needs). ``scan_doubling`` is the scan with recursive doubling
 #: everywhere and packed rows filtered as one flat row: it keeps no cached matrices (for very long

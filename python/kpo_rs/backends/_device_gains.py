@@ -11,8 +11,9 @@ import functools
 
 import torch
 
-from .. import _core, _scan
+from .. import _core
 from ..params import FilterParams
+from . import _scan
 
 __all__ = ["capacity", "gain_table"]
 

@@ -14,8 +14,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from .._rows import Rows
 from ..params import FilterParams
+from ._rows import Rows
 
 __all__ = ["host_backend"]
 

@@ -1,21 +1,20 @@
-"""The chunked parallel scan written in torch (:mod:`kpo_rs._scan`); any device.
+"""The chunked parallel scan written in torch (:mod:`kpo_rs.backends._scan`); any device.
 
 The matrix method where the gains are shared by the rows and float32 matmuls are exact, recursive
-doubling elsewhere (see :mod:`kpo_rs._scan`). The finiteness check costs one small reduction and
-one host synchronisation per call: the scan's witness (each row's last state for the forward pass,
-its first ``dz`` for the adjoint) is non-finite if and only if some value read is, because the scan
-combines values only by sums and by products with coefficients in ``[0, 1]``, and ``0 * inf`` and
-``0 * nan`` are nan (not even a gain of exactly 1 or a cut between packed rows stops one).
-"""
+doubling elsewhere (see :mod:`kpo_rs.backends._scan`). The finiteness check costs one small
+reduction and one host synchronisation per call: the scan's witness (each row's last state for the
+forward pass, its first ``dz`` for the adjoint) is non-finite if and only if some value read is,
+because the scan combines values only by sums and by products with coefficients in ``[0, 1]``, and
+``0 * inf`` and ``0 * nan`` are nan (not even a gain of exactly 1 or a cut between packed rows stops
+one)."""
 
 from __future__ import annotations
 
 import torch
 
-from .. import _scan
-from .._rows import Rows
-from . import _non_finite
+from . import _non_finite, _scan
 from ._device_gains import gain_table
+from ._rows import Rows
 
 __all__ = ["adjoint", "available", "forward"]
 
@@ -31,7 +30,7 @@ def _check(witness: torch.Tensor, name: str, inputs, read, cu_seqlens) -> None:
 
 def _table(rows: Rows) -> tuple[_scan.GainTable, Rows]:
     """The gain table of ``rows`` (as long as a padded batch's time axis or the longest packed
-    row), and the rows :meth:`~kpo_rs._rows.Rows.measured`."""
+    row), and the rows :meth:`~kpo_rs.backends._rows.Rows.measured`."""
     rows = rows.measured()
     longest = rows.longest if rows.packed else rows.values.shape[1]
     return gain_table(longest, rows.params, rows.values.device), rows

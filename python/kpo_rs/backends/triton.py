@@ -50,9 +50,9 @@ from typing import NamedTuple
 
 import torch
 
-from .._rows import Rows
 from ..params import FilterParams
 from ._device_gains import gain_table
+from ._rows import Rows
 
 try:
     import triton

@@ -61,9 +61,9 @@ except ImportError as exc:  # pragma: no cover - exercised only without TRL
 
 import torch
 
-from ..loss_table import LOSS_NAMES, LossSpec, get_loss
 from ..losses import GRADS, KPO_CLIP, kpo_token_losses
-from ..params import FilterParams, _real
+from ..losses.table import LOSS_NAMES, LossSpec, get_loss
+from ..params import FilterParams, real_setting
 from ..space import SPACES
 from ..torch_ops import BACKENDS
 
@@ -174,8 +174,8 @@ class KPOConfig(GRPOConfig):
                 UserWarning,
                 stacklevel=4,
             )
-        low = _real("kpo_epsilon_low", self.kpo_epsilon_low)
-        high = _real("kpo_epsilon_high", self.kpo_epsilon_high)
+        low = real_setting("kpo_epsilon_low", self.kpo_epsilon_low)
+        high = real_setting("kpo_epsilon_high", self.kpo_epsilon_high)
         if not 0.0 <= low < 1.0:
             raise ValueError(f"kpo_epsilon_low must be in [0, 1), got {low!r}")
         if not (math.isfinite(high) and high >= 0.0):
@@ -209,7 +209,7 @@ class KPOConfig(GRPOConfig):
                 "KPOTrainer"
             )
         if self.delta is not None:
-            delta = _real("delta", self.delta)
+            delta = real_setting("delta", self.delta)
             if self.kpo_loss_name != "kpo_clipped":
                 raise ValueError(
                     "delta (two-sided clip) needs kpo_loss_name='kpo_clipped'; other losses set "

@@ -49,8 +49,8 @@ except ImportError as exc:  # pragma: no cover - exercised only without verl
 
 import torch
 
-from ..loss_table import get_loss
 from ..losses import GRADS, kpo_loss
+from ..losses.table import get_loss
 from ..params import FilterParams
 from ..space import SPACES
 from ..torch_ops import BACKENDS

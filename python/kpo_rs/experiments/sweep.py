@@ -1,13 +1,13 @@
 """``kpo sweep``: a fair, resumable comparison of the policy losses across regimes.
 
-Each run is the task of :mod:`kpo_rs.demo` (a tiny transformer learning to answer in the colour
-the prompt names) with one loss, one seed and one setting of the grid: learning rate, minibatches
-per rollout batch, rollout lag, answer length and, for the KPO losses, the filter's ``q`` and
-``p0``. A *cell* is one point of the grid for one loss; it runs once per seed.
+Each run is the task of :mod:`kpo_rs.experiments.demo` (a tiny transformer learning to answer in the
+colour the prompt names) with one loss, one seed and one setting of the grid: learning rate,
+minibatches per rollout batch, rollout lag, answer length and, for the KPO losses, the filter's
+``q`` and ``p0``. A *cell* is one point of the grid for one loss; it runs once per seed.
 
 Fair protocol: every loss runs the same seeds, and a seed fixes the initial policy and every
 random draw of the rollouts, so runs differ only through their loss; each loss runs at the
-settings of its :mod:`kpo_rs.loss_table` entry (its authors' recommendation); with
+settings of its :mod:`kpo_rs.losses.table` entry (its authors' recommendation); with
 ``tune_lr`` each loss first runs every learning rate of the grid on separate tuning seeds
 (``seed0 + 1000 ...``), and the reported seeds run at the learning rate with the best mean final
 reward there.
@@ -16,13 +16,14 @@ Resumable and parallel: each finished run is stored at once in ``OUT/runs/`` (a 
 to a temporary name, then renamed), keyed by a hash of everything that determines its result;
 running the same command again reuses every stored run. Runs execute in ``workers`` processes,
 each limited to one torch thread, so a run's result does not depend on the number of workers.
-Outputs in ``OUT``: ``results.csv`` (one row per run, :data:`kpo_rs.sweep_report.COLUMNS`),
-``report.md``, ``final_reward.png`` and ``collapse_rate.png`` (see :mod:`kpo_rs.sweep_report`).
+Outputs in ``OUT``: ``results.csv`` (one row per run,
+:data:`kpo_rs.experiments.report.COLUMNS`), ``report.md``, ``final_reward.png`` and
+``collapse_rate.png`` (see :mod:`kpo_rs.experiments.report`). Its command line is
+:mod:`kpo_rs.cli.sweep`.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import hashlib
 import itertools
@@ -38,18 +39,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import _files
-from ._demo_config import DemoConfig, split_names
-from .params import FilterParams
-from .sweep_report import write_plots, write_report, write_results
+from .. import _files
+from ..params import FilterParams
+from .config import DemoConfig
+from .report import write_plots, write_report, write_results
 
 __all__ = [
     "PRESETS",
     "SweepConfig",
     "Task",
-    "add_arguments",
     "plan",
-    "run_cli",
     "run_sweep",
     "run_task",
 ]
@@ -68,7 +67,7 @@ class SweepConfig:
     """The grid and how to run it. Tuples are the grid's axes; every combination runs.
 
     Attributes:
-        losses: loss names from :mod:`kpo_rs.loss_table`.
+        losses: loss names from :mod:`kpo_rs.losses.table`.
         lrs: Adam learning rates.
         minibatches: updates per rollout batch (the first on-policy, the rest off-policy).
         lags: rollouts come from the policy this many updates old.
@@ -101,7 +100,7 @@ class SweepConfig:
 
     def validate(self) -> None:
         """ValueError naming the setting (as its command-line flag) for any bad value."""
-        from .loss_table import check_names
+        from ..losses.table import check_names
 
         check_names(self.losses, "--losses")
         axes = (
@@ -193,7 +192,7 @@ class Task:
     def key(self, cfg: SweepConfig) -> dict[str, Any]:
         """Everything that determines the run's result (not the phase: a tuning seed's run is
         the same computation whatever it is used for)."""
-        from .loss_table import get_loss
+        from ..losses.table import get_loss
 
         demo = dataclasses.asdict(self.demo_config(cfg))
         for name in ("out", "extra", "seeds", "device"):
@@ -279,7 +278,7 @@ def plan(cfg: SweepConfig) -> tuple[list[Task], list[Task]]:
 
 def run_task(task: Task, cfg: SweepConfig) -> dict[str, Any]:
     """Trains one run and stores it in ``cfg.out/runs``; returns its row (see
-    :data:`kpo_rs.sweep_report.COLUMNS`, plus ``rewards``: the reward of every step)."""
+    :data:`kpo_rs.experiments.report.COLUMNS`, plus ``rewards``: the reward of every step)."""
     import torch
 
     from .demo import summarize, train
@@ -494,217 +493,3 @@ PRESETS: dict[str, dict[str, Any]] = {
         "steps": 40,
     },
 }
-
-
-def _number_list(kind: type, what: str):
-    """An argparse type: a comma-separated list of ``kind`` values (at least one)."""
-
-    def parse(text: str) -> tuple:
-        try:
-            values = tuple(kind(v) for v in text.split(",") if v.strip())
-        except ValueError:
-            raise argparse.ArgumentTypeError(
-                f"expected comma-separated {what}, got {text!r}"
-            ) from None
-        if not values:
-            raise argparse.ArgumentTypeError("give at least one value")
-        return values
-
-    return parse
-
-
-_floats = _number_list(float, "numbers")
-_ints = _number_list(int, "integers")
-
-
-def _count(text: str) -> int:
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options of ``kpo sweep`` (each grid option takes a comma-separated list)."""
-    d = SweepConfig.__dataclass_fields__
-    if not parser.description:
-        parser.description = (
-            "Runs the demo's task for every combination of the grid's values, each loss on the "
-            "same seeds, and writes results.csv (one row per run), report.md (which loss wins "
-            "where, by how much, with uncertainty) and plots to --out. Finished runs are stored "
-            "as they end: the same command continues an interrupted sweep."
-        )
-    parser.add_argument(
-        "--preset",
-        choices=sorted(PRESETS),
-        help="a named grid: 'paper' (1 on-policy + 3 off-policy minibatches per rollout batch, "
-        "authors' filter settings, every loss, about an hour on 2 cores), 'default' (a grid "
-        "around the demo's default); flags given explicitly override it",
-    )
-    parser.add_argument(
-        "--losses",
-        type=split_names,
-        metavar="LIST",
-        help="comma-separated loss names from kpo_rs.loss_table (default grpo,kpo_clipped; "
-        "presets: all)",
-    )
-    parser.add_argument(
-        "--lr", dest="lrs", type=_floats, metavar="LIST", help="learning rates (default 1e-2)"
-    )
-    parser.add_argument(
-        "--minibatches",
-        type=_ints,
-        metavar="LIST",
-        help="updates per rollout batch, e.g. 1,4 (default 4)",
-    )
-    parser.add_argument(
-        "--lag",
-        dest="lags",
-        type=_ints,
-        metavar="LIST",
-        help="rollouts come from the policy this many updates old (default 1)",
-    )
-    parser.add_argument(
-        "--response-len",
-        dest="response_lens",
-        type=_ints,
-        metavar="LIST",
-        help="answer lengths (default 128)",
-    )
-    parser.add_argument(
-        "--q",
-        dest="qs",
-        type=_floats,
-        metavar="LIST",
-        help="filter process-noise variances for the KPO losses (default: the authors')",
-    )
-    parser.add_argument(
-        "--p0",
-        dest="p0s",
-        type=_floats,
-        metavar="LIST",
-        help="filter prior variances for the KPO losses, inf = flat prior (default: the authors')",
-    )
-    parser.add_argument(
-        "--seeds", type=_count, metavar="N", help="reported seeds per cell (default 3)"
-    )
-    parser.add_argument("--steps", type=_count, metavar="N", help="RL steps per run (default 40)")
-    parser.add_argument(
-        "--seed0",
-        type=_count,
-        metavar="N",
-        help="first seed (default 0); tuning seeds start 1000 above",
-    )
-    parser.add_argument(
-        "--tune-lr",
-        action="store_true",
-        default=None,
-        help="choose each loss's learning rate from --lr on separate tuning seeds first",
-    )
-    parser.add_argument(
-        "--tune-seeds",
-        type=_count,
-        metavar="N",
-        help="seeds per learning rate when tuning (default 2)",
-    )
-    parser.add_argument(
-        "--workers",
-        type=_count,
-        metavar="N",
-        help=f"worker processes, one torch thread each (default: the cores, "
-        f"{d['workers'].default_factory()} here)",
-    )
-    parser.add_argument("--out", metavar="DIR", help="output folder (default kpo-sweep-out)")
-    parser.add_argument(
-        "--report-only",
-        action="store_true",
-        help="run nothing: write results.csv, report.md and plots from the stored runs",
-    )
-
-
-def config_from_args(args: argparse.Namespace) -> SweepConfig:
-    """The :class:`SweepConfig` of parsed options: defaults, then the preset, then the flags."""
-    from .loss_table import LOSS_NAMES
-
-    values: dict[str, Any] = {}
-    if args.preset:
-        values.update(PRESETS[args.preset])
-        if values.get("losses") is None:
-            values["losses"] = LOSS_NAMES
-    names = (
-        "losses", "lrs", "minibatches", "lags", "response_lens", "qs", "p0s", "seeds", "steps",
-        "seed0", "tune_lr", "tune_seeds", "workers", "out",
-    )  # fmt: skip
-    for name in names:
-        value = getattr(args, name, None)
-        if value is not None:
-            values[name] = value
-    return SweepConfig(**values)
-
-
-def run_cli(args: argparse.Namespace) -> int:
-    """``kpo sweep``: 0 when done, 2 for a bad option (one line), 130 on Ctrl-C (the finished
-    runs stay stored; the same command continues)."""
-    cfg = config_from_args(args)
-    command = _command_line(cfg)
-    try:
-        cfg.validate()
-    except ValueError as exc:
-        print(f"kpo sweep: {exc}", file=sys.stderr)
-        return 2
-    try:
-        Path(cfg.out).mkdir(parents=True, exist_ok=True)
-        probe = Path(cfg.out) / f".write-test.{os.getpid()}"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as exc:
-        print(f"kpo sweep: --out: cannot write to {cfg.out}: {exc.strerror}", file=sys.stderr)
-        return 2
-    try:
-        report = run_sweep(cfg, command=command, report_only=args.report_only)
-    except KeyboardInterrupt:
-        print(
-            f"kpo sweep: interrupted; finished runs are stored in {Path(cfg.out) / 'runs'}, "
-            "run the same command to continue",
-            file=sys.stderr,
-        )
-        return 130
-    print(f"wrote {report.parent / 'results.csv'}, {report} and plots")
-    return 0
-
-
-def _command_line(cfg: SweepConfig) -> str:
-    """The command that reproduces ``cfg`` (explicit flags for every grid axis)."""
-
-    def join(values: Sequence[Any]) -> str:
-        return ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in values)
-
-    parts = [
-        "kpo sweep",
-        f"--losses {join(cfg.losses)}",
-        f"--lr {join(cfg.lrs)}",
-        f"--minibatches {join(cfg.minibatches)}",
-        f"--lag {join(cfg.lags)}",
-        f"--response-len {join(cfg.response_lens)}",
-        f"--q {join(cfg.qs)}",
-        f"--p0 {join(cfg.p0s)}",
-        f"--seeds {cfg.seeds}",
-        f"--steps {cfg.steps}",
-    ]
-    if cfg.seed0:
-        parts.append(f"--seed0 {cfg.seed0}")
-    if cfg.tune_lr:
-        parts.append(f"--tune-lr --tune-seeds {cfg.tune_seeds}")
-    return " ".join(parts)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m kpo_rs.sweep ...``: the same as ``kpo sweep ...``."""
-    parser = argparse.ArgumentParser(prog="kpo sweep", description=__doc__.split("\n\n")[0])
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    return run_cli(args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,6 +1,6 @@
 """What ``kpo sweep`` writes from its finished runs: ``results.csv``, ``report.md`` and the plots.
 
-Needs numpy (and matplotlib for the plots), not torch: ``python -m kpo_rs.sweep_report DIR``
+Needs numpy (and matplotlib for the plots), not torch: ``python -m kpo_rs.experiments.report DIR``
 rebuilds the report of a sweep folder from its stored runs.
 
 Terms used here and in the report:
@@ -26,7 +26,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from . import _files, _plotting
+from .. import _files, _plotting
 
 __all__ = [
     "COLUMNS",
@@ -584,10 +584,10 @@ def write_plots(rows: Sequence[dict[str, Any]], out: Path) -> list[Path]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m kpo_rs.sweep_report DIR``: the report and plots of ``DIR/results.csv``."""
+    """``python -m kpo_rs.experiments.report DIR``: the report and plots of ``DIR/results.csv``."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if len(argv) != 1:
-        print("usage: python -m kpo_rs.sweep_report DIR", file=sys.stderr)
+        print("usage: python -m kpo_rs.experiments.report DIR", file=sys.stderr)
         return 2
     out = Path(argv[0])
     if not (out / "results.csv").is_file():

@@ -6,8 +6,8 @@ from typing import Any, NamedTuple
 
 import torch
 
-from . import _core
-from .params import FilterParams
+from .. import _core
+from ..params import FilterParams
 
 __all__ = ["Rows"]
 

@@ -17,7 +17,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from . import gains, kalman_filter, kalman_filter_adjoint, kalman_filter_packed
+from .. import gains, kalman_filter, kalman_filter_adjoint, kalman_filter_packed
 
 __all__ = ["Rate", "authors_form", "best_rate", "numpy_loop", "run", "torch_loop"]
 

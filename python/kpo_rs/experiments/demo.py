@@ -36,11 +36,10 @@ except ImportError as exc:  # pragma: no cover - exercised only without torch
 
 import kpo_rs
 
-from . import _files, _plotting
-from . import losses as L
-from ._demo_config import DEFAULT_LOSSES, DemoConfig
-from .diagnostics import plot_spectra
-from .loss_table import get_loss
+from .. import _files, _plotting
+from ..diagnostics import plot_spectra, token_switches
+from ..losses.table import get_loss
+from .config import DEFAULT_LOSSES, DemoConfig
 
 __all__ = [
     "DEFAULT_LOSSES",
@@ -145,7 +144,7 @@ def _group_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
 def loss_function(
     name: str, **overrides: Any
 ) -> Callable[..., tuple[torch.Tensor, dict[str, torch.Tensor]]]:
-    """The loss ``name`` from :mod:`kpo_rs.loss_table`, at the settings its authors recommend,
+    """The loss ``name`` from :mod:`kpo_rs.losses.table`, at the settings its authors recommend,
     with ``overrides`` (e.g. the filter's ``q`` and ``p0`` for the KPO losses) on top."""
     spec = get_loss(name)
     spec.settings(**overrides)  # an unknown setting fails here, before any training
@@ -177,11 +176,10 @@ class StepLog:
 
 
 def _switch_rates(log_ratio: np.ndarray) -> tuple[float, float]:
-    """Sign-switch rates of the raw and the filtered (authors' settings) log-ratios."""
+    """Sign-switch rates of the raw and the filtered (authors' settings) log-ratios
+    (:func:`kpo_rs.diagnostics.token_switches`)."""
     x = kpo_rs.kalman_filter(log_ratio)
-    return float(L.switch_rate(torch.from_numpy(log_ratio))), float(
-        L.switch_rate(torch.from_numpy(x))
-    )
+    return token_switches(log_ratio).frequency, token_switches(x).frequency
 
 
 class Run:

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-#: The losses ``kpo demo`` runs by default; any name of :mod:`kpo_rs.loss_table` may be chosen.
+#: The losses ``kpo demo`` runs by default; any name of :mod:`kpo_rs.losses.table` may be chosen.
 DEFAULT_LOSSES = ("grpo", "gspo", "gmpo", "kpo", "kpo_clipped")
 
 
@@ -43,7 +43,7 @@ class DemoConfig:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> None:
-        from .loss_table import check_names  # imports torch: only when validating
+        from ..losses.table import check_names  # imports torch: only when validating
 
         check_names(self.losses)
         for name in (

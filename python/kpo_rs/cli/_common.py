@@ -1,0 +1,184 @@
+"""What the ``kpo`` sub-commands share: argparse value types, the missing-extra message, plain
+text tables, and the options of the Parquet jobs (``kpo filter`` and ``kpo analyze``).
+
+A private module meant for sharing within :mod:`kpo_rs.cli`; it imports nothing optional.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from collections.abc import Sequence
+from typing import Any
+
+__all__ = [
+    "EXTRAS",
+    "OPTIONAL",
+    "add_rollout_options",
+    "columns_of",
+    "job_settings",
+    "jsonable",
+    "missing_extra_message",
+    "missing_module",
+    "non_negative",
+    "plain_table",
+    "positive",
+    "rows_listed",
+    "seconds",
+]
+
+#: The extra that brings the optional packages each sub-command imports.
+EXTRAS = {"demo": "demo", "sweep": "demo", "filter": "arrow", "analyze": "arrow"}
+
+
+#: Optional packages (top-level module names) a sub-command may miss.
+OPTIONAL = ("torch", "rich", "matplotlib", "pyarrow")
+
+
+def positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def non_negative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def seconds(text: str) -> float:
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0 seconds, got {text}")
+    return value
+
+
+def missing_module(exc: BaseException) -> str | None:
+    """The optional package whose absence caused ``exc`` (an ImportError, possibly re-raised with
+    another message), or None."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, ImportError) and seen.name:
+            top = seen.name.split(".")[0]
+            if top in OPTIONAL:
+                return top
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+def missing_extra_message(command: str, module: str) -> str:
+    """The one line printed when ``kpo command`` lacks the optional package ``module``."""
+    extra = EXTRAS.get(command, "demo" if module == "torch" else "arrow")
+    return (
+        f"kpo {command} needs the '{extra}' extra: pip install 'kpo-rs[{extra}]' "
+        f"(missing: {module})"
+    )
+
+
+def plain_table(title: str, header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """A table as plain text (for logs and pipes: no box-drawing characters); the first column
+    left-aligned, the others right-aligned."""
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+
+    def line(cells: Sequence[str]) -> str:
+        first = f"{cells[0]:<{widths[0]}}"
+        rest = [f"{c:>{w}}" for c, w in zip(cells[1:], widths[1:])]
+        return "  ".join([first, *rest]).rstrip()
+
+    return "\n".join([title, line(header), *(line(r) for r in rows)])
+
+
+def add_rollout_options(p: argparse.ArgumentParser) -> None:
+    from ..params import FilterParams
+
+    d = FilterParams()
+    src = p.add_argument_group("where the ratios come from (one of)")
+    src.add_argument("--log-probs", metavar="COL", help="list<float> column of current log-probs")
+    src.add_argument("--old-log-probs", metavar="COL", help="list<float> column of old log-probs")
+    src.add_argument("--log-ratio", metavar="COL", help="list<float> column of log-ratios")
+    src.add_argument("--ratio", metavar="COL", help="list<float> column of ratios")
+    src.add_argument(
+        "--mask",
+        metavar="COL",
+        help="optional mask column: list<bool>, or integers 0/1 (1 = valid token)",
+    )
+    f = p.add_argument_group("filter settings (defaults: the KPO authors', kpo_rs.FilterParams)")
+    f.add_argument("--q", type=float, help=f"process-noise variance (default {d.q:g})")
+    f.add_argument("--r", type=float, help=f"observation-noise variance (default {d.r:g})")
+    f.add_argument("--p0", type=float, help=f"prior variance; inf = flat prior (default {d.p0:g})")
+    f.add_argument("--masked", choices=("hold", "zero"), help=f"masked tokens (default {d.masked})")
+    f.add_argument(
+        "--space",
+        choices=("log_ratio", "ratio"),
+        default="log_ratio",
+        help="what to filter (default log_ratio)",
+    )
+    p.add_argument(
+        "--on-non-finite",
+        choices=("error", "null"),
+        default="error",
+        help="a row with a NaN or infinite value at a valid token: stop with an error naming the "
+        "row and column (default), or give it null outputs, go on and list such rows at the end",
+    )
+    p.add_argument(
+        "--batch-size", type=positive, default=4096, help="rows per record batch (default 4096)"
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress output")
+    p.add_argument(
+        "--log-every",
+        type=seconds,
+        default=10.0,
+        metavar="SECONDS",
+        help="when stderr is not a terminal, a progress line every SECONDS (default 10)",
+    )
+
+
+def columns_of(args: argparse.Namespace):
+    from ..pipeline import Columns
+
+    given = [
+        args.log_probs is not None or args.old_log_probs is not None,
+        args.log_ratio,
+        args.ratio,
+    ]
+    if sum(bool(g) for g in given) != 1 or (args.log_probs is None) != (args.old_log_probs is None):
+        raise ValueError("give --log-probs with --old-log-probs, or --log-ratio, or --ratio")
+    return Columns(args.log_probs, args.old_log_probs, args.log_ratio, args.ratio, args.mask)
+
+
+def job_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The settings shared by ``kpo filter`` and ``kpo analyze``."""
+    from ..params import FilterParams
+
+    try:
+        params = FilterParams.resolve(None, q=args.q, r=args.r, p0=args.p0, masked=args.masked)
+    except ValueError as exc:  # FilterParams names the field: name the option
+        raise ValueError(f"--{exc}") from exc
+    return {
+        "params": params,
+        "space": args.space,
+        "on_non_finite": args.on_non_finite,
+        "batch_size": args.batch_size,
+    }
+
+
+def rows_listed(rows: list[int], what: str, limit: int = 20) -> str:
+    """``"2 rows <what>: rows 3, 35"``, at most ``limit`` of them listed."""
+    shown = ", ".join(str(r) for r in rows[:limit])
+    more = f", ... ({len(rows) - limit} more)" if len(rows) > limit else ""
+    s = "" if len(rows) == 1 else "s"
+    return f"{len(rows)} row{s} {what}: row{s} {shown}{more}"
+
+
+def jsonable(value: Any) -> Any:
+    """``value`` with NaN and infinities as None (JSON has no NaN)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: jsonable(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [jsonable(v) for v in value]
+    return value

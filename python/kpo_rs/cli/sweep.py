@@ -1,0 +1,251 @@
+"""``kpo sweep``: the demo over a grid of settings and seeds, resumable, with a report
+(:mod:`kpo_rs.experiments.sweep`). Its options are built only when the command is ``sweep``."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from ..experiments.config import split_names
+from ..experiments.sweep import PRESETS, SweepConfig, run_sweep
+
+__all__ = ["add_arguments", "add_parser", "config_from_args", "main", "run", "run_cli"]
+
+
+def add_parser(sub: argparse._SubParsersAction, full: bool) -> None:
+    """``kpo sweep``; its options only when the command is ``sweep`` (``full``), so the other
+    commands never import the sweep."""
+    p = sub.add_parser(
+        "sweep",
+        help="run the demo over a grid of settings and seeds, resumable, with a report",
+        add_help=full,
+    )
+    if full:
+        add_arguments(p)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Runs ``kpo sweep`` (:func:`run_cli`)."""
+    return run_cli(args)
+
+
+def _number_list(kind: type, what: str):
+    """An argparse type: a comma-separated list of ``kind`` values (at least one)."""
+
+    def parse(text: str) -> tuple:
+        try:
+            values = tuple(kind(v) for v in text.split(",") if v.strip())
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected comma-separated {what}, got {text!r}"
+            ) from None
+        if not values:
+            raise argparse.ArgumentTypeError("give at least one value")
+        return values
+
+    return parse
+
+
+_floats = _number_list(float, "numbers")
+
+
+_ints = _number_list(int, "integers")
+
+
+def _count(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``kpo sweep`` (each grid option takes a comma-separated list)."""
+    d = SweepConfig.__dataclass_fields__
+    if not parser.description:
+        parser.description = (
+            "Runs the demo's task for every combination of the grid's values, each loss on the "
+            "same seeds, and writes results.csv (one row per run), report.md (which loss wins "
+            "where, by how much, with uncertainty) and plots to --out. Finished runs are stored "
+            "as they end: the same command continues an interrupted sweep."
+        )
+    parser.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        help="a named grid: 'paper' (1 on-policy + 3 off-policy minibatches per rollout batch, "
+        "authors' filter settings, every loss, about an hour on 2 cores), 'default' (a grid "
+        "around the demo's default); flags given explicitly override it",
+    )
+    parser.add_argument(
+        "--losses",
+        type=split_names,
+        metavar="LIST",
+        help="comma-separated loss names from kpo_rs.loss_table (default grpo,kpo_clipped; "
+        "presets: all)",
+    )
+    parser.add_argument(
+        "--lr", dest="lrs", type=_floats, metavar="LIST", help="learning rates (default 1e-2)"
+    )
+    parser.add_argument(
+        "--minibatches",
+        type=_ints,
+        metavar="LIST",
+        help="updates per rollout batch, e.g. 1,4 (default 4)",
+    )
+    parser.add_argument(
+        "--lag",
+        dest="lags",
+        type=_ints,
+        metavar="LIST",
+        help="rollouts come from the policy this many updates old (default 1)",
+    )
+    parser.add_argument(
+        "--response-len",
+        dest="response_lens",
+        type=_ints,
+        metavar="LIST",
+        help="answer lengths (default 128)",
+    )
+    parser.add_argument(
+        "--q",
+        dest="qs",
+        type=_floats,
+        metavar="LIST",
+        help="filter process-noise variances for the KPO losses (default: the authors')",
+    )
+    parser.add_argument(
+        "--p0",
+        dest="p0s",
+        type=_floats,
+        metavar="LIST",
+        help="filter prior variances for the KPO losses, inf = flat prior (default: the authors')",
+    )
+    parser.add_argument(
+        "--seeds", type=_count, metavar="N", help="reported seeds per cell (default 3)"
+    )
+    parser.add_argument("--steps", type=_count, metavar="N", help="RL steps per run (default 40)")
+    parser.add_argument(
+        "--seed0",
+        type=_count,
+        metavar="N",
+        help="first seed (default 0); tuning seeds start 1000 above",
+    )
+    parser.add_argument(
+        "--tune-lr",
+        action="store_true",
+        default=None,
+        help="choose each loss's learning rate from --lr on separate tuning seeds first",
+    )
+    parser.add_argument(
+        "--tune-seeds",
+        type=_count,
+        metavar="N",
+        help="seeds per learning rate when tuning (default 2)",
+    )
+    parser.add_argument(
+        "--workers",
+        type=_count,
+        metavar="N",
+        help=f"worker processes, one torch thread each (default: the cores, "
+        f"{d['workers'].default_factory()} here)",
+    )
+    parser.add_argument("--out", metavar="DIR", help="output folder (default kpo-sweep-out)")
+    parser.add_argument(
+        "--report-only",
+        action="store_true",
+        help="run nothing: write results.csv, report.md and plots from the stored runs",
+    )
+
+
+def config_from_args(args: argparse.Namespace) -> SweepConfig:
+    """The :class:`SweepConfig` of parsed options: defaults, then the preset, then the flags."""
+    from ..losses.table import LOSS_NAMES
+
+    values: dict[str, Any] = {}
+    if args.preset:
+        values.update(PRESETS[args.preset])
+        if values.get("losses") is None:
+            values["losses"] = LOSS_NAMES
+    names = (
+        "losses", "lrs", "minibatches", "lags", "response_lens", "qs", "p0s", "seeds", "steps",
+        "seed0", "tune_lr", "tune_seeds", "workers", "out",
+    )  # fmt: skip
+    for name in names:
+        value = getattr(args, name, None)
+        if value is not None:
+            values[name] = value
+    return SweepConfig(**values)
+
+
+def run_cli(args: argparse.Namespace) -> int:
+    """``kpo sweep``: 0 when done, 2 for a bad option (one line), 130 on Ctrl-C (the finished
+    runs stay stored; the same command continues)."""
+    cfg = config_from_args(args)
+    command = _command_line(cfg)
+    try:
+        cfg.validate()
+    except ValueError as exc:
+        print(f"kpo sweep: {exc}", file=sys.stderr)
+        return 2
+    try:
+        Path(cfg.out).mkdir(parents=True, exist_ok=True)
+        probe = Path(cfg.out) / f".write-test.{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        print(f"kpo sweep: --out: cannot write to {cfg.out}: {exc.strerror}", file=sys.stderr)
+        return 2
+    try:
+        report = run_sweep(cfg, command=command, report_only=args.report_only)
+    except KeyboardInterrupt:
+        print(
+            f"kpo sweep: interrupted; finished runs are stored in {Path(cfg.out) / 'runs'}, "
+            "run the same command to continue",
+            file=sys.stderr,
+        )
+        return 130
+    print(f"wrote {report.parent / 'results.csv'}, {report} and plots")
+    return 0
+
+
+def _command_line(cfg: SweepConfig) -> str:
+    """The command that reproduces ``cfg`` (explicit flags for every grid axis)."""
+
+    def join(values: Sequence[Any]) -> str:
+        return ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in values)
+
+    parts = [
+        "kpo sweep",
+        f"--losses {join(cfg.losses)}",
+        f"--lr {join(cfg.lrs)}",
+        f"--minibatches {join(cfg.minibatches)}",
+        f"--lag {join(cfg.lags)}",
+        f"--response-len {join(cfg.response_lens)}",
+        f"--q {join(cfg.qs)}",
+        f"--p0 {join(cfg.p0s)}",
+        f"--seeds {cfg.seeds}",
+        f"--steps {cfg.steps}",
+    ]
+    if cfg.seed0:
+        parts.append(f"--seed0 {cfg.seed0}")
+    if cfg.tune_lr:
+        parts.append(f"--tune-lr --tune-seeds {cfg.tune_seeds}")
+    return " ".join(parts)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m kpo_rs.cli.sweep ...``: the same as ``kpo sweep ...``."""
+    parser = argparse.ArgumentParser(
+        prog="kpo sweep", description=__doc__.split("\n\n")[0].replace("\n", " ")
+    )
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    return run_cli(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,246 @@
+"""KPO and KPO-clipped (arXiv 2602.10609): the filtered importance ratio in verl's surrogate.
+
+KPO replaces each token's importance ratio ``exp(logp - old_logp)`` by a causal Kalman filter of
+it along the response (:mod:`kpo_rs.torch_ops`). By default every setting is the KPO authors':
+filter the log-ratio with ``q = 1e-6, r = 1, p0 = 0``; take the gradient in the stop-gradient form
+``log rt = logp - sg(logp) + sg(x)`` clamped at 10; KPO-clipped clips ``rt`` to
+``[1 - 3e-4, 1 + 4e-4]``; aggregate with ``"seq-mean-token-mean"``; multiply rollout importance
+weights in before aggregating. Inputs, outputs and aggregation are as in :mod:`kpo_rs.losses`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .. import torch_ops
+from ..params import FilterParams, resolve_params
+from ..space import LOG_RATIO_CLAMP, check_space, prior_mean, to_filter_space
+from ._common import (
+    Metrics,
+    aggregate,
+    check_agg,
+    check_clip_ratio_c,
+    check_inputs,
+    clipped_token_losses,
+    dual_clip,
+    masked_mean,
+    switch_rates,
+)
+
+__all__ = ["GRADS", "KPO_CLIP", "kpo_clipped_loss", "kpo_loss", "kpo_token_losses"]
+
+KPO_CLIP = (3e-4, 4e-4)
+#: The forms of the KPO gradient (``grad``): through each token's own log-prob, or through the
+#: filter's adjoint (see :func:`kpo_loss`).
+GRADS = ("token", "filter")
+
+
+def _filtered_log_ratio(
+    z: torch.Tensor, mask: torch.Tensor, params: FilterParams, space: str, backend: str
+) -> torch.Tensor:
+    """The filtered log-ratio ``log x``; differentiable in ``z`` (callers detach as needed). The
+    prior mean is the space's (0 for log-ratios, 1 for ratios), whatever ``params.m0`` says."""
+    filtered = torch_ops.kalman_filter(
+        to_filter_space(z, space), mask, m0=prior_mean(space), params=params, backend=backend
+    )
+    if space == "log_ratio":
+        return filtered
+    # a convex combination of positive ratios (and of the prior 1) stays positive
+    return torch.log(torch.where(mask, filtered, torch.ones((), dtype=z.dtype, device=z.device)))
+
+
+def _kpo_metrics(
+    z: torch.Tensor,
+    x: torch.Tensor,
+    rt: torch.Tensor,
+    mask: torch.Tensor,
+    clipped: torch.Tensor,
+    upper: torch.Tensor,
+    lower: torch.Tensor,
+) -> Metrics:
+    """KPO's metrics from the raw log-ratio ``z``, the filtered one ``x``, the ratio ``rt`` and the
+    clip flags (all ``[batch, time]``, detached), as means over the valid tokens.
+
+    The means are one masked reduction over a stack, the clip fractions one over a stack of
+    flags, the standard deviations (population ones, about those means: two passes, no
+    cancellation) a third, and both switch rates a fourth: a handful of kernels whatever the
+    batch, which keeps KPO's per-call cost near the baselines'."""
+    denom = mask.sum() + 1e-8
+    raw_ratio = torch.exp(torch.clamp(z, max=LOG_RATIO_CLAMP))
+    firsts = torch.where(mask, torch.stack((raw_ratio, rt, z)), 0.0).sum(dim=(1, 2)) / denom
+    raw_mean, filtered_mean, mean_z = firsts.unbind()
+    flags = torch.stack((clipped, upper, lower)) & mask
+    clipfrac, clipfrac_upper, clipfrac_lower = (flags.sum(dim=(1, 2)) / denom).unbind()
+    centred = torch.stack((raw_ratio - raw_mean, rt - filtered_mean))
+    variances = torch.where(mask, centred.square(), 0.0).sum(dim=(1, 2)) / denom
+    raw_std, filtered_std = variances.sqrt().unbind()
+    switch_raw, switch_filtered = switch_rates(torch.stack((z, x)), mask)
+    kl = -mean_z
+    return {
+        "pg_clipfrac": clipfrac,
+        "pg_clipfrac_upper": clipfrac_upper,
+        "pg_clipfrac_lower": clipfrac_lower,
+        "ppo_kl": kl,
+        "ratio_mean": raw_mean,
+        "ratio_std": raw_std,
+        "filtered_ratio_mean": filtered_mean,
+        "filtered_ratio_std": filtered_std,
+        "switch_rate_raw": switch_raw,
+        "switch_rate_filtered": switch_filtered,
+    }
+
+
+def kpo_token_losses(
+    old_log_prob: torch.Tensor,
+    log_prob: torch.Tensor,
+    advantages: torch.Tensor,
+    response_mask: torch.Tensor,
+    *,
+    clip: tuple[float, float] | None = None,
+    clip_ratio_c: float | None = None,
+    q: float | None = None,
+    r: float | None = None,
+    p0: float | None = None,
+    masked: str | None = None,
+    params: FilterParams | None = None,
+    space: str = "log_ratio",
+    grad: str = "token",
+    backend: str = "auto",
+) -> tuple[torch.Tensor, Metrics]:
+    """Per-token KPO losses ``[batch, time]`` (before weights and aggregation) and metrics.
+
+    See :func:`kpo_loss` for the arguments.
+    """
+    check_inputs(old_log_prob, log_prob, advantages, response_mask)
+    if grad not in GRADS:
+        raise ValueError(f"grad must be 'token' or 'filter', got {grad!r}")
+    if clip is not None:
+        low, high = clip
+        if not (0 <= low < 1 and high >= 0):
+            raise ValueError(
+                "clip must be (eps_low, eps_high) with 0 <= eps_low < 1 and eps_high >= 0, "
+                f"got {clip}"
+            )
+    check_clip_ratio_c(clip_ratio_c)
+    filter_params = resolve_params(params, q=q, r=r, p0=p0, masked=masked)
+    check_space(space)
+    mask = response_mask.bool()
+    z = log_prob - old_log_prob
+    if grad == "token":
+        x = _filtered_log_ratio(z.detach(), mask, filter_params, space, backend)
+        log_rt = log_prob - log_prob.detach() + x
+    else:
+        x = _filtered_log_ratio(z, mask, filter_params, space, backend)
+        log_rt = x
+    rt = torch.exp(torch.clamp(log_rt, max=LOG_RATIO_CLAMP))
+
+    metrics: Metrics = {}
+    if clip is None:
+        pg_losses = -advantages * rt
+        clipped = torch.zeros_like(mask)
+        upper = lower = clipped
+    else:
+        low, high = clip
+        pg_losses, clipped = clipped_token_losses(rt, advantages, 1.0 - low, 1.0 + high)
+        upper = clipped & (rt > 1.0 + high)
+        lower = clipped & (rt < 1.0 - low)
+    if clip_ratio_c is not None:
+        pg_losses, dual = dual_clip(pg_losses, advantages, clip_ratio_c)
+        metrics["dual_clipfrac"] = masked_mean(dual.float(), mask).detach()
+
+    with torch.no_grad():
+        metrics.update(
+            _kpo_metrics(z.detach(), x.detach(), rt.detach(), mask, clipped, upper, lower)
+        )
+    return pg_losses, metrics
+
+
+def kpo_loss(
+    old_log_prob: torch.Tensor,
+    log_prob: torch.Tensor,
+    advantages: torch.Tensor,
+    response_mask: torch.Tensor,
+    *,
+    clip: tuple[float, float] | None = None,
+    clip_ratio_c: float | None = None,
+    q: float | None = None,
+    r: float | None = None,
+    p0: float | None = None,
+    masked: str | None = None,
+    params: FilterParams | None = None,
+    space: str = "log_ratio",
+    grad: str = "token",
+    loss_agg_mode: str = "seq-mean-token-mean",
+    rollout_is_weights: torch.Tensor | None = None,
+    global_batch_info: dict[str, Any] | None = None,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, Metrics]:
+    """The KPO policy loss: ``agg(-A * rt)``, or with ``clip=(eps_low, eps_high)`` KPO-clipped,
+    ``agg(max(-A * rt, -A * clip(rt, 1 - eps_low, 1 + eps_high)))``.
+
+    ``rt`` is the filtered importance ratio: ``x`` = the causal Kalman filter of the detached
+    log-ratio ``logp - old_logp`` over each response (``space="log_ratio"``, prior 0), or of the
+    ratio itself (``space="ratio"``, prior 1, then ``log``).
+
+    ``grad="token"`` (the paper's form): ``log rt = logp - sg(logp) + sg(x)``: each token's
+    gradient is its own ``d logp``, scaled by its filtered ratio. ``grad="filter"``: ``rt =
+    exp(x(logp - old_logp))`` with the gradient through the filter's exact adjoint, so token t's
+    ``logp`` also receives gradient from the ratios of later tokens that its log-ratio fed. The two
+    give the same loss value; their gradients differ.
+
+    Args:
+        old_log_prob, log_prob, advantages: ``[batch, time]`` float tensors (log-probs in nats).
+        response_mask: ``[batch, time]`` bool (or 0/1) tensor of valid response tokens.
+        clip: ``None`` (KPO) or ``(eps_low, eps_high)`` (KPO-clipped).
+        clip_ratio_c: optional dual-clip bound (> 1) for negative advantages, as verl's PPO.
+        q, r, p0, masked: overrides of ``params``, the filter's settings (default
+            ``FilterParams()``, the KPO authors'; its ``m0`` is not used: the prior mean is the
+            space's, 0 for log-ratios and 1 for ratios).
+        space, grad: see above.
+        loss_agg_mode: one of :data:`LOSS_AGG_MODES`.
+        rollout_is_weights: optional ``[batch, time]`` weights multiplied into the per-token
+            losses before aggregation (verl's rollout correction).
+        global_batch_info: verl's data-parallel normalisation (see :func:`agg_loss`).
+        backend: filter backend (see :mod:`kpo_rs.torch_ops`).
+
+    Returns:
+        ``(loss, metrics)``; metrics: ``pg_clipfrac`` (any clipping active), ``pg_clipfrac_upper``,
+        ``pg_clipfrac_lower`` (verl's names), ``dual_clipfrac`` (with ``clip_ratio_c``),
+        ``ppo_kl`` (mean of ``old_logp - logp``), ``ratio_mean/std`` (raw),
+        ``filtered_ratio_mean/std``, ``switch_rate_raw/filtered`` (sign changes of the
+        log-ratio between adjacent valid tokens).
+    """
+    check_agg(loss_agg_mode)
+    pg_losses, metrics = kpo_token_losses(
+        old_log_prob,
+        log_prob,
+        advantages,
+        response_mask,
+        clip=clip,
+        clip_ratio_c=clip_ratio_c,
+        q=q,
+        r=r,
+        p0=p0,
+        masked=masked,
+        params=params,
+        space=space,
+        grad=grad,
+        backend=backend,
+    )
+    loss = aggregate(pg_losses, response_mask, loss_agg_mode, rollout_is_weights, global_batch_info)
+    return loss, metrics
+
+
+def kpo_clipped_loss(
+    old_log_prob: torch.Tensor,
+    log_prob: torch.Tensor,
+    advantages: torch.Tensor,
+    response_mask: torch.Tensor,
+    *,
+    clip: tuple[float, float] = KPO_CLIP,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, Metrics]:
+    """KPO-clipped, the paper's main variant: :func:`kpo_loss` with ``clip=(3e-4, 4e-4)``."""
+    return kpo_loss(old_log_prob, log_prob, advantages, response_mask, clip=clip, **kwargs)
