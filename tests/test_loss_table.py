@@ -52,14 +52,14 @@ def test_entry_calls_its_function_with_its_defaults(name):
 
 def test_known_settings():
     assert get_loss("grpo").fn is losses.ppo_clip_loss
-    assert get_loss("grpo").settings() == {
+    assert get_loss("grpo").keywords() == {
         "clip_ratio": 0.2,
         "clip_ratio_c": 3.0,
         "loss_agg_mode": "token-mean",
     }
-    assert get_loss("kpo_clipped").settings()["clip"] == losses.KPO_CLIP
-    assert get_loss("gspo").settings()["clip_ratio_low"] == 3e-4
-    assert get_loss("gmpo").settings() == {"clip_ratio_low": 0.4, "clip_ratio_high": 0.4}
+    assert get_loss("kpo_clipped").keywords()["clip"] == losses.KPO_CLIP
+    assert get_loss("gspo").keywords()["clip_ratio_low"] == 3e-4
+    assert get_loss("gmpo").keywords() == {"clip_ratio_low": 0.4, "clip_ratio_high": 0.4}
     assert not get_loss("gmpo").honours_agg_mode
     assert get_loss("kpo").honours_agg_mode
 
@@ -67,7 +67,7 @@ def test_known_settings():
 def test_overrides_replace_defaults():
     old, logp, adv, mask = _batch(1)
     spec = get_loss("kpo_clipped")
-    assert spec.settings(clip=None)["clip"] is None
+    assert spec.keywords(clip=None)["clip"] is None
     got, _ = spec(old, logp, adv, mask, clip=None)
     want, _ = get_loss("kpo")(old, logp, adv, mask)
     torch.testing.assert_close(got, want, rtol=0, atol=0)
@@ -77,7 +77,7 @@ def test_overrides_replace_defaults():
     )
     torch.testing.assert_close(got, want, rtol=0, atol=0)
     # the table's mapping is not changed by a call's overrides
-    assert spec.settings()["clip"] == losses.KPO_CLIP
+    assert spec.keywords()["clip"] == losses.KPO_CLIP
 
 
 def test_unknown_name_lists_the_known_ones():

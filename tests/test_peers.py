@@ -538,10 +538,10 @@ def test_bad_tensors_name_the_argument(fn):
 
 
 def test_peers_are_in_the_table():
-    assert get_loss("dppo_tv").settings()["divergence"] == "tv"
-    assert get_loss("dppo_kl").settings()["clip"] == (0.05, 0.05)
+    assert get_loss("dppo_tv").keywords()["divergence"] == "tv"
+    assert get_loss("dppo_kl").keywords()["clip"] == (0.05, 0.05)
     assert get_loss("minpro").fn is peers.minpro_loss
-    assert get_loss("bapo").settings()["upper"] == (1.2, 3.0)
+    assert get_loss("bapo").keywords()["upper"] == (1.2, 3.0)
     old, logp, adv, mask, _ = _batch(9, adv_shift=-1.0)
     for name in ("dppo_tv", "dppo_kl", "minpro", "bapo"):
         loss, metrics = get_loss(name)(old, logp, adv, mask)

@@ -286,12 +286,16 @@ def test_non_finite_at_a_valid_position(backend, device):
 @pytest.mark.parametrize(
     ("call", "exc", "words"),
     [
-        (lambda: torch_ops.kalman_filter(np.zeros((2, 3))), TypeError, "z must be a torch.Tensor"),
-        (lambda: torch_ops.kalman_filter(torch.zeros(3)), ValueError, "z must be 2-D"),
+        (
+            lambda: torch_ops.kalman_filter(np.zeros((2, 3))),
+            TypeError,
+            "values must be a torch.Tensor",
+        ),
+        (lambda: torch_ops.kalman_filter(torch.zeros(3)), ValueError, "values must be 2-D"),
         (
             lambda: torch_ops.kalman_filter(torch.zeros(2, 3, dtype=torch.int64)),
             TypeError,
-            "z must have dtype",
+            "values must have dtype",
         ),
         (
             lambda: torch_ops.kalman_filter(torch.zeros(2, 3), torch.ones(2, 3)),
@@ -381,7 +385,7 @@ def test_cu_seqlens_keyword_is_the_packed_call(backend):
         (y * torch.arange(90.0, dtype=torch.float64)).sum().backward()
         outs.append((y.detach(), v.grad))
     assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
-    with pytest.raises(ValueError, match=r"z must be 1-D \[total\] \(packed"):
+    with pytest.raises(ValueError, match=r"values must be 1-D \[total\] \(packed"):
         torch_ops.kalman_filter(z.reshape(3, 30), cu_seqlens=cu, backend=backend)
     with pytest.raises(ValueError, match="values must be 1-D"):
         torch_ops.kalman_filter_packed(z.reshape(3, 30), cu, backend=backend)

@@ -29,8 +29,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from . import _files
-from . import diagnostics as D
+from . import _files, diagnostics
 from .arrow import (
     RowError,
     batch_log_ratios,
@@ -293,14 +292,14 @@ class _Tally:
     row_switch_freq: list[np.ndarray] = field(default_factory=list)
 
     def add(self, values: np.ndarray, cu: np.ndarray, cutoff: float) -> None:
-        s = D.token_switches_packed(values, cu)
+        s = diagnostics.token_switches_packed(values, cu)
         self.switches += int(s.per_row.sum())
         self.pairs += int(s.pairs.sum())
         self.row_switch_freq.append(s.row_frequency)
-        runs = D.run_lengths_packed(values, cu)
+        runs = diagnostics.run_lengths_packed(values, cu)
         self.runs += sum(r.size for r in runs)
         self.run_tokens += sum(int(r.sum()) for r in runs)
-        lf = D.low_frequency_energy_packed(values, cu, cutoff=cutoff)
+        lf = diagnostics.low_frequency_energy_packed(values, cu, cutoff=cutoff)
         self.low_freq.extend(lf[np.isfinite(lf)].tolist())
 
     def summary(self) -> dict[str, float]:
@@ -402,11 +401,13 @@ def analyze_parquet(
     if plots is not None and kept_raw:
         out = plots
         result["plots"] = [
-            D.plot_traces(
+            diagnostics.plot_traces(
                 kept_raw[0], kept_filt[0], str(out / "traces.png"), title="First response"
             ),
-            D.plot_spectra({"raw": kept_raw, "filtered": kept_filt}, str(out / "spectra.png")),
-            D.plot_switch_histogram(
+            diagnostics.plot_spectra(
+                {"raw": kept_raw, "filtered": kept_filt}, str(out / "spectra.png")
+            ),
+            diagnostics.plot_switch_histogram(
                 {
                     "raw": np.concatenate(raw.row_switch_freq),
                     "filtered": np.concatenate(filt.row_switch_freq),

@@ -181,13 +181,23 @@ def _adjoint(rows: Rows, backend: str, check: str = "sync") -> tuple[torch.Tenso
     return _narrow(dz, dtype).contiguous(), _narrow(dm0, dtype).contiguous()
 
 
+#: The arguments of the custom op ``kpo_rs::filter`` and of the eager :class:`_Filter`, in order
+#: (the op's schema below spells them out with their types; everything else refers to them
+#: through this tuple and :func:`_forward_plain`). ``kpo_rs::filter_adjoint`` takes the same with
+#: ``grad`` for ``values`` and without ``m0``.
+OP_ARGS = ("values", "cu_seqlens", "mask", "m0", "q", "r", "p0", "masked", "backend", "check")
+_M0 = OP_ARGS.index("m0")
+
+
 def _forward_plain(values, cu_seqlens, mask, m0, q, r, p0, masked, backend, check):
-    """:func:`_forward` from the custom op's plain arguments (the op and the eager Function)."""
+    """:func:`_forward` from the custom op's plain arguments (:data:`OP_ARGS`; the op and the
+    eager Function)."""
     return _forward(Rows(values, cu_seqlens, mask, _settings(q, r, p0, masked)), m0, backend, check)
 
 
 def _adjoint_plain(grad, cu_seqlens, mask, q, r, p0, masked, backend, check):
-    """:func:`_adjoint` from the custom op's plain arguments (the op and the eager backward)."""
+    """:func:`_adjoint` from the adjoint op's plain arguments (:data:`OP_ARGS` with ``grad`` for
+    ``values`` and no ``m0``; the op and the eager backward)."""
     return _adjoint(Rows(grad, cu_seqlens, mask, _settings(q, r, p0, masked)), backend, check)
 
 
@@ -213,7 +223,7 @@ def _filter_op(
 
 # The fake kernels say what the real ones return: contiguous tensors, whatever the inputs' strides.
 @_filter_op.register_fake
-def _(values, cu_seqlens, mask, m0, q, r, p0, masked, backend, check):
+def _(values, *_settings_and_options):
     return values.new_empty(values.shape)
 
 
@@ -233,7 +243,7 @@ def _adjoint_op(
 
 
 @_adjoint_op.register_fake
-def _(grad, cu_seqlens, mask, q, r, p0, masked, backend, check):
+def _(grad, cu_seqlens, *_mask_settings_and_options):
     rows = grad.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
     return grad.new_empty(grad.shape), grad.new_empty(rows)
 
@@ -243,15 +253,17 @@ def _(grad, cu_seqlens, mask, q, r, p0, masked, backend, check):
 
 
 def _save(ctx: Any, inputs: tuple, m0_needs_grad: bool) -> None:
-    _values, cu_seqlens, mask, m0, q, r, p0, masked, backend, check = inputs
+    """Saves what the backward needs from the op's ``inputs`` (:data:`OP_ARGS`): the layout
+    tensors, and the settings and options after ``m0``, which the adjoint takes in that order."""
+    cu_seqlens, mask, m0 = inputs[1], inputs[2], inputs[_M0]
     ctx.save_for_backward(cu_seqlens, mask)
-    ctx.args = (q, r, p0, masked, backend, check)
+    ctx.args = inputs[_M0 + 1 :]
     ctx.m0_needs_grad = m0_needs_grad
     ctx.m0_dtype = m0.dtype if isinstance(m0, torch.Tensor) else None
 
 
 def _setup(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
-    m0 = inputs[3]
+    m0 = inputs[_M0]
     _save(ctx, inputs, isinstance(m0, torch.Tensor) and m0.requires_grad)
 
 
@@ -259,7 +271,8 @@ def _backward(ctx: Any, grad: torch.Tensor, adjoint: Any) -> tuple:
     cu_seqlens, mask = ctx.saved_tensors
     dz, dm0 = adjoint(grad, cu_seqlens, mask, *ctx.args)
     dm0 = dm0.sum().to(ctx.m0_dtype) if ctx.m0_needs_grad else None
-    return dz, None, None, dm0, None, None, None, None, None, None
+    # one gradient per input of OP_ARGS: values and m0 have one
+    return (dz, None, None, dm0, *(None,) * (len(OP_ARGS) - _M0 - 1))
 
 
 _filter_op.register_autograd(
@@ -274,9 +287,8 @@ class _Filter(torch.autograd.Function):
     the filter itself at small batches.)"""
 
     @staticmethod
-    def forward(ctx, values, cu_seqlens, mask, m0, q, r, p0, masked, backend, check):
-        inputs = (values, cu_seqlens, mask, m0, q, r, p0, masked, backend, check)
-        _save(ctx, inputs, ctx.needs_input_grad[3])
+    def forward(ctx, *inputs):  # inputs: OP_ARGS
+        _save(ctx, inputs, ctx.needs_input_grad[_M0])
         return _forward_plain(*inputs)
 
     @staticmethod
@@ -346,7 +358,7 @@ def _check_layout(name: str, values: Any, cu_seqlens: Any, mask: Any) -> None:
 
 
 def kalman_filter(
-    z: torch.Tensor,
+    values: torch.Tensor,
     mask: torch.Tensor | None = None,
     *,
     cu_seqlens: torch.Tensor | None = None,
@@ -359,12 +371,13 @@ def kalman_filter(
     """Differentiable causal Kalman filter of each row of a padded batch, or of packed rows.
 
     Args:
-        z: ``[batch, time]`` observations (float32/float64/float16/bfloat16), e.g. token
-            log-ratios ``logp - old_logp``; with ``cu_seqlens``, packed rows ``[total]``. Its
-            gradient is the filter's adjoint.
-        mask: optional bool tensor shaped like ``z`` on ``z``'s device, True at valid tokens.
+        values: ``[batch, time]`` observations (float32/float64/float16/bfloat16), e.g. token
+            log-ratios ``logp - old_logp`` (nats); with ``cu_seqlens``, packed rows ``[total]``.
+            Its gradient is the filter's adjoint. (The first argument is ``values`` everywhere:
+            the numpy API, the reference and this op.)
+        mask: optional bool tensor shaped like ``values`` on its device, True at valid tokens.
         cu_seqlens: optional ``[batch + 1]`` int32/int64 offsets of packed rows: row ``i`` is
-            ``z[cu_seqlens[i]:cu_seqlens[i + 1]]`` (first 0, non-decreasing, last ``total``),
+            ``values[cu_seqlens[i]:cu_seqlens[i + 1]]`` (first 0, non-decreasing, last ``total``),
             on any device (checked on the host once per call). See also
             :func:`kalman_filter_packed`.
         m0: prior mean, a float or a scalar tensor (differentiable when it requires grad);
@@ -379,10 +392,10 @@ def kalman_filter(
             :class:`~kpo_rs.FilterParams`).
 
     Returns:
-        Filtered states shaped like ``z``, in its dtype and on its device.
+        Filtered states shaped like ``values``, in its dtype and on its device.
     """
-    _check_layout("z", z, cu_seqlens, mask)
-    return _run(z, cu_seqlens, mask, m0, params, backend, check, overrides)
+    _check_layout("values", values, cu_seqlens, mask)
+    return _run(values, cu_seqlens, mask, m0, params, backend, check, overrides)
 
 
 def kalman_filter_packed(
@@ -392,7 +405,7 @@ def kalman_filter_packed(
     **options: Unpack[FilterOptions],
 ) -> torch.Tensor:
     """Differentiable causal Kalman filter of packed rows: ``kalman_filter(values, mask,
-    cu_seqlens=cu_seqlens, **options)``, with errors naming ``values``.
+    cu_seqlens=cu_seqlens, **options)``.
 
     Args:
         values: ``[total]`` observations; row ``i`` is ``values[cu_seqlens[i]:cu_seqlens[i+1]]``.

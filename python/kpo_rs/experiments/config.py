@@ -7,6 +7,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+__all__ = ["DEFAULT_LOSSES", "DemoConfig", "split_names"]
+
 #: The losses ``kpo demo`` runs by default; any name of :mod:`kpo_rs.losses.table` may be chosen.
 DEFAULT_LOSSES = ("grpo", "gspo", "gmpo", "kpo", "kpo_clipped")
 

@@ -147,7 +147,7 @@ def loss_function(
     """The loss ``name`` from :mod:`kpo_rs.losses.table`, at the settings its authors recommend,
     with ``overrides`` (e.g. the filter's ``q`` and ``p0`` for the KPO losses) on top."""
     spec = get_loss(name)
-    spec.settings(**overrides)  # an unknown setting fails here, before any training
+    spec.keywords(**overrides)  # an unknown setting fails here, before any training
 
     def loss(*tensors: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         return spec(*tensors, **overrides)

@@ -198,7 +198,7 @@ class Task:
         for name in ("out", "extra", "seeds", "device"):
             demo.pop(name)
         demo["losses"] = list(demo["losses"])
-        settings = get_loss(self.loss).settings(**self.overrides())
+        settings = get_loss(self.loss).keywords(**self.overrides())
         return {
             "format": _FORMAT,
             "demo": {k: repr(v) for k, v in sorted(demo.items())},

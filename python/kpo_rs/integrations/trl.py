@@ -259,7 +259,7 @@ class KPOConfig(GRPOConfig):
                 "correction, entropy mask)"
             )
         try:
-            self.kpo_loss_spec.settings(**kwargs)
+            self.kpo_loss_spec.keywords(**kwargs)
         except ValueError as exc:
             raise ValueError(f"kpo_loss_kwargs: {exc}") from None
 

@@ -19,7 +19,7 @@ API (small and stable):
     ``honours_agg_mode`` (False for a loss whose aggregation is fixed, e.g. GMPO).
     ``spec(old_log_prob, log_prob, advantages, response_mask, **overrides) -> (loss, metrics)``
     calls ``fn`` with ``defaults`` updated by ``overrides`` (an override replaces the default,
-    ``None`` included); ``spec.settings(**overrides)`` returns that dict without calling. An
+    ``None`` included); ``spec.keywords(**overrides)`` returns that dict without calling. An
     override the function does not accept raises ``ValueError`` naming it.
 
 Tensors are ``[batch, response_len]`` (``response_mask`` bool or 0/1), log-probs in nats; ``loss``
@@ -74,7 +74,7 @@ class LossSpec:
                 f"its settings: {', '.join(sorted(self._accepted))}"
             )
 
-    def settings(self, **overrides: Any) -> dict[str, Any]:
+    def keywords(self, **overrides: Any) -> dict[str, Any]:
         """The keyword arguments a call passes: the defaults updated by ``overrides``."""
         self._check(overrides)
         return {**self.defaults, **overrides}
@@ -87,9 +87,9 @@ class LossSpec:
         response_mask: torch.Tensor,
         **overrides: Any,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """``fn(old_log_prob, log_prob, advantages, response_mask, **settings(**overrides))``."""
+        """``fn(old_log_prob, log_prob, advantages, response_mask, **keywords(**overrides))``."""
         return self.fn(
-            old_log_prob, log_prob, advantages, response_mask, **self.settings(**overrides)
+            old_log_prob, log_prob, advantages, response_mask, **self.keywords(**overrides)
         )
 
 
