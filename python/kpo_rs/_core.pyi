@@ -11,6 +11,8 @@ from typing import Literal
 import numpy as np
 import numpy.typing as npt
 
+__all__ = ["__version__", "gains", "check_offsets", "filter", "adjoint"]
+
 __version__: str
 
 _Float = npt.NDArray[np.float32] | npt.NDArray[np.float64]

@@ -189,8 +189,9 @@ def _view(
     start, end = int(offsets[0]), int(offsets[-1])
     values, valid = _numpy(arr.values.slice(start, end - start))
     cu = offsets - start if start else offsets
-    if arr.null_count:
-        per_value = np.repeat(~_null_rows(arr), np.diff(cu))
+    nulls = _null_rows(arr)
+    if nulls is not None:
+        per_value = np.repeat(~nulls, np.diff(cu))
         valid = per_value if valid is None else valid & per_value
     if not floats and values.dtype != np.bool_:
         index = _first_bad((values != 0) & (values != 1), valid)
@@ -361,10 +362,13 @@ def batch_log_ratios(
     ]
     if sum(sources) != 1 or (log_probs is None) != (old_log_probs is None):
         raise ValueError("give exactly one of: log_probs and old_log_probs, log_ratio, ratio")
-    if log_probs is not None:
+    names: list[str]
+    if log_probs is not None and old_log_probs is not None:
         names = [log_probs, old_log_probs]
     else:
-        names = [log_ratio if log_ratio is not None else ratio]
+        single = log_ratio if log_ratio is not None else ratio
+        assert single is not None  # exactly one source, checked above
+        names = [single]
     wanted = [(_column(batch, n), n, True) for n in names]
     if mask is not None:
         wanted.append((_column(batch, mask), mask, False))
@@ -515,10 +519,12 @@ def filter_record_batch(
         "ratio": ratio,
         "mask": mask,
     }
-    kw = {"sources": sources, "space": space, "prefix": prefix, "params": p}
+    def run(one: pa.RecordBatch) -> pa.RecordBatch:
+        return filter_batch_with_stats(
+            one, sources=sources, space=space, prefix=prefix, params=p, on_non_finite=on_non_finite
+        )[0]
+
     if isinstance(batch, pa.Table):  # as Ray Data hands batches over: give back a table
         columns = [c.combine_chunks() for c in batch.columns]
-        one = pa.RecordBatch.from_arrays(columns, schema=batch.schema)
-        out, _, _ = filter_batch_with_stats(one, on_non_finite=on_non_finite, **kw)
-        return pa.Table.from_batches([out])
-    return filter_batch_with_stats(batch, on_non_finite=on_non_finite, **kw)[0]
+        return pa.Table.from_batches([run(pa.RecordBatch.from_arrays(columns, schema=batch.schema))])
+    return run(batch)

@@ -118,7 +118,7 @@ class FilterParams:
                 raise TypeError(
                     f"unexpected keyword argument {name!r} (the settings are {', '.join(_FIELDS)})"
                 )
-        given = {k: v for k, v in overrides.items() if v is not None}
+        given: dict[str, Any] = {k: v for k, v in overrides.items() if v is not None}
         base = cls() if params is None else params
         return dataclasses.replace(base, **given) if given else base
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -195,7 +195,7 @@ class FilterStats:
         return self.tokens / self.seconds if self.seconds > 0 else float("nan")
 
 
-def _params(params: FilterParams | None, overrides: dict[str, Any]) -> FilterParams:
+def _params(params: FilterParams | None, overrides: Mapping[str, Any]) -> FilterParams:
     try:
         return FilterParams.resolve(params, **overrides)
     except (TypeError, ValueError) as exc:

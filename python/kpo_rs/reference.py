@@ -13,7 +13,7 @@ Per row, over its valid tokens ``n = 0, 1, ...``::
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -33,7 +33,7 @@ __all__ = [
 ]
 
 
-def _settings(overrides: dict[str, Any]) -> FilterParams:
+def _settings(overrides: Mapping[str, Any]) -> FilterParams:
     """The keyword settings of a call over the KPO authors' defaults (:class:`FilterParams`)."""
     return FilterParams.resolve(None, **overrides)
 
@@ -112,7 +112,7 @@ def _rows(cu_seqlens: np.ndarray) -> list[tuple[int, int]]:
     return list(zip(cu[:-1], cu[1:]))
 
 
-def _over_rows(row_fn: Any, values: Any, cu_seqlens: Any, mask: Any, settings: dict) -> list:
+def _over_rows(row_fn: Any, values: Any, cu_seqlens: Any, mask: Any, settings: Mapping[str, Any]) -> list:
     """``row_fn`` applied to each packed row (its values and mask slices)."""
     values = np.asarray(values)
     return [

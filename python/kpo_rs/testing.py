@@ -131,7 +131,7 @@ def _poison(values: np.ndarray, mask: np.ndarray | None, rng: np.random.Generato
     values[pick] = rng.choice(np.array([np.nan, np.inf, -np.inf], dtype=values.dtype), pick.sum())
 
 
-_DTYPES = st.sampled_from([np.dtype(np.float32), np.dtype(np.float64)])
+_DTYPES: st.SearchStrategy[np.dtype] = st.sampled_from([np.dtype(np.float32), np.dtype(np.float64)])
 
 
 @st.composite

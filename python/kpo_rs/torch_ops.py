@@ -34,6 +34,7 @@ Requires torch (``pip install 'kpo-rs[torch]'``).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 try:
@@ -319,7 +320,7 @@ def _run(
     params: FilterParams | None,
     backend: Any,
     check: Any,
-    overrides: dict[str, Any],
+    overrides: Mapping[str, Any],
 ) -> torch.Tensor:
     """The body of :func:`kalman_filter` once the tensors are checked: settings resolved once,
     then the custom op (compiling), the direct forward (no gradient can flow) or the autograd

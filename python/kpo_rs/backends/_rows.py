@@ -42,7 +42,7 @@ class Rows(NamedTuple):
         return self.cu_seqlens is not None
 
     @property
-    def count(self) -> int:
+    def n_rows(self) -> int:
         """The number of rows."""
         return self.values.shape[0] if self.cu_seqlens is None else self.cu_seqlens.shape[0] - 1
 

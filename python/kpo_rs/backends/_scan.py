@@ -196,6 +196,7 @@ class SharedScan:
         if n == 1:
             entering = m0
         else:
+            assert self.next is not None  # an input of n > 1 chunks: so was the table
             ends = self.next.forward(local[:, :, -1], m0)  # state at each chunk's end, [B, n]
             if isinstance(m0, torch.Tensor):
                 first = m0.expand(z.shape[0], 1)
@@ -225,6 +226,7 @@ class SharedScan:
             return self._join(dz, length), heads[:, 0]
         # mu_c, what reaches chunk c's end from later chunks, obeys mu_c = h_{c+1} + P_{c+1}
         # mu_{c+1} (P_c: the chunk's product of a): the next level's adjoint of h shifted by one.
+        assert self.next is not None  # an input of n > 1 chunks: so was the table
         arriving, _ = self.next.adjoint(F.pad(heads[:, 1:], (0, 1)))
         torch.addcmul(local, last_row, arriving.unsqueeze(-1), out=dz)
         dm0 = torch.addcmul(heads[:, 0], decay[0, -1], arriving[:, 0])
@@ -435,19 +437,18 @@ class _Padding:
     def plan(cls, packed: Rows, doubling: bool) -> _Padding | None:
         """The padding of ``packed`` rows, or None where the padded batch would be too large (or
         ``doubling`` asks for one flat row)."""
-        rows, longest = packed.count, packed.longest or 0
+        rows, longest = packed.n_rows, packed.longest or 0
         total, device = packed.values.shape[0], packed.values.device
         if doubling or rows * longest > PADDED_MAX_EXPANSION * total + 4096:
             return None
+        assert packed.cu_seqlens is not None  # plan() is for packed rows
         cu = packed.cu_seqlens.to(device=device, dtype=torch.int64)
         starts, lengths = cu[:-1], cu[1:] - cu[:-1]
         row = torch.repeat_interleave(torch.arange(rows, device=device), lengths, output_size=total)
         slots = torch.arange(total, device=device) - starts[row] + row * longest
         return cls(slots, (rows, longest))
 
-    def pad(self, flat: torch.Tensor | None) -> torch.Tensor | None:
-        if flat is None:
-            return None
+    def pad(self, flat: torch.Tensor) -> torch.Tensor:
         padded = flat.new_zeros(self.shape[0] * self.shape[1])
         return padded.scatter_(0, self.slots, flat).view(self.shape)
 
@@ -469,11 +470,12 @@ def forward(
     if not rows.packed:
         return _forward_padded(values, mask, m0, table, masked, doubling)
     padding = _Padding.plan(rows, doubling)
+    cu = rows.cu_seqlens
+    assert cu is not None  # rows.packed
     if padding is None:
-        return _forward_flat(values, rows.cu_seqlens, mask, m0, table, masked)
-    out, witness = _forward_padded(
-        padding.pad(values), padding.pad(mask), m0, table, masked, doubling
-    )
+        return _forward_flat(values, cu, mask, m0, table, masked)
+    padded_mask = None if mask is None else padding.pad(mask)
+    out, witness = _forward_padded(padding.pad(values), padded_mask, m0, table, masked, doubling)
     return padding.unpad(out), witness
 
 
@@ -486,10 +488,12 @@ def adjoint(
     if not rows.packed:
         return _adjoint_padded(grad, mask, table, masked, doubling)
     padding = _Padding.plan(rows, doubling)
+    cu = rows.cu_seqlens
+    assert cu is not None  # rows.packed
     if padding is None:
-        return _adjoint_flat(grad, rows.cu_seqlens, mask, table, masked)
-    padded = padding.pad(grad)
-    dz, dm0, witness = _adjoint_padded(padded, padding.pad(mask), table, masked, doubling)
+        return _adjoint_flat(grad, cu, mask, table, masked)
+    padded_mask = None if mask is None else padding.pad(mask)
+    dz, dm0, witness = _adjoint_padded(padding.pad(grad), padded_mask, table, masked, doubling)
     return padding.unpad(dz), dm0, witness
 
 

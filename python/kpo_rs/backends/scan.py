@@ -32,7 +32,7 @@ def _table(rows: Rows) -> tuple[_scan.GainTable, Rows]:
     """The gain table of ``rows`` (as long as a padded batch's time axis or the longest packed
     row), and the rows :meth:`~kpo_rs.backends._rows.Rows.measured`."""
     rows = rows.measured()
-    longest = rows.longest if rows.packed else rows.values.shape[1]
+    longest = rows.values.shape[1] if rows.longest is None else rows.longest  # set when packed
     return gain_table(longest, rows.params, rows.values.device), rows
 
 

@@ -8,7 +8,7 @@ docstring says otherwise; masks are bool, or 0/1 numbers used as weights as verl
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -208,7 +208,8 @@ def clipped_token_losses(
     """PPO's clipped token losses ``max(-A r, -A clip(r, low, high))`` and where the clip is
     active (bool)."""
     pg_losses1 = -advantages * ratio
-    pg_losses2 = -advantages * torch.clamp(ratio, low, high)
+    # torch's overloads take both bounds as numbers or both as tensors; either works at run time
+    pg_losses2 = -advantages * torch.clamp(ratio, cast(Any, low), cast(Any, high))
     return torch.maximum(pg_losses1, pg_losses2), pg_losses2 > pg_losses1
 
 

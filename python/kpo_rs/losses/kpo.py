@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from .. import torch_ops
-from ..params import FilterParams, resolve_params
+from ..params import FilterParams, Masked, resolve_params
 from ..space import LOG_RATIO_CLAMP, check_space, prior_mean, to_filter_space
 from ._common import (
     Metrics,
@@ -103,7 +103,7 @@ def kpo_token_losses(
     q: float | None = None,
     r: float | None = None,
     p0: float | None = None,
-    masked: str | None = None,
+    masked: Masked | None = None,
     params: FilterParams | None = None,
     space: str = "log_ratio",
     grad: str = "token",
@@ -168,7 +168,7 @@ def kpo_loss(
     q: float | None = None,
     r: float | None = None,
     p0: float | None = None,
-    masked: str | None = None,
+    masked: Masked | None = None,
     params: FilterParams | None = None,
     space: str = "log_ratio",
     grad: str = "token",
