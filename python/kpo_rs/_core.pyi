@@ -11,7 +11,7 @@ from typing import Literal
 import numpy as np
 import numpy.typing as npt
 
-__all__ = ["__version__", "gains", "check_offsets", "filter", "adjoint"]
+__all__ = ["__version__", "adjoint", "check_offsets", "filter", "gains"]
 
 __version__: str
 

@@ -519,6 +519,7 @@ def filter_record_batch(
         "ratio": ratio,
         "mask": mask,
     }
+
     def run(one: pa.RecordBatch) -> pa.RecordBatch:
         return filter_batch_with_stats(
             one, sources=sources, space=space, prefix=prefix, params=p, on_non_finite=on_non_finite
@@ -526,5 +527,7 @@ def filter_record_batch(
 
     if isinstance(batch, pa.Table):  # as Ray Data hands batches over: give back a table
         columns = [c.combine_chunks() for c in batch.columns]
-        return pa.Table.from_batches([run(pa.RecordBatch.from_arrays(columns, schema=batch.schema))])
+        return pa.Table.from_batches(
+            [run(pa.RecordBatch.from_arrays(columns, schema=batch.schema))]
+        )
     return run(batch)

@@ -112,7 +112,9 @@ def _rows(cu_seqlens: np.ndarray) -> list[tuple[int, int]]:
     return list(zip(cu[:-1], cu[1:]))
 
 
-def _over_rows(row_fn: Any, values: Any, cu_seqlens: Any, mask: Any, settings: Mapping[str, Any]) -> list:
+def _over_rows(
+    row_fn: Any, values: Any, cu_seqlens: Any, mask: Any, settings: Mapping[str, Any]
+) -> list:
     """``row_fn`` applied to each packed row (its values and mask slices)."""
     values = np.asarray(values)
     return [
