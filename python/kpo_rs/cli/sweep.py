@@ -186,6 +186,8 @@ def run_cli(args: argparse.Namespace) -> int:
     runs stay stored; the same command continues)."""
     cfg = config_from_args(args)
     command = _command_line(cfg)
+    if getattr(args, "report_only", False) and not _grid_given(args):
+        return _report_from_stored(Path(cfg.out))
     try:
         cfg.validate()
     except ValueError as exc:
@@ -200,7 +202,10 @@ def run_cli(args: argparse.Namespace) -> int:
         print(f"kpo sweep: --out: cannot write to {cfg.out}: {exc.strerror}", file=sys.stderr)
         return 2
     try:
+        before = _snapshot(Path(cfg.out)) if args.report_only else None
         report = run_sweep(cfg, command=command, report_only=args.report_only)
+        if before is not None and _emptier(Path(cfg.out), before):
+            return 2
     except KeyboardInterrupt:
         print(
             f"kpo sweep: interrupted; finished runs are stored in {Path(cfg.out) / 'runs'}, "
@@ -208,8 +213,69 @@ def run_cli(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 130
-    print(f"wrote {report.parent / 'results.csv'}, {report} and plots")
+    plots = sorted(
+        p.name for p in report.parent.glob("*.png") if f"]({p.name})" in report.read_text()
+    )
+    print(
+        f"wrote {report.parent / 'results.csv'}, {report}"
+        + (f" and {', '.join(plots)}" if plots else " (no plots: matplotlib is missing)")
+    )
     return 0
+
+
+# --report-only (owned with kpo_rs.experiments.report): never replace a finished report with an
+# emptier one.
+_GRID = ("preset", "losses", "lrs", "minibatches", "lags", "response_lens", "qs", "p0s", "seeds",
+         "steps", "seed0", "tune_lr", "tune_seeds")  # fmt: skip
+
+
+def _grid_given(args: argparse.Namespace) -> bool:
+    """Whether any option choosing the grid was given (they default to None)."""
+    return any(getattr(args, name, None) is not None for name in _GRID)
+
+
+def _report_from_stored(out: Path) -> int:
+    """``--report-only`` without grid options: the report of every run stored in ``out/runs``,
+    or a one-line refusal that leaves every file as it was."""
+    from ..experiments.report import rebuild
+
+    try:
+        report, figures = rebuild(out, command=f"kpo sweep --report-only --out {out}")
+    except (ValueError, OSError) as exc:
+        print(f"kpo sweep: {exc}", file=sys.stderr)
+        return 2
+    tail = f" and {', '.join(figures)}" if figures else " (no plots: matplotlib is missing)"
+    print(f"wrote {out / 'results.csv'}, {report}{tail}")
+    return 0
+
+
+def _snapshot(out: Path) -> dict[str, bytes]:
+    """The report files of ``out`` as they are now (results.csv, report.md, plots)."""
+    names = ["results.csv", "report.md", *(p.name for p in out.glob("*.png"))]
+    return {n: (out / n).read_bytes() for n in names if (out / n).is_file()}
+
+
+def _emptier(out: Path, before: dict[str, bytes]) -> bool:
+    """When the report just written has fewer rows than the one it replaced: puts the old files
+    back, says so in one line and returns True."""
+    from .. import _files
+
+    def count(data: bytes | None) -> int:
+        return 0 if not data else max(0, len(data.decode().strip().splitlines()) - 1)
+
+    old, new = count(before.get("results.csv")), count((out / "results.csv").read_bytes())
+    if new >= old:
+        return False
+    for name, data in before.items():
+        with _files.replacing(out / name) as tmp, open(tmp, "wb") as f:
+            f.write(data)
+    print(
+        f"kpo sweep: --report-only: the grid's options match {new} stored runs, fewer than the "
+        f"{old} rows of {out / 'results.csv'}; left the report as it was (without the grid's "
+        "options it reports every stored run)",
+        file=sys.stderr,
+    )
+    return True
 
 
 def _command_line(cfg: SweepConfig) -> str:
