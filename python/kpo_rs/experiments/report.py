@@ -527,7 +527,7 @@ def _steps_summary(rs: Sequence[dict[str, Any]], key: str) -> tuple[str, str]:
     """Reached the threshold ``k/n``, and the median first step at it with censored runs
     (never reached: ``-1`` or empty) counted as later than every step."""
     steps = [r.get(key) for r in rs]
-    reached = sorted(float(s) for s in steps if _present(s) and s >= 0)
+    reached = sorted(float(s) for s in steps if s is not None and _present(s) and s >= 0)
     n = len(steps)
     if not n:
         return "-", "-"
@@ -833,7 +833,7 @@ def rebuild(out: Path, *, command: str) -> tuple[Path, list[str]]:
             f"--report-only: no finished run stored in {out / 'runs'}; nothing to report "
             "(report.md and results.csv left as they were)"
         )
-    steps = sorted({r.get("steps") for r in rows if r.get("steps") is not None})
+    steps = sorted({int(r["steps"]) for r in rows if r.get("steps") is not None})
     if len(steps) > 1:
         raise ValueError(
             f"--report-only: the runs stored in {out / 'runs'} ran different --steps {steps}; "
