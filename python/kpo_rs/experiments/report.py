@@ -300,7 +300,18 @@ def _regime_label(key: tuple, *, with_lr: bool = True) -> str:
 
 def _sort_key(key: tuple) -> tuple:
     lr, length, staleness, mb, lag, mismatch, old_logp, tis = key
-    return (-(lr or 0.0), length, staleness, mb, lag, str(mismatch), str(old_logp), tis or 0.0)
+    plain = mismatch in (None, "none")  # without engine mismatch first
+    return (
+        -(lr or 0.0),
+        length,
+        staleness,
+        mb,
+        lag,
+        not plain,
+        str(mismatch),
+        str(old_logp),
+        tis or 0.0,
+    )
 
 
 Groups = dict[tuple, dict[str, list[dict[str, Any]]]]
@@ -922,9 +933,9 @@ def write_plots(rows: Sequence[dict[str, Any]], out: Path) -> list[Path]:
             lr, length, mismatch, old_logp, tis = panel
             title = f"{length} tokens" if lr is None else f"lr {_fmt_num(lr)}, {length} tokens"
             if mismatch is not None:
-                title += f", {mismatch}"
+                title += f", mismatch {mismatch}"
             if old_logp is not None:
-                title += f", old {old_logp}"
+                title += f", old logp {old_logp}"
             if tis is not None:
                 title += f", TIS {_fmt_num(tis)}"
             ax.set_title(title, fontsize=9)
