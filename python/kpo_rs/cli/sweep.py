@@ -157,7 +157,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--report-only",
         action="store_true",
-        help="run nothing: write results.csv, report.md and plots from the stored runs",
+        help="run nothing: write results.csv, report.md and plots from the stored runs (without "
+        "grid options: every run in OUT/runs; never replaces a report with one of fewer runs)",
     )
 
 
