@@ -35,6 +35,8 @@ SNAPSHOT: dict[str, tuple[str, ...]] = {
         "kalman_filter_adjoint",
         "kalman_filter_packed",
         "kalman_filter_packed_adjoint",
+        "log_likelihood",
+        "log_likelihood_packed",
         "resolve_params",
     ),
     "kpo_rs.params": (
@@ -59,6 +61,8 @@ SNAPSHOT: dict[str, tuple[str, ...]] = {
         "kalman_filter_adjoint",
         "kalman_filter_packed",
         "kalman_filter_packed_adjoint",
+        "log_likelihood",
+        "log_likelihood_packed",
     ),
     "kpo_rs.testing": (
         "PackedBatch",

@@ -59,6 +59,8 @@ __all__ = [
     "kalman_filter_adjoint",
     "kalman_filter_packed",
     "kalman_filter_packed_adjoint",
+    "log_likelihood",
+    "log_likelihood_packed",
     "resolve_params",
 ]
 
@@ -220,3 +222,57 @@ def kalman_filter_packed_adjoint(
     g, dtype = _prepare(grad)
     dz, dm0 = _core.adjoint(g, _offsets(cu_seqlens), _as_array(mask), p.variances, p.masked)
     return _restore(dz, dtype), _restore(dm0, dtype)
+
+
+def _innovation_sums(values: Any, cu_seqlens: Any, mask: Any, p: FilterParams) -> np.ndarray:
+    """The Rust core's per-row sums, float64 ``[batch, 7]``: columns ``log_likelihood, tokens,
+    terms, log_det, ssq, cross, c2`` (``rust/likelihood.rs``). ``cu_seqlens`` None: padded."""
+    z, _ = _prepare(values)
+    return _core.innovations(z, cu_seqlens, _as_array(mask), p.variances, p.m0)
+
+
+def log_likelihood(
+    values: np.ndarray,
+    mask: np.ndarray | None = None,
+    *,
+    params: FilterParams | None = None,
+    **overrides: Unpack[FilterOverrides],
+) -> np.ndarray:
+    """Each row's exact Gaussian log-likelihood under the filter's model (nats).
+
+    The model is the local-level model the filter is the optimal estimator of: a random walk
+    ``x_n = x_{n-1} + w_n``, ``w_n ~ N(0, q)``, observed as ``z_n = x_n + e_n``,
+    ``e_n ~ N(0, r)``, from ``x_{-1} ~ N(m0, p0)``. One pass of the filter gives each valid
+    token's innovation ``v_n = z_n - x_{n-1}`` and its variance ``F_n = P_{n-1} + q + r``; the
+    row's log-likelihood is ``-1/2 sum_n (ln(2 pi F_n) + v_n^2 / F_n)``. It equals statsmodels'
+    ``UnobservedComponents(row, level="llevel")`` with ``initialize_known([m0], [[p0 + q]])``,
+    ``loglikelihood_burn = 0`` and params ``[r, q]``. Masked positions are skipped as
+    ``masked="hold"`` skips them (whatever ``masked`` says): the likelihood is that of the row's
+    valid tokens in order. With ``p0 = inf`` the first valid token's term is the exact-diffuse
+    ``-ln(2 pi) / 2`` (docs/design.md, "Log-likelihood"). A row with no valid token has 0.
+
+    Args:
+        values: ``[batch, time]`` float32/float64/float16 observations (accumulated in
+            float64).
+        mask: optional ``[batch, time]`` bool, True where the token is valid.
+        params, **overrides: the settings, as for :func:`kalman_filter`.
+
+    Returns:
+        float64 ``[batch]``.
+    """
+    p = resolve_params(params, **overrides)
+    return _innovation_sums(values, None, mask, p)[:, 0].copy()
+
+
+def log_likelihood_packed(
+    values: np.ndarray,
+    cu_seqlens: np.ndarray,
+    mask: np.ndarray | None = None,
+    *,
+    params: FilterParams | None = None,
+    **overrides: Unpack[FilterOverrides],
+) -> np.ndarray:
+    """:func:`log_likelihood` of packed rows: ``values`` ``[total]`` split by ``cu_seqlens``
+    ``[batch + 1]`` (as :func:`kalman_filter_packed`); returns float64 ``[batch]``."""
+    p = resolve_params(params, **overrides)
+    return _innovation_sums(values, _offsets(cu_seqlens), mask, p)[:, 0].copy()
