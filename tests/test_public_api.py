@@ -27,10 +27,12 @@ SNAPSHOT: dict[str, tuple[str, ...]] = {
     "kpo_rs": (
         "FilterOverrides",
         "FilterParams",
+        "INNOVATION_COLUMNS",
         "Masked",
         "Overrides",
         "__version__",
         "gains",
+        "innovation_sums",
         "kalman_filter",
         "kalman_filter_adjoint",
         "kalman_filter_packed",
@@ -38,6 +40,13 @@ SNAPSHOT: dict[str, tuple[str, ...]] = {
         "log_likelihood",
         "log_likelihood_packed",
         "resolve_params",
+    ),
+    "kpo_rs.fit": (
+        "FITTABLE",
+        "FilterFit",
+        "effective_window",
+        "fit_filter",
+        "mean_data_weight",
     ),
     "kpo_rs.params": (
         "FilterOverrides",

@@ -49,12 +49,14 @@ if TYPE_CHECKING:
     from typing_extensions import Unpack
 
 __all__ = [
+    "INNOVATION_COLUMNS",
     "FilterOverrides",
     "FilterParams",
     "Masked",
     "Overrides",
     "__version__",
     "gains",
+    "innovation_sums",
     "kalman_filter",
     "kalman_filter_adjoint",
     "kalman_filter_packed",
@@ -229,6 +231,34 @@ def _innovation_sums(values: Any, cu_seqlens: Any, mask: Any, p: FilterParams) -
     terms, log_det, ssq, cross, c2`` (``rust/likelihood.rs``). ``cu_seqlens`` None: padded."""
     z, _ = _prepare(values)
     return _core.innovations(z, cu_seqlens, _as_array(mask), p.variances, p.m0)
+
+
+#: The columns of :func:`innovation_sums`.
+INNOVATION_COLUMNS = ("log_likelihood", "tokens", "terms", "log_det", "ssq", "cross", "c2")
+
+
+def innovation_sums(
+    values: np.ndarray,
+    mask: np.ndarray | None = None,
+    *,
+    cu_seqlens: np.ndarray | None = None,
+    params: FilterParams | None = None,
+    **overrides: Unpack[FilterOverrides],
+) -> np.ndarray:
+    """The per-row sums :func:`log_likelihood` is made of, for fitting (:mod:`kpo_rs.fit`).
+
+    Padded ``values [batch, time]`` or, with ``cu_seqlens``, packed ``values [total]``; ``mask``
+    and the settings as for :func:`log_likelihood`. Returns float64 ``[batch, 7]``, columns
+    ``log_likelihood, tokens, terms, log_det, ssq, cross, c2``: the row's log-likelihood, its
+    valid tokens, the tokens with a finite innovation variance ``F_n`` (all but the first when
+    ``p0 = inf``), ``sum ln F_n``, ``sum v_n^2 / F_n``, ``sum v_n c_n / F_n`` and
+    ``sum c_n^2 / F_n``, with ``c_n = prod_{k<n} (1 - K_k)`` the weight of ``m0`` in the
+    prediction of token ``n``. The log-likelihood at another prior mean ``m0 + d`` is that with
+    ``ssq - 2 d cross + d^2 c2``.
+    """
+    p = resolve_params(params, **overrides)
+    cu = None if cu_seqlens is None else _as_array(cu_seqlens)
+    return _innovation_sums(values, cu, mask, p)
 
 
 def log_likelihood(
