@@ -5,12 +5,14 @@
 //! only those listed before it: `simd` (explicit SIMD row-block kernels per instruction set,
 //! chosen at run time), `types` (shared types, parameters, errors, gains), `row` (one-row
 //! kernels), `block` (row-block kernels: dispatch to `simd`, portable fallback), `stretch` (the
-//! row-block path, long rows cut into stretches), `filter` (layout checks and dispatch). With the
+//! row-block path, long rows cut into stretches), `filter` (layout checks and dispatch),
+//! `likelihood` (the model's log-likelihood per row, for fitting the settings). With the
 //! `python` feature (enabled by maturin) this crate is also the Python extension module
 //! `kpo_rs._core`, defined in `python.rs`. See `docs/design.md`, "Rust core".
 
 mod block;
 pub mod filter;
+pub mod likelihood;
 mod row;
 mod simd;
 mod stretch;

@@ -17,6 +17,7 @@ use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
 
 use crate::filter::{self, FilterError, FilterParams, Gains, MaskMode, Offset, Real};
+use crate::likelihood::{self, RowStats};
 
 /// Every error of the core is a `ValueError` carrying the core's message, which names the
 /// argument (see `docs/design.md`, "Errors").
@@ -420,6 +421,76 @@ fn adjoint_rows<'py>(
     }
 }
 
+/// Runs a likelihood kernel with the GIL released into a new float64 `[batch, 7]` array
+/// (the columns of [`RowStats::to_array`]).
+fn stats_array<'py>(
+    py: Python<'py>,
+    batch: usize,
+    kernel: impl Send + FnOnce(&mut [RowStats]) -> Result<(), FilterError>,
+) -> PyResult<Bound<'py, PyAny>> {
+    let rows = py.detach(|| {
+        let mut rows = vec![RowStats::default(); batch];
+        kernel(&mut rows).map(|()| rows)
+    })?;
+    let flat: Vec<f64> = rows.iter().flat_map(RowStats::to_array).collect();
+    Ok(PyArray1::from_vec(py, flat)
+        .reshape([batch, RowStats::COLUMNS])?
+        .into_any())
+}
+
+fn innovations_padded_typed<'py, T: Real + Element>(
+    arr: &Bound<'py, PyArrayDyn<T>>,
+    mask: Option<Elems<'py, bool>>,
+    params: FilterParams,
+    m0: f64,
+) -> PyResult<Bound<'py, PyAny>> {
+    let (batch, time) = padded_shape(arr);
+    let values = read("values", arr)?;
+    let (z, m) = (values.as_slice(), mask.as_ref().map(Elems::as_slice));
+    stats_array(arr.py(), batch, |out| {
+        likelihood::likelihood_padded(z, m, batch, time, &params, m0, out)
+    })
+}
+
+fn innovations_packed_typed<'py, T: Real + Element, O: Offset + Element>(
+    arr: &Bound<'py, PyArrayDyn<T>>,
+    cu: &Bound<'py, PyArrayDyn<O>>,
+    mask: Option<Elems<'py, bool>>,
+    params: FilterParams,
+    m0: f64,
+) -> PyResult<Bound<'py, PyAny>> {
+    let values = read("values", arr)?;
+    let z = values.as_slice();
+    let (offsets, _) = read_offsets(cu, z.len())?;
+    let (m, cu) = (mask.as_ref().map(Elems::as_slice), offsets.as_slice());
+    stats_array(arr.py(), cu.len() - 1, |out| {
+        likelihood::likelihood_packed(z, m, cu, &params, m0, out)
+    })
+}
+
+/// The sums of the innovations of each row of `values` (either layout, masked positions skipped
+/// as `masked="hold"` skips them): float64 `[batch, 7]` with columns `log_likelihood, tokens,
+/// terms, log_det, ssq, cross, c2` (see `rust/likelihood.rs`).
+#[pyfunction]
+#[pyo3(signature = (values, cu_seqlens, mask, variances, m0))]
+fn innovations<'py>(
+    values: &Bound<'py, PyAny>,
+    cu_seqlens: Option<&Bound<'py, PyAny>>,
+    mask: Option<&Bound<'py, PyAny>>,
+    variances: (f64, f64, f64),
+    m0: f64,
+) -> PyResult<Bound<'py, PyAny>> {
+    let (arr, cu) = layout("values", values, cu_seqlens)?;
+    let (floats, s) = settings("values", arr, mask, variances, "hold")?;
+    let Settings { mask, params, .. } = s;
+    match cu {
+        None => by_dtype!(Floats, floats, a => innovations_padded_typed(&a, mask, params, m0)),
+        Some(cu) => by_dtype!(Floats, floats, a => by_dtype!(Offsets, offsets(cu)?, c => {
+            innovations_packed_typed(&a, &c, mask, params, m0)
+        })),
+    }
+}
+
 #[pymodule]
 #[pyo3(name = "_core")]
 fn core_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
@@ -428,5 +499,6 @@ fn core_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(check_offsets, m)?)?;
     m.add_function(wrap_pyfunction!(filter_rows, m)?)?;
     m.add_function(wrap_pyfunction!(adjoint_rows, m)?)?;
+    m.add_function(wrap_pyfunction!(innovations, m)?)?;
     Ok(())
 }

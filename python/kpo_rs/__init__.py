@@ -49,16 +49,20 @@ if TYPE_CHECKING:
     from typing_extensions import Unpack
 
 __all__ = [
+    "INNOVATION_COLUMNS",
     "FilterOverrides",
     "FilterParams",
     "Masked",
     "Overrides",
     "__version__",
     "gains",
+    "innovation_sums",
     "kalman_filter",
     "kalman_filter_adjoint",
     "kalman_filter_packed",
     "kalman_filter_packed_adjoint",
+    "log_likelihood",
+    "log_likelihood_packed",
     "resolve_params",
 ]
 
@@ -220,3 +224,85 @@ def kalman_filter_packed_adjoint(
     g, dtype = _prepare(grad)
     dz, dm0 = _core.adjoint(g, _offsets(cu_seqlens), _as_array(mask), p.variances, p.masked)
     return _restore(dz, dtype), _restore(dm0, dtype)
+
+
+def _innovation_sums(values: Any, cu_seqlens: Any, mask: Any, p: FilterParams) -> np.ndarray:
+    """The Rust core's per-row sums, float64 ``[batch, 7]``: columns ``log_likelihood, tokens,
+    terms, log_det, ssq, cross, c2`` (``rust/likelihood.rs``). ``cu_seqlens`` None: padded."""
+    z, _ = _prepare(values)
+    return _core.innovations(z, cu_seqlens, _as_array(mask), p.variances, p.m0)
+
+
+#: The columns of :func:`innovation_sums`.
+INNOVATION_COLUMNS = ("log_likelihood", "tokens", "terms", "log_det", "ssq", "cross", "c2")
+
+
+def innovation_sums(
+    values: np.ndarray,
+    mask: np.ndarray | None = None,
+    *,
+    cu_seqlens: np.ndarray | None = None,
+    params: FilterParams | None = None,
+    **overrides: Unpack[FilterOverrides],
+) -> np.ndarray:
+    """The per-row sums :func:`log_likelihood` is made of, for fitting (:mod:`kpo_rs.fit`).
+
+    Padded ``values [batch, time]`` or, with ``cu_seqlens``, packed ``values [total]``; ``mask``
+    and the settings as for :func:`log_likelihood`. Returns float64 ``[batch, 7]``, columns
+    ``log_likelihood, tokens, terms, log_det, ssq, cross, c2``: the row's log-likelihood, its
+    valid tokens, the tokens with a finite innovation variance ``F_n`` (all but the first when
+    ``p0 = inf``), ``sum ln F_n``, ``sum v_n^2 / F_n``, ``sum v_n c_n / F_n`` and
+    ``sum c_n^2 / F_n``, with ``c_n = prod_{k<n} (1 - K_k)`` the weight of ``m0`` in the
+    prediction of token ``n``. The log-likelihood at another prior mean ``m0 + d`` is that with
+    ``ssq - 2 d cross + d^2 c2``.
+    """
+    p = resolve_params(params, **overrides)
+    cu = None if cu_seqlens is None else _as_array(cu_seqlens)
+    return _innovation_sums(values, cu, mask, p)
+
+
+def log_likelihood(
+    values: np.ndarray,
+    mask: np.ndarray | None = None,
+    *,
+    params: FilterParams | None = None,
+    **overrides: Unpack[FilterOverrides],
+) -> np.ndarray:
+    """Each row's exact Gaussian log-likelihood under the filter's model (nats).
+
+    The model is the local-level model the filter is the optimal estimator of: a random walk
+    ``x_n = x_{n-1} + w_n``, ``w_n ~ N(0, q)``, observed as ``z_n = x_n + e_n``,
+    ``e_n ~ N(0, r)``, from ``x_{-1} ~ N(m0, p0)``. One pass of the filter gives each valid
+    token's innovation ``v_n = z_n - x_{n-1}`` and its variance ``F_n = P_{n-1} + q + r``; the
+    row's log-likelihood is ``-1/2 sum_n (ln(2 pi F_n) + v_n^2 / F_n)``. It equals statsmodels'
+    ``UnobservedComponents(row, level="llevel")`` with ``initialize_known([m0], [[p0 + q]])``,
+    ``loglikelihood_burn = 0`` and params ``[r, q]``. Masked positions are skipped as
+    ``masked="hold"`` skips them (whatever ``masked`` says): the likelihood is that of the row's
+    valid tokens in order. With ``p0 = inf`` the first valid token's term is the exact-diffuse
+    ``-ln(2 pi) / 2`` (docs/design.md, "Log-likelihood"). A row with no valid token has 0.
+
+    Args:
+        values: ``[batch, time]`` float32/float64/float16 observations (accumulated in
+            float64).
+        mask: optional ``[batch, time]`` bool, True where the token is valid.
+        params, **overrides: the settings, as for :func:`kalman_filter`.
+
+    Returns:
+        float64 ``[batch]``.
+    """
+    p = resolve_params(params, **overrides)
+    return _innovation_sums(values, None, mask, p)[:, 0].copy()
+
+
+def log_likelihood_packed(
+    values: np.ndarray,
+    cu_seqlens: np.ndarray,
+    mask: np.ndarray | None = None,
+    *,
+    params: FilterParams | None = None,
+    **overrides: Unpack[FilterOverrides],
+) -> np.ndarray:
+    """:func:`log_likelihood` of packed rows: ``values`` ``[total]`` split by ``cu_seqlens``
+    ``[batch + 1]`` (as :func:`kalman_filter_packed`); returns float64 ``[batch]``."""
+    p = resolve_params(params, **overrides)
+    return _innovation_sums(values, _offsets(cu_seqlens), mask, p)[:, 0].copy()

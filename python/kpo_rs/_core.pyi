@@ -11,7 +11,7 @@ from typing import Literal
 import numpy as np
 import numpy.typing as npt
 
-__all__ = ["__version__", "adjoint", "check_offsets", "filter", "gains"]
+__all__ = ["__version__", "adjoint", "check_offsets", "filter", "gains", "innovations"]
 
 __version__: str
 
@@ -47,3 +47,14 @@ def adjoint(
 
 def check_offsets(cu_seqlens: _Offsets, total: int) -> int:
     """Checks ``cu_seqlens`` against ``total`` values; returns the longest segment's length."""
+
+def innovations(
+    values: _Float,
+    cu_seqlens: _Offsets | None,
+    mask: npt.NDArray[np.bool_] | None,
+    variances: tuple[float, float, float],
+    m0: float,
+) -> npt.NDArray[np.float64]:
+    """The sums of each row's innovations under the filter's model (either layout; masked
+    positions skipped as ``masked="hold"`` skips them; accumulated in float64): float64
+    ``[batch, 7]`` with columns ``log_likelihood, tokens, terms, log_det, ssq, cross, c2``."""

@@ -30,6 +30,8 @@ __all__ = [
     "kalman_filter_adjoint",
     "kalman_filter_packed",
     "kalman_filter_packed_adjoint",
+    "log_likelihood",
+    "log_likelihood_packed",
 ]
 
 
@@ -201,3 +203,50 @@ def filter_matrix(
                 decay *= 1.0 - k[n_at[s]]
         c[t] = decay
     return w, c
+
+
+def log_likelihood_row(
+    z: Sequence[float], mask_row: Sequence[bool] | None, **settings: Unpack[FilterOverrides]
+) -> float:
+    """One row's Gaussian log-likelihood of its valid tokens (masked ones skipped, as
+    ``masked="hold"`` skips them; ``settings["masked"]`` is ignored): with ``F = P + q + r``,
+    each term is ``-(ln(2 pi F) + v^2 / F) / 2``; an infinite ``F`` (the first token when
+    ``p0 = inf``) gives the exact-diffuse term ``-ln(2 pi) / 2`` (docs/design.md,
+    "Log-likelihood")."""
+    s = _settings(settings)
+    x, p, ll = s.m0, s.p0, 0.0
+    for t in range(len(z)):
+        if not _valid(mask_row, t):
+            continue
+        zt = float(z[t])
+        pred = p + s.q
+        if math.isinf(pred):
+            ll -= 0.5 * math.log(2.0 * math.pi)
+            x, p = zt, s.r
+            continue
+        f = pred + s.r
+        v = zt - x
+        ll -= 0.5 * (math.log(2.0 * math.pi * f) + v * v / f)
+        k = pred / f
+        x += k * v
+        p = k * s.r
+    return ll
+
+
+def log_likelihood_packed(
+    values: np.ndarray,
+    cu_seqlens: np.ndarray,
+    mask: np.ndarray | None = None,
+    **settings: Unpack[FilterOverrides],
+) -> np.ndarray:
+    """Packed log-likelihood; float64 ``[batch]``."""
+    return np.array(
+        _over_rows(log_likelihood_row, values, cu_seqlens, mask, settings), dtype=np.float64
+    )
+
+
+def log_likelihood(
+    values: np.ndarray, mask: np.ndarray | None = None, **settings: Unpack[FilterOverrides]
+) -> np.ndarray:
+    """Padded log-likelihood; ``[batch, time]`` in, float64 ``[batch]`` out."""
+    return log_likelihood_packed(*_as_packed(values, mask), **settings)
