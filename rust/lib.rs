@@ -11,6 +11,7 @@
 
 mod block;
 pub mod filter;
+mod ragged;
 mod row;
 mod simd;
 mod stretch;
