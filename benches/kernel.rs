@@ -49,7 +49,10 @@ fn main() {
         .map(|_| t / 2 + (rng.next() as usize) % (t - t / 2 + 1))
         .collect();
     let prefix: Vec<bool> = (0..b * t).map(|i| i % t < lens[i / t]).collect();
-    let holes: Vec<bool> = prefix.iter().map(|&v| v && !rng.next().is_multiple_of(10)).collect();
+    let holes: Vec<bool> = prefix
+        .iter()
+        .map(|&v| v && !rng.next().is_multiple_of(10))
+        .collect();
     let packed: Vec<f32> = z
         .iter()
         .zip(&prefix)

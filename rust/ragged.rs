@@ -34,17 +34,53 @@ enum Shape {
     Holes { valid: usize, last: usize },
 }
 
+/// Chunk of mask bytes the scans below reduce without an early exit (which the compiler does
+/// not vectorise), before looking inside the one chunk that holds the answer.
+const SCAN: usize = 64;
+
+/// The first masked position of `m`, or `m.len()`.
+fn first_masked(m: &[bool]) -> usize {
+    let mut at = 0;
+    for c in m.chunks(SCAN) {
+        if c.iter().fold(true, |acc, &v| acc & v) {
+            at += c.len();
+        } else {
+            return at + c.iter().position(|&v| !v).unwrap_or(c.len());
+        }
+    }
+    at
+}
+
+/// The last valid position of `m`.
+fn last_valid(m: &[bool]) -> Option<usize> {
+    let mut end = m.len();
+    for c in m.rchunks(SCAN) {
+        end -= c.len();
+        if c.iter().fold(false, |acc, &v| acc | v) {
+            return c.iter().rposition(|&v| v).map(|r| end + r);
+        }
+    }
+    None
+}
+
+/// The number of valid positions of `m`.
+fn count_valid(m: &[bool]) -> usize {
+    m.chunks(SCAN)
+        .map(|c| usize::from(c.iter().map(|&v| u8::from(v)).sum::<u8>()))
+        .sum()
+}
+
 /// Reads a row's mask once (up to its first hole, then back from its end).
 fn classify(len: usize, m: Option<&[bool]>) -> Shape {
     let Some(m) = m else {
         return Shape::Prefix(len);
     };
-    let lead = m.iter().position(|&v| !v).unwrap_or(len);
-    match m[lead..].iter().rposition(|&v| v) {
+    let lead = first_masked(m);
+    match last_valid(&m[lead..]) {
         None => Shape::Prefix(lead),
         Some(r) => {
             let last = lead + r;
-            let valid = lead + m[lead..=last].iter().filter(|&&v| v).count();
+            let valid = lead + count_valid(&m[lead..=last]);
             Shape::Holes { valid, last }
         }
     }
@@ -140,26 +176,32 @@ fn over_blocks<'a, T: Send + Sync>(
     }
 }
 
-/// The valid tokens of `z` in order (`valid` of them). Branch-free: a masked value is written
-/// to the next free slot and overwritten by the next valid one (or lands in the spare slot); it
-/// never enters arithmetic.
-fn compact<T: Real>(z: &[T], m: &[bool], valid: usize) -> Vec<T> {
-    let mut c = vec![T::ZERO; valid + 1];
+/// Writes the valid tokens of `z` in order into `c` (one slot more than there are). Branch-free:
+/// a masked value is written to the next free slot and overwritten by the next valid one (or
+/// lands in the spare slot); it never enters arithmetic.
+fn compact<T: Real>(z: &[T], m: &[bool], c: &mut [T]) {
     let mut j = 0;
     for (&v, &ok) in z.iter().zip(m) {
         c[j] = v;
         j += usize::from(ok);
     }
-    c.truncate(valid);
-    c
 }
 
-/// `z` with the masked values replaced by `fill`.
-fn masked_to<T: Real>(z: &[T], m: &[bool], fill: T) -> Vec<T> {
-    z.iter()
-        .zip(m)
-        .map(|(&v, &ok)| if ok { v } else { fill })
-        .collect()
+/// Writes `z` with the masked values replaced by `fill` into `c`.
+fn masked_to<T: Real>(z: &[T], m: &[bool], fill: T, c: &mut [T]) {
+    for ((c, &v), &ok) in c.iter_mut().zip(z).zip(m) {
+        *c = if ok { v } else { fill };
+    }
+}
+
+/// Cuts `buf` into consecutive pieces of the given lengths (at most `buf.len()` in all).
+fn pieces<'b, T>(mut buf: &'b mut [T], lens: impl Iterator<Item = usize>) -> Vec<&'b mut [T]> {
+    lens.map(|n| {
+        let (head, tail) = std::mem::take(&mut buf).split_at_mut(n);
+        buf = tail;
+        head
+    })
+    .collect()
 }
 
 /// Forward filter of `rows` (each with its own length and mask) by row blocks; the failure of
@@ -188,19 +230,51 @@ fn forward_block<T: Real>(
 ) -> Option<(usize, RowFault)> {
     // Scratch rows of the rows with holes: the kernel's input, and under `Hold` the held state
     // before each valid token's output (`m0`, then the outputs).
-    let mut scratch: Vec<(Vec<T>, Vec<T>)> = Vec::with_capacity(rows.len());
-    for r in rows.iter() {
-        let m = r.mask.unwrap_or(&[]);
-        scratch.push(match (r.shape, mode) {
-            (Shape::Prefix(_), _) => (Vec::new(), Vec::new()),
-            (Shape::Holes { valid, .. }, MaskMode::Hold) => {
-                (compact(r.input, m, valid), vec![m0; valid + 1])
-            }
-            (Shape::Holes { last, .. }, MaskMode::Zero) => {
-                (masked_to(&r.input[..=last], m, T::ZERO), Vec::new())
-            }
+    let sizes = |r: &Row<'_, T>| match (r.shape, mode) {
+        (Shape::Prefix(_), _) => (0, 0),
+        (Shape::Holes { valid, .. }, MaskMode::Hold) => (valid + 1, valid + 1),
+        (Shape::Holes { last, .. }, MaskMode::Zero) => (last + 1, 0),
+    };
+    let total: usize = rows.iter().map(|r| sizes(r).0 + sizes(r).1).sum();
+    T::with_scratch(|buf| {
+        if buf.len() < total {
+            buf.resize(total, T::ZERO);
+        }
+        let lens = rows.iter().flat_map(|r| {
+            let (i, h) = sizes(r);
+            [i, h]
         });
-    }
+        let mut parts = pieces(&mut buf[..total], lens).into_iter();
+        let mut scratch: Vec<(&mut [T], &mut [T])> = Vec::with_capacity(rows.len());
+        for r in rows.iter() {
+            let (input, held) = (
+                parts.next().unwrap_or_default(),
+                parts.next().unwrap_or_default(),
+            );
+            let m = r.mask.unwrap_or(&[]);
+            match (r.shape, mode) {
+                (Shape::Prefix(_), _) => {}
+                (Shape::Holes { .. }, MaskMode::Hold) => {
+                    compact(r.input, m, input);
+                    held[0] = m0;
+                }
+                (Shape::Holes { .. }, MaskMode::Zero) => masked_to(r.input, m, T::ZERO, input),
+            }
+            scratch.push((input, held));
+        }
+        forward_lanes(isa, rows, &mut scratch, gains, m0, mode)
+    })
+}
+
+/// [`forward_block`] once the scratch rows are filled.
+fn forward_lanes<T: Real>(
+    isa: Isa,
+    rows: &mut [Row<'_, T>],
+    scratch: &mut [(&mut [T], &mut [T])],
+    gains: &Gains<T>,
+    m0: T,
+    mode: MaskMode,
+) -> Option<(usize, RowFault)> {
     let fin = {
         let mut src: Vec<&[T]> = Vec::with_capacity(LANES);
         let mut dst: Vec<&mut [T]> = Vec::with_capacity(LANES);
@@ -212,9 +286,9 @@ fn forward_block<T: Real>(
                     dst.push(&mut r.out[..n]);
                 }
                 Shape::Holes { .. } => {
-                    src.push(input);
+                    src.push(&input[..n]);
                     dst.push(match mode {
-                        MaskMode::Hold => &mut held[1..],
+                        MaskMode::Hold => &mut held[1..=n],
                         MaskMode::Zero => &mut r.out[..n],
                     });
                 }
@@ -223,7 +297,7 @@ fn forward_block<T: Real>(
         ragged_forward(isa, &src, gains.k(), gains.a(), [m0; LANES], &mut dst)
     };
     let mut fail: Option<(usize, RowFault)> = None;
-    for (l, (r, (_, held))) in rows.iter_mut().zip(&scratch).enumerate() {
+    for (l, (r, (_, held))) in rows.iter_mut().zip(scratch.iter()).enumerate() {
         let m = r.mask.unwrap_or(&[]);
         match (r.shape, mode) {
             (Shape::Prefix(n), MaskMode::Hold) => r.out[n..].fill(fin[l]),
@@ -309,19 +383,43 @@ fn adjoint_block<T: Real>(
         }
     }
     let neg_zero = T::from_f64(-0.0);
-    let scratch: Vec<Vec<T>> = lanes
-        .iter()
-        .map(|r| match r.shape {
-            Shape::Prefix(_) => Vec::new(),
-            Shape::Holes { last, .. } => {
-                masked_to(&r.input[..=last], r.mask.unwrap_or(&[]), neg_zero)
-            }
-        })
-        .collect();
+    let size = |r: &&mut Row<'_, T>| match r.shape {
+        Shape::Prefix(_) => 0,
+        Shape::Holes { last, .. } => last + 1,
+    };
+    let total: usize = lanes.iter().map(size).sum();
+    T::with_scratch(|buf| {
+        if buf.len() < total {
+            buf.resize(total, T::ZERO);
+        }
+        let scratch = pieces(&mut buf[..total], lanes.iter().map(size));
+        let mut scratch: Vec<&[T]> = scratch
+            .into_iter()
+            .zip(lanes.iter())
+            .map(|(c, r)| {
+                masked_to(r.input, r.mask.unwrap_or(&[]), neg_zero, c);
+                &*c
+            })
+            .collect();
+        adjoint_lanes(isa, &mut lanes, &mut scratch, gains, mode, lam0, &mut note);
+    });
+    fail
+}
+
+/// [`adjoint_block`] once the scratch rows are filled.
+fn adjoint_lanes<T: Real>(
+    isa: Isa,
+    lanes: &mut [&mut Row<'_, T>],
+    scratch: &mut [&[T]],
+    gains: &Gains<T>,
+    mode: MaskMode,
+    lam0: [T; LANES],
+    note: &mut impl FnMut(usize, RowFault),
+) {
     let lam = {
         let mut src: Vec<&[T]> = Vec::with_capacity(LANES);
         let mut dst: Vec<&mut [T]> = Vec::with_capacity(LANES);
-        for (r, input) in lanes.iter_mut().zip(&scratch) {
+        for (r, input) in lanes.iter_mut().zip(scratch.iter()) {
             let n = r.len;
             src.push(match r.shape {
                 Shape::Prefix(_) => &r.input[..n],
@@ -349,7 +447,6 @@ fn adjoint_block<T: Real>(
             note(r.index, first_bad(r.input, read));
         }
     }
-    fail
 }
 
 fn set_dm0<T>(r: &mut Row<'_, T>, v: T) {
