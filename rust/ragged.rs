@@ -195,7 +195,7 @@ fn masked_to<T: Real>(z: &[T], m: &[bool], fill: T, c: &mut [T]) {
 }
 
 /// Cuts `buf` into consecutive pieces of the given lengths (at most `buf.len()` in all).
-fn pieces<'b, T>(mut buf: &'b mut [T], lens: impl Iterator<Item = usize>) -> Vec<&'b mut [T]> {
+fn pieces<T>(mut buf: &mut [T], lens: impl Iterator<Item = usize>) -> Vec<&mut [T]> {
     lens.map(|n| {
         let (head, tail) = std::mem::take(&mut buf).split_at_mut(n);
         buf = tail;
