@@ -47,7 +47,7 @@ def layouts(draw) -> PaddedBatch:
 
 def _packed(batch: PaddedBatch) -> tuple[PackedBatch, np.ndarray]:
     """The rows of ``batch`` up to each one's last valid token, packed (holes kept)."""
-    b, t = batch.values.shape
+    t = batch.values.shape[1]
     ends = np.where(batch.mask.any(1), t - np.argmax(batch.mask[:, ::-1], 1), 0)
     keep = np.arange(t)[None, :] < ends[:, None]
     cu = np.concatenate([[0], np.cumsum(ends)]).astype(np.int64)
