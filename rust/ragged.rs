@@ -42,7 +42,7 @@ const SCAN: usize = 64;
 fn first_masked(m: &[bool]) -> usize {
     let mut at = 0;
     for c in m.chunks(SCAN) {
-        if c.iter().fold(true, |acc, &v| acc & v) {
+        if c.iter().fold(1u8, |acc, &v| acc & u8::from(v)) != 0 {
             at += c.len();
         } else {
             return at + c.iter().position(|&v| !v).unwrap_or(c.len());
@@ -56,7 +56,7 @@ fn last_valid(m: &[bool]) -> Option<usize> {
     let mut end = m.len();
     for c in m.rchunks(SCAN) {
         end -= c.len();
-        if c.iter().fold(false, |acc, &v| acc | v) {
+        if c.iter().fold(0u8, |acc, &v| acc | u8::from(v)) != 0 {
             return c.iter().rposition(|&v| v).map(|r| end + r);
         }
     }
@@ -368,17 +368,17 @@ fn adjoint_block<T: Real>(
     // one-row kernel adds them. The rows' tails are summed together, one chain per row.
     let mut lam0 = [T::ZERO; LANES];
     if mode == MaskMode::Hold {
-        let longest = lanes
-            .iter()
-            .map(|r| r.input.len() - r.len)
-            .max()
-            .unwrap_or(0);
-        for i in 0..longest {
-            for (l, r) in lanes.iter().enumerate() {
-                let (n, t) = (r.input.len(), r.input.len() - r.len);
-                if i < t {
-                    lam0[l] = lam0[l] + r.input[n - 1 - i];
-                }
+        let tails: Vec<&[T]> = lanes.iter().map(|r| &r.input[r.len..]).collect();
+        // The part every tail has, one step of every chain at a time, then each tail's rest.
+        let common = tails.iter().map(|t| t.len()).min().unwrap_or(0);
+        for i in 0..common {
+            for (acc, t) in lam0.iter_mut().zip(&tails) {
+                *acc = *acc + t[t.len() - 1 - i];
+            }
+        }
+        for (acc, t) in lam0.iter_mut().zip(&tails) {
+            for &v in t[..t.len() - common].iter().rev() {
+                *acc = *acc + v;
             }
         }
     }
