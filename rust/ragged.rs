@@ -180,9 +180,14 @@ fn over_blocks<'a, T: Send + Sync>(
 /// a masked value is written to the next free slot and overwritten by the next valid one (or
 /// lands in the spare slot); it never enters arithmetic.
 fn compact<T: Real>(z: &[T], m: &[bool], c: &mut [T]) {
+    let Some(last) = c.len().checked_sub(1) else {
+        return;
+    };
+    // `j.min(last)` is `j` (at most `last` valid tokens precede any position) and lets the
+    // compiler drop the bounds check.
     let mut j = 0;
     for (&v, &ok) in z.iter().zip(m) {
-        c[j] = v;
+        c[j.min(last)] = v;
         j += usize::from(ok);
     }
 }
@@ -302,18 +307,18 @@ fn forward_lanes<T: Real>(
         match (r.shape, mode) {
             (Shape::Prefix(n), MaskMode::Hold) => r.out[n..].fill(fin[l]),
             (Shape::Prefix(n), MaskMode::Zero) => r.out[n..].fill(T::ZERO),
-            (Shape::Holes { .. }, MaskMode::Hold) => {
+            (Shape::Holes { valid, .. }, MaskMode::Hold) => {
+                // `held` has `valid + 1` values and `j <= valid`; the `min` only drops the
+                // bounds check.
                 let mut j = 0;
                 for (o, &ok) in r.out.iter_mut().zip(m) {
                     j += usize::from(ok);
-                    *o = held[j];
+                    *o = held[j.min(valid)];
                 }
             }
             (Shape::Holes { last, .. }, MaskMode::Zero) => {
                 for (o, &ok) in r.out.iter_mut().zip(m) {
-                    if !ok {
-                        *o = T::ZERO;
-                    }
+                    *o = if ok { *o } else { T::ZERO };
                 }
                 r.out[last + 1..].fill(T::ZERO);
             }
@@ -433,9 +438,7 @@ fn adjoint_lanes<T: Real>(
         let n = r.len;
         if let (Shape::Holes { .. }, Some(m)) = (r.shape, r.mask) {
             for (d, &ok) in r.out[..n].iter_mut().zip(m) {
-                if !ok {
-                    *d = T::ZERO;
-                }
+                *d = if ok { *d } else { T::ZERO };
             }
         }
         r.out[n..].fill(T::ZERO);
