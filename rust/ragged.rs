@@ -310,6 +310,7 @@ fn forward_lanes<T: Real>(
             (Shape::Holes { valid, .. }, MaskMode::Hold) => {
                 // `held` has `valid + 1` values and `j <= valid`; the `min` only drops the
                 // bounds check.
+                let held = &held[..=valid];
                 let mut j = 0;
                 for (o, &ok) in r.out.iter_mut().zip(m) {
                     j += usize::from(ok);
