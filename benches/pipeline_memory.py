@@ -7,7 +7,7 @@ imports the same modules, and the throughput in tokens per second next to that o
 pyarrow job on the same file: read the same batches, compute the log-ratio and its exp with
 pyarrow.compute, write both as new columns with the same writer settings
 (kpo_rs.pipeline.writer_options). The ratio of the two is what the filter itself, its checks and
-its bookkeeping cost; the target is >= 0.7. Each job runs --repeats times; the best and the
+its bookkeeping cost; the target is >= 0.85. Each job runs --repeats times; the best and the
 spread are reported.
 
 ``--writers`` also runs the plain job with pyarrow's default writer settings and with dictionary
@@ -155,7 +155,7 @@ def main() -> None:
     print(
         f"kpo filter / plain pyarrow: {best['plain pyarrow'] / best['kpo filter']:.2f} of the "
         f"speed, best against best ({median['plain pyarrow'] / median['kpo filter']:.2f} median "
-        "against median); target >= 0.7"
+        "against median); target >= 0.85"
     )
     if args.writers:
         compare_writers(args.tokens, job_args, args.repeats)

@@ -17,8 +17,15 @@ baselines measured in the same process:
 Thread counts run in child processes (Rayon reads ``RAYON_NUM_THREADS`` once). Results are also
 written as JSON with a description of the machine.
 
+``--layouts`` prints instead the layouts table: the Rust core's rate of valid tokens on real
+batches (right-padded rows with a mask, the same rows packed, holes under ``masked="hold"`` and
+``"zero"``; forward and adjoint) against the unmasked forward of the same shape in the same
+process, rows of ``--min-len`` to the full length valid, best of ``--rounds`` rounds of
+``best_rate`` with the cases interleaved (the machine is shared and noisy).
+
 Run: python benches/run.py [--quick] [--shapes 64x4096,256x65536] [--dtypes float32]
      [--threads 1,2] [--json bench-results/bench.json]
+     python benches/run.py --layouts [--shapes 64x4096] [--threads 2] [--rounds 5]
 """
 
 from __future__ import annotations
@@ -142,7 +149,66 @@ def measure(shape: str, dtype: str, threads: int) -> dict:
     }
 
 
+def layout_cases(batch: int, time_len: int, min_len: int) -> tuple[dict, dict]:
+    """The layouts table's calls and the valid tokens each one filters: rows of ``min_len`` to
+    ``time_len`` valid tokens (uniform), right-padded; the same rows packed; holes (a tenth of
+    each row's valid tokens masked, at random places) in those rows."""
+    import kpo_rs
+
+    rng = np.random.default_rng(0)
+    z = rng.normal(0, 0.1, (batch, time_len)).astype(np.float32)
+    lengths = rng.integers(min_len, time_len + 1, batch)
+    prefix = np.arange(time_len)[None, :] < lengths[:, None]
+    holes = prefix & (rng.random(z.shape) >= 0.1)
+    packed = z[prefix]
+    cu = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    full, valid, kept = z.size, int(prefix.sum()), int(holes.sum())
+    calls = {
+        "no mask (every row full)": (lambda: kpo_rs.kalman_filter(z), full),
+        "right-padded mask": (lambda: kpo_rs.kalman_filter(z, prefix), valid),
+        "packed (cu_seqlens)": (lambda: kpo_rs.kalman_filter_packed(packed, cu), valid),
+        'holes, masked="hold"': (lambda: kpo_rs.kalman_filter(z, holes), kept),
+        'holes, masked="zero"': (lambda: kpo_rs.kalman_filter(z, holes, masked="zero"), kept),
+        "adjoint, no mask": (lambda: kpo_rs.kalman_filter_adjoint(z), full),
+        "adjoint, right-padded mask": (lambda: kpo_rs.kalman_filter_adjoint(z, prefix), valid),
+        "adjoint, packed": (lambda: kpo_rs.kalman_filter_packed_adjoint(packed, cu), valid),
+        'adjoint, holes, "hold"': (lambda: kpo_rs.kalman_filter_adjoint(z, holes), kept),
+        'adjoint, holes, "zero"': (
+            lambda: kpo_rs.kalman_filter_adjoint(z, holes, masked="zero"),
+            kept,
+        ),
+    }
+    return {k: v[0] for k, v in calls.items()}, {k: v[1] for k, v in calls.items()}
+
+
+def measure_layouts(shape: str, rounds: int, min_len: int | None) -> dict:
+    """Best rate of valid tokens per layout over ``rounds`` interleaved rounds."""
+    from kpo_rs.experiments.bench import best_rate
+
+    batch, time_len = (int(v) for v in shape.split("x"))
+    fns, tokens = layout_cases(batch, time_len, min_len or time_len // 2)
+    best: dict[str, float] = dict.fromkeys(fns, 0.0)
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            best[name] = max(best[name], best_rate(fn, tokens[name], budget=0.3).best)
+    return {"shape": shape, "rates": best}
+
+
+def print_layouts(result: dict, threads: int) -> None:
+    r = result["rates"]
+    base = r["no mask (every row full)"]
+    print(f"\nlayouts {result['shape']} float32, {threads} thread(s), valid tokens/s")
+    print(f"{'layout':30} {'best tok/s':>11} {'/ unmasked fwd':>15}")
+    for name, rate in r.items():
+        print(f"{name:30} {rate:11.3e} {rate / base:15.2f}")
+    print(f"adjoint / forward, no mask: {r['adjoint, no mask'] / base:.2f}")
+
+
 def _child(args: argparse.Namespace) -> None:
+    if args.layouts:
+        results = [measure_layouts(s, args.rounds, args.min_len) for s in args.shapes.split(",")]
+        print(json.dumps(results))
+        return
     results = [
         measure(s, d, args.child_threads)
         for s in args.shapes.split(",")
@@ -210,8 +276,15 @@ def main() -> None:
     ap.add_argument("--dtypes", default="float32,float64")
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--json", default="bench-results/bench.json")
+    ap.add_argument("--layouts", action="store_true", help="the layouts table only")
+    ap.add_argument("--rounds", type=int, default=5, help="--layouts: interleaved rounds")
+    ap.add_argument("--min-len", type=int, help="--layouts: shortest row (default time / 2)")
     ap.add_argument("--child-threads", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.layouts and "--shapes" not in sys.argv:
+        args.shapes = "64x4096"
+    if args.layouts and "--threads" not in sys.argv:
+        args.threads = "2"
     if args.quick:
         args.shapes = ",".join(QUICK_SHAPES)
     if args.child_threads:
@@ -230,10 +303,19 @@ def main() -> None:
             "--child-threads",
             str(threads),
         ]
+        if args.layouts:
+            cmd += ["--layouts", "--rounds", str(args.rounds)]
+            cmd += ["--min-len", str(args.min_len)] if args.min_len else []
         out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
+        if args.layouts:
+            for result in json.loads(out.stdout.strip().splitlines()[-1]):
+                print_layouts(result, threads)
+            continue
         for result in json.loads(out.stdout.strip().splitlines()[-1]):
             results.append(result)
             print_table(result)
+    if args.layouts:
+        return
     by = {(r["shape"], r["dtype"], r["threads"]): r["rates"] for r in results}
     for (shape, dtype, threads), rates in by.items():
         if threads == 2 and (shape, dtype, 1) in by:

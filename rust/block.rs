@@ -97,7 +97,7 @@ impl<T: Real> Block<'_, T> {
     /// code runs).
     pub fn adjoint_on(&self, isa: Isa, dz: &mut [&mut [T]]) -> [T; LANES] {
         if self.mask.is_none() {
-            if let Some(lam) = T::adjoint(isa, self.rows, self.k, self.a, dz) {
+            if let Some(lam) = T::adjoint(isa, self.rows, self.k, self.a, [T::ZERO; LANES], dz) {
                 return lam;
             }
         }
@@ -234,4 +234,56 @@ unsafe fn portable_avx2<T: Real, const ADJOINT: bool>(
     out: &mut [&mut [T]],
 ) -> [T; LANES] {
     Block { rows, mask, k, a }.portable::<ADJOINT>(x0, out)
+}
+
+/// Forward filter of a block of at most `LANES` rows of unequal lengths, every row from its
+/// position 0 (so the rows share the gains `k`, `a` of each position; each output row as long
+/// as its input row, no row longer than `k`) from the entering states `x0`, on instruction set
+/// `isa` (its explicit kernel when the CPU has it, else a scalar loop per row with the same
+/// arithmetic). Returns each lane's state after its row's last position (`x0` for an empty
+/// row).
+pub fn ragged_forward<T: Real>(
+    isa: Isa,
+    rows: &[&[T]],
+    k: &[T],
+    a: &[T],
+    x0: [T; LANES],
+    out: &mut [&mut [T]],
+) -> [T; LANES] {
+    if let Some(x) = T::forward(isa, rows, k, a, x0, out) {
+        return x;
+    }
+    let mut x = x0;
+    for ((xl, z), o) in x.iter_mut().zip(rows).zip(out.iter_mut()) {
+        for (((ot, &zt), &kt), &at) in o.iter_mut().zip(*z).zip(k).zip(a) {
+            *xl = at * *xl + kt * zt;
+            *ot = *xl;
+        }
+    }
+    x
+}
+
+/// Adjoint of [`ragged_forward`] from the adjoints `lam0` arriving after each row's end: writes
+/// `dz` and returns `a_0 lam_0` per lane (`lam0` for an empty row).
+pub fn ragged_adjoint<T: Real>(
+    isa: Isa,
+    rows: &[&[T]],
+    k: &[T],
+    a: &[T],
+    lam0: [T; LANES],
+    dz: &mut [&mut [T]],
+) -> [T; LANES] {
+    if let Some(lam) = T::adjoint(isa, rows, k, a, lam0, dz) {
+        return lam;
+    }
+    let mut lam = lam0;
+    for ((ll, g), d) in lam.iter_mut().zip(rows).zip(dz.iter_mut()) {
+        let len = g.len();
+        for (((dt, &gt), &kt), &at) in d.iter_mut().zip(*g).zip(&k[..len]).zip(&a[..len]).rev() {
+            *ll = *ll + gt;
+            *dt = kt * *ll;
+            *ll = at * *ll;
+        }
+    }
+    lam
 }

@@ -15,8 +15,9 @@
 use rayon::prelude::*;
 
 use crate::block::LANES;
+use crate::ragged::{adjoint_rows, forward_rows, Row};
 use crate::row::{adjoint_row, first_bad, forward_row, RowFault};
-use crate::stretch::{adjoint_blocks, forward_blocks};
+use crate::stretch::{adjoint_blocks, forward_blocks, stretch_len};
 use crate::types::layout_err;
 pub use crate::types::{gains, FilterError, FilterParams, Gains, MaskMode, Offset, Real};
 
@@ -124,8 +125,21 @@ pub fn filter_padded<T: Real>(
     if total == 0 {
         return Ok(());
     }
+    if let (Some(m), true) = (mask, stretch_len(batch, time) >= time) {
+        // Rows of their own lengths and masks in row blocks (`ragged.rs`).
+        let rows = out
+            .chunks_mut(time)
+            .zip(values.chunks(time).zip(m.chunks(time)))
+            .enumerate()
+            .map(|(i, (o, (z, mr)))| Row::new(i, z, Some(mr), o, None))
+            .collect();
+        return report(
+            VALUES,
+            forward_rows(rows, gains, m0, mode, total >= SERIAL_BELOW),
+        );
+    }
     if let (Some(m), MaskMode::Hold) = (mask, mode) {
-        // Per-row gain indices: the one-row kernel (lanes would gather gains one by one).
+        // Rows cut into stretches (few long rows) under a hold mask: per-row gain indices: the one-row kernel (lanes would gather gains one by one).
         return over_rows!(
             VALUES,
             total,
@@ -185,6 +199,16 @@ pub fn adjoint_padded<T: Real>(
     if total == 0 {
         dm0.fill(T::ZERO);
         return Ok(());
+    }
+    if let (Some(m), true) = (mask, stretch_len(batch, time) >= time) {
+        let rows = dvalues
+            .chunks_mut(time)
+            .zip(grad.chunks(time).zip(m.chunks(time)))
+            .zip(dm0.iter_mut())
+            .enumerate()
+            .map(|(i, ((d, (g, mr)), dm))| Row::new(i, g, Some(mr), d, Some(dm)))
+            .collect();
+        return report(GRAD, adjoint_rows(rows, gains, mode, total >= SERIAL_BELOW));
     }
     if let (Some(m), MaskMode::Hold) = (mask, mode) {
         return over_rows!(
@@ -311,19 +335,17 @@ pub fn filter_packed<T: Real, O: Offset>(
     check_len("out", out.len(), values.len(), "one per value")?;
     check_finite_m0(m0)?;
     gains.require(max_segment(&offsets))?;
-    let segments = split_segments(out, &offsets);
-    over_rows!(
+    let rows = split_segments(out, &offsets)
+        .into_iter()
+        .enumerate()
+        .map(|(i, o)| {
+            let (s, e) = (offsets[i], offsets[i + 1]);
+            Row::new(i, &values[s..e], mask.map(|m| &m[s..e]), o, None)
+        })
+        .collect();
+    report(
         VALUES,
-        values.len(),
-        segments.into_iter(),
-        segments.into_par_iter(),
-        |(row, o): (usize, &mut [T])| {
-            let (s, e) = (offsets[row], offsets[row + 1]);
-            let m = mask.map(|m| &m[s..e]);
-            forward_row(&values[s..e], m, gains, m0, mode, o)
-                .err()
-                .map(|f| (row, f))
-        }
+        forward_rows(rows, gains, m0, mode, values.len() >= SERIAL_BELOW),
     )
 }
 
@@ -341,23 +363,18 @@ pub fn adjoint_packed<T: Real, O: Offset>(
     check_len("dvalues", dvalues.len(), grad.len(), "one per value")?;
     check_len("dm0", dm0.len(), offsets.len() - 1, "batch")?;
     gains.require(max_segment(&offsets))?;
-    let segments = split_segments(dvalues, &offsets);
-    over_rows!(
+    let rows = split_segments(dvalues, &offsets)
+        .into_iter()
+        .zip(dm0.iter_mut())
+        .enumerate()
+        .map(|(i, (d, dm))| {
+            let (s, e) = (offsets[i], offsets[i + 1]);
+            Row::new(i, &grad[s..e], mask.map(|m| &m[s..e]), d, Some(dm))
+        })
+        .collect();
+    report(
         GRAD,
-        grad.len(),
-        segments.into_iter().zip(dm0.iter_mut()),
-        segments.into_par_iter().zip(dm0.par_iter_mut()),
-        |(row, (d, dm)): (usize, (&mut [T], &mut T))| {
-            let (s, e) = (offsets[row], offsets[row + 1]);
-            let m = mask.map(|m| &m[s..e]);
-            match adjoint_row(&grad[s..e], m, gains, mode, d) {
-                Ok(v) => {
-                    *dm = v;
-                    None
-                }
-                Err(f) => Some((row, f)),
-            }
-        }
+        adjoint_rows(rows, gains, mode, grad.len() >= SERIAL_BELOW),
     )
 }
 

@@ -13,6 +13,7 @@
 mod block;
 pub mod filter;
 pub mod likelihood;
+mod ragged;
 mod row;
 mod simd;
 mod stretch;

@@ -11,9 +11,13 @@
 //! rounded, no fused multiply-add. So every instruction set gives bitwise the same result as the
 //! portable code, and the tests compare them bit for bit.
 //!
-//! This module imports nothing from the crate. Rows past the end of a block (the last block of
-//! a batch) repeat the block's first row: those lanes compute exactly what the first lane
-//! computes and store the same values to the same places, so no scratch rows are needed.
+//! This module imports nothing from the crate. The rows of a block may have unequal lengths
+//! (right-padded rows cut at their last valid token, packed rows, compacted rows; see
+//! `ragged.rs`): every row starts at position 0, so the lanes share the gains of each position,
+//! and tiles end where some lane's whole chunks end. A lane whose chunks are done, and a lane
+//! past the block's rows, reads zeros from a scratch tile and writes to another; its register
+//! values are never returned. The positions of a row past its last whole chunk (fewer than one
+//! chunk) run the scalar recurrence.
 
 /// Rows per block.
 pub const LANES: usize = 16;
@@ -50,10 +54,12 @@ impl Isa {
     }
 }
 
-/// Block kernels for one compute type: the unmasked forward and adjoint over one stretch of a
-/// block of at most `LANES` rows, on instruction set `isa`. `None` means `isa` has no kernel for
-/// this call (the portable instruction set, a CPU without it, or slices of unequal lengths); the
-/// caller then runs the portable code.
+/// Block kernels for one compute type: the unmasked forward and adjoint over a block of at most
+/// `LANES` rows of possibly unequal lengths (one row per lane, every row from its position 0,
+/// so the lanes share the gains of each position), on instruction set `isa`. `None` means `isa`
+/// has no kernel for this call (the portable instruction set, a CPU without it, a row longer
+/// than the gains, or an output row whose length differs from its input's); the caller then runs
+/// the portable code.
 ///
 /// `f32` and `f64` supply only their AVX2 kernels (emitted with them by `x86::kernels!`); the
 /// checks and the dispatch are the provided methods, the same for both.
@@ -61,20 +67,21 @@ pub trait Lanes: Copy + Sized {
     /// The AVX2 forward kernel of this type.
     ///
     /// # Safety
-    /// AVX2 must be present; `src[i]` readable and `dst[i]` writable for `k.len()` elements, the
-    /// outputs not overlapping the inputs; `a.len() == k.len()`; lanes `rows..` repeat lane 0
-    /// (pointers and `x0`).
+    /// AVX2 must be present; `src[i]` readable and `dst[i]` writable for `lens[i]` elements
+    /// (never dereferenced when `lens[i] == 0`), the outputs not overlapping the inputs or each
+    /// other; `a.len() == k.len() >= lens[i]`.
     #[cfg(target_arch = "x86_64")]
     unsafe fn forward_avx2(
         src: &[*const Self; LANES],
         dst: &[*mut Self; LANES],
+        lens: &[usize; LANES],
         k: &[Self],
         a: &[Self],
         x0: [Self; LANES],
-        rows: usize,
     ) -> [Self; LANES];
 
-    /// The AVX2 adjoint kernel of this type.
+    /// The AVX2 adjoint kernel of this type, from the adjoints `lam0` arriving after each row's
+    /// end.
     ///
     /// # Safety
     /// As for [`Lanes::forward_avx2`].
@@ -82,12 +89,14 @@ pub trait Lanes: Copy + Sized {
     unsafe fn adjoint_avx2(
         src: &[*const Self; LANES],
         dst: &[*mut Self; LANES],
+        lens: &[usize; LANES],
         k: &[Self],
         a: &[Self],
-        rows: usize,
+        lam0: [Self; LANES],
     ) -> [Self; LANES];
 
-    /// Forward filter from the entering states `x0`: writes `out` and returns the final states.
+    /// Forward filter from the entering states `x0`: writes `out` and returns each lane's state
+    /// after its row's last position (`x0` for an empty row; lanes past the rows: `x0`).
     #[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables))]
     fn forward(
         isa: Isa,
@@ -98,29 +107,30 @@ pub trait Lanes: Copy + Sized {
         out: &mut [&mut [Self]],
     ) -> Option<[Self; LANES]> {
         #[cfg(target_arch = "x86_64")]
-        if let Some((src, dst)) = avx2_rows(isa, z, out, k, a) {
-            let x0 = repeat_first(x0, z.len());
-            // SAFETY: AVX2 is present; every pointer addresses a row of k.len() elements
-            // (checked by avx2_rows), and the output rows are writable and do not overlap the
-            // inputs (they come from distinct `&mut` slices).
-            return Some(unsafe { Self::forward_avx2(&src, &dst, k, a, x0, z.len()) });
+        if let Some((src, dst, lens)) = avx2_rows(isa, z, out, k, a) {
+            // SAFETY: AVX2 is present; every pointer addresses a row of lens[i] <= k.len()
+            // elements (checked by avx2_rows), and the output rows are writable and overlap
+            // neither the inputs nor each other (they come from distinct `&mut` slices).
+            return Some(unsafe { Self::forward_avx2(&src, &dst, &lens, k, a, x0) });
         }
         None
     }
 
-    /// Adjoint from a zero adjoint after the stretch: writes `dz` and returns `a_0 lam_0` per lane.
+    /// Adjoint from the adjoints `lam0` arriving after each row's end (zero for a row filtered
+    /// alone): writes `dz` and returns `a_0 lam_0` per lane (`lam0` for an empty row).
     #[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables))]
     fn adjoint(
         isa: Isa,
         grad: &[&[Self]],
         k: &[Self],
         a: &[Self],
+        lam0: [Self; LANES],
         dz: &mut [&mut [Self]],
     ) -> Option<[Self; LANES]> {
         #[cfg(target_arch = "x86_64")]
-        if let Some((src, dst)) = avx2_rows(isa, grad, dz, k, a) {
+        if let Some((src, dst, lens)) = avx2_rows(isa, grad, dz, k, a) {
             // SAFETY: as in `forward`.
-            return Some(unsafe { Self::adjoint_avx2(&src, &dst, k, a, grad.len()) });
+            return Some(unsafe { Self::adjoint_avx2(&src, &dst, &lens, k, a, lam0) });
         }
         None
     }
@@ -132,45 +142,38 @@ impl Lanes for f32 {}
 #[cfg(not(target_arch = "x86_64"))]
 impl Lanes for f64 {}
 
-/// Row pointers of a block for the AVX2 kernels: `LANES` input and output rows of `k.len()`
-/// elements, lanes past the block's rows repeating its first row. `None` unless `isa` is AVX2
-/// and the CPU has it, `k` and `a` have equal lengths, there are 1 to `LANES` rows, as many
-/// outputs as inputs, and every row has `k.len()` elements.
+/// Row pointers and lengths of a block for the AVX2 kernels; lanes past the block's rows have
+/// length 0. `None` unless `isa` is AVX2 and the CPU has it, `k` and `a` have equal lengths,
+/// there are at most `LANES` rows, as many outputs as inputs, each output as long as its input
+/// and no row longer than `k`.
 #[cfg(target_arch = "x86_64")]
+#[allow(clippy::type_complexity)]
 fn avx2_rows<T>(
     isa: Isa,
     rows: &[&[T]],
     out: &mut [&mut [T]],
     k: &[T],
     a: &[T],
-) -> Option<([*const T; LANES], [*mut T; LANES])> {
+) -> Option<([*const T; LANES], [*mut T; LANES], [usize; LANES])> {
     if isa != Isa::Avx2 || !std::is_x86_feature_detected!("avx2") || a.len() != k.len() {
         return None;
     }
-    let (n, len) = (rows.len(), k.len());
-    if n == 0 || n > LANES || out.len() != n {
+    if rows.len() > LANES || out.len() != rows.len() {
         return None;
     }
-    if rows.iter().any(|r| r.len() != len) || out.iter().any(|r| r.len() != len) {
+    let bad = |(r, o): (&&[T], &&mut [T])| r.len() != o.len() || r.len() > k.len();
+    if rows.iter().zip(out.iter()).any(bad) {
         return None;
     }
-    let mut src = [rows[0].as_ptr(); LANES];
-    let mut dst = [out[0].as_mut_ptr(); LANES];
+    let mut src = [std::ptr::null(); LANES];
+    let mut dst = [std::ptr::null_mut(); LANES];
+    let mut lens = [0; LANES];
     for (l, (r, o)) in rows.iter().zip(out.iter_mut()).enumerate() {
         src[l] = r.as_ptr();
         dst[l] = o.as_mut_ptr();
+        lens[l] = r.len();
     }
-    Some((src, dst))
-}
-
-/// Lanes past the block's `n` rows take the first lane's value (its entering state in the forward,
-/// its adjoint after the scalar tail in the adjoint).
-#[cfg(target_arch = "x86_64")]
-fn repeat_first<T: Copy>(mut x: [T; LANES], n: usize) -> [T; LANES] {
-    for i in n..LANES {
-        x[i] = x[0];
-    }
-    x
+    Some((src, dst, lens))
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -180,7 +183,7 @@ mod x86 {
     //! `#[target_feature]` and are inlined into it. Positions past the last whole chunk (fewer
     //! than one chunk) run the scalar recurrence per lane.
 
-    use super::{repeat_first, Lanes, LANES};
+    use super::{Lanes, LANES};
     use std::arch::x86_64::*;
 
     /// `f32` positions per chunk (lanes per register).
@@ -387,26 +390,53 @@ mod x86 {
                 }
 
                 impl Lanes for $t {
-                    /// Forward filter of `LANES` rows over `k.len()` positions from the states
-                    /// `x0`; returns the final states.
+                    /// Forward filter of `LANES` rows of `lens` positions from the states `x0`;
+                    /// returns each lane's state after its last position. Tiles end where a
+                    /// lane's whole chunks end; a lane whose chunks are done reads zeros from
+                    /// and writes to a scratch tile.
                     #[target_feature(enable = "avx2")]
                     unsafe fn forward_avx2(
                         src: &[*const $t; LANES],
                         dst: &[*mut $t; LANES],
+                        lens: &[usize; LANES],
                         k: &[$t],
                         a: &[$t],
                         x0: [$t; LANES],
-                        rows: usize,
                     ) -> [$t; LANES] {
-                        let len = k.len();
-                        let whole = len - len % $w;
+                        let whole = lens.map(|n| n - n % $w);
+                        let top = whole.iter().copied().max().unwrap_or(0);
+                        let zeros: [$t; TILE] = [0.0; TILE];
+                        let mut junk: [$t; TILE] = [0.0; TILE];
+                        let junk_ptr = junk.as_mut_ptr();
                         let mut x = to_registers(&x0);
+                        let mut ends = x0;
                         let mut buf: Tile = [[[$zero(); $w]; TILE / $w]; G];
                         let mut p = 0;
-                        while p < whole {
-                            let n = TILE.min(whole - p);
-                            // SAFETY: p + n <= whole <= len.
-                            unsafe { tile_in::<false>(src, p, n, &mut buf) };
+                        while p < top {
+                            let mut n = TILE.min(top - p);
+                            for &w in &whole {
+                                if w > p {
+                                    n = n.min(w - p);
+                                }
+                            }
+                            // SAFETY (both): p < whole[l] <= lens[l], inside row l.
+                            let s: [*const $t; LANES] = std::array::from_fn(|l| {
+                                if whole[l] > p {
+                                    unsafe { src[l].add(p) }
+                                } else {
+                                    zeros.as_ptr()
+                                }
+                            });
+                            let d: [*mut $t; LANES] = std::array::from_fn(|l| {
+                                if whole[l] > p {
+                                    unsafe { dst[l].add(p) }
+                                } else {
+                                    junk_ptr
+                                }
+                            });
+                            // SAFETY: n <= whole[l] - p for every active lane, n <= TILE for
+                            // the scratch tiles.
+                            unsafe { tile_in::<false>(&s, 0, n, &mut buf) };
                             let gains = a[p..p + n].iter().zip(&k[p..p + n]).enumerate();
                             for (i, (&at, &kt)) in gains {
                                 let (at, kt) = ($splat(at), $splat(kt));
@@ -417,38 +447,46 @@ mod x86 {
                                 }
                             }
                             // SAFETY: as for tile_in.
-                            unsafe { tile_out::<false>(dst, p, n, &buf) };
+                            unsafe { tile_out::<false>(&d, 0, n, &buf) };
                             p += n;
+                            if whole.contains(&p) {
+                                let xs = from_registers(&x);
+                                for l in 0..LANES {
+                                    if whole[l] == p {
+                                        ends[l] = xs[l];
+                                    }
+                                }
+                            }
                         }
-                        let mut out = from_registers(&x);
-                        for (l, xl) in out.iter_mut().enumerate().take(rows) {
-                            for t in whole..len {
-                                // SAFETY: t < len.
+                        for (l, xl) in ends.iter_mut().enumerate() {
+                            for t in whole[l]..lens[l] {
+                                // SAFETY: t < lens[l].
                                 unsafe {
                                     *xl = a[t] * *xl + k[t] * *src[l].add(t);
                                     *dst[l].add(t) = *xl;
                                 }
                             }
                         }
-                        out
+                        ends
                     }
 
-                    /// Adjoint of the forward kernel from a zero adjoint after the last
-                    /// position; returns `a_0 lam_0` per lane.
+                    /// Adjoint of the forward kernel from the adjoints `lam0` arriving after
+                    /// each row's last position; returns `a_0 lam_0` per lane. A lane joins the
+                    /// registers when the tiles reach its whole chunks.
                     #[target_feature(enable = "avx2")]
                     unsafe fn adjoint_avx2(
                         src: &[*const $t; LANES],
                         dst: &[*mut $t; LANES],
+                        lens: &[usize; LANES],
                         k: &[$t],
                         a: &[$t],
-                        rows: usize,
+                        lam0: [$t; LANES],
                     ) -> [$t; LANES] {
-                        let len = k.len();
-                        let whole = len - len % $w;
-                        let mut lam = [0.0; LANES];
-                        for (l, ll) in lam.iter_mut().enumerate().take(rows) {
-                            for t in (whole..len).rev() {
-                                // SAFETY: t < len.
+                        let whole = lens.map(|n| n - n % $w);
+                        let mut lam = lam0;
+                        for (l, ll) in lam.iter_mut().enumerate() {
+                            for t in (whole[l]..lens[l]).rev() {
+                                // SAFETY: t < lens[l].
                                 unsafe {
                                     *ll += *src[l].add(t);
                                     *dst[l].add(t) = k[t] * *ll;
@@ -456,14 +494,44 @@ mod x86 {
                                 *ll *= a[t];
                             }
                         }
-                        let mut m = to_registers(&repeat_first(lam, rows));
+                        let top = whole.iter().copied().max().unwrap_or(0);
+                        let zeros: [$t; TILE] = [0.0; TILE];
+                        let mut junk: [$t; TILE] = [0.0; TILE];
+                        let junk_ptr = junk.as_mut_ptr();
+                        let mut m = to_registers(&lam);
                         let mut buf: Tile = [[[$zero(); $w]; TILE / $w]; G];
-                        let mut end = whole;
+                        let mut end = top;
                         while end > 0 {
-                            let n = TILE.min(end);
+                            if end < top && whole.contains(&end) {
+                                let mut v = from_registers(&m);
+                                for l in 0..LANES {
+                                    if whole[l] == end {
+                                        v[l] = lam[l];
+                                    }
+                                }
+                                m = to_registers(&v);
+                            }
+                            let below = whole.iter().filter(|&&w| w < end).max();
+                            let n = TILE.min(end - below.copied().unwrap_or(0));
                             let p = end - n;
-                            // SAFETY: p + n = end <= whole <= len.
-                            unsafe { tile_in::<true>(src, p, n, &mut buf) };
+                            // SAFETY (both): p < end <= whole[l] <= lens[l], inside row l.
+                            let s: [*const $t; LANES] = std::array::from_fn(|l| {
+                                if whole[l] >= end {
+                                    unsafe { src[l].add(p) }
+                                } else {
+                                    zeros.as_ptr()
+                                }
+                            });
+                            let d: [*mut $t; LANES] = std::array::from_fn(|l| {
+                                if whole[l] >= end {
+                                    unsafe { dst[l].add(p) }
+                                } else {
+                                    junk_ptr
+                                }
+                            });
+                            // SAFETY: p + n = end <= whole[l] for every active lane, n <= TILE
+                            // for the scratch tiles.
+                            unsafe { tile_in::<true>(&s, 0, n, &mut buf) };
                             let gains = a[p..end].iter().zip(&k[p..end]).enumerate().rev();
                             for (i, (&at, &kt)) in gains {
                                 let (at, kt) = ($splat(at), $splat(kt));
@@ -475,10 +543,16 @@ mod x86 {
                                 }
                             }
                             // SAFETY: as for tile_in.
-                            unsafe { tile_out::<true>(dst, p, n, &buf) };
+                            unsafe { tile_out::<true>(&d, 0, n, &buf) };
                             end = p;
                         }
-                        from_registers(&m)
+                        let mut out = from_registers(&m);
+                        for l in 0..LANES {
+                            if whole[l] == 0 {
+                                out[l] = lam[l];
+                            }
+                        }
+                        out
                     }
                 }
             }

@@ -3,6 +3,7 @@
 //! the SIMD kernels' trait (`simd.rs`, itself a leaf); everything else builds on it (see
 //! `docs/design.md`, "Rust core").
 
+use std::cell::RefCell;
 use std::fmt;
 use std::ops::{Add, Mul};
 use std::sync::{Arc, Mutex};
@@ -22,6 +23,15 @@ pub trait Real:
     fn from_f64(v: f64) -> Self;
     fn to_f64(self) -> f64;
     fn is_finite(self) -> bool;
+    /// Runs `f` with this thread's scratch buffer of this type (kept between calls, so that
+    /// scratch rows cost neither an allocation nor page faults per call). `f` must not call
+    /// `with_scratch` again.
+    fn with_scratch<R>(f: impl FnOnce(&mut Vec<Self>) -> R) -> R;
+}
+
+thread_local! {
+    static SCRATCH_F32: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    static SCRATCH_F64: RefCell<Vec<f64>> = const { RefCell::new(Vec::new()) };
 }
 
 impl Real for f32 {
@@ -39,6 +49,9 @@ impl Real for f32 {
     fn is_finite(self) -> bool {
         f32::is_finite(self)
     }
+    fn with_scratch<R>(f: impl FnOnce(&mut Vec<Self>) -> R) -> R {
+        SCRATCH_F32.with(|s| f(&mut s.borrow_mut()))
+    }
 }
 
 impl Real for f64 {
@@ -55,6 +68,9 @@ impl Real for f64 {
     #[inline(always)]
     fn is_finite(self) -> bool {
         f64::is_finite(self)
+    }
+    fn with_scratch<R>(f: impl FnOnce(&mut Vec<Self>) -> R) -> R {
+        SCRATCH_F64.with(|s| f(&mut s.borrow_mut()))
     }
 }
 

@@ -808,3 +808,144 @@ fn hold_masks_report_the_first_failing_row() {
         adjoint_padded(&z, Some(&m), b, t, &g, MaskMode::Hold, &mut dz, &mut dm0).unwrap_err();
     assert_eq!(err, non_finite("grad", 6, 4));
 }
+
+/// The row-block kernels over rows of unequal lengths (`block::ragged_forward`,
+/// `block::ragged_adjoint`) on every instruction set equal the one-row kernel bitwise: rows
+/// shorter than a chunk and than a tile, empty rows, lengths around the chunk and tile sizes,
+/// partial blocks, both dtypes, entering states and arriving adjoints per lane.
+#[test]
+fn ragged_blocks_equal_the_one_row_kernel_on_every_instruction_set() {
+    use crate::block::{ragged_adjoint, ragged_forward, Isa};
+    use crate::row::{adjoint_row, forward_row};
+
+    fn check<T: Real + std::fmt::Debug>(rng: &mut Rng, lens: &[usize]) {
+        let longest = lens.iter().copied().max().unwrap_or(0);
+        let g = Gains::<T>::new(longest, &params(0.01, 1.0, 0.5)).unwrap();
+        let rows: Vec<Vec<T>> = lens
+            .iter()
+            .map(|&n| {
+                let (z, _) = random_batch(rng, 1, n, 1.0);
+                z.iter().map(|&v| T::from_f64(v)).collect()
+            })
+            .collect();
+        let x0: [T; LANES] = std::array::from_fn(|l| T::from_f64(0.125 * l as f64 - 0.5));
+        let lam0: [T; LANES] = std::array::from_fn(|l| T::from_f64(0.25 - 0.0625 * l as f64));
+        // The one-row kernel: the forward from each lane's entering state (as m0), the adjoint
+        // from each lane's arriving adjoint (added to the last position's gradient, which is
+        // how the one-row kernel's running sum meets it: lam0 + g).
+        let mut want_out = Vec::new();
+        let mut want_dz = Vec::new();
+        let (mut want_x, mut want_lam) = (x0, lam0);
+        for (l, z) in rows.iter().enumerate() {
+            let mut o = vec![T::ZERO; z.len()];
+            forward_row(z, None, &g, x0[l], MaskMode::Hold, &mut o).unwrap();
+            if let Some(&last) = o.last() {
+                want_x[l] = last;
+            }
+            want_out.push(o);
+            let mut gr = z.clone();
+            if let Some(v) = gr.last_mut() {
+                *v = lam0[l] + *v;
+            }
+            let mut d = vec![T::ZERO; z.len()];
+            if !z.is_empty() {
+                want_lam[l] = adjoint_row(&gr, None, &g, MaskMode::Hold, &mut d).unwrap();
+            }
+            want_dz.push(d);
+        }
+        for isa in Isa::available() {
+            let src: Vec<&[T]> = rows.iter().map(|r| r.as_slice()).collect();
+            let mut out: Vec<Vec<T>> = rows.iter().map(|r| vec![T::ZERO; r.len()]).collect();
+            let mut dst: Vec<&mut [T]> = out.iter_mut().map(|r| r.as_mut_slice()).collect();
+            let x = ragged_forward(isa, &src, g.k(), g.a(), x0, &mut dst);
+            let mut dz: Vec<Vec<T>> = rows.iter().map(|r| vec![T::ZERO; r.len()]).collect();
+            let mut dd: Vec<&mut [T]> = dz.iter_mut().map(|r| r.as_mut_slice()).collect();
+            let lam = ragged_adjoint(isa, &src, g.k(), g.a(), lam0, &mut dd);
+            let ctx = format!("{isa:?}, lengths {lens:?}");
+            for l in 0..rows.len() {
+                assert!(same_bits(&out[l], &want_out[l]), "forward row {l}, {ctx}");
+                assert!(same_bits(&[x[l]], &[want_x[l]]), "state {l}, {ctx}");
+                assert!(same_bits(&dz[l], &want_dz[l]), "adjoint row {l}, {ctx}");
+                assert!(same_bits(&[lam[l]], &[want_lam[l]]), "lam {l}, {ctx}");
+            }
+        }
+    }
+    let mut rng = Rng(47);
+    let cases: Vec<Vec<usize>> = vec![
+        vec![],
+        vec![0],
+        vec![0, 0, 5],
+        vec![1, 7, 8, 9, 3],
+        vec![
+            300, 0, 129, 128, 127, 64, 63, 1, 8, 16, 17, 255, 256, 257, 1000, 2,
+        ],
+        vec![130; LANES],
+        vec![
+            4096, 2048, 3000, 2049, 4095, 2047, 17, 0, 4000, 3500, 2500, 2100, 2200, 2300,
+        ],
+    ];
+    for lens in &cases {
+        check::<f32>(&mut rng, lens);
+        check::<f64>(&mut rng, lens);
+    }
+}
+
+/// Masked and packed calls on the ragged path equal the one-row kernel bitwise (forward; the
+/// adjoint too except for rows with holes under "hold", which run that kernel) and do not depend
+/// on the thread count: right-padded rows, empty rows, rows with holes at tile edges.
+#[test]
+fn masked_rows_equal_the_one_row_kernel_and_ignore_the_thread_count() {
+    use crate::row::{adjoint_row, forward_row};
+    let (b, t) = (37, 300);
+    let mut rng = Rng(53);
+    let (z, mut m) = random_batch(&mut rng, b, t, 0.9);
+    let (grad, _) = random_batch(&mut rng, b, t, 1.0);
+    for row in 0..b {
+        let r = &mut m[row * t..(row + 1) * t];
+        match row % 4 {
+            // right-padded: a prefix of (row * 7) % t valid tokens
+            0 => r
+                .iter_mut()
+                .enumerate()
+                .for_each(|(i, v)| *v = i < (row * 7) % t),
+            1 => r.fill(false),
+            // holes at the tile and chunk edges
+            2 => [0, 7, 8, 127, 128, 129, t - 1]
+                .iter()
+                .for_each(|&i| r[i] = false),
+            _ => {}
+        }
+    }
+    let p = FilterParams::default();
+    let g = Gains::<f64>::new(t, &p).unwrap();
+    for mode in MODES {
+        let run = |threads| {
+            on_threads(threads, || {
+                let mut out = vec![0.0; b * t];
+                filter_padded(&z, Some(&m), b, t, &g, 0.25, mode, &mut out).unwrap();
+                let (mut dz, mut dm0) = (vec![0.0; b * t], vec![0.0; b]);
+                adjoint_padded(&grad, Some(&m), b, t, &g, mode, &mut dz, &mut dm0).unwrap();
+                (out, dz, dm0)
+            })
+        };
+        let (out, dz, dm0) = run(1);
+        assert_eq!((out.clone(), dz.clone(), dm0.clone()), run(2));
+        for (row, &dm_got) in dm0.iter().enumerate() {
+            let at = row * t..(row + 1) * t;
+            let mut o = vec![0.0; t];
+            forward_row(&z[at.clone()], Some(&m[at.clone()]), &g, 0.25, mode, &mut o).unwrap();
+            assert!(
+                same_bits(&out[at.clone()], &o),
+                "forward row {row}, {mode:?}"
+            );
+            let mut d = vec![0.0; t];
+            let dm =
+                adjoint_row(&grad[at.clone()], Some(&m[at.clone()]), &g, mode, &mut d).unwrap();
+            assert!(
+                same_bits(&dz[at.clone()], &d),
+                "adjoint row {row}, {mode:?}"
+            );
+            assert!(same_bits(&[dm_got], &[dm]), "dm0 row {row}, {mode:?}");
+        }
+    }
+}

@@ -1,0 +1,460 @@
+//! Rows of unequal length in row blocks: right-padded rows under a mask, packed rows and rows
+//! with holes run the row-block kernels (`block.rs`, `simd.rs`) instead of the one-row kernels.
+//!
+//! Each row's mask is read once ([`classify`]): a row whose valid tokens are a prefix (every row
+//! without a mask, right-padded rows, most packed rows) is filtered over that prefix in place,
+//! and its masked tail is then filled (the held state under `MaskMode::Hold`, zero under
+//! `MaskMode::Zero`). A row with holes is copied into a scratch row first: under `Hold` its
+//! valid tokens are compacted (the gain index is the count of valid tokens, so in the compacted
+//! row it is the position again and the lanes share gains) and the outputs expanded back with
+//! the held state at the holes; under `Zero` the holes are observed as zero (the gain index is
+//! the position) and zeroed in the output. Rows are sorted by the length they are filtered over
+//! and grouped `LANES` at a time, so the lanes of a block have similar lengths; every lane starts
+//! at its row's position 0.
+//!
+//! Every lane performs exactly the operations of the one-row kernels in the same order, so the
+//! results are bitwise those of `row.rs`, whatever the grouping or the thread count. The one
+//! exception is the adjoint of a row with holes under `Hold`, where a held output passes its
+//! gradient to the last valid token before it: that adjoint runs the one-row kernel. Under `Zero`
+//! a hole's gradient enters the scratch row as `-0.0`, which leaves the adjoint's running sum
+//! bitwise unchanged (`x + -0.0 == x` for every `x`, signed zeros included).
+
+use rayon::prelude::*;
+
+use crate::block::{ragged_adjoint, ragged_forward, Isa, LANES};
+use crate::row::{adjoint_row, first_bad, RowFault};
+use crate::types::{Gains, MaskMode, Real};
+
+/// What a row's mask leaves to filter.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Shape {
+    /// The valid tokens are the first `n` (no mask: the whole row).
+    Prefix(usize),
+    /// Holes: `valid` valid tokens, the last at position `last`.
+    Holes { valid: usize, last: usize },
+}
+
+/// Chunk of mask bytes the scans below reduce without an early exit (which the compiler does
+/// not vectorise), before looking inside the one chunk that holds the answer.
+const SCAN: usize = 64;
+
+/// The first masked position of `m`, or `m.len()`.
+fn first_masked(m: &[bool]) -> usize {
+    let mut at = 0;
+    for c in m.chunks(SCAN) {
+        if c.iter().fold(1u8, |acc, &v| acc & u8::from(v)) != 0 {
+            at += c.len();
+        } else {
+            return at + c.iter().position(|&v| !v).unwrap_or(c.len());
+        }
+    }
+    at
+}
+
+/// The last valid position of `m`.
+fn last_valid(m: &[bool]) -> Option<usize> {
+    let mut end = m.len();
+    for c in m.rchunks(SCAN) {
+        end -= c.len();
+        if c.iter().fold(0u8, |acc, &v| acc | u8::from(v)) != 0 {
+            return c.iter().rposition(|&v| v).map(|r| end + r);
+        }
+    }
+    None
+}
+
+/// The number of valid positions of `m`.
+fn count_valid(m: &[bool]) -> usize {
+    m.chunks(SCAN)
+        .map(|c| usize::from(c.iter().map(|&v| u8::from(v)).sum::<u8>()))
+        .sum()
+}
+
+/// Reads a row's mask once (up to its first hole, then back from its end).
+fn classify(len: usize, m: Option<&[bool]>) -> Shape {
+    let Some(m) = m else {
+        return Shape::Prefix(len);
+    };
+    let lead = first_masked(m);
+    match last_valid(&m[lead..]) {
+        None => Shape::Prefix(lead),
+        Some(r) => {
+            let last = lead + r;
+            let valid = lead + count_valid(&m[lead..=last]);
+            Shape::Holes { valid, last }
+        }
+    }
+}
+
+/// The positions of a row the kernel filters: the prefix, the compacted valid tokens (`Hold`),
+/// or the row up to its last valid token (`Zero`).
+fn kernel_len(shape: Shape, mode: MaskMode) -> usize {
+    match (shape, mode) {
+        (Shape::Prefix(n), _) => n,
+        (Shape::Holes { valid, .. }, MaskMode::Hold) => valid,
+        (Shape::Holes { last, .. }, MaskMode::Zero) => last + 1,
+    }
+}
+
+/// One row of a call: its index, input (values or gradient), mask, output, and for the adjoint
+/// its `d m0`.
+pub(crate) struct Row<'a, T> {
+    pub index: usize,
+    pub input: &'a [T],
+    pub mask: Option<&'a [bool]>,
+    pub out: &'a mut [T],
+    pub dm0: Option<&'a mut T>,
+    shape: Shape,
+    len: usize,
+}
+
+impl<'a, T> Row<'a, T> {
+    /// A row of the forward (`dm0` `None`) or of the adjoint.
+    pub fn new(
+        index: usize,
+        input: &'a [T],
+        mask: Option<&'a [bool]>,
+        out: &'a mut [T],
+        dm0: Option<&'a mut T>,
+    ) -> Self {
+        Row {
+            index,
+            input,
+            mask,
+            out,
+            dm0,
+            shape: Shape::Prefix(0),
+            len: 0,
+        }
+    }
+}
+
+/// Classifies the rows, sorts them by kernel length (longest first; the sort is stable, so the
+/// grouping depends on the rows alone) and groups them `LANES` at a time.
+fn blocks<T: Send + Sync>(
+    mut rows: Vec<Row<'_, T>>,
+    mode: MaskMode,
+    parallel: bool,
+) -> Vec<Vec<Row<'_, T>>> {
+    let shape = |r: &mut Row<'_, T>| {
+        r.shape = classify(r.input.len(), r.mask);
+        r.len = kernel_len(r.shape, mode);
+    };
+    if parallel {
+        rows.par_iter_mut().for_each(shape);
+    } else {
+        rows.iter_mut().for_each(shape);
+    }
+    rows.sort_by_key(|r| std::cmp::Reverse(r.len));
+    let mut out = Vec::with_capacity(rows.len().div_ceil(LANES));
+    let mut it = rows.into_iter();
+    loop {
+        let block: Vec<_> = it.by_ref().take(LANES).collect();
+        if block.is_empty() {
+            return out;
+        }
+        out.push(block);
+    }
+}
+
+/// Runs `f` over the blocks, in parallel or not; the failure of the lowest-numbered row.
+fn over_blocks<'a, T: Send + Sync>(
+    blocks: &mut [Vec<Row<'a, T>>],
+    parallel: bool,
+    f: impl Fn(&mut [Row<'a, T>]) -> Option<(usize, RowFault)> + Sync + Send,
+) -> Option<(usize, RowFault)> {
+    if parallel {
+        blocks
+            .par_iter_mut()
+            .filter_map(|b| f(b))
+            .min_by_key(|&(row, _)| row)
+    } else {
+        blocks
+            .iter_mut()
+            .filter_map(|b| f(b))
+            .min_by_key(|&(row, _)| row)
+    }
+}
+
+/// Writes the valid tokens of `z` in order into `c` (one slot more than there are). Branch-free:
+/// a masked value is written to the next free slot and overwritten by the next valid one (or
+/// lands in the spare slot); it never enters arithmetic.
+fn compact<T: Real>(z: &[T], m: &[bool], c: &mut [T]) {
+    let Some(last) = c.len().checked_sub(1) else {
+        return;
+    };
+    // `j.min(last)` is `j` (at most `last` valid tokens precede any position) and lets the
+    // compiler drop the bounds check.
+    let mut j = 0;
+    for (&v, &ok) in z.iter().zip(m) {
+        c[j.min(last)] = v;
+        j += usize::from(ok);
+    }
+}
+
+/// Writes `z` with the masked values replaced by `fill` into `c`.
+fn masked_to<T: Real>(z: &[T], m: &[bool], fill: T, c: &mut [T]) {
+    for ((c, &v), &ok) in c.iter_mut().zip(z).zip(m) {
+        *c = if ok { v } else { fill };
+    }
+}
+
+/// Cuts `buf` into consecutive pieces of the given lengths (at most `buf.len()` in all).
+fn pieces<T>(mut buf: &mut [T], lens: impl Iterator<Item = usize>) -> Vec<&mut [T]> {
+    lens.map(|n| {
+        let (head, tail) = std::mem::take(&mut buf).split_at_mut(n);
+        buf = tail;
+        head
+    })
+    .collect()
+}
+
+/// Forward filter of `rows` (each with its own length and mask) by row blocks; the failure of
+/// the lowest-numbered row, if any.
+pub(crate) fn forward_rows<T: Real>(
+    rows: Vec<Row<'_, T>>,
+    gains: &Gains<T>,
+    m0: T,
+    mode: MaskMode,
+    parallel: bool,
+) -> Option<(usize, RowFault)> {
+    let isa = Isa::best();
+    let mut blocks = blocks(rows, mode, parallel);
+    over_blocks(&mut blocks, parallel, |b| {
+        forward_block(isa, b, gains, m0, mode)
+    })
+}
+
+/// [`forward_rows`] for one block.
+fn forward_block<T: Real>(
+    isa: Isa,
+    rows: &mut [Row<'_, T>],
+    gains: &Gains<T>,
+    m0: T,
+    mode: MaskMode,
+) -> Option<(usize, RowFault)> {
+    // Scratch rows of the rows with holes: the kernel's input, and under `Hold` the held state
+    // before each valid token's output (`m0`, then the outputs).
+    let sizes = |r: &Row<'_, T>| match (r.shape, mode) {
+        (Shape::Prefix(_), _) => (0, 0),
+        (Shape::Holes { valid, .. }, MaskMode::Hold) => (valid + 1, valid + 1),
+        (Shape::Holes { last, .. }, MaskMode::Zero) => (last + 1, 0),
+    };
+    let total: usize = rows.iter().map(|r| sizes(r).0 + sizes(r).1).sum();
+    T::with_scratch(|buf| {
+        if buf.len() < total {
+            buf.resize(total, T::ZERO);
+        }
+        let lens = rows.iter().flat_map(|r| {
+            let (i, h) = sizes(r);
+            [i, h]
+        });
+        let mut parts = pieces(&mut buf[..total], lens).into_iter();
+        let mut scratch: Vec<(&mut [T], &mut [T])> = Vec::with_capacity(rows.len());
+        for r in rows.iter() {
+            let (input, held) = (
+                parts.next().unwrap_or_default(),
+                parts.next().unwrap_or_default(),
+            );
+            let m = r.mask.unwrap_or(&[]);
+            match (r.shape, mode) {
+                (Shape::Prefix(_), _) => {}
+                (Shape::Holes { .. }, MaskMode::Hold) => {
+                    compact(r.input, m, input);
+                    held[0] = m0;
+                }
+                (Shape::Holes { .. }, MaskMode::Zero) => masked_to(r.input, m, T::ZERO, input),
+            }
+            scratch.push((input, held));
+        }
+        forward_lanes(isa, rows, &mut scratch, gains, m0, mode)
+    })
+}
+
+/// [`forward_block`] once the scratch rows are filled.
+fn forward_lanes<T: Real>(
+    isa: Isa,
+    rows: &mut [Row<'_, T>],
+    scratch: &mut [(&mut [T], &mut [T])],
+    gains: &Gains<T>,
+    m0: T,
+    mode: MaskMode,
+) -> Option<(usize, RowFault)> {
+    let fin = {
+        let mut src: Vec<&[T]> = Vec::with_capacity(LANES);
+        let mut dst: Vec<&mut [T]> = Vec::with_capacity(LANES);
+        for (r, (input, held)) in rows.iter_mut().zip(scratch.iter_mut()) {
+            let n = r.len;
+            match r.shape {
+                Shape::Prefix(_) => {
+                    src.push(&r.input[..n]);
+                    dst.push(&mut r.out[..n]);
+                }
+                Shape::Holes { .. } => {
+                    src.push(&input[..n]);
+                    dst.push(match mode {
+                        MaskMode::Hold => &mut held[1..=n],
+                        MaskMode::Zero => &mut r.out[..n],
+                    });
+                }
+            }
+        }
+        ragged_forward(isa, &src, gains.k(), gains.a(), [m0; LANES], &mut dst)
+    };
+    let mut fail: Option<(usize, RowFault)> = None;
+    for (l, (r, (_, held))) in rows.iter_mut().zip(scratch.iter()).enumerate() {
+        let m = r.mask.unwrap_or(&[]);
+        match (r.shape, mode) {
+            (Shape::Prefix(n), MaskMode::Hold) => r.out[n..].fill(fin[l]),
+            (Shape::Prefix(n), MaskMode::Zero) => r.out[n..].fill(T::ZERO),
+            (Shape::Holes { valid, .. }, MaskMode::Hold) => {
+                // `held` has `valid + 1` values and `j <= valid`; the `min` only drops the
+                // bounds check.
+                let held = &held[..=valid];
+                let mut j = 0;
+                for (o, &ok) in r.out.iter_mut().zip(m) {
+                    j += usize::from(ok);
+                    *o = held[j.min(valid)];
+                }
+            }
+            (Shape::Holes { last, .. }, MaskMode::Zero) => {
+                for (o, &ok) in r.out.iter_mut().zip(m) {
+                    *o = if ok { *o } else { T::ZERO };
+                }
+                r.out[last + 1..].fill(T::ZERO);
+            }
+        }
+        if !fin[l].is_finite() && fail.is_none_or(|(row, _)| r.index < row) {
+            fail = Some((r.index, first_bad(r.input, r.mask)));
+        }
+    }
+    fail
+}
+
+/// Adjoint of [`forward_rows`]: writes each row's `out` (`dvalues`) and `dm0`; the failure of
+/// the lowest-numbered row, if any. Rows with holes under `Hold` run the one-row kernel.
+pub(crate) fn adjoint_rows<T: Real>(
+    rows: Vec<Row<'_, T>>,
+    gains: &Gains<T>,
+    mode: MaskMode,
+    parallel: bool,
+) -> Option<(usize, RowFault)> {
+    let isa = Isa::best();
+    let mut blocks = blocks(rows, mode, parallel);
+    over_blocks(&mut blocks, parallel, |b| {
+        adjoint_block(isa, b, gains, mode)
+    })
+}
+
+/// [`adjoint_rows`] for one block.
+fn adjoint_block<T: Real>(
+    isa: Isa,
+    rows: &mut [Row<'_, T>],
+    gains: &Gains<T>,
+    mode: MaskMode,
+) -> Option<(usize, RowFault)> {
+    let mut fail: Option<(usize, RowFault)> = None;
+    let mut note = |index: usize, fault: RowFault| {
+        if fail.is_none_or(|(row, _)| index < row) {
+            fail = Some((index, fault));
+        }
+    };
+    // Rows with holes under `Hold`: the one-row kernel.
+    let (mut lanes, mut alone): (Vec<&mut Row<'_, T>>, Vec<&mut Row<'_, T>>) = rows
+        .iter_mut()
+        .partition(|r| !matches!((r.shape, mode), (Shape::Holes { .. }, MaskMode::Hold)));
+    for r in alone.iter_mut() {
+        match adjoint_row(r.input, r.mask, gains, mode, r.out) {
+            Ok(v) => set_dm0(r, v),
+            Err(f) => note(r.index, f),
+        }
+    }
+    // Under `Hold` the held outputs of a right-padded row pass their gradients to its last valid
+    // token: the adjoint enters the prefix with their sum, added from the row's end as the
+    // one-row kernel adds them. The rows' tails are summed together, one chain per row.
+    let mut lam0 = [T::ZERO; LANES];
+    if mode == MaskMode::Hold {
+        let tails: Vec<&[T]> = lanes.iter().map(|r| &r.input[r.len..]).collect();
+        // The part every tail has, one step of every chain at a time, then each tail's rest.
+        let common = tails.iter().map(|t| t.len()).min().unwrap_or(0);
+        for i in 0..common {
+            for (acc, t) in lam0.iter_mut().zip(&tails) {
+                *acc = *acc + t[t.len() - 1 - i];
+            }
+        }
+        for (acc, t) in lam0.iter_mut().zip(&tails) {
+            for &v in t[..t.len() - common].iter().rev() {
+                *acc = *acc + v;
+            }
+        }
+    }
+    let neg_zero = T::from_f64(-0.0);
+    let size = |r: &&mut Row<'_, T>| match r.shape {
+        Shape::Prefix(_) => 0,
+        Shape::Holes { last, .. } => last + 1,
+    };
+    let total: usize = lanes.iter().map(size).sum();
+    T::with_scratch(|buf| {
+        if buf.len() < total {
+            buf.resize(total, T::ZERO);
+        }
+        let scratch = pieces(&mut buf[..total], lanes.iter().map(size));
+        let mut scratch: Vec<&[T]> = scratch
+            .into_iter()
+            .zip(lanes.iter())
+            .map(|(c, r)| {
+                masked_to(r.input, r.mask.unwrap_or(&[]), neg_zero, c);
+                &*c
+            })
+            .collect();
+        adjoint_lanes(isa, &mut lanes, &mut scratch, gains, mode, lam0, &mut note);
+    });
+    fail
+}
+
+/// [`adjoint_block`] once the scratch rows are filled.
+fn adjoint_lanes<T: Real>(
+    isa: Isa,
+    lanes: &mut [&mut Row<'_, T>],
+    scratch: &mut [&[T]],
+    gains: &Gains<T>,
+    mode: MaskMode,
+    lam0: [T; LANES],
+    note: &mut impl FnMut(usize, RowFault),
+) {
+    let lam = {
+        let mut src: Vec<&[T]> = Vec::with_capacity(LANES);
+        let mut dst: Vec<&mut [T]> = Vec::with_capacity(LANES);
+        for (r, input) in lanes.iter_mut().zip(scratch.iter()) {
+            let n = r.len;
+            src.push(match r.shape {
+                Shape::Prefix(_) => &r.input[..n],
+                Shape::Holes { .. } => input,
+            });
+            dst.push(&mut r.out[..n]);
+        }
+        ragged_adjoint(isa, &src, gains.k(), gains.a(), lam0, &mut dst)
+    };
+    for (l, r) in lanes.iter_mut().enumerate() {
+        let n = r.len;
+        if let (Shape::Holes { .. }, Some(m)) = (r.shape, r.mask) {
+            for (d, &ok) in r.out[..n].iter_mut().zip(m) {
+                *d = if ok { *d } else { T::ZERO };
+            }
+        }
+        r.out[n..].fill(T::ZERO);
+        if lam[l].is_finite() {
+            set_dm0(r, lam[l]);
+        } else {
+            // Under `Hold` every gradient is read; under `Zero` only the valid ones.
+            let read = (mode == MaskMode::Zero).then_some(r.mask).flatten();
+            note(r.index, first_bad(r.input, read));
+        }
+    }
+}
+
+fn set_dm0<T>(r: &mut Row<'_, T>, v: T) {
+    if let Some(d) = r.dm0.as_deref_mut() {
+        *d = v;
+    }
+}
