@@ -69,13 +69,22 @@ impl RowStats {
     }
 }
 
-/// The gains and innovation variances of the first `n` valid tokens, in `f64`.
+/// The gains and innovation variances of the first `n` valid tokens, in `f64`, with what the
+/// row kernel needs of them precomputed (none of it depends on the data): `1 / F_n`,
+/// `c_n / F_n`, and the prefix sums of `ln F_n` and `c_n^2 / F_n`, so that a token costs one
+/// multiply-add chain and no division or logarithm.
 #[derive(Clone, Debug)]
 pub struct Innovations {
     /// `K_n`.
     pub k: Vec<f64>,
     /// `F_n = P_{n-1} + q + r` (`inf` when `P_{n-1} + q` is).
     pub f: Vec<f64>,
+    inv_f: Vec<f64>,
+    c_inv_f: Vec<f64>,
+    /// `[n + 1]`: sums over the first `n` tokens with finite `F`.
+    log_det: Vec<f64>,
+    c2: Vec<f64>,
+    terms: Vec<f64>,
 }
 
 impl Innovations {
@@ -83,23 +92,55 @@ impl Innovations {
     pub fn new(n: usize, params: &FilterParams) -> Result<Self, FilterError> {
         params.validate()?;
         let FilterParams { q, r, p0 } = *params;
-        let (mut k, mut f) = (Vec::new(), Vec::new());
-        if k.try_reserve_exact(n).is_err() || f.try_reserve_exact(n).is_err() {
+        let mut bufs: [Vec<f64>; 4] = Default::default();
+        let mut sums: [Vec<f64>; 3] = Default::default();
+        if bufs.iter_mut().any(|b| b.try_reserve_exact(n).is_err())
+            || sums.iter_mut().any(|b| b.try_reserve_exact(n + 1).is_err())
+        {
             return layout_err("n", format!("cannot allocate {n} gains"));
         }
-        let mut p = p0;
+        let [mut k, mut f, mut inv_f, mut c_inv_f] = bufs;
+        let [mut log_det, mut c2, mut terms] = sums;
+        let (mut p, mut c) = (p0, 1.0_f64);
+        let (mut ld, mut cc, mut tt) = (0.0, 0.0, 0.0);
         for _ in 0..n {
+            log_det.push(ld);
+            c2.push(cc);
+            terms.push(tt);
             let s = p + q;
-            let (kn, fn_) = if s.is_infinite() {
-                (1.0, f64::INFINITY)
-            } else {
-                (s / (s + r), s + r)
-            };
+            if s.is_infinite() {
+                k.push(1.0);
+                f.push(f64::INFINITY);
+                inv_f.push(0.0);
+                c_inv_f.push(0.0);
+                c = 0.0;
+                p = r;
+                continue;
+            }
+            let fv = s + r;
+            let kn = s / fv;
             k.push(kn);
-            f.push(fn_);
+            f.push(fv);
+            inv_f.push(1.0 / fv);
+            c_inv_f.push(c / fv);
+            ld += fv.ln();
+            cc += c * c / fv;
+            tt += 1.0;
+            c *= 1.0 - kn;
             p = kn * r;
         }
-        Ok(Self { k, f })
+        log_det.push(ld);
+        c2.push(cc);
+        terms.push(tt);
+        Ok(Self {
+            k,
+            f,
+            inv_f,
+            c_inv_f,
+            log_det,
+            c2,
+            terms,
+        })
     }
 }
 
@@ -111,34 +152,32 @@ fn row_stats<T: Real>(
     inn: &Innovations,
     m0: f64,
 ) -> Result<RowStats, RowFault> {
-    let mut st = RowStats::default();
-    let (mut x, mut c) = (m0, 1.0_f64);
+    let (mut ssq, mut cross, mut x) = (0.0_f64, 0.0_f64, m0);
     let mut n = 0usize;
-    for (t, &zt) in z.iter().enumerate() {
-        if let Some(m) = mask {
-            if !m[t] {
-                continue;
-            }
-        }
-        let zt = zt.to_f64();
-        let (k, f) = (inn.k[n], inn.f[n]);
+    let mut step = |zt: T| {
+        let v = zt.to_f64() - x;
+        // With F infinite (the diffuse first token) 1/F = c/F = 0 and K = 1: x becomes z.
+        ssq += v * v * inn.inv_f[n];
+        cross += v * inn.c_inv_f[n];
+        x += inn.k[n] * v;
         n += 1;
-        if f.is_finite() {
-            let v = zt - x;
-            st.terms += 1.0;
-            st.log_det += f.ln();
-            st.ssq += v * v / f;
-            st.cross += v * c / f;
-            st.c2 += c * c / f;
-            x += k * v;
-            c *= 1.0 - k;
-        } else {
-            // The diffuse first token: x becomes z, m0 no longer matters.
-            x = zt;
-            c = 0.0;
-        }
+    };
+    match mask {
+        None => z.iter().for_each(|&zt| step(zt)),
+        Some(m) => z
+            .iter()
+            .zip(m)
+            .filter(|(_, &valid)| valid)
+            .for_each(|(&zt, _)| step(zt)),
     }
-    st.tokens = n as f64;
+    let st = RowStats {
+        tokens: n as f64,
+        terms: inn.terms[n],
+        log_det: inn.log_det[n],
+        ssq,
+        cross,
+        c2: inn.c2[n],
+    };
     // A non-finite value read makes x (and from there every later sum) non-finite; a row whose
     // last read value is bad leaves x alone non-finite.
     if st.is_finite() && x.is_finite() {
