@@ -44,9 +44,7 @@ SNAPSHOT: dict[str, tuple[str, ...]] = {
     "kpo_rs.fit": (
         "FITTABLE",
         "FilterFit",
-        "effective_window",
         "fit_filter",
-        "mean_data_weight",
     ),
     "kpo_rs.params": (
         "FilterOverrides",
@@ -86,8 +84,11 @@ SNAPSHOT: dict[str, tuple[str, ...]] = {
     ),
     "kpo_rs.diagnostics": (
         "Switches",
+        "data_weight",
+        "effective_window",
         "low_frequency_energy",
         "low_frequency_energy_packed",
+        "mean_data_weight",
         "plot_spectra",
         "plot_switch_histogram",
         "plot_traces",

@@ -29,13 +29,14 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from . import gains, innovation_sums
+from . import innovation_sums
+from .diagnostics import effective_window, mean_data_weight
 from .params import FilterOverrides, FilterParams, resolve_params
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
 
-__all__ = ["FITTABLE", "FilterFit", "effective_window", "fit_filter", "mean_data_weight"]
+__all__ = ["FITTABLE", "FilterFit", "fit_filter"]
 
 #: The settings :func:`fit_filter` can fit.
 FITTABLE = ("q", "r", "p0", "m0")
@@ -103,25 +104,6 @@ class FilterFit:
                 "no drift detected: q = 0 fits as well (the best filter is a mean over the row)"
             )
         return "\n".join(lines)
-
-
-def effective_window(params: FilterParams) -> float:
-    """``1 / K_inf``: tokens the steady-state filter averages over (inf when ``q = 0``)."""
-    q, r = params.q, params.r
-    if q == 0.0:
-        return math.inf
-    if math.isinf(q):
-        return 1.0
-    s = 0.5 * (q + math.sqrt(q * q + 4.0 * q * r))
-    return (s + r) / s
-
-
-def mean_data_weight(length: int, params: FilterParams) -> float:
-    """Mean over positions ``0..length-1`` of ``1 - prod_{k<=n} (1 - K_k)`` (0 for length 0)."""
-    if length <= 0:
-        return 0.0
-    k = gains(int(length), params=params)
-    return float(np.mean(1.0 - np.cumprod(1.0 - k)))
 
 
 class _Data:
@@ -334,7 +316,7 @@ def fit_filter(
         converged=bool(converged),
         effective_window=effective_window(fitted_p),
         median_length=median,
-        data_weight=mean_data_weight(round(median), fitted_p),
+        data_weight=mean_data_weight(round(median), params=fitted_p),
         q_over_r=ratio,
         q_over_r_interval=interval,
         flat=flat,
