@@ -130,6 +130,7 @@ SNAPSHOT: dict[str, tuple[str, ...]] = {
     "kpo_rs.losses.kpo": (
         "GRADS",
         "KPO_CLIP",
+        "data_weight_metric",
         "kpo_clipped_loss",
         "kpo_loss",
         "kpo_token_losses",
