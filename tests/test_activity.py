@@ -44,3 +44,17 @@ def test_holes_use_the_gain_index(masked):
     _, metrics = kpo_loss(old, new, adv, mask, q=0.01, r=0.5, masked=masked)
     want = _expected(mask.numpy(), data_weight(40, q=0.01, r=0.5), masked == "hold")
     assert float(metrics["kpo_data_weight"]) == pytest.approx(want, rel=1e-6)
+
+
+def test_warns_once_per_process(monkeypatch):
+    import kpo_rs.losses.kpo as kpo
+
+    monkeypatch.setattr(kpo, "_warned_inert", False)
+    mask = torch.ones(3, 128, dtype=torch.bool)
+    assert not kpo.warn_if_inert(0.5, mask, {})
+    with pytest.warns(UserWarning, match="nearly inert") as record:
+        assert kpo.warn_if_inert(0.0028, mask, {"q": 1e-6})
+    msg = str(record[0].message)
+    assert "median response length 128" in msg and "effective window 1001" in msg
+    assert "fit_filter" in msg and "\n" not in msg
+    assert not kpo.warn_if_inert(0.001, mask, {})  # once per process

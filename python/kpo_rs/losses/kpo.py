@@ -11,13 +11,16 @@ weights in before aggregating. Inputs, outputs and aggregation are as in :mod:`k
 from __future__ import annotations
 
 import functools
+import math
+import warnings
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 import torch
 
 from .. import torch_ops
-from ..diagnostics import data_weight
+from ..diagnostics import data_weight, effective_window
 from ..params import FilterParams, resolve_params
 from ..space import LOG_RATIO_CLAMP, check_space, prior_mean, to_filter_space
 from ._common import (
@@ -34,11 +37,13 @@ from ._common import (
 
 __all__ = [
     "GRADS",
+    "INERT_DATA_WEIGHT",
     "KPO_CLIP",
     "data_weight_metric",
     "kpo_clipped_loss",
     "kpo_loss",
     "kpo_token_losses",
+    "warn_if_inert",
 ]
 
 KPO_CLIP = (3e-4, 4e-4)
@@ -83,6 +88,40 @@ def data_weight_metric(mask: torch.Tensor, params: FilterParams) -> torch.Tensor
         index = torch.arange(time, device=mask.device).expand_as(mask)
     per_token = torch.where(mask, w[index], 0.0)
     return per_token.sum() / (mask.sum() + 1e-8)
+
+
+#: Below this ``kpo_data_weight`` the plug-ins warn (once per process) that the filter is nearly
+#: inert: the filtered ratio stays within a few percent of the prior's 1.
+INERT_DATA_WEIGHT = 0.05
+_warned_inert = False
+
+
+def warn_if_inert(
+    weight: float, response_mask: torch.Tensor, loss_kwargs: Mapping[str, Any]
+) -> bool:
+    """Warns once per process (``UserWarning``) when ``weight`` (a ``kpo_data_weight`` already
+    turned into a float) is below :data:`INERT_DATA_WEIGHT`, naming the median response length,
+    the effective window of the settings in ``loss_kwargs`` (the loss's keyword arguments:
+    ``params``, ``q``, ``r``, ``p0``, ``masked``) and what to do. Returns whether it warned."""
+    global _warned_inert
+    if _warned_inert or not (weight < INERT_DATA_WEIGHT) or math.isnan(weight):
+        return False
+    _warned_inert = True
+    names = ("q", "r", "p0", "masked")
+    p = resolve_params(loss_kwargs.get("params"), **{k: loss_kwargs.get(k) for k in names})
+    lengths = response_mask.bool().sum(dim=-1).float()
+    median = float(lengths.median()) if lengths.numel() else 0.0
+    warnings.warn(
+        f"kpo: the filter is nearly inert: kpo_data_weight {weight:.2%} < "
+        f"{INERT_DATA_WEIGHT:.0%} (median response length {median:g} tokens, effective window "
+        f"{effective_window(p):.4g} tokens at q={p.q:g} r={p.r:g} p0={p.p0:g}); the filtered "
+        "ratio is about 1 and KPO is close to an unweighted policy gradient. Fit q and r to "
+        "your rollouts (kpo_rs.fit.fit_filter, kpo analyze --fit) or raise q / p0; see README, "
+        "'Choosing q and r'",
+        UserWarning,
+        stacklevel=2,
+    )
+    return True
 
 
 def _kpo_metrics(
