@@ -129,11 +129,13 @@ SNAPSHOT: dict[str, tuple[str, ...]] = {
     ),
     "kpo_rs.losses.kpo": (
         "GRADS",
+        "INERT_DATA_WEIGHT",
         "KPO_CLIP",
         "data_weight_metric",
         "kpo_clipped_loss",
         "kpo_loss",
         "kpo_token_losses",
+        "warn_if_inert",
     ),
     "kpo_rs.losses.baselines": (
         "gmpo_loss",
@@ -200,6 +202,7 @@ SNAPSHOT: dict[str, tuple[str, ...]] = {
         "PipelineError",
         "analyze_parquet",
         "filter_parquet",
+        "fit_parquet",
         "writer_options",
     ),
     "kpo_rs.integrations.verl": (
