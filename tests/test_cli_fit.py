@@ -58,3 +58,20 @@ def test_fit_refuses_the_ratio_space(tmp_path, capsys):
     _write(path, 4, 20, 1e-4, 0.02)
     assert cli.main(["analyze", str(path), *ARGS, "--fit", "--space", "ratio"]) == 2
     assert "log_ratio" in capsys.readouterr().err
+
+
+def test_filter_q_fit_records_the_fitted_settings(tmp_path, capsys):
+    src, dst = tmp_path / "r.parquet", tmp_path / "o.parquet"
+    z = _write(src, 32, 256, 1e-4, 0.02)
+    assert cli.main(["filter", str(src), str(dst), *ARGS, "--q", "fit"]) == 0
+    assert "fitted q, r" in capsys.readouterr().out
+    record = json.loads(pq.read_schema(dst).metadata[b"kpo_rs.fitted_settings"])
+    assert record["q"] == pytest.approx(1e-4, rel=0.4) and record["rows_used"] == 32
+    # the output is the filter at the recorded settings
+    import kpo_rs
+
+    want = kpo_rs.kalman_filter(z, q=record["q"], r=record["r"], p0=record["p0"])
+    got = np.array(pq.read_table(dst).column("kpo_filtered_log_ratio").to_pylist())
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)  # float32 output
+    assert cli.main(["analyze", str(src), *ARGS, "--q", "fit"]) == 2
+    assert "--fit" in capsys.readouterr().err

@@ -232,6 +232,7 @@ def filter_parquet(
     on_non_finite: str = "error",
     batch_size: int = 4096,
     progress: Progress | None = None,
+    metadata: dict[str, str] | None = None,
     **overrides: Unpack[FilterOverrides],
 ) -> FilterStats:
     """Copies ``src`` to ``dst`` adding ``kpo_filtered_log_ratio`` and ``kpo_filtered_ratio``
@@ -242,7 +243,9 @@ def filter_parquet(
     be ``src``. ``on_non_finite``: ``"error"`` stops at the first non-finite value at a valid token
     (PipelineError naming the column and the file's row), ``"null"`` writes null outputs for such
     rows and lists them in :attr:`FilterStats.bad_rows`. ``progress(rows_done, rows_total)`` is
-    called once when the input and output are checked and after each batch.
+    called once when the input and output are checked and after each batch. ``metadata``: extra
+    key-value pairs for the output's Parquet schema metadata (``kpo filter --q fit`` records the
+    fitted settings there).
     """
     p = _params(params, overrides)
     check_space(space)
@@ -270,7 +273,10 @@ def filter_parquet(
                 except (KeyError, TypeError, ValueError) as exc:
                     raise _row_error(exc, src, stats.rows) from exc
                 if writer is None:
-                    writer = pq.ParquetWriter(tmp, out.schema, **writer_options(out.schema))
+                    schema = out.schema
+                    if metadata:
+                        schema = schema.with_metadata({**(schema.metadata or {}), **metadata})
+                    writer = pq.ParquetWriter(tmp, schema, **writer_options(schema))
                 writer.write_batch(out)
                 stats.bad_rows.extend((dropped + stats.rows).tolist())
                 stats.null_rows += out.column(out.num_columns - 1).null_count - dropped.size

@@ -159,6 +159,8 @@ def run(args: argparse.Namespace) -> int:
     from ..pipeline import PipelineError, analyze_parquet
 
     try:
+        if args.q == "fit":
+            raise ValueError("--q fit is for kpo filter; kpo analyze takes --fit")
         columns = columns_of(args)
         kw = job_settings(args)
         with Progress("analyze", not args.no_progress, args.log_every) as progress:
