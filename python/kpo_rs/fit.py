@@ -23,6 +23,7 @@ Whether fitted settings train better is a question for the sweep.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
@@ -118,7 +119,8 @@ class _Data:
 
     def sums(self, p: FilterParams) -> tuple[float, float, float, float, float, float]:
         s = innovation_sums(self.values, self.mask, cu_seqlens=self.cu, params=p).sum(axis=0)
-        return tuple(float(v) for v in s[1:])  # tokens, terms, log_det, ssq, cross, c2
+        tokens, terms, log_det, ssq, cross, c2 = (float(v) for v in s[1:])
+        return tokens, terms, log_det, ssq, cross, c2
 
     def m0_step(self, cross: float, c2: float) -> float:
         """The closed-form shift of ``m0`` (0 when it is not fitted or not identified)."""
@@ -181,6 +183,14 @@ def _search_log10(
         if fe > fx:
             x, fx, converged = e, fe, True
     return x, fx, converged
+
+
+def _flip(f: Callable[[float, float], float], b: float, a: float) -> float:
+    return f(a, b)
+
+
+def _at_p0(f: Callable[[float, float], float], log_ratio: float, y: float) -> float:
+    return f(log_ratio, _to_value(y))
 
 
 def _to_value(x: float) -> float:
@@ -247,14 +257,12 @@ def fit_filter(
         converged = True
         for _ in range(8 if "p0" in names else 1):
             before = best.get("ll", -math.inf)
-            x, _, conv_q = _search_log10(
-                lambda x, p0r=p0_ratio: at_ratio(x, p0r), extra=(-math.inf,)
-            )
+            x, _, conv_q = _search_log10(functools.partial(_flip, at_ratio, p0_ratio), (-math.inf,))
             ratio = _to_value(x)
             if "p0" in names:
                 lq = math.log10(ratio) if ratio > 0 else -math.inf
                 y, _, _ = _search_log10(
-                    lambda y, lq=lq: at_ratio(lq, _to_value(y)), extra=(-math.inf, math.inf)
+                    functools.partial(_at_p0, at_ratio, lq), (-math.inf, math.inf)
                 )
                 p0_ratio = _to_value(y)
             converged = conv_q
