@@ -69,13 +69,22 @@ impl RowStats {
     }
 }
 
-/// The gains and innovation variances of the first `n` valid tokens, in `f64`.
+/// The gains and innovation variances of the first `n` valid tokens, in `f64`, with what the
+/// row kernel needs of them precomputed (none of it depends on the data): `1 / F_n`,
+/// `c_n / F_n`, and the prefix sums of `ln F_n` and `c_n^2 / F_n`, so that a token costs one
+/// multiply-add chain and no division or logarithm.
 #[derive(Clone, Debug)]
 pub struct Innovations {
     /// `K_n`.
     pub k: Vec<f64>,
     /// `F_n = P_{n-1} + q + r` (`inf` when `P_{n-1} + q` is).
     pub f: Vec<f64>,
+    inv_f: Vec<f64>,
+    c_inv_f: Vec<f64>,
+    /// `[n + 1]`: sums over the first `n` tokens with finite `F`.
+    log_det: Vec<f64>,
+    c2: Vec<f64>,
+    terms: Vec<f64>,
 }
 
 impl Innovations {
@@ -83,23 +92,55 @@ impl Innovations {
     pub fn new(n: usize, params: &FilterParams) -> Result<Self, FilterError> {
         params.validate()?;
         let FilterParams { q, r, p0 } = *params;
-        let (mut k, mut f) = (Vec::new(), Vec::new());
-        if k.try_reserve_exact(n).is_err() || f.try_reserve_exact(n).is_err() {
+        let mut bufs: [Vec<f64>; 4] = Default::default();
+        let mut sums: [Vec<f64>; 3] = Default::default();
+        if bufs.iter_mut().any(|b| b.try_reserve_exact(n).is_err())
+            || sums.iter_mut().any(|b| b.try_reserve_exact(n + 1).is_err())
+        {
             return layout_err("n", format!("cannot allocate {n} gains"));
         }
-        let mut p = p0;
+        let [mut k, mut f, mut inv_f, mut c_inv_f] = bufs;
+        let [mut log_det, mut c2, mut terms] = sums;
+        let (mut p, mut c) = (p0, 1.0_f64);
+        let (mut ld, mut cc, mut tt) = (0.0, 0.0, 0.0);
         for _ in 0..n {
+            log_det.push(ld);
+            c2.push(cc);
+            terms.push(tt);
             let s = p + q;
-            let (kn, fn_) = if s.is_infinite() {
-                (1.0, f64::INFINITY)
-            } else {
-                (s / (s + r), s + r)
-            };
+            if s.is_infinite() {
+                k.push(1.0);
+                f.push(f64::INFINITY);
+                inv_f.push(0.0);
+                c_inv_f.push(0.0);
+                c = 0.0;
+                p = r;
+                continue;
+            }
+            let fv = s + r;
+            let kn = s / fv;
             k.push(kn);
-            f.push(fn_);
+            f.push(fv);
+            inv_f.push(1.0 / fv);
+            c_inv_f.push(c / fv);
+            ld += fv.ln();
+            cc += c * c / fv;
+            tt += 1.0;
+            c *= 1.0 - kn;
             p = kn * r;
         }
-        Ok(Self { k, f })
+        log_det.push(ld);
+        c2.push(cc);
+        terms.push(tt);
+        Ok(Self {
+            k,
+            f,
+            inv_f,
+            c_inv_f,
+            log_det,
+            c2,
+            terms,
+        })
     }
 }
 
@@ -111,34 +152,32 @@ fn row_stats<T: Real>(
     inn: &Innovations,
     m0: f64,
 ) -> Result<RowStats, RowFault> {
-    let mut st = RowStats::default();
-    let (mut x, mut c) = (m0, 1.0_f64);
+    let (mut ssq, mut cross, mut x) = (0.0_f64, 0.0_f64, m0);
     let mut n = 0usize;
-    for (t, &zt) in z.iter().enumerate() {
-        if let Some(m) = mask {
-            if !m[t] {
-                continue;
-            }
-        }
-        let zt = zt.to_f64();
-        let (k, f) = (inn.k[n], inn.f[n]);
+    let mut step = |zt: T| {
+        let v = zt.to_f64() - x;
+        // With F infinite (the diffuse first token) 1/F = c/F = 0 and K = 1: x becomes z.
+        ssq += v * v * inn.inv_f[n];
+        cross += v * inn.c_inv_f[n];
+        x += inn.k[n] * v;
         n += 1;
-        if f.is_finite() {
-            let v = zt - x;
-            st.terms += 1.0;
-            st.log_det += f.ln();
-            st.ssq += v * v / f;
-            st.cross += v * c / f;
-            st.c2 += c * c / f;
-            x += k * v;
-            c *= 1.0 - k;
-        } else {
-            // The diffuse first token: x becomes z, m0 no longer matters.
-            x = zt;
-            c = 0.0;
-        }
+    };
+    match mask {
+        None => z.iter().for_each(|&zt| step(zt)),
+        Some(m) => z
+            .iter()
+            .zip(m)
+            .filter(|(_, &valid)| valid)
+            .for_each(|(&zt, _)| step(zt)),
     }
-    st.tokens = n as f64;
+    let st = RowStats {
+        tokens: n as f64,
+        terms: inn.terms[n],
+        log_det: inn.log_det[n],
+        ssq,
+        cross,
+        c2: inn.c2[n],
+    };
     // A non-finite value read makes x (and from there every later sum) non-finite; a row whose
     // last read value is bad leaves x alone non-finite.
     if st.is_finite() && x.is_finite() {
@@ -146,6 +185,47 @@ fn row_stats<T: Real>(
     } else {
         Err(first_bad(z, mask))
     }
+}
+
+/// Rows interleaved by [`row_stats_group`]: independent recurrences side by side hide the
+/// latency of each one's chain (sub, mul, add per token).
+const GROUP: usize = 4;
+
+/// [`row_stats`] of `GROUP` unmasked rows of `time` values each (`z` holds them back to back),
+/// the same operations per row in the same order, so the results are bit-identical.
+// `n` indexes the gains and every row of the group in lockstep.
+#[allow(clippy::needless_range_loop)]
+fn row_stats_group<T: Real>(
+    z: &[T],
+    time: usize,
+    inn: &Innovations,
+    m0: f64,
+) -> Option<[RowStats; GROUP]> {
+    let mut ssq = [0.0_f64; GROUP];
+    let mut cross = [0.0_f64; GROUP];
+    let mut x = [m0; GROUP];
+    let rows: [&[T]; GROUP] = std::array::from_fn(|g| &z[g * time..(g + 1) * time]);
+    for n in 0..time {
+        let (k, inv_f, c_inv_f) = (inn.k[n], inn.inv_f[n], inn.c_inv_f[n]);
+        for g in 0..GROUP {
+            let v = rows[g][n].to_f64() - x[g];
+            ssq[g] += v * v * inv_f;
+            cross[g] += v * c_inv_f;
+            x[g] += k * v;
+        }
+    }
+    let out: [RowStats; GROUP] = std::array::from_fn(|g| RowStats {
+        tokens: time as f64,
+        terms: inn.terms[time],
+        log_det: inn.log_det[time],
+        ssq: ssq[g],
+        cross: cross[g],
+        c2: inn.c2[time],
+    });
+    // Any row that is not finite is redone alone to locate its fault.
+    (0..GROUP)
+        .all(|g| out[g].is_finite() && x[g].is_finite())
+        .then_some(out)
 }
 
 fn run_rows(
@@ -225,9 +305,50 @@ pub fn likelihood_padded<T: Real>(
     }
     check_m0(m0)?;
     let inn = Innovations::new(time, params)?;
-    run_rows(batch, total, out, |i| {
+    let one = |i: usize| {
         let at = i * time..(i + 1) * time;
         row_stats(&values[at.clone()], mask.map(|m| &m[at]), &inn, m0)
+    };
+    if mask.is_some() || batch < GROUP || time == 0 {
+        return run_rows(batch, total, out, one);
+    }
+    // Unmasked rows share their gain index: GROUP rows at a time, the rest one by one.
+    let grouped = batch / GROUP * GROUP;
+    let (head, tail) = out.split_at_mut(grouped);
+    let group = |(gi, o): (usize, &mut [RowStats])| {
+        let first = gi * GROUP;
+        let z = &values[first * time..(first + GROUP) * time];
+        match row_stats_group(z, time, &inn, m0) {
+            Some(stats) => {
+                o.copy_from_slice(&stats);
+                None
+            }
+            // a fault: find the first failing row of the group and its position
+            None => (first..first + GROUP).find_map(|i| one(i).err().map(|f| (i, f))),
+        }
+    };
+    let failed = if total < SERIAL_BELOW {
+        head.chunks_mut(GROUP).enumerate().find_map(group)
+    } else {
+        head.par_chunks_mut(GROUP)
+            .enumerate()
+            .filter_map(group)
+            .min_by_key(|&(i, _)| i)
+    };
+    if let Some((i, fault)) = failed {
+        return Err(fault.at_row("values", i));
+    }
+    run_rows(batch - grouped, total, tail, |j| one(grouped + j)).map_err(|e| match e {
+        FilterError::NonFinite { arg, row, pos } => FilterError::NonFinite {
+            arg,
+            row: row + grouped,
+            pos,
+        },
+        FilterError::Overflow { arg, row } => FilterError::Overflow {
+            arg,
+            row: row + grouped,
+        },
+        other => other,
     })
 }
 
@@ -406,6 +527,39 @@ mod tests {
         assert!(likelihood_padded(&z, Some(&mask), 2, 5, &bad, 0.0, &mut out).is_err());
         assert!(likelihood_packed(&z, None, &[0i32, 4, 3], &p, 0.0, &mut out).is_err());
         assert!(likelihood_padded(&z, Some(&mask), 2, 5, &p, f64::NAN, &mut out).is_err());
+    }
+
+    #[test]
+    fn grouped_rows_match_one_by_one_and_locate_faults() {
+        let (batch, time) = (11, 37); // two groups of 4 and 3 rows alone
+        let mut z: Vec<f64> = (0..batch).flat_map(|b| series(time, b as u64)).collect();
+        let p = FilterParams {
+            q: 1e-2,
+            r: 0.3,
+            p0: 0.1,
+        };
+        let mut out = vec![RowStats::default(); batch];
+        likelihood_padded(&z, None, batch, time, &p, 0.2, &mut out).unwrap();
+        for b in 0..batch {
+            let mut one = vec![RowStats::default(); 1];
+            let row = &z[b * time..(b + 1) * time];
+            likelihood_padded(row, None, 1, time, &p, 0.2, &mut one).unwrap();
+            assert_eq!(out[b], one[0], "row {b}");
+        }
+        for (row, pos) in [(6usize, 5usize), (9, 0)] {
+            let keep = z[row * time + pos];
+            z[row * time + pos] = f64::INFINITY;
+            let err = likelihood_padded(&z, None, batch, time, &p, 0.2, &mut out).unwrap_err();
+            assert_eq!(
+                err,
+                FilterError::NonFinite {
+                    arg: "values",
+                    row,
+                    pos
+                }
+            );
+            z[row * time + pos] = keep;
+        }
     }
 
     #[test]

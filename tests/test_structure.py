@@ -138,7 +138,7 @@ LAYERS = {
     "kpo_rs": 1,  # the numpy API over the Rust core
     "kpo_rs.reference": 1,
     "kpo_rs.diagnostics": 2,
-    "kpo_rs.fit": 2,  # fit_filter: the numpy API's likelihood, not re-exported by kpo_rs
+    "kpo_rs.fit": 3,  # fit_filter: over the likelihood and diagnostics; not re-exported by kpo_rs
     "kpo_rs.testing": 2,
     "kpo_rs.backends": 3,
     "kpo_rs.torch_ops": 4,

@@ -16,24 +16,39 @@ means the values are ratios (signs of ``r - 1``); ``"log_ratio"`` (default) log-
 :func:`welch_spectrum` averages the power spectra of rows of any lengths (Welch's method: half-
 overlapping windowed segments of one length), so that long and short responses all count.
 
+The filter's activity: :func:`data_weight` (per position, the weight the filtered value puts on
+the observations rather than on the prior mean ``m0``), :func:`mean_data_weight` (its mean over a
+row of a given length, what ``kpo_data_weight`` reports) and :func:`effective_window` (the tokens
+the steady-state filter averages over). At the KPO authors' settings (q = 1e-6, r = 1, p0 = 0)
+the mean data weight is 0.28% over 128 tokens and 4.1% over 512: the filter is nearly inert.
+
 Plots (matplotlib, optional): :func:`plot_traces`, :func:`plot_spectra`,
 :func:`plot_switch_histogram`.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from . import gains
 from ._plotting import pyplot, save
+from .params import FilterParams, Overrides, resolve_params
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 __all__ = [
     "Switches",
+    "data_weight",
+    "effective_window",
     "low_frequency_energy",
     "low_frequency_energy_packed",
+    "mean_data_weight",
     "plot_spectra",
     "plot_switch_histogram",
     "plot_traces",
@@ -43,6 +58,38 @@ __all__ = [
     "token_switches_packed",
     "welch_spectrum",
 ]
+
+
+def data_weight(
+    n: int, *, params: FilterParams | None = None, **overrides: Unpack[Overrides]
+) -> np.ndarray:
+    """``1 - prod_{k<=t} (1 - K_k)`` for ``t = 0 .. n-1``, float64 ``[n]``: at the ``t``-th valid
+    token, the share of the filtered value's weight on the observations so far (the rest is on
+    the prior mean ``m0``). Depends on ``q``, ``r``, ``p0`` only; 1 everywhere when ``p0 = inf``."""
+    return 1.0 - np.cumprod(1.0 - gains(n, params=params, **overrides))
+
+
+def mean_data_weight(
+    length: int, *, params: FilterParams | None = None, **overrides: Unpack[Overrides]
+) -> float:
+    """Mean of :func:`data_weight` over a row of ``length`` valid tokens (0 for length 0)."""
+    if length <= 0:
+        return 0.0
+    return float(np.mean(data_weight(int(length), params=params, **overrides)))
+
+
+def effective_window(params: FilterParams | None = None, **overrides: Unpack[Overrides]) -> float:
+    """``1 / K_inf`` (tokens): the horizon of the steady-state filter's exponential average, with
+    ``K_inf = S / (S + r)``, ``S = (q + sqrt(q^2 + 4 q r)) / 2``; inf when ``q = 0`` (the gains
+    fall to 0: a mean over the whole row, or nothing with ``p0 = 0``), 1 when ``q = inf``."""
+    p = resolve_params(params, **overrides)
+    q, r = p.q, p.r
+    if q == 0.0:
+        return math.inf
+    if math.isinf(q):
+        return 1.0
+    s = 0.5 * (q + math.sqrt(q * q + 4.0 * q * r))
+    return (s + r) / s
 
 
 @dataclass(frozen=True)

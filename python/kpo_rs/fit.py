@@ -23,19 +23,21 @@ Whether fitted settings train better is a question for the sweep.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from . import gains, innovation_sums
+from . import innovation_sums
+from .diagnostics import effective_window, mean_data_weight
 from .params import FilterOverrides, FilterParams, resolve_params
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
 
-__all__ = ["FITTABLE", "FilterFit", "effective_window", "fit_filter", "mean_data_weight"]
+__all__ = ["FITTABLE", "FilterFit", "fit_filter"]
 
 #: The settings :func:`fit_filter` can fit.
 FITTABLE = ("q", "r", "p0", "m0")
@@ -105,25 +107,6 @@ class FilterFit:
         return "\n".join(lines)
 
 
-def effective_window(params: FilterParams) -> float:
-    """``1 / K_inf``: tokens the steady-state filter averages over (inf when ``q = 0``)."""
-    q, r = params.q, params.r
-    if q == 0.0:
-        return math.inf
-    if math.isinf(q):
-        return 1.0
-    s = 0.5 * (q + math.sqrt(q * q + 4.0 * q * r))
-    return (s + r) / s
-
-
-def mean_data_weight(length: int, params: FilterParams) -> float:
-    """Mean over positions ``0..length-1`` of ``1 - prod_{k<=n} (1 - K_k)`` (0 for length 0)."""
-    if length <= 0:
-        return 0.0
-    k = gains(int(length), params=params)
-    return float(np.mean(1.0 - np.cumprod(1.0 - k)))
-
-
 class _Data:
     """The batch and the cheap objective over it."""
 
@@ -136,7 +119,8 @@ class _Data:
 
     def sums(self, p: FilterParams) -> tuple[float, float, float, float, float, float]:
         s = innovation_sums(self.values, self.mask, cu_seqlens=self.cu, params=p).sum(axis=0)
-        return tuple(float(v) for v in s[1:])  # tokens, terms, log_det, ssq, cross, c2
+        tokens, terms, log_det, ssq, cross, c2 = (float(v) for v in s[1:])
+        return tokens, terms, log_det, ssq, cross, c2
 
     def m0_step(self, cross: float, c2: float) -> float:
         """The closed-form shift of ``m0`` (0 when it is not fitted or not identified)."""
@@ -199,6 +183,14 @@ def _search_log10(
         if fe > fx:
             x, fx, converged = e, fe, True
     return x, fx, converged
+
+
+def _flip(f: Callable[[float, float], float], b: float, a: float) -> float:
+    return f(a, b)
+
+
+def _at_p0(f: Callable[[float, float], float], log_ratio: float, y: float) -> float:
+    return f(log_ratio, _to_value(y))
 
 
 def _to_value(x: float) -> float:
@@ -265,14 +257,12 @@ def fit_filter(
         converged = True
         for _ in range(8 if "p0" in names else 1):
             before = best.get("ll", -math.inf)
-            x, _, conv_q = _search_log10(
-                lambda x, p0r=p0_ratio: at_ratio(x, p0r), extra=(-math.inf,)
-            )
+            x, _, conv_q = _search_log10(functools.partial(_flip, at_ratio, p0_ratio), (-math.inf,))
             ratio = _to_value(x)
             if "p0" in names:
                 lq = math.log10(ratio) if ratio > 0 else -math.inf
                 y, _, _ = _search_log10(
-                    lambda y, lq=lq: at_ratio(lq, _to_value(y)), extra=(-math.inf, math.inf)
+                    functools.partial(_at_p0, at_ratio, lq), (-math.inf, math.inf)
                 )
                 p0_ratio = _to_value(y)
             converged = conv_q
@@ -334,7 +324,7 @@ def fit_filter(
         converged=bool(converged),
         effective_window=effective_window(fitted_p),
         median_length=median,
-        data_weight=mean_data_weight(round(median), fitted_p),
+        data_weight=mean_data_weight(round(median), params=fitted_p),
         q_over_r=ratio,
         q_over_r_interval=interval,
         flat=flat,

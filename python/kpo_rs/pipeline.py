@@ -18,6 +18,7 @@ or an interrupt the temporary file is removed and an existing destination is lef
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -29,7 +30,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from . import _files, diagnostics
+from . import _files, diagnostics, kalman_filter_packed
 from .arrow import (
     RowError,
     batch_log_ratios,
@@ -37,8 +38,9 @@ from .arrow import (
     filter_batch_with_stats,
     filter_log_ratio_and_ratio,
 )
+from .fit import FilterFit, fit_filter
 from .params import FilterOverrides, FilterParams
-from .space import check_space
+from .space import LOG_RATIO_CLAMP, check_space
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -49,6 +51,7 @@ __all__ = [
     "PipelineError",
     "analyze_parquet",
     "filter_parquet",
+    "fit_parquet",
     "writer_options",
 ]
 
@@ -229,6 +232,7 @@ def filter_parquet(
     on_non_finite: str = "error",
     batch_size: int = 4096,
     progress: Progress | None = None,
+    metadata: dict[str, str] | None = None,
     **overrides: Unpack[FilterOverrides],
 ) -> FilterStats:
     """Copies ``src`` to ``dst`` adding ``kpo_filtered_log_ratio`` and ``kpo_filtered_ratio``
@@ -239,7 +243,9 @@ def filter_parquet(
     be ``src``. ``on_non_finite``: ``"error"`` stops at the first non-finite value at a valid token
     (PipelineError naming the column and the file's row), ``"null"`` writes null outputs for such
     rows and lists them in :attr:`FilterStats.bad_rows`. ``progress(rows_done, rows_total)`` is
-    called once when the input and output are checked and after each batch.
+    called once when the input and output are checked and after each batch. ``metadata``: extra
+    key-value pairs for the output's Parquet schema metadata (``kpo filter --q fit`` records the
+    fitted settings there).
     """
     p = _params(params, overrides)
     check_space(space)
@@ -267,7 +273,10 @@ def filter_parquet(
                 except (KeyError, TypeError, ValueError) as exc:
                     raise _row_error(exc, src, stats.rows) from exc
                 if writer is None:
-                    writer = pq.ParquetWriter(tmp, out.schema, **writer_options(out.schema))
+                    schema = out.schema
+                    if metadata:
+                        schema = schema.with_metadata({**(schema.metadata or {}), **metadata})
+                    writer = pq.ParquetWriter(tmp, schema, **writer_options(schema))
                 writer.write_batch(out)
                 stats.bad_rows.extend((dropped + stats.rows).tolist())
                 stats.null_rows += out.column(out.num_columns - 1).null_count - dropped.size
@@ -349,6 +358,8 @@ def analyze_parquet(
     ratio_max = 0.0
     kept_raw: list[np.ndarray] = []
     kept_filt: list[np.ndarray] = []
+    row_lengths: list[np.ndarray] = []
+    spread = np.zeros(4)  # sums of z, z^2, x, x^2 over the valid tokens (log-ratio space)
     if progress is not None:
         progress(0, total)
     for batch in _batches(pf, batch_size):
@@ -366,6 +377,9 @@ def analyze_parquet(
             valid = lr.valid
             z, x, cu = z[valid], x[valid], np.concatenate([[0], np.cumsum(valid)])[cu]
         z64 = z.astype(np.float64)
+        x_log = x.astype(np.float64)  # the filtered log-ratio in either space
+        spread += [z64.sum(), (z64 * z64).sum(), x_log.sum(), (x_log * x_log).sum()]
+        row_lengths.append(np.diff(cu))
         raw.add(z64, cu, cutoff)
         filt.add(x.astype(np.float64), cu, cutoff)
         r = np.exp(z64)
@@ -397,6 +411,7 @@ def analyze_parquet(
         "ratio_max": ratio_max,
         "ratio_spikes": spikes / tokens if tokens else float("nan"),
         "plots": [],
+        "activity": _activity(p, row_lengths, spread, tokens),
     }
     if plots is not None and kept_raw:
         out = plots
@@ -416,3 +431,88 @@ def analyze_parquet(
             ),
         ]
     return result
+
+
+def _activity(
+    p: FilterParams, row_lengths: list[np.ndarray], spread: np.ndarray, tokens: int
+) -> dict[str, float]:
+    """What the filter does at the file's lengths: median row length (rows with valid tokens),
+    mean data weight there, effective window, and the spread (std) of the raw and the filtered
+    log-ratios over the valid tokens."""
+    lengths = np.concatenate(row_lengths) if row_lengths else np.zeros(0, dtype=np.int64)
+    lengths = lengths[lengths > 0]
+    median = float(np.median(lengths)) if lengths.size else float("nan")
+
+    def std(s: float, sq: float) -> float:
+        return float(np.sqrt(max(sq / tokens - (s / tokens) ** 2, 0.0))) if tokens else math.nan
+
+    return {
+        "median_length": median,
+        "data_weight": diagnostics.mean_data_weight(round(median), params=p)
+        if lengths.size
+        else math.nan,
+        "effective_window": diagnostics.effective_window(p),
+        "raw_log_ratio_std": std(spread[0], spread[1]),
+        "filtered_log_ratio_std": std(spread[2], spread[3]),
+    }
+
+
+#: At most this many valid tokens are kept for :func:`fit_parquet` (float32: 64 MiB).
+FIT_MAX_TOKENS = 1 << 24
+
+
+def fit_parquet(
+    src: str | Path,
+    columns: Columns,
+    *,
+    fit: tuple[str, ...] = ("q", "r"),
+    params: FilterParams | None = None,
+    space: str = "log_ratio",
+    on_non_finite: str = "error",
+    batch_size: int = 4096,
+    max_tokens: int = FIT_MAX_TOKENS,
+    clip: tuple[float, float] = (3e-4, 4e-4),
+    **overrides: Unpack[FilterOverrides],
+) -> tuple[FilterFit, int, float]:
+    """:func:`kpo_rs.fit.fit_filter` on the log-ratios of ``src`` (its valid tokens, rows as
+    responses). Reads the file once, keeping the valid tokens as float32 for whole rows until
+    ``max_tokens`` (bounded memory; later rows are left out of the fit). Returns the fit and the
+    number of rows it used, and the share of those tokens whose filtered ratio at the fitted
+    settings falls outside ``[1 - clip[0], 1 + clip[1]]`` (KPO-clipped's band; the default is
+    ``kpo_rs.losses.kpo.KPO_CLIP``). Fits the log-ratio filter: ``space="ratio"`` is refused."""
+    p = _params(params, overrides)
+    check_space(space)
+    if space != "log_ratio":
+        raise PipelineError("fitting the filter needs space='log_ratio' (the fit is of log-ratios)")
+    _check_on_non_finite(on_non_finite)
+    pf = _open(src, columns)
+    values: list[np.ndarray] = []
+    lengths: list[np.ndarray] = []
+    kept = rows = 0
+    for batch in _batches(pf, batch_size):
+        try:
+            lr = batch_log_ratios(batch, **columns.kwargs())
+            lr.settle_non_finite(on_non_finite)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise _row_error(exc, src, rows) from exc
+        z, cu = lr.z, lr.cu
+        if lr.valid is not None:
+            z, cu = z[lr.valid], np.concatenate([[0], np.cumsum(lr.valid)])[cu]
+        row_len = np.diff(cu)
+        room = int(np.searchsorted(np.cumsum(row_len), max_tokens - kept, side="right"))
+        take = min(room, row_len.size)
+        values.append(z[: cu[take]].astype(np.float32))
+        lengths.append(row_len[:take])
+        kept += int(cu[take])
+        rows += take
+        if take < row_len.size:
+            break
+    if kept == 0:
+        raise PipelineError(f"{src}: no valid tokens to fit on")
+    flat = np.concatenate(values)
+    offsets = np.concatenate([[0], np.cumsum(np.concatenate(lengths))]).astype(np.int64)
+    result = fit_filter(flat, cu_seqlens=offsets, fit=fit, params=p)
+    x = kalman_filter_packed(flat, offsets, params=result.params).astype(np.float64)
+    ratio = np.exp(np.minimum(x, LOG_RATIO_CLAMP))
+    clipped = float(np.mean((ratio < 1.0 - clip[0]) | (ratio > 1.0 + clip[1])))
+    return result, rows, clipped

@@ -39,12 +39,14 @@ from . import reference
 from .params import FilterParams
 
 __all__ = [
+    "LocalLevelBatch",
     "PackedBatch",
     "PaddedBatch",
     "adjoint_envelope",
     "assert_filter_close",
     "filter_params",
     "forward_envelope",
+    "local_level_batches",
     "packed_batches",
     "padded_batches",
     "tolerance",
@@ -215,6 +217,45 @@ def filter_params(draw: Any, *, masked: tuple[str, ...] = ("hold", "zero")) -> d
     m0 = draw(st.one_of(st.just(0.0), st.floats(-2.0, 2.0)))
     settings = FilterParams(q=q, r=r, p0=p0, m0=m0, masked=draw(st.sampled_from(masked)))
     return dataclasses.asdict(settings)
+
+
+@dataclass(frozen=True)
+class LocalLevelBatch:
+    """Rows simulated from the filter's own model with known settings: ``values`` float64
+    ``[batch, time]``, ``x_n = x_{n-1} + N(0, q)`` from ``x_{-1} = m0`` (``p0 = 0``),
+    ``z_n = x_n + N(0, r)``."""
+
+    values: np.ndarray
+    params: FilterParams
+
+    def __repr__(self) -> str:
+        p = self.params
+        return f"LocalLevelBatch(shape={self.values.shape}, q={p.q:g}, r={p.r:g}, m0={p.m0:g})"
+
+
+@st.composite
+def local_level_batches(
+    draw: Any,
+    *,
+    min_batch: int = 1,
+    max_batch: int = 16,
+    min_time: int = 1,
+    max_time: int = 512,
+    q_decades: tuple[float, float] = (-6.0, -1.0),
+    r_decades: tuple[float, float] = (-3.0, 0.0),
+) -> LocalLevelBatch:
+    """Local-level data with known ``q`` and ``r`` (log-uniform over the given decades) and
+    ``m0`` in ``[-1, 1]``, for tests of :func:`kpo_rs.log_likelihood` and
+    :func:`kpo_rs.fit.fit_filter`."""
+    batch = draw(st.integers(min_batch, max_batch))
+    time = draw(st.integers(min_time, max_time))
+    q = 10.0 ** draw(st.floats(*q_decades))
+    r = 10.0 ** draw(st.floats(*r_decades))
+    m0 = draw(st.floats(-1.0, 1.0))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    walk = m0 + np.cumsum(rng.normal(0.0, math.sqrt(q), (batch, time)), axis=1)
+    values = walk + rng.normal(0.0, math.sqrt(r), (batch, time))
+    return LocalLevelBatch(values, FilterParams(q=q, r=r, p0=0.0, m0=m0))
 
 
 def forward_envelope(batch: PaddedBatch | PackedBatch, params: dict[str, Any]) -> np.ndarray:

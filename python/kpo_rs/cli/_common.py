@@ -106,7 +106,12 @@ def add_rollout_options(p: argparse.ArgumentParser) -> None:
         help="optional mask column: list<bool>, or integers 0/1 (1 = valid token)",
     )
     f = p.add_argument_group("filter settings (defaults: the KPO authors', kpo_rs.FilterParams)")
-    f.add_argument("--q", type=float, help=f"process-noise variance (default {d.q:g})")
+    f.add_argument(
+        "--q",
+        type=_q_option,
+        help=f"process-noise variance (default {d.q:g}); kpo filter also takes 'fit': fit q and r "
+        "to the file first (kpo_rs.pipeline.fit_parquet) and record them in OUT's metadata",
+    )
     f.add_argument("--r", type=float, help=f"observation-noise variance (default {d.r:g})")
     f.add_argument("--p0", type=float, help=f"prior variance; inf = flat prior (default {d.p0:g})")
     f.add_argument("--masked", choices=("hold", "zero"), help=f"masked tokens (default {d.masked})")
@@ -149,12 +154,24 @@ def columns_of(args: argparse.Namespace):
     return Columns(args.log_probs, args.old_log_probs, args.log_ratio, args.ratio, args.mask)
 
 
+def _q_option(text: str) -> float | str:
+    """``--q``: a number, or ``fit``."""
+    if text.strip().lower() == "fit":
+        return "fit"
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number or 'fit', got {text!r}") from None
+
+
 def job_settings(args: argparse.Namespace) -> dict[str, Any]:
-    """The settings shared by ``kpo filter`` and ``kpo analyze``."""
+    """The settings shared by ``kpo filter`` and ``kpo analyze`` (``--q fit`` reads as the
+    default q here: the caller fits)."""
     from ..params import FilterParams
 
+    q = None if args.q == "fit" else args.q
     try:
-        params = FilterParams.resolve(None, q=args.q, r=args.r, p0=args.p0, masked=args.masked)
+        params = FilterParams.resolve(None, q=q, r=args.r, p0=args.p0, masked=args.masked)
     except ValueError as exc:  # FilterParams names the field: name the option
         raise ValueError(f"--{exc}") from exc
     return {

@@ -4,8 +4,10 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
+from typing import Any
 
 from ._common import add_rollout_options, columns_of, job_settings, rows_listed
 from ._progress import Progress
@@ -29,16 +31,45 @@ def add_parser(sub: argparse._SubParsersAction, full: bool) -> None:
     add_rollout_options(p)
 
 
+def _fit_record(fit: Any, rows_used: int) -> dict[str, Any]:
+    """What ``--q fit`` records in the output's Parquet metadata (key
+    ``kpo_rs.fitted_settings``, JSON)."""
+    p = fit.params
+    lo, hi = fit.q_over_r_interval
+    return {
+        "q": p.q,
+        "r": p.r,
+        "p0": p.p0,
+        "m0": p.m0,
+        "masked": p.masked,
+        "rows_used": rows_used,
+        "tokens": fit.tokens,
+        "log_likelihood": fit.log_likelihood,
+        "q_over_r_interval": [lo, hi],
+        "effective_window": fit.effective_window,
+        "data_weight": fit.data_weight,
+        "flat": fit.flat,
+    }
+
+
 def run(args: argparse.Namespace) -> int:
     """Runs ``kpo filter``: 0, 2 for a bad input or option (one line), 130 on Ctrl-C."""
-    from ..pipeline import PipelineError, filter_parquet
+    from ..pipeline import PipelineError, filter_parquet, fit_parquet
 
     existed = os.path.exists(args.output)
     try:
         columns = columns_of(args)
         kw = job_settings(args)
+        metadata = None
+        if args.q == "fit":
+            fit, used, _ = fit_parquet(args.input, columns, **kw)
+            kw["params"] = fit.params
+            metadata = {"kpo_rs.fitted_settings": json.dumps(_fit_record(fit, used))}
+            print(fit.summary().replace("\n", "; "))
         with Progress("filter", not args.no_progress, args.log_every) as progress:
-            stats = filter_parquet(args.input, args.output, columns, progress=progress, **kw)
+            stats = filter_parquet(
+                args.input, args.output, columns, progress=progress, metadata=metadata, **kw
+            )
     except (PipelineError, ValueError, TypeError) as exc:
         print(f"kpo filter: {exc}", file=sys.stderr)
         return 2

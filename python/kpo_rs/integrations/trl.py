@@ -62,6 +62,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without TRL
 import torch
 
 from ..losses import GRADS, KPO_CLIP, kpo_token_losses
+from ..losses.kpo import warn_if_inert
 from ..losses.table import LOSS_NAMES, LossSpec, get_loss
 from ..params import FilterParams, real_setting
 from ..space import SPACES
@@ -454,4 +455,8 @@ class KPOTrainer(GRPOTrainer):
             )
         for key, value in stats.items():
             self._metrics[mode][f"kpo/{key}"].append(global_mean(value))
+        if "kpo_data_weight" in stats:
+            warn_if_inert(
+                self._metrics[mode]["kpo/kpo_data_weight"][-1], m, self.args.kpo_loss_kwargs or {}
+            )
         return loss

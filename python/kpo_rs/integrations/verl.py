@@ -50,6 +50,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without verl
 import torch
 
 from ..losses import GRADS, kpo_loss
+from ..losses.kpo import warn_if_inert
 from ..losses.table import get_loss
 from ..params import FilterParams
 from ..space import SPACES
@@ -252,7 +253,10 @@ def _policy_loss(name: str, default_agg: str, options: Any, doc: str, prefix: st
             global_batch_info=_global_batch_info(config),
             **kwargs,
         )
-        return loss, _verl_metrics(metrics, prefix or name)
+        out = _verl_metrics(metrics, prefix or name)
+        if "kpo_data_weight" in metrics:
+            warn_if_inert(out[f"actor/{prefix or name}/kpo_data_weight"], response_mask, kwargs)
+        return loss, out
 
     compute.__name__ = compute.__qualname__ = f"compute_policy_loss_{name}"
     compute.__doc__ = doc

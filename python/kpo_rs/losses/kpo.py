@@ -10,11 +10,17 @@ weights in before aggregating. Inputs, outputs and aggregation are as in :mod:`k
 
 from __future__ import annotations
 
+import functools
+import math
+import warnings
+from collections.abc import Mapping
 from typing import Any
 
+import numpy as np
 import torch
 
 from .. import torch_ops
+from ..diagnostics import data_weight, effective_window
 from ..params import FilterParams, Masked, resolve_params
 from ..space import LOG_RATIO_CLAMP, check_space, prior_mean, to_filter_space
 from ._common import (
@@ -29,7 +35,16 @@ from ._common import (
     switch_rates,
 )
 
-__all__ = ["GRADS", "KPO_CLIP", "kpo_clipped_loss", "kpo_loss", "kpo_token_losses"]
+__all__ = [
+    "GRADS",
+    "INERT_DATA_WEIGHT",
+    "KPO_CLIP",
+    "data_weight_metric",
+    "kpo_clipped_loss",
+    "kpo_loss",
+    "kpo_token_losses",
+    "warn_if_inert",
+]
 
 KPO_CLIP = (3e-4, 4e-4)
 #: The forms of the KPO gradient (``grad``): through each token's own log-prob, or through the
@@ -49,6 +64,64 @@ def _filtered_log_ratio(
         return filtered
     # a convex combination of positive ratios (and of the prior 1) stays positive
     return torch.log(torch.where(mask, filtered, torch.ones((), dtype=z.dtype, device=z.device)))
+
+
+@functools.lru_cache(maxsize=32)
+def _weights(variances: tuple[float, float, float], time: int) -> torch.Tensor:
+    """:func:`kpo_rs.diagnostics.data_weight` of ``time`` positions as a float32 CPU tensor
+    (cached: the settings repeat every step; callers copy it to their device, never write it)."""
+    q, r, p0 = variances
+    return torch.from_numpy(data_weight(time, q=q, r=r, p0=p0).astype(np.float32))
+
+
+def data_weight_metric(mask: torch.Tensor, params: FilterParams) -> torch.Tensor:
+    """``kpo_data_weight``: the mean over valid tokens of ``1 - prod_{k<=n} (1 - K_k)``, the weight
+    the filtered log-ratio puts on the observed log-ratios rather than on the prior mean (``n``:
+    the token's gain index, its count among the row's valid tokens under ``masked="hold"``, its
+    position under ``"zero"``). Near 0, the filtered ratio is the prior's 1 and KPO reduces to an
+    unweighted policy gradient. A 0-d float32 tensor on ``mask``'s device."""
+    time = mask.shape[-1]
+    w = _weights(params.variances, time).to(mask.device)
+    if params.masked == "hold":
+        index = (mask.long().cumsum(dim=-1) - 1).clamp(min=0)
+    else:
+        index = torch.arange(time, device=mask.device).expand_as(mask)
+    per_token = torch.where(mask, w[index], 0.0)
+    return per_token.sum() / (mask.sum() + 1e-8)
+
+
+#: Below this ``kpo_data_weight`` the plug-ins warn (once per process) that the filter is nearly
+#: inert: the filtered ratio stays within a few percent of the prior's 1.
+INERT_DATA_WEIGHT = 0.05
+_warned_inert = False
+
+
+def warn_if_inert(
+    weight: float, response_mask: torch.Tensor, loss_kwargs: Mapping[str, Any]
+) -> bool:
+    """Warns once per process (``UserWarning``) when ``weight`` (a ``kpo_data_weight`` already
+    turned into a float) is below :data:`INERT_DATA_WEIGHT`, naming the median response length,
+    the effective window of the settings in ``loss_kwargs`` (the loss's keyword arguments:
+    ``params``, ``q``, ``r``, ``p0``, ``masked``) and what to do. Returns whether it warned."""
+    global _warned_inert
+    if _warned_inert or not (weight < INERT_DATA_WEIGHT) or math.isnan(weight):
+        return False
+    _warned_inert = True
+    names = ("q", "r", "p0", "masked")
+    p = resolve_params(loss_kwargs.get("params"), **{k: loss_kwargs.get(k) for k in names})
+    lengths = response_mask.bool().sum(dim=-1).float()
+    median = float(lengths.median()) if lengths.numel() else 0.0
+    warnings.warn(
+        f"kpo: the filter is nearly inert: kpo_data_weight {weight:.2%} < "
+        f"{INERT_DATA_WEIGHT:.0%} (median response length {median:g} tokens, effective window "
+        f"{effective_window(p):.4g} tokens at q={p.q:g} r={p.r:g} p0={p.p0:g}); the filtered "
+        "ratio is about 1 and KPO is close to an unweighted policy gradient. Fit q and r to "
+        "your rollouts (kpo_rs.fit.fit_filter, kpo analyze --fit) or raise q / p0; see README, "
+        "'Choosing q and r'",
+        UserWarning,
+        stacklevel=2,
+    )
+    return True
 
 
 def _kpo_metrics(
@@ -154,6 +227,7 @@ def kpo_token_losses(
         metrics.update(
             _kpo_metrics(z.detach(), x.detach(), rt.detach(), mask, clipped, upper, lower)
         )
+        metrics["kpo_data_weight"] = data_weight_metric(mask, filter_params)
     return pg_losses, metrics
 
 
@@ -210,7 +284,10 @@ def kpo_loss(
         ``pg_clipfrac_lower`` (verl's names), ``dual_clipfrac`` (with ``clip_ratio_c``),
         ``ppo_kl`` (mean of ``old_logp - logp``), ``ratio_mean/std`` (raw),
         ``filtered_ratio_mean/std``, ``switch_rate_raw/filtered`` (sign changes of the
-        log-ratio between adjacent valid tokens).
+        log-ratio between adjacent valid tokens), ``kpo_data_weight`` (the filter's activity:
+        mean over valid tokens of the weight the filtered log-ratio puts on the data rather
+        than on the prior mean, :func:`data_weight_metric`; below about 5% the filter is nearly
+        inert: see README, "Choosing q and r").
     """
     check_agg(loss_agg_mode)
     pg_losses, metrics = kpo_token_losses(
