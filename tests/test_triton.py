@@ -18,6 +18,7 @@ process are unaffected; the backend defines its interpreted kernels apart from t
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import numpy as np
@@ -261,6 +262,94 @@ def test_compile_fullgraph_matches_eager():
             results.append((loss.detach(), lp.grad, m0.grad))
     for eager, compiled in zip(*results):
         torch.testing.assert_close(compiled, eager, rtol=1e-12, atol=1e-14)
+
+
+@contextlib.contextmanager
+def _publish_every(every: int):
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(tb, "PUBLISH_EVERY", every)
+        yield
+
+
+def _holey_case(packed: bool, dtype: torch.dtype, seed: int):
+    """160 tokens in rows that span many 8-token tiles: uneven rows (packed: an empty row, a
+    one-token row, rows starting mid-tile), holes longer than a tile (at a row start, inside a
+    row, a packed row with no valid token); values, gradient, mask, offsets and per-row m0."""
+    gen = torch.Generator().manual_seed(seed)
+    cu = torch.tensor([0, 21, 21, 22, 90, 117, 160]) if packed else None
+    shape = (160,) if packed else (2, 80)
+    z = torch.randn(shape, generator=gen, dtype=torch.float64).to(dtype)
+    g = torch.randn(shape, generator=gen, dtype=torch.float64).to(dtype)
+    mask = torch.rand(shape, generator=gen) < 0.6
+    flat = mask.view(-1)
+    flat[22:42] = False  # packed: from row 3's start over three tiles; padded: inside row 0
+    flat[80:117] = False  # padded: from row 1's start; packed: row 3's end and all of row 4
+    flat[125:150] = False  # inside the last row, over three tiles
+    m0 = torch.randn(6 if packed else 2, generator=gen, dtype=torch.float64).to(dtype)
+    return z, g, mask, cu, m0
+
+
+#: (packed, dtype, masked) of the look-back tests: two in the fast tier, between them both
+#: layouts, dtypes and mask modes; the rest slow (the interpreter takes about 75 ms a program).
+LOOK_BACK_CASES = [
+    pytest.param(p, d, m, marks=[] if (p, d, m) in FAST else [pytest.mark.slow])
+    for FAST in [{(True, torch.float64, "hold"), (False, torch.float32, "zero")}]
+    for p in (False, True)
+    for d in (torch.float32, torch.float64)
+    for m in ("hold", "zero")
+]
+
+
+@pytest.mark.parametrize(("packed", "dtype", "masked"), LOOK_BACK_CASES)
+def test_look_back_walk_gives_the_same_bits(packed, dtype, masked):
+    """Tiles holding their inclusive values back (never, or publishing every third tile), so
+    that each tile walks back over its predecessors' aggregates, sums their counts and composes
+    their maps: forward and adjoint (and its count pre-pass) bitwise equal to every tile
+    publishing. The interpreter runs programs one after another, so without holding back every
+    walk would stop at the tile just before."""
+    z, g, mask, cu, m0_rows = _holey_case(packed, dtype, seed=21)
+    params = FilterParams(q=1e-2, r=0.5, p0=2.0, masked=masked)
+    cases = [(mask, m0_rows)] + ([(None, 0.25)] if masked == "zero" else [])
+    results = {}
+    for every in (1, 0, 3):
+        got = []
+        with triton_tile(8), _publish_every(every):
+            for m, m0 in cases:
+                got.append(tb.forward(Rows(z, cu, m, params), m0, check="sync"))
+                got.extend(tb.adjoint(Rows(g, cu, m, params), check="sync"))
+        results[every] = got
+    for every in (0, 3):
+        for want, have in zip(results[1], results[every], strict=True):
+            assert torch.equal(want, have), every
+    # (the default path against the reference: the property tests above)
+
+
+#: The interpreted kernel module, for the kernels these tests define (triton's interpreter
+#: resolves a kernel's names in its module's globals).
+_INTERPRETED = None
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy, in the interpreter
+def test_record_codes_cover_every_int32_row_and_position():
+    """The non-finite record of (row, position) for rows at and past 2^30 and positions up to
+    2^31 - 1: not dropped, decoded exactly, the smallest (row, position) kept."""
+    import triton
+    import triton.language as tl
+
+    global _INTERPRETED
+    _INTERPRETED = tb._kernels(True)
+
+    @triton.jit
+    def record(status_ptr, row, pos):
+        i = tl.arange(0, 4)
+        _INTERPRETED._record(status_ptr, i >= 1, row + i * 0, pos - i)
+
+    for row, pos in ((0, 3), (1 << 30, 5), ((1 << 31) - 1, (1 << 31) - 1), (7, 1 << 30)):
+        status = torch.zeros(1, dtype=torch.int64)
+        record[(1,)](status, row, pos + 3)
+        record[(1,)](status, row, pos + 10)  # later positions do not replace the first
+        err = tb._error([int(status[0]), 0], "values")
+        assert str(err) == f"values: non-finite value at row {row}, position {pos}"
 
 
 def test_float_m0_keeps_float64_precision():
