@@ -1,10 +1,12 @@
 """The triton backend on CPU tensors under triton's interpreter, and its kernels compiled to PTX.
 
 The interpreter runs the kernels' own code (tickets, look-back, scans) one program after another,
-so these tests prove the arithmetic and the layouts; the PTX tests prove that every kernel
-compiles for sm_80 and sm_90. Concurrency on a GPU (programs waiting for each other) is tested
-where a GPU is present (tests/test_cuda.py). Small shapes (the interpreter filters about 10k
-tokens per second) with small tiles, so that rows span many tiles and the look-back is exercised.
+so these tests prove the arithmetic and the layouts, and, with tiles holding their inclusive
+values back (``PUBLISH_EVERY``), the look-back's walk over aggregates and its composition of
+maps; the PTX tests prove that every kernel compiles for sm_80 and sm_90. Concurrency on a GPU
+(programs waiting for each other) is tested where a GPU is present (tests/test_cuda.py). Small
+shapes (the interpreter takes about 75 ms a program) with small tiles, so that rows span many
+tiles.
 
 Tolerance: the Rust backend's bound, :func:`kpo_rs.testing.tolerance` with the row length ``L``.
 Each output is the loop's sum of terms, each term formed here with at most ``ceil(log2 L) + 1``

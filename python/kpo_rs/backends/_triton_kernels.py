@@ -15,14 +15,22 @@ row ends. The sequence is cut into tiles of ``BT`` tokens, one program per tile:
    writes ``A_t * carry + B_t``.
 
 Under ``masked="hold"`` with a mask, the gain index is the count of valid tokens so far in the
-row: a segmented count, scanned and looked back in the same way (flags 1 and 2, before the
-state's 3 and 4). The adjoint walks tiles backwards and cannot look back for this forward count,
-so a small pre-pass (:func:`count_kernel`, mask bytes only) writes each tile's count carry-in.
+row: a segmented count, scanned and looked back in the same way, with its own flag words (flag 1:
+a tile's aggregate, 2: its inclusive value, for counts and states alike; a reader of one protocol
+never sees the other's flags). The adjoint walks tiles backwards and cannot look back for this
+forward count, so a small pre-pass (:func:`count_kernel`, mask bytes only) writes each tile's count
+carry-in.
 
-Workspace (int64, zeroed per call): ``[ticket, flags[n_tiles]]``. Status (int64 ``[2]``):
-non-finite inputs read (``[0]``) and non-finite results of finite inputs (``[1]``) are recorded
-with ``atomic_max`` of ``2^62 - (row * 2^32 + position)``, so the first (row, position) wins and 0
-means none.
+Workspace (int64, zeroed per call): ``[ticket, state flags[n_tiles], count flags[n_tiles]]`` (the
+count flags only where counts are looked back for). Status (int64 ``[2]``): non-finite inputs read
+(``[0]``) and non-finite results of finite inputs (``[1]``) are recorded with ``atomic_max`` of
+``2^62 - (row * 2^31 + position)`` (at least 1 for every int32 row and position, and saturated at
+1), so the first (row, position) wins and 0 means none.
+
+The ``PUBLISH`` constexpr is a test switch (:data:`kpo_rs.backends.triton.PUBLISH_EVERY`): holding
+inclusive values back makes later tiles walk back over aggregates and compose them, so that the
+look-back's walk and composition run under triton's interpreter (which runs programs one after
+another); tests/test_triton.py checks that the results are bitwise those of the default.
 
 Only triton.language's builtins are called (``tl.reduce`` and ``tl.associative_scan`` with
 triton's own sum and max combine functions, not ``tl.sum`` and friends, which are jit functions):
