@@ -22,6 +22,9 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
+import re
+import tempfile
 
 import numpy as np
 import pytest
@@ -534,6 +537,7 @@ def test_kernels_compile_to_ptx(arch, name, dtype, constexprs):
     from triton.compiler import ASTSource
 
     fn = getattr(tb._kernels(False), name)
+    constexprs = {**constexprs, "PUBLISH": 1}
     src = ASTSource(fn=fn, signature=_signature(fn, dtype, constexprs), constexprs=constexprs)
     warps = max(1, min(4, constexprs["BT"] // 256))  # as the backend chooses
     options = {"num_warps": warps, "enable_fp_fusion": True}
@@ -541,3 +545,84 @@ def test_kernels_compile_to_ptx(arch, name, dtype, constexprs):
     ptx = compiled.asm["ptx"]
     assert f".target sm_{arch}" in ptx
     assert "acquire" in ptx and "release" in ptx
+
+
+def _specialised_ptx(name: str, dtype: str, constexprs: dict, arch: int = 90):
+    """The PTX of a kernel compiled as the JIT specialises a launch whose pointers are 16-byte
+    aligned and whose ``total``, ``n_tiles`` and ``row_len`` are divisible by 16 (torch's
+    allocations and the benchmark shapes), with the production ``PUBLISH=1``; and ptxas's report
+    (``-v``) of it."""
+    import subprocess
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.backends.nvidia.compiler import get_ptxas
+    from triton.compiler import ASTSource
+
+    fn = getattr(tb._kernels(False), name)
+    constexprs = {**constexprs, "PUBLISH": 1}
+    sig = _signature(fn, dtype, constexprs)
+    divisible = [["tt.divisibility", 16]]
+    attrs = {
+        (i,): divisible
+        for i, arg in enumerate(fn.arg_names)
+        if sig[arg] != "constexpr"
+        and (arg.endswith("_ptr") or arg in ("total", "n_tiles", "row_len"))
+    }
+    src = ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs)
+    warps = max(1, min(4, constexprs["BT"] // 256))
+    options = {"num_warps": warps, "enable_fp_fusion": True}
+    ptx = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options).asm["ptx"]
+    target = re.search(r"\.target (sm_\w+)", ptx).group(1)  # sm_90a: triton's own target
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "k.ptx")
+        with open(path, "w") as f:
+            f.write(ptx)
+        report = subprocess.run(
+            [get_ptxas(arch).path, f"-arch={target}", "-v", path, "-o", path + ".cubin"],
+            capture_output=True, text=True, check=True,
+        ).stderr  # fmt: skip
+    return ptx, report
+
+
+#: Registers per thread ptxas may use (sm_90): 4-warp programs at up to 128 registers keep 4
+#: programs per multiprocessor (65536 registers), which the tile sizes assume.
+REGISTER_BUDGET = 128
+#: Kernels known to exceed it (ptxas for sm_90a, specialised: the adjoint at 137 (fp32, BT=1024)
+#: and 148 (fp64, BT=512) registers, no spills): the loads of its reversed index are not
+#: vectorised and it holds both scans' operands; the test fails once they are under budget.
+OVER_REGISTER_BUDGET = {"adjoint_kernel"}
+
+
+@pytest.mark.parametrize(("name", "dtype", "constexprs"), KERNEL_VARIANTS)
+def test_specialised_ptx_protocol_vectors_and_registers(name, dtype, constexprs):
+    """With the JIT's specialisation: every publication (``atom.exch``) is a release preceded by
+    a barrier that follows the published value's store; every flag poll is an acquire; no load
+    is non-coherent (``.nc``: a look-back load could read a stale cached value); no local memory
+    (spills); the unmasked padded forward loads and stores 16-byte vectors; registers within
+    :data:`REGISTER_BUDGET`."""
+    ptx, report = _specialised_ptx(name, dtype, constexprs)
+    lines = [line.strip() for line in ptx.splitlines()]
+    exch = [k for k, line in enumerate(lines) if "atom." in line and ".exch." in line]
+    assert len(exch) >= 3, "state: aggregate, inclusive at once, inclusive after look-back"
+    for k in exch:
+        assert ".release." in lines[k], lines[k]
+        before = lines[:k]
+        barrier = max(m for m, line in enumerate(before) if line.startswith("bar.sync"))
+        stores = [m for m, line in enumerate(before) if "st.global" in line]
+        assert stores and stores[-1] < barrier, f"no store, barrier, release before {lines[k]}"
+    polls = [line for line in lines if re.search(r"(ld|atom)\.global\.gpu\.\w+\.(b64|add)", line)]
+    assert any(".acquire." in p for p in polls)
+    for p in polls:
+        assert ".acquire." in p or ".acq_rel." in p, p  # (the ticket and atomic_max: acq_rel)
+    assert not re.search(r"\.nc\b", ptx)
+    assert "ld.volatile.global" in ptx  # the look-back's values
+    assert ".local" not in ptx
+    assert " 0 bytes spill stores" in report and " 0 bytes spill loads" in report, report
+    if name == "forward_kernel" and not constexprs["HAS_MASK"] and not constexprs["PACKED"]:
+        assert ptx.count("ld.global.v4") >= 3 and ptx.count("st.global.v4") >= 1
+    regs = int(re.search(r"Used (\d+) registers", report).group(1))
+    if regs > REGISTER_BUDGET and name in OVER_REGISTER_BUDGET:
+        pytest.xfail(f"{name}: {regs} registers (known, issue 24 step 4: the reversed adjoint)")
+    assert name not in OVER_REGISTER_BUDGET, f"{name} is under budget now: update the list"
+    assert regs <= REGISTER_BUDGET, report
