@@ -245,6 +245,14 @@ SNAPSHOT: dict[str, tuple[str, ...]] = {
         "run",
         "torch_loop",
     ),
+    "kpo_rs.experiments.doctor": (
+        "cases",
+        "check_backend",
+        "devices",
+        "run",
+        "summary",
+        "timing",
+    ),
     "kpo_rs.cli": (
         "COMMANDS",
         "build_parser",
