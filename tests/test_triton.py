@@ -588,10 +588,11 @@ def _specialised_ptx(name: str, dtype: str, constexprs: dict, arch: int = 90):
 #: Registers per thread ptxas may use (sm_90): 4-warp programs at up to 128 registers keep 4
 #: programs per multiprocessor (65536 registers), which the tile sizes assume.
 REGISTER_BUDGET = 128
-#: Kernels known to exceed it (ptxas for sm_90a, specialised: the adjoint at 137 (fp32, BT=1024)
-#: and 148 (fp64, BT=512) registers, no spills): the loads of its reversed index are not
-#: vectorised and it holds both scans' operands; the test fails once they are under budget.
-OVER_REGISTER_BUDGET = {"adjoint_kernel"}
+#: (kernel, dtype) known to exceed it (ptxas for sm_90a, specialised, no spills): the adjoint,
+#: 137 registers at fp32/BT=1024 and 148 at fp64/BT=512 (its reversed index is not vectorised
+#: and it holds both scans' operands); the test fails once one is under budget, so that this list
+#: is kept true.
+OVER_REGISTER_BUDGET = {("adjoint_kernel", "fp32"), ("adjoint_kernel", "fp64")}
 
 
 @pytest.mark.parametrize(("name", "dtype", "constexprs"), KERNEL_VARIANTS)
@@ -621,8 +622,13 @@ def test_specialised_ptx_protocol_vectors_and_registers(name, dtype, constexprs)
     assert " 0 bytes spill stores" in report and " 0 bytes spill loads" in report, report
     if name == "forward_kernel" and not constexprs["HAS_MASK"] and not constexprs["PACKED"]:
         assert ptx.count("ld.global.v4") >= 3 and ptx.count("st.global.v4") >= 1
+    if name == "forward_kernel" and constexprs["HAS_MASK"]:
+        # z under the in-bounds mask, selected by validity after: vectors, masked or packed
+        assert ptx.count("ld.global.v4") + ptx.count("ld.global.v2") >= 2
+        if not constexprs["PACKED"]:  # and padded, no scalar global load at all
+            assert not re.search(r"ld\.global\.(b|u|s)\d", ptx)
     regs = int(re.search(r"Used (\d+) registers", report).group(1))
-    if regs > REGISTER_BUDGET and name in OVER_REGISTER_BUDGET:
+    if regs > REGISTER_BUDGET and (name, dtype) in OVER_REGISTER_BUDGET:
         pytest.xfail(f"{name}: {regs} registers (known, issue 24 step 4: the reversed adjoint)")
-    assert name not in OVER_REGISTER_BUDGET, f"{name} is under budget now: update the list"
+    assert (name, dtype) not in OVER_REGISTER_BUDGET, f"{name} is under budget: update the list"
     assert regs <= REGISTER_BUDGET, report

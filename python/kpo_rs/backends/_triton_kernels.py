@@ -297,7 +297,8 @@ def forward_kernel(
     else:
         step = inb
         n = t - start
-    z = tl.load(z_ptr + t, mask=valid, other=0)
+    # loaded under the in-bounds mask (aligned runs of it vectorise), then selected by validity
+    z = tl.where(valid, tl.load(z_ptr + t, mask=inb, other=0), 0)
     dtype = z.dtype
     gain = tl.load(k_ptr + n, mask=step, other=0)
     keep = tl.load(a_ptr + n, mask=step, other=1)
@@ -402,6 +403,8 @@ def adjoint_kernel(
         read = valid
     if not HOLD:
         read = valid
+    # under ``read`` (not loaded in bounds then selected, as the forward's z): the reversed index
+    # does not vectorise, and the select costs the fp64 adjoint spills (ptxas, sm_90a)
     g = tl.load(g_ptr + t, mask=read, other=0)
     dtype = g.dtype
     a_next = tl.load(a_ptr + n_next, mask=step_next, other=1)
