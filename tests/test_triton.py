@@ -1,10 +1,12 @@
 """The triton backend on CPU tensors under triton's interpreter, and its kernels compiled to PTX.
 
 The interpreter runs the kernels' own code (tickets, look-back, scans) one program after another,
-so these tests prove the arithmetic and the layouts; the PTX tests prove that every kernel
-compiles for sm_80 and sm_90. Concurrency on a GPU (programs waiting for each other) is tested
-where a GPU is present (tests/test_cuda.py). Small shapes (the interpreter filters about 10k
-tokens per second) with small tiles, so that rows span many tiles and the look-back is exercised.
+so these tests prove the arithmetic and the layouts, and, with tiles holding their inclusive
+values back (``PUBLISH_EVERY``), the look-back's walk over aggregates and its composition of
+maps; the PTX tests prove that every kernel compiles for sm_80 and sm_90. Concurrency on a GPU
+(programs waiting for each other) is tested where a GPU is present (tests/test_cuda.py). Small
+shapes (the interpreter takes about 75 ms a program) with small tiles, so that rows span many
+tiles.
 
 Tolerance: the Rust backend's bound, :func:`kpo_rs.testing.tolerance` with the row length ``L``.
 Each output is the loop's sum of terms, each term formed here with at most ``ceil(log2 L) + 1``
@@ -18,7 +20,11 @@ process are unaffected; the backend defines its interpreted kernels apart from t
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
+import re
+import tempfile
 
 import numpy as np
 import pytest
@@ -263,6 +269,94 @@ def test_compile_fullgraph_matches_eager():
         torch.testing.assert_close(compiled, eager, rtol=1e-12, atol=1e-14)
 
 
+@contextlib.contextmanager
+def _publish_every(every: int):
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(tb, "PUBLISH_EVERY", every)
+        yield
+
+
+def _holey_case(packed: bool, dtype: torch.dtype, seed: int):
+    """160 tokens in rows that span many 8-token tiles: uneven rows (packed: an empty row, a
+    one-token row, rows starting mid-tile), holes longer than a tile (at a row start, inside a
+    row, a packed row with no valid token); values, gradient, mask, offsets and per-row m0."""
+    gen = torch.Generator().manual_seed(seed)
+    cu = torch.tensor([0, 21, 21, 22, 90, 117, 160]) if packed else None
+    shape = (160,) if packed else (2, 80)
+    z = torch.randn(shape, generator=gen, dtype=torch.float64).to(dtype)
+    g = torch.randn(shape, generator=gen, dtype=torch.float64).to(dtype)
+    mask = torch.rand(shape, generator=gen) < 0.6
+    flat = mask.view(-1)
+    flat[22:42] = False  # packed: from row 3's start over three tiles; padded: inside row 0
+    flat[80:117] = False  # padded: from row 1's start; packed: row 3's end and all of row 4
+    flat[125:150] = False  # inside the last row, over three tiles
+    m0 = torch.randn(6 if packed else 2, generator=gen, dtype=torch.float64).to(dtype)
+    return z, g, mask, cu, m0
+
+
+#: (packed, dtype, masked) of the look-back tests: two in the fast tier, between them both
+#: layouts, dtypes and mask modes; the rest slow (the interpreter takes about 75 ms a program).
+LOOK_BACK_CASES = [
+    pytest.param(p, d, m, marks=[] if (p, d, m) in FAST else [pytest.mark.slow])
+    for FAST in [{(True, torch.float64, "hold"), (False, torch.float32, "zero")}]
+    for p in (False, True)
+    for d in (torch.float32, torch.float64)
+    for m in ("hold", "zero")
+]
+
+
+@pytest.mark.parametrize(("packed", "dtype", "masked"), LOOK_BACK_CASES)
+def test_look_back_walk_gives_the_same_bits(packed, dtype, masked):
+    """Tiles holding their inclusive values back (never, or publishing every third tile), so
+    that each tile walks back over its predecessors' aggregates, sums their counts and composes
+    their maps: forward and adjoint (and its count pre-pass) bitwise equal to every tile
+    publishing. The interpreter runs programs one after another, so without holding back every
+    walk would stop at the tile just before."""
+    z, g, mask, cu, m0_rows = _holey_case(packed, dtype, seed=21)
+    params = FilterParams(q=1e-2, r=0.5, p0=2.0, masked=masked)
+    cases = [(mask, m0_rows)] + ([(None, 0.25)] if masked == "zero" else [])
+    results = {}
+    for every in (1, 0, 3):
+        got = []
+        with triton_tile(8), _publish_every(every):
+            for m, m0 in cases:
+                got.append(tb.forward(Rows(z, cu, m, params), m0, check="sync"))
+                got.extend(tb.adjoint(Rows(g, cu, m, params), check="sync"))
+        results[every] = got
+    for every in (0, 3):
+        for want, have in zip(results[1], results[every], strict=True):
+            assert torch.equal(want, have), every
+    # (the default path against the reference: the property tests above)
+
+
+#: The interpreted kernel module, for the kernels these tests define (triton's interpreter
+#: resolves a kernel's names in its module's globals).
+_INTERPRETED = None
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy, in the interpreter
+def test_record_codes_cover_every_int32_row_and_position():
+    """The non-finite record of (row, position) for rows at and past 2^30 and positions up to
+    2^31 - 1: not dropped, decoded exactly, the smallest (row, position) kept."""
+    import triton
+    import triton.language as tl
+
+    global _INTERPRETED
+    _INTERPRETED = tb._kernels(True)
+
+    @triton.jit
+    def record(status_ptr, row, pos):
+        i = tl.arange(0, 4)
+        _INTERPRETED._record(status_ptr, i >= 1, row + i * 0, pos - i)
+
+    for row, pos in ((0, 3), (1 << 30, 5), ((1 << 31) - 1, (1 << 31) - 1), (7, 1 << 30)):
+        status = torch.zeros(1, dtype=torch.int64)
+        record[(1,)](status, row, pos + 3)
+        record[(1,)](status, row, pos + 10)  # later positions do not replace the first
+        err = tb._error([int(status[0]), 0], "values")
+        assert str(err) == f"values: non-finite value at row {row}, position {pos}"
+
+
 def test_float_m0_keeps_float64_precision():
     """A float m0 travels as its float64 bits: the same result as a float64 tensor m0."""
     z = torch.randn(2, 50, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
@@ -443,6 +537,7 @@ def test_kernels_compile_to_ptx(arch, name, dtype, constexprs):
     from triton.compiler import ASTSource
 
     fn = getattr(tb._kernels(False), name)
+    constexprs = {**constexprs, "PUBLISH": 1}
     src = ASTSource(fn=fn, signature=_signature(fn, dtype, constexprs), constexprs=constexprs)
     warps = max(1, min(4, constexprs["BT"] // 256))  # as the backend chooses
     options = {"num_warps": warps, "enable_fp_fusion": True}
@@ -450,3 +545,90 @@ def test_kernels_compile_to_ptx(arch, name, dtype, constexprs):
     ptx = compiled.asm["ptx"]
     assert f".target sm_{arch}" in ptx
     assert "acquire" in ptx and "release" in ptx
+
+
+def _specialised_ptx(name: str, dtype: str, constexprs: dict, arch: int = 90):
+    """The PTX of a kernel compiled as the JIT specialises a launch whose pointers are 16-byte
+    aligned and whose ``total``, ``n_tiles`` and ``row_len`` are divisible by 16 (torch's
+    allocations and the benchmark shapes), with the production ``PUBLISH=1``; and ptxas's report
+    (``-v``) of it."""
+    import subprocess
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.backends.nvidia.compiler import get_ptxas
+    from triton.compiler import ASTSource
+
+    fn = getattr(tb._kernels(False), name)
+    constexprs = {**constexprs, "PUBLISH": 1}
+    sig = _signature(fn, dtype, constexprs)
+    divisible = [["tt.divisibility", 16]]
+    attrs = {
+        (i,): divisible
+        for i, arg in enumerate(fn.arg_names)
+        if sig[arg] != "constexpr"
+        and (arg.endswith("_ptr") or arg in ("total", "n_tiles", "row_len"))
+    }
+    src = ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs)
+    warps = max(1, min(4, constexprs["BT"] // 256))
+    options = {"num_warps": warps, "enable_fp_fusion": True}
+    ptx = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options).asm["ptx"]
+    target = re.search(r"\.target (sm_\w+)", ptx).group(1)  # sm_90a: triton's own target
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "k.ptx")
+        with open(path, "w") as f:
+            f.write(ptx)
+        report = subprocess.run(
+            [get_ptxas(arch).path, f"-arch={target}", "-v", path, "-o", path + ".cubin"],
+            capture_output=True, text=True, check=True,
+        ).stderr  # fmt: skip
+    return ptx, report
+
+
+#: Registers per thread ptxas may use (sm_90): 4-warp programs at up to 128 registers keep 4
+#: programs per multiprocessor (65536 registers), which the tile sizes assume.
+REGISTER_BUDGET = 128
+#: (kernel, dtype) known to exceed it (ptxas for sm_90a, specialised, no spills): the adjoint,
+#: 137 registers at fp32/BT=1024 and 148 at fp64/BT=512 (its reversed index is not vectorised
+#: and it holds both scans' operands); the test fails once one is under budget, so that this list
+#: is kept true.
+OVER_REGISTER_BUDGET = {("adjoint_kernel", "fp32"), ("adjoint_kernel", "fp64")}
+
+
+@pytest.mark.parametrize(("name", "dtype", "constexprs"), KERNEL_VARIANTS)
+def test_specialised_ptx_protocol_vectors_and_registers(name, dtype, constexprs):
+    """With the JIT's specialisation: every publication (``atom.exch``) is a release preceded by
+    a barrier that follows the published value's store; every flag poll is an acquire; no load
+    is non-coherent (``.nc``: a look-back load could read a stale cached value); no local memory
+    (spills); the unmasked padded forward loads and stores 16-byte vectors; registers within
+    :data:`REGISTER_BUDGET`."""
+    ptx, report = _specialised_ptx(name, dtype, constexprs)
+    lines = [line.strip() for line in ptx.splitlines()]
+    exch = [k for k, line in enumerate(lines) if "atom." in line and ".exch." in line]
+    assert len(exch) >= 3, "state: aggregate, inclusive at once, inclusive after look-back"
+    for k in exch:
+        assert ".release." in lines[k], lines[k]
+        before = lines[:k]
+        barrier = max(m for m, line in enumerate(before) if line.startswith("bar.sync"))
+        stores = [m for m, line in enumerate(before) if "st.global" in line]
+        assert stores and stores[-1] < barrier, f"no store, barrier, release before {lines[k]}"
+    polls = [line for line in lines if re.search(r"(ld|atom)\.global\.gpu\.\w+\.(b64|add)", line)]
+    assert any(".acquire." in p for p in polls)
+    for p in polls:
+        assert ".acquire." in p or ".acq_rel." in p, p  # (the ticket and atomic_max: acq_rel)
+    assert not re.search(r"\.nc\b", ptx)
+    assert "ld.volatile.global" in ptx  # the look-back's values
+    assert ".local" not in ptx
+    assert " 0 bytes spill stores" in report and " 0 bytes spill loads" in report, report
+    if name == "forward_kernel" and not constexprs["HAS_MASK"] and not constexprs["PACKED"]:
+        assert ptx.count("ld.global.v4") >= 3 and ptx.count("st.global.v4") >= 1
+    if name == "forward_kernel" and constexprs["HAS_MASK"]:
+        # z under the in-bounds mask, selected by validity after: vectors, masked or packed
+        assert ptx.count("ld.global.v4") + ptx.count("ld.global.v2") >= 2
+        if not constexprs["PACKED"]:  # and padded, no scalar global load at all
+            assert not re.search(r"ld\.global\.(b|u|s)\d", ptx)
+    regs = int(re.search(r"Used (\d+) registers", report).group(1))
+    if regs > REGISTER_BUDGET and (name, dtype) in OVER_REGISTER_BUDGET:
+        pytest.xfail(f"{name}: {regs} registers (known, issue 24 step 4: the reversed adjoint)")
+    assert (name, dtype) not in OVER_REGISTER_BUDGET, f"{name} is under budget: update the list"
+    assert regs <= REGISTER_BUDGET, report

@@ -15,14 +15,22 @@ row ends. The sequence is cut into tiles of ``BT`` tokens, one program per tile:
    writes ``A_t * carry + B_t``.
 
 Under ``masked="hold"`` with a mask, the gain index is the count of valid tokens so far in the
-row: a segmented count, scanned and looked back in the same way (flags 1 and 2, before the
-state's 3 and 4). The adjoint walks tiles backwards and cannot look back for this forward count,
-so a small pre-pass (:func:`count_kernel`, mask bytes only) writes each tile's count carry-in.
+row: a segmented count, scanned and looked back in the same way, with its own flag words (flag 1:
+a tile's aggregate, 2: its inclusive value, for counts and states alike; a reader of one protocol
+never sees the other's flags). The adjoint walks tiles backwards and cannot look back for this
+forward count, so a small pre-pass (:func:`count_kernel`, mask bytes only) writes each tile's count
+carry-in.
 
-Workspace (int64, zeroed per call): ``[ticket, flags[n_tiles]]``. Status (int64 ``[2]``):
-non-finite inputs read (``[0]``) and non-finite results of finite inputs (``[1]``) are recorded
-with ``atomic_max`` of ``2^62 - (row * 2^32 + position)``, so the first (row, position) wins and 0
-means none.
+Workspace (int64, zeroed per call): ``[ticket, state flags[n_tiles], count flags[n_tiles]]`` (the
+count flags only where counts are looked back for). Status (int64 ``[2]``): non-finite inputs read
+(``[0]``) and non-finite results of finite inputs (``[1]``) are recorded with ``atomic_max`` of
+``2^62 - (row * 2^31 + position)`` (at least 1 for every int32 row and position, and saturated at
+1), so the first (row, position) wins and 0 means none.
+
+The ``PUBLISH`` constexpr is a test switch (:data:`kpo_rs.backends.triton.PUBLISH_EVERY`): holding
+inclusive values back makes later tiles walk back over aggregates and compose them, so that the
+look-back's walk and composition run under triton's interpreter (which runs programs one after
+another); tests/test_triton.py checks that the results are bitwise those of the default.
 
 Only triton.language's builtins are called (``tl.reduce`` and ``tl.associative_scan`` with
 triton's own sum and max combine functions, not ``tl.sum`` and friends, which are jit functions):
@@ -35,7 +43,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-#: ``2^62``: codes are stored as ``CODE_BASE - (row * 2^32 + position)`` (> 0; 0 means none).
+#: ``2^62``: codes are stored as ``CODE_BASE - (row * 2^31 + position)`` (> 0; 0 means none).
 CODE_BASE = 1 << 62
 
 
@@ -106,38 +114,61 @@ def _segment_count(step, reset, REVERSE: tl.constexpr):
 
 
 @triton.jit
-def _count_carry(j, flags_ptr, cnt_ptr, n_tiles, has_reset, agg, need):
-    """Publishes tile ``j``'s step count (aggregate: flag 1; inclusive: flag 2, at once when the
-    tile holds a row start) and returns the count carried into it: the steps of its first row
-    before the tile, looked back for only when ``need`` (the tile does not begin a row)."""
+def _inclusive_due(j, PUBLISH: tl.constexpr):
+    """Whether tile ``j`` publishes its inclusive value after its look-back: always under
+    ``PUBLISH == 1`` (the backend's setting); the tests hold inclusives back (``0``: never, only
+    tiles holding a reset publish one, at once; ``k > 1``: tiles ``j % k == 0`` only), so that
+    later tiles walk back over aggregates and compose them even when programs run one after
+    another (triton's interpreter)."""
+    if PUBLISH == 1:
+        due = j >= 0
+    elif PUBLISH == 0:
+        due = j < 0
+    else:
+        due = j % PUBLISH == 0
+    return due
+
+
+@triton.jit
+def _publish(slot_ptr, value, flag_ptr, flag):
+    """Stores ``value``, then (barrier: every thread's store is issued; release: it is visible
+    first) sets the flag a reader acquires before it loads the value."""
+    tl.store(slot_ptr, value)
+    tl.debug_barrier()
+    tl.atomic_xchg(flag_ptr, flag, sem="release")
+
+
+@triton.jit
+def _count_carry(j, flags_ptr, cnt_ptr, n_tiles, has_reset, agg, need, PUBLISH: tl.constexpr):
+    """Publishes tile ``j``'s step count in the count flags ``flags_ptr`` (aggregate: flag 1;
+    inclusive: flag 2, at once when the tile holds a row start) and returns
+    the count carried into it: the steps of its first row before the tile, looked back for only
+    when ``need`` (the tile does not begin a row)."""
     carry = agg * 0
     if has_reset != 0:
-        tl.store(cnt_ptr + n_tiles + j, agg)
-        tl.debug_barrier()
-        tl.atomic_xchg(flags_ptr + j, 2, sem="release")
+        _publish(cnt_ptr + n_tiles + j, agg, flags_ptr + j, 2)
     else:
-        tl.store(cnt_ptr + j, agg)
-        tl.debug_barrier()
-        tl.atomic_xchg(flags_ptr + j, 1, sem="release")
+        _publish(cnt_ptr + j, agg, flags_ptr + j, 1)
     if need != 0:
         k = j - 1
         while k >= 0:
             f = tl.atomic_add(flags_ptr + k, 0, sem="acquire")
-            if f >= 2:
+            if f == 2:
                 carry += tl.load(cnt_ptr + n_tiles + k, volatile=True)
                 k = -1
             elif f == 1:
                 carry += tl.load(cnt_ptr + k, volatile=True)
                 k -= 1
     if has_reset == 0:
-        tl.store(cnt_ptr + n_tiles + j, agg + carry)
-        tl.debug_barrier()
-        tl.atomic_xchg(flags_ptr + j, 2, sem="release")
+        if _inclusive_due(j, PUBLISH):
+            _publish(cnt_ptr + n_tiles + j, agg + carry, flags_ptr + j, 2)
     return carry
 
 
 @triton.jit
-def _tile_counts(valid, reset, i, j, flags_ptr, cnt_ptr, n_tiles, BT: tl.constexpr):
+def _tile_counts(
+    valid, reset, i, j, flags_ptr, cnt_ptr, n_tiles, BT: tl.constexpr, PUBLISH: tl.constexpr
+):
     """The valid-token counts of tile ``j`` (positions in time order): ``(P, R, carry)`` of
     :func:`_segment_count`, with the count carried into the tile from its first row's earlier
     tiles (published and looked back for by :func:`_count_carry`)."""
@@ -147,26 +178,23 @@ def _tile_counts(valid, reset, i, j, flags_ptr, cnt_ptr, n_tiles, BT: tl.constex
     has_reset = (r_last >= 0).to(tl.int32)
     agg = p_last - tl.maximum(r_last, 0)
     need = 1 - _at(reset.to(tl.int32), i, 0)
-    return p, r, _count_carry(j, flags_ptr, cnt_ptr, n_tiles, has_reset, agg, need)
+    return p, r, _count_carry(j, flags_ptr, cnt_ptr, n_tiles, has_reset, agg, need, PUBLISH)
 
 
 @triton.jit
-def _state_carry(j, flags_ptr, st_ptr, n_tiles, agg_a, agg_b, need):
-    """Publishes tile ``j``'s map ``x -> agg_a x + agg_b`` (flag 3) and its last state (flag 4;
-    at once when the map ignores the carry, ``agg_a == 0``) and returns the state carried into
-    it, looked back for only when ``need`` (some position of the tile depends on it). A tile's
-    published state is ``agg_a * carry + agg_b``, and the look-back applies the maps after the
-    state it finds in the same way, so results do not depend on the programs' timing."""
+def _state_carry(j, flags_ptr, st_ptr, n_tiles, agg_a, agg_b, need, PUBLISH: tl.constexpr):
+    """Publishes tile ``j``'s map ``x -> agg_a x + agg_b`` (flag 1 in the state flags
+    ``flags_ptr``) and its last state (flag 2; at once when the map ignores the carry,
+    ``agg_a == 0``) and returns the state carried into it, looked back for only when ``need``
+    (some position of the tile depends on it). A tile's published state is
+    ``agg_a * carry + agg_b``, and the look-back applies the maps after the state it finds in the
+    same way, so results do not depend on the programs' timing."""
     carry = agg_b * 0
     if agg_a == 0:
-        tl.store(st_ptr + 2 * n_tiles + j, agg_b)
-        tl.debug_barrier()
-        tl.atomic_xchg(flags_ptr + j, 4, sem="release")
+        _publish(st_ptr + 2 * n_tiles + j, agg_b, flags_ptr + j, 2)
     else:
         tl.store(st_ptr + j, agg_a)
-        tl.store(st_ptr + n_tiles + j, agg_b)
-        tl.debug_barrier()
-        tl.atomic_xchg(flags_ptr + j, 3, sem="release")
+        _publish(st_ptr + n_tiles + j, agg_b, flags_ptr + j, 1)
     if need != 0:
         # back to the nearest published state, then forward over the maps in between in time
         # order: the carry is the same as a chain of tiles would give, whatever the timing
@@ -174,28 +202,29 @@ def _state_carry(j, flags_ptr, st_ptr, n_tiles, agg_a, agg_b, need):
         first = j
         while k >= 0:
             f = tl.atomic_add(flags_ptr + k, 0, sem="acquire")
-            if f == 4:
+            if f == 2:
                 carry = tl.load(st_ptr + 2 * n_tiles + k, volatile=True)
                 first = k + 1
                 k = -1
-            elif f == 3:
+            elif f == 1:
                 k -= 1
         for m in range(first, j):
             pa = tl.load(st_ptr + m, volatile=True)
             pb = tl.load(st_ptr + n_tiles + m, volatile=True)
             carry = pa * carry + pb
     if agg_a != 0:
-        tl.store(st_ptr + 2 * n_tiles + j, agg_a * carry + agg_b)
-        tl.debug_barrier()
-        tl.atomic_xchg(flags_ptr + j, 4, sem="release")
+        if _inclusive_due(j, PUBLISH):
+            _publish(st_ptr + 2 * n_tiles + j, agg_a * carry + agg_b, flags_ptr + j, 2)
     return carry
 
 
 @triton.jit
 def _record(status_ptr, bad, row, pos):
-    """``atomic_max`` of ``2^62 - (row * 2^32 + pos)`` over the ``bad`` positions."""
-    code = (1 << 62) - (row.to(tl.int64) * (1 << 32) + pos.to(tl.int64))
-    worst = tl.reduce(tl.where(bad, code, 0), 0, _max)
+    """``atomic_max`` of ``2^62 - (row * 2^31 + pos)`` over the ``bad`` positions: row and
+    position are int32 (at least 0), so the code is at least 1 for every one of them; it is
+    saturated at 1 all the same, so a record is never dropped."""
+    code = (1 << 62) - (row.to(tl.int64) * (1 << 31) + pos.to(tl.int64))
+    worst = tl.reduce(tl.where(bad, tl.maximum(code, 1), 0), 0, _max)
     tl.atomic_max(status_ptr, worst, mask=worst > 0)
 
 
@@ -247,6 +276,7 @@ def forward_kernel(
     HAS_MASK: tl.constexpr,
     HOLD: tl.constexpr,
     M0_PTR: tl.constexpr,
+    PUBLISH: tl.constexpr,
 ):
     """One tile of the forward filter. ``k_ptr``/``a_ptr``: the gains ``K_n`` and ``1 - K_n`` in
     the compute dtype; ``m0_bits``: a float64 prior mean's bits (when not ``M0_PTR``)."""
@@ -260,12 +290,15 @@ def forward_kernel(
         valid = inb
     if HOLD and HAS_MASK:
         step = valid
-        p, r, carry_n = _tile_counts(valid, reset, i, j, flags_ptr, cnt_ptr, n_tiles, BT)
+        p, r, carry_n = _tile_counts(
+            valid, reset, i, j, flags_ptr + n_tiles, cnt_ptr, n_tiles, BT, PUBLISH
+        )
         n = tl.where(r >= 0, p - r, carry_n + p) - 1
     else:
         step = inb
         n = t - start
-    z = tl.load(z_ptr + t, mask=valid, other=0)
+    # loaded under the in-bounds mask (aligned runs of it vectorise), then selected by validity
+    z = tl.where(valid, tl.load(z_ptr + t, mask=inb, other=0), 0)
     dtype = z.dtype
     gain = tl.load(k_ptr + n, mask=step, other=0)
     keep = tl.load(a_ptr + n, mask=step, other=1)
@@ -276,7 +309,7 @@ def forward_kernel(
     sa, sb = tl.associative_scan((a_el, b_el), 0, _affine)
     need = (_at(sa, i, 0) != 0).to(tl.int32)
     carry = _state_carry(
-        j, flags_ptr, st_ptr, n_tiles, _at(sa, i, BT - 1), _at(sb, i, BT - 1), need
+        j, flags_ptr, st_ptr, n_tiles, _at(sa, i, BT - 1), _at(sb, i, BT - 1), need, PUBLISH
     )
     x = tl.where(sa == 0, sb, sa * carry + sb)
     if not HOLD:
@@ -301,6 +334,7 @@ def count_kernel(
     search_steps,
     BT: tl.constexpr,
     PACKED: tl.constexpr,
+    PUBLISH: tl.constexpr,
 ):
     """The adjoint's pre-pass under ``masked="hold"``: ``cin[c]`` = valid tokens of the row of
     tile ``c``'s first position that precede the tile."""
@@ -308,7 +342,7 @@ def count_kernel(
         ws_ptr, total, cu_ptr, n_rows, row_len, search_steps, BT, PACKED
     )
     valid = tl.load(mask_ptr + t, mask=inb, other=0).to(tl.int1)
-    _, _, carry = _tile_counts(valid, reset, i, j, ws_ptr + 1, cnt_ptr, n_tiles, BT)
+    _, _, carry = _tile_counts(valid, reset, i, j, ws_ptr + 1, cnt_ptr, n_tiles, BT, PUBLISH)
     tl.store(cin_ptr + j, carry)
 
 
@@ -334,6 +368,7 @@ def adjoint_kernel(
     PACKED: tl.constexpr,
     HAS_MASK: tl.constexpr,
     HOLD: tl.constexpr,
+    PUBLISH: tl.constexpr,
 ):
     """One tile of the adjoint, tiles and positions in reverse order:
     ``mu_t = g'_t + a_{t+1} mu_{t+1}`` (``a_{t+1} = 0`` past a row's end), ``dz_t = K_{n_t} mu_t``
@@ -368,6 +403,8 @@ def adjoint_kernel(
         read = valid
     if not HOLD:
         read = valid
+    # under ``read`` (not loaded in bounds then selected, as the forward's z): the reversed index
+    # does not vectorise, and the select costs the fp64 adjoint spills (ptxas, sm_90a)
     g = tl.load(g_ptr + t, mask=read, other=0)
     dtype = g.dtype
     a_next = tl.load(a_ptr + n_next, mask=step_next, other=1)
@@ -375,7 +412,7 @@ def adjoint_kernel(
     sa, sb = tl.associative_scan((a_el, g), 0, _affine)
     need = (_at(sa, i, 0) != 0).to(tl.int32)
     carry = _state_carry(
-        j, flags_ptr, st_ptr, n_tiles, _at(sa, i, BT - 1), _at(sb, i, BT - 1), need
+        j, flags_ptr, st_ptr, n_tiles, _at(sa, i, BT - 1), _at(sb, i, BT - 1), need, PUBLISH
     )
     mu = tl.where(sa == 0, sb, sa * carry + sb)
     gain = tl.load(k_ptr + n, mask=valid, other=0)

@@ -66,6 +66,12 @@ CHECKS = ("sync", "deferred")
 DEFAULT_CHECK = "deferred"
 #: Tile size override (tokens per program, a power of two); None: chosen from the shape.
 TILE: int | None = None
+#: Test-only: which tiles publish their inclusive value (state, and count under ``"hold"``) after
+#: their look-back. 1 (the default): every tile; 0: none (only tiles holding a reset, which
+#: publish it at once); ``k > 1``: tiles ``j % k == 0``. Results are bitwise the same for every
+#: setting; holding inclusives back makes later tiles walk back over aggregates and compose them
+#: under triton's interpreter, which runs programs one after another.
+PUBLISH_EVERY: int = 1
 
 _CODE_BASE = 1 << 62
 _MAX_TOKENS = (1 << 31) - (1 << 16)
@@ -163,7 +169,7 @@ def _error(codes: list[int], name: str) -> ValueError | None:
     if found:
         code = _CODE_BASE - found
         return ValueError(
-            f"{name}: non-finite value at row {code >> 32}, position {code & 0xFFFFFFFF}"
+            f"{name}: non-finite value at row {code >> 31}, position {code & 0x7FFFFFFF}"
         )
     if overflow:
         return ValueError(f"{name}: the result overflowed although every input is finite")
@@ -326,15 +332,17 @@ def forward(rows: Rows, m0: float | torch.Tensor, *, check: str = DEFAULT_CHECK)
         return out
     m0_bits, m0_t, m0_stride, m0_ptr = _m0_args(m0, c.x, c.n_rows)
     k_tab, a_tab = _tables(c.longest, rows.params, c.x)
-    ws = torch.zeros(3 + c.tiles, dtype=torch.int64, device=c.x.device)
+    count = c.hold and c.mask is not None
+    # [status[2], ticket, state flags[tiles], count flags[tiles] (counts only)]
+    ws = torch.zeros(3 + c.tiles * (2 if count else 1), dtype=torch.int64, device=c.x.device)
     status, sync = _status(check, ws, c.x.device, 0)
-    cnt = c.empty(2 * c.tiles if c.hold and c.mask is not None else 1, torch.int32)
+    cnt = c.empty(2 * c.tiles if count else 1, torch.int32)
     _kernels(c.x.device.type != "cuda").forward_kernel[(c.tiles,)](
         c.x, c.mask_arg, out, c.cu, m0_t, k_tab, a_tab, ws[2:], status, cnt,
         c.empty(3 * c.tiles, c.x.dtype),
         c.total, c.tiles, c.n_rows, c.row_len, c.steps, m0_bits, m0_stride,
         BT=c.bt, PACKED=c.packed, HAS_MASK=c.mask is not None, HOLD=c.hold, M0_PTR=m0_ptr,
-        **c.options(),
+        PUBLISH=PUBLISH_EVERY, **c.options(),
     )  # fmt: skip
     if sync:
         _report(status, "values")
@@ -362,13 +370,14 @@ def adjoint(rows: Rows, *, check: str = DEFAULT_CHECK) -> tuple[torch.Tensor, to
         kernels.count_kernel[(c.tiles,)](
             c.mask_arg, c.cu, cin, ws[3 + c.tiles :], c.empty(2 * c.tiles, torch.int32),
             c.total, c.tiles, c.n_rows, c.row_len, c.steps,
-            BT=c.bt, PACKED=c.packed, **c.options(),
+            BT=c.bt, PACKED=c.packed, PUBLISH=PUBLISH_EVERY, **c.options(),
         )  # fmt: skip
     kernels.adjoint_kernel[(c.tiles,)](
         c.x, c.mask_arg, dz, dm0, c.cu, k_tab, a_tab, cin, ws[2 : 3 + c.tiles], status,
         c.empty(3 * c.tiles, c.x.dtype),
         c.total, c.tiles, c.n_rows, c.row_len, c.steps,
-        BT=c.bt, PACKED=c.packed, HAS_MASK=c.mask is not None, HOLD=c.hold, **c.options(),
+        BT=c.bt, PACKED=c.packed, HAS_MASK=c.mask is not None, HOLD=c.hold,
+        PUBLISH=PUBLISH_EVERY, **c.options(),
     )  # fmt: skip
     if sync:
         _report(status, "grad")

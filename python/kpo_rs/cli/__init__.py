@@ -27,7 +27,7 @@ from ._common import missing_extra_message, missing_module
 __all__ = ["COMMANDS", "build_parser", "main", "missing_extra_message"]
 
 #: The sub-commands in the order ``kpo --help`` lists them; each is ``kpo_rs.cli.<name>``.
-COMMANDS = ("demo", "sweep", "filter", "analyze", "bench")
+COMMANDS = ("demo", "sweep", "filter", "analyze", "bench", "doctor")
 
 
 def _command_module(name: str) -> ModuleType:
