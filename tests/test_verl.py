@@ -470,3 +470,126 @@ def test_a_ppo_scale_clip_that_cannot_bite_warns(monkeypatch):
 def test_settings_is_a_deprecated_alias_of_env_settings():
     with pytest.warns(DeprecationWarning, match="env_settings"):
         assert kpo_verl.settings() == kpo_verl.env_settings()
+
+
+# --- rollout correction and bypass mode ----------------------------------------------------------
+
+
+def _rollout_batch(seed):
+    """A DataProto as verl's trainer holds it: old (proximal) and rollout (engine) log-probs,
+    the engine's drawn noisier than the trainer's, right-padded masks, GRPO advantages."""
+    from verl.protocol import DataProto
+
+    old, logp, adv, mask, _ = _batch(seed, weighted=False)
+    gen = torch.Generator().manual_seed(seed + 7)
+    rollout = old + torch.randn(old.shape, generator=gen) * 0.4
+    tensors = {
+        "old_log_probs": old,
+        "rollout_log_probs": rollout,
+        "advantages": adv,
+        "response_mask": mask.float(),
+    }
+    return DataProto.from_dict(tensors=tensors), logp
+
+
+@pytest.mark.parametrize("mode", ["kpo", "kpo_clipped", "minpro", "bapo"])
+def test_legacy_bypass_mode_refuses_a_kpo_rs_loss(mode):
+    """verl's legacy trainer calls rollout_corr_helper.apply_bypass_mode, which would set
+    loss_mode='bypass_mode'; for a kpo-rs loss the plug-in refuses with the fix."""
+    from omegaconf import OmegaConf
+    from verl.trainer.ppo import rollout_corr_helper
+
+    batch, _ = _rollout_batch(0)
+    policy_loss = OmegaConf.create({"loss_mode": mode})
+    corr = OmegaConf.create({"bypass_mode": True})
+    with pytest.raises(ValueError, match=r"trainer\.use_v1=true.*bypass_mode=false"):
+        rollout_corr_helper.apply_bypass_mode(batch, corr, policy_loss)
+    assert policy_loss.loss_mode == mode
+
+
+def test_legacy_bypass_mode_still_works_for_verls_own_losses():
+    from omegaconf import OmegaConf
+    from verl.trainer.ppo import rollout_corr_helper
+
+    batch, _ = _rollout_batch(1)
+    policy_loss = OmegaConf.create({"loss_mode": "vanilla"})
+    rollout_corr_helper.apply_bypass_mode(
+        batch, OmegaConf.create({"bypass_mode": True}), policy_loss
+    )
+    assert policy_loss.loss_mode == "bypass_mode"
+    assert torch.equal(batch.batch["old_log_probs"], batch.batch["rollout_log_probs"])
+
+
+def test_v1_bypass_kpo_filters_engine_anchored_log_ratios():
+    """verl's v1 bypass mode puts the rollout log-probs in as old_log_probs and keeps the loss:
+    KPO-clipped then filters log_prob - rollout_log_prob, the training-inference mismatch
+    included."""
+    batch, logp = _rollout_batch(2)
+    rollout, adv, mask = (
+        batch.batch[k] for k in ("rollout_log_probs", "advantages", "response_mask")
+    )
+    cfg = verl_actor_config(clip_ratio_low=3e-4, clip_ratio_high=4e-4)
+    got = verl_loss_and_grad(
+        "kpo_clipped",
+        rollout,
+        logp,
+        adv,
+        mask,
+        mode="seq-mean-token-mean",
+        config=cfg,
+        weights=None,
+    )
+    want = loss_and_grad(losses.kpo_clipped_loss, rollout, logp, adv, mask.bool())
+    torch.testing.assert_close(got[0], want[0])
+    torch.testing.assert_close(got[1], want[1])
+
+
+@pytest.mark.parametrize("level", ["token", "sequence"])
+def test_decoupled_kpo_with_verls_truncated_is_weights(level):
+    """Decoupled mode: verl computes TIS weights pi_old / pi_rollout (truncated at 2) and passes
+    them as rollout_is_weights; KPO filters log_prob - old_log_prob and multiplies the weights
+    in before aggregating, as verl's own losses do."""
+    from verl.trainer.ppo.rollout_corr_helper import compute_rollout_correction_and_add_to_batch
+
+    batch, logp = _rollout_batch(3)
+    corr = {"rollout_is": level, "rollout_is_threshold": 2.0}
+    batch, _ = compute_rollout_correction_and_add_to_batch(batch, corr)
+    w = batch.batch["rollout_is_weights"]
+    old, adv, mask = (batch.batch[k] for k in ("old_log_probs", "advantages", "response_mask"))
+    assert float(w.max()) <= 2.0 and not torch.all(w == 1)
+    cfg = verl_actor_config(clip_ratio_low=3e-4, clip_ratio_high=4e-4)
+    got = verl_loss_and_grad(
+        "kpo_clipped", old, logp, adv, mask, mode="seq-mean-token-mean", config=cfg, weights=w
+    )
+    want = loss_and_grad(losses.kpo_clipped_loss, old, logp, adv, mask.bool(), rollout_is_weights=w)
+    torch.testing.assert_close(got[0], want[0])
+    torch.testing.assert_close(got[1], want[1])
+
+
+@pytest.mark.parametrize(
+    ("rs", "threshold"), [("token_k1", "0.7_1.4"), ("seq_mean_k1", "0.97_1.03")]
+)
+def test_mis_rejection_before_kpo_with_verls_token_mean_denominator(rs, threshold):
+    """verl's rejection (MIS) zeroes rejected tokens in response_mask before the loss; with the
+    engine's batch_num_tokens (the kept tokens) in global_batch_info, token-mean KPO is the sum
+    of kept tokens' losses over the kept-token count, and the filter skips rejected tokens
+    (masked='hold')."""
+    from verl.trainer.ppo.rollout_corr_helper import compute_rollout_correction_and_add_to_batch
+
+    batch, logp = _rollout_batch(4)
+    before = batch.batch["response_mask"].clone()
+    batch, _ = compute_rollout_correction_and_add_to_batch(
+        batch, {"rollout_rs": rs, "rollout_rs_threshold": threshold}
+    )
+    old, adv, mask = (batch.batch[k] for k in ("old_log_probs", "advantages", "response_mask"))
+    kept = mask.sum()
+    assert 0 < kept < before.sum()  # some, not all, tokens were rejected
+    cfg = verl_actor_config(clip_ratio_low=3e-4, clip_ratio_high=4e-4)
+    cfg.global_batch_info.update(
+        {"dp_size": 1, "batch_num_tokens": kept, "global_batch_size": None}
+    )
+    loss, _ = get_policy_loss_fn("kpo_clipped")(
+        old, logp, adv, mask, loss_agg_mode="token-mean", config=cfg
+    )
+    tokens, _ = losses.kpo_token_losses(old, logp, adv, mask.bool(), clip=(3e-4, 4e-4))
+    torch.testing.assert_close(loss, (tokens * mask).sum() / kept)
