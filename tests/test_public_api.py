@@ -204,6 +204,16 @@ SNAPSHOT: dict[str, tuple[str, ...]] = {
         "env_settings",
         "settings",
     ),
+    "kpo_rs.integrations.skyrl": (
+        "ENV_VARS",
+        "LOSS_NAMES",
+        "bapo_policy_loss",
+        "kpo_clipped_policy_loss",
+        "kpo_policy_loss",
+        "minpro_policy_loss",
+        "policy_loss",
+        "register",
+    ),
     "kpo_rs.integrations.trl": (
         "KPOConfig",
         "KPOTrainer",
