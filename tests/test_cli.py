@@ -257,3 +257,26 @@ def test_help_needs_no_optional_package():
     for module in ("rich", "pyarrow", "torch", "matplotlib"):
         out = _without(module)
         assert out.returncode == 0 and out.stdout.startswith("usage: kpo"), out.stderr
+
+
+def test_filter_frictions_are_one_line(tmp_path, capsys):
+    """A non-Parquet OUT name and two ratio sources are each refused in one line saying what is
+    wrong; ``kpo bench --dtype`` has help text."""
+    write_rollouts_parquet(tmp_path / "in.parquet")
+    src = str(tmp_path / "in.parquet")
+    assert cli.main(["filter", src, str(tmp_path / "out.csv"), *COLS, "--log-every", "0"]) == 2
+    assert capsys.readouterr().err == (
+        "kpo filter: OUT must be a Parquet file name (.parquet or .pq), "
+        f"got {tmp_path / 'out.csv'}\n"
+    )
+    assert not (tmp_path / "out.csv").exists()
+    argv = ["filter", src, str(tmp_path / "o.parquet"), *COLS, "--ratio", "x", "--log-every", "0"]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert (
+        err == "kpo filter: give only one source of ratios, "
+        "got --log-probs/--old-log-probs and --ratio\n"
+    )
+    with pytest.raises(SystemExit):
+        cli.main(["bench", "--help"])
+    assert "float width of the benchmarked values" in capsys.readouterr().out

@@ -154,7 +154,6 @@ def test_config_checks_kpo_fields_when_built(tmp_path, field, value, error, mess
     [
         ({"loss_type": "cispo"}, "loss_type must be one of"),
         ({"importance_sampling_level": "sequence"}, "importance_sampling_level"),
-        ({"off_policy_mask_threshold": 0.5}, "off_policy_mask_threshold"),
         ({"entropy_coef": 0.01}, "entropy_coef"),
         ({"use_adaptive_entropy": True}, "entropy_coef"),
         ({"delta": 2.0, "kpo_loss_name": "kpo"}, "delta .*needs kpo_loss_name='kpo_clipped'"),
@@ -178,10 +177,12 @@ def test_config_refuses_what_kpo_cannot_honour(tmp_path, options, message):
 
 
 def test_grpo_clip_fields_warn_that_they_do_not_change_kpo(tmp_path):
-    with pytest.warns(UserWarning, match="epsilon_high do not change KPO's clip"):
+    with pytest.warns(UserWarning, match="epsilon_high does not change KPO's clip"):
         _config(tmp_path, epsilon_high=0.28)
-    with pytest.warns(UserWarning, match="epsilon do not change KPO's clip"):
+    with pytest.warns(UserWarning, match="epsilon does not change KPO's clip"):
         _config(tmp_path, epsilon=0.3)
+    with pytest.warns(UserWarning, match="epsilon and epsilon_high do not change KPO's clip"):
+        _config(tmp_path, epsilon=0.3, epsilon_high=0.28)
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message=".*KPO's clip")
         cfg = _config(tmp_path, kpo_q=1e-4, kpo_p0=math.inf, delta=1.5)
@@ -201,6 +202,8 @@ OPTIONS = {
     "top_entropy": {"top_entropy_quantile": 0.5},
     "delta": {"delta": 1.35},
     "vllm": {},
+    "off_policy_mask": {"off_policy_mask_threshold": 0.02},
+    "off_policy_mask_vllm": {"off_policy_mask_threshold": 0.02},
 }
 
 
@@ -287,11 +290,24 @@ def _with_logps(trainer, inputs, seed):
 def test_all_gains_one_loss_and_gradients_equal_grpo(tmp_path, loss_type, option):
     grpo, kpo = _pair(tmp_path, loss_type, OPTIONS[option])
     inputs = _with_logps(grpo, _inputs(seed=7), seed=7)
+    if option == "off_policy_mask_vllm":  # the engine's log-probs, which the mask then reads
+        gen = torch.Generator().manual_seed(8)
+        old = inputs["old_per_token_logps"]
+        inputs["sampling_per_token_logps"] = old + 0.3 * torch.randn(old.shape, generator=gen)
+    if option.startswith("off_policy_mask"):  # the mask drops some sequences, not all
+        kept = grpo.get_off_policy_mask(
+            inputs["advantages"][:, None],
+            inputs["old_per_token_logps"] - 0.3,  # any logps well away from old: dropped
+            inputs.get("sampling_per_token_logps", inputs["old_per_token_logps"]),
+            inputs["completion_mask"],
+            0.02,
+        )
+        assert 0 < kept.sum() < kept.numel()
     results = []
     for trainer in (grpo, kpo):
         trainer.model.train()
         trainer.current_gradient_accumulation_steps = 2
-        if option == "vllm":
+        if option in ("vllm", "off_policy_mask_vllm"):
             trainer.use_vllm = trainer.vllm_importance_sampling_correction = True
         trainer.model.zero_grad()
         loss = trainer._compute_loss(trainer.model, inputs)

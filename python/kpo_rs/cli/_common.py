@@ -149,6 +149,17 @@ def columns_of(args: argparse.Namespace):
         args.log_ratio,
         args.ratio,
     ]
+    if sum(bool(g) for g in given) > 1:
+        named = [
+            flag
+            for flag, value in (
+                ("--log-probs/--old-log-probs", given[0]),
+                ("--log-ratio", args.log_ratio),
+                ("--ratio", args.ratio),
+            )
+            if value
+        ]
+        raise ValueError(f"give only one source of ratios, got {' and '.join(named)}")
     if sum(bool(g) for g in given) != 1 or (args.log_probs is None) != (args.old_log_probs is None):
         raise ValueError("give --log-probs with --old-log-probs, or --log-ratio, or --ratio")
     return Columns(args.log_probs, args.old_log_probs, args.log_ratio, args.ratio, args.mask)

@@ -42,7 +42,12 @@ def add_parser(sub: argparse._SubParsersAction, full: bool) -> None:
         action=_DeprecatedTime,
         help=argparse.SUPPRESS,
     )
-    p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    p.add_argument(
+        "--dtype",
+        choices=("float32", "float64"),
+        default="float32",
+        help="float width of the benchmarked values (default: float32)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:

@@ -57,6 +57,12 @@ def run(args: argparse.Namespace) -> int:
     from ..pipeline import PipelineError, filter_parquet, fit_parquet
 
     existed = os.path.exists(args.output)
+    if not str(args.output).lower().endswith((".parquet", ".pq")):
+        print(
+            f"kpo filter: OUT must be a Parquet file name (.parquet or .pq), got {args.output}",
+            file=sys.stderr,
+        )
+        return 2
     try:
         columns = columns_of(args)
         kw = job_settings(args)

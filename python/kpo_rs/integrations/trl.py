@@ -32,10 +32,15 @@ gain 1, ``kpo_q=1e20``, and ``kpo_epsilon_* = epsilon*``, ``KPOTrainer`` compute
 - ``delta`` (INTELLECT-2's two-sided clip: for negative advantages the ratio is capped at
   ``delta``; for ``"kpo_clipped"`` this is verl's dual clip with ``clip_ratio_c = delta``, and
   needs ``delta > 1 + kpo_epsilon_high``);
-- vLLM importance-sampling correction.
+- vLLM importance-sampling correction (every ``vllm_importance_sampling_mode``: ``token_truncate``,
+  ``token_mask``, ``sequence_truncate``, ``sequence_mask``; TRL computes the weights, which multiply
+  the per-token losses as in GRPOTrainer, while KPO filters ``logp - old_logp``);
+- ``off_policy_mask_threshold`` (DeepSeek-V3.2's off-policy sequence mask, GRPOTrainer's own
+  ``get_off_policy_mask`` on the sampling log-probs: negative-advantage sequences whose mean KL
+  exceeds the threshold are dropped; the normaliser still counts their tokens, as TRL).
 
 Refused when the config is built: other ``loss_type`` values, ``importance_sampling_level !=
-"token"``, ``off_policy_mask_threshold``, an entropy bonus (``entropy_coef``,
+"token"``, an entropy bonus (``entropy_coef``,
 ``use_adaptive_entropy``), ``delta`` with a loss other than ``"kpo_clipped"`` (the others have
 their own dual clip setting, ``clip_ratio_c``, in ``kpo_loss_kwargs``).
 
@@ -200,8 +205,6 @@ class KPOConfig(GRPOConfig):
                 f"got {self.importance_sampling_level!r}"
             )
         # getattr: options that older TRL releases do not have are off there
-        if getattr(self, "off_policy_mask_threshold", None) is not None:
-            raise ValueError("off_policy_mask_threshold is not supported by KPOTrainer")
         if getattr(self, "entropy_coef", 0.0) != 0.0 or getattr(
             self, "use_adaptive_entropy", False
         ):
@@ -228,7 +231,8 @@ class KPOConfig(GRPOConfig):
         ]
         if changed:
             warnings.warn(
-                f"{' and '.join(changed)} do not change KPO's clip, which is "
+                f"{' and '.join(changed)} {'does' if len(changed) == 1 else 'do'} not change "
+                "KPO's clip, which is "
                 f"[1 - kpo_epsilon_low, 1 + kpo_epsilon_high] = "
                 f"[1 - {self.kpo_epsilon_low}, 1 + {self.kpo_epsilon_high}]; "
                 "set kpo_epsilon_low / kpo_epsilon_high instead",
@@ -405,6 +409,16 @@ class KPOTrainer(GRPOTrainer):
             token_weights = token_weights * self.get_high_entropy_mask(
                 entropies, mask, 1 - self.top_entropy_quantile
             )
+        off_policy = getattr(self, "off_policy_mask_threshold", None) is not None
+        if off_policy:
+            # GRPOTrainer's mask, from the sampling log-probs when vLLM gave them
+            token_weights = token_weights * self.get_off_policy_mask(
+                advantages=advantages,
+                per_token_logps=logps,
+                sampling_per_token_logps=inputs.get("sampling_per_token_logps", old_logps),
+                mask=mask,
+                off_policy_threshold=self.off_policy_mask_threshold,
+            )
         if self.use_vllm and self.vllm_importance_sampling_correction:
             token_weights = token_weights * inputs["importance_sampling_ratio"]
         per_token_kl = None
@@ -424,8 +438,10 @@ class KPOTrainer(GRPOTrainer):
                 mask.bool(),
                 **self._kpo_settings(),
             )
-            if self.top_entropy_quantile < 1.0 or (
-                self.use_vllm and self.vllm_importance_sampling_correction
+            if (
+                off_policy
+                or self.top_entropy_quantile < 1.0
+                or (self.use_vllm and self.vllm_importance_sampling_correction)
             ):
                 per_token_loss = per_token_loss * token_weights
             if per_token_kl is not None:

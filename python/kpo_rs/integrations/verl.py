@@ -37,13 +37,17 @@ they change) on stderr, so that a run's log shows what each worker filtered with
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 import warnings
+from dataclasses import dataclass
 from typing import Any
 
 try:
+    import verl.trainer.ppo.rollout_corr_helper as _rollout_corr_helper
     from verl.trainer.ppo.core_algos import register_policy_loss
+    from verl.workers.config import FSDPActorConfig, McoreActorConfig
 except ImportError as exc:  # pragma: no cover - exercised only without verl
     raise ImportError("kpo_rs.integrations.verl needs verl: pip install 'kpo-rs[verl]'") from exc
 
@@ -58,11 +62,19 @@ from ..torch_ops import BACKENDS
 
 __all__ = [
     "ENV_VARS",
+    "FORK_FIELDS",
+    "IDLE_CLIP_FRACTION",
+    "LOSS_MODES",
+    "PPO_SCALE_CLIP",
+    "KPOFSDPActorConfig",
+    "KPOMcoreActorConfig",
+    "check_bypass_mode",
     "compute_policy_loss_bapo",
     "compute_policy_loss_kpo",
     "compute_policy_loss_kpo_clipped",
     "compute_policy_loss_minpro",
     "configure",
+    "env_settings",
     "settings",
 ]
 
@@ -114,7 +126,7 @@ def configure(**kwargs: Any) -> None:
     if not kwargs:
         _overrides.clear()
         return
-    values = settings() | kwargs
+    values = env_settings() | kwargs
     source = {k: f"configure({k}={v!r})" for k, v in kwargs.items()}
     source.update({k: ENV_VARS[k][0] for k in values if k not in source})
     _check(values, source)
@@ -135,7 +147,7 @@ def _warn_unknown_variables() -> None:
         )
 
 
-def settings() -> dict[str, Any]:
+def env_settings() -> dict[str, Any]:
     """The filter settings the losses use now: :func:`configure`, else environment, else default.
 
     Raises ValueError naming the environment variable when its value is not valid."""
@@ -169,20 +181,142 @@ def settings() -> dict[str, Any]:
     return dict(values)
 
 
-def _log_settings(values: dict[str, Any]) -> None:
-    """Prints the settings in force once per process, and again when they change."""
-    if _last_logged and _last_logged[0] == values:
+def settings() -> dict[str, Any]:
+    """Deprecated alias of :func:`env_settings` (the name said too little)."""
+    warnings.warn(
+        "kpo_rs.integrations.verl.settings() is deprecated; use env_settings()",
+        DeprecationWarning,
+        stacklevel=2,
+    )
+    return env_settings()
+
+
+# --- the KPO authors' config fields ------------------------------------------------------------
+
+#: The KPO authors' fork's actor fields -> the kpo-rs setting each one sets.
+FORK_FIELDS: dict[str, str] = {"kalman_Q": "q", "kalman_R": "r"}
+
+
+@dataclass
+class KPOFSDPActorConfig(FSDPActorConfig):
+    """verl's FSDP actor config with the KPO authors' three fields, so that their script's
+    ``+actor_rollout_ref.actor.is_clip`` / ``kalman_Q`` / ``kalman_R`` overrides are accepted.
+
+    Select it with ``actor_rollout_ref.actor._target_=kpo_rs.integrations.verl.KPOFSDPActorConfig``
+    (verl builds the actor config from its ``_target_``). ``is_clip`` (default true, as in the
+    authors' fork) makes ``loss_mode=kpo`` clip with ``clip_ratio_low`` / ``clip_ratio_high``;
+    ``kalman_Q`` / ``kalman_R`` (default unset: ``KPO_Q`` / ``KPO_R``, else 1e-6 / 1) are the
+    filter's ``q`` / ``r`` and take precedence over the environment."""
+
+    is_clip: bool = True
+    kalman_Q: float | None = None  # the authors' field name
+    kalman_R: float | None = None  # the authors' field name
+
+
+@dataclass
+class KPOMcoreActorConfig(McoreActorConfig):
+    """:class:`KPOFSDPActorConfig`'s fields on verl's Megatron actor config
+    (``_target_=kpo_rs.integrations.verl.KPOMcoreActorConfig``)."""
+
+    is_clip: bool = True
+    kalman_Q: float | None = None  # the authors' field name
+    kalman_R: float | None = None  # the authors' field name
+
+
+def _config_field(config: Any, name: str) -> Any:
+    return None if config is None else config.get(name, None)
+
+
+def _filter_settings(config: Any) -> tuple[dict[str, Any], list[str]]:
+    """The filter settings for one call: :func:`env_settings`, with the actor config's
+    ``kalman_Q`` / ``kalman_R`` on top (below :func:`configure`); and where the non-default
+    ones came from, for the start-up line."""
+    values = env_settings()
+    origins = [var for var, _ in ENV_VARS.values() if var in os.environ]
+    source: dict[str, str] = {}
+    for field_name, key in FORK_FIELDS.items():
+        value = _config_field(config, field_name)
+        if value is None or key in _overrides:
+            continue
+        try:
+            values[key] = float(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"actor.{field_name}={value!r}: {key} must be a number") from None
+        source[key] = f"actor.{field_name}={value}"
+        origins.append(f"actor.{field_name}")
+    if source:
+        source.update({k: ENV_VARS[k][0] for k in values if k not in source})
+        _check(values, source)
+    if _overrides:
+        origins.append("configure() " + ", ".join(sorted(_overrides)))
+    return values, origins
+
+
+# --- start-up line and warnings -------------------------------------------------------------
+
+_warned_once: set[str] = set()
+
+
+def _warn_once(key: str, message: str) -> None:
+    if key not in _warned_once:
+        _warned_once.add(key)
+        warnings.warn(message, UserWarning, stacklevel=4)
+
+
+def _log_settings(
+    loss: str, clip: tuple[float, float] | None, agg: str, values: dict, origins: list[str]
+) -> None:
+    """Prints what a KPO loss computes (loss, clip range, aggregation, filter settings) once per
+    process on stderr, and again whenever any of it changes."""
+    state = {"loss": loss, "clip": clip, "agg": agg, **values}
+    if _last_logged and _last_logged[0] == state:
         return
-    _last_logged[:] = [dict(values)]
+    _last_logged[:] = [state]
     shown = ", ".join(f"{k}={v}" for k, v in values.items())
-    from_env = [var for var, _ in ENV_VARS.values() if var in os.environ]
-    origin = f"from {', '.join(from_env)}" if from_env else "defaults"
+    clip_text = f"clip ({clip[0]:g}, {clip[1]:g})" if clip is not None else "no clip"
+    origin = f"from {', '.join(origins)}" if origins else "defaults"
     print(
-        f"kpo_rs (pid {os.getpid()}): verl KPO loss filter settings {shown} ({origin}"
-        f"{'; configure() overrides ' + ', '.join(sorted(_overrides)) if _overrides else ''})",
+        f"kpo_rs (pid {os.getpid()}): verl loss {loss}: {clip_text}, loss_agg_mode {agg}; "
+        f"filter settings {shown} ({origin})",
         file=sys.stderr,
         flush=True,
     )
+
+
+#: A clip is "idle" when the filtered ratios stay within this fraction of the clip's smaller side.
+IDLE_CLIP_FRACTION = 0.1
+#: A clip side at least this wide is PPO-scale (verl's default is 0.2): a ratio filtered with
+#: the KPO authors' q = 1e-6 averages about a thousand tokens' log-ratios and rarely gets so far
+#: from 1.
+PPO_SCALE_CLIP = 0.05
+
+
+def _check_clip_bites(
+    loss: str, clip: tuple[float, float], metrics: dict[str, torch.Tensor]
+) -> None:
+    """Warns once per process when a PPO-scale ``clip`` (smaller side ``>= PPO_SCALE_CLIP``) does
+    not bite on KPO's filtered ratios: no token was clipped and the filtered ratios (mean +- 3
+    std) stay within ``IDLE_CLIP_FRACTION`` of the smaller side. (A KPO-scale clip such as the
+    authors' 3e-4 / 4e-4 is not judged: on a batch whose log-ratios are zero-mean noise the
+    filter is rightly near 1.)"""
+    eps = min(clip)
+    if eps < PPO_SCALE_CLIP or f"idle-clip:{loss}" in _warned_once:
+        return
+    if float(metrics["pg_clipfrac"]) > 0:
+        return
+    spread = abs(float(metrics["filtered_ratio_mean"]) - 1.0) + 3.0 * float(
+        metrics["filtered_ratio_std"]
+    )
+    if spread < IDLE_CLIP_FRACTION * eps:
+        _warn_once(
+            f"idle-clip:{loss}",
+            f"{loss}: the clip range ({clip[0]:g}, {clip[1]:g}) cannot bite: the filtered ratios "
+            f"stay within {spread:.2g} of 1, so this is KPO without clipping; the KPO authors "
+            "use actor.clip_ratio_low=3e-4 actor.clip_ratio_high=4e-4",
+        )
+
+
+# --- the losses ---------------------------------------------------------------------------------
 
 
 def _clip_range(config: Any, loss: str) -> tuple[float, float]:
@@ -216,22 +350,53 @@ def _verl_metrics(metrics: dict[str, torch.Tensor], prefix: str) -> dict[str, fl
     return out
 
 
-def _kpo_options(clip: tuple[float, float] | None) -> tuple[Any, dict[str, Any]]:
-    current = settings()
-    _log_settings(current)
-    return kpo_loss, {"clip": clip, **current}
-
-
 def _needs_config(loss: str, config: Any) -> Any:
     if config is None:
         raise ValueError(f"{loss} needs verl's actor config (for the clip range)")
     return config
 
 
+def _kpo_clip(loss: str, config: Any) -> tuple[float, float] | None:
+    """The clip range of ``loss`` (``"kpo"`` or ``"kpo_clipped"``) under ``config``.
+
+    ``kpo_clipped`` always clips (an actor config that says ``is_clip=false`` is refused);
+    ``kpo`` clips when the config has the authors' ``is_clip`` field set true
+    (:class:`KPOFSDPActorConfig`), as the authors' fork's ``kpo`` does, and otherwise is KPO
+    without clipping, with a warning (once per process) naming ``kpo_clipped``."""
+    is_clip = _config_field(config, "is_clip")
+    if loss == "kpo_clipped":
+        if is_clip is False:
+            raise ValueError(
+                "actor.policy_loss.loss_mode=kpo_clipped with actor.is_clip=false: for KPO "
+                "without clipping use loss_mode=kpo"
+            )
+        return _clip_range(_needs_config(loss, config), loss)
+    if is_clip is None:
+        _warn_once(
+            "kpo-unclipped",
+            "loss_mode=kpo is KPO without clipping in kpo-rs; in the KPO authors' verl fork "
+            "loss_mode=kpo clips by default (is_clip=true): for their recipe use "
+            "loss_mode=kpo_clipped (or actor._target_=kpo_rs.integrations.verl.KPOFSDPActorConfig"
+            " with +actor.is_clip=true)",
+        )
+        return None
+    return _clip_range(_needs_config(loss, config), loss) if is_clip else None
+
+
+def _kpo_options(loss: str) -> Any:
+    def options(config: Any, agg: str) -> tuple[Any, dict[str, Any]]:
+        clip = _kpo_clip(loss, config)
+        values, origins = _filter_settings(config)
+        _log_settings(loss, clip, agg, values, origins)
+        return kpo_loss, {"clip": clip, **values}
+
+    return options
+
+
 def _policy_loss(name: str, default_agg: str, options: Any, doc: str, prefix: str = "") -> Any:
     """A function with the signature verl's registry expects that computes loss ``name``:
-    ``options(config) -> (loss function, its keyword arguments)``; registered under ``name``;
-    the loss's own metrics are logged under ``actor/<prefix or name>/``."""
+    ``options(config, loss_agg_mode) -> (loss function, its keyword arguments)``; registered
+    under ``name``; the loss's own metrics are logged under ``actor/<prefix or name>/``."""
 
     def compute(
         old_log_prob: torch.Tensor,
@@ -242,7 +407,7 @@ def _policy_loss(name: str, default_agg: str, options: Any, doc: str, prefix: st
         config: Any = None,
         rollout_is_weights: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict[str, float]]:
-        fn, kwargs = options(config)
+        fn, kwargs = options(config, loss_agg_mode)
         loss, metrics = fn(
             old_log_prob,
             log_prob,
@@ -253,6 +418,8 @@ def _policy_loss(name: str, default_agg: str, options: Any, doc: str, prefix: st
             global_batch_info=_global_batch_info(config),
             **kwargs,
         )
+        if fn is kpo_loss and kwargs.get("clip") is not None:
+            _check_clip_bites(name, kwargs["clip"], metrics)
         out = _verl_metrics(metrics, prefix or name)
         if "kpo_data_weight" in metrics:
             warn_if_inert(out[f"actor/{prefix or name}/kpo_data_weight"], response_mask, kwargs)
@@ -266,7 +433,7 @@ def _policy_loss(name: str, default_agg: str, options: Any, doc: str, prefix: st
 compute_policy_loss_kpo_clipped = _policy_loss(
     "kpo_clipped",
     "seq-mean-token-mean",
-    lambda config: _kpo_options(_clip_range(_needs_config("kpo_clipped", config), "kpo_clipped")),
+    _kpo_options("kpo_clipped"),
     "KPO-clipped with verl's signature; the clip range is the actor's clip_ratio_low/high.",
     prefix="kpo",
 )
@@ -274,14 +441,16 @@ compute_policy_loss_kpo_clipped = _policy_loss(
 compute_policy_loss_kpo = _policy_loss(
     "kpo",
     "seq-mean-token-mean",
-    lambda config: _kpo_options(None),
-    "KPO (no clipping) with verl's signature.",
+    _kpo_options("kpo"),
+    """KPO with verl's signature: without clipping, unless the actor config carries the KPO
+    authors' ``is_clip`` field set true (:class:`KPOFSDPActorConfig`), when it is KPO-clipped
+    as ``loss_mode=kpo`` is in the authors' fork.""",
 )
 
 compute_policy_loss_minpro = _policy_loss(
     "minpro",
     "token-mean",
-    lambda config: (
+    lambda config, agg: (
         get_loss("minpro"),
         {
             "clip": _clip_range(_needs_config("minpro", config), "minpro"),
@@ -296,7 +465,7 @@ compute_policy_loss_minpro = _policy_loss(
 compute_policy_loss_bapo = _policy_loss(
     "bapo",
     "token-mean",
-    lambda config: (
+    lambda config, agg: (
         get_loss("bapo"),
         {"clip_ratio_c": _dual_clip(config) if config is not None else None},
     ),
@@ -306,3 +475,43 @@ compute_policy_loss_bapo = _policy_loss(
     ``clip_ratio_c`` (as in the authors' verl recipe). With ``torch.distributed`` initialised
     every rank chooses the same bounds from the global batch.""",
 )
+
+#: The loss modes this module registers.
+LOSS_MODES = ("kpo_clipped", "kpo", "minpro", "bapo")
+
+
+# --- rollout correction: bypass mode --------------------------------------------------------------
+
+
+def check_bypass_mode(policy_loss_config: Any) -> None:
+    """Refuses verl's legacy bypass mode for a kpo-rs loss.
+
+    With ``algorithm.rollout_correction.bypass_mode=true``, verl's legacy trainer
+    (``trainer.use_v1=false``) sets ``policy_loss.loss_mode = "bypass_mode"``, which trains with
+    verl's PPO-clip or REINFORCE loss instead of the configured one. This raises ValueError with
+    the fix when the configured loss is one of :data:`LOSS_MODES`; other losses pass."""
+    mode = None if policy_loss_config is None else policy_loss_config.get("loss_mode", None)
+    if mode in LOSS_MODES:
+        raise ValueError(
+            f"algorithm.rollout_correction.bypass_mode=true in verl's legacy trainer replaces "
+            f"actor.policy_loss.loss_mode={mode} by verl's 'bypass_mode' loss (PPO-clip or "
+            f"REINFORCE), so {mode} would not be trained: use verl's v1 trainer "
+            f"(trainer.use_v1=true, verl's default), whose bypass mode keeps the loss and uses "
+            f"the rollout log-probs as old_log_probs, or set bypass_mode=false (decoupled mode)"
+        )
+
+
+def _guard_bypass(apply_bypass_mode: Any) -> Any:
+    if getattr(apply_bypass_mode, "_kpo_rs_guard", False):
+        return apply_bypass_mode
+
+    @functools.wraps(apply_bypass_mode)
+    def guarded(batch: Any, rollout_corr_config: Any = None, policy_loss_config: Any = None):
+        check_bypass_mode(policy_loss_config)
+        return apply_bypass_mode(batch, rollout_corr_config, policy_loss_config)
+
+    guarded._kpo_rs_guard = True  # type: ignore[attr-defined]
+    return guarded
+
+
+_rollout_corr_helper.apply_bypass_mode = _guard_bypass(_rollout_corr_helper.apply_bypass_mode)

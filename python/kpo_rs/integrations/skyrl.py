@@ -1,0 +1,163 @@
+"""KPO policy losses for SkyRL (``skyrl`` on PyPI), through its policy-loss registry.
+
+SkyRL calls a policy loss as ``fn(log_probs, old_log_probs, advantages, config, loss_mask,
+rollout_logprobs) -> (loss, metrics)`` (``skyrl/backends/skyrl_train/utils/ppo_utils.py``, SkyRL
+0.3.0), with the advantages already scaled for ``trainer.algorithm.loss_reduction``
+(``token_mean``, ``sequence_mean``, ...), so that the loss is the plain masked *sum* of the
+per-token losses. The functions here follow that convention: each is the loss of
+:mod:`kpo_rs.loss_table` with ``loss_agg_mode="token-sum"`` (KPO and KPO-clipped are linear and
+positively homogeneous in the advantage token by token, so the scaled sum is SkyRL's reduction
+of the loss). The clip of ``kpo_clipped`` / ``minpro`` is SkyRL's ``eps_clip_low`` /
+``eps_clip_high`` (set them to the KPO authors' 3e-4 / 4e-4); the filter settings come from the
+same ``KPO_*`` environment variables as the verl plug-in (:data:`ENV_VARS`). SkyRL's
+``off_policy_correction`` (TIS ratios and rejection masks against ``rollout_logprobs``) is
+applied by SkyRL's own ``apply_off_policy_correction`` when the config sets one: its ratio
+multiplies the per-token losses as a rollout weight, its mask replaces ``loss_mask``.
+
+Registration: call :func:`register` (or import this module with SkyRL installed) in the driver
+script *before* SkyRL's trainer starts; SkyRL's ``sync_registries()`` then copies the functions
+to its registry actor with cloudpickle, which pickles them by reference to this module, so the
+Ray workers need kpo-rs installed (they import it when unpickling). Then set
+``trainer.algorithm.policy_loss_type=kpo_clipped``.
+
+SkyRL 0.3.0 does not import on Python 3.11 (its ``skyrl.tinker.types`` fails pydantic's
+TypedDict check), so these functions are tested against SkyRL's calling convention, read from
+its source, not inside SkyRL.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+
+from ..losses.kpo import kpo_loss
+from ..losses.table import get_loss
+from ..params import FilterParams
+
+__all__ = [
+    "ENV_VARS",
+    "LOSS_NAMES",
+    "bapo_policy_loss",
+    "kpo_clipped_policy_loss",
+    "kpo_policy_loss",
+    "minpro_policy_loss",
+    "policy_loss",
+    "register",
+]
+
+_DEFAULTS = FilterParams()
+#: Filter setting -> (environment variable, default), as the verl plug-in reads them.
+ENV_VARS: dict[str, tuple[str, Any]] = {
+    "q": ("KPO_Q", _DEFAULTS.q),
+    "r": ("KPO_R", _DEFAULTS.r),
+    "p0": ("KPO_P0", _DEFAULTS.p0),
+    "masked": ("KPO_MASKED", _DEFAULTS.masked),
+}
+#: The names registered in SkyRL's ``PolicyLossRegistry``.
+LOSS_NAMES = ("kpo_clipped", "kpo", "minpro", "bapo")
+
+
+def _filter_settings() -> dict[str, Any]:
+    values: dict[str, Any] = {}
+    for key, (var, default) in ENV_VARS.items():
+        raw = os.environ.get(var)
+        if raw is None:
+            values[key] = default
+        elif key == "masked":
+            values[key] = raw.strip()
+        else:
+            try:
+                values[key] = float(raw)
+            except ValueError:
+                raise ValueError(f"{var}={raw}: {key} must be a number") from None
+    try:
+        FilterParams(**values)
+    except (TypeError, ValueError) as exc:
+        field = str(exc).split(" ", 1)[0]
+        raise type(exc)(
+            f"{ENV_VARS[field][0]}={os.environ.get(ENV_VARS[field][0])}: {exc}"
+        ) from None
+    return values
+
+
+def _clip(config: Any, name: str) -> tuple[float, float]:
+    try:
+        return float(config.eps_clip_low), float(config.eps_clip_high)
+    except AttributeError:
+        raise ValueError(
+            f"{name} needs trainer.algorithm.eps_clip_low and eps_clip_high in SkyRL's config"
+        ) from None
+
+
+def policy_loss(name: str) -> Any:
+    """The SkyRL policy loss computing :mod:`kpo_rs.loss_table`'s ``name`` (one of
+    :data:`LOSS_NAMES`), with SkyRL's signature; ValueError for another name."""
+    if name not in LOSS_NAMES:
+        raise ValueError(f"name must be one of {LOSS_NAMES}, got {name!r}")
+
+    def compute(
+        log_probs: torch.Tensor,
+        old_log_probs: torch.Tensor,
+        advantages: torch.Tensor,
+        config: Any,
+        loss_mask: torch.Tensor | None = None,
+        rollout_logprobs: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        mask = torch.ones_like(log_probs, dtype=torch.bool) if loss_mask is None else loss_mask
+        weights, metrics = None, {}
+        correction = getattr(config, "off_policy_correction", None)
+        if correction is not None and rollout_logprobs is not None:
+            from skyrl.backends.skyrl_train.utils.off_policy_correction_utils import (
+                apply_off_policy_correction,
+            )
+
+            # SkyRL's correction of a loss of ones: its TIS ratio, its mask, its metrics
+            weights, mask, metrics = apply_off_policy_correction(
+                torch.ones_like(log_probs), old_log_probs, rollout_logprobs, mask, correction
+            )
+        if name in ("kpo", "kpo_clipped"):
+            fn, kwargs = kpo_loss, dict(_filter_settings())
+            kwargs["clip"] = _clip(config, name) if name == "kpo_clipped" else None
+        else:
+            fn = get_loss(name)
+            kwargs = {"clip": _clip(config, name)} if name == "minpro" else {}
+        loss, own = fn(
+            old_log_probs,
+            log_probs,
+            advantages,
+            mask,
+            loss_agg_mode="token-sum",
+            rollout_is_weights=weights,
+            **kwargs,
+        )
+        out = {k: float(v) for k, v in metrics.items()}
+        out.update({k: float(v) for k, v in own.items()})
+        out["clip_ratio"] = out.get("pg_clipfrac", 0.0)
+        return loss, out
+
+    compute.__name__ = compute.__qualname__ = f"{name}_policy_loss"
+    compute.__module__ = __name__
+    return compute
+
+
+kpo_clipped_policy_loss = policy_loss("kpo_clipped")
+kpo_policy_loss = policy_loss("kpo")
+minpro_policy_loss = policy_loss("minpro")
+bapo_policy_loss = policy_loss("bapo")
+
+
+def register() -> None:
+    """Registers :data:`LOSS_NAMES` in SkyRL's ``PolicyLossRegistry`` (call it in the driver
+    before the trainer starts, so that ``sync_registries()`` carries them to the workers).
+    ImportError naming the extra when SkyRL is missing."""
+    try:
+        from skyrl.backends.skyrl_train.utils.ppo_utils import PolicyLossRegistry
+    except ImportError as exc:
+        raise ImportError(
+            "kpo_rs.integrations.skyrl.register needs skyrl: pip install skyrl"
+        ) from exc
+    for name in LOSS_NAMES:
+        if name not in PolicyLossRegistry.list_available():
+            PolicyLossRegistry.register(name, globals()[f"{name}_policy_loss"])
