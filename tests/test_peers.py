@@ -1,5 +1,6 @@
-"""The peers (DPPO, MinPRO, BAPO): DPPO against verl's own losses, MinPRO and BAPO against plain
-per-token references, gradients by gradcheck, BAPO's search across data-parallel ranks.
+"""The peers (DPPO, MinPRO, BAPO) and the control GPG: DPPO and GPG against verl's own losses,
+MinPRO and BAPO against plain per-token references, gradients by gradcheck, BAPO's search across
+data-parallel ranks.
 
 Tolerances. Against verl in float32: rtol 1e-6, atol 1e-7 (the same formulas, possibly another
 association of the sums; as tests/test_verl.py). Against verl in float64: rtol 1e-12, atol 1e-14
@@ -21,7 +22,7 @@ from hypothesis import strategies as st
 from helpers import loss_and_grad, requires, verl_actor_config, verl_loss_and_grad
 from kpo_rs import losses
 from kpo_rs.loss_table import get_loss
-from kpo_rs.losses import peers
+from kpo_rs.losses import baselines, peers
 
 AGG_MODES = list(losses.LOSS_AGG_MODES)
 F64 = {"rtol": 1e-10, "atol": 1e-12}
@@ -528,7 +529,109 @@ def test_bad_settings_name_the_argument(fn, kw, match):
         fn(old, logp, adv, mask, **kw)
 
 
-@pytest.mark.parametrize("fn", [peers.dppo_loss, peers.minpro_loss, peers.bapo_loss])
+# --------------------------------------------------------------------------------------------
+# GPG (the control: no ratio, no clip) against verl
+
+
+def _gpg_ours_and_verls(mode, old, logp, adv, mask, w, info=None):
+    """baselines.gpg_loss and verl's registered "gpg" loss with the same aggregation, rollout
+    weights and global batch info: (ours, theirs), each a (loss, gradient, metrics)."""
+    cfg = verl_actor_config(loss_agg_mode=mode)
+    cfg.global_batch_info.update(info or {})
+    theirs = verl_loss_and_grad("gpg", old, logp, adv, mask, mode=mode, config=cfg, weights=w)
+    ours = loss_and_grad(
+        baselines.gpg_loss,
+        old,
+        logp,
+        adv,
+        mask,
+        loss_agg_mode=mode,
+        rollout_is_weights=w,
+        global_batch_info=info,
+    )
+    return ours, theirs
+
+
+@requires("verl")
+@pytest.mark.parametrize("mode", AGG_MODES)
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_gpg_matches_verl(mode, weighted, dtype):
+    old, logp, adv, mask, w = _batch(5, dtype=dtype)
+    w = w if weighted else None
+    ours, theirs = _gpg_ours_and_verls(mode, old, logp, adv, mask, w)
+    tol = {"rtol": 1e-6, "atol": 1e-7} if dtype == torch.float32 else {"rtol": 1e-12, "atol": 1e-14}
+    torch.testing.assert_close(ours[0], theirs[0], **tol)
+    torch.testing.assert_close(ours[1], theirs[1], **tol)
+    # the gradient is -A (times the weight) over the aggregation's normaliser on valid tokens
+    assert bool((ours[1][~mask] == 0).all()) and bool((ours[1][mask] != 0).any())
+    assert float(ours[2]["pg_clipfrac"]) == 0.0
+
+
+@requires("verl")
+@pytest.mark.parametrize("mode", AGG_MODES)
+def test_gpg_matches_verl_across_ranks(mode):
+    """With verl's global batch info (two data-parallel ranks, global token and sequence counts,
+    a fixed length normaliser) the same normalisation as verl."""
+    old, logp, adv, mask, w = _batch(6)
+    info = {
+        "dp_size": 2,
+        "batch_num_tokens": int(mask.sum()) * 2 + 3,
+        "global_batch_size": 17,
+        "loss_scale_factor": 64,
+    }
+    ours, theirs = _gpg_ours_and_verls(mode, old, logp, adv, mask, w, info)
+    torch.testing.assert_close(ours[0], theirs[0], rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(ours[1], theirs[1], rtol=1e-12, atol=1e-14)
+
+
+@requires("verl")
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    batch=st.integers(1, 4),
+    time=st.integers(1, 16),
+    mode=st.sampled_from(AGG_MODES),
+    weighted=st.booleans(),
+)
+def test_gpg_matches_verl_property(seed, batch, time, mode, weighted):
+    old, logp, adv, mask, w = _batch(seed, batch=batch, time=time, spread=1.0, holes=True)
+    w = w if weighted else None
+    ours, theirs = _gpg_ours_and_verls(mode, old, logp, adv, mask, w)
+    # equal_nan: a fully masked batch gives 0 / 0 in "token-mean", in verl as here
+    torch.testing.assert_close(ours[0], theirs[0], rtol=1e-12, atol=1e-14, equal_nan=True)
+    torch.testing.assert_close(ours[1], theirs[1], rtol=1e-12, atol=1e-14, equal_nan=True)
+
+
+def test_gpg_is_the_plain_policy_gradient_and_in_the_table():
+    """-A * logp per token, token mean (the table's default), independent of old_log_prob; the
+    gradient checked by gradcheck in float64."""
+    old, logp, adv, mask, w = _batch(7)
+    spec = get_loss("gpg")
+    assert spec.fn is baselines.gpg_loss and spec.keywords() == {"loss_agg_mode": "token-mean"}
+    loss, _ = spec(old, logp, adv, mask)
+    want = sum(
+        -float(adv[i, t]) * float(logp[i, t])
+        for i in range(mask.shape[0])
+        for t in range(mask.shape[1])
+        if mask[i, t]
+    ) / int(mask.sum())
+    assert float(loss) == pytest.approx(want, rel=1e-10, abs=1e-12)
+    other, _ = spec(old + 0.3, logp, adv, mask)
+    assert float(other) == float(loss)
+    small = [t[:3, :6].clone() for t in (old, logp, adv, mask, w)]
+    small[3][:, 0] = True
+    for mode in AGG_MODES:
+        torch.autograd.gradcheck(
+            lambda lp, m=mode: baselines.gpg_loss(
+                small[0], lp, small[2], small[3], loss_agg_mode=m, rollout_is_weights=small[4]
+            )[0],
+            (small[1].requires_grad_(True),),
+        )
+
+
+@pytest.mark.parametrize(
+    "fn", [peers.dppo_loss, peers.minpro_loss, peers.bapo_loss, baselines.gpg_loss]
+)
 def test_bad_tensors_name_the_argument(fn):
     old, logp, adv, mask, _ = _batch(0, batch=2, time=4)
     with pytest.raises(ValueError, match="advantages"):

@@ -28,7 +28,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without torch
     ) from exc
 
 from ._common import LOSS_AGG_MODES, agg_loss, switch_rate
-from .baselines import gmpo_loss, gspo_loss, ppo_clip_loss
+from .baselines import gmpo_loss, gpg_loss, gspo_loss, ppo_clip_loss
 from .kpo import GRADS, KPO_CLIP, kpo_clipped_loss, kpo_loss, kpo_token_losses
 
 __all__ = [
@@ -37,6 +37,7 @@ __all__ = [
     "LOSS_AGG_MODES",
     "agg_loss",
     "gmpo_loss",
+    "gpg_loss",
     "gspo_loss",
     "kpo_clipped_loss",
     "kpo_loss",

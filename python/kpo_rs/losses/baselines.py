@@ -1,9 +1,11 @@
 """The baselines KPO is judged against, formula for formula as verl 0.9 computes them.
 
 ``ppo_clip_loss`` is verl's ``compute_policy_loss_vanilla`` (PPO/GRPO token clip with clip-higher
-and dual clip), ``gspo_loss`` its ``compute_policy_loss_gspo`` and ``gmpo_loss`` its
-``compute_policy_loss_geo_mean``, so comparisons with verl runs are like for like. Inputs, outputs
-and aggregation are as in :mod:`kpo_rs.losses`.
+and dual clip), ``gspo_loss`` its ``compute_policy_loss_gspo``, ``gmpo_loss`` its
+``compute_policy_loss_geo_mean`` and ``gpg_loss`` its ``compute_policy_loss_gpg`` (the policy
+gradient with no importance ratio and no trust region: the control that separates what KPO's
+filter does from what dropping GRPO's ratio and clip does), so comparisons with verl runs are
+like for like. Inputs, outputs and aggregation are as in :mod:`kpo_rs.losses`.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from ._common import (
     switch_rate,
 )
 
-__all__ = ["gmpo_loss", "gspo_loss", "ppo_clip_loss"]
+__all__ = ["gmpo_loss", "gpg_loss", "gspo_loss", "ppo_clip_loss"]
 
 
 def ppo_clip_loss(
@@ -140,6 +142,37 @@ def gmpo_loss(
             "pg_clipfrac": masked_mean((clipped & (advantages > 0)).float(), response_mask),
             "ppo_kl": masked_mean(-neg_kl, response_mask),
             "pg_clipfrac_lower": masked_mean((clipped & (advantages < 0)).float(), response_mask),
+            "switch_rate_raw": switch_rate(neg_kl, response_mask),
+        }
+    return loss, metrics
+
+
+def gpg_loss(
+    old_log_prob: torch.Tensor,
+    log_prob: torch.Tensor,
+    advantages: torch.Tensor,
+    response_mask: torch.Tensor,
+    *,
+    loss_agg_mode: str = "token-mean",
+    rollout_is_weights: torch.Tensor | None = None,
+    global_batch_info: dict[str, Any] | None = None,
+) -> tuple[torch.Tensor, Metrics]:
+    """GPG (verl's "gpg"): the plain policy gradient ``-advantages * log_prob`` per token, no
+    importance ratio and no clip; ``old_log_prob`` enters only the metrics. Rollout weights are
+    multiplied in before aggregating, as verl does. Metrics: ``pg_clipfrac`` and
+    ``pg_clipfrac_lower`` (0: nothing is clipped), ``ppo_kl`` and ``switch_rate_raw`` of the raw
+    log-ratio, for tables that compare losses (verl's gpg returns no metrics)."""
+    check_inputs(old_log_prob, log_prob, advantages, response_mask)
+    check_agg(loss_agg_mode)
+    pg_losses = -advantages * log_prob
+    loss = aggregate(pg_losses, response_mask, loss_agg_mode, rollout_is_weights, global_batch_info)
+    with torch.no_grad():
+        neg_kl = log_prob - old_log_prob
+        zero = torch.zeros((), device=loss.device)
+        metrics = {
+            "pg_clipfrac": zero,
+            "ppo_kl": masked_mean(-neg_kl, response_mask),
+            "pg_clipfrac_lower": zero.clone(),
             "switch_rate_raw": switch_rate(neg_kl, response_mask),
         }
     return loss, metrics

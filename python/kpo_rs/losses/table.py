@@ -7,7 +7,7 @@ API (small and stable):
 
 ``LOSSES: Mapping[str, LossSpec]``
     Read-only mapping, name -> :class:`LossSpec`, in a fixed order: ``grpo``, ``gspo``,
-    ``gmpo``, ``kpo``, ``kpo_clipped`` (:mod:`kpo_rs.losses`), then the peers ``dppo_tv``,
+    ``gmpo``, ``kpo``, ``kpo_clipped``, ``gpg`` (:mod:`kpo_rs.losses`), then the peers ``dppo_tv``,
     ``dppo_kl``, ``minpro``, ``bapo`` (:mod:`kpo_rs.peers`).
 ``LOSS_NAMES: tuple[str, ...]``
     The names, in the table's order.
@@ -134,6 +134,13 @@ def _specs() -> list[LossSpec]:
             {"clip": kpo.KPO_CLIP, "loss_agg_mode": "seq-mean-token-mean"},
             "KPO with the filtered ratio clipped to [1-3e-4, 1+4e-4] (the paper's main variant).",
             "Kalman-filtered Policy Optimization, arXiv 2602.10609",
+        ),
+        LossSpec(
+            "gpg",
+            baselines.gpg_loss,
+            {"loss_agg_mode": "token-mean"},
+            "Plain policy gradient -A * logp: no ratio, no clip (verl's gpg; the control for KPO).",
+            "GPG: A Simple and Strong Reinforcement Learning Baseline, arXiv 2504.02546",
         ),
         LossSpec(
             "dppo_tv",
