@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Sets up (scripts/setup.sh) and runs the whole test suite: formatting and lints (rustfmt, clippy,
-# ruff), the Rust unit tests, the wheel built and installed into a bare environment, and the
-# Python tests of every tier (pytest -m "": fast, slow, integration; gpu tests skip without a
+# ruff), types (mypy over the package, mypy.stubtest of _core.pyi), the Rust unit tests, the wheel
+# built and installed into a bare environment, and the Python tests of every tier (pytest -m "": fast, slow, integration; gpu tests skip without a
 # device) with hypothesis's "ci" profile (200 examples per property) when CI is set, "dev" (50)
 # otherwise. The quick loop is a plain `pytest` (the fast tier): see tests/README.md.
 set -euo pipefail
@@ -22,6 +22,9 @@ cargo clippy --all-targets --features python --quiet -- -D warnings
 step "ruff"
 "$venv/bin/ruff" check python tests benches examples
 "$venv/bin/ruff" format --check python tests benches examples
+step "types (mypy over the package, mypy.stubtest of the extension's _core.pyi)"
+"$venv/bin/mypy"
+"$venv/bin/python" -m mypy.stubtest kpo_rs._core
 step "cargo test"
 cargo test --release --quiet
 step "wheel (abi3, manylinux2014, built once with zig) and sdist"

@@ -101,6 +101,7 @@ def _kernels(interpreted: bool) -> ModuleType:
     name = f"{__package__}._triton_kernels_{kind}"
     path = os.path.join(os.path.dirname(__file__), "_triton_kernels.py")
     spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None  # a file path always has a loader
     module = importlib.util.module_from_spec(spec)
     saved = os.environ.get("TRITON_INTERPRET")
     os.environ["TRITON_INTERPRET"] = "1" if interpreted else "0"

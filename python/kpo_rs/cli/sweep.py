@@ -8,7 +8,7 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from ..experiments.config import split_names
 from ..experiments.sweep import PRESETS, SweepConfig, run_sweep
@@ -151,7 +151,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=_count,
         metavar="N",
         help=f"worker processes, one torch thread each (default: the cores, "
-        f"{d['workers'].default_factory()} here)",
+        f"{cast(Any, d['workers'].default_factory)()} here)",
     )
     parser.add_argument("--out", metavar="DIR", help="output folder (default kpo-sweep-out)")
     parser.add_argument(

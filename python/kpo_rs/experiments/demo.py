@@ -212,7 +212,7 @@ class Run:
     def _snapshot(self) -> None:
         self.snapshots.append({k: v.detach().clone() for k, v in self.model.state_dict().items()})
 
-    def _behaviour_policy(self) -> nn.Module:
+    def _behaviour_policy(self) -> TinyPolicy:
         """The policy of ``lag`` updates ago (or the oldest one there is)."""
         self.behaviour.load_state_dict(self.snapshots[0])
         return self.behaviour
@@ -415,7 +415,7 @@ def table_footnote(cfg: DemoConfig) -> str:
 
 def _seed_mean(runs: list[dict[str, float | None]], key: str, fmt: str = "{:.3f}") -> str:
     """Mean over seeds; figures some runs lack (a threshold never reached) say how many had it."""
-    values = [r[key] for r in runs if r[key] is not None]
+    values = [float(v) for v in (r[key] for r in runs) if v is not None]
     if not values:
         return "never"
     text = fmt.format(np.mean(values))

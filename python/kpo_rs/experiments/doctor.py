@@ -33,6 +33,7 @@ from .. import (
     testing,
     torch_ops,
 )
+from ..params import Masked
 from .bench import authors_form
 
 __all__ = ["cases", "check_backend", "devices", "run", "summary", "timing"]
@@ -67,7 +68,13 @@ def cases(small: bool) -> list[dict[str, Any]]:
     ]  # fmt: skip
 
 
-def _rust(case: dict, dtype: np.dtype, masked: str):
+def _grad(t: torch.Tensor) -> torch.Tensor:
+    """``t.grad`` after a backward pass that reached ``t``."""
+    assert t.grad is not None
+    return t.grad
+
+
+def _rust(case: dict, dtype: np.dtype, masked: Masked):
     z, m, g, cu = (case["values"].astype(dtype), case["mask"], case["grad"].astype(dtype),
                    case["cu"])  # fmt: skip
     if cu is None:
@@ -88,7 +95,7 @@ def _small_tiles(device: torch.device):
     if device.type != "cpu":
         yield
         return
-    tb = backends.load("triton")
+    tb: Any = backends.load("triton")  # its TILE is a module setting
     saved, tb.TILE = tb.TILE, 16
     try:
         yield
@@ -124,7 +131,7 @@ def check_backend(name: str, device: torch.device, small: bool) -> dict[str, Any
                 env_dz, _ = testing.adjoint_envelope(batch, case["grad"], params)
                 worst = max(
                     _worst(y.detach().cpu().numpy(), want_y, env_y, np.dtype(dtype), length),
-                    _worst(z.grad.cpu().numpy(), want_dz, env_dz, np.dtype(dtype), length),
+                    _worst(_grad(z).cpu().numpy(), want_dz, env_dz, np.dtype(dtype), length),
                 )
                 results.append({"case": case["name"], "dtype": np.dtype(dtype).name,
                                 "masked": masked, "worst": worst})  # fmt: skip

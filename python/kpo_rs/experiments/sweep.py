@@ -186,7 +186,7 @@ class Task:
         and the policy being updated: ``lag + (minibatches - 1) / 2``."""
         return self.lag + (self.minibatches - 1) / 2
 
-    def overrides(self) -> dict[str, float]:
+    def overrides(self) -> dict[str, float | None]:
         return {} if self.q is None else {"q": self.q, "p0": self.p0}
 
     def key(self, cfg: SweepConfig) -> dict[str, Any]:

@@ -57,7 +57,7 @@ import json
 import math
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, cast
 
 try:
     from trl import GRPOConfig, GRPOTrainer
@@ -69,7 +69,7 @@ import torch
 from ..losses import GRADS, KPO_CLIP, kpo_token_losses
 from ..losses.kpo import warn_if_inert
 from ..losses.table import LOSS_NAMES, LossSpec, get_loss
-from ..params import FilterParams, real_setting
+from ..params import FilterParams, Masked, real_setting
 from ..space import SPACES
 from ..torch_ops import BACKENDS
 
@@ -156,7 +156,9 @@ class KPOConfig(GRPOConfig):
 
     def _check_kpo_fields(self) -> None:
         try:
-            FilterParams(q=self.kpo_q, r=self.kpo_r, p0=self.kpo_p0, masked=self.kpo_masked)
+            FilterParams(
+                q=self.kpo_q, r=self.kpo_r, p0=self.kpo_p0, masked=cast(Masked, self.kpo_masked)
+            )
         except (TypeError, ValueError) as exc:
             # FilterParams names its field first ("q must be ..."): name the config's field.
             raise type(exc)(f"kpo_{exc}") from None
@@ -269,6 +271,12 @@ class KPOConfig(GRPOConfig):
             raise ValueError(f"kpo_loss_kwargs: {exc}") from None
 
     @property
+    def kpo_loss_keywords(self) -> dict[str, Any]:
+        """``kpo_loss_kwargs`` as a dict (a JSON string from the command line is parsed by
+        ``__post_init__``), empty when not given."""
+        return cast(dict, self.kpo_loss_kwargs or {})
+
+    @property
     def kpo_loss_spec(self) -> LossSpec:
         """The :mod:`kpo_rs.loss_table` entry of ``kpo_loss_name``."""
         return get_loss(self.kpo_loss_name)
@@ -276,7 +284,9 @@ class KPOConfig(GRPOConfig):
     @property
     def kpo_filter_params(self) -> FilterParams:
         """The filter's settings as a :class:`~kpo_rs.params.FilterParams`."""
-        return FilterParams(q=self.kpo_q, r=self.kpo_r, p0=self.kpo_p0, masked=self.kpo_masked)
+        return FilterParams(
+            q=self.kpo_q, r=self.kpo_r, p0=self.kpo_p0, masked=cast(Masked, self.kpo_masked)
+        )
 
 
 _FIELD_DEFAULTS = {f.name: f.default for f in dataclasses.fields(KPOConfig)}
@@ -285,7 +295,8 @@ _FIELD_DEFAULTS = {f.name: f.default for f in dataclasses.fields(KPOConfig)}
 class KPOTrainer(GRPOTrainer):
     """``GRPOTrainer`` with the KPO / KPO-clipped policy loss (see the module documentation)."""
 
-    _tag_names: ClassVar[list[str]] = ["trl", "kpo"]
+    _tag_names = ["trl", "kpo"]  # noqa: RUF012 - GRPOTrainer declares it an instance attribute
+    args: KPOConfig  # set by GRPOTrainer.__init__ from the KPOConfig checked below
 
     def __init__(self, model: Any, reward_funcs: Any, args: KPOConfig | None = None, **kwargs: Any):
         if args is None:
@@ -321,7 +332,9 @@ class KPOTrainer(GRPOTrainer):
             return masked.sum() / mask.sum().clamp(min=1.0) / accumulation
         if self.loss_type == "dr_grpo":
             return (
-                masked.sum() / (per_token_loss.size(0) * self.max_completion_length) / accumulation
+                masked.sum()
+                / (per_token_loss.size(0) * cast(int, self.max_completion_length))
+                / accumulation
             )
         return masked.sum() / self._dapo_normalizer(mode, inputs)
 
@@ -349,7 +362,7 @@ class KPOTrainer(GRPOTrainer):
             scale = 1.0 / (mask.sum().clamp(min=1.0) * accumulation)
         elif self.loss_type == "dr_grpo":
             scale = torch.tensor(
-                1.0 / (mask.size(0) * self.max_completion_length * accumulation),
+                1.0 / (mask.size(0) * cast(int, self.max_completion_length) * accumulation),
                 device=mask.device,
             )
         else:  # "dapo"
@@ -376,7 +389,7 @@ class KPOTrainer(GRPOTrainer):
             mask.bool(),
             loss_agg_mode="token-sum",
             rollout_is_weights=weights,
-            **(self.args.kpo_loss_kwargs or {}),
+            **self.args.kpo_loss_keywords,
         )
 
     def _compute_loss(self, model: Any, inputs: dict) -> torch.Tensor:
@@ -401,6 +414,7 @@ class KPOTrainer(GRPOTrainer):
         if advantages.dim() == 1:
             advantages = advantages.unsqueeze(1)
 
+        assert self.model is not None  # GRPOTrainer sets it
         mode = "train" if self.model.training else "eval"
         # As GRPOTrainer: low-entropy tokens' losses are zeroed, but every valid token still counts
         # in the normaliser; then the vLLM correction, then the KL term.
@@ -417,7 +431,7 @@ class KPOTrainer(GRPOTrainer):
                 per_token_logps=logps,
                 sampling_per_token_logps=inputs.get("sampling_per_token_logps", old_logps),
                 mask=mask,
-                off_policy_threshold=self.off_policy_mask_threshold,
+                off_policy_threshold=cast(float, self.off_policy_mask_threshold),
             )
         if self.use_vllm and self.vllm_importance_sampling_correction:
             token_weights = token_weights * inputs["importance_sampling_ratio"]
@@ -473,6 +487,6 @@ class KPOTrainer(GRPOTrainer):
             self._metrics[mode][f"kpo/{key}"].append(global_mean(value))
         if "kpo_data_weight" in stats:
             warn_if_inert(
-                self._metrics[mode]["kpo/kpo_data_weight"][-1], m, self.args.kpo_loss_kwargs or {}
+                self._metrics[mode]["kpo/kpo_data_weight"][-1], m, self.args.kpo_loss_keywords
             )
         return loss

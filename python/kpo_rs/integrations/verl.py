@@ -165,7 +165,7 @@ def env_settings() -> dict[str, Any]:
         elif raw[name] is None:
             values[name], source[name] = default, f"{name} (default)"
         else:
-            text = raw[name].strip()
+            text = str(raw[name]).strip()
             source[name] = f"{var}={raw[name]}"
             if name in _FLOATS:
                 try:
