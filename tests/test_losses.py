@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 import pytest
@@ -278,3 +279,27 @@ def test_switch_rate_equals_a_plain_loop(shape, seed, hole_rate):
     # both counts are exact integers; their quotient is rounded once to float32 (torch's default
     # dtype for the division of integer tensors): half an ulp, 2**-24 relative
     assert float(got) == pytest.approx(want, rel=2.0**-24, abs=0)
+
+
+@pytest.mark.parametrize(
+    ("log_prob_value", "old_value", "name"),
+    [
+        (math.nan, 0.0, "log_prob"),
+        (-0.5, math.inf, "old_log_prob"),
+        (math.inf, math.inf, "log_prob"),  # both bad: log_prob is named first
+        (1e308, -1e308, "log_prob - old_log_prob"),  # each finite, the difference overflows
+    ],
+)
+@pytest.mark.parametrize("grad", ["token", "filter"])
+def test_non_finite_input_is_named_as_the_loss_argument(log_prob_value, old_value, name, grad):
+    """A NaN or inf the filter reads is reported under the loss's own argument name, at its row
+    and position (the filter itself knows only its ``values``)."""
+    old = torch.zeros(2, 5, dtype=torch.float64)
+    logp = torch.full((2, 5), -0.5, dtype=torch.float64)
+    adv = torch.ones(2, 5, dtype=torch.float64)
+    mask = torch.ones(2, 5, dtype=torch.bool)
+    logp[1, 3], old[1, 3] = log_prob_value, old_value
+    with pytest.raises(
+        ValueError, match=rf"^{re.escape(name)}: non-finite value at row 1, position 3$"
+    ):
+        losses.kpo_loss(old, logp, adv, mask, grad=grad)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import math
+import re
 import warnings
 from collections.abc import Mapping
 from typing import Any
@@ -64,6 +65,27 @@ def _filtered_log_ratio(
         return filtered
     # a convex combination of positive ratios (and of the prior 1) stays positive
     return torch.log(torch.where(mask, filtered, torch.ones((), dtype=z.dtype, device=z.device)))
+
+
+_NON_FINITE = re.compile(r"values: non-finite value at row (\d+), position (\d+)")
+
+
+def _named_non_finite(
+    exc: ValueError, log_prob: torch.Tensor, old_log_prob: torch.Tensor
+) -> ValueError:
+    """The filter's "values: non-finite value at row R, position P" said of the loss's own
+    argument: ``log_prob`` or ``old_log_prob`` where that one is not finite there, else their
+    difference (``inf - inf``); any other error as it is."""
+    found = _NON_FINITE.match(str(exc))
+    if found is None:
+        return exc
+    row, position = int(found[1]), int(found[2])
+    name = "log_prob - old_log_prob"
+    for candidate, tensor in (("log_prob", log_prob), ("old_log_prob", old_log_prob)):
+        if not bool(torch.isfinite(tensor[row, position])):
+            name = candidate
+            break
+    return ValueError(f"{name}: non-finite value at row {row}, position {position}")
 
 
 @functools.lru_cache(maxsize=32)
@@ -201,12 +223,15 @@ def kpo_token_losses(
     check_space(space)
     mask = response_mask.bool()
     z = log_prob - old_log_prob
-    if grad == "token":
-        x = _filtered_log_ratio(z.detach(), mask, filter_params, space, backend)
-        log_rt = log_prob - log_prob.detach() + x
-    else:
-        x = _filtered_log_ratio(z, mask, filter_params, space, backend)
-        log_rt = x
+    try:
+        if grad == "token":
+            x = _filtered_log_ratio(z.detach(), mask, filter_params, space, backend)
+            log_rt = log_prob - log_prob.detach() + x
+        else:
+            x = _filtered_log_ratio(z, mask, filter_params, space, backend)
+            log_rt = x
+    except ValueError as exc:
+        raise _named_non_finite(exc, log_prob, old_log_prob) from None
     rt = torch.exp(torch.clamp(log_rt, max=LOG_RATIO_CLAMP))
 
     metrics: Metrics = {}
