@@ -135,6 +135,28 @@ def test_a_missing_optional_package_names_the_extra(tmp_path, module, argv, extr
     )
 
 
+def test_every_missing_package_of_the_extra_is_named():
+    """Without torch and rich, ``kpo demo`` names both (the first one an import met first), so
+    one install fixes it."""
+    code = (
+        "import sys\n"
+        "sys.modules['torch'] = None\n"
+        "sys.modules['rich'] = None\n"
+        "from kpo_rs.cli import main\n"
+        "sys.exit(main(sys.argv[1:]))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, "demo", "--steps", "1", "--no-progress"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 2, out.stderr
+    line = out.stderr.strip()
+    assert line.startswith("kpo demo needs the 'demo' extra: pip install 'kpo-rs[demo]' (missing: ")
+    assert sorted(line.split("(missing: ")[1].rstrip(")").split(", ")) == ["rich", "torch"]
+
+
 def test_filter_and_analyze_need_no_rich(tmp_path):
     write_rollouts_parquet(tmp_path / "in.parquet")
     out = _without(

@@ -7,7 +7,9 @@ A private module meant for sharing within :mod:`kpo_rs.cli`; it imports nothing 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import math
+import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -69,12 +71,33 @@ def missing_module(exc: BaseException) -> str | None:
     return None
 
 
+def _importable(module: str) -> bool:
+    """Whether top-level ``module`` can be imported (found on the path, not blocked in
+    ``sys.modules``)."""
+    if module in sys.modules:
+        return sys.modules[module] is not None
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+#: The packages (top-level module names) of each extra a sub-command needs, as pyproject.toml's.
+EXTRA_MODULES = {
+    "demo": ("torch", "matplotlib", "rich"),
+    "arrow": ("pyarrow", "rich", "matplotlib"),
+}
+
+
 def missing_extra_message(command: str, module: str) -> str:
-    """The one line printed when ``kpo command`` lacks the optional package ``module``."""
+    """The one line printed when ``kpo command`` lacks the optional package ``module``: it names
+    every package of the extra that is missing, not only the first one an import met."""
     extra = EXTRAS.get(command, "demo" if module == "torch" else "arrow")
+    absent = [m for m in EXTRA_MODULES.get(extra, ()) if not _importable(m)]
+    names = [module, *(m for m in absent if m != module)]
     return (
         f"kpo {command} needs the '{extra}' extra: pip install 'kpo-rs[{extra}]' "
-        f"(missing: {module})"
+        f"(missing: {', '.join(names)})"
     )
 
 
