@@ -346,17 +346,23 @@ def _lr_interval(f: Callable[[float], float], ratio: float, best: float) -> tupl
             inner, outer = outer, outer + outward
             if abs(outer) > 12:
                 return _to_value(limit)
-        for _ in range(40):
-            mid = 0.5 * (inner + outer)
-            if f(10.0**mid) >= level:
-                inner = mid
-            else:
-                outer = mid
-        return 10.0**inner
+        return _bisect(f, level, inner, outer)
 
     if ratio == 0.0:
         return (0.0, _upper_from_zero(f, level))
     return (edge(-1.0, -math.inf), edge(1.0, math.inf))
+
+
+def _bisect(f: Callable[[float], float], level: float, inner: float, outer: float) -> float:
+    """``10**x`` at the interval's edge between ``inner`` (log10 q/r inside: ``f >= level``) and
+    ``outer`` (outside), by 40 bisection steps."""
+    for _ in range(40):
+        mid = 0.5 * (inner + outer)
+        if f(10.0**mid) >= level:
+            inner = mid
+        else:
+            outer = mid
+    return 10.0**inner
 
 
 def _upper_from_zero(f: Callable[[float], float], level: float) -> float:
@@ -369,10 +375,4 @@ def _upper_from_zero(f: Callable[[float], float], level: float) -> float:
         inner, outer = outer, outer + 1.0
         if outer > 12:
             return math.inf
-    for _ in range(40):
-        mid = 0.5 * (inner + outer)
-        if f(10.0**mid) >= level:
-            inner = mid
-        else:
-            outer = mid
-    return 10.0**inner
+    return _bisect(f, level, inner, outer)
