@@ -35,6 +35,7 @@ import torch
 from ..losses.kpo import kpo_loss
 from ..losses.table import get_loss
 from ..params import FilterParams
+from ._env import FILTER_ENV_VARS
 
 __all__ = [
     "ENV_VARS",
@@ -47,14 +48,8 @@ __all__ = [
     "register",
 ]
 
-_DEFAULTS = FilterParams()
 #: Filter setting -> (environment variable, default), as the verl plug-in reads them.
-ENV_VARS: dict[str, tuple[str, Any]] = {
-    "q": ("KPO_Q", _DEFAULTS.q),
-    "r": ("KPO_R", _DEFAULTS.r),
-    "p0": ("KPO_P0", _DEFAULTS.p0),
-    "masked": ("KPO_MASKED", _DEFAULTS.masked),
-}
+ENV_VARS: dict[str, tuple[str, Any]] = dict(FILTER_ENV_VARS)
 #: The names registered in SkyRL's ``PolicyLossRegistry``.
 LOSS_NAMES = ("kpo_clipped", "kpo", "minpro", "bapo")
 

@@ -59,6 +59,7 @@ from ..losses.table import get_loss
 from ..params import FilterParams
 from ..space import SPACES
 from ..torch_ops import BACKENDS
+from ._env import FILTER_ENV_VARS
 
 __all__ = [
     "ENV_VARS",
@@ -78,13 +79,9 @@ __all__ = [
     "settings",
 ]
 
-_DEFAULTS = FilterParams()
 #: Setting -> (environment variable, default).
 ENV_VARS: dict[str, tuple[str, Any]] = {
-    "q": ("KPO_Q", _DEFAULTS.q),
-    "r": ("KPO_R", _DEFAULTS.r),
-    "p0": ("KPO_P0", _DEFAULTS.p0),
-    "masked": ("KPO_MASKED", _DEFAULTS.masked),
+    **FILTER_ENV_VARS,
     "space": ("KPO_SPACE", SPACES[0]),
     "grad": ("KPO_GRAD", GRADS[0]),
     "backend": ("KPO_BACKEND", BACKENDS[0]),
