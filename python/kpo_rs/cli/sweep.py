@@ -56,6 +56,29 @@ _floats = _number_list(float, "numbers")
 _ints = _number_list(int, "integers")
 
 
+def _names(text: str) -> tuple[str, ...]:
+    values = split_names(text)
+    if not values:
+        raise argparse.ArgumentTypeError("give at least one value")
+    return values
+
+
+def _caps(text: str) -> tuple[float | None, ...]:
+    """``--tis``: comma-separated caps, ``none`` for no weights."""
+    out: list[float | None] = []
+    for item in _names(text):
+        if item.lower() == "none":
+            out.append(None)
+            continue
+        try:
+            out.append(float(item))
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected comma-separated numbers or 'none', got {text!r}"
+            ) from None
+    return tuple(out)
+
+
 def _count(text: str) -> int:
     try:
         return int(text)
@@ -76,9 +99,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--preset",
         choices=sorted(PRESETS),
-        help="a named grid: 'paper' (1 on-policy + 3 off-policy minibatches per rollout batch, "
-        "authors' filter settings, every loss, about an hour on 2 cores), 'default' (a grid "
-        "around the demo's default); flags given explicitly override it",
+        help="a named grid: 'mismatch' (GRPO, gpg, KPO and KPO-clipped with three filter arms, "
+        "with and without engine logit noise, 5 tuned learning rates, 10 seeds: about 2 hours "
+        "on 2 cores; the README's results), 'paper' (1 on-policy + 3 off-policy minibatches per "
+        "rollout batch, authors' filter settings, every loss, about an hour on 2 cores), "
+        "'default' (a grid around the demo's default); flags given explicitly override it",
     )
     parser.add_argument(
         "--losses",
@@ -125,6 +150,38 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="filter prior variances for the KPO losses, inf = flat prior (default: the authors')",
     )
     parser.add_argument(
+        "--filter",
+        dest="filter_arms",
+        type=_names,
+        metavar="LIST",
+        help="filter arms for the KPO losses: authors (q=1e-6, r=1, p0=0), window:W "
+        "(q/r = 1/W^2), fit (q and r fitted on each run's first steps) (default authors)",
+    )
+    parser.add_argument(
+        "--mismatch",
+        dest="mismatches",
+        type=_names,
+        metavar="LIST",
+        help="inference-engine mismatches: none, logit-noise:S (Student-t logit noise of scale "
+        "S nats), bf16 (bfloat16 autocast), int8 (fake-quantised weights) (default none)",
+    )
+    parser.add_argument(
+        "--old-logp",
+        dest="old_logps",
+        type=_names,
+        metavar="LIST",
+        help="whose log-probs are old_log_prob: engine (bypass mode) and/or trainer "
+        "(decoupled) (default engine)",
+    )
+    parser.add_argument(
+        "--tis",
+        dest="tiss",
+        type=_caps,
+        metavar="LIST",
+        help="TIS caps with --old-logp trainer: rollout_is_weights = min(exp(trainer - "
+        "engine), CAP); 'none' for no weights (default none)",
+    )
+    parser.add_argument(
         "--seeds", type=_count, metavar="N", help="reported seeds per cell (default 3)"
     )
     parser.add_argument("--steps", type=_count, metavar="N", help="RL steps per run (default 40)")
@@ -153,6 +210,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"worker processes, one torch thread each (default: the cores, "
         f"{cast(Any, d['workers'].default_factory)()} here)",
     )
+    parser.add_argument(
+        "--ray",
+        nargs="?",
+        const="local",
+        metavar="ADDRESS",
+        help="run each run as a Ray task (one CPU each): on a local Ray instance without "
+        "ADDRESS, or on the cluster at ADDRESS (auto, ray://HOST:10001); runs are stored here "
+        "exactly as with --workers",
+    )
     parser.add_argument("--out", metavar="DIR", help="output folder (default kpo-sweep-out)")
     parser.add_argument(
         "--report-only",
@@ -172,8 +238,9 @@ def config_from_args(args: argparse.Namespace) -> SweepConfig:
         if values.get("losses") is None:
             values["losses"] = LOSS_NAMES
     names = (
-        "losses", "lrs", "minibatches", "lags", "response_lens", "qs", "p0s", "seeds", "steps",
-        "seed0", "tune_lr", "tune_seeds", "workers", "out",
+        "losses", "lrs", "minibatches", "lags", "response_lens", "qs", "p0s", "filter_arms",
+        "mismatches", "old_logps", "tiss", "seeds", "steps", "seed0", "tune_lr", "tune_seeds",
+        "workers", "ray", "out",
     )  # fmt: skip
     for name in names:
         value = getattr(args, name, None)
@@ -226,8 +293,9 @@ def run_cli(args: argparse.Namespace) -> int:
 
 # --report-only (owned with kpo_rs.experiments.report): never replace a finished report with an
 # emptier one.
-_GRID = ("preset", "losses", "lrs", "minibatches", "lags", "response_lens", "qs", "p0s", "seeds",
-         "steps", "seed0", "tune_lr", "tune_seeds")  # fmt: skip
+_GRID = ("preset", "losses", "lrs", "minibatches", "lags", "response_lens", "qs", "p0s",
+         "filter_arms", "mismatches", "old_logps", "tiss", "seeds", "steps", "seed0", "tune_lr",
+         "tune_seeds")  # fmt: skip
 
 
 def _grid_given(args: argparse.Namespace) -> bool:
@@ -294,6 +362,10 @@ def _command_line(cfg: SweepConfig) -> str:
         f"--response-len {join(cfg.response_lens)}",
         f"--q {join(cfg.qs)}",
         f"--p0 {join(cfg.p0s)}",
+        f"--filter {join(cfg.filter_arms)}",
+        f"--mismatch {join(cfg.mismatches)}",
+        f"--old-logp {join(cfg.old_logps)}",
+        f"--tis {join(['none' if t is None else t for t in cfg.tiss])}",
         f"--seeds {cfg.seeds}",
         f"--steps {cfg.steps}",
     ]

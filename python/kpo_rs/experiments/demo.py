@@ -37,9 +37,13 @@ except ImportError as exc:  # pragma: no cover - exercised only without torch
 import kpo_rs
 
 from .. import _files, _plotting
-from ..diagnostics import plot_spectra, token_switches
+from ..diagnostics import mean_data_weight, plot_spectra, token_switches
+from ..losses.kpo import KPO_CLIP
 from ..losses.table import get_loss
-from .config import DEFAULT_LOSSES, DemoConfig
+from ..params import FilterParams
+from .config import DEFAULT_LOSSES, DemoConfig, arm_settings
+from .evaluation import held_out_reward, summarize_evaluations
+from .rollout import Engine, rewards
 
 __all__ = [
     "DEFAULT_LOSSES",
@@ -116,27 +120,8 @@ def _token_logps(model: nn.Module, seqs: torch.Tensor) -> torch.Tensor:
     )
 
 
-@torch.no_grad()
-def _rollout(
-    model: TinyPolicy, colours: torch.Tensor, cfg: DemoConfig, gen: torch.Generator
-) -> torch.Tensor:
-    """Samples answers token by token with cached keys and values; ``[batch, 1 + response_len]``."""
-    tokens = [(cfg.vocab + colours).unsqueeze(1)]
-    caches: list[list[torch.Tensor]] = [[] for _ in model.blocks]
-    for pos in range(cfg.response_len):
-        logits = model(tokens[-1], start=pos, caches=caches)[:, -1]
-        probs = torch.softmax(logits.float(), dim=-1)
-        tokens.append(torch.multinomial(probs.cpu(), 1, generator=gen).to(colours.device))
-    return torch.cat(tokens, dim=1)
-
-
-def _rewards(seqs: torch.Tensor, colours: torch.Tensor, cfg: DemoConfig) -> torch.Tensor:
-    answer = seqs[:, 1:]
-    return ((answer % cfg.classes) == colours.unsqueeze(1)).float().mean(dim=1)
-
-
-def _group_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
-    groups = rewards.view(-1, group_size)
+def _group_advantages(values: torch.Tensor, group_size: int) -> torch.Tensor:
+    groups = values.view(-1, group_size)
     adv = (groups - groups.mean(dim=1, keepdim=True)) / (groups.std(dim=1, keepdim=True) + 1e-6)
     return adv.view(-1)
 
@@ -149,8 +134,8 @@ def loss_function(
     spec = get_loss(name)
     spec.keywords(**overrides)  # an unknown setting fails here, before any training
 
-    def loss(*tensors: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        return spec(*tensors, **overrides)
+    def loss(*tensors: torch.Tensor, **extra: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        return spec(*tensors, **overrides, **extra)
 
     return loss
 
@@ -160,8 +145,64 @@ def filters_ratios(name: str) -> bool:
     return "q" in inspect.signature(get_loss(name).fn).parameters
 
 
+def filter_settings(
+    cfg: DemoConfig, loss_name: str, fitted: dict[str, float] | None = None
+) -> dict[str, float] | None:
+    """The filter's ``q``, ``r``, ``p0`` a run of ``loss_name`` trains with (None for a loss
+    without a filter): the authors', then the arm's (:func:`~.config.arm_settings`), then the
+    ``fitted`` values of the ``fit`` arm, then ``cfg.q`` and ``cfg.p0``."""
+    if not filters_ratios(loss_name):
+        return None
+    authors = FilterParams()
+    settings = {"q": authors.q, "r": authors.r, "p0": authors.p0}
+    settings.update(arm_settings(cfg.filter_arm))
+    settings.update(fitted or {})
+    if cfg.q is not None:
+        settings["q"] = cfg.q
+    if cfg.p0 is not None:
+        settings["p0"] = cfg.p0
+    return settings
+
+
+#: The clip band of KPO-clipped stays below this (``1 - eps_low`` must stay above 0).
+MAX_KPO_EPS = 0.9
+
+
+def scaled_kpo_clip(settings: dict[str, float], length: int) -> tuple[float, float]:
+    """KPO-clipped's band for a filter at ``settings`` on answers of ``length`` tokens.
+
+    The filtered log-ratio is about the data weight ``w`` (:func:`~kpo_rs.diagnostics.
+    mean_data_weight`, the share of the filtered value resting on the observations) times the
+    drift of the raw log-ratio, so a band ``eps`` on it bounds that drift at about ``eps / w``.
+    The authors chose ``(3e-4, 4e-4)`` at their settings, where ``w`` is tiny (0.0027 at 128
+    tokens): scaling the band by ``w / w_authors`` keeps the bound ``eps / w`` the authors' at
+    any setting (0.11 / 0.15 at 128 tokens), capped at :data:`MAX_KPO_EPS`."""
+    authors = FilterParams()
+    w0 = mean_data_weight(length, q=authors.q, r=authors.r, p0=authors.p0)
+    w = mean_data_weight(length, **settings)
+    factor = w / w0 if w0 > 0 else 1.0
+    low, high = KPO_CLIP
+    return min(low * factor, MAX_KPO_EPS), min(high * factor, MAX_KPO_EPS * high / low)
+
+
+def _clip_band(name: str, settings: dict[str, float] | None) -> tuple[float, float, bool] | None:
+    """``(eps_low, eps_high, on_filtered)``: the token clip band the loss ``name`` applies, and
+    whether to the filtered ratio (KPO-clipped) or the raw one (PPO-style); None without one."""
+    keywords = get_loss(name).keywords()
+    if "clip" in keywords and keywords["clip"] is not None and settings is not None:
+        low, high = keywords["clip"]
+        return float(low), float(high), True
+    if "clip_ratio" in keywords and name in ("grpo", "ppo"):
+        c = float(keywords["clip_ratio"])
+        return c, c, False
+    return None
+
+
 @dataclass
 class StepLog:
+    """One RL step of one run. Figures a run lacks are None: ``data_weight`` and
+    ``filtered_error`` without a filter, ``clip_share`` without a token clip band."""
+
     loss: str
     seed: int
     step: int
@@ -172,14 +213,32 @@ class StepLog:
     spike_fraction: float
     switch_raw: float
     switch_filtered: float
+    data_weight: float | None
+    clip_share: float | None
+    mismatch_std: float
+    mismatch_lag1: float
+    raw_error: float
+    filtered_error: float | None
     seconds: float
 
 
-def _switch_rates(log_ratio: np.ndarray) -> tuple[float, float]:
-    """Sign-switch rates of the raw and the filtered (authors' settings) log-ratios
-    (:func:`kpo_rs.diagnostics.token_switches`)."""
-    x = kpo_rs.kalman_filter(log_ratio)
+def _switch_rates(log_ratio: np.ndarray, settings: dict[str, float] | None) -> tuple[float, float]:
+    """Sign-switch rates of the raw and the filtered log-ratios (the run's filter, the authors'
+    for a loss without one; :func:`kpo_rs.diagnostics.token_switches`)."""
+    x = kpo_rs.kalman_filter(log_ratio, **(settings or {}))
     return token_switches(log_ratio).frequency, token_switches(x).frequency
+
+
+def _lag1(d: np.ndarray) -> float:
+    """The lag-1 autocorrelation along rows of ``d`` ``[rows, time]``, pooled over rows about
+    the overall mean (0 when ``d`` is constant)."""
+    c = d - d.mean()
+    denom = float(np.sum(c * c))
+    return float(np.sum(c[:, 1:] * c[:, :-1]) / denom) if denom > 0 else 0.0
+
+
+def _rms(x: np.ndarray) -> float:
+    return float(np.sqrt(np.mean(np.square(x))))
 
 
 class Run:
@@ -193,21 +252,39 @@ class Run:
         loss_overrides: dict[str, Any] | None = None,
     ):
         """``seed`` fixes the initial policy and every random draw of the rollouts (prompts,
-        sampled tokens, minibatch order), so runs of different losses start identically and draw
-        from the same random streams; ``loss_overrides`` are passed to the loss on top of its
-        table settings."""
+        sampled tokens, engine noise, minibatch order, evaluation), so runs of different losses
+        start identically and draw from the same random streams; ``loss_overrides`` are passed
+        to the loss on top of its table settings and the filter's."""
         self.cfg, self.loss_name, self.seed = cfg, loss_name, seed
         self.device = torch.device(cfg.device)
         torch.manual_seed(seed)
         self.model = TinyPolicy(cfg).to(self.device)
         self.opt = torch.optim.Adam(self.model.parameters(), lr=cfg.lr)
         self.gen = torch.Generator().manual_seed(10_000 + seed)
-        self.loss_fn = loss_function(loss_name, **(loss_overrides or {}))
+        self.engine = Engine(cfg.mismatch, seed)
+        self.extra_overrides = dict(loss_overrides or {})
+        #: The fit arm's fitted ``q`` and ``r`` once fitted (None before, and for other arms).
+        self.fitted: dict[str, float] | None = None
+        self._fit_samples: list[np.ndarray] = []
+        self._configure_loss()
         # The policy after each of the last lag + 1 updates: rollouts come from the oldest.
         self.snapshots: deque[dict[str, torch.Tensor]] = deque(maxlen=cfg.lag + 1)
         self._snapshot()
         self.behaviour = copy.deepcopy(self.model)
         self.example: dict[str, np.ndarray] = {}
+        self.evaluations: list[tuple[int, float]] = []
+
+    def _configure_loss(self) -> None:
+        """The loss at the run's current filter settings (and KPO-clipped's scaled band)."""
+        self.settings = filter_settings(self.cfg, self.loss_name, self.fitted)
+        overrides: dict[str, Any] = dict(self.settings or {})
+        band = _clip_band(self.loss_name, self.settings)
+        if band is not None and band[2] and self.settings is not None:
+            overrides["clip"] = scaled_kpo_clip(self.settings, self.cfg.response_len)
+            band = (*overrides["clip"], True)
+        overrides.update(self.extra_overrides)
+        self.band = band
+        self.loss_fn = loss_function(self.loss_name, **overrides)
 
     def _snapshot(self) -> None:
         self.snapshots.append({k: v.detach().clone() for k, v in self.model.state_dict().items()})
@@ -217,26 +294,53 @@ class Run:
         self.behaviour.load_state_dict(self.snapshots[0])
         return self.behaviour
 
+    def evaluate(self, step: int) -> float:
+        """Records and returns the held-out reward of the current policy at ``step``."""
+        reward = held_out_reward(self.model, self.cfg, self.seed)
+        self.evaluations.append((step, reward))
+        return reward
+
+    def _fit(self) -> None:
+        """The fit arm: ``q`` and ``r`` by maximum likelihood on the log-ratios seen so far."""
+        from ..fit import fit_filter
+
+        values = np.concatenate(self._fit_samples)
+        p0 = self.settings["p0"] if self.settings else FilterParams().p0
+        try:
+            result = fit_filter(values, fit=("q", "r"), p0=p0)
+            self.fitted = {"q": float(result.params.q), "r": float(result.params.r)}
+        except ValueError:  # pragma: no cover - every batch has valid tokens
+            self.fitted = None
+        self._fit_samples = []
+        self._configure_loss()
+
     def step(self, step: int) -> StepLog:
         cfg = self.cfg
         start = time.perf_counter()
         colours = torch.randint(0, cfg.classes, (cfg.prompts_per_step,), generator=self.gen)
         colours = colours.repeat_interleave(cfg.group_size).to(self.device)
         behaviour = self._behaviour_policy()
-        seqs = _rollout(behaviour, colours, cfg, self.gen)
-        rewards = _rewards(seqs, colours, cfg)
+        seqs, engine_logp, _ = self.engine.sample(
+            behaviour, colours, cfg.response_len, cfg.vocab, self.gen
+        )
+        reward = rewards(seqs, colours, cfg.classes)
         with torch.no_grad():
-            old_logp = _token_logps(behaviour, seqs)
-        adv = _group_advantages(rewards, cfg.group_size)
+            trainer_logp = _token_logps(behaviour, seqs)
+        old_logp = engine_logp if cfg.old_logp == "engine" else trainer_logp
+        is_weights = None
+        if cfg.tis is not None:
+            is_weights = torch.clamp(torch.exp(trainer_logp - engine_logp), max=cfg.tis)
+        adv = _group_advantages(reward, cfg.group_size)
         mask = torch.ones_like(old_logp, dtype=torch.bool)
         order = torch.randperm(seqs.shape[0], generator=self.gen).to(self.device)
         size = seqs.shape[0] // cfg.minibatches
-        grad_norms, losses, log_ratios = [], [], []
+        grad_norms, losses, log_ratios, true_ratios, weights = [], [], [], [], []
         for mb in range(cfg.minibatches):
             idx = order[mb * size : (mb + 1) * size]
             logp = _token_logps(self.model, seqs[idx])
             advantages = adv[idx].unsqueeze(1).expand_as(logp)
-            loss, _ = self.loss_fn(old_logp[idx], logp, advantages, mask[idx])
+            extra = {} if is_weights is None else {"rollout_is_weights": is_weights[idx]}
+            loss, metrics = self.loss_fn(old_logp[idx], logp, advantages, mask[idx], **extra)
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
             norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
@@ -244,41 +348,78 @@ class Run:
             self._snapshot()
             grad_norms.append(float(norm))
             losses.append(loss.item())
-            log_ratios.append((logp - old_logp[idx]).detach().cpu().numpy().astype(np.float64))
-        z = np.concatenate(log_ratios)
-        raw, filtered = _switch_rates(z)
+            if "kpo_data_weight" in metrics:
+                weights.append(float(metrics["kpo_data_weight"]))
+            detached = logp.detach()
+            log_ratios.append((detached - old_logp[idx]).cpu().numpy().astype(np.float64))
+            true_ratios.append((detached - trainer_logp[idx]).cpu().numpy().astype(np.float64))
+        z, z_true = np.concatenate(log_ratios), np.concatenate(true_ratios)
+        settings = self.settings
+        x = kpo_rs.kalman_filter(z, **(settings or {}))
+        raw, filtered = _switch_rates(z, settings)
+        clip_share = None
+        if self.band is not None:
+            low, high, on_filtered = self.band
+            ratio = np.exp(x if on_filtered else z)
+            clip_share = float(np.mean((ratio < 1 - low) | (ratio > 1 + high)))
+        mismatch = (engine_logp - trainer_logp).cpu().numpy().astype(np.float64)
         last = log_ratios[-1][0]
-        self.example = {"raw": last, "filtered": kpo_rs.kalman_filter(last[None, :])[0], "all": z}
+        self.example = {
+            "raw": last,
+            "filtered": kpo_rs.kalman_filter(last[None, :], **(settings or {}))[0],
+            "all": z,
+        }
+        if cfg.filter_arm == "fit" and settings is not None and self.fitted is None:
+            self._fit_samples.append(z)
+            if step + 1 >= cfg.fit_steps:
+                self._fit()
         return StepLog(
             loss=self.loss_name,
             seed=self.seed,
             step=step,
-            reward=float(rewards.mean()),
+            reward=float(reward.mean()),
             policy_loss=float(np.mean(losses)),
             grad_norm=max(grad_norms),
             max_ratio=float(np.exp(z.max())),
             spike_fraction=float(np.mean(np.abs(z) > cfg.spike_log_ratio)),
             switch_raw=raw,
             switch_filtered=filtered,
+            data_weight=float(np.mean(weights)) if weights else None,
+            clip_share=clip_share,
+            mismatch_std=float(mismatch.std()),
+            mismatch_lag1=_lag1(mismatch),
+            raw_error=_rms(z - z_true),
+            filtered_error=_rms(x - z_true) if settings is not None else None,
             seconds=time.perf_counter() - start,
         )
 
 
-def summarize(logs: list[StepLog], cfg: DemoConfig) -> dict[str, float | None]:
-    """Per-run figures: final (mean of the last 5 steps) and best reward, first step at the
-    threshold, collapses (the reward falling more than ``collapse_drop`` below its best so far,
-    counted once per fall), max gradient norm, ratio spikes, switch rates."""
-    rewards = [entry.reward for entry in logs]
+def _mean_or_none(values: list[float | None]) -> float | None:
+    present = [v for v in values if v is not None]
+    return float(np.mean(present)) if present else None
+
+
+def summarize(
+    logs: list[StepLog], cfg: DemoConfig, evaluations: list[tuple[int, float]] | None = None
+) -> dict[str, Any]:
+    """Per-run figures. From the training batches: final (mean of the last 5 steps) and best
+    reward, first step at the threshold, collapses (the batch reward falling more than
+    ``collapse_drop`` below its best so far, counted once per fall), max gradient norm, ratio
+    spikes, switch rates, and the means over steps of the filter's data weight, the clip share,
+    the engine mismatch and the raw and filtered log-ratios' errors. From ``evaluations``
+    (``(step, held-out reward)`` pairs), when given: ``eval_steps``, ``eval_rewards`` and
+    :func:`~.evaluation.summarize_evaluations`' figures."""
+    rewards_ = [entry.reward for entry in logs]
     best, collapses, down = -math.inf, 0, False
-    for r in rewards:
+    for r in rewards_:
         best = max(best, r)
         fallen = r < best - cfg.collapse_drop
         collapses += int(fallen and not down)
         down = fallen
     reached = next((entry.step for entry in logs if entry.reward >= cfg.reward_threshold), None)
-    return {
-        "final_reward": float(np.mean(rewards[-5:])),
-        "best_reward": float(max(rewards)),
+    out: dict[str, Any] = {
+        "final_reward": float(np.mean(rewards_[-5:])),
+        "best_reward": float(max(rewards_)),
         "steps_to_threshold": reached,
         "collapses": collapses,
         "max_grad_norm": float(max(entry.grad_norm for entry in logs)),
@@ -286,6 +427,22 @@ def summarize(logs: list[StepLog], cfg: DemoConfig) -> dict[str, float | None]:
         "switch_raw": float(np.mean([entry.switch_raw for entry in logs])),
         "switch_filtered": float(np.mean([entry.switch_filtered for entry in logs])),
     }
+    for key in (
+        "data_weight",
+        "clip_share",
+        "mismatch_std",
+        "mismatch_lag1",
+        "raw_error",
+        "filtered_error",
+    ):
+        out[key] = _mean_or_none([getattr(entry, key) for entry in logs])
+    if evaluations:
+        steps = [s for s, _ in evaluations]
+        values = [v for _, v in evaluations]
+        out["eval_steps"] = steps
+        out["eval_rewards"] = values
+        out.update(summarize_evaluations(steps, values, cfg))
+    return out
 
 
 def train(
@@ -295,31 +452,47 @@ def train(
     loss_overrides: dict[str, Any] | None = None,
     progress: Callable[[StepLog], None] | None = None,
 ) -> tuple[list[StepLog], Run]:
-    """One run of ``cfg.steps`` RL steps; returns its per-step logs and the finished run."""
+    """One run of ``cfg.steps`` RL steps with the held-out evaluations of
+    :func:`~.evaluation.eval_steps` (in ``run.evaluations``); returns its per-step logs and the
+    finished run."""
+    cfg.validate()
     run = Run(cfg, loss_name, seed, loss_overrides)
     logs = []
     for step in range(cfg.steps):
+        if step % cfg.eval_every == 0:
+            run.evaluate(step)
         entry = run.step(step)
         logs.append(entry)
         if progress is not None:
             progress(entry)
+    run.evaluate(cfg.steps)
     return logs, run
 
 
 def run_demo(cfg: DemoConfig, progress: Callable[[StepLog], None] | None = None) -> dict[str, Any]:
-    """Runs every loss with every seed; returns the logs, per-run summaries and examples."""
+    """Runs every loss with every seed; returns the logs, per-run summaries, evaluations and
+    examples."""
     cfg.validate()
     logs: list[StepLog] = []
-    summaries: dict[str, list[dict[str, float | None]]] = {}
+    summaries: dict[str, list[dict[str, Any]]] = {}
     examples: dict[str, dict[str, np.ndarray]] = {}
+    fits: dict[str, list[dict[str, float] | None]] = {}
     for name in cfg.losses:
         for s in range(cfg.seeds):
             run_logs, run = train(cfg, name, cfg.seed0 + s, progress=progress)
             logs.extend(run_logs)
-            summaries.setdefault(name, []).append(summarize(run_logs, cfg))
+            summaries.setdefault(name, []).append(summarize(run_logs, cfg, run.evaluations))
+            if run.settings is not None:
+                fits.setdefault(name, []).append(dict(run.settings))
             if s == 0:
                 examples[name] = run.example
-    return {"config": cfg, "logs": logs, "summaries": summaries, "examples": examples}
+    return {
+        "config": cfg,
+        "logs": logs,
+        "summaries": summaries,
+        "examples": examples,
+        "filters": fits,
+    }
 
 
 # --------------------------------------------------------------------------------------------
