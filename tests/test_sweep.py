@@ -7,12 +7,14 @@ import argparse
 import csv
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from helpers import requires
 from kpo_rs.cli import sweep as sweep_cli
 from kpo_rs.experiments import sweep
 from kpo_rs.experiments.report import COLUMNS, bootstrap_mean_ci, read_results
@@ -41,22 +43,23 @@ def _tiny(tmp_path, **kw) -> SweepConfig:
 
 @pytest.fixture
 def record_runs(monkeypatch):
-    """``record_runs(after=None)`` wraps ``sweep.run_task`` from then on and returns the list of
-    the tasks it is called with, in order; ``after(run_task, cfg)``, when given, is called after
-    each run with the unwrapped ``run_task``."""
+    """``record_runs(after=None)`` wraps ``sweep.train_task`` (what every executor runs) from
+    then on and returns the list of the tasks it is called with, in order; ``after(run_task,
+    cfg)``, when given, is called after each run with ``sweep.run_task``, which trains and
+    stores a run as another sweep would."""
 
     def record(after=None) -> list:
         calls = []
-        real = sweep.run_task
+        real = sweep.train_task
 
-        def run_task(task, cfg):
+        def train_task(task, cfg):
             calls.append(task)
             row = real(task, cfg)
             if after is not None:
-                after(real, cfg)
+                after(lambda t, c: sweep._store(t, c, real(t, c)), cfg)
             return row
 
-        monkeypatch.setattr(sweep, "run_task", run_task)
+        monkeypatch.setattr(sweep, "train_task", train_task)
         return calls
 
     return record
@@ -92,7 +95,7 @@ def test_two_cell_smoke_sweep_through_the_cli(tmp_path, capsys):
     report = (out / "report.md").read_text()
     assert "| regime | seeds | grpo | kpo_clipped |" in report
     assert "2 of 2 planned runs finished" in report
-    for name in ("final_reward.png", "collapse_rate.png"):
+    for name in ("eval_auc.png", "collapse_rate.png"):
         assert (out / name).read_bytes()[:8] == PNG_MAGIC
     assert "wrote" in capsys.readouterr().out
 
@@ -129,17 +132,88 @@ def test_a_changed_setting_does_not_reuse_runs(tmp_path, record_runs):
     assert len(calls) == 1
 
 
+_ENGINE_GRID = {
+    "losses": ("grpo", "kpo_clipped"),
+    "filter_arms": ("authors", "fit"),
+    "mismatches": ("none", "logit-noise:0.5"),
+    "steps": 3,
+}
+
+
+def _same_rows(a: list[dict], b: list[dict]) -> None:
+    assert len(a) == len(b)
+    for ra, rb in zip(a, b):
+        ra, rb = dict(ra), dict(rb)
+        ra.pop("seconds"), rb.pop("seconds")
+        assert ra == rb
+
+
 def test_one_worker_and_two_workers_give_the_same_rows(tmp_path):
-    one = _tiny(tmp_path / "a", minibatches=(1, 2), workers=1)
-    two = _tiny(tmp_path / "b", minibatches=(1, 2), workers=2)
+    one = _tiny(tmp_path / "a", workers=1, **_ENGINE_GRID)
+    two = _tiny(tmp_path / "b", workers=2, **_ENGINE_GRID)
     run_sweep(one, log=lambda _: None)
     run_sweep(two, log=lambda _: None)
     a = read_results(f"{one.out}/results.csv")
-    b = read_results(f"{two.out}/results.csv")
-    assert len(a) == 4
-    for ra, rb in zip(a, b):
-        ra.pop("seconds"), rb.pop("seconds")
-        assert ra == rb
+    assert len(a) == 2 * 3  # grpo, kpo_clipped x 2 arms; 2 mismatches
+    assert {r["mismatch"] for r in a} == {"none", "logit-noise:0.5"}
+    assert all(r["eval_auc"] is not None and r["mismatch_std"] is not None for r in a)
+    _same_rows(a, read_results(f"{two.out}/results.csv"))
+
+
+@pytest.mark.slow
+@requires("ray")
+def test_ray_gives_the_same_rows_and_stores_runs_as_local_workers_do(tmp_path):
+    import ray
+
+    local = _tiny(tmp_path / "a", workers=1, **_ENGINE_GRID)
+    run_sweep(local, log=lambda _: None)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        args = _parse(
+            "--losses grpo,kpo_clipped --filter authors,fit --mismatch none,logit-noise:0.5 "
+            f"--lr 1e-2 --minibatches 2 --lag 1 --response-len 8 --seeds 1 --steps 3 --ray "
+            f"--out {tmp_path / 'b'}".split()
+        )
+        cfg = sweep_cli.config_from_args(args)
+        assert cfg.ray == "local"
+        cfg.demo.prompts_per_step, cfg.demo.group_size = 2, 4
+        run_sweep(cfg, log=lambda _: None)
+    finally:
+        ray.shutdown()
+    _same_rows(read_results(f"{local.out}/results.csv"), read_results(f"{cfg.out}/results.csv"))
+    names = sorted(p.name for p in (Path(local.out) / "runs").glob("*.json"))
+    assert len(names) == 6
+    assert names == sorted(p.name for p in (Path(cfg.out) / "runs").glob("*.json"))
+
+
+def test_engine_axes_and_arms_make_the_cells(tmp_path):
+    cfg = _tiny(
+        tmp_path,
+        losses=("grpo", "kpo"),
+        filter_arms=("authors", "window:8", "fit"),
+        qs=(1e-6, 1e-3),
+        mismatches=("none", "int8"),
+        old_logps=("engine", "trainer"),
+        tiss=(None, 2.0),
+    )
+    _, evals = plan(cfg)
+    engines = {(t.mismatch, t.old_logp, t.tis) for t in evals}
+    # A TIS cap only with the trainer's old log-probs: 2 mismatches x 3 combinations.
+    assert len(engines) == 6 and ("none", "engine", 2.0) not in engines
+    assert sum(t.loss == "grpo" for t in evals) == 6
+    # kpo: authors x 2 qs + window + fit = 4 filters, each in the 6 engine settings.
+    assert sum(t.loss == "kpo" for t in evals) == 4 * 6
+    assert {t.q for t in evals if t.filter_arm == "window:8"} == {None}
+
+
+def test_the_mismatch_preset_is_the_readmes_grid():
+    cfg = sweep_cli.config_from_args(_parse(["--preset", "mismatch"]))
+    cfg.validate()
+    tune, evals = plan(cfg)
+    assert len(cfg.lrs) >= 5 and cfg.seeds >= 10 and cfg.tune_lr
+    variants = {(t.loss, t.filter_arm) for t in evals}
+    assert len(variants) == 8 and ("gpg", None) in variants
+    assert len(tune) + len(evals) == 320
 
 
 def test_tune_lr_runs_tuning_seeds_then_the_best_rate(tmp_path):
@@ -151,7 +225,7 @@ def test_tune_lr_runs_tuning_seeds_then_the_best_rate(tmp_path):
     tuning = [r for r in rows if r["phase"] == "tune"]
     reported = [r for r in rows if r["phase"] == "eval"]
     assert len(tuning) == 4 and len(reported) == 1
-    mean = {lr: np.mean([r["final_reward"] for r in tuning if r["lr"] == lr]) for lr in cfg.lrs}
+    mean = {lr: np.mean([r["eval_auc"] for r in tuning if r["lr"] == lr]) for lr in cfg.lrs}
     assert reported[0]["lr"] == max(cfg.lrs, key=lambda lr: (mean[lr], -cfg.lrs.index(lr)))
     assert "Learning rates chosen on the tuning seeds" in report.read_text()
 
@@ -185,6 +259,13 @@ def test_paper_preset_and_explicit_flags_override_it():
         (["--seeds", "0"], "--seeds: must be >= 1"),
         (["--workers", "0"], "--workers: must be >= 1"),
         (["--lr", "1e-2,1e-2"], "--lr: a value is repeated"),
+        (["--filter", "kalman"], "--filter: unknown filter arm 'kalman'"),
+        (["--filter", "window:0"], "--filter: filter arm 'window:0': the window must be >= 1"),
+        (["--mismatch", "fp8"], "--mismatch: unknown mismatch 'fp8'"),
+        (["--old-logp", "sampler"], "--old-logp: choose from engine, trainer"),
+        (["--tis", "2"], "--tis: truncated importance weights need --old-logp trainer"),
+        (["--old-logp", "trainer", "--tis", "0"], "--tis: a cap must be a finite number > 0"),
+        (["--filter", "window:16,window:16.0"], "--filter: a value is repeated"),
     ],
 )
 def test_bad_options_print_one_line_and_exit_2(tmp_path, capsys, argv, message):

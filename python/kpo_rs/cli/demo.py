@@ -15,7 +15,8 @@ __all__ = ["add_parser", "run"]
 
 def add_parser(sub: argparse._SubParsersAction, full: bool) -> None:
     """``kpo demo``'s options."""
-    from ..experiments.config import DEFAULT_LOSSES, DemoConfig
+    from ..experiments.config import DEFAULT_LOSSES, OLD_LOGPS, DemoConfig
+    from ..params import FilterParams
 
     d = DemoConfig()
     p = sub.add_parser(
@@ -35,6 +36,51 @@ def add_parser(sub: argparse._SubParsersAction, full: bool) -> None:
         default = getattr(d, flag[2:].replace("-", "_"))
         p.add_argument(flag, type=kind, default=default, help=f"{text} (default {default})")
     p.add_argument(
+        "--lr", type=_positive_float, default=d.lr, help=f"Adam learning rate (default {d.lr:g})"
+    )
+    p.add_argument(
+        "--filter",
+        dest="filter_arm",
+        default=d.filter_arm,
+        help="the KPO losses' filter: authors (q=1e-6, r=1, p0=0), window:W (q/r = 1/W^2, "
+        "about W tokens averaged) or fit (q and r fitted on each run's first "
+        f"{d.fit_steps} steps) (default {d.filter_arm})",
+    )
+    p.add_argument(
+        "--q",
+        default=None,
+        help="the filter's process-noise variance, overriding the arm's; 'fit' is --filter fit "
+        "(default: the arm's)",
+    )
+    p.add_argument(
+        "--p0",
+        type=float,
+        default=None,
+        help=f"the filter's prior variance, inf = flat prior (default {FilterParams().p0:g}, "
+        "the authors')",
+    )
+    p.add_argument(
+        "--mismatch",
+        default=d.mismatch,
+        help="how the inference engine that samples differs from the trainer: none, "
+        "logit-noise:S (Student-t logit noise, scale S nats), bf16, int8 "
+        f"(default {d.mismatch})",
+    )
+    p.add_argument(
+        "--old-logp",
+        choices=OLD_LOGPS,
+        default=d.old_logp,
+        help="old_log_prob is the engine's log-probs (bypass) or the trainer's recomputation "
+        f"(decoupled) (default {d.old_logp})",
+    )
+    p.add_argument(
+        "--tis",
+        type=_positive_float,
+        default=None,
+        help="with --old-logp trainer: truncated importance weights min(exp(trainer - engine), "
+        "TIS) as rollout_is_weights (default: none)",
+    )
+    p.add_argument(
         "--losses",
         default=",".join(DEFAULT_LOSSES),
         help="comma-separated loss names from kpo_rs.loss_table "
@@ -47,6 +93,16 @@ def add_parser(sub: argparse._SubParsersAction, full: bool) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not (value > 0 and value < float("inf")):
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text!r}")
+    return value
+
+
 def run(args: argparse.Namespace) -> int:
     """Runs ``kpo demo``: prints the table, writes the outputs; 0, or 2 for a bad option."""
     from rich.console import Console
@@ -55,7 +111,23 @@ def run(args: argparse.Namespace) -> int:
     from ..experiments.config import DemoConfig, split_names
     from ..experiments.demo import run_demo, summary_rows, table_footnote, write_outputs
 
+    q, arm = args.q, args.filter_arm
+    if isinstance(q, str) and q.strip().lower() == "fit":
+        q, arm = None, "fit"
+    elif q is not None:
+        try:
+            q = float(q)
+        except ValueError:
+            print(f"kpo demo: --q: expected a number or 'fit', got {q!r}", file=sys.stderr)
+            return 2
     cfg = DemoConfig(
+        lr=args.lr,
+        filter_arm=arm,
+        q=q,
+        p0=args.p0,
+        mismatch=args.mismatch,
+        old_logp=args.old_logp,
+        tis=args.tis,
         steps=args.steps,
         seeds=args.seeds,
         losses=split_names(args.losses),
@@ -82,8 +154,9 @@ def run(args: argparse.Namespace) -> int:
         result = run_demo(cfg, progress=update)
     rows = summary_rows(result)
     title = (
-        f"{cfg.steps} steps x {cfg.seeds} seeds, lag {cfg.lag}, "
-        f"{cfg.minibatches} updates per rollout batch"
+        f"{cfg.steps} steps x {cfg.seeds} seeds, lr {cfg.lr:g}, lag {cfg.lag}, "
+        f"{cfg.minibatches} updates per rollout batch, filter {cfg.filter_arm}, "
+        f"mismatch {cfg.mismatch}"
     )
     if sys.stdout.isatty():
         table = Table(title=title, caption=table_footnote(cfg), caption_justify="left")

@@ -42,7 +42,7 @@ from ..losses.kpo import KPO_CLIP
 from ..losses.table import get_loss
 from ..params import FilterParams
 from .config import DEFAULT_LOSSES, DemoConfig, arm_settings
-from .evaluation import held_out_reward, summarize_evaluations
+from .evaluation import eval_steps, held_out_reward, summarize_evaluations
 from .rollout import Engine, rewards
 
 __all__ = [
@@ -534,32 +534,37 @@ def _plots(result: dict[str, Any], out: Path) -> list[Path]:
         return []
     plt = _plotting.pyplot()
     cfg: DemoConfig = result["config"]
-    logs: list[StepLog] = result["logs"]
 
     fig, ax = plt.subplots(figsize=(7, 4.2))
     for name in cfg.losses:
-        curves = np.array(
-            [
-                [e.reward for e in logs if e.loss == name and e.seed == cfg.seed0 + s]
-                for s in range(cfg.seeds)
-            ]
-        )
-        steps = np.arange(curves.shape[1])
-        ax.plot(steps, curves.mean(0), label=name)
+        runs = result["summaries"][name]
+        curves = np.array([run["eval_rewards"] for run in runs])
+        steps = np.asarray(runs[0]["eval_steps"])
+        ax.plot(steps, curves.mean(0), marker="o", ms=3, label=name)
         ax.fill_between(steps, curves.min(0), curves.max(0), alpha=0.2)
     ax.axhline(1 / cfg.classes, color="grey", lw=0.8, ls=":", label="random policy")
+    seeds = f"{cfg.seeds} seed" + ("s" if cfg.seeds != 1 else "")
     ax.set(
         xlabel="RL step",
-        ylabel="reward",
-        title=f"Reward by loss (band: min-max over {cfg.seeds} seeds)",
+        ylabel="held-out reward",
+        title=f"Held-out reward by loss (band: min-max over {seeds})",
     )
     paths = [_plotting.save(fig, ax, out / "reward_curves.png")]
 
-    example = result["examples"].get("kpo_clipped") or next(iter(result["examples"].values()))
+    shown = "kpo_clipped" if "kpo_clipped" in result["examples"] else None
+    shown = shown or next((n for n in result["examples"] if n in result["filters"]), None)
+    shown = shown or next(iter(result["examples"]))
+    example = result["examples"][shown]
     fig, ax = plt.subplots(figsize=(7, 3.6))
     ax.plot(np.exp(example["raw"]), lw=0.8, label="raw ratio")
-    ax.plot(np.exp(example["filtered"]), lw=1.6, label="filtered ratio (KPO)")
-    ax.set(xlabel="token", ylabel="importance ratio", title="One response, last update of the run")
+    settings = (result["filters"].get(shown) or [None])[0]
+    what = "" if settings is None else f" (q {settings['q']:.3g}, r {settings['r']:.3g})"
+    ax.plot(np.exp(example["filtered"]), lw=1.6, label=f"filtered ratio{what}")
+    ax.set(
+        xlabel="token",
+        ylabel="importance ratio",
+        title=f"One response, last update of {shown} ({cfg.filter_arm}, {cfg.mismatch})",
+    )
     paths.append(_plotting.save(fig, ax, out / "ratios.png"))
 
     z = example["all"]
@@ -569,32 +574,57 @@ def _plots(result: dict[str, Any], out: Path) -> list[Path]:
     return paths
 
 
+def _settings_text(cfg: DemoConfig) -> str:
+    arm = cfg.filter_arm
+    text = f"filter {arm}" + ("" if cfg.q is None else f", q {cfg.q:g}")
+    text += "" if cfg.p0 is None else f", p0 {cfg.p0:g}"
+    text += f"; engine mismatch {cfg.mismatch}, old_log_prob from the {cfg.old_logp}"
+    return text + ("" if cfg.tis is None else f", TIS cap {cfg.tis:g}")
+
+
 def table_footnote(cfg: DemoConfig) -> str:
     """What each column of :func:`summary_rows`' table means (printed under the table)."""
+    evals = ", ".join(str(s) for s in eval_steps(cfg))
     return (
-        f"Each figure is the mean over seeds. final reward: mean reward of the last 5 steps "
-        f"(random policy {1 / cfg.classes:.2f}, perfect 1). best reward: highest step reward. "
-        f"steps to threshold: first step whose reward is >= {cfg.reward_threshold} "
-        f"('never' if no run got there; 'k/n runs' when only k of n did). collapses: times the "
-        f"reward fell more than {cfg.collapse_drop} below its best so far (counted once per "
-        f"fall, again only after it recovered). max grad norm: largest gradient norm before "
-        f"clipping to {cfg.max_grad_norm}. ratio spikes: share of tokens whose importance ratio "
-        f"exp(logp - old_logp) is above {math.exp(cfg.spike_log_ratio):.1f} or below "
-        f"{math.exp(-cfg.spike_log_ratio):.1f}. switches raw / filtered: share of adjacent token "
-        f"pairs whose log-ratio changes sign, before and after the Kalman filter (authors' "
-        f"settings)."
+        f"Settings: {_settings_text(cfg)}. Each figure is the mean over seeds. held-out auc: the "
+        f"mean held-out reward over training (trapezoid area under the evaluation curve / steps; "
+        f"{cfg.classes * cfg.eval_per_class} answers, {cfg.eval_per_class} per colour, evaluated "
+        f"at steps {evals}; random policy {1 / cfg.classes:.2f}, perfect 1). held-out final: the "
+        f"last evaluation. steps to threshold: first evaluated step with held-out reward >= "
+        f"{cfg.reward_threshold} ('never' if no run got there; 'k/n runs' when only k of n "
+        f"did). collapses: times the held-out reward stayed more than {cfg.collapse_drop} below "
+        f"its best so far for {cfg.eval_collapse_evals} evaluations in a row. data weight: "
+        f"kpo_data_weight, the share of the filtered log-ratio resting on the observations "
+        f"rather than on the prior (near 0: the filter is inert and the ratio is 1). clip share: "
+        f"tokens whose ratio (filtered for KPO-clipped, raw for GRPO) lies outside the clip "
+        f"band. filtered / raw error: the RMS error of the filtered log-ratio over that of the "
+        f"raw one, both against the true one (trainer's current minus trainer's behaviour "
+        f"log-probability; below 1: the filter denoised). ratio spikes: share of tokens whose "
+        f"raw ratio exp(logp - old_logp) is above {math.exp(cfg.spike_log_ratio):.1f} or below "
+        f"{math.exp(-cfg.spike_log_ratio):.1f}. max grad norm: largest gradient norm before "
+        f"clipping to {cfg.max_grad_norm}. '-': the loss has no filter or no clip band."
     )
 
 
-def _seed_mean(runs: list[dict[str, float | None]], key: str, fmt: str = "{:.3f}") -> str:
-    """Mean over seeds; figures some runs lack (a threshold never reached) say how many had it."""
-    values = [float(v) for v in (r[key] for r in runs) if v is not None]
+def _seed_mean(runs: list[dict[str, Any]], key: str, fmt: str = "{:.3f}") -> str:
+    """Mean over seeds; figures some runs lack (a threshold never reached) say how many had it;
+    '-' where no run has the figure (a loss without a filter)."""
+    raw = [r.get(key) for r in runs]
+    if all(v is None for v in raw) and key not in ("eval_steps_to_threshold",):
+        return "-"
+    values = [float(v) for v in raw if v is not None and not (key.endswith("threshold") and v < 0)]
     if not values:
         return "never"
     text = fmt.format(np.mean(values))
     if len(values) < len(runs):
         text += f" ({len(values)}/{len(runs)} runs)"
     return text
+
+
+def _error_ratio(runs: list[dict[str, Any]]) -> str:
+    pairs = [(r.get("filtered_error"), r.get("raw_error")) for r in runs]
+    ratios = [f / raw for f, raw in pairs if f is not None and raw]
+    return f"{np.mean(ratios):.2f}" if ratios else "-"
 
 
 def summary_rows(result: dict[str, Any]) -> list[dict[str, str]]:
@@ -604,14 +634,15 @@ def summary_rows(result: dict[str, Any]) -> list[dict[str, str]]:
         rows.append(
             {
                 "loss": name,
-                "final reward": _seed_mean(runs, "final_reward"),
-                "best reward": _seed_mean(runs, "best_reward"),
-                "steps to threshold": _seed_mean(runs, "steps_to_threshold", "{:.1f}"),
-                "collapses": _seed_mean(runs, "collapses", "{:.1f}"),
+                "held-out auc": _seed_mean(runs, "eval_auc"),
+                "held-out final": _seed_mean(runs, "eval_final"),
+                "steps to threshold": _seed_mean(runs, "eval_steps_to_threshold", "{:.1f}"),
+                "collapses": _seed_mean(runs, "eval_collapses", "{:.1f}"),
+                "data weight": _seed_mean(runs, "data_weight"),
+                "clip share": _seed_mean(runs, "clip_share", "{:.1%}"),
+                "filtered / raw error": _error_ratio(runs),
+                "ratio spikes": _seed_mean(runs, "spike_fraction", "{:.1%}"),
                 "max grad norm": _seed_mean(runs, "max_grad_norm", "{:.2f}"),
-                "ratio spikes": _seed_mean(runs, "spike_fraction", "{:.2%}"),
-                "switches raw": _seed_mean(runs, "switch_raw"),
-                "switches filtered": _seed_mean(runs, "switch_filtered"),
             }
         )
     return rows

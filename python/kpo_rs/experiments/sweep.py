@@ -694,7 +694,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "filter_arms": ("authors", "window:16", "fit"),
         "mismatches": ("none", "logit-noise:0.25"),
         "old_logps": ("engine",),
-        "lrs": (1e-3, 2e-3, 5e-3, 1e-2, 2e-2),
+        "lrs": (2e-3, 5e-3, 1e-2, 2e-2, 5e-2),
         "minibatches": (4,),
         "lags": (1,),
         "response_lens": (128,),
