@@ -158,22 +158,43 @@ fn blocks<T: Send + Sync>(
 }
 
 /// Runs `f` over the blocks, in parallel or not; the failure of the lowest-numbered row.
+///
+/// In parallel the blocks are first dealt to one bin per thread, longest first into the bin with
+/// the least work so far (a block costs about its longest row: its lanes move in step), and each
+/// bin runs as one task. Rayon's halving of the block list would give one thread the longest
+/// blocks: with 4 sorted blocks on 2 threads that measured 0.75 of the unmasked rate for packed
+/// rows. Which thread runs a block does not change its results.
 fn over_blocks<'a, T: Send + Sync>(
     blocks: &mut [Vec<Row<'a, T>>],
     parallel: bool,
     f: impl Fn(&mut [Row<'a, T>]) -> Option<(usize, RowFault)> + Sync + Send,
 ) -> Option<(usize, RowFault)> {
-    if parallel {
-        blocks
-            .par_iter_mut()
-            .filter_map(|b| f(b))
-            .min_by_key(|&(row, _)| row)
-    } else {
-        blocks
+    let threads = rayon::current_num_threads();
+    if !parallel || threads < 2 || blocks.len() < 2 {
+        return blocks
             .iter_mut()
             .filter_map(|b| f(b))
-            .min_by_key(|&(row, _)| row)
+            .min_by_key(|&(row, _)| row);
     }
+    // The blocks come sorted by their longest row (`blocks`), so dealing them in order is the
+    // longest-first rule.
+    let mut bins: Vec<(usize, Vec<&mut Vec<Row<'a, T>>>)> =
+        (0..threads.min(blocks.len())).map(|_| (0, Vec::new())).collect();
+    for b in blocks.iter_mut() {
+        let cost = b.iter().map(|r| r.len).max().unwrap_or(0) + 1;
+        if let Some(bin) = bins.iter_mut().min_by_key(|(load, _)| *load) {
+            bin.0 += cost;
+            bin.1.push(b);
+        }
+    }
+    bins.into_par_iter()
+        .with_max_len(1)
+        .filter_map(|(_, bin)| {
+            bin.into_iter()
+                .filter_map(|b| f(b))
+                .min_by_key(|&(row, _)| row)
+        })
+        .min_by_key(|&(row, _)| row)
 }
 
 /// Writes the valid tokens of `z` in order into `c` (one slot more than there are). Branch-free:
