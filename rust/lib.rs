@@ -11,6 +11,7 @@
 //! `kpo_rs._core`, defined in `python.rs`. See `docs/design.md`, "Rust core".
 
 mod block;
+mod compact;
 pub mod filter;
 pub mod likelihood;
 mod ragged;
