@@ -332,7 +332,11 @@ fn adjoint_block<T: Real>(
     // other, measured a quarter of a right-padded adjoint.
     let mut lam0 = [T::ZERO; LANES];
     if mode == MaskMode::Hold {
-        let longest = lanes.iter().map(|r| r.input.len() - r.len).max().unwrap_or(0);
+        let longest = lanes
+            .iter()
+            .map(|r| r.input.len() - r.len)
+            .max()
+            .unwrap_or(0);
         if longest > 0 {
             let (k, a) = (vec![T::ZERO; longest], vec![T::ONE; longest]);
             let mut src: Vec<&[T]> = Vec::with_capacity(LANES);
