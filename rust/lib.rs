@@ -3,7 +3,7 @@
 //!
 //! [`filter`] is the pure-Rust core's public face. The modules stack without cycles, each using
 //! only those listed before it: `simd` (explicit SIMD row-block kernels per instruction set,
-//! chosen at run time), `types` (shared types, parameters, errors, gains), `row` (one-row
+//! chosen at run time), `compact` (mask scans, compaction and expansion of rows with holes), `types` (shared types, parameters, errors, gains), `row` (one-row
 //! kernels), `block` (row-block kernels: dispatch to `simd`, portable fallback), `stretch` (the
 //! row-block path, long rows cut into stretches), `filter` (layout checks and dispatch),
 //! `likelihood` (the model's log-likelihood per row, for fitting the settings). With the
@@ -11,6 +11,7 @@
 //! `kpo_rs._core`, defined in `python.rs`. See `docs/design.md`, "Rust core".
 
 mod block;
+mod compact;
 pub mod filter;
 pub mod likelihood;
 mod ragged;

@@ -8,6 +8,7 @@ use std::fmt;
 use std::ops::{Add, Mul};
 use std::sync::{Arc, Mutex};
 
+use crate::compact::Pack;
 use crate::simd::Lanes;
 
 /// A floating-point type the kernels compute in (`f32` or `f64`).
@@ -15,7 +16,7 @@ use crate::simd::Lanes;
 /// `Lanes` (the row-block kernels of each instruction set) is sealed: only `f32` and `f64`
 /// implement it.
 pub trait Real:
-    Copy + Send + Sync + PartialEq + Add<Output = Self> + Mul<Output = Self> + Lanes + 'static
+    Copy + Send + Sync + PartialEq + Add<Output = Self> + Mul<Output = Self> + Lanes + Pack + 'static
 {
     const ZERO: Self;
     const ONE: Self;

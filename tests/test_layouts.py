@@ -4,7 +4,9 @@ Masked and packed calls run the row-block kernels over rows of their own lengths
 rows cut at their last valid token, packed rows, rows with holes compacted under ``"hold"`` and
 zeroed under ``"zero"``; ``docs/design.md``, "Rust core"). The drawn batches span several blocks
 of 16 rows and several tiles (128 positions): uneven right-padded rows, rows shorter than a
-chunk (8) and than a tile, empty rows, and holes at chunk and tile edges.
+chunk (8) and than a tile, empty rows, holes at chunk and tile edges and at densities up to rows
+of holes only. ``test_many_rows_on_threads`` has more values than the core's serial limit, so
+its blocks are dealt to threads.
 
 Tolerance: ``kpo_rs.testing.assert_filter_close``, elementwise ``8 eps (L + 1) env`` (see
 tests/test_equivalence.py for the derivation): the block path does the one-row kernels'
@@ -38,9 +40,13 @@ def layouts(draw) -> PaddedBatch:
     lengths[rng.random(batch) < 0.1] = 0
     mask = np.arange(time)[None, :] < lengths[:, None]
     holes = rng.random(batch) < draw(st.sampled_from([0.0, 0.5, 1.0]))
+    # Holes at chunk and tile edges, then at a drawn density (every pattern of the 8-position
+    # groups that compaction permutes; 1.0 leaves rows of holes only).
+    density = draw(st.sampled_from([0.0, 0.1, 0.5, 0.9, 1.0]))
     for row in np.flatnonzero(holes):
         at = [e for e in EDGES if e < time] + list(rng.integers(0, time, 3))
         mask[row, at] = False
+        mask[row, rng.random(time) < density] = False
     values[~mask] = np.nan  # never read
     return PaddedBatch(values, mask)
 
@@ -89,5 +95,37 @@ def test_layouts_match_the_reference_and_packed_equals_padded(batch, masked, see
     f_dz, f_dm0 = kpo_rs.kalman_filter_packed_adjoint(
         grad.ravel(), cu, batch.mask.ravel(), **params
     )
+    np.testing.assert_array_equal(f_dz, dz.ravel())
+    np.testing.assert_array_equal(f_dm0, dm0)
+
+
+@settings(max_examples=8, deadline=None)
+@given(st.sampled_from(["hold", "zero"]), st.integers(0, 2**32 - 1))
+def test_many_rows_on_threads(masked, seed):
+    """A batch past the serial limit (2**15 values): uneven right-padded rows, rows with holes,
+    empty rows, dealt to threads by block; against the reference (same tolerance as above) and
+    packed equal to padded bit for bit."""
+    rng = np.random.default_rng(seed)
+    batch, time = 90, 600
+    values = rng.normal(0, 1, (batch, time)).astype(np.float32)
+    lengths = rng.integers(0, time + 1, batch)
+    mask = np.arange(time)[None, :] < lengths[:, None]
+    mask[::3] &= rng.random((len(mask[::3]), time)) >= 0.1
+    values[~mask] = np.nan  # never read
+    b = PaddedBatch(values, mask)
+    params = {"q": 1e-2, "r": 1.0, "p0": 0.5, "m0": 0.25, "masked": masked}
+    got = kpo_rs.kalman_filter(values, mask, **params)
+    want = reference.kalman_filter(values, mask, **params)
+    testing.assert_filter_close(got, want, testing.forward_envelope(b, params), b.dtype, time)
+    grad = rng.normal(size=values.shape).astype(np.float32)
+    dz, dm0 = kpo_rs.kalman_filter_adjoint(grad, mask, **params)
+    want_dz, want_dm0 = reference.kalman_filter_adjoint(grad, mask, **params)
+    env_dz, env_dm0 = testing.adjoint_envelope(b, grad, params)
+    testing.assert_filter_close(dz, want_dz, env_dz, b.dtype, time)
+    testing.assert_filter_close(dm0, want_dm0, env_dm0, b.dtype, time)
+    cu = np.arange(batch + 1, dtype=np.int64) * time
+    flat = kpo_rs.kalman_filter_packed(values.ravel(), cu, mask.ravel(), **params)
+    np.testing.assert_array_equal(flat, got.ravel())
+    f_dz, f_dm0 = kpo_rs.kalman_filter_packed_adjoint(grad.ravel(), cu, mask.ravel(), **params)
     np.testing.assert_array_equal(f_dz, dz.ravel())
     np.testing.assert_array_equal(f_dm0, dm0)

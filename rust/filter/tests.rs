@@ -892,12 +892,18 @@ fn ragged_blocks_equal_the_one_row_kernel_on_every_instruction_set() {
 
 /// Masked and packed calls on the ragged path equal the one-row kernel bitwise (forward; the
 /// adjoint too except for rows with holes under "hold", which run that kernel) and do not depend
-/// on the thread count: right-padded rows, empty rows, rows with holes at tile edges.
+/// on the thread count: right-padded rows, empty rows, rows with holes at tile edges, rows with
+/// holes at random densities (every pattern of a compaction group). The second shape has more
+/// values than `SERIAL_BELOW`, so its blocks are dealt to threads (1, 2 and 3 of them).
 #[test]
 fn masked_rows_equal_the_one_row_kernel_and_ignore_the_thread_count() {
+    masked_rows_check(37, 300, 53);
+    masked_rows_check(70, 520, 59);
+}
+
+fn masked_rows_check(b: usize, t: usize, seed: u64) {
     use crate::row::{adjoint_row, forward_row};
-    let (b, t) = (37, 300);
-    let mut rng = Rng(53);
+    let mut rng = Rng(seed);
     let (z, mut m) = random_batch(&mut rng, b, t, 0.9);
     let (grad, _) = random_batch(&mut rng, b, t, 1.0);
     for row in 0..b {
@@ -910,9 +916,17 @@ fn masked_rows_equal_the_one_row_kernel_and_ignore_the_thread_count() {
                 .for_each(|(i, v)| *v = i < (row * 7) % t),
             1 => r.fill(false),
             // holes at the tile and chunk edges
-            2 => [0, 7, 8, 127, 128, 129, t - 1]
+            2 => [0, 7, 8, 31, 32, 127, 128, 129, t - 1]
                 .iter()
                 .for_each(|&i| r[i] = false),
+            // holes at densities from 5 % to 95 %, cut at a random length
+            3 if row % 8 == 3 => {
+                let p = [0.05, 0.5, 0.95][row % 3];
+                let end = (rng.next_u64() as usize) % (t + 1);
+                for (i, v) in r.iter_mut().enumerate() {
+                    *v = i < end && !rng.bit(p);
+                }
+            }
             _ => {}
         }
     }
@@ -930,6 +944,7 @@ fn masked_rows_equal_the_one_row_kernel_and_ignore_the_thread_count() {
         };
         let (out, dz, dm0) = run(1);
         assert_eq!((out.clone(), dz.clone(), dm0.clone()), run(2));
+        assert_eq!((out.clone(), dz.clone(), dm0.clone()), run(3));
         for (row, &dm_got) in dm0.iter().enumerate() {
             let at = row * t..(row + 1) * t;
             let mut o = vec![0.0; t];
