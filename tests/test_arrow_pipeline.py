@@ -142,7 +142,7 @@ def test_ratio_and_log_ratio_sources_and_ratio_space():
         ({"log_ratio": "nope"}, KeyError, "no column"),
         ({"log_ratio": "id"}, TypeError, "list<float>"),
         ({"log_ratio": "mask"}, TypeError, "floats"),
-        ({"log_ratio": "logp", "mask": "logp"}, TypeError, "must hold bools"),
+        ({"log_ratio": "logp", "mask": "logp"}, arrow.RowError, "mask value .* is not 0 or 1"),
         ({"log_ratio": "logp", "space": "prob"}, ValueError, "space"),
     ],
 )
