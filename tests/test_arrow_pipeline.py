@@ -142,7 +142,7 @@ def test_ratio_and_log_ratio_sources_and_ratio_space():
         ({"log_ratio": "nope"}, KeyError, "no column"),
         ({"log_ratio": "id"}, TypeError, "list<float>"),
         ({"log_ratio": "mask"}, TypeError, "floats"),
-        ({"log_ratio": "logp", "mask": "logp"}, TypeError, "must hold bools"),
+        ({"log_ratio": "logp", "mask": "logp"}, arrow.RowError, "mask value .* is not 0 or 1"),
         ({"log_ratio": "logp", "space": "prob"}, ValueError, "space"),
     ],
 )
@@ -532,8 +532,37 @@ def test_other_mask_values_are_refused_naming_row_and_position():
     )
     assert str(info.value.shifted(100)).endswith("at row 101, position 1")
     floats = pa.record_batch([lp, lp], names=["logp", "m"])
-    with pytest.raises(TypeError, match="m must hold bools or 0/1 integers, got list<float>"):
+    refused = r"^column 'm': mask value -1\.0 is not 0 or 1 at row 0"
+    with pytest.raises(arrow.RowError, match=refused):
         arrow.filter_record_batch(floats, log_ratio="logp", mask="m")
+    strings = pa.record_batch([lp, pa.array([["a"] * 2, ["b"] * 3])], names=["logp", "m"])
+    with pytest.raises(TypeError, match="m must hold bools or 0/1 numbers, got list<string>"):
+        arrow.filter_record_batch(strings, log_ratio="logp", mask="m")
+
+
+@pytest.mark.parametrize("float_type", [pa.float16(), pa.float32(), pa.float64()])
+def test_masks_of_zero_one_floats_equal_bool_masks(float_type):
+    table = _rollouts(30, seed=33)
+    floats = pa.array(
+        [None if m is None else [float(b) for b in m] for m in table["mask"].to_pylist()],
+        type=pa.list_(float_type),
+    )
+    step = {"log_probs": "logp", "old_log_probs": "old_logp", "mask": "mask", **KW}
+    want = arrow.filter_record_batch(table, **step)
+    got = arrow.filter_record_batch(table.set_column(3, "mask", floats), **step)
+    assert got.column("kpo_filtered_log_ratio").equals(want.column("kpo_filtered_log_ratio"))
+
+
+@pytest.mark.parametrize("bad", [0.5, math.nan, 2.0])
+def test_other_float_mask_values_are_refused_naming_row_and_position(bad):
+    lp = pa.array([[-1.0, -2.0], [-1.0, -0.5, -0.1]], type=pa.list_(pa.float32()))
+    mask = pa.array([[1.0, 0.0], [1.0, 1.0, bad]], type=pa.list_(pa.float64()))
+    batch = pa.record_batch([lp, mask], names=["logp", "response_mask"])
+    with pytest.raises(arrow.RowError) as info:
+        arrow.filter_record_batch(batch, log_ratio="logp", mask="response_mask")
+    assert str(info.value) == (
+        f"column 'response_mask': mask value {bad} is not 0 or 1 at row 1, position 2"
+    )
 
 
 def test_output_is_written_with_float_suited_settings(tmp_path):

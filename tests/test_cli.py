@@ -86,6 +86,32 @@ def test_non_finite_rows_stop_the_run_or_are_listed(tmp_path, capsys):
     assert pq.read_table(dst)["kpo_filtered_ratio"].null_count == 1
 
 
+def test_filter_reads_a_list_double_mask_as_its_0_1_integers_and_refuses_others(tmp_path, capsys):
+    table = write_rollouts_parquet(tmp_path / "in.parquet", rows=20, length=30)
+    rng = np.random.default_rng(8)
+    bits = [(rng.random(30) < 0.8) for _ in range(20)]
+    outputs = []
+    for name, mask in (
+        ("ints", pa.array([b.astype(np.int64) for b in bits], type=pa.list_(pa.int64()))),
+        ("doubles", pa.array([b.astype(np.float64) for b in bits], type=pa.list_(pa.float64()))),
+    ):
+        src, dst = tmp_path / f"{name}.parquet", tmp_path / f"{name}.out.parquet"
+        pq.write_table(table.append_column("response_mask", mask), src)
+        argv = ["filter", str(src), str(dst), *COLS, "--mask", "response_mask", "--no-progress"]
+        assert cli.main(argv) == 0
+        outputs.append(pq.read_table(dst)["kpo_filtered_log_ratio"])
+    assert outputs[0].equals(outputs[1])
+    bad = [b.astype(np.float64) for b in bits]
+    bad[13][7] = 0.5
+    src = tmp_path / "bad.parquet"
+    pq.write_table(table.append_column("m", pa.array(bad, type=pa.list_(pa.float64()))), src)
+    argv = ["filter", str(src), str(tmp_path / "o.parquet"), *COLS, "--mask", "m", "--no-progress"]
+    assert cli.main(argv) == 2
+    assert capsys.readouterr().err == (
+        f"kpo filter: {src}: column 'm': mask value 0.5 is not 0 or 1 at row 13, position 7\n"
+    )
+
+
 # --------------------------------------------------------------------------------------------
 # Help, version, missing extras, output for people and machines.
 

@@ -146,7 +146,7 @@ LAYERS = {
     "kpo_rs.peers": 6,  # kept importable: re-exports of kpo_rs.losses.peers
     "kpo_rs.loss_table": 6,  # and of kpo_rs.losses.table
     "kpo_rs.arrow": 6,
-    "kpo_rs.integrations": 6,
+    "kpo_rs.integrations": 6,  # verl, trl, skyrl, prime_rl, slime and their shared _env
     "kpo_rs.pipeline": 7,
     "kpo_rs.experiments": 8,
     "kpo_rs.cli": 9,

@@ -238,7 +238,7 @@ def _pair(tmp_path, loss_type, options, kinds=("grpo", "kpo"), **common):
             kpo = {"kpo_q": 1e20, "kpo_epsilon_low": EPS_LOW, "kpo_epsilon_high": EPS_HIGH}
             if common.get("kpo_loss_name", "kpo_clipped") not in ("kpo", "kpo_clipped"):
                 kpo = {}  # the filter and its clip do not apply
-            args = KPOConfig(output_dir=str(tmp_path / kind), **kpo, **common)
+            args = KPOConfig(output_dir=str(tmp_path / kind), **(kpo | common))
             cls = KPOTrainer
         trainers.append(
             cls(
@@ -443,3 +443,114 @@ def test_filter_fields_warn_for_other_losses(tmp_path):
         _config(tmp_path, kpo_loss_name="minpro", kpo_q=1e-3)
     cfg = _config(tmp_path, kpo_loss_name="bapo", kpo_loss_kwargs='{"target": 0.6}')
     assert cfg.kpo_loss_kwargs == {"target": 0.6} and cfg.kpo_loss_spec.name == "bapo"
+
+
+# --------------------------------------------------------------------------------------------
+# vLLM's importance-sampling correction, every mode, through KPOTrainer's own batch preparation
+
+# Recorded rollouts: what vLLM would return for 4 completions of one prompt (token ids of VOCAB,
+# EOS = 1) and its sampling log-probs; None is vLLM's NaN log-prob (TRL: no correction there).
+RECORDED_COMPLETIONS = [[3, 4, 5, 1], [6, 6, 1], [7, 3, 9, 10, 4, 1], [12, 1]]
+RECORDED_SAMPLING_LOGPS = [
+    [-2.1, -2.9, -2.4, -2.2],
+    [-3.3, -2.0, None],
+    [-2.6, -2.3, -3.0, -2.5, -2.0, -2.8],
+    [-2.4, -2.7],
+]
+IS_MODES = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
+IS_MIN, IS_MAX = 0.8, 1.25
+
+
+def _is_ratio_by_hand(mode, old, sampling, mask):
+    """TRL 1.16's vLLM importance-sampling weights, written out from its documentation: the
+    token (or, summed over the sequence, sequence) ratio ``exp(old - sampling)`` over valid
+    tokens (a NaN sampling log-prob counts 0), truncated to [min, max] or zeroed outside it."""
+    diff = torch.nan_to_num((old - sampling) * mask, nan=0.0)
+    if mode.startswith("sequence"):
+        diff = diff.sum(-1, keepdim=True)
+    ratio = torch.exp(diff)
+    if mode.endswith("truncate"):
+        return ratio.clamp(IS_MIN, IS_MAX)
+    return torch.where((ratio < IS_MIN) | (ratio > IS_MAX), 0.0, ratio)
+
+
+def _recorded_generate(trainer):
+    def generate(prompts):
+        texts = [trainer.processing_class.decode(c[:-1]) for c in RECORDED_COMPLETIONS]
+        prompt_ids = [trainer.processing_class(p)["input_ids"] for p in prompts]
+        return (
+            prompt_ids,
+            [list(c) for c in RECORDED_COMPLETIONS],
+            None,
+            texts,
+            [list(s) for s in RECORDED_SAMPLING_LOGPS],
+            {},
+            None,
+            None,
+        )
+
+    return generate
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", IS_MODES)
+def test_vllm_importance_sampling_modes_equal_the_hand_computation(tmp_path, mode):
+    """The batch is prepared by KPOTrainer's own ``_generate_and_score_completions`` from recorded
+    vLLM output (generation replaced, everything else TRL's: old log-probs, the IS weights of
+    ``mode``, rewards, advantages); the policy then moves, and ``_compute_loss`` must equal
+    KPO-clipped of :mod:`kpo_rs.loss_table` at token-mean (``loss_type="bnpo"``) with the hand-made
+    IS weights as ``rollout_is_weights``. Float32 throughout: both sides form the same per-token
+    terms and sum them in one masked sum each, in orders that may differ, so they agree within a
+    few float32 eps of the loss's scale."""
+    options = {
+        "num_generations": 4,
+        "per_device_train_batch_size": 4,
+        "vllm_importance_sampling_mode": mode,
+        "vllm_importance_sampling_clip_min": IS_MIN,
+        "vllm_importance_sampling_clip_max": IS_MAX,
+    }
+    (kpo,) = _pair(tmp_path, "bnpo", options, kinds=("kpo",), kpo_q=1e-2)
+    kpo.use_vllm = kpo.vllm_importance_sampling_correction = True
+    kpo._generate = _recorded_generate(kpo)
+    kpo.model.train()
+    batch = kpo._generate_and_score_completions([{"prompt": "abc"}] * 4)
+    with torch.no_grad():  # the policy moves away from the one that sampled
+        gen = torch.Generator().manual_seed(3)
+        for p in kpo.model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=gen))
+    kpo.current_gradient_accumulation_steps = 1
+    got = kpo._compute_loss(kpo.model, batch)
+
+    mask = batch["completion_mask"]
+    sampling = torch.nn.utils.rnn.pad_sequence(
+        [torch.tensor([math.nan if x is None else x for x in s]) for s in RECORDED_SAMPLING_LOGPS],
+        batch_first=True,
+    )
+    weights = _is_ratio_by_hand(mode, batch["old_per_token_logps"], sampling, mask)
+    torch.testing.assert_close(
+        batch["importance_sampling_ratio"], weights, rtol=0, atol=0
+    )  # TRL's weights are the documented ones, bit for bit
+    with torch.no_grad():
+        logps, _, _ = kpo._get_per_token_logps_and_entropies(
+            kpo.model,
+            torch.cat([batch["prompt_ids"], batch["completion_ids"]], dim=1),
+            torch.cat([batch["prompt_mask"], mask], dim=1),
+            batch["completion_ids"].size(1),
+        )
+    want, _ = get_loss("kpo_clipped")(
+        batch["old_per_token_logps"],
+        logps,
+        batch["advantages"][:, None].expand_as(logps),
+        mask.bool(),
+        clip=(EPS_LOW, EPS_HIGH),
+        q=1e-2,
+        loss_agg_mode="token-mean",
+        rollout_is_weights=weights.expand_as(logps),
+    )
+    scale = float((batch["advantages"][:, None].abs() * 1.5 * mask).sum() / mask.sum())
+    assert abs(float(got.detach()) - float(want)) <= 16 * 2**-23 * max(scale, 1e-6), (got, want)
+    # the mode acts: the weights are not all 1, and the masking modes drop something
+    assert not torch.equal(weights, torch.ones_like(weights))
+    if mode.endswith("mask"):
+        assert (weights == 0).any() and not (weights == 0).all()
+    assert float(batch["advantages"].abs().sum()) > 0  # rewards differ: the loss is not 0

@@ -11,7 +11,8 @@ new arrays; inputs are never modified.
 
 Layouts
     padded: ``values`` ``[batch, time]`` with an optional ``mask`` ``[batch, time]`` (bool, True =
-    valid token; holes anywhere are allowed);
+    valid token, or integers that are all 0 or 1 as verl's ``response_mask``; holes anywhere are
+    allowed);
     packed: ``values`` ``[total]`` split into rows by ``cu_seqlens`` ``[batch + 1]`` (int32 or
     int64, first 0, non-decreasing, last ``total``), with an optional ``mask`` ``[total]``.
 
@@ -95,6 +96,32 @@ def _as_array(x: Any) -> Any:
     return x
 
 
+def _mask(mask: Any) -> Any:
+    """The mask for the native module: an integer array whose values are all 0 or 1 (verl's
+    ``response_mask``) becomes bool; any other integer raises ``ValueError`` naming the first
+    one and where it is, another dtype ``TypeError``. What is not an array of one or two
+    dimensions is left for the native checks (they name the argument)."""
+    if isinstance(mask, (list, tuple)) and not np.asarray(mask).size:
+        return np.asarray(mask, dtype=bool)  # an empty list has no dtype: numpy says float64
+    mask = _as_array(mask)
+    if not isinstance(mask, np.ndarray) or mask.ndim not in (1, 2) or mask.dtype == np.bool_:
+        return mask
+    if mask.dtype.kind not in "iu":
+        raise TypeError(
+            f"mask must have dtype bool (or an integer dtype holding only 0 and 1), "
+            f"got {mask.dtype}"
+        )
+    bad = (mask != 0) & (mask != 1)
+    if bad.any():
+        index = np.unravel_index(int(np.flatnonzero(bad)[0]), mask.shape)
+        where = f"row {index[0]}, position {index[1]}" if mask.ndim == 2 else f"position {index[0]}"
+        raise ValueError(
+            f"mask: value {mask[index]} at {where} is not 0 or 1 (an integer mask must hold "
+            "only 0 and 1; pass a bool mask otherwise)"
+        )
+    return mask.astype(bool)
+
+
 def _offsets(cu_seqlens: Any) -> Any:
     """``cu_seqlens`` for the native module, which reads None as "padded": refused here."""
     if cu_seqlens is None:
@@ -133,7 +160,7 @@ def kalman_filter(
     Args:
         values: ``[batch, time]`` float32/float64/float16 observations ``z`` (for KPO the
             log-ratios ``logp - old_logp``).
-        mask: optional ``[batch, time]`` bool, True where the token is valid.
+        mask: optional ``[batch, time]`` bool, True where the token is valid (or integers 0/1).
         params: the settings (default ``FilterParams()``, the KPO authors').
         **overrides: ``q``, ``r``, ``p0``, ``m0``, ``masked`` for this call, over ``params``
             (see :class:`FilterParams`).
@@ -144,7 +171,7 @@ def kalman_filter(
     """
     p = resolve_params(params, **overrides)
     z, dtype = _prepare(values)
-    out = _core.filter(z, None, _as_array(mask), p.variances, p.m0, p.masked)
+    out = _core.filter(z, None, _mask(mask), p.variances, p.m0, p.masked)
     return _restore(out, dtype)
 
 
@@ -173,7 +200,7 @@ def kalman_filter_adjoint(
     """
     p = resolve_params(params, **overrides)
     g, dtype = _prepare(grad)
-    dz, dm0 = _core.adjoint(g, None, _as_array(mask), p.variances, p.masked)
+    dz, dm0 = _core.adjoint(g, None, _mask(mask), p.variances, p.masked)
     return _restore(dz, dtype), _restore(dm0, dtype)
 
 
@@ -192,7 +219,7 @@ def kalman_filter_packed(
             ``values[cu_seqlens[i]:cu_seqlens[i + 1]]``.
         cu_seqlens: ``[batch + 1]`` int32/int64 offsets, first 0, non-decreasing, last ``total``
             (empty rows are allowed).
-        mask: optional ``[total]`` bool, True where the token is valid.
+        mask: optional ``[total]`` bool, True where the token is valid (or integers 0/1).
         params: the settings (default ``FilterParams()``, the KPO authors').
         **overrides: ``q``, ``r``, ``p0``, ``m0``, ``masked`` for this call, over ``params``
             (see :class:`FilterParams`).
@@ -202,7 +229,7 @@ def kalman_filter_packed(
     """
     p = resolve_params(params, **overrides)
     z, dtype = _prepare(values)
-    out = _core.filter(z, _offsets(cu_seqlens), _as_array(mask), p.variances, p.m0, p.masked)
+    out = _core.filter(z, _offsets(cu_seqlens), _mask(mask), p.variances, p.m0, p.masked)
     return _restore(out, dtype)
 
 
@@ -222,7 +249,7 @@ def kalman_filter_packed_adjoint(
     """
     p = resolve_params(params, **overrides)
     g, dtype = _prepare(grad)
-    dz, dm0 = _core.adjoint(g, _offsets(cu_seqlens), _as_array(mask), p.variances, p.masked)
+    dz, dm0 = _core.adjoint(g, _offsets(cu_seqlens), _mask(mask), p.variances, p.masked)
     return _restore(dz, dtype), _restore(dm0, dtype)
 
 
@@ -230,7 +257,7 @@ def _innovation_sums(values: Any, cu_seqlens: Any, mask: Any, p: FilterParams) -
     """The Rust core's per-row sums, float64 ``[batch, 7]``: columns ``log_likelihood, tokens,
     terms, log_det, ssq, cross, c2`` (``rust/likelihood.rs``). ``cu_seqlens`` None: padded."""
     z, _ = _prepare(values)
-    return _core.innovations(z, cu_seqlens, _as_array(mask), p.variances, p.m0)
+    return _core.innovations(z, cu_seqlens, _mask(mask), p.variances, p.m0)
 
 
 #: The columns of :func:`innovation_sums`.
@@ -284,7 +311,7 @@ def log_likelihood(
     Args:
         values: ``[batch, time]`` float32/float64/float16 observations (accumulated in
             float64).
-        mask: optional ``[batch, time]`` bool, True where the token is valid.
+        mask: optional ``[batch, time]`` bool, True where the token is valid (or integers 0/1).
         params, **overrides: the settings, as for :func:`kalman_filter`.
 
     Returns:

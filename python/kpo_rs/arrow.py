@@ -8,8 +8,9 @@ masked positions (skipped under ``masked="hold"``; the output there is the held 
 
 :func:`filter_record_batch` adds filtered columns to a record batch of rollouts: from a log-prob
 and an old log-prob column (or a log-ratio or ratio column), with an optional mask column
-(``list<bool>``, or integers 0/1 as verl's ``response_mask``). It is a pure function of the batch,
-so it also serves as a Ray Data ``map_batches`` step (``batch_format="pyarrow"``).
+(``list<bool>``, or integers or floats that are all 0 or 1, as verl's ``response_mask``). It is
+a pure function of the batch, so it also serves as a Ray Data ``map_batches`` step
+(``batch_format="pyarrow"``).
 
 Dtypes: the new columns are float32 when every source column holds float32 or float16, float64
 when one holds float64; the log-ratio ``logp - old_logp`` is formed in that dtype, as the training
@@ -172,8 +173,9 @@ def _view(
     arr: pa.Array, name: str, *, floats: bool
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """:func:`packed_view` of a ``list<float>`` (``floats``) or a mask column: ``list<bool>`` or
-    a list of integers that are all 0 or 1 (returned as bool; RowError naming the first other
-    value). Values at invalid positions are left as the buffer holds them."""
+    a list of integers or floats that are all 0 or 1 (returned as bool; RowError naming the
+    first other value, NaN included). Values at invalid positions are left as the buffer holds
+    them."""
     kind = "float" if floats else "bool"
     if not _is_list(arr.type):
         raise TypeError(f"{name} must be a list<{kind}> column, got {arr.type}")
@@ -181,9 +183,11 @@ def _view(
     if floats:
         ok = pa.types.is_floating(value_type)
     else:
-        ok = pa.types.is_boolean(value_type) or pa.types.is_integer(value_type)
+        ok = any(
+            f(value_type) for f in (pa.types.is_boolean, pa.types.is_integer, pa.types.is_floating)
+        )
     if not ok:
-        what = "floats" if floats else "bools or 0/1 integers"
+        what = "floats" if floats else "bools or 0/1 numbers"
         raise TypeError(f"{name} must hold {what}, got list<{value_type}>")
     offsets, _ = _numpy(arr.offsets)
     start, end = int(offsets[0]), int(offsets[-1])
@@ -194,7 +198,8 @@ def _view(
         per_value = np.repeat(~nulls, np.diff(cu))
         valid = per_value if valid is None else valid & per_value
     if not floats and values.dtype != np.bool_:
-        index = _first_bad((values != 0) & (values != 1), valid)
+        with np.errstate(invalid="ignore"):
+            index = _first_bad((values != 0) & (values != 1), valid)
         if index is not None:
             row, position = _row_of(cu, index)
             raise RowError(name, row, position, f"mask value {values[index]} is not 0 or 1")

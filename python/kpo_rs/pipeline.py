@@ -3,7 +3,7 @@
 Both read the input one row group at a time, in record batches of at most ``batch_size`` rows, so
 memory stays bounded by the largest row group and the batch, not by the file. Columns hold one
 response per row as ``list<float>`` (log-probs, old log-probs, log-ratios or ratios) and
-optionally a mask (``list<bool>`` or 0/1 integers).
+optionally a mask (``list<bool>`` or 0/1 integers or floats).
 
 Counts, the same in both jobs: ``rows`` are the rows of the file, ``null_rows`` those null in a
 source column (their outputs are null), ``tokens`` the valid tokens (element not null, mask true,

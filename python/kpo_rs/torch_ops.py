@@ -82,19 +82,49 @@ def _check_values(name: str, t: Any, ndim: int, what: str) -> None:
         )
 
 
-def _check_mask(mask: Any, values: torch.Tensor, values_name: str) -> None:
+def _check_mask(mask: Any, values: torch.Tensor, values_name: str) -> torch.Tensor | None:
+    """The mask as the backends take it: bool, shaped like ``values`` on its device. An integer
+    mask whose values are all 0 or 1 (verl's ``response_mask``) is read as bool; checking its
+    values costs one host synchronisation on a device (pass a bool mask to avoid it), and is
+    refused while compiling, where a data-dependent check would break the graph."""
     if mask is None:
-        return
+        return None
     if not isinstance(mask, torch.Tensor):
         raise TypeError(f"mask must be a torch.Tensor or None, got {type(mask).__name__}")
-    if mask.dtype != torch.bool:
-        raise TypeError(f"mask must have dtype torch.bool, got {mask.dtype}")
+    integer = not (mask.is_floating_point() or mask.is_complex() or mask.dtype == torch.bool)
+    if mask.dtype != torch.bool and not integer:
+        raise TypeError(
+            f"mask must have dtype torch.bool (or an integer dtype holding only 0 and 1), "
+            f"got {mask.dtype}"
+        )
     if mask.shape != values.shape:
         raise ValueError(
             f"mask shape {tuple(mask.shape)} differs from {values_name} shape {tuple(values.shape)}"
         )
     if mask.device != values.device:
         raise ValueError(f"mask is on {mask.device}, {values_name} on {values.device}")
+    return _integer_mask(mask) if integer else mask
+
+
+def _integer_mask(mask: torch.Tensor) -> torch.Tensor:
+    """An integer mask as bool; ``ValueError`` naming the first value other than 0 or 1."""
+    if torch.compiler.is_compiling():
+        raise TypeError(
+            f"mask must have dtype torch.bool under torch.compile, got {mask.dtype} "
+            "(pass mask.bool(): an integer mask's 0/1 check would break the graph)"
+        )
+    bad = (mask != 0) & (mask != 1)
+    if bool(bad.any()):
+        index = [int(i) for i in torch.nonzero(bad)[0]]
+        value = int(mask[tuple(index)])
+        where = (
+            f"row {index[0]}, position {index[1]}" if mask.dim() == 2 else f"position {index[0]}"
+        )
+        raise ValueError(
+            f"mask: value {value} at {where} is not 0 or 1 (an integer mask must hold "
+            "only 0 and 1; pass a bool mask otherwise)"
+        )
+    return mask != 0
 
 
 def _check_m0(m0: Any) -> float | torch.Tensor | None:
@@ -349,13 +379,14 @@ def _run(
     return _Filter.apply(values, cu_seqlens, mask, prior, *args)
 
 
-def _check_layout(name: str, values: Any, cu_seqlens: Any, mask: Any) -> None:
+def _check_layout(name: str, values: Any, cu_seqlens: Any, mask: Any) -> torch.Tensor | None:
+    """Checks the tensors of a call; returns the mask as the backends take it (bool)."""
     if cu_seqlens is None:
         _check_values(name, values, 2, "[batch, time]")
     else:
         _check_values(name, values, 1, "[total] (packed: cu_seqlens is given)")
         _check_offsets(cu_seqlens)
-    _check_mask(mask, values, name)
+    return _check_mask(mask, values, name)
 
 
 def kalman_filter(
@@ -376,7 +407,10 @@ def kalman_filter(
             log-ratios ``logp - old_logp`` (nats); with ``cu_seqlens``, packed rows ``[total]``.
             Its gradient is the filter's adjoint. (The first argument is ``values`` everywhere:
             the numpy API, the reference and this op.)
-        mask: optional bool tensor shaped like ``values`` on its device, True at valid tokens.
+        mask: optional bool tensor shaped like ``values`` on its device, True at valid tokens;
+            an integer tensor holding only 0 and 1 (verl's ``response_mask``) is read as bool
+            (its check costs one host synchronisation on a device; refused under
+            ``torch.compile``: pass ``mask.bool()``).
         cu_seqlens: optional ``[batch + 1]`` int32/int64 offsets of packed rows: row ``i`` is
             ``values[cu_seqlens[i]:cu_seqlens[i + 1]]`` (first 0, non-decreasing, last ``total``),
             on any device (checked on the host once per call). See also
@@ -395,7 +429,7 @@ def kalman_filter(
     Returns:
         Filtered states shaped like ``values``, in its dtype and on its device.
     """
-    _check_layout("values", values, cu_seqlens, mask)
+    mask = _check_layout("values", values, cu_seqlens, mask)
     return _run(values, cu_seqlens, mask, m0, params, backend, check, overrides)
 
 
@@ -412,12 +446,13 @@ def kalman_filter_packed(
         values: ``[total]`` observations; row ``i`` is ``values[cu_seqlens[i]:cu_seqlens[i+1]]``.
         cu_seqlens: ``[batch + 1]`` int32/int64 offsets (first 0, non-decreasing, last
             ``total``), on any device (checked on the host once per call).
-        mask: optional ``[total]`` bool tensor, True at valid tokens.
+        mask: optional ``[total]`` bool tensor, True at valid tokens (or 0/1 integers, as in
+            :func:`kalman_filter`).
         **options: ``m0``, ``params``, ``backend``, ``check`` and the overrides, as in
             :func:`kalman_filter`.
 
     Returns:
         ``[total]`` filtered states in ``values``' dtype and device.
     """
-    _check_layout("values", values, cu_seqlens, mask)
+    mask = _check_layout("values", values, cu_seqlens, mask)
     return kalman_filter(values, mask, cu_seqlens=cu_seqlens, **options)

@@ -126,7 +126,7 @@ def add_rollout_options(p: argparse.ArgumentParser) -> None:
     src.add_argument(
         "--mask",
         metavar="COL",
-        help="optional mask column: list<bool>, or integers 0/1 (1 = valid token)",
+        help="optional mask column: list<bool>, or integers or floats 0/1 (1 = valid token)",
     )
     f = p.add_argument_group("filter settings (defaults: the KPO authors', kpo_rs.FilterParams)")
     f.add_argument(

@@ -27,15 +27,13 @@ its source, not inside SkyRL.
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import torch
 
 from ..losses.kpo import kpo_loss
 from ..losses.table import get_loss
-from ..params import FilterParams
-from ._env import FILTER_ENV_VARS
+from ._env import FILTER_ENV_VARS, filter_settings
 
 __all__ = [
     "ENV_VARS",
@@ -52,29 +50,6 @@ __all__ = [
 ENV_VARS: dict[str, tuple[str, Any]] = dict(FILTER_ENV_VARS)
 #: The names registered in SkyRL's ``PolicyLossRegistry``.
 LOSS_NAMES = ("kpo_clipped", "kpo", "minpro", "bapo")
-
-
-def _filter_settings() -> dict[str, Any]:
-    values: dict[str, Any] = {}
-    for key, (var, default) in ENV_VARS.items():
-        raw = os.environ.get(var)
-        if raw is None:
-            values[key] = default
-        elif key == "masked":
-            values[key] = raw.strip()
-        else:
-            try:
-                values[key] = float(raw)
-            except ValueError:
-                raise ValueError(f"{var}={raw}: {key} must be a number") from None
-    try:
-        FilterParams(**values)
-    except (TypeError, ValueError) as exc:
-        field = str(exc).split(" ", 1)[0]
-        raise type(exc)(
-            f"{ENV_VARS[field][0]}={os.environ.get(ENV_VARS[field][0])}: {exc}"
-        ) from None
-    return values
 
 
 def _clip(config: Any, name: str) -> tuple[float, float]:
@@ -113,7 +88,7 @@ def policy_loss(name: str) -> Any:
                 torch.ones_like(log_probs), old_log_probs, rollout_logprobs, mask, correction
             )
         if name in ("kpo", "kpo_clipped"):
-            fn, kwargs = kpo_loss, dict(_filter_settings())
+            fn, kwargs = kpo_loss, filter_settings()
             kwargs["clip"] = _clip(config, name) if name == "kpo_clipped" else None
         else:
             fn = get_loss(name)

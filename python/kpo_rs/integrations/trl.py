@@ -33,8 +33,12 @@ gain 1, ``kpo_q=1e20``, and ``kpo_epsilon_* = epsilon*``, ``KPOTrainer`` compute
   ``delta``; for ``"kpo_clipped"`` this is verl's dual clip with ``clip_ratio_c = delta``, and
   needs ``delta > 1 + kpo_epsilon_high``);
 - vLLM importance-sampling correction (every ``vllm_importance_sampling_mode``: ``token_truncate``,
-  ``token_mask``, ``sequence_truncate``, ``sequence_mask``; TRL computes the weights, which multiply
-  the per-token losses as in GRPOTrainer, while KPO filters ``logp - old_logp``);
+  ``token_mask``, ``sequence_truncate``, ``sequence_mask``; TRL computes the weights from
+  ``old_logp - sampling_logp`` per token, or summed per sequence, truncated to
+  ``[vllm_importance_sampling_clip_min, clip_max]`` or zeroed outside it; they multiply the
+  per-token losses as in GRPOTrainer, while KPO filters ``logp - old_logp``, so the filter smooths
+  the policy's own drift and the weights correct the engine's mismatch; each mode is tested with
+  recorded vLLM output against the hand computation);
 - ``off_policy_mask_threshold`` (DeepSeek-V3.2's off-policy sequence mask, GRPOTrainer's own
   ``get_off_policy_mask`` on the sampling log-probs: negative-advantage sequences whose mean KL
   exceeds the threshold are dropped; the normaliser still counts their tokens, as TRL).

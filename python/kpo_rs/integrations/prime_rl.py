@@ -1,0 +1,143 @@
+"""KPO policy losses for prime-rl (PrimeIntellect-ai/prime-rl), as its custom rl loss.
+
+prime-rl calls a custom loss once per sample: ``fn(inputs, **kwargs) -> LossOutputs``, with
+``inputs`` its ``LossInputs`` of one sequence (1-D tensors ``trainer_logprobs``,
+``inference_logprobs``, ``advantages``, bool ``loss_mask``, optional ``loss_weights``) and
+``kwargs`` the ``[trainer.loss.kwargs]`` table (``src/prime_rl/trainer/rl/loss.py``,
+``setup_rl_loss_fn`` and ``compute_loss``; ``CustomLossConfig`` in
+``packages/prime-rl-configs``). It adds the samples' losses and divides by the global count of rl
+tokens, so each function here returns the masked *sum* of its per-token losses
+(``loss_agg_mode="token-sum"`` of :mod:`kpo_rs.loss_table`), and the run's aggregation is
+prime-rl's global token mean. (The KPO authors aggregate ``seq-mean-token-mean``: under prime-rl
+a long response weighs in proportion to its tokens.) ``loss_weights`` multiplies the per-token
+losses, as in prime-rl's own losses.
+
+The ratio is the trainer's log-prob against the inference engine's (prime-rl keeps no separate
+old policy): the filter smooths ``trainer_logprobs - inference_logprobs`` over the sample's
+``loss_mask`` tokens, one sample being one row. prime-rl gathers the log-probs of a
+context-parallel forward before the loss, so every sample is whole on the rank that filters it.
+A sample starts with its prompt (masked): under ``masked="hold"`` (the default) masked positions
+are no steps, and under ``masked="zero"`` the sample is cut at its first loss token, so positions
+count from the response's start as in the authors' code.
+
+Config (the filter's settings and the clip are ``kwargs``; any keyword-only setting of the loss
+is accepted, an unknown one is refused naming it)::
+
+    [trainer.loss]
+    type = "custom"
+    import_path = "kpo_rs.integrations.prime_rl.kpo_clipped_loss"
+
+    [trainer.loss.kwargs]
+    clip = [3e-4, 4e-4]   # the KPO authors' (default); kpo_loss: no clip
+    q = 1e-6              # filter settings (defaults: kpo_rs.FilterParams())
+    r = 1.0
+
+prime-rl needs Python 3.12 and is not on PyPI, so these functions are tested against its calling
+convention reproduced from its source, not inside prime-rl.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+
+from ..losses.table import get_loss
+
+__all__ = [
+    "LOSS_NAMES",
+    "LossOutputs",
+    "kpo_clipped_loss",
+    "kpo_loss",
+    "loss_fn",
+    "minpro_loss",
+]
+
+#: The losses offered (each a per-token loss: a per-sample sum is meaningful). BAPO searches its
+#: bounds over a whole batch, so it has no per-sample form.
+LOSS_NAMES = ("kpo_clipped", "kpo", "minpro")
+_PRIME_LOSS = "prime_rl.trainer.rl.loss"
+
+
+class _Inputs(Protocol):
+    """prime-rl's ``LossInputs`` as read here."""
+
+    trainer_logprobs: torch.Tensor
+    inference_logprobs: torch.Tensor
+    advantages: torch.Tensor
+    loss_mask: torch.Tensor
+    loss_weights: torch.Tensor | None
+
+
+@dataclass(frozen=True)
+class LossOutputs:
+    """prime-rl's ``LossOutputs`` (``loss``: scalar tensor; ``metrics``: name -> tensor), used
+    where prime-rl is not loaded; inside prime-rl its own class is returned."""
+
+    loss: torch.Tensor
+    metrics: dict[str, torch.Tensor]
+
+
+def _outputs(loss: torch.Tensor, metrics: dict[str, torch.Tensor]) -> Any:
+    module = sys.modules.get(_PRIME_LOSS)
+    cls = getattr(module, "LossOutputs", LossOutputs)
+    return cls(loss=loss, metrics=metrics)
+
+
+def _settings(name: str, kwargs: dict[str, Any]) -> dict[str, Any]:
+    if "loss_agg_mode" in kwargs:
+        raise ValueError(
+            "loss_agg_mode: prime-rl divides the summed per-sample losses by its global token "
+            "count; remove it from [trainer.loss.kwargs]"
+        )
+    kwargs = dict(kwargs)
+    if isinstance(kwargs.get("clip"), list):  # TOML has no tuples
+        kwargs["clip"] = tuple(kwargs["clip"])
+    return get_loss(name).keywords(**kwargs, loss_agg_mode="token-sum")
+
+
+def _check(inputs: Any) -> None:
+    for field in ("trainer_logprobs", "inference_logprobs", "advantages", "loss_mask"):
+        t = getattr(inputs, field, None)
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"inputs.{field} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 1:
+            raise ValueError(f"inputs.{field} must be 1-D (one sample), got shape {tuple(t.shape)}")
+
+
+def loss_fn(name: str) -> Any:
+    """The prime-rl custom loss computing :mod:`kpo_rs.loss_table`'s ``name`` (one of
+    :data:`LOSS_NAMES`), with prime-rl's signature ``fn(inputs, **kwargs) -> LossOutputs``;
+    ValueError for another name."""
+    if name not in LOSS_NAMES:
+        raise ValueError(f"name must be one of {LOSS_NAMES}, got {name!r}")
+    spec = get_loss(name)
+
+    def compute(inputs: _Inputs, **kwargs: Any) -> Any:
+        _check(inputs)
+        settings = _settings(name, kwargs)
+        new, old = inputs.trainer_logprobs, inputs.inference_logprobs
+        adv, mask, weights = inputs.advantages, inputs.loss_mask, inputs.loss_weights
+        if settings.get("masked") == "zero" and bool(mask.any()):
+            start = int(torch.nonzero(mask)[0, 0])  # the response starts at its first loss token
+            new, old, adv, mask = new[start:], old[start:], adv[start:], mask[start:]
+            weights = None if weights is None else weights[start:]
+        loss, metrics = spec.fn(
+            old[None],
+            new[None],
+            adv[None],
+            mask[None],
+            **{**settings, "rollout_is_weights": None if weights is None else weights[None]},
+        )
+        return _outputs(loss, dict(metrics))
+
+    compute.__name__ = compute.__qualname__ = f"{name}_loss"
+    compute.__module__ = __name__
+    return compute
+
+
+kpo_clipped_loss = loss_fn("kpo_clipped")
+kpo_loss = loss_fn("kpo")
+minpro_loss = loss_fn("minpro")
