@@ -29,6 +29,13 @@ step "cargo test"
 cargo test --release --quiet
 step "wheel (abi3, manylinux2014, built once with zig) and sdist"
 bash scripts/check_wheel.sh
+step "smoke sweep: engine mismatch, filter arms, on a local Ray instance"
+smoke=$(mktemp -d)
+trap 'rm -rf "$smoke"' EXIT
+"$venv/bin/kpo" sweep --losses grpo,gpg,kpo_clipped --filter authors,window:8,fit \
+    --mismatch none,logit-noise:0.5 --lr 1e-2 --response-len 16 --seeds 1 --steps 3 --ray \
+    --out "$smoke/sweep" 2>"$smoke/log" || { cat "$smoke/log"; exit 1; }
+grep -q "10 of 10 planned runs finished" "$smoke/sweep/report.md"
 step "pytest"
 if [ -n "${CI:-}" ]; then
     export HYPOTHESIS_PROFILE=${HYPOTHESIS_PROFILE:-ci}

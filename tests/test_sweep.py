@@ -213,7 +213,7 @@ def test_the_mismatch_preset_is_the_readmes_grid():
     assert len(cfg.lrs) >= 5 and cfg.seeds >= 10 and cfg.tune_lr
     variants = {(t.loss, t.filter_arm) for t in evals}
     assert len(variants) == 8 and ("gpg", None) in variants
-    assert len(tune) + len(evals) == 320
+    assert len(tune) + len(evals) == 416
 
 
 def test_tune_lr_runs_tuning_seeds_then_the_best_rate(tmp_path):

@@ -47,11 +47,16 @@ from .rollout import Engine, rewards
 
 __all__ = [
     "DEFAULT_LOSSES",
+    "MAX_KPO_EPS",
     "DemoConfig",
     "Run",
     "StepLog",
     "TinyPolicy",
+    "filter_settings",
+    "filters_ratios",
+    "loss_function",
     "run_demo",
+    "scaled_kpo_clip",
     "summarize",
     "summary_rows",
     "table_footnote",
@@ -135,7 +140,8 @@ def loss_function(
     spec.keywords(**overrides)  # an unknown setting fails here, before any training
 
     def loss(*tensors: torch.Tensor, **extra: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        return spec(*tensors, **overrides, **extra)
+        settings: dict[str, Any] = {**overrides, **extra}
+        return spec(*tensors, **settings)
 
     return loss
 
@@ -164,6 +170,13 @@ def filter_settings(
     return settings
 
 
+def _params(settings: dict[str, float] | None) -> FilterParams:
+    """The :class:`FilterParams` of a run's filter settings (the authors' for None)."""
+    if not settings:
+        return FilterParams()
+    return FilterParams(q=settings["q"], r=settings["r"], p0=settings["p0"])
+
+
 #: The clip band of KPO-clipped stays below this (``1 - eps_low`` must stay above 0).
 MAX_KPO_EPS = 0.9
 
@@ -179,7 +192,7 @@ def scaled_kpo_clip(settings: dict[str, float], length: int) -> tuple[float, flo
     any setting (0.11 / 0.15 at 128 tokens), capped at :data:`MAX_KPO_EPS`."""
     authors = FilterParams()
     w0 = mean_data_weight(length, q=authors.q, r=authors.r, p0=authors.p0)
-    w = mean_data_weight(length, **settings)
+    w = mean_data_weight(length, params=_params(settings))
     factor = w / w0 if w0 > 0 else 1.0
     low, high = KPO_CLIP
     return min(low * factor, MAX_KPO_EPS), min(high * factor, MAX_KPO_EPS * high / low)
@@ -225,7 +238,7 @@ class StepLog:
 def _switch_rates(log_ratio: np.ndarray, settings: dict[str, float] | None) -> tuple[float, float]:
     """Sign-switch rates of the raw and the filtered log-ratios (the run's filter, the authors'
     for a loss without one; :func:`kpo_rs.diagnostics.token_switches`)."""
-    x = kpo_rs.kalman_filter(log_ratio, **(settings or {}))
+    x = kpo_rs.kalman_filter(log_ratio, params=_params(settings))
     return token_switches(log_ratio).frequency, token_switches(x).frequency
 
 
@@ -355,7 +368,7 @@ class Run:
             true_ratios.append((detached - trainer_logp[idx]).cpu().numpy().astype(np.float64))
         z, z_true = np.concatenate(log_ratios), np.concatenate(true_ratios)
         settings = self.settings
-        x = kpo_rs.kalman_filter(z, **(settings or {}))
+        x = kpo_rs.kalman_filter(z, params=_params(settings))
         raw, filtered = _switch_rates(z, settings)
         clip_share = None
         if self.band is not None:
@@ -366,7 +379,7 @@ class Run:
         last = log_ratios[-1][0]
         self.example = {
             "raw": last,
-            "filtered": kpo_rs.kalman_filter(last[None, :], **(settings or {}))[0],
+            "filtered": kpo_rs.kalman_filter(last[None, :], params=_params(settings))[0],
             "all": z,
         }
         if cfg.filter_arm == "fit" and settings is not None and self.fitted is None:
