@@ -101,15 +101,13 @@ def _row_end(row, start, cu_ptr, row_len, inb, PACKED: tl.constexpr):
 
 
 @triton.jit
-def _segment_count(step, reset, REVERSE: tl.constexpr):
-    """Per position, in time order (``REVERSE``: the tile holds positions in reverse order):
-    ``P`` = steps from the tile's first position to here, ``R`` = ``P`` just before the last row
-    start at or before here (-1 when the row starts before the tile). The row's count of steps
-    up to here is ``P - R`` (or carry-in + ``P`` when ``R < 0``). Sums and maxima only, so the
-    direction of the scan cannot change their result."""
+def _segment_count(step, reset):
+    """Per position: ``P`` = steps from the tile's first position to here, ``R`` = ``P`` just
+    before the last row start at or before here (-1 when the row starts before the tile). The
+    row's count of steps up to here is ``P - R`` (or carry-in + ``P`` when ``R < 0``)."""
     s = step.to(tl.int32)
-    p = tl.associative_scan(s, 0, _add, reverse=REVERSE)
-    r = tl.associative_scan(tl.where(reset, p - s, -1), 0, _running_max, reverse=REVERSE)
+    p = tl.associative_scan(s, 0, _add)
+    r = tl.associative_scan(tl.where(reset, p - s, -1), 0, _running_max)
     return p, r
 
 
@@ -172,7 +170,7 @@ def _tile_counts(
     """The valid-token counts of tile ``j`` (positions in time order): ``(P, R, carry)`` of
     :func:`_segment_count`, with the count carried into the tile from its first row's earlier
     tiles (published and looked back for by :func:`_count_carry`)."""
-    p, r = _segment_count(valid, reset, False)
+    p, r = _segment_count(valid, reset)
     p_last = _at(p, i, BT - 1)
     r_last = _at(r, i, BT - 1)
     has_reset = (r_last >= 0).to(tl.int32)
@@ -370,7 +368,8 @@ def adjoint_kernel(
     HOLD: tl.constexpr,
     PUBLISH: tl.constexpr,
 ):
-    """One tile of the adjoint, tiles and positions in reverse order:
+    """One tile of the adjoint, tiles taken in reverse order, positions in natural order (so
+    loads and stores vectorise) and scanned backwards (``reverse=True``):
     ``mu_t = g'_t + a_{t+1} mu_{t+1}`` (``a_{t+1} = 0`` past a row's end), ``dz_t = K_{n_t} mu_t``
     at valid positions, ``dm0 = a_s mu_s`` at a row's start ``s``. ``cin``: the count pre-pass
     (under ``HOLD`` with a mask)."""
@@ -378,7 +377,7 @@ def adjoint_kernel(
     flags_ptr = ws_ptr + 1
     c = n_tiles - 1 - j
     i = tl.arange(0, BT)
-    t = c * BT + (BT - 1 - i)
+    t = c * BT + i
     inb = t < total
     row, start = _rows(t, cu_ptr, n_rows, row_len, search_steps, PACKED)
     end = _row_end(row, start, cu_ptr, row_len, inb, PACKED)
@@ -390,7 +389,7 @@ def adjoint_kernel(
     if HOLD and HAS_MASK:
         step = valid
         step_next = tl.load(mask_ptr + t + 1, mask=nxt, other=0).to(tl.int1)
-        p, r = _segment_count(step, inb & (t == start), True)
+        p, r = _segment_count(step, inb & (t == start))
         count = tl.where(r >= 0, p - r, tl.load(cin_ptr + c) + p)
         n = count - 1
         n_next = count
@@ -403,17 +402,16 @@ def adjoint_kernel(
         read = valid
     if not HOLD:
         read = valid
-    # under ``read`` (not loaded in bounds then selected, as the forward's z): the reversed index
-    # does not vectorise, and the select costs the fp64 adjoint spills (ptxas, sm_90a)
-    g = tl.load(g_ptr + t, mask=read, other=0)
+    # loaded under the in-bounds mask (aligned runs of it vectorise), then selected by ``read``
+    g = tl.where(read, tl.load(g_ptr + t, mask=inb, other=0), 0)
     dtype = g.dtype
     a_next = tl.load(a_ptr + n_next, mask=step_next, other=1)
     a_el = tl.where(nxt, a_next, 0).to(dtype)
-    sa, sb = tl.associative_scan((a_el, g), 0, _affine)
-    need = (_at(sa, i, 0) != 0).to(tl.int32)
-    carry = _state_carry(
-        j, flags_ptr, st_ptr, n_tiles, _at(sa, i, BT - 1), _at(sb, i, BT - 1), need, PUBLISH
-    )
+    # backwards in time: the scan's first element is the tile's last position, its aggregate
+    # lands on the first (the same combinations as a forward scan of the reversed tile)
+    sa, sb = tl.associative_scan((a_el, g), 0, _affine, reverse=True)
+    need = (_at(sa, i, BT - 1) != 0).to(tl.int32)
+    carry = _state_carry(j, flags_ptr, st_ptr, n_tiles, _at(sa, i, 0), _at(sb, i, 0), need, PUBLISH)
     mu = tl.where(sa == 0, sb, sa * carry + sb)
     gain = tl.load(k_ptr + n, mask=valid, other=0)
     dz = tl.where(valid, gain * mu, 0)
