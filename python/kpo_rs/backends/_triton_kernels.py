@@ -32,10 +32,16 @@ inclusive values back makes later tiles walk back over aggregates and compose th
 look-back's walk and composition run under triton's interpreter (which runs programs one after
 another); tests/test_triton.py checks that the results are bitwise those of the default.
 
-Only triton.language's builtins are called (``tl.reduce`` and ``tl.associative_scan`` with
-triton's own sum and max combine functions, not ``tl.sum`` and friends, which are jit functions):
-triton's interpreter runs a copy of these kernels even when triton.language was imported without
-``TRITON_INTERPRET``.
+Per tile, the values picked out of the scans (first and last elements) are one block reduction
+of a tuple (:func:`_at3`), the segmented count one tuple scan, and the two non-finite records one
+reduction: each block reduction or scan across warps is an exchange through shared memory with
+its barriers. Atomics that order nothing are relaxed (the ticket: a program's acquire polls order
+what it reads; the records: read after the kernel); publications are releases and polls acquires.
+
+Only triton.language's builtins are called (``tl.reduce`` and ``tl.associative_scan`` with this
+module's combine functions, not ``tl.sum`` and friends, which are jit functions defined when
+triton.language was imported): triton's interpreter runs a copy of these kernels even when
+triton.language was imported without ``TRITON_INTERPRET``.
 """
 
 from __future__ import annotations
@@ -54,21 +60,30 @@ def _affine(a1, b1, a2, b2):
     return a1 * a2, tl.where(a2 == 0, b2, a2 * b1 + b2)
 
 
-#: triton's own combine functions for sums and maxima: compiled, they are what ``tl.sum`` and
-#: ``tl.max`` use; interpreted, triton computes them with numpy instead of calling them per element.
-_add = tl.standard._sum_combine
-_max = tl.standard._elementwise_max
+@triton.jit
+def _count_pair(p1, r1, p2, r2):
+    """``(P, R)`` of a run followed by another (see :func:`_segment_count`): steps add up, and
+    the later run's last row start, if it has one, moves by the earlier run's steps."""
+    return p1 + p2, tl.where(r2 >= 0, p1 + r2, r1)
 
 
 @triton.jit
-def _running_max(a, b):
-    return tl.maximum(a, b)
+def _sum3(a0, a1, a2, b0, b1, b2):
+    return a0 + b0, a1 + b1, a2 + b2
 
 
 @triton.jit
-def _at(x, i, k):
-    """The element of ``x`` at index ``k`` (exact: every other term of the sum is 0)."""
-    return tl.reduce(tl.where(i == k, x, 0), 0, _add)
+def _max2(a0, a1, b0, b1):
+    return tl.maximum(a0, b0), tl.maximum(a1, b1)
+
+
+@triton.jit
+def _at3(i, x0, k0, x1, k1, x2, k2):
+    """The elements ``x0[k0]``, ``x1[k1]``, ``x2[k2]`` in one block reduction (one exchange
+    through shared memory instead of three; exact: every other term of each sum is 0)."""
+    return tl.reduce(
+        (tl.where(i == k0, x0, 0), tl.where(i == k1, x1, 0), tl.where(i == k2, x2, 0)), 0, _sum3
+    )
 
 
 @triton.jit
@@ -105,10 +120,7 @@ def _segment_count(step, reset):
     """Per position: ``P`` = steps from the tile's first position to here, ``R`` = ``P`` just
     before the last row start at or before here (-1 when the row starts before the tile). The
     row's count of steps up to here is ``P - R`` (or carry-in + ``P`` when ``R < 0``)."""
-    s = step.to(tl.int32)
-    p = tl.associative_scan(s, 0, _add)
-    r = tl.associative_scan(tl.where(reset, p - s, -1), 0, _running_max)
-    return p, r
+    return tl.associative_scan((step.to(tl.int32), tl.where(reset, 0, -1)), 0, _count_pair)
 
 
 @triton.jit
@@ -171,11 +183,10 @@ def _tile_counts(
     :func:`_segment_count`, with the count carried into the tile from its first row's earlier
     tiles (published and looked back for by :func:`_count_carry`)."""
     p, r = _segment_count(valid, reset)
-    p_last = _at(p, i, BT - 1)
-    r_last = _at(r, i, BT - 1)
+    p_last, r_last, reset_0 = _at3(i, p, BT - 1, r, BT - 1, reset.to(tl.int32), 0)
     has_reset = (r_last >= 0).to(tl.int32)
     agg = p_last - tl.maximum(r_last, 0)
-    need = 1 - _at(reset.to(tl.int32), i, 0)
+    need = 1 - reset_0
     return p, r, _count_carry(j, flags_ptr, cnt_ptr, n_tiles, has_reset, agg, need, PUBLISH)
 
 
@@ -217,13 +228,18 @@ def _state_carry(j, flags_ptr, st_ptr, n_tiles, agg_a, agg_b, need, PUBLISH: tl.
 
 
 @triton.jit
-def _record(status_ptr, bad, row, pos):
-    """``atomic_max`` of ``2^62 - (row * 2^31 + pos)`` over the ``bad`` positions: row and
-    position are int32 (at least 0), so the code is at least 1 for every one of them; it is
-    saturated at 1 all the same, so a record is never dropped."""
-    code = (1 << 62) - (row.to(tl.int64) * (1 << 31) + pos.to(tl.int64))
-    worst = tl.reduce(tl.where(bad, tl.maximum(code, 1), 0), 0, _max)
-    tl.atomic_max(status_ptr, worst, mask=worst > 0)
+def _record(status_ptr, bad_in, bad_out, row, pos):
+    """``atomic_max`` of ``2^62 - (row * 2^31 + pos)`` over the ``bad_in`` positions into
+    ``status[0]`` and over the ``bad_out`` ones into ``status[1]`` (one block reduction for both;
+    relaxed: the record is read only after the kernel). Row and position are int32 (at least 0),
+    so the code is at least 1 for every one of them; it is saturated at 1 all the same, so a
+    record is never dropped."""
+    code = tl.maximum((1 << 62) - (row.to(tl.int64) * (1 << 31) + pos.to(tl.int64)), 1)
+    worst_in, worst_out = tl.reduce(
+        (tl.where(bad_in, code, 0), tl.where(bad_out, code, 0)), 0, _max2
+    )
+    tl.atomic_max(status_ptr, worst_in, mask=worst_in > 0, sem="relaxed")
+    tl.atomic_max(status_ptr + 1, worst_out, mask=worst_out > 0, sem="relaxed")
 
 
 @triton.jit
@@ -232,7 +248,7 @@ def _next_tile(
 ):
     """The tile this program takes (tickets in time order) and its positions:
     ``(j, i, t, inb, row, start, reset)``, ``reset`` where a row starts."""
-    j = tl.atomic_add(ws_ptr, 1).to(tl.int32)
+    j = tl.atomic_add(ws_ptr, 1, sem="relaxed").to(tl.int32)
     i = tl.arange(0, BT)
     t = j * BT + i
     inb = t < total
@@ -305,17 +321,15 @@ def forward_kernel(
     a_el = tl.where(reset, 0, keep).to(dtype)
     b_el = tl.where(reset, keep * m0 + b, b)
     sa, sb = tl.associative_scan((a_el, b_el), 0, _affine)
-    need = (_at(sa, i, 0) != 0).to(tl.int32)
-    carry = _state_carry(
-        j, flags_ptr, st_ptr, n_tiles, _at(sa, i, BT - 1), _at(sb, i, BT - 1), need, PUBLISH
-    )
+    sa_0, sa_last, sb_last = _at3(i, sa, 0, sa, BT - 1, sb, BT - 1)
+    need = (sa_0 != 0).to(tl.int32)
+    carry = _state_carry(j, flags_ptr, st_ptr, n_tiles, sa_last, sb_last, need, PUBLISH)
     x = tl.where(sa == 0, sb, sa * carry + sb)
     if not HOLD:
         x = tl.where(valid, x, 0)
     tl.store(out_ptr + t, x, mask=inb)
     pos = t - start
-    _record(status_ptr, valid & ((z - z) != 0), row, pos)
-    _record(status_ptr + 1, inb & ((x - x) != 0), row, pos)
+    _record(status_ptr, valid & ((z - z) != 0), inb & ((x - x) != 0), row, pos)
 
 
 @triton.jit
@@ -373,7 +387,7 @@ def adjoint_kernel(
     ``mu_t = g'_t + a_{t+1} mu_{t+1}`` (``a_{t+1} = 0`` past a row's end), ``dz_t = K_{n_t} mu_t``
     at valid positions, ``dm0 = a_s mu_s`` at a row's start ``s``. ``cin``: the count pre-pass
     (under ``HOLD`` with a mask)."""
-    j = tl.atomic_add(ws_ptr, 1).to(tl.int32)
+    j = tl.atomic_add(ws_ptr, 1, sem="relaxed").to(tl.int32)
     flags_ptr = ws_ptr + 1
     c = n_tiles - 1 - j
     i = tl.arange(0, BT)
@@ -410,8 +424,9 @@ def adjoint_kernel(
     # backwards in time: the scan's first element is the tile's last position, its aggregate
     # lands on the first (the same combinations as a forward scan of the reversed tile)
     sa, sb = tl.associative_scan((a_el, g), 0, _affine, reverse=True)
-    need = (_at(sa, i, BT - 1) != 0).to(tl.int32)
-    carry = _state_carry(j, flags_ptr, st_ptr, n_tiles, _at(sa, i, 0), _at(sb, i, 0), need, PUBLISH)
+    sa_first, sa_0, sb_0 = _at3(i, sa, BT - 1, sa, 0, sb, 0)
+    need = (sa_first != 0).to(tl.int32)
+    carry = _state_carry(j, flags_ptr, st_ptr, n_tiles, sa_0, sb_0, need, PUBLISH)
     mu = tl.where(sa == 0, sb, sa * carry + sb)
     gain = tl.load(k_ptr + n, mask=valid, other=0)
     dz = tl.where(valid, gain * mu, 0)
@@ -420,5 +435,4 @@ def adjoint_kernel(
     keep0 = tl.load(a_ptr + n, mask=first & step, other=1)
     tl.store(dm0_ptr + row, keep0 * mu, mask=first)
     pos = t - start
-    _record(status_ptr, read & ((g - g) != 0), row, pos)
-    _record(status_ptr + 1, inb & ((dz - dz) != 0), row, pos)
+    _record(status_ptr, read & ((g - g) != 0), inb & ((dz - dz) != 0), row, pos)
