@@ -136,6 +136,23 @@ def test_packed_matches_reference(batch, params, seed, m0_kind, tile):
     _check_module(batch, params, seed, m0_kind, tile)
 
 
+@pytest.mark.parametrize("tile", [8, 32])
+def test_many_packed_rows_per_tile(tile):
+    """Rows of 0 to 9 tokens, many to a tile: empty rows first, last and in runs (tile
+    boundaries on them), tiles beginning at a row start and inside a row, a ragged last tile.
+    The kernels search a tile's first and last rows once per tile, then each position only
+    among the rows that start inside the tile: forward and adjoint against the reference."""
+    rng = np.random.default_rng(8)
+    lengths = [0, 0, 3, 1, 0, 9, 2, 0, 0, 5, 8, 1, 1, 1, 0, 7, 4, 0, 2, 6, 0, 0]
+    cu = np.concatenate([[0], np.cumsum(lengths)])
+    values = rng.normal(size=int(cu[-1]))
+    mask = rng.random(int(cu[-1])) < 0.7
+    for masked in ("hold", "zero"):
+        params = {"q": 0.05, "r": 1.0, "p0": 1.0, "m0": 0.5, "masked": masked}
+        for m in (mask, None):
+            _check_module(testing.PackedBatch(values, cu, m), params, 3, "per row", tile)
+
+
 @pytest.mark.parametrize("packed", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("masked", ["hold", "zero"])

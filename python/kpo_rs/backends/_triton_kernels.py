@@ -87,17 +87,36 @@ def _at3(i, x0, k0, x1, k1, x2, k2):
 
 
 @triton.jit
-def _rows(t, cu_ptr, n_rows, row_len, search_steps, PACKED: tl.constexpr):
-    """Row index and row start of each position ``t`` (int32)."""
+def _rows(t, t0, total, cu_ptr, n_rows, row_len, search_steps, PACKED: tl.constexpr):
+    """Row index and row start of each position ``t`` (int32) of the tile that begins at ``t0``
+    (positions past ``total`` get some row; every use of them is masked)."""
     if PACKED:
-        # the last row r with cu[r] <= t (rows of length 0 share their offset with the next)
-        lo = t * 0
-        hi = lo + (n_rows - 1)
+        # the last row r with cu[r] <= t (rows of length 0 share their offset with the next):
+        # searched once per tile for its first and last positions (two independent scalar
+        # searches in one loop), then per position only among the rows that start in the tile
+        t1 = tl.minimum(t0 + t.shape[0], total) - 1
+        lo0 = t0 * 0
+        hi0 = lo0 + (n_rows - 1)
+        lo1 = lo0
+        hi1 = hi0
         for _ in range(search_steps):
+            mid0 = (lo0 + hi0 + 1) >> 1
+            mid1 = (lo1 + hi1 + 1) >> 1
+            go0 = tl.load(cu_ptr + mid0).to(tl.int32) <= t0
+            go1 = tl.load(cu_ptr + mid1).to(tl.int32) <= t1
+            lo0 = tl.where(go0, mid0, lo0)
+            hi0 = tl.where(go0, hi0, mid0 - 1)
+            lo1 = tl.where(go1, mid1, lo1)
+            hi1 = tl.where(go1, hi1, mid1 - 1)
+        lo = lo0 + t * 0
+        hi = lo1 + t * 0
+        span = lo1 - lo0  # steps: the bit length of the span, 0 when one row covers the tile
+        while span > 0:
             mid = (lo + hi + 1) >> 1
             go = tl.load(cu_ptr + mid).to(tl.int32) <= t
             lo = tl.where(go, mid, lo)
             hi = tl.where(go, hi, mid - 1)
+            span = span >> 1
         start = tl.load(cu_ptr + lo).to(tl.int32)
         row = lo
     else:
@@ -244,16 +263,31 @@ def _record(status_ptr, bad_in, bad_out, row, pos):
 
 @triton.jit
 def _next_tile(
-    ws_ptr, total, cu_ptr, n_rows, row_len, search_steps, BT: tl.constexpr, PACKED: tl.constexpr
+    ws_ptr,
+    total,
+    n_tiles,
+    cu_ptr,
+    n_rows,
+    row_len,
+    search_steps,
+    BT: tl.constexpr,
+    PACKED: tl.constexpr,
+    REVERSE: tl.constexpr,
 ):
-    """The tile this program takes (tickets in time order) and its positions:
-    ``(j, i, t, inb, row, start, reset)``, ``reset`` where a row starts."""
+    """The tile this program takes (tickets in time order, or in reverse time order under
+    ``REVERSE``) and its positions in natural order: ``(j, c, i, t, inb, row, start, reset)``,
+    ``j`` the ticket (the look-back's order), ``c`` the tile's place in the sequence, ``reset``
+    where a row starts."""
     j = tl.atomic_add(ws_ptr, 1, sem="relaxed").to(tl.int32)
+    if REVERSE:
+        c = n_tiles - 1 - j
+    else:
+        c = j
     i = tl.arange(0, BT)
-    t = j * BT + i
+    t = c * BT + i
     inb = t < total
-    row, start = _rows(t, cu_ptr, n_rows, row_len, search_steps, PACKED)
-    return j, i, t, inb, row, start, inb & (t == start)
+    row, start = _rows(t, c * BT, total, cu_ptr, n_rows, row_len, search_steps, PACKED)
+    return j, c, i, t, inb, row, start, inb & (t == start)
 
 
 @triton.jit
@@ -294,8 +328,8 @@ def forward_kernel(
 ):
     """One tile of the forward filter. ``k_ptr``/``a_ptr``: the gains ``K_n`` and ``1 - K_n`` in
     the compute dtype; ``m0_bits``: a float64 prior mean's bits (when not ``M0_PTR``)."""
-    j, i, t, inb, row, start, reset = _next_tile(
-        ws_ptr, total, cu_ptr, n_rows, row_len, search_steps, BT, PACKED
+    j, _, i, t, inb, row, start, reset = _next_tile(
+        ws_ptr, total, n_tiles, cu_ptr, n_rows, row_len, search_steps, BT, PACKED, False
     )
     flags_ptr = ws_ptr + 1
     if HAS_MASK:
@@ -350,8 +384,8 @@ def count_kernel(
 ):
     """The adjoint's pre-pass under ``masked="hold"``: ``cin[c]`` = valid tokens of the row of
     tile ``c``'s first position that precede the tile."""
-    j, i, t, inb, _, _, reset = _next_tile(
-        ws_ptr, total, cu_ptr, n_rows, row_len, search_steps, BT, PACKED
+    j, _, i, t, inb, _, _, reset = _next_tile(
+        ws_ptr, total, n_tiles, cu_ptr, n_rows, row_len, search_steps, BT, PACKED, False
     )
     valid = tl.load(mask_ptr + t, mask=inb, other=0).to(tl.int1)
     _, _, carry = _tile_counts(valid, reset, i, j, ws_ptr + 1, cnt_ptr, n_tiles, BT, PUBLISH)
@@ -387,13 +421,10 @@ def adjoint_kernel(
     ``mu_t = g'_t + a_{t+1} mu_{t+1}`` (``a_{t+1} = 0`` past a row's end), ``dz_t = K_{n_t} mu_t``
     at valid positions, ``dm0 = a_s mu_s`` at a row's start ``s``. ``cin``: the count pre-pass
     (under ``HOLD`` with a mask)."""
-    j = tl.atomic_add(ws_ptr, 1, sem="relaxed").to(tl.int32)
+    j, c, i, t, inb, row, start, first = _next_tile(
+        ws_ptr, total, n_tiles, cu_ptr, n_rows, row_len, search_steps, BT, PACKED, True
+    )
     flags_ptr = ws_ptr + 1
-    c = n_tiles - 1 - j
-    i = tl.arange(0, BT)
-    t = c * BT + i
-    inb = t < total
-    row, start = _rows(t, cu_ptr, n_rows, row_len, search_steps, PACKED)
     end = _row_end(row, start, cu_ptr, row_len, inb, PACKED)
     nxt = inb & (t + 1 < end)
     if HAS_MASK:
@@ -403,7 +434,7 @@ def adjoint_kernel(
     if HOLD and HAS_MASK:
         step = valid
         step_next = tl.load(mask_ptr + t + 1, mask=nxt, other=0).to(tl.int1)
-        p, r = _segment_count(step, inb & (t == start))
+        p, r = _segment_count(step, first)
         count = tl.where(r >= 0, p - r, tl.load(cin_ptr + c) + p)
         n = count - 1
         n_next = count
@@ -431,7 +462,6 @@ def adjoint_kernel(
     gain = tl.load(k_ptr + n, mask=valid, other=0)
     dz = tl.where(valid, gain * mu, 0)
     tl.store(dz_ptr + t, dz, mask=inb)
-    first = inb & (t == start)
     keep0 = tl.load(a_ptr + n, mask=first & step, other=1)
     tl.store(dm0_ptr + row, keep0 * mu, mask=first)
     pos = t - start

@@ -299,7 +299,7 @@ class _Call(NamedTuple):
 
     @property
     def steps(self) -> int:
-        """Steps of the kernels' binary search for a position's row."""
+        """Steps of the kernels' binary search for the rows of a tile's first and last positions."""
         return max(self.n_rows - 1, 0).bit_length()
 
     def empty(self, n: int, dtype: torch.dtype) -> torch.Tensor:
