@@ -287,10 +287,20 @@ def test_compile_fullgraph_matches_eager():
 
 
 @contextlib.contextmanager
-def _publish_every(every: int):
+def _look_back(every: int, window: int, atomic_load: bool = True):
+    """Which tiles publish inclusive values, the look-back's window, and whether its polls use
+    ``tl.atomic_load`` (False: the ``atomic_add(ptr, 0)`` of tritons without it)."""
+    import triton.language as tl
+
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(tb, "PUBLISH_EVERY", every)
+        mp.setattr(tb, "LOOK_BACK_WINDOW", window)
+        mp.setattr(tb._kernels(True), "ATOMIC_LOAD", tl.constexpr(atomic_load))
         yield
+
+
+#: (PUBLISH_EVERY, LOOK_BACK_WINDOW, atomic_load) of the look-back tests, the default first
+LOOK_BACK_SETTINGS = [(1, tb.LOOK_BACK_WINDOW, True), (0, 16, True), (3, 1, True), (0, 2, False)]
 
 
 def _holey_case(packed: bool, dtype: torch.dtype, seed: int):
@@ -311,6 +321,10 @@ def _holey_case(packed: bool, dtype: torch.dtype, seed: int):
     return z, g, mask, cu, m0
 
 
+def _bits(x: torch.Tensor) -> torch.Tensor:
+    return x.view(torch.int64 if x.dtype == torch.float64 else torch.int32)
+
+
 #: (packed, dtype, masked) of the look-back tests: two in the fast tier, between them both
 #: layouts, dtypes and mask modes; the rest slow (the interpreter takes about 75 ms a program).
 LOOK_BACK_CASES = [
@@ -326,23 +340,26 @@ LOOK_BACK_CASES = [
 def test_look_back_walk_gives_the_same_bits(packed, dtype, masked):
     """Tiles holding their inclusive values back (never, or publishing every third tile), so
     that each tile walks back over its predecessors' aggregates, sums their counts and composes
-    their maps: forward and adjoint (and its count pre-pass) bitwise equal to every tile
-    publishing. The interpreter runs programs one after another, so without holding back every
+    their maps, with windows of 16, 2 and 1 flags (walks over several windows, maps applied
+    across windows) and the polls of tritons without ``tl.atomic_load``: forward and adjoint
+    (and its count pre-pass) bitwise equal to the default (every tile publishing, the backend's
+    window). The interpreter runs programs one after another, so without holding back every
     walk would stop at the tile just before."""
     z, g, mask, cu, m0_rows = _holey_case(packed, dtype, seed=21)
     params = FilterParams(q=1e-2, r=0.5, p0=2.0, masked=masked)
     cases = [(mask, m0_rows)] + ([(None, 0.25)] if masked == "zero" else [])
     results = {}
-    for every in (1, 0, 3):
+    for setting in LOOK_BACK_SETTINGS:
         got = []
-        with triton_tile(8), _publish_every(every):
+        with triton_tile(8), _look_back(*setting):
             for m, m0 in cases:
                 got.append(tb.forward(Rows(z, cu, m, params), m0, check="sync"))
                 got.extend(tb.adjoint(Rows(g, cu, m, params), check="sync"))
-        results[every] = got
-    for every in (0, 3):
-        for want, have in zip(results[1], results[every], strict=True):
-            assert torch.equal(want, have), every
+        results[setting] = got
+    for setting in LOOK_BACK_SETTINGS[1:]:
+        for want, have in zip(results[LOOK_BACK_SETTINGS[0]], results[setting], strict=True):
+            assert torch.equal(want, have), setting
+            assert torch.equal(_bits(want), _bits(have)), setting  # signs of zeros included
     # (the default path against the reference: the property tests above)
 
 
@@ -557,14 +574,15 @@ def test_kernels_compile_to_ptx(arch, name, dtype, constexprs):
     from triton.compiler import ASTSource
 
     fn = getattr(tb._kernels(False), name)
-    constexprs = {**constexprs, "PUBLISH": 1}
+    constexprs = {**constexprs, "PUBLISH": 1, "WINDOW": tb.LOOK_BACK_WINDOW}
     src = ASTSource(fn=fn, signature=_signature(fn, dtype, constexprs), constexprs=constexprs)
     warps = max(1, min(4, constexprs["BT"] // 256))  # as the backend chooses
     options = {"num_warps": warps, "enable_fp_fusion": True}
     compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
     ptx = compiled.asm["ptx"]
     assert f".target sm_{arch}" in ptx
-    assert "acquire" in ptx and "release" in ptx
+    # polls: acquire loads, or relaxed loads and an acquire fence (fence.acq_rel before sm_90)
+    assert ("acquire" in ptx or "fence.acq_rel.gpu" in ptx) and "release" in ptx
 
 
 def _specialised_ptx(name: str, dtype: str, constexprs: dict, arch: int = 90):
@@ -580,7 +598,7 @@ def _specialised_ptx(name: str, dtype: str, constexprs: dict, arch: int = 90):
     from triton.compiler import ASTSource
 
     fn = getattr(tb._kernels(False), name)
-    constexprs = {**constexprs, "PUBLISH": 1}
+    constexprs = {**constexprs, "PUBLISH": 1, "WINDOW": tb.LOOK_BACK_WINDOW}
     sig = _signature(fn, dtype, constexprs)
     divisible = [["tt.divisibility", 16]]
     attrs = {
@@ -613,8 +631,9 @@ REGISTER_BUDGET = 128
 @pytest.mark.parametrize(("name", "dtype", "constexprs"), KERNEL_VARIANTS)
 def test_specialised_ptx_protocol_vectors_and_registers(name, dtype, constexprs):
     """With the JIT's specialisation: every publication (``atom.exch``) is a release preceded by
-    a barrier that follows the published value's store; every flag poll is an acquire, the
-    ticket and the non-finite records relaxed atomics; no load
+    a barrier that follows the published value's store; every flag poll is an acquire (a load,
+    or a window's relaxed loads and an acquire fence), the ticket and the non-finite records
+    relaxed atomics; no load
     is non-coherent (``.nc``: a look-back load could read a stale cached value); no local memory
     (spills); the unmasked padded forward loads and stores 16-byte vectors, the adjoint loads and
     stores vectors; registers within :data:`REGISTER_BUDGET` for every kernel."""
@@ -628,9 +647,16 @@ def test_specialised_ptx_protocol_vectors_and_registers(name, dtype, constexprs)
         barrier = max(m for m, line in enumerate(before) if line.startswith("bar.sync"))
         stores = [m for m, line in enumerate(before) if "st.global" in line]
         assert stores and stores[-1] < barrier, f"no store, barrier, release before {lines[k]}"
-    polls = [line for line in lines if re.search(r"(ld|atom)\.global\.gpu\.\w+\.b64", line)]
-    polls = [line for line in polls if ".exch." not in line]
-    assert polls and all(".acquire." in p for p in polls), polls
+    # flag polls: acquire loads, or (tl.atomic_load of a block) relaxed loads each followed at
+    # once by an acquire fence, before any load of the values behind them
+    polls = [k for k, line in enumerate(lines) if re.search(r"ld\.(\w+\.)*gpu\.(\w+\.)*b64", line)]
+    assert polls
+    for k in polls:
+        if ".acquire." in lines[k]:
+            continue
+        assert ".relaxed." in lines[k], lines[k]
+        after = [line for line in lines[k + 1 :] if line and not line.startswith(("//", ".loc"))]
+        assert after[0].startswith(("fence.acquire.gpu", "fence.acq_rel.gpu")), after[:2]
     # no ordering needed: the ticket (a program's polls order what it reads) and the records
     # (read after the kernel) are relaxed
     adds = [line for line in lines if re.search(r"atom\.global\.\S*add", line)]

@@ -51,6 +51,10 @@ import triton.language as tl
 
 #: ``2^62``: codes are stored as ``CODE_BASE - (row * 2^31 + position)`` (> 0; 0 means none).
 CODE_BASE = 1 << 62
+#: Whether this triton has ``tl.atomic_load`` (acquire loads of a block: ``ld.acquire``); older
+#: ones poll with ``atomic_add(ptr, 0)``, which is an acquire load only for a scalar and a
+#: read-modify-write per flag for a block.
+ATOMIC_LOAD: tl.constexpr = tl.constexpr(hasattr(tl, "atomic_load"))
 
 
 @triton.jit
@@ -75,6 +79,29 @@ def _sum3(a0, a1, a2, b0, b1, b2):
 @triton.jit
 def _max2(a0, a1, b0, b1):
     return tl.maximum(a0, b0), tl.maximum(a1, b1)
+
+
+@triton.jit
+def _min2(a0, a1, b0, b1):
+    return tl.minimum(a0, b0), tl.minimum(a1, b1)
+
+
+@triton.jit
+def _sum1(a, b):
+    return a + b
+
+
+@triton.jit
+def _first_chosen(c1, a1, b1, c2, a2, b2):
+    return c1 | c2, tl.where(c1 != 0, a1, a2), tl.where(c1 != 0, b1, b2)
+
+
+@triton.jit
+def _pick2(chosen, x0, x1):
+    """``(x0[k], x1[k])`` at the one ``k`` where ``chosen``, bit for bit (a selection, not a
+    sum: ``-0.0`` and NaN payloads stay as they are)."""
+    _, v0, v1 = tl.reduce((chosen.to(tl.int32), x0, x1), 0, _first_chosen)
+    return v0, v1
 
 
 @triton.jit
@@ -168,7 +195,52 @@ def _publish(slot_ptr, value, flag_ptr, flag):
 
 
 @triton.jit
-def _count_carry(j, flags_ptr, cnt_ptr, n_tiles, has_reset, agg, need, PUBLISH: tl.constexpr):
+def _poll(flag_ptrs):
+    """Acquire loads of the flags ``flag_ptrs``."""
+    if ATOMIC_LOAD:
+        f = tl.atomic_load(flag_ptrs, sem="acquire")
+    else:
+        f = tl.atomic_add(flag_ptrs, 0, sem="acquire")
+    return f
+
+
+@triton.jit
+def _nearest_inclusive(flags_ptr, j, WINDOW: tl.constexpr):
+    """The look-back's walk: the nearest tile ``s < j`` whose flag is 2 (inclusive value
+    published) once every tile between ``s`` and ``j`` has a flag (aggregate published), polling
+    ``WINDOW`` flags per round trip (tiles ``k, k - 1, ..., k - WINDOW + 1``, acquire loads); a
+    window of aggregates only moves the walk back by ``WINDOW``, a window with an unpublished
+    tile in front of its nearest state is polled again. Places before tile 0 poll tile 0 (whose
+    first position starts a row, so it publishes its inclusive value at once, and the walk stops
+    there at the latest). A barrier after the polls orders every thread's loads of the values
+    behind the flags after them."""
+    w = tl.arange(0, WINDOW)
+    k = j - 1
+    s = tl.maximum(k, 0)
+    while k >= 0:
+        f = _poll(flags_ptr + tl.maximum(k - w, 0))
+        n2, n0 = tl.reduce((tl.where(f == 2, w, WINDOW), tl.where(f == 0, w, WINDOW)), 0, _min2)
+        if n2 < n0:
+            s = k - n2
+            k = -1
+        elif n0 == WINDOW:
+            k -= WINDOW
+    tl.debug_barrier()
+    return s
+
+
+@triton.jit
+def _count_carry(
+    j,
+    flags_ptr,
+    cnt_ptr,
+    n_tiles,
+    has_reset,
+    agg,
+    need,
+    PUBLISH: tl.constexpr,
+    WINDOW: tl.constexpr,
+):
     """Publishes tile ``j``'s step count in the count flags ``flags_ptr`` (aggregate: flag 1;
     inclusive: flag 2, at once when the tile holds a row start) and returns
     the count carried into it: the steps of its first row before the tile, looked back for only
@@ -179,15 +251,16 @@ def _count_carry(j, flags_ptr, cnt_ptr, n_tiles, has_reset, agg, need, PUBLISH: 
     else:
         _publish(cnt_ptr + j, agg, flags_ptr + j, 1)
     if need != 0:
-        k = j - 1
-        while k >= 0:
-            f = tl.atomic_add(flags_ptr + k, 0, sem="acquire")
-            if f == 2:
-                carry += tl.load(cnt_ptr + n_tiles + k, volatile=True)
-                k = -1
-            elif f == 1:
-                carry += tl.load(cnt_ptr + k, volatile=True)
-                k -= 1
+        # the nearest inclusive count, plus the aggregates after it, a window at a time
+        s = _nearest_inclusive(flags_ptr, j, WINDOW)
+        carry += tl.load(cnt_ptr + n_tiles + s, volatile=True)
+        w = tl.arange(0, WINDOW)
+        m = s + 1
+        while m < j:
+            ahead = m + w
+            aggs = tl.load(cnt_ptr + ahead, mask=ahead < j, other=0, volatile=True)
+            carry += tl.reduce(aggs, 0, _sum1)
+            m += WINDOW
     if has_reset == 0:
         if _inclusive_due(j, PUBLISH):
             _publish(cnt_ptr + n_tiles + j, agg + carry, flags_ptr + j, 2)
@@ -196,7 +269,16 @@ def _count_carry(j, flags_ptr, cnt_ptr, n_tiles, has_reset, agg, need, PUBLISH: 
 
 @triton.jit
 def _tile_counts(
-    valid, reset, i, j, flags_ptr, cnt_ptr, n_tiles, BT: tl.constexpr, PUBLISH: tl.constexpr
+    valid,
+    reset,
+    i,
+    j,
+    flags_ptr,
+    cnt_ptr,
+    n_tiles,
+    BT: tl.constexpr,
+    PUBLISH: tl.constexpr,
+    WINDOW: tl.constexpr,
 ):
     """The valid-token counts of tile ``j`` (positions in time order): ``(P, R, carry)`` of
     :func:`_segment_count`, with the count carried into the tile from its first row's earlier
@@ -206,11 +288,22 @@ def _tile_counts(
     has_reset = (r_last >= 0).to(tl.int32)
     agg = p_last - tl.maximum(r_last, 0)
     need = 1 - reset_0
-    return p, r, _count_carry(j, flags_ptr, cnt_ptr, n_tiles, has_reset, agg, need, PUBLISH)
+    carry = _count_carry(j, flags_ptr, cnt_ptr, n_tiles, has_reset, agg, need, PUBLISH, WINDOW)
+    return p, r, carry
 
 
 @triton.jit
-def _state_carry(j, flags_ptr, st_ptr, n_tiles, agg_a, agg_b, need, PUBLISH: tl.constexpr):
+def _state_carry(
+    j,
+    flags_ptr,
+    st_ptr,
+    n_tiles,
+    agg_a,
+    agg_b,
+    need,
+    PUBLISH: tl.constexpr,
+    WINDOW: tl.constexpr,
+):
     """Publishes tile ``j``'s map ``x -> agg_a x + agg_b`` (flag 1 in the state flags
     ``flags_ptr``) and its last state (flag 2; at once when the map ignores the carry,
     ``agg_a == 0``) and returns the state carried into it, looked back for only when ``need``
@@ -225,21 +318,20 @@ def _state_carry(j, flags_ptr, st_ptr, n_tiles, agg_a, agg_b, need, PUBLISH: tl.
         _publish(st_ptr + n_tiles + j, agg_b, flags_ptr + j, 1)
     if need != 0:
         # back to the nearest published state, then forward over the maps in between in time
-        # order: the carry is the same as a chain of tiles would give, whatever the timing
-        k = j - 1
-        first = j
-        while k >= 0:
-            f = tl.atomic_add(flags_ptr + k, 0, sem="acquire")
-            if f == 2:
-                carry = tl.load(st_ptr + 2 * n_tiles + k, volatile=True)
-                first = k + 1
-                k = -1
-            elif f == 1:
-                k -= 1
-        for m in range(first, j):
-            pa = tl.load(st_ptr + m, volatile=True)
-            pb = tl.load(st_ptr + n_tiles + m, volatile=True)
-            carry = pa * carry + pb
+        # order (a window of them loaded at once, applied one by one): the carry is the same
+        # as a chain of tiles would give, whatever the timing
+        s = _nearest_inclusive(flags_ptr, j, WINDOW)
+        carry = tl.load(st_ptr + 2 * n_tiles + s, volatile=True)
+        w = tl.arange(0, WINDOW)
+        m = s + 1
+        while m < j:
+            ahead = m + w
+            pa = tl.load(st_ptr + ahead, mask=ahead < j, other=0, volatile=True)
+            pb = tl.load(st_ptr + n_tiles + ahead, mask=ahead < j, other=0, volatile=True)
+            for u in range(0, tl.minimum(j - m, WINDOW)):
+                a_u, b_u = _pick2(w == u, pa, pb)
+                carry = a_u * carry + b_u
+            m += WINDOW
     if agg_a != 0:
         if _inclusive_due(j, PUBLISH):
             _publish(st_ptr + 2 * n_tiles + j, agg_a * carry + agg_b, flags_ptr + j, 2)
@@ -325,6 +417,7 @@ def forward_kernel(
     HOLD: tl.constexpr,
     M0_PTR: tl.constexpr,
     PUBLISH: tl.constexpr,
+    WINDOW: tl.constexpr,
 ):
     """One tile of the forward filter. ``k_ptr``/``a_ptr``: the gains ``K_n`` and ``1 - K_n`` in
     the compute dtype; ``m0_bits``: a float64 prior mean's bits (when not ``M0_PTR``)."""
@@ -339,7 +432,7 @@ def forward_kernel(
     if HOLD and HAS_MASK:
         step = valid
         p, r, carry_n = _tile_counts(
-            valid, reset, i, j, flags_ptr + n_tiles, cnt_ptr, n_tiles, BT, PUBLISH
+            valid, reset, i, j, flags_ptr + n_tiles, cnt_ptr, n_tiles, BT, PUBLISH, WINDOW
         )
         n = tl.where(r >= 0, p - r, carry_n + p) - 1
     else:
@@ -357,7 +450,7 @@ def forward_kernel(
     sa, sb = tl.associative_scan((a_el, b_el), 0, _affine)
     sa_0, sa_last, sb_last = _at3(i, sa, 0, sa, BT - 1, sb, BT - 1)
     need = (sa_0 != 0).to(tl.int32)
-    carry = _state_carry(j, flags_ptr, st_ptr, n_tiles, sa_last, sb_last, need, PUBLISH)
+    carry = _state_carry(j, flags_ptr, st_ptr, n_tiles, sa_last, sb_last, need, PUBLISH, WINDOW)
     x = tl.where(sa == 0, sb, sa * carry + sb)
     if not HOLD:
         x = tl.where(valid, x, 0)
@@ -381,6 +474,7 @@ def count_kernel(
     BT: tl.constexpr,
     PACKED: tl.constexpr,
     PUBLISH: tl.constexpr,
+    WINDOW: tl.constexpr,
 ):
     """The adjoint's pre-pass under ``masked="hold"``: ``cin[c]`` = valid tokens of the row of
     tile ``c``'s first position that precede the tile."""
@@ -388,7 +482,9 @@ def count_kernel(
         ws_ptr, total, n_tiles, cu_ptr, n_rows, row_len, search_steps, BT, PACKED, False
     )
     valid = tl.load(mask_ptr + t, mask=inb, other=0).to(tl.int1)
-    _, _, carry = _tile_counts(valid, reset, i, j, ws_ptr + 1, cnt_ptr, n_tiles, BT, PUBLISH)
+    _, _, carry = _tile_counts(
+        valid, reset, i, j, ws_ptr + 1, cnt_ptr, n_tiles, BT, PUBLISH, WINDOW
+    )
     tl.store(cin_ptr + j, carry)
 
 
@@ -415,6 +511,7 @@ def adjoint_kernel(
     HAS_MASK: tl.constexpr,
     HOLD: tl.constexpr,
     PUBLISH: tl.constexpr,
+    WINDOW: tl.constexpr,
 ):
     """One tile of the adjoint, tiles taken in reverse order, positions in natural order (so
     loads and stores vectorise) and scanned backwards (``reverse=True``):
@@ -457,7 +554,7 @@ def adjoint_kernel(
     sa, sb = tl.associative_scan((a_el, g), 0, _affine, reverse=True)
     sa_first, sa_0, sb_0 = _at3(i, sa, BT - 1, sa, 0, sb, 0)
     need = (sa_first != 0).to(tl.int32)
-    carry = _state_carry(j, flags_ptr, st_ptr, n_tiles, sa_0, sb_0, need, PUBLISH)
+    carry = _state_carry(j, flags_ptr, st_ptr, n_tiles, sa_0, sb_0, need, PUBLISH, WINDOW)
     mu = tl.where(sa == 0, sb, sa * carry + sb)
     gain = tl.load(k_ptr + n, mask=valid, other=0)
     dz = tl.where(valid, gain * mu, 0)
