@@ -10,9 +10,16 @@ row ends. The sequence is cut into tiles of ``BT`` tokens, one program per tile:
    are taken in order and every tile a program waits for belongs to a program already running;
 2. the program scans its tile (``tl.associative_scan`` over ``(A, B)``) and publishes the tile's
    aggregate ``(A, B)`` (or, when the tile holds a reset, its last state at once);
-3. decoupled look-back: it walks back over the preceding tiles' published aggregates until it
-   meets a published state, composes them into its carry, publishes its own last state, and
-   writes ``A_t * carry + B_t``.
+3. decoupled look-back: it walks back over the preceding tiles' flags, ``WINDOW`` of them per
+   round trip (:func:`_nearest_inclusive`), to the nearest published state with every tile after
+   it published, applies the aggregates after that state to it one by one in time order (a
+   window of them loaded at once) for its carry, publishes its own last state, and writes
+   ``A_t * carry + B_t``.
+
+The adjoint takes tiles in reverse order but holds each tile's positions in natural order (its
+loads and stores vectorise) and scans them with ``reverse=True``. Packed rows are searched once
+per tile (the rows of its first and last positions), then per position only among the rows that
+start inside the tile.
 
 Under ``masked="hold"`` with a mask, the gain index is the count of valid tokens so far in the
 row: a segmented count, scanned and looked back in the same way, with its own flag words (flag 1:
@@ -30,7 +37,8 @@ count flags only where counts are looked back for). Status (int64 ``[2]``): non-
 The ``PUBLISH`` constexpr is a test switch (:data:`kpo_rs.backends.triton.PUBLISH_EVERY`): holding
 inclusive values back makes later tiles walk back over aggregates and compose them, so that the
 look-back's walk and composition run under triton's interpreter (which runs programs one after
-another); tests/test_triton.py checks that the results are bitwise those of the default.
+another); tests/test_triton.py checks that the results are bitwise those of the default, for
+several windows (:data:`kpo_rs.backends.triton.LOOK_BACK_WINDOW`) too.
 
 Per tile, the values picked out of the scans (first and last elements) are one block reduction
 of a tuple (:func:`_at3`), the segmented count one tuple scan, and the two non-finite records one
