@@ -585,11 +585,12 @@ def test_kernels_compile_to_ptx(arch, name, dtype, constexprs):
     assert ("acquire" in ptx or "fence.acq_rel.gpu" in ptx) and "release" in ptx
 
 
-def _specialised_ptx(name: str, dtype: str, constexprs: dict, arch: int = 90):
+def _specialised_ptx(name: str, dtype: str, constexprs: dict, arch: int = 90, module=None):
     """The PTX of a kernel compiled as the JIT specialises a launch whose pointers are 16-byte
     aligned and whose ``total``, ``n_tiles`` and ``row_len`` are divisible by 16 (torch's
-    allocations and the benchmark shapes), with the production ``PUBLISH=1``; and ptxas's report
-    (``-v``) of it."""
+    allocations and the benchmark shapes), with the production ``PUBLISH=1`` and window; and
+    ptxas's report (``-v``) of it. ``module``: a copy of the compiled kernels (default: the
+    backend's)."""
     import subprocess
 
     import triton
@@ -597,7 +598,7 @@ def _specialised_ptx(name: str, dtype: str, constexprs: dict, arch: int = 90):
     from triton.backends.nvidia.compiler import get_ptxas
     from triton.compiler import ASTSource
 
-    fn = getattr(tb._kernels(False), name)
+    fn = getattr(module or tb._kernels(False), name)
     constexprs = {**constexprs, "PUBLISH": 1, "WINDOW": tb.LOOK_BACK_WINDOW}
     sig = _signature(fn, dtype, constexprs)
     divisible = [["tt.divisibility", 16]]
@@ -680,3 +681,29 @@ def test_specialised_ptx_protocol_vectors_and_registers(name, dtype, constexprs)
         assert ptx.count("st.global.v4") + ptx.count("st.global.v2") >= 1
     regs = int(re.search(r"Used (\d+) registers", report).group(1))
     assert regs <= REGISTER_BUDGET, report
+
+
+def test_specialised_ptx_polls_without_atomic_load():
+    """On a triton without ``tl.atomic_load`` the window's polls are ``atomic_add(ptr, 0)``:
+    acquire read-modify-writes, one per flag; still no spills and within the budget."""
+    import sys
+
+    import triton.language as tl
+
+    # a fresh copy of the compiled kernels with the switch set before anything compiles: triton
+    # keys a compiled kernel by its source and the globals it reads, computed once per function
+    # (switching the backend's own copy would compile under, and cache as, its old key)
+    name = tb._kernels(False).__name__
+    saved = sys.modules[name]
+    try:
+        module = tb._kernels.__wrapped__(False)
+    finally:
+        sys.modules[name] = saved
+    module.ATOMIC_LOAD = tl.constexpr(False)
+    kernel, dtype, constexprs = KERNEL_VARIANTS[0]
+    ptx, report = _specialised_ptx(kernel, dtype, constexprs, module=module)
+    adds = re.findall(r"atom\.global\.gpu\.(\w+)\.add", ptx)
+    assert "acquire" in adds and adds.count("relaxed") == 1  # the polls, and the ticket
+    assert "fence.acquire" not in ptx and not re.search(r"ld\.relaxed", ptx)
+    assert " 0 bytes spill stores" in report
+    assert int(re.search(r"Used (\d+) registers", report).group(1)) <= REGISTER_BUDGET
