@@ -10,9 +10,16 @@ row ends. The sequence is cut into tiles of ``BT`` tokens, one program per tile:
    are taken in order and every tile a program waits for belongs to a program already running;
 2. the program scans its tile (``tl.associative_scan`` over ``(A, B)``) and publishes the tile's
    aggregate ``(A, B)`` (or, when the tile holds a reset, its last state at once);
-3. decoupled look-back: it walks back over the preceding tiles' published aggregates until it
-   meets a published state, composes them into its carry, publishes its own last state, and
-   writes ``A_t * carry + B_t``.
+3. decoupled look-back: it walks back over the preceding tiles' flags, ``WINDOW`` of them per
+   round trip (:func:`_nearest_inclusive`), to the nearest published state with every tile after
+   it published, applies the aggregates after that state to it one by one in time order (a
+   window of them loaded at once) for its carry, publishes its own last state, and writes
+   ``A_t * carry + B_t``.
+
+The adjoint takes tiles in reverse order but holds each tile's positions in natural order (its
+loads and stores vectorise) and scans them with ``reverse=True``. Packed rows are searched once
+per tile (the rows of its first and last positions), then per position only among the rows that
+start inside the tile.
 
 Under ``masked="hold"`` with a mask, the gain index is the count of valid tokens so far in the
 row: a segmented count, scanned and looked back in the same way, with its own flag words (flag 1:
@@ -30,12 +37,19 @@ count flags only where counts are looked back for). Status (int64 ``[2]``): non-
 The ``PUBLISH`` constexpr is a test switch (:data:`kpo_rs.backends.triton.PUBLISH_EVERY`): holding
 inclusive values back makes later tiles walk back over aggregates and compose them, so that the
 look-back's walk and composition run under triton's interpreter (which runs programs one after
-another); tests/test_triton.py checks that the results are bitwise those of the default.
+another); tests/test_triton.py checks that the results are bitwise those of the default, for
+several windows (:data:`kpo_rs.backends.triton.LOOK_BACK_WINDOW`) too.
 
-Only triton.language's builtins are called (``tl.reduce`` and ``tl.associative_scan`` with
-triton's own sum and max combine functions, not ``tl.sum`` and friends, which are jit functions):
-triton's interpreter runs a copy of these kernels even when triton.language was imported without
-``TRITON_INTERPRET``.
+Per tile, the values picked out of the scans (first and last elements) are one block reduction
+of a tuple (:func:`_at3`), the segmented count one tuple scan, and the two non-finite records one
+reduction: each block reduction or scan across warps is an exchange through shared memory with
+its barriers. Atomics that order nothing are relaxed (the ticket: a program's acquire polls order
+what it reads; the records: read after the kernel); publications are releases and polls acquires.
+
+Only triton.language's builtins are called (``tl.reduce`` and ``tl.associative_scan`` with this
+module's combine functions, not ``tl.sum`` and friends, which are jit functions defined when
+triton.language was imported): triton's interpreter runs a copy of these kernels even when
+triton.language was imported without ``TRITON_INTERPRET``.
 """
 
 from __future__ import annotations
@@ -45,6 +59,10 @@ import triton.language as tl
 
 #: ``2^62``: codes are stored as ``CODE_BASE - (row * 2^31 + position)`` (> 0; 0 means none).
 CODE_BASE = 1 << 62
+#: Whether this triton has ``tl.atomic_load`` (acquire loads of a block: ``ld.acquire``); older
+#: ones poll with ``atomic_add(ptr, 0)``, which is an acquire load only for a scalar and a
+#: read-modify-write per flag for a block.
+ATOMIC_LOAD: tl.constexpr = tl.constexpr(hasattr(tl, "atomic_load"))
 
 
 @triton.jit
@@ -54,35 +72,86 @@ def _affine(a1, b1, a2, b2):
     return a1 * a2, tl.where(a2 == 0, b2, a2 * b1 + b2)
 
 
-#: triton's own combine functions for sums and maxima: compiled, they are what ``tl.sum`` and
-#: ``tl.max`` use; interpreted, triton computes them with numpy instead of calling them per element.
-_add = tl.standard._sum_combine
-_max = tl.standard._elementwise_max
+@triton.jit
+def _count_pair(p1, r1, p2, r2):
+    """``(P, R)`` of a run followed by another (see :func:`_segment_count`): steps add up, and
+    the later run's last row start, if it has one, moves by the earlier run's steps."""
+    return p1 + p2, tl.where(r2 >= 0, p1 + r2, r1)
 
 
 @triton.jit
-def _running_max(a, b):
-    return tl.maximum(a, b)
+def _sum3(a0, a1, a2, b0, b1, b2):
+    return a0 + b0, a1 + b1, a2 + b2
 
 
 @triton.jit
-def _at(x, i, k):
-    """The element of ``x`` at index ``k`` (exact: every other term of the sum is 0)."""
-    return tl.reduce(tl.where(i == k, x, 0), 0, _add)
+def _max2(a0, a1, b0, b1):
+    return tl.maximum(a0, b0), tl.maximum(a1, b1)
 
 
 @triton.jit
-def _rows(t, cu_ptr, n_rows, row_len, search_steps, PACKED: tl.constexpr):
-    """Row index and row start of each position ``t`` (int32)."""
+def _min2(a0, a1, b0, b1):
+    return tl.minimum(a0, b0), tl.minimum(a1, b1)
+
+
+@triton.jit
+def _sum1(a, b):
+    return a + b
+
+
+@triton.jit
+def _first_chosen(c1, a1, b1, c2, a2, b2):
+    return c1 | c2, tl.where(c1 != 0, a1, a2), tl.where(c1 != 0, b1, b2)
+
+
+@triton.jit
+def _pick2(chosen, x0, x1):
+    """``(x0[k], x1[k])`` at the one ``k`` where ``chosen``, bit for bit (a selection, not a
+    sum: ``-0.0`` and NaN payloads stay as they are)."""
+    _, v0, v1 = tl.reduce((chosen.to(tl.int32), x0, x1), 0, _first_chosen)
+    return v0, v1
+
+
+@triton.jit
+def _at3(i, x0, k0, x1, k1, x2, k2):
+    """The elements ``x0[k0]``, ``x1[k1]``, ``x2[k2]`` in one block reduction (one exchange
+    through shared memory instead of three; exact: every other term of each sum is 0)."""
+    return tl.reduce(
+        (tl.where(i == k0, x0, 0), tl.where(i == k1, x1, 0), tl.where(i == k2, x2, 0)), 0, _sum3
+    )
+
+
+@triton.jit
+def _rows(t, t0, total, cu_ptr, n_rows, row_len, search_steps, PACKED: tl.constexpr):
+    """Row index and row start of each position ``t`` (int32) of the tile that begins at ``t0``
+    (positions past ``total`` get some row; every use of them is masked)."""
     if PACKED:
-        # the last row r with cu[r] <= t (rows of length 0 share their offset with the next)
-        lo = t * 0
-        hi = lo + (n_rows - 1)
+        # the last row r with cu[r] <= t (rows of length 0 share their offset with the next):
+        # searched once per tile for its first and last positions (two independent scalar
+        # searches in one loop), then per position only among the rows that start in the tile
+        t1 = tl.minimum(t0 + t.shape[0], total) - 1
+        lo0 = t0 * 0
+        hi0 = lo0 + (n_rows - 1)
+        lo1 = lo0
+        hi1 = hi0
         for _ in range(search_steps):
+            mid0 = (lo0 + hi0 + 1) >> 1
+            mid1 = (lo1 + hi1 + 1) >> 1
+            go0 = tl.load(cu_ptr + mid0).to(tl.int32) <= t0
+            go1 = tl.load(cu_ptr + mid1).to(tl.int32) <= t1
+            lo0 = tl.where(go0, mid0, lo0)
+            hi0 = tl.where(go0, hi0, mid0 - 1)
+            lo1 = tl.where(go1, mid1, lo1)
+            hi1 = tl.where(go1, hi1, mid1 - 1)
+        lo = lo0 + t * 0
+        hi = lo1 + t * 0
+        span = lo1 - lo0  # steps: the bit length of the span, 0 when one row covers the tile
+        while span > 0:
             mid = (lo + hi + 1) >> 1
             go = tl.load(cu_ptr + mid).to(tl.int32) <= t
             lo = tl.where(go, mid, lo)
             hi = tl.where(go, hi, mid - 1)
+            span = span >> 1
         start = tl.load(cu_ptr + lo).to(tl.int32)
         row = lo
     else:
@@ -101,16 +170,11 @@ def _row_end(row, start, cu_ptr, row_len, inb, PACKED: tl.constexpr):
 
 
 @triton.jit
-def _segment_count(step, reset, REVERSE: tl.constexpr):
-    """Per position, in time order (``REVERSE``: the tile holds positions in reverse order):
-    ``P`` = steps from the tile's first position to here, ``R`` = ``P`` just before the last row
-    start at or before here (-1 when the row starts before the tile). The row's count of steps
-    up to here is ``P - R`` (or carry-in + ``P`` when ``R < 0``). Sums and maxima only, so the
-    direction of the scan cannot change their result."""
-    s = step.to(tl.int32)
-    p = tl.associative_scan(s, 0, _add, reverse=REVERSE)
-    r = tl.associative_scan(tl.where(reset, p - s, -1), 0, _running_max, reverse=REVERSE)
-    return p, r
+def _segment_count(step, reset):
+    """Per position: ``P`` = steps from the tile's first position to here, ``R`` = ``P`` just
+    before the last row start at or before here (-1 when the row starts before the tile). The
+    row's count of steps up to here is ``P - R`` (or carry-in + ``P`` when ``R < 0``)."""
+    return tl.associative_scan((step.to(tl.int32), tl.where(reset, 0, -1)), 0, _count_pair)
 
 
 @triton.jit
@@ -139,7 +203,52 @@ def _publish(slot_ptr, value, flag_ptr, flag):
 
 
 @triton.jit
-def _count_carry(j, flags_ptr, cnt_ptr, n_tiles, has_reset, agg, need, PUBLISH: tl.constexpr):
+def _poll(flag_ptrs):
+    """Acquire loads of the flags ``flag_ptrs``."""
+    if ATOMIC_LOAD:
+        f = tl.atomic_load(flag_ptrs, sem="acquire")
+    else:
+        f = tl.atomic_add(flag_ptrs, 0, sem="acquire")
+    return f
+
+
+@triton.jit
+def _nearest_inclusive(flags_ptr, j, WINDOW: tl.constexpr):
+    """The look-back's walk: the nearest tile ``s < j`` whose flag is 2 (inclusive value
+    published) once every tile between ``s`` and ``j`` has a flag (aggregate published), polling
+    ``WINDOW`` flags per round trip (tiles ``k, k - 1, ..., k - WINDOW + 1``, acquire loads); a
+    window of aggregates only moves the walk back by ``WINDOW``, a window with an unpublished
+    tile in front of its nearest state is polled again. Places before tile 0 poll tile 0 (whose
+    first position starts a row, so it publishes its inclusive value at once, and the walk stops
+    there at the latest). A barrier after the polls orders every thread's loads of the values
+    behind the flags after them."""
+    w = tl.arange(0, WINDOW)
+    k = j - 1
+    s = tl.maximum(k, 0)
+    while k >= 0:
+        f = _poll(flags_ptr + tl.maximum(k - w, 0))
+        n2, n0 = tl.reduce((tl.where(f == 2, w, WINDOW), tl.where(f == 0, w, WINDOW)), 0, _min2)
+        if n2 < n0:
+            s = k - n2
+            k = -1
+        elif n0 == WINDOW:
+            k -= WINDOW
+    tl.debug_barrier()
+    return s
+
+
+@triton.jit
+def _count_carry(
+    j,
+    flags_ptr,
+    cnt_ptr,
+    n_tiles,
+    has_reset,
+    agg,
+    need,
+    PUBLISH: tl.constexpr,
+    WINDOW: tl.constexpr,
+):
     """Publishes tile ``j``'s step count in the count flags ``flags_ptr`` (aggregate: flag 1;
     inclusive: flag 2, at once when the tile holds a row start) and returns
     the count carried into it: the steps of its first row before the tile, looked back for only
@@ -150,15 +259,16 @@ def _count_carry(j, flags_ptr, cnt_ptr, n_tiles, has_reset, agg, need, PUBLISH: 
     else:
         _publish(cnt_ptr + j, agg, flags_ptr + j, 1)
     if need != 0:
-        k = j - 1
-        while k >= 0:
-            f = tl.atomic_add(flags_ptr + k, 0, sem="acquire")
-            if f == 2:
-                carry += tl.load(cnt_ptr + n_tiles + k, volatile=True)
-                k = -1
-            elif f == 1:
-                carry += tl.load(cnt_ptr + k, volatile=True)
-                k -= 1
+        # the nearest inclusive count, plus the aggregates after it, a window at a time
+        s = _nearest_inclusive(flags_ptr, j, WINDOW)
+        carry += tl.load(cnt_ptr + n_tiles + s, volatile=True)
+        w = tl.arange(0, WINDOW)
+        m = s + 1
+        while m < j:
+            ahead = m + w
+            aggs = tl.load(cnt_ptr + ahead, mask=ahead < j, other=0, volatile=True)
+            carry += tl.reduce(aggs, 0, _sum1)
+            m += WINDOW
     if has_reset == 0:
         if _inclusive_due(j, PUBLISH):
             _publish(cnt_ptr + n_tiles + j, agg + carry, flags_ptr + j, 2)
@@ -167,22 +277,41 @@ def _count_carry(j, flags_ptr, cnt_ptr, n_tiles, has_reset, agg, need, PUBLISH: 
 
 @triton.jit
 def _tile_counts(
-    valid, reset, i, j, flags_ptr, cnt_ptr, n_tiles, BT: tl.constexpr, PUBLISH: tl.constexpr
+    valid,
+    reset,
+    i,
+    j,
+    flags_ptr,
+    cnt_ptr,
+    n_tiles,
+    BT: tl.constexpr,
+    PUBLISH: tl.constexpr,
+    WINDOW: tl.constexpr,
 ):
     """The valid-token counts of tile ``j`` (positions in time order): ``(P, R, carry)`` of
     :func:`_segment_count`, with the count carried into the tile from its first row's earlier
     tiles (published and looked back for by :func:`_count_carry`)."""
-    p, r = _segment_count(valid, reset, False)
-    p_last = _at(p, i, BT - 1)
-    r_last = _at(r, i, BT - 1)
+    p, r = _segment_count(valid, reset)
+    p_last, r_last, reset_0 = _at3(i, p, BT - 1, r, BT - 1, reset.to(tl.int32), 0)
     has_reset = (r_last >= 0).to(tl.int32)
     agg = p_last - tl.maximum(r_last, 0)
-    need = 1 - _at(reset.to(tl.int32), i, 0)
-    return p, r, _count_carry(j, flags_ptr, cnt_ptr, n_tiles, has_reset, agg, need, PUBLISH)
+    need = 1 - reset_0
+    carry = _count_carry(j, flags_ptr, cnt_ptr, n_tiles, has_reset, agg, need, PUBLISH, WINDOW)
+    return p, r, carry
 
 
 @triton.jit
-def _state_carry(j, flags_ptr, st_ptr, n_tiles, agg_a, agg_b, need, PUBLISH: tl.constexpr):
+def _state_carry(
+    j,
+    flags_ptr,
+    st_ptr,
+    n_tiles,
+    agg_a,
+    agg_b,
+    need,
+    PUBLISH: tl.constexpr,
+    WINDOW: tl.constexpr,
+):
     """Publishes tile ``j``'s map ``x -> agg_a x + agg_b`` (flag 1 in the state flags
     ``flags_ptr``) and its last state (flag 2; at once when the map ignores the carry,
     ``agg_a == 0``) and returns the state carried into it, looked back for only when ``need``
@@ -197,21 +326,20 @@ def _state_carry(j, flags_ptr, st_ptr, n_tiles, agg_a, agg_b, need, PUBLISH: tl.
         _publish(st_ptr + n_tiles + j, agg_b, flags_ptr + j, 1)
     if need != 0:
         # back to the nearest published state, then forward over the maps in between in time
-        # order: the carry is the same as a chain of tiles would give, whatever the timing
-        k = j - 1
-        first = j
-        while k >= 0:
-            f = tl.atomic_add(flags_ptr + k, 0, sem="acquire")
-            if f == 2:
-                carry = tl.load(st_ptr + 2 * n_tiles + k, volatile=True)
-                first = k + 1
-                k = -1
-            elif f == 1:
-                k -= 1
-        for m in range(first, j):
-            pa = tl.load(st_ptr + m, volatile=True)
-            pb = tl.load(st_ptr + n_tiles + m, volatile=True)
-            carry = pa * carry + pb
+        # order (a window of them loaded at once, applied one by one): the carry is the same
+        # as a chain of tiles would give, whatever the timing
+        s = _nearest_inclusive(flags_ptr, j, WINDOW)
+        carry = tl.load(st_ptr + 2 * n_tiles + s, volatile=True)
+        w = tl.arange(0, WINDOW)
+        m = s + 1
+        while m < j:
+            ahead = m + w
+            pa = tl.load(st_ptr + ahead, mask=ahead < j, other=0, volatile=True)
+            pb = tl.load(st_ptr + n_tiles + ahead, mask=ahead < j, other=0, volatile=True)
+            for u in range(0, tl.minimum(j - m, WINDOW)):
+                a_u, b_u = _pick2(w == u, pa, pb)
+                carry = a_u * carry + b_u
+            m += WINDOW
     if agg_a != 0:
         if _inclusive_due(j, PUBLISH):
             _publish(st_ptr + 2 * n_tiles + j, agg_a * carry + agg_b, flags_ptr + j, 2)
@@ -219,27 +347,47 @@ def _state_carry(j, flags_ptr, st_ptr, n_tiles, agg_a, agg_b, need, PUBLISH: tl.
 
 
 @triton.jit
-def _record(status_ptr, bad, row, pos):
-    """``atomic_max`` of ``2^62 - (row * 2^31 + pos)`` over the ``bad`` positions: row and
-    position are int32 (at least 0), so the code is at least 1 for every one of them; it is
-    saturated at 1 all the same, so a record is never dropped."""
-    code = (1 << 62) - (row.to(tl.int64) * (1 << 31) + pos.to(tl.int64))
-    worst = tl.reduce(tl.where(bad, tl.maximum(code, 1), 0), 0, _max)
-    tl.atomic_max(status_ptr, worst, mask=worst > 0)
+def _record(status_ptr, bad_in, bad_out, row, pos):
+    """``atomic_max`` of ``2^62 - (row * 2^31 + pos)`` over the ``bad_in`` positions into
+    ``status[0]`` and over the ``bad_out`` ones into ``status[1]`` (one block reduction for both;
+    relaxed: the record is read only after the kernel). Row and position are int32 (at least 0),
+    so the code is at least 1 for every one of them; it is saturated at 1 all the same, so a
+    record is never dropped."""
+    code = tl.maximum((1 << 62) - (row.to(tl.int64) * (1 << 31) + pos.to(tl.int64)), 1)
+    worst_in, worst_out = tl.reduce(
+        (tl.where(bad_in, code, 0), tl.where(bad_out, code, 0)), 0, _max2
+    )
+    tl.atomic_max(status_ptr, worst_in, mask=worst_in > 0, sem="relaxed")
+    tl.atomic_max(status_ptr + 1, worst_out, mask=worst_out > 0, sem="relaxed")
 
 
 @triton.jit
 def _next_tile(
-    ws_ptr, total, cu_ptr, n_rows, row_len, search_steps, BT: tl.constexpr, PACKED: tl.constexpr
+    ws_ptr,
+    total,
+    n_tiles,
+    cu_ptr,
+    n_rows,
+    row_len,
+    search_steps,
+    BT: tl.constexpr,
+    PACKED: tl.constexpr,
+    REVERSE: tl.constexpr,
 ):
-    """The tile this program takes (tickets in time order) and its positions:
-    ``(j, i, t, inb, row, start, reset)``, ``reset`` where a row starts."""
-    j = tl.atomic_add(ws_ptr, 1).to(tl.int32)
+    """The tile this program takes (tickets in time order, or in reverse time order under
+    ``REVERSE``) and its positions in natural order: ``(j, c, i, t, inb, row, start, reset)``,
+    ``j`` the ticket (the look-back's order), ``c`` the tile's place in the sequence, ``reset``
+    where a row starts."""
+    j = tl.atomic_add(ws_ptr, 1, sem="relaxed").to(tl.int32)
+    if REVERSE:
+        c = n_tiles - 1 - j
+    else:
+        c = j
     i = tl.arange(0, BT)
-    t = j * BT + i
+    t = c * BT + i
     inb = t < total
-    row, start = _rows(t, cu_ptr, n_rows, row_len, search_steps, PACKED)
-    return j, i, t, inb, row, start, inb & (t == start)
+    row, start = _rows(t, c * BT, total, cu_ptr, n_rows, row_len, search_steps, PACKED)
+    return j, c, i, t, inb, row, start, inb & (t == start)
 
 
 @triton.jit
@@ -277,11 +425,12 @@ def forward_kernel(
     HOLD: tl.constexpr,
     M0_PTR: tl.constexpr,
     PUBLISH: tl.constexpr,
+    WINDOW: tl.constexpr,
 ):
     """One tile of the forward filter. ``k_ptr``/``a_ptr``: the gains ``K_n`` and ``1 - K_n`` in
     the compute dtype; ``m0_bits``: a float64 prior mean's bits (when not ``M0_PTR``)."""
-    j, i, t, inb, row, start, reset = _next_tile(
-        ws_ptr, total, cu_ptr, n_rows, row_len, search_steps, BT, PACKED
+    j, _, i, t, inb, row, start, reset = _next_tile(
+        ws_ptr, total, n_tiles, cu_ptr, n_rows, row_len, search_steps, BT, PACKED, False
     )
     flags_ptr = ws_ptr + 1
     if HAS_MASK:
@@ -291,7 +440,7 @@ def forward_kernel(
     if HOLD and HAS_MASK:
         step = valid
         p, r, carry_n = _tile_counts(
-            valid, reset, i, j, flags_ptr + n_tiles, cnt_ptr, n_tiles, BT, PUBLISH
+            valid, reset, i, j, flags_ptr + n_tiles, cnt_ptr, n_tiles, BT, PUBLISH, WINDOW
         )
         n = tl.where(r >= 0, p - r, carry_n + p) - 1
     else:
@@ -307,17 +456,15 @@ def forward_kernel(
     a_el = tl.where(reset, 0, keep).to(dtype)
     b_el = tl.where(reset, keep * m0 + b, b)
     sa, sb = tl.associative_scan((a_el, b_el), 0, _affine)
-    need = (_at(sa, i, 0) != 0).to(tl.int32)
-    carry = _state_carry(
-        j, flags_ptr, st_ptr, n_tiles, _at(sa, i, BT - 1), _at(sb, i, BT - 1), need, PUBLISH
-    )
+    sa_0, sa_last, sb_last = _at3(i, sa, 0, sa, BT - 1, sb, BT - 1)
+    need = (sa_0 != 0).to(tl.int32)
+    carry = _state_carry(j, flags_ptr, st_ptr, n_tiles, sa_last, sb_last, need, PUBLISH, WINDOW)
     x = tl.where(sa == 0, sb, sa * carry + sb)
     if not HOLD:
         x = tl.where(valid, x, 0)
     tl.store(out_ptr + t, x, mask=inb)
     pos = t - start
-    _record(status_ptr, valid & ((z - z) != 0), row, pos)
-    _record(status_ptr + 1, inb & ((x - x) != 0), row, pos)
+    _record(status_ptr, valid & ((z - z) != 0), inb & ((x - x) != 0), row, pos)
 
 
 @triton.jit
@@ -335,14 +482,17 @@ def count_kernel(
     BT: tl.constexpr,
     PACKED: tl.constexpr,
     PUBLISH: tl.constexpr,
+    WINDOW: tl.constexpr,
 ):
     """The adjoint's pre-pass under ``masked="hold"``: ``cin[c]`` = valid tokens of the row of
     tile ``c``'s first position that precede the tile."""
-    j, i, t, inb, _, _, reset = _next_tile(
-        ws_ptr, total, cu_ptr, n_rows, row_len, search_steps, BT, PACKED
+    j, _, i, t, inb, _, _, reset = _next_tile(
+        ws_ptr, total, n_tiles, cu_ptr, n_rows, row_len, search_steps, BT, PACKED, False
     )
     valid = tl.load(mask_ptr + t, mask=inb, other=0).to(tl.int1)
-    _, _, carry = _tile_counts(valid, reset, i, j, ws_ptr + 1, cnt_ptr, n_tiles, BT, PUBLISH)
+    _, _, carry = _tile_counts(
+        valid, reset, i, j, ws_ptr + 1, cnt_ptr, n_tiles, BT, PUBLISH, WINDOW
+    )
     tl.store(cin_ptr + j, carry)
 
 
@@ -369,18 +519,17 @@ def adjoint_kernel(
     HAS_MASK: tl.constexpr,
     HOLD: tl.constexpr,
     PUBLISH: tl.constexpr,
+    WINDOW: tl.constexpr,
 ):
-    """One tile of the adjoint, tiles and positions in reverse order:
+    """One tile of the adjoint, tiles taken in reverse order, positions in natural order (so
+    loads and stores vectorise) and scanned backwards (``reverse=True``):
     ``mu_t = g'_t + a_{t+1} mu_{t+1}`` (``a_{t+1} = 0`` past a row's end), ``dz_t = K_{n_t} mu_t``
     at valid positions, ``dm0 = a_s mu_s`` at a row's start ``s``. ``cin``: the count pre-pass
     (under ``HOLD`` with a mask)."""
-    j = tl.atomic_add(ws_ptr, 1).to(tl.int32)
+    j, c, i, t, inb, row, start, first = _next_tile(
+        ws_ptr, total, n_tiles, cu_ptr, n_rows, row_len, search_steps, BT, PACKED, True
+    )
     flags_ptr = ws_ptr + 1
-    c = n_tiles - 1 - j
-    i = tl.arange(0, BT)
-    t = c * BT + (BT - 1 - i)
-    inb = t < total
-    row, start = _rows(t, cu_ptr, n_rows, row_len, search_steps, PACKED)
     end = _row_end(row, start, cu_ptr, row_len, inb, PACKED)
     nxt = inb & (t + 1 < end)
     if HAS_MASK:
@@ -390,7 +539,7 @@ def adjoint_kernel(
     if HOLD and HAS_MASK:
         step = valid
         step_next = tl.load(mask_ptr + t + 1, mask=nxt, other=0).to(tl.int1)
-        p, r = _segment_count(step, inb & (t == start), True)
+        p, r = _segment_count(step, first)
         count = tl.where(r >= 0, p - r, tl.load(cin_ptr + c) + p)
         n = count - 1
         n_next = count
@@ -403,24 +552,22 @@ def adjoint_kernel(
         read = valid
     if not HOLD:
         read = valid
-    # under ``read`` (not loaded in bounds then selected, as the forward's z): the reversed index
-    # does not vectorise, and the select costs the fp64 adjoint spills (ptxas, sm_90a)
-    g = tl.load(g_ptr + t, mask=read, other=0)
+    # loaded under the in-bounds mask (aligned runs of it vectorise), then selected by ``read``
+    g = tl.where(read, tl.load(g_ptr + t, mask=inb, other=0), 0)
     dtype = g.dtype
     a_next = tl.load(a_ptr + n_next, mask=step_next, other=1)
     a_el = tl.where(nxt, a_next, 0).to(dtype)
-    sa, sb = tl.associative_scan((a_el, g), 0, _affine)
-    need = (_at(sa, i, 0) != 0).to(tl.int32)
-    carry = _state_carry(
-        j, flags_ptr, st_ptr, n_tiles, _at(sa, i, BT - 1), _at(sb, i, BT - 1), need, PUBLISH
-    )
+    # backwards in time: the scan's first element is the tile's last position, its aggregate
+    # lands on the first (the same combinations as a forward scan of the reversed tile)
+    sa, sb = tl.associative_scan((a_el, g), 0, _affine, reverse=True)
+    sa_first, sa_0, sb_0 = _at3(i, sa, BT - 1, sa, 0, sb, 0)
+    need = (sa_first != 0).to(tl.int32)
+    carry = _state_carry(j, flags_ptr, st_ptr, n_tiles, sa_0, sb_0, need, PUBLISH, WINDOW)
     mu = tl.where(sa == 0, sb, sa * carry + sb)
     gain = tl.load(k_ptr + n, mask=valid, other=0)
     dz = tl.where(valid, gain * mu, 0)
     tl.store(dz_ptr + t, dz, mask=inb)
-    first = inb & (t == start)
     keep0 = tl.load(a_ptr + n, mask=first & step, other=1)
     tl.store(dm0_ptr + row, keep0 * mu, mask=first)
     pos = t - start
-    _record(status_ptr, read & ((g - g) != 0), row, pos)
-    _record(status_ptr + 1, inb & ((dz - dz) != 0), row, pos)
+    _record(status_ptr, read & ((g - g) != 0), inb & ((dz - dz) != 0), row, pos)

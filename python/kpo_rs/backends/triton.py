@@ -72,6 +72,11 @@ TILE: int | None = None
 #: setting; holding inclusives back makes later tiles walk back over aggregates and compose them
 #: under triton's interpreter, which runs programs one after another.
 PUBLISH_EVERY: int = 1
+#: Flags the look-back polls per round trip (a power of two; the kernels' ``WINDOW``; 32 made
+#: ptxas spill 8 bytes in the packed masked forward at sm_90a, 16 does not). Results are bitwise
+#: the same for every window (the maps are still applied one by one in time order); the tests
+#: set small windows so that walks cross several.
+LOOK_BACK_WINDOW: int = 16
 
 _CODE_BASE = 1 << 62
 _MAX_TOKENS = (1 << 31) - (1 << 16)
@@ -299,7 +304,7 @@ class _Call(NamedTuple):
 
     @property
     def steps(self) -> int:
-        """Steps of the kernels' binary search for a position's row."""
+        """Steps of the kernels' binary search for the rows of a tile's first and last positions."""
         return max(self.n_rows - 1, 0).bit_length()
 
     def empty(self, n: int, dtype: torch.dtype) -> torch.Tensor:
@@ -343,7 +348,7 @@ def forward(rows: Rows, m0: float | torch.Tensor, *, check: str = DEFAULT_CHECK)
         c.empty(3 * c.tiles, c.x.dtype),
         c.total, c.tiles, c.n_rows, c.row_len, c.steps, m0_bits, m0_stride,
         BT=c.bt, PACKED=c.packed, HAS_MASK=c.mask is not None, HOLD=c.hold, M0_PTR=m0_ptr,
-        PUBLISH=PUBLISH_EVERY, **c.options(),
+        PUBLISH=PUBLISH_EVERY, WINDOW=LOOK_BACK_WINDOW, **c.options(),
     )  # fmt: skip
     if sync:
         _report(status, "values")
@@ -371,14 +376,14 @@ def adjoint(rows: Rows, *, check: str = DEFAULT_CHECK) -> tuple[torch.Tensor, to
         kernels.count_kernel[(c.tiles,)](
             c.mask_arg, c.cu, cin, ws[3 + c.tiles :], c.empty(2 * c.tiles, torch.int32),
             c.total, c.tiles, c.n_rows, c.row_len, c.steps,
-            BT=c.bt, PACKED=c.packed, PUBLISH=PUBLISH_EVERY, **c.options(),
+            BT=c.bt, PACKED=c.packed, PUBLISH=PUBLISH_EVERY, WINDOW=LOOK_BACK_WINDOW, **c.options(),
         )  # fmt: skip
     kernels.adjoint_kernel[(c.tiles,)](
         c.x, c.mask_arg, dz, dm0, c.cu, k_tab, a_tab, cin, ws[2 : 3 + c.tiles], status,
         c.empty(3 * c.tiles, c.x.dtype),
         c.total, c.tiles, c.n_rows, c.row_len, c.steps,
         BT=c.bt, PACKED=c.packed, HAS_MASK=c.mask is not None, HOLD=c.hold,
-        PUBLISH=PUBLISH_EVERY, **c.options(),
+        PUBLISH=PUBLISH_EVERY, WINDOW=LOOK_BACK_WINDOW, **c.options(),
     )  # fmt: skip
     if sync:
         _report(status, "grad")
