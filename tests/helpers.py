@@ -107,3 +107,19 @@ def triton_tile(tile: int | None):
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(triton, "TILE", tile)
         yield
+
+
+def tiny_demo(**kw):
+    """A :class:`~kpo_rs.experiments.config.DemoConfig` small enough for a test (2 prompts x 4
+    answers of 16 tokens, 2 minibatches, 3 steps), with ``kw`` on top."""
+    from kpo_rs.experiments.config import DemoConfig
+
+    base = {
+        "steps": 3,
+        "seeds": 1,
+        "prompts_per_step": 2,
+        "group_size": 4,
+        "response_len": 16,
+        "minibatches": 2,
+    }
+    return DemoConfig(**(base | kw))

@@ -280,10 +280,12 @@ def test_demo_without_a_terminal_prints_a_plain_table_and_its_footnote(tmp_path,
     table = out.splitlines()
     assert table[0].startswith("2 steps x 1 seeds") and table[1].split()[:3] == [
         "loss",
-        "final",
-        "reward",
+        "held-out",
+        "auc",
     ]
-    assert "collapses: times the reward fell" in " ".join(table)  # the columns are defined
+    text = " ".join(table)
+    assert "collapses: times the held-out reward stayed" in text  # the columns are defined
+    assert "data weight: kpo_data_weight" in text
 
 
 def test_bad_settings_and_plot_folders_are_one_line(tmp_path, capsys):

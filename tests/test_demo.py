@@ -8,6 +8,7 @@ import math
 
 import pytest
 
+from helpers import tiny_demo
 from kpo_rs import cli
 from kpo_rs.experiments.demo import (
     DemoConfig,
@@ -24,15 +25,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 def _tiny(**kw) -> DemoConfig:
-    base = {
-        "steps": 3,
-        "seeds": 1,
-        "prompts_per_step": 2,
-        "group_size": 4,
-        "response_len": 16,
-        "minibatches": 2,
-    }
-    return DemoConfig(**(base | kw))
+    return tiny_demo(**kw)
 
 
 @pytest.mark.slow

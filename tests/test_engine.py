@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import tiny_demo
 from kpo_rs.diagnostics import mean_data_weight
 from kpo_rs.experiments import demo
 from kpo_rs.experiments.config import DemoConfig, arm_settings, parse_filter_arm, parse_mismatch
@@ -18,17 +19,7 @@ from kpo_rs.params import FilterParams
 
 
 def _tiny(**kw) -> DemoConfig:
-    base = {
-        "steps": 3,
-        "seeds": 1,
-        "prompts_per_step": 2,
-        "group_size": 4,
-        "response_len": 12,
-        "minibatches": 2,
-        "eval_every": 2,
-        "eval_per_class": 2,
-    }
-    return DemoConfig(**(base | kw))
+    return tiny_demo(**({"response_len": 12, "eval_every": 2, "eval_per_class": 2} | kw))
 
 
 def _policy(cfg: DemoConfig) -> torch.nn.Module:

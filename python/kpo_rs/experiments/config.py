@@ -26,6 +26,7 @@ __all__ = [
     "FILTER_ARMS",
     "MISMATCHES",
     "OLD_LOGPS",
+    "STEP_MEANS",
     "DemoConfig",
     "arm_settings",
     "parse_filter_arm",
@@ -43,6 +44,16 @@ MISMATCHES = ("none", "logit-noise:S", "bf16", "int8")
 #: ``old_log_prob`` is: the engine's (verl's bypass mode) or the trainer's recomputation with the
 #: behaviour policy (decoupled).
 OLD_LOGPS = ("engine", "trainer")
+#: The per-step figures a run summarises by their mean over steps (None where a loss has none:
+#: no filter, no clip band), the same names in a sweep's results.csv.
+STEP_MEANS = (
+    "data_weight",
+    "clip_share",
+    "mismatch_std",
+    "mismatch_lag1",
+    "raw_error",
+    "filtered_error",
+)
 
 
 def split_names(text: str) -> tuple[str, ...]:

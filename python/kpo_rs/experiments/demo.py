@@ -41,7 +41,7 @@ from ..diagnostics import mean_data_weight, plot_spectra, token_switches
 from ..losses.kpo import KPO_CLIP
 from ..losses.table import get_loss
 from ..params import FilterParams
-from .config import DEFAULT_LOSSES, DemoConfig, arm_settings
+from .config import DEFAULT_LOSSES, STEP_MEANS, DemoConfig, arm_settings
 from .evaluation import eval_steps, held_out_reward, summarize_evaluations
 from .rollout import Engine, rewards
 
@@ -440,14 +440,7 @@ def summarize(
         "switch_raw": float(np.mean([entry.switch_raw for entry in logs])),
         "switch_filtered": float(np.mean([entry.switch_filtered for entry in logs])),
     }
-    for key in (
-        "data_weight",
-        "clip_share",
-        "mismatch_std",
-        "mismatch_lag1",
-        "raw_error",
-        "filtered_error",
-    ):
+    for key in STEP_MEANS:
         out[key] = _mean_or_none([getattr(entry, key) for entry in logs])
     if evaluations:
         steps = [s for s, _ in evaluations]

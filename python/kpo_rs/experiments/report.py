@@ -39,6 +39,7 @@ import numpy as np
 
 from .. import _files, _plotting
 from . import stats
+from .config import STEP_MEANS
 
 __all__ = [
     "COLUMNS",
@@ -88,12 +89,7 @@ COLUMNS = (
     "eval_final",
     "eval_steps_to_threshold",
     "eval_collapses",
-    "data_weight",
-    "clip_share",
-    "mismatch_std",
-    "mismatch_lag1",
-    "raw_error",
-    "filtered_error",
+    *STEP_MEANS,
 )
 
 _INTS = (
@@ -123,12 +119,7 @@ _FLOATS = (
     "seconds",
     "eval_auc",
     "eval_final",
-    "data_weight",
-    "clip_share",
-    "mismatch_std",
-    "mismatch_lag1",
-    "raw_error",
-    "filtered_error",
+    *STEP_MEANS,
 )
 _LISTS = ("eval_steps", "eval_rewards")
 _BOOTSTRAP_RESAMPLES = 4000
