@@ -287,3 +287,34 @@ pub fn ragged_adjoint<T: Real>(
     }
     lam
 }
+
+/// [`ragged_adjoint`] with gains of each row's own (`k[i]`, `a[i]` at least as long as row `i`;
+/// see `Lanes::adjoint_gains`): `dz` is zero where `k[i]` has the bits of `-0.0` (a hole of a row
+/// under `MaskMode::Hold`, from `compact::expand_gains`), else `k lam`.
+pub fn ragged_adjoint_gains<T: Real>(
+    isa: Isa,
+    rows: &[&[T]],
+    k: &[&[T]],
+    a: &[&[T]],
+    lam0: [T; LANES],
+    dz: &mut [&mut [T]],
+) -> [T; LANES] {
+    if let Some(lam) = T::adjoint_gains(isa, rows, k, a, lam0, dz) {
+        return lam;
+    }
+    let mut lam = lam0;
+    for (((ll, g), d), (k, a)) in lam
+        .iter_mut()
+        .zip(rows)
+        .zip(dz.iter_mut())
+        .zip(k.iter().zip(a))
+    {
+        let len = g.len();
+        for (((dt, &gt), &kt), &at) in d.iter_mut().zip(*g).zip(&k[..len]).zip(&a[..len]).rev() {
+            *ll = *ll + gt;
+            *dt = if kt.is_hole() { T::ZERO } else { kt * *ll };
+            *ll = at * *ll;
+        }
+    }
+    lam
+}

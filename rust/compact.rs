@@ -59,6 +59,20 @@ pub fn count_valid(m: &[bool]) -> usize {
 
 /// The element types compaction handles: `f32` and `f64`, with their AVX2 versions.
 pub trait Pack: Copy + Sized {
+    /// The gain [`expand_gains`] writes into `k` at a hole: `-0.0`, told from every other value
+    /// by its bits ([`Pack::is_hole`]).
+    const HOLE_K: Self;
+    /// The gain [`expand_gains`] writes into `a` at a hole: `1.0`.
+    const HOLE_A: Self;
+    /// Whether the bits of `self` are those of [`Pack::HOLE_K`].
+    fn is_hole(self) -> bool;
+    /// See [`expand_gains`].
+    ///
+    /// # Safety
+    /// AVX2 and POPCNT must be present; `m`, `ko` and `ao` of one length. (A `k` or `a` too short
+    /// panics: each load is checked against its length.)
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn gains_avx2(k: &[Self], a: &[Self], m: &[u8], ko: &mut [Self], ao: &mut [Self]);
     /// See [`compact`].
     ///
     /// # Safety
@@ -115,6 +129,32 @@ pub fn expand_held<T: Pack>(held: &[T], m: &[bool], out: &mut [T]) {
     }
 }
 
+/// The gains of a row with holes under `MaskMode::Hold`, one per position: at a valid position
+/// `ko[t] = k[c]`, `ao[t] = a[c]` with `c` the number of valid positions before `t`; at a hole
+/// `ko[t] = HOLE_K` (`-0.0`), `ao[t] = HOLE_A` (`1.0`). `ko`, `ao` and `m` have one length; `k`
+/// and `a` hold at least `count_valid(m)` gains (the first is the gain of the first valid
+/// position of `m`). The adjoint over these gains (`lam += g; dz = ko lam; lam = ao lam`, `dz`
+/// set to zero where `ko` is a hole) is the one-row kernel's, bitwise: at a hole `1.0 lam` is
+/// `lam`. Every result is a value of `k`, `a` or one of the two constants.
+pub fn expand_gains<T: Pack>(k: &[T], a: &[T], m: &[bool], ko: &mut [T], ao: &mut [T]) {
+    let n = m.len().min(ko.len()).min(ao.len());
+    let (m, ko, ao) = (&m[..n], &mut ko[..n], &mut ao[..n]);
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2() {
+        // SAFETY: AVX2 and POPCNT are present; the three have length n.
+        return unsafe { T::gains_avx2(k, a, bytes(m), ko, ao) };
+    }
+    let mut j = 0;
+    for ((kt, at), &ok) in ko.iter_mut().zip(ao.iter_mut()).zip(m) {
+        if ok {
+            (*kt, *at) = (k[j], a[j]);
+            j += 1;
+        } else {
+            (*kt, *at) = (T::HOLE_K, T::HOLE_A);
+        }
+    }
+}
+
 /// Writes `z` with the masked values replaced by `fill` into `c` (all three of one length).
 pub fn select_to<T: Copy>(z: &[T], m: &[bool], fill: T, c: &mut [T]) {
     #[inline(always)]
@@ -161,10 +201,25 @@ pub fn zero_masked<T: Copy>(out: &mut [T], m: &[bool], zero: T) {
     body(out, m, zero);
 }
 
+/// The constants of [`Pack`] for one type; on x86-64 with the AVX2 methods `$avx2`.
+macro_rules! pack_consts {
+    ($t:ty, $($avx2:tt)*) => {
+        impl Pack for $t {
+            const HOLE_K: Self = -0.0;
+            const HOLE_A: Self = 1.0;
+            #[inline(always)]
+            fn is_hole(self) -> bool {
+                self.to_bits() == (-0.0 as $t).to_bits()
+            }
+            $($avx2)*
+        }
+    };
+}
+
 #[cfg(not(target_arch = "x86_64"))]
-impl Pack for f32 {}
+pack_consts!(f32,);
 #[cfg(not(target_arch = "x86_64"))]
-impl Pack for f64 {}
+pack_consts!(f64,);
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
@@ -299,8 +354,53 @@ mod x86 {
     /// Implements [`Pack`] for one element type of `$w` elements per 256-bit register.
     macro_rules! pack {
         ($t:ty, $w:expr, $compact:ident, $expand:ident, $v:ty, $cast_in:ident, $cast_out:ident,
-         $loadu:ident, $storeu:ident, $splat:ident, $blend:ident) => {
-            impl Pack for $t {
+         $loadu:ident, $storeu:ident, $splat:ident, $blend:ident, $bits:expr, $cmpeq:ident) => {
+            pack_consts! { $t,
+                #[target_feature(enable = "avx2,popcnt")]
+                unsafe fn gains_avx2(k: &[$t], a: &[$t], m: &[u8], ko: &mut [$t], ao: &mut [$t]) {
+                    let n = ko.len();
+                    debug_assert!(m.len() == n && ao.len() == n);
+                    let (mut p, mut j) = (0, 0);
+                    // Element i of a group has bit i of the group's mask bits in `bit[i]`.
+                    let bit = $bits;
+                    let (hole_k, hole_a) = ($splat(<$t>::HOLE_K), $splat(<$t>::HOLE_A));
+                    // A block of 32 positions loads at most k[j .. j + 32].
+                    while p + 32 <= n && j + 32 <= k.len() && j + 32 <= a.len() {
+                        // SAFETY: p + 32 <= n = m.len().
+                        let mut valid = !unsafe { zeros32(m, p) };
+                        for g in 0..32 / $w {
+                            let bits = (valid & ((1 << $w) - 1)) as usize;
+                            valid >>= $w;
+                            // SAFETY: the loads read k[j ..][..$w], a[j ..][..$w] and
+                            // j + $w <= k.len(), a.len() (the loop's bound: j grows by at most
+                            // 32 - $w before the block's last group); the stores write
+                            // ko[p + $w g ..][..$w], ao[..] inside the row.
+                            unsafe {
+                                let idx = _mm256_loadu_si256($expand[bits].as_ptr().cast());
+                                let sel = _mm256_and_si256(_mm256_set1_epi32(bits as i32), bit);
+                                let hole = $cast_out($cmpeq(sel, _mm256_setzero_si256()));
+                                let kv = $cast_in($loadu(k.as_ptr().add(j)));
+                                let av = $cast_in($loadu(a.as_ptr().add(j)));
+                                let kv = $cast_out(_mm256_permutevar8x32_epi32(kv, idx));
+                                let av = $cast_out(_mm256_permutevar8x32_epi32(av, idx));
+                                let at = p + $w * g;
+                                $storeu(ko.as_mut_ptr().add(at), $blend(kv, hole_k, hole));
+                                $storeu(ao.as_mut_ptr().add(at), $blend(av, hole_a, hole));
+                            }
+                            j += bits.count_ones() as usize;
+                        }
+                        p += 32;
+                    }
+                    for ((kt, at), &ok) in ko[p..].iter_mut().zip(&mut ao[p..]).zip(&m[p..]) {
+                        if ok != 0 {
+                            (*kt, *at) = (k[j], a[j]);
+                            j += 1;
+                        } else {
+                            (*kt, *at) = (<$t>::HOLE_K, <$t>::HOLE_A);
+                        }
+                    }
+                }
+
                 #[target_feature(enable = "avx2,popcnt")]
                 unsafe fn compact_avx2(z: &[$t], m: &[u8], c: &mut [$t]) {
                     let n = z.len();
@@ -381,7 +481,9 @@ mod x86 {
         _mm256_loadu_ps,
         _mm256_storeu_ps,
         _mm256_set1_ps,
-        _mm256_blendv_ps
+        _mm256_blendv_ps,
+        _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128),
+        _mm256_cmpeq_epi32
     );
     pack!(
         f64,
@@ -394,7 +496,9 @@ mod x86 {
         _mm256_loadu_pd,
         _mm256_storeu_pd,
         _mm256_set1_pd,
-        _mm256_blendv_pd
+        _mm256_blendv_pd,
+        _mm256_setr_epi64x(1, 2, 4, 8),
+        _mm256_cmpeq_epi64
     );
 }
 
@@ -420,7 +524,8 @@ mod tests {
         out
     }
 
-    /// The scans, compaction and expansion (AVX2 where the CPU has it) equal plain loops bitwise,
+    /// The scans, compaction, expansion and the gains of rows with holes (AVX2 where the CPU has
+    /// it) equal plain loops bitwise,
     /// for every group of mask bits (the random masks of lengths around 8, 32 and 64 cover
     /// partial groups and the scalar rest), both element types.
     #[test]
@@ -445,6 +550,22 @@ mod tests {
             for (t, &ok) in m.iter().enumerate() {
                 j += usize::from(ok);
                 assert_eq!(out[t], held[j], "expand {m:?} at {t}");
+            }
+            // The gains of the row, from gains just long enough and from longer ones.
+            for extra in [0, SPARE] {
+                let k: Vec<T> = (0..count + extra).map(|j| val(2000 + j)).collect();
+                let a: Vec<T> = (0..count + extra).map(|j| val(3000 + j)).collect();
+                let (mut ko, mut ao) = (vec![val(1); m.len()], vec![val(1); m.len()]);
+                expand_gains(&k, &a, m, &mut ko, &mut ao);
+                let mut j = 0;
+                for (t, &ok) in m.iter().enumerate() {
+                    if ok {
+                        assert_eq!((ko[t], ao[t]), (k[j], a[j]), "gains {m:?} at {t}");
+                        j += 1;
+                    } else {
+                        assert!(ko[t].is_hole() && ao[t] == T::HOLE_A, "hole {m:?} at {t}");
+                    }
+                }
             }
         }
         for m in masks() {

@@ -12,18 +12,24 @@
 //! and grouped `LANES` at a time, so the lanes of a block have similar lengths; every lane starts
 //! at its row's position 0.
 //!
+//! The adjoint of a row with holes under `Hold`, where a held output passes its gradient to the
+//! last valid token before it, is not compacted: its running sum takes every gradient in order.
+//! It runs the block adjoint with gains of each lane's own (`compact::expand_gains`: the gain of
+//! the valid token's index at a valid position, `k = -0.0`, `a = 1.0` at a hole, where `dz` is
+//! then set to zero), built per segment of positions just before the kernel reads them; a
+//! prefix row in the same block reads the shared gains. Under `Zero` a hole's gradient enters
+//! the scratch row as `-0.0`, which leaves the adjoint's running sum bitwise unchanged
+//! (`x + -0.0 == x` for every `x`, signed zeros included).
+//!
 //! Every lane performs exactly the operations of the one-row kernels in the same order, so the
-//! results are bitwise those of `row.rs`, whatever the grouping or the thread count. The one
-//! exception is the adjoint of a row with holes under `Hold`, where a held output passes its
-//! gradient to the last valid token before it: that adjoint runs the one-row kernel. Under `Zero`
-//! a hole's gradient enters the scratch row as `-0.0`, which leaves the adjoint's running sum
-//! bitwise unchanged (`x + -0.0 == x` for every `x`, signed zeros included).
+//! results are bitwise those of `row.rs`, whatever the grouping or the thread count.
 
 use rayon::prelude::*;
 
-use crate::block::{ragged_adjoint, ragged_forward, Isa, LANES};
+use crate::block::{ragged_adjoint, ragged_adjoint_gains, ragged_forward, Isa, LANES};
 use crate::compact::{
-    compact, count_valid, expand_held, first_masked, last_valid, select_to, zero_masked, SPARE,
+    compact, count_valid, expand_gains, expand_held, first_masked, last_valid, select_to,
+    zero_masked, SPARE,
 };
 use crate::row::{adjoint_row, first_bad, RowFault};
 use crate::types::{Gains, MaskMode, Real};
@@ -53,13 +59,14 @@ fn classify(len: usize, m: Option<&[bool]>) -> Shape {
     }
 }
 
-/// The positions of a row the kernel filters: the prefix, the compacted valid tokens (`Hold`),
-/// or the row up to its last valid token (`Zero`).
-fn kernel_len(shape: Shape, mode: MaskMode) -> usize {
+/// The positions of a row the kernel filters: the prefix, the compacted valid tokens (the
+/// forward under `Hold`), or the row up to its last valid token (the adjoint under `Hold`,
+/// both directions under `Zero`).
+fn kernel_len(shape: Shape, mode: MaskMode, adjoint: bool) -> usize {
     match (shape, mode) {
         (Shape::Prefix(n), _) => n,
-        (Shape::Holes { valid, .. }, MaskMode::Hold) => valid,
-        (Shape::Holes { last, .. }, MaskMode::Zero) => last + 1,
+        (Shape::Holes { valid, .. }, MaskMode::Hold) if !adjoint => valid,
+        (Shape::Holes { last, .. }, _) => last + 1,
     }
 }
 
@@ -101,11 +108,12 @@ impl<'a, T> Row<'a, T> {
 fn blocks<T: Send + Sync>(
     mut rows: Vec<Row<'_, T>>,
     mode: MaskMode,
+    adjoint: bool,
     parallel: bool,
 ) -> Vec<Vec<Row<'_, T>>> {
     let shape = |r: &mut Row<'_, T>| {
         r.shape = classify(r.input.len(), r.mask);
-        r.len = kernel_len(r.shape, mode);
+        r.len = kernel_len(r.shape, mode, adjoint);
     };
     if parallel {
         rows.par_iter_mut().for_each(shape);
@@ -185,7 +193,7 @@ pub(crate) fn forward_rows<T: Real>(
     parallel: bool,
 ) -> Option<(usize, RowFault)> {
     let isa = Isa::best();
-    let mut blocks = blocks(rows, mode, parallel);
+    let mut blocks = blocks(rows, mode, false, parallel);
     over_blocks(&mut blocks, parallel, |b| {
         forward_block(isa, b, gains, m0, mode)
     })
@@ -287,7 +295,7 @@ fn forward_lanes<T: Real>(
 }
 
 /// Adjoint of [`forward_rows`]: writes each row's `out` (`dvalues`) and `dm0`; the failure of
-/// the lowest-numbered row, if any. Rows with holes under `Hold` run the one-row kernel.
+/// the lowest-numbered row, if any.
 pub(crate) fn adjoint_rows<T: Real>(
     rows: Vec<Row<'_, T>>,
     gains: &Gains<T>,
@@ -295,9 +303,15 @@ pub(crate) fn adjoint_rows<T: Real>(
     parallel: bool,
 ) -> Option<(usize, RowFault)> {
     let isa = Isa::best();
-    let mut blocks = blocks(rows, mode, parallel);
+    // Rows with holes under `Hold` run the block adjoint with gains of their own, `-0.0` marking
+    // the holes (`compact::expand_gains`); gains with a `-0.0` of their own (which `Gains`
+    // never computes, but `Gains::from_f64` takes) leave those rows to the one-row kernel.
+    let longest = rows.iter().map(|r| r.input.len()).max().unwrap_or(0);
+    let k = gains.k();
+    let own = !k[..longest.min(k.len())].iter().any(|v| v.is_hole());
+    let mut blocks = blocks(rows, mode, true, parallel);
     over_blocks(&mut blocks, parallel, |b| {
-        adjoint_block(isa, b, gains, mode)
+        adjoint_block(isa, b, gains, mode, own)
     })
 }
 
@@ -307,6 +321,7 @@ fn adjoint_block<T: Real>(
     rows: &mut [Row<'_, T>],
     gains: &Gains<T>,
     mode: MaskMode,
+    own: bool,
 ) -> Option<(usize, RowFault)> {
     let mut fail: Option<(usize, RowFault)> = None;
     let mut note = |index: usize, fault: RowFault| {
@@ -314,10 +329,10 @@ fn adjoint_block<T: Real>(
             fail = Some((index, fault));
         }
     };
-    // Rows with holes under `Hold`: the one-row kernel.
-    let (mut lanes, mut alone): (Vec<&mut Row<'_, T>>, Vec<&mut Row<'_, T>>) = rows
-        .iter_mut()
-        .partition(|r| !matches!((r.shape, mode), (Shape::Holes { .. }, MaskMode::Hold)));
+    let holds = |r: &Row<'_, T>| matches!((r.shape, mode), (Shape::Holes { .. }, MaskMode::Hold));
+    // Rows with holes under `Hold` without gains of their own: the one-row kernel.
+    let (mut lanes, mut alone): (Vec<&mut Row<'_, T>>, Vec<&mut Row<'_, T>>) =
+        rows.iter_mut().partition(|r| own || !holds(r));
     for r in alone.iter_mut() {
         match adjoint_row(r.input, r.mask, gains, mode, r.out) {
             Ok(v) => set_dm0(r, v),
@@ -347,6 +362,10 @@ fn adjoint_block<T: Real>(
             }
             lam0 = ragged_adjoint(isa, &src, &k, &a, lam0, &mut dst);
         }
+    }
+    if lanes.iter().any(|r| holds(r)) {
+        adjoint_own(isa, &mut lanes, gains, lam0, &mut note);
+        return fail;
     }
     let neg_zero = T::from_f64(-0.0);
     let size = |r: &&mut Row<'_, T>| match r.shape {
@@ -407,6 +426,85 @@ fn adjoint_lanes<T: Real>(
             // Under `Hold` every gradient is read; under `Zero` only the valid ones.
             let read = (mode == MaskMode::Zero).then_some(r.mask).flatten();
             note(r.index, first_bad(r.input, read));
+        }
+    }
+}
+
+/// Positions per segment of [`adjoint_own`]: the gains of a segment are built just before the
+/// kernel reads them, so they are still in the core's cache.
+const SEGMENT: usize = 1024;
+
+/// The adjoint of a block under `Hold` with rows with holes, from the tails' sums `lam0`: each
+/// lane with gains of its own, built by `compact::expand_gains` for a row with holes (its
+/// `dz` zero at the holes), the shared gains for a prefix row. The block is walked back from
+/// its longest row's end in segments of [`SEGMENT`] positions (the adjoint of each segment
+/// enters the one before it), the gains built per segment.
+fn adjoint_own<T: Real>(
+    isa: Isa,
+    lanes: &mut [&mut Row<'_, T>],
+    gains: &Gains<T>,
+    lam0: [T; LANES],
+    note: &mut impl FnMut(usize, RowFault),
+) {
+    let (k, a) = (gains.k(), gains.a());
+    // Per lane: the valid tokens before the segment's end.
+    let mut count: Vec<usize> = lanes
+        .iter()
+        .map(|r| match r.shape {
+            Shape::Holes { valid, .. } => valid,
+            Shape::Prefix(n) => n,
+        })
+        .collect();
+    let top = lanes.iter().map(|r| r.len).max().unwrap_or(0);
+    let mut lam = lam0;
+    T::with_scratch(|buf| {
+        let total = 2 * LANES * SEGMENT;
+        if buf.len() < total {
+            buf.resize(total, T::ZERO);
+        }
+        let mut end = top;
+        while end > 0 {
+            let start = end.saturating_sub(SEGMENT);
+            let mut parts = buf[..total].chunks_mut(SEGMENT);
+            let mut ks: Vec<&[T]> = Vec::with_capacity(LANES);
+            let mut als: Vec<&[T]> = Vec::with_capacity(LANES);
+            let mut src: Vec<&[T]> = Vec::with_capacity(LANES);
+            let mut dst: Vec<&mut [T]> = Vec::with_capacity(LANES);
+            for (r, c) in lanes.iter_mut().zip(count.iter_mut()) {
+                let (ko, ao) = (
+                    parts.next().unwrap_or_default(),
+                    parts.next().unwrap_or_default(),
+                );
+                let hi = end.min(r.len);
+                let lo = start.min(hi);
+                match (r.shape, r.mask) {
+                    (Shape::Holes { .. }, Some(m)) => {
+                        let m = &m[lo..hi];
+                        *c -= count_valid(m);
+                        let (ko, ao) = (&mut ko[..hi - lo], &mut ao[..hi - lo]);
+                        expand_gains(&k[*c..], &a[*c..], m, ko, ao);
+                        ks.push(ko);
+                        als.push(ao);
+                    }
+                    _ => {
+                        ks.push(&k[lo..hi]);
+                        als.push(&a[lo..hi]);
+                    }
+                }
+                src.push(&r.input[lo..hi]);
+                dst.push(&mut r.out[lo..hi]);
+            }
+            lam = ragged_adjoint_gains(isa, &src, &ks, &als, lam, &mut dst);
+            end = start;
+        }
+    });
+    for (l, r) in lanes.iter_mut().enumerate() {
+        r.out[r.len..].fill(T::ZERO);
+        if lam[l].is_finite() {
+            set_dm0(r, lam[l]);
+        } else {
+            // Under `Hold` every gradient is read.
+            note(r.index, first_bad(r.input, None));
         }
     }
 }

@@ -95,6 +95,22 @@ pub trait Lanes: Copy + Sized {
         lam0: [Self; LANES],
     ) -> [Self; LANES];
 
+    /// The AVX2 adjoint kernel with gains of each lane's own (`kp[i]`, `ap[i]`, each readable
+    /// for `lens[i]` elements) instead of shared ones; `dz` is zero where the lane's gain `k` has
+    /// the bits of `-0.0` (a hole under `MaskMode::Hold`, see [`Lanes::adjoint_gains`]).
+    ///
+    /// # Safety
+    /// As for [`Lanes::forward_avx2`], with `kp[i]` and `ap[i]` in place of `k` and `a`.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn adjoint_gains_avx2(
+        src: &[*const Self; LANES],
+        dst: &[*mut Self; LANES],
+        lens: &[usize; LANES],
+        kp: &[*const Self; LANES],
+        ap: &[*const Self; LANES],
+        lam0: [Self; LANES],
+    ) -> [Self; LANES];
+
     /// Forward filter from the entering states `x0`: writes `out` and returns each lane's state
     /// after its row's last position (`x0` for an empty row; lanes past the rows: `x0`).
     #[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables))]
@@ -107,7 +123,8 @@ pub trait Lanes: Copy + Sized {
         out: &mut [&mut [Self]],
     ) -> Option<[Self; LANES]> {
         #[cfg(target_arch = "x86_64")]
-        if let Some((src, dst, lens)) = avx2_rows(isa, z, out, k, a) {
+        let shared = a.len() == k.len();
+        if let Some((src, dst, lens)) = avx2_rows(isa, z, out, k.len()).filter(|_| shared) {
             // SAFETY: AVX2 is present; every pointer addresses a row of lens[i] <= k.len()
             // elements (checked by avx2_rows), and the output rows are writable and overlap
             // neither the inputs nor each other (they come from distinct `&mut` slices).
@@ -128,9 +145,51 @@ pub trait Lanes: Copy + Sized {
         dz: &mut [&mut [Self]],
     ) -> Option<[Self; LANES]> {
         #[cfg(target_arch = "x86_64")]
-        if let Some((src, dst, lens)) = avx2_rows(isa, grad, dz, k, a) {
+        let shared = a.len() == k.len();
+        if let Some((src, dst, lens)) = avx2_rows(isa, grad, dz, k.len()).filter(|_| shared) {
             // SAFETY: as in `forward`.
             return Some(unsafe { Self::adjoint_avx2(&src, &dst, &lens, k, a, lam0) });
+        }
+        None
+    }
+
+    /// [`Lanes::adjoint`] with gains of each lane's own: lane `i` runs `lam += g; dz = k lam;
+    /// lam = a lam` over `grad[i]` with `k[i]`, `a[i]` (each at least as long as `grad[i]`), and
+    /// writes `dz = 0` instead of the product where `k[i]` has the bits of `-0.0`. With the
+    /// gains of `compact::expand_gains` (`-0.0` and `1.0` at the holes, and `1.0 lam` is `lam`)
+    /// this is the one-row adjoint of a row with holes under `MaskMode::Hold`, bitwise; a lane
+    /// given the shared gains (none of them `-0.0`) runs the plain adjoint.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables))]
+    fn adjoint_gains(
+        isa: Isa,
+        grad: &[&[Self]],
+        k: &[&[Self]],
+        a: &[&[Self]],
+        lam0: [Self; LANES],
+        dz: &mut [&mut [Self]],
+    ) -> Option<[Self; LANES]> {
+        #[cfg(target_arch = "x86_64")]
+        if k.len() == grad.len() && a.len() == grad.len() {
+            let short = |((g, k), a): ((&&[Self], &&[Self]), &&[Self])| {
+                k.len() < g.len() || a.len() < g.len()
+            };
+            if grad.iter().zip(k).zip(a).any(short) {
+                return None;
+            }
+            if let Some((src, dst, lens)) = avx2_rows(isa, grad, dz, usize::MAX) {
+                let mut kp = [std::ptr::null(); LANES];
+                let mut ap = [std::ptr::null(); LANES];
+                for (l, (kl, al)) in k.iter().zip(a).enumerate() {
+                    kp[l] = kl.as_ptr();
+                    ap[l] = al.as_ptr();
+                }
+                // SAFETY: AVX2 is present; every row pointer addresses lens[i] elements and
+                // each lane's gains at least as many (checked above); the outputs are writable
+                // and overlap neither the inputs nor each other (distinct `&mut` slices).
+                return Some(unsafe {
+                    Self::adjoint_gains_avx2(&src, &dst, &lens, &kp, &ap, lam0)
+                });
+            }
         }
         None
     }
@@ -143,25 +202,23 @@ impl Lanes for f32 {}
 impl Lanes for f64 {}
 
 /// Row pointers and lengths of a block for the AVX2 kernels; lanes past the block's rows have
-/// length 0. `None` unless `isa` is AVX2 and the CPU has it, `k` and `a` have equal lengths,
-/// there are at most `LANES` rows, as many outputs as inputs, each output as long as its input
-/// and no row longer than `k`.
+/// length 0. `None` unless `isa` is AVX2 and the CPU has it, there are at most `LANES` rows, as
+/// many outputs as inputs, each output as long as its input and no row longer than `limit`.
 #[cfg(target_arch = "x86_64")]
 #[allow(clippy::type_complexity)]
 fn avx2_rows<T>(
     isa: Isa,
     rows: &[&[T]],
     out: &mut [&mut [T]],
-    k: &[T],
-    a: &[T],
+    limit: usize,
 ) -> Option<([*const T; LANES], [*mut T; LANES], [usize; LANES])> {
-    if isa != Isa::Avx2 || !std::is_x86_feature_detected!("avx2") || a.len() != k.len() {
+    if isa != Isa::Avx2 || !std::is_x86_feature_detected!("avx2") {
         return None;
     }
     if rows.len() > LANES || out.len() != rows.len() {
         return None;
     }
-    let bad = |(r, o): (&&[T], &&mut [T])| r.len() != o.len() || r.len() > k.len();
+    let bad = |(r, o): (&&[T], &&mut [T])| r.len() != o.len() || r.len() > limit;
     if rows.iter().zip(out.iter()).any(bad) {
         return None;
     }
@@ -314,7 +371,8 @@ mod x86 {
     /// (`LANES / $w` groups), chunk transposes `$load` and `$store`.
     macro_rules! kernels {
         ($m:ident, $t:ty, $v:ty, $w:expr, $load:ident, $store:ident,
-         $zero:ident, $splat:ident, $add:ident, $mul:ident, $loadu:ident, $storeu:ident) => {
+         $zero:ident, $splat:ident, $add:ident, $mul:ident, $loadu:ident, $storeu:ident,
+         $cast_si:ident, $cast_v:ident, $cmpeq:ident, $andnot:ident) => {
             mod $m {
                 use super::*;
 
@@ -470,9 +528,6 @@ mod x86 {
                         ends
                     }
 
-                    /// Adjoint of the forward kernel from the adjoints `lam0` arriving after
-                    /// each row's last position; returns `a_0 lam_0` per lane. A lane joins the
-                    /// registers when the tiles reach its whole chunks.
                     #[target_feature(enable = "avx2")]
                     unsafe fn adjoint_avx2(
                         src: &[*const $t; LANES],
@@ -482,56 +537,140 @@ mod x86 {
                         a: &[$t],
                         lam0: [$t; LANES],
                     ) -> [$t; LANES] {
-                        let whole = lens.map(|n| n - n % $w);
-                        let mut lam = lam0;
-                        for (l, ll) in lam.iter_mut().enumerate() {
-                            for t in (whole[l]..lens[l]).rev() {
-                                // SAFETY: t < lens[l].
-                                unsafe {
-                                    *ll += *src[l].add(t);
-                                    *dst[l].add(t) = k[t] * *ll;
-                                }
-                                *ll *= a[t];
+                        let none = [std::ptr::null(); LANES];
+                        // SAFETY: the caller's.
+                        unsafe {
+                            adjoint::<false>(src, dst, lens, k, a, &none, &none, lam0, &mut [])
+                        }
+                    }
+
+                    #[target_feature(enable = "avx2")]
+                    unsafe fn adjoint_gains_avx2(
+                        src: &[*const $t; LANES],
+                        dst: &[*mut $t; LANES],
+                        lens: &[usize; LANES],
+                        kp: &[*const $t; LANES],
+                        ap: &[*const $t; LANES],
+                        lam0: [$t; LANES],
+                    ) -> [$t; LANES] {
+                        let mut tiles: [Tile; 2] = [[[[$zero(); $w]; TILE / $w]; G]; 2];
+                        // SAFETY: the caller's; the shared gains are not read.
+                        unsafe {
+                            adjoint::<true>(src, dst, lens, &[], &[], kp, ap, lam0, &mut tiles)
+                        }
+                    }
+                }
+
+                /// Adjoint of the forward kernel from the adjoints `lam0` arriving after each
+                /// row's last position; returns `a_0 lam_0` per lane. A lane joins the registers
+                /// when the tiles reach its whole chunks. With `OWN` each lane reads its own
+                /// gains from `kp`, `ap` (transposed into tiles beside the gradients; lanes
+                /// whose chunks are not reached read zeros) and its `dz` is zero where its `k`
+                /// has the bits of `-0.0`; without, the lanes share `k`, `a`. `gain_tiles`: two
+                /// tiles for the own gains (with `OWN`; else empty).
+                ///
+                /// # Safety
+                /// AVX2 must be present; `src[i]`, `dst[i]` and (with `OWN`) `kp[i]`, `ap[i]`
+                /// valid for `lens[i]` elements, the outputs overlapping nothing else; without
+                /// `OWN`, `lens[i] <= k.len() == a.len()`.
+                #[allow(clippy::too_many_arguments)]
+                #[inline]
+                #[target_feature(enable = "avx2")]
+                unsafe fn adjoint<const OWN: bool>(
+                    src: &[*const $t; LANES],
+                    dst: &[*mut $t; LANES],
+                    lens: &[usize; LANES],
+                    k: &[$t],
+                    a: &[$t],
+                    kp: &[*const $t; LANES],
+                    ap: &[*const $t; LANES],
+                    lam0: [$t; LANES],
+                    gain_tiles: &mut [Tile],
+                ) -> [$t; LANES] {
+                    let whole = lens.map(|n| n - n % $w);
+                    let mut lam = lam0;
+                    let hole_bits = (-0.0 as $t).to_bits();
+                    for (l, ll) in lam.iter_mut().enumerate() {
+                        for t in (whole[l]..lens[l]).rev() {
+                            // SAFETY: t < lens[l] (and the shared gains' length without OWN).
+                            unsafe {
+                                let (kt, at) = if OWN {
+                                    (*kp[l].add(t), *ap[l].add(t))
+                                } else {
+                                    (k[t], a[t])
+                                };
+                                *ll += *src[l].add(t);
+                                *dst[l].add(t) = if OWN && kt.to_bits() == hole_bits {
+                                    0.0
+                                } else {
+                                    kt * *ll
+                                };
+                                *ll *= at;
                             }
                         }
-                        let top = whole.iter().copied().max().unwrap_or(0);
-                        let zeros: [$t; TILE] = [0.0; TILE];
-                        let mut junk: [$t; TILE] = [0.0; TILE];
-                        let junk_ptr = junk.as_mut_ptr();
-                        let mut m = to_registers(&lam);
-                        let mut buf: Tile = [[[$zero(); $w]; TILE / $w]; G];
-                        let mut end = top;
-                        while end > 0 {
-                            if end < top && whole.contains(&end) {
-                                let mut v = from_registers(&m);
-                                for l in 0..LANES {
-                                    if whole[l] == end {
-                                        v[l] = lam[l];
-                                    }
+                    }
+                    let top = whole.iter().copied().max().unwrap_or(0);
+                    let zeros: [$t; TILE] = [0.0; TILE];
+                    let mut junk: [$t; TILE] = [0.0; TILE];
+                    let junk_ptr = junk.as_mut_ptr();
+                    let mut m = to_registers(&lam);
+                    let mut buf: Tile = [[[$zero(); $w]; TILE / $w]; G];
+                    let hole = $cast_si($splat(-0.0));
+                    let mut end = top;
+                    while end > 0 {
+                        if end < top && whole.contains(&end) {
+                            let mut v = from_registers(&m);
+                            for l in 0..LANES {
+                                if whole[l] == end {
+                                    v[l] = lam[l];
                                 }
-                                m = to_registers(&v);
                             }
-                            let below = whole.iter().filter(|&&w| w < end).max();
-                            let n = TILE.min(end - below.copied().unwrap_or(0));
-                            let p = end - n;
-                            // SAFETY (both): p < end <= whole[l] <= lens[l], inside row l.
-                            let s: [*const $t; LANES] = std::array::from_fn(|l| {
+                            m = to_registers(&v);
+                        }
+                        let below = whole.iter().filter(|&&w| w < end).max();
+                        let n = TILE.min(end - below.copied().unwrap_or(0));
+                        let p = end - n;
+                        // Row `l` at `p` if its whole chunks reach `end`, else the zeros.
+                        // SAFETY: p < end <= whole[l] <= lens[l], inside row l.
+                        let at = |r: &[*const $t; LANES]| -> [*const $t; LANES] {
+                            std::array::from_fn(|l| {
                                 if whole[l] >= end {
-                                    unsafe { src[l].add(p) }
+                                    unsafe { r[l].add(p) }
                                 } else {
                                     zeros.as_ptr()
                                 }
-                            });
-                            let d: [*mut $t; LANES] = std::array::from_fn(|l| {
-                                if whole[l] >= end {
-                                    unsafe { dst[l].add(p) }
-                                } else {
-                                    junk_ptr
+                            })
+                        };
+                        let s = at(src);
+                        // SAFETY: as for `at`.
+                        let d: [*mut $t; LANES] = std::array::from_fn(|l| {
+                            if whole[l] >= end {
+                                unsafe { dst[l].add(p) }
+                            } else {
+                                junk_ptr
+                            }
+                        });
+                        // SAFETY: p + n = end <= whole[l] for every active lane, n <= TILE
+                        // for the scratch tiles.
+                        unsafe { tile_in::<true>(&s, 0, n, &mut buf) };
+                        if let ([kb, ab, ..], true) = (&mut *gain_tiles, OWN) {
+                            // SAFETY: as for the gradients.
+                            unsafe {
+                                tile_in::<true>(&at(kp), 0, n, kb);
+                                tile_in::<true>(&at(ap), 0, n, ab);
+                            }
+                            for i in (0..n).rev() {
+                                for g in 0..G {
+                                    let (c, j) = (i / $w, i % $w);
+                                    let (kt, at) = (kb[g][c][j], ab[g][c][j]);
+                                    let b = &mut buf[g][c][j];
+                                    m[g] = $add(m[g], *b);
+                                    let zero = $cmpeq($cast_si(kt), hole);
+                                    *b = $andnot($cast_v(zero), $mul(kt, m[g]));
+                                    m[g] = $mul(at, m[g]);
                                 }
-                            });
-                            // SAFETY: p + n = end <= whole[l] for every active lane, n <= TILE
-                            // for the scratch tiles.
-                            unsafe { tile_in::<true>(&s, 0, n, &mut buf) };
+                            }
+                        } else {
                             let gains = a[p..end].iter().zip(&k[p..end]).enumerate().rev();
                             for (i, (&at, &kt)) in gains {
                                 let (at, kt) = ($splat(at), $splat(kt));
@@ -542,18 +681,18 @@ mod x86 {
                                     *mg = $mul(at, *mg);
                                 }
                             }
-                            // SAFETY: as for tile_in.
-                            unsafe { tile_out::<true>(&d, 0, n, &buf) };
-                            end = p;
                         }
-                        let mut out = from_registers(&m);
-                        for l in 0..LANES {
-                            if whole[l] == 0 {
-                                out[l] = lam[l];
-                            }
-                        }
-                        out
+                        // SAFETY: as for tile_in.
+                        unsafe { tile_out::<true>(&d, 0, n, &buf) };
+                        end = p;
                     }
+                    let mut out = from_registers(&m);
+                    for l in 0..LANES {
+                        if whole[l] == 0 {
+                            out[l] = lam[l];
+                        }
+                    }
+                    out
                 }
             }
         };
@@ -571,7 +710,11 @@ mod x86 {
         _mm256_add_ps,
         _mm256_mul_ps,
         _mm256_loadu_ps,
-        _mm256_storeu_ps
+        _mm256_storeu_ps,
+        _mm256_castps_si256,
+        _mm256_castsi256_ps,
+        _mm256_cmpeq_epi32,
+        _mm256_andnot_ps
     );
     kernels!(
         kernels_f64,
@@ -585,6 +728,10 @@ mod x86 {
         _mm256_add_pd,
         _mm256_mul_pd,
         _mm256_loadu_pd,
-        _mm256_storeu_pd
+        _mm256_storeu_pd,
+        _mm256_castpd_si256,
+        _mm256_castsi256_pd,
+        _mm256_cmpeq_epi64,
+        _mm256_andnot_pd
     );
 }
