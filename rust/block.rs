@@ -318,3 +318,20 @@ pub fn ragged_adjoint_gains<T: Real>(
     }
     lam
 }
+
+/// The adjoint's running sums over rows without gains (`k = 0`, `a = 1`: `lam += g` from each
+/// row's end to its start, from `lam0`; see `Lanes::sums`), on instruction set `isa` (else a
+/// scalar loop per row, the same additions in the same order). Nothing is written: the `dz` of
+/// such rows is zero (`0 lam`, set by the caller).
+pub fn ragged_sums<T: Real>(isa: Isa, rows: &[&[T]], lam0: [T; LANES]) -> [T; LANES] {
+    if let Some(lam) = T::sums(isa, rows, lam0) {
+        return lam;
+    }
+    let mut lam = lam0;
+    for (ll, g) in lam.iter_mut().zip(rows) {
+        for &gt in g.iter().rev() {
+            *ll = *ll + gt;
+        }
+    }
+    lam
+}

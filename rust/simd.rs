@@ -111,6 +111,37 @@ pub trait Lanes: Copy + Sized {
         lam0: [Self; LANES],
     ) -> [Self; LANES];
 
+    /// The AVX2 running sums of the gradients: each lane's `lam` after `lam += g` over its row
+    /// from its end to its start, from `lam0`.
+    ///
+    /// # Safety
+    /// AVX2 must be present; `src[i]` readable for `lens[i]` elements.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn sum_avx2(
+        src: &[*const Self; LANES],
+        lens: &[usize; LANES],
+        lam0: [Self; LANES],
+    ) -> [Self; LANES];
+
+    /// The adjoint's running sums alone (`lam += g` from each row's end to its start, from the
+    /// sums `lam0` arriving after the ends; no gain is read and no `dz` written): the adjoint
+    /// over a row's masked tail under `MaskMode::Hold`, where `k = 0` and `a = 1`.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables))]
+    fn sums(isa: Isa, grad: &[&[Self]], lam0: [Self; LANES]) -> Option<[Self; LANES]> {
+        #[cfg(target_arch = "x86_64")]
+        if isa == Isa::Avx2 && std::is_x86_feature_detected!("avx2") && grad.len() <= LANES {
+            let mut src = [std::ptr::null(); LANES];
+            let mut lens = [0; LANES];
+            for (l, r) in grad.iter().enumerate() {
+                src[l] = r.as_ptr();
+                lens[l] = r.len();
+            }
+            // SAFETY: AVX2 is present; every pointer addresses a row of lens[i] elements.
+            return Some(unsafe { Self::sum_avx2(&src, &lens, lam0) });
+        }
+        None
+    }
+
     /// Forward filter from the entering states `x0`: writes `out` and returns each lane's state
     /// after its row's last position (`x0` for an empty row; lanes past the rows: `x0`).
     #[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables))]
@@ -528,6 +559,9 @@ mod x86 {
                         ends
                     }
 
+                    /// Adjoint of the forward kernel from the adjoints `lam0` arriving after
+                    /// each row's last position; returns `a_0 lam_0` per lane. A lane joins the
+                    /// registers when the tiles reach its whole chunks.
                     #[target_feature(enable = "avx2")]
                     unsafe fn adjoint_avx2(
                         src: &[*const $t; LANES],
@@ -537,11 +571,77 @@ mod x86 {
                         a: &[$t],
                         lam0: [$t; LANES],
                     ) -> [$t; LANES] {
-                        let none = [std::ptr::null(); LANES];
-                        // SAFETY: the caller's.
-                        unsafe {
-                            adjoint::<false>(src, dst, lens, k, a, &none, &none, lam0, &mut [])
+                        let whole = lens.map(|n| n - n % $w);
+                        let mut lam = lam0;
+                        for (l, ll) in lam.iter_mut().enumerate() {
+                            for t in (whole[l]..lens[l]).rev() {
+                                // SAFETY: t < lens[l].
+                                unsafe {
+                                    *ll += *src[l].add(t);
+                                    *dst[l].add(t) = k[t] * *ll;
+                                }
+                                *ll *= a[t];
+                            }
                         }
+                        let top = whole.iter().copied().max().unwrap_or(0);
+                        let zeros: [$t; TILE] = [0.0; TILE];
+                        let mut junk: [$t; TILE] = [0.0; TILE];
+                        let junk_ptr = junk.as_mut_ptr();
+                        let mut m = to_registers(&lam);
+                        let mut buf: Tile = [[[$zero(); $w]; TILE / $w]; G];
+                        let mut end = top;
+                        while end > 0 {
+                            if end < top && whole.contains(&end) {
+                                let mut v = from_registers(&m);
+                                for l in 0..LANES {
+                                    if whole[l] == end {
+                                        v[l] = lam[l];
+                                    }
+                                }
+                                m = to_registers(&v);
+                            }
+                            let below = whole.iter().filter(|&&w| w < end).max();
+                            let n = TILE.min(end - below.copied().unwrap_or(0));
+                            let p = end - n;
+                            // SAFETY (both): p < end <= whole[l] <= lens[l], inside row l.
+                            let s: [*const $t; LANES] = std::array::from_fn(|l| {
+                                if whole[l] >= end {
+                                    unsafe { src[l].add(p) }
+                                } else {
+                                    zeros.as_ptr()
+                                }
+                            });
+                            let d: [*mut $t; LANES] = std::array::from_fn(|l| {
+                                if whole[l] >= end {
+                                    unsafe { dst[l].add(p) }
+                                } else {
+                                    junk_ptr
+                                }
+                            });
+                            // SAFETY: p + n = end <= whole[l] for every active lane, n <= TILE
+                            // for the scratch tiles.
+                            unsafe { tile_in::<true>(&s, 0, n, &mut buf) };
+                            let gains = a[p..end].iter().zip(&k[p..end]).enumerate().rev();
+                            for (i, (&at, &kt)) in gains {
+                                let (at, kt) = ($splat(at), $splat(kt));
+                                for (mg, bg) in m.iter_mut().zip(buf.iter_mut()) {
+                                    let b = &mut bg[i / $w][i % $w];
+                                    *mg = $add(*mg, *b);
+                                    *b = $mul(kt, *mg);
+                                    *mg = $mul(at, *mg);
+                                }
+                            }
+                            // SAFETY: as for tile_in.
+                            unsafe { tile_out::<true>(&d, 0, n, &buf) };
+                            end = p;
+                        }
+                        let mut out = from_registers(&m);
+                        for l in 0..LANES {
+                            if whole[l] == 0 {
+                                out[l] = lam[l];
+                            }
+                        }
+                        out
                     }
 
                     #[target_feature(enable = "avx2")]
@@ -554,34 +654,41 @@ mod x86 {
                         lam0: [$t; LANES],
                     ) -> [$t; LANES] {
                         let mut tiles: [Tile; 2] = [[[[$zero(); $w]; TILE / $w]; G]; 2];
-                        // SAFETY: the caller's; the shared gains are not read.
+                        // SAFETY: the caller's.
+                        unsafe { own_or_sum::<false>(src, dst, lens, kp, ap, lam0, &mut tiles) }
+                    }
+
+                    #[target_feature(enable = "avx2")]
+                    unsafe fn sum_avx2(
+                        src: &[*const $t; LANES],
+                        lens: &[usize; LANES],
+                        lam0: [$t; LANES],
+                    ) -> [$t; LANES] {
+                        let none = [std::ptr::null(); LANES];
+                        let nowhere = [std::ptr::null_mut(); LANES];
+                        // SAFETY: the caller's; no gain is read and no output written.
                         unsafe {
-                            adjoint::<true>(src, dst, lens, &[], &[], kp, ap, lam0, &mut tiles)
+                            own_or_sum::<true>(src, &nowhere, lens, &none, &none, lam0, &mut [])
                         }
                     }
                 }
 
-                /// Adjoint of the forward kernel from the adjoints `lam0` arriving after each
-                /// row's last position; returns `a_0 lam_0` per lane. A lane joins the registers
-                /// when the tiles reach its whole chunks. With `OWN` each lane reads its own
-                /// gains from `kp`, `ap` (transposed into tiles beside the gradients; lanes
-                /// whose chunks are not reached read zeros) and its `dz` is zero where its `k`
-                /// has the bits of `-0.0`; without, the lanes share `k`, `a`. `gain_tiles`: two
-                /// tiles for the own gains (with `OWN`; else empty).
+                /// The adjoint kernel (as `adjoint_avx2`) with gains of each lane's own from `kp`,
+                /// `ap` (transposed into `gain_tiles` beside the gradients; lanes whose chunks
+                /// are not reached read zeros), its `dz` zero where its `k` has the bits of
+                /// `-0.0`; or with `SUM` the running sums alone (`lam += g`: no gain read, no
+                /// `dz` written, `dst`, `kp`, `ap` and `gain_tiles` unused), each lane's `lam`
+                /// after its first position. `gain_tiles` holds two tiles without `SUM`.
                 ///
                 /// # Safety
-                /// AVX2 must be present; `src[i]`, `dst[i]` and (with `OWN`) `kp[i]`, `ap[i]`
-                /// valid for `lens[i]` elements, the outputs overlapping nothing else; without
-                /// `OWN`, `lens[i] <= k.len() == a.len()`.
-                #[allow(clippy::too_many_arguments)]
+                /// AVX2 must be present; `src[i]` and, without `SUM`, `dst[i]`, `kp[i]`, `ap[i]`
+                /// valid for `lens[i]` elements, the outputs overlapping nothing else.
                 #[inline]
                 #[target_feature(enable = "avx2")]
-                unsafe fn adjoint<const OWN: bool>(
+                unsafe fn own_or_sum<const SUM: bool>(
                     src: &[*const $t; LANES],
                     dst: &[*mut $t; LANES],
                     lens: &[usize; LANES],
-                    k: &[$t],
-                    a: &[$t],
                     kp: &[*const $t; LANES],
                     ap: &[*const $t; LANES],
                     lam0: [$t; LANES],
@@ -592,15 +699,16 @@ mod x86 {
                     let hole_bits = (-0.0 as $t).to_bits();
                     for (l, ll) in lam.iter_mut().enumerate() {
                         for t in (whole[l]..lens[l]).rev() {
-                            // SAFETY: t < lens[l] (and the shared gains' length without OWN).
+                            if SUM {
+                                // SAFETY: t < lens[l].
+                                *ll += unsafe { *src[l].add(t) };
+                                continue;
+                            }
+                            // SAFETY: t < lens[l].
                             unsafe {
-                                let (kt, at) = if OWN {
-                                    (*kp[l].add(t), *ap[l].add(t))
-                                } else {
-                                    (k[t], a[t])
-                                };
+                                let (kt, at) = (*kp[l].add(t), *ap[l].add(t));
                                 *ll += *src[l].add(t);
-                                *dst[l].add(t) = if OWN && kt.to_bits() == hole_bits {
+                                *dst[l].add(t) = if kt.to_bits() == hole_bits {
                                     0.0
                                 } else {
                                     kt * *ll
@@ -642,6 +750,18 @@ mod x86 {
                             })
                         };
                         let s = at(src);
+                        // SAFETY: p + n = end <= whole[l] for every active lane, n <= TILE
+                        // for the scratch tiles.
+                        unsafe { tile_in::<true>(&s, 0, n, &mut buf) };
+                        if SUM {
+                            for i in (0..n).rev() {
+                                for (mg, bg) in m.iter_mut().zip(buf.iter()) {
+                                    *mg = $add(*mg, bg[i / $w][i % $w]);
+                                }
+                            }
+                            end = p;
+                            continue;
+                        }
                         // SAFETY: as for `at`.
                         let d: [*mut $t; LANES] = std::array::from_fn(|l| {
                             if whole[l] >= end {
@@ -650,10 +770,7 @@ mod x86 {
                                 junk_ptr
                             }
                         });
-                        // SAFETY: p + n = end <= whole[l] for every active lane, n <= TILE
-                        // for the scratch tiles.
-                        unsafe { tile_in::<true>(&s, 0, n, &mut buf) };
-                        if let ([kb, ab, ..], true) = (&mut *gain_tiles, OWN) {
+                        if let [kb, ab, ..] = gain_tiles {
                             // SAFETY: as for the gradients.
                             unsafe {
                                 tile_in::<true>(&at(kp), 0, n, kb);
@@ -668,17 +785,6 @@ mod x86 {
                                     let zero = $cmpeq($cast_si(kt), hole);
                                     *b = $andnot($cast_v(zero), $mul(kt, m[g]));
                                     m[g] = $mul(at, m[g]);
-                                }
-                            }
-                        } else {
-                            let gains = a[p..end].iter().zip(&k[p..end]).enumerate().rev();
-                            for (i, (&at, &kt)) in gains {
-                                let (at, kt) = ($splat(at), $splat(kt));
-                                for (mg, bg) in m.iter_mut().zip(buf.iter_mut()) {
-                                    let b = &mut bg[i / $w][i % $w];
-                                    *mg = $add(*mg, *b);
-                                    *b = $mul(kt, *mg);
-                                    *mg = $mul(at, *mg);
                                 }
                             }
                         }

@@ -810,12 +810,13 @@ fn hold_masks_report_the_first_failing_row() {
 }
 
 /// The row-block kernels over rows of unequal lengths (`block::ragged_forward`,
-/// `block::ragged_adjoint`) on every instruction set equal the one-row kernel bitwise: rows
+/// `block::ragged_adjoint`, and the tails' sums `block::ragged_sums` against the plain sums) on
+/// every instruction set equal the one-row kernel bitwise: rows
 /// shorter than a chunk and than a tile, empty rows, lengths around the chunk and tile sizes,
 /// partial blocks, both dtypes, entering states and arriving adjoints per lane.
 #[test]
 fn ragged_blocks_equal_the_one_row_kernel_on_every_instruction_set() {
-    use crate::block::{ragged_adjoint, ragged_forward, Isa};
+    use crate::block::{ragged_adjoint, ragged_forward, ragged_sums, Isa};
     use crate::row::{adjoint_row, forward_row};
 
     fn check<T: Real + std::fmt::Debug>(rng: &mut Rng, lens: &[usize]) {
@@ -861,7 +862,13 @@ fn ragged_blocks_equal_the_one_row_kernel_on_every_instruction_set() {
             let mut dz: Vec<Vec<T>> = rows.iter().map(|r| vec![T::ZERO; r.len()]).collect();
             let mut dd: Vec<&mut [T]> = dz.iter_mut().map(|r| r.as_mut_slice()).collect();
             let lam = ragged_adjoint(isa, &src, g.k(), g.a(), lam0, &mut dd);
+            let sums = ragged_sums(isa, &src, lam0);
             let ctx = format!("{isa:?}, lengths {lens:?}");
+            for (l, z) in rows.iter().enumerate() {
+                // The tails' running sums: lam0, then each gradient from the row's end.
+                let want = z.iter().rev().fold(lam0[l], |acc, &v| acc + v);
+                assert!(same_bits(&[sums[l]], &[want]), "sum {l}, {ctx}");
+            }
             for l in 0..rows.len() {
                 assert!(same_bits(&out[l], &want_out[l]), "forward row {l}, {ctx}");
                 assert!(same_bits(&[x[l]], &[want_x[l]]), "state {l}, {ctx}");
