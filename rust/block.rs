@@ -335,3 +335,30 @@ pub fn ragged_sums<T: Real>(isa: Isa, rows: &[&[T]], lam0: [T; LANES]) -> [T; LA
     }
     lam
 }
+
+/// [`ragged_forward`] under `MaskMode::Zero`, each row with its mask (`masks[i]` as long as
+/// `rows[i]`): masked positions observed as zero and output as zero, the masks read while the
+/// kernel loads its tiles (see `Lanes::forward_zero`); else a scalar loop per row with the same
+/// arithmetic.
+pub fn ragged_forward_zero<T: Real>(
+    isa: Isa,
+    rows: &[&[T]],
+    masks: &[&[bool]],
+    k: &[T],
+    a: &[T],
+    x0: [T; LANES],
+    out: &mut [&mut [T]],
+) -> [T; LANES] {
+    if let Some(x) = T::forward_zero(isa, rows, masks, k, a, x0, out) {
+        return x;
+    }
+    let mut x = x0;
+    for (((xl, z), m), o) in x.iter_mut().zip(rows).zip(masks).zip(out.iter_mut()) {
+        for ((((ot, &zt), &ok), &kt), &at) in o.iter_mut().zip(*z).zip(*m).zip(k).zip(a) {
+            let obs = if ok { zt } else { T::ZERO };
+            *xl = at * *xl + kt * obs;
+            *ot = if ok { *xl } else { T::ZERO };
+        }
+    }
+    x
+}

@@ -26,7 +26,10 @@
 
 use rayon::prelude::*;
 
-use crate::block::{ragged_adjoint, ragged_adjoint_gains, ragged_forward, ragged_sums, Isa, LANES};
+use crate::block::{
+    ragged_adjoint, ragged_adjoint_gains, ragged_forward, ragged_forward_zero, ragged_sums, Isa,
+    LANES,
+};
 use crate::compact::{
     compact, count_valid, expand_gains, expand_held, first_masked, last_valid, select_to,
     zero_masked, SPARE,
@@ -207,6 +210,10 @@ fn forward_block<T: Real>(
     m0: T,
     mode: MaskMode,
 ) -> Option<(usize, RowFault)> {
+    let holes = rows.iter().any(|r| matches!(r.shape, Shape::Holes { .. }));
+    if mode == MaskMode::Zero && holes && rows.iter().all(|r| r.mask.is_some()) {
+        return forward_zero_block(isa, rows, gains, m0);
+    }
     // Scratch rows of the rows with holes: the kernel's input, and under `Hold` the held state
     // before each valid token's output (`m0`, then the outputs).
     let sizes = |r: &Row<'_, T>| match (r.shape, mode) {
@@ -243,6 +250,46 @@ fn forward_block<T: Real>(
         }
         forward_lanes(isa, rows, &mut scratch, gains, m0, mode)
     })
+}
+
+/// [`forward_block`] under `Zero` with rows with holes (every row with its mask): the kernel reads
+/// each row and its mask in place (`block::ragged_forward_zero`: holes observed as zero and
+/// output as zero while the tiles are loaded), with no scratch copy and no zeroing pass; the
+/// rows' masked tails are then zeroed.
+fn forward_zero_block<T: Real>(
+    isa: Isa,
+    rows: &mut [Row<'_, T>],
+    gains: &Gains<T>,
+    m0: T,
+) -> Option<(usize, RowFault)> {
+    let fin = {
+        let mut src: Vec<&[T]> = Vec::with_capacity(LANES);
+        let mut masks: Vec<&[bool]> = Vec::with_capacity(LANES);
+        let mut dst: Vec<&mut [T]> = Vec::with_capacity(LANES);
+        for r in rows.iter_mut() {
+            let n = r.len;
+            src.push(&r.input[..n]);
+            masks.push(&r.mask.unwrap_or(&[])[..n]);
+            dst.push(&mut r.out[..n]);
+        }
+        ragged_forward_zero(
+            isa,
+            &src,
+            &masks,
+            gains.k(),
+            gains.a(),
+            [m0; LANES],
+            &mut dst,
+        )
+    };
+    let mut fail: Option<(usize, RowFault)> = None;
+    for (l, r) in rows.iter_mut().enumerate() {
+        r.out[r.len..].fill(T::ZERO);
+        if !fin[l].is_finite() && fail.is_none_or(|(row, _)| r.index < row) {
+            fail = Some((r.index, first_bad(r.input, r.mask)));
+        }
+    }
+    fail
 }
 
 /// [`forward_block`] once the scratch rows are filled.

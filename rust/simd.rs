@@ -111,6 +111,22 @@ pub trait Lanes: Copy + Sized {
         lam0: [Self; LANES],
     ) -> [Self; LANES];
 
+    /// The AVX2 forward kernel under `MaskMode::Zero` with each lane's mask row `mp[i]` (bytes,
+    /// 0 or 1): a masked position is observed as zero and its output is zero.
+    ///
+    /// # Safety
+    /// As for [`Lanes::forward_avx2`], with `mp[i]` readable for `lens[i]` bytes.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn forward_zero_avx2(
+        src: &[*const Self; LANES],
+        mp: &[*const u8; LANES],
+        dst: &[*mut Self; LANES],
+        lens: &[usize; LANES],
+        k: &[Self],
+        a: &[Self],
+        x0: [Self; LANES],
+    ) -> [Self; LANES];
+
     /// The AVX2 running sums of the gradients: each lane's `lam` after `lam += g` over its row
     /// from its end to its start, from `lam0`.
     ///
@@ -122,6 +138,38 @@ pub trait Lanes: Copy + Sized {
         lens: &[usize; LANES],
         lam0: [Self; LANES],
     ) -> [Self; LANES];
+
+    /// [`Lanes::forward`] under `MaskMode::Zero`, each row with its mask (`masks[i]` as long as
+    /// `z[i]`): `obs = valid ? z : 0`, `x = a x + k obs`, `out = valid ? x : 0`, the one-row
+    /// kernel's operations, with the masks read while the tiles are loaded (no scratch copy of
+    /// the rows).
+    #[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables))]
+    fn forward_zero(
+        isa: Isa,
+        z: &[&[Self]],
+        masks: &[&[bool]],
+        k: &[Self],
+        a: &[Self],
+        x0: [Self; LANES],
+        out: &mut [&mut [Self]],
+    ) -> Option<[Self; LANES]> {
+        #[cfg(target_arch = "x86_64")]
+        if a.len() == k.len() && masks.len() == z.len() {
+            if z.iter().zip(masks).any(|(r, m)| m.len() != r.len()) {
+                return None;
+            }
+            if let Some((src, dst, lens)) = avx2_rows(isa, z, out, k.len()) {
+                let mut mp = [std::ptr::null(); LANES];
+                for (l, m) in masks.iter().enumerate() {
+                    mp[l] = m.as_ptr().cast::<u8>();
+                }
+                // SAFETY: as in `forward`; each mask row as long as its row (checked above),
+                // its bytes 0 or 1 (`bool`).
+                return Some(unsafe { Self::forward_zero_avx2(&src, &mp, &dst, &lens, k, a, x0) });
+            }
+        }
+        None
+    }
 
     /// The adjoint's running sums alone (`lam += g` from each row's end to its start, from the
     /// sums `lam0` arriving after the ends; no gain is read and no `dz` written): the adjoint
@@ -391,6 +439,32 @@ mod x86 {
         }
     }
 
+    /// Mask bytes `m[0..8]` (0 or 1) as 8 `f32` lanes of all ones (1) or zero (0).
+    ///
+    /// # Safety
+    /// `m` must be readable for 8 bytes.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn widen_f32(m: *const u8) -> __m256 {
+        // SAFETY: the caller's bound.
+        let b = unsafe { _mm_loadl_epi64(m.cast()) };
+        let ones = _mm256_sub_epi32(_mm256_setzero_si256(), _mm256_cvtepu8_epi32(b));
+        _mm256_castsi256_ps(ones)
+    }
+
+    /// Mask bytes `m[0..4]` (0 or 1) as 4 `f64` lanes of all ones (1) or zero (0).
+    ///
+    /// # Safety
+    /// `m` must be readable for 4 bytes.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn widen_f64(m: *const u8) -> __m256d {
+        // SAFETY: the caller's bound.
+        let b = _mm_cvtsi32_si128(unsafe { m.cast::<i32>().read_unaligned() });
+        let ones = _mm256_sub_epi64(_mm256_setzero_si256(), _mm256_cvtepu8_epi64(b));
+        _mm256_castsi256_pd(ones)
+    }
+
     /// Positions per tile: each tile is transposed into a position-major buffer group by group
     /// (8 rows of `f32`, 4 of `f64`), filtered there, and transposed back group by group. Going
     /// group by group keeps the rows a phase touches within the ways of L1 even when the row
@@ -403,7 +477,8 @@ mod x86 {
     macro_rules! kernels {
         ($m:ident, $t:ty, $v:ty, $w:expr, $load:ident, $store:ident,
          $zero:ident, $splat:ident, $add:ident, $mul:ident, $loadu:ident, $storeu:ident,
-         $cast_si:ident, $cast_v:ident, $cmpeq:ident, $andnot:ident) => {
+         $cast_si:ident, $cast_v:ident, $cmpeq:ident, $andnot:ident, $and:ident,
+         $widen:ident) => {
             mod $m {
                 use super::*;
 
@@ -644,6 +719,115 @@ mod x86 {
                         out
                     }
 
+                    /// The forward kernel with masks (`MaskMode::Zero`): as `forward_avx2`, with
+                    /// each tile's mask bytes widened to all-ones or zero elements per lane and
+                    /// transposed beside the values; `obs = mask & z`, `out = mask & x` (the
+                    /// one-row kernel's selects, `+0.0` where masked).
+                    #[target_feature(enable = "avx2")]
+                    unsafe fn forward_zero_avx2(
+                        src: &[*const $t; LANES],
+                        mp: &[*const u8; LANES],
+                        dst: &[*mut $t; LANES],
+                        lens: &[usize; LANES],
+                        k: &[$t],
+                        a: &[$t],
+                        x0: [$t; LANES],
+                    ) -> [$t; LANES] {
+                        let whole = lens.map(|n| n - n % $w);
+                        let top = whole.iter().copied().max().unwrap_or(0);
+                        let zeros: [$t; TILE] = [0.0; TILE];
+                        let mut junk: [$t; TILE] = [0.0; TILE];
+                        let junk_ptr = junk.as_mut_ptr();
+                        let mut x = to_registers(&x0);
+                        let mut ends = x0;
+                        let mut buf: Tile = [[[$zero(); $w]; TILE / $w]; G];
+                        let mut valid: Tile = [[[$zero(); $w]; TILE / $w]; G];
+                        // Each lane's widened mask of the tile, row-major.
+                        let mut wide: [[$t; TILE]; LANES] = [[0.0; TILE]; LANES];
+                        let mut p = 0;
+                        while p < top {
+                            let mut n = TILE.min(top - p);
+                            for &w in &whole {
+                                if w > p {
+                                    n = n.min(w - p);
+                                }
+                            }
+                            // SAFETY (all): p < whole[l] <= lens[l], inside row l.
+                            let s: [*const $t; LANES] = std::array::from_fn(|l| {
+                                if whole[l] > p {
+                                    unsafe { src[l].add(p) }
+                                } else {
+                                    zeros.as_ptr()
+                                }
+                            });
+                            let d: [*mut $t; LANES] = std::array::from_fn(|l| {
+                                if whole[l] > p {
+                                    unsafe { dst[l].add(p) }
+                                } else {
+                                    junk_ptr
+                                }
+                            });
+                            for (l, wl) in wide.iter_mut().enumerate() {
+                                if whole[l] > p {
+                                    for c in (0..n).step_by($w) {
+                                        // SAFETY: p + c + $w <= p + n <= whole[l]: inside the
+                                        // mask row; the store inside `wl` (c + $w <= TILE).
+                                        unsafe {
+                                            let v = $widen(mp[l].add(p + c));
+                                            $storeu(wl.as_mut_ptr().add(c), v);
+                                        }
+                                    }
+                                }
+                            }
+                            let wp: [*const $t; LANES] = std::array::from_fn(|l| {
+                                if whole[l] > p {
+                                    wide[l].as_ptr()
+                                } else {
+                                    zeros.as_ptr()
+                                }
+                            });
+                            // SAFETY: n <= whole[l] - p for every active lane, n <= TILE for
+                            // the scratch tiles and `wide`.
+                            unsafe {
+                                tile_in::<false>(&s, 0, n, &mut buf);
+                                tile_in::<false>(&wp, 0, n, &mut valid);
+                            }
+                            let gains = a[p..p + n].iter().zip(&k[p..p + n]).enumerate();
+                            for (i, (&at, &kt)) in gains {
+                                let (at, kt) = ($splat(at), $splat(kt));
+                                for ((xg, bg), vg) in x.iter_mut().zip(buf.iter_mut()).zip(&valid) {
+                                    let (b, v) = (&mut bg[i / $w][i % $w], vg[i / $w][i % $w]);
+                                    let obs = $and(v, *b);
+                                    *xg = $add($mul(at, *xg), $mul(kt, obs));
+                                    *b = $and(v, *xg);
+                                }
+                            }
+                            // SAFETY: as for tile_in.
+                            unsafe { tile_out::<false>(&d, 0, n, &buf) };
+                            p += n;
+                            if whole.contains(&p) {
+                                let xs = from_registers(&x);
+                                for l in 0..LANES {
+                                    if whole[l] == p {
+                                        ends[l] = xs[l];
+                                    }
+                                }
+                            }
+                        }
+                        for (l, xl) in ends.iter_mut().enumerate() {
+                            for t in whole[l]..lens[l] {
+                                // SAFETY: t < lens[l].
+                                unsafe {
+                                    let ok = *mp[l].add(t) != 0;
+                                    let obs = if ok { *src[l].add(t) } else { 0.0 };
+                                    *xl = a[t] * *xl + k[t] * obs;
+                                    *dst[l].add(t) = if ok { *xl } else { 0.0 };
+                                }
+                            }
+                        }
+                        ends
+                    }
+
                     #[target_feature(enable = "avx2")]
                     unsafe fn adjoint_gains_avx2(
                         src: &[*const $t; LANES],
@@ -820,7 +1004,9 @@ mod x86 {
         _mm256_castps_si256,
         _mm256_castsi256_ps,
         _mm256_cmpeq_epi32,
-        _mm256_andnot_ps
+        _mm256_andnot_ps,
+        _mm256_and_ps,
+        widen_f32
     );
     kernels!(
         kernels_f64,
@@ -838,6 +1024,8 @@ mod x86 {
         _mm256_castpd_si256,
         _mm256_castsi256_pd,
         _mm256_cmpeq_epi64,
-        _mm256_andnot_pd
+        _mm256_andnot_pd,
+        _mm256_and_pd,
+        widen_f64
     );
 }

@@ -1131,3 +1131,65 @@ fn gains_with_a_negative_zero_leave_holes_to_the_one_row_kernel() {
         assert!(same_bits(&[dm_got], &[dm]), "dm0 row {row}");
     }
 }
+
+/// The forward kernel under "zero" with the masks read while its tiles are loaded
+/// (`block::ragged_forward_zero`) equals the one-row kernel bitwise on every instruction set:
+/// every 8-bit pattern of holes, holes at chunk and tile edges, rows of holes only, rows shorter
+/// than a chunk and than a tile, entering states per lane, both dtypes.
+#[test]
+fn zero_forward_reading_masks_in_the_tiles_equals_the_one_row_kernel() {
+    use crate::block::{ragged_forward_zero, Isa};
+    use crate::row::forward_row;
+
+    fn check<T: Real + std::fmt::Debug>(t: usize, seed: u64) {
+        let masks = hole_masks(t);
+        let mut rng = Rng(seed);
+        let g = Gains::<T>::new(t, &params(0.01, 1.0, 0.5)).unwrap();
+        for (c, rows) in masks.chunks(LANES).enumerate() {
+            // Rows of unequal lengths: each mask row cut at its own length.
+            let lens: Vec<usize> = (0..rows.len())
+                .map(|l| t - (c * 7 + l * 13) % t.min(40))
+                .collect();
+            let z: Vec<Vec<T>> = lens
+                .iter()
+                .map(|&n| {
+                    (0..n)
+                        .map(|_| T::from_f64(3.0 * rng.uniform() - 1.5))
+                        .collect()
+                })
+                .collect();
+            let x0: [T; LANES] = std::array::from_fn(|l| T::from_f64(0.125 * l as f64 - 0.5));
+            let mut want = Vec::new();
+            let mut want_x = x0;
+            for (l, zr) in z.iter().enumerate() {
+                let mut o = vec![T::ZERO; zr.len()];
+                let m = &rows[l][..zr.len()];
+                // The one-row kernel fails on nothing here; its state is its last output only
+                // where valid, so the state comes from the recurrence itself.
+                forward_row(zr, Some(m), &g, x0[l], MaskMode::Zero, &mut o).unwrap();
+                let mut x = x0[l];
+                for (i, (&v, &ok)) in zr.iter().zip(m).enumerate() {
+                    x = g.a()[i] * x + g.k()[i] * if ok { v } else { T::ZERO };
+                }
+                want_x[l] = x;
+                want.push(o);
+            }
+            for isa in Isa::available() {
+                let src: Vec<&[T]> = z.iter().map(|r| r.as_slice()).collect();
+                let ms: Vec<&[bool]> = (0..z.len()).map(|l| &rows[l][..z[l].len()]).collect();
+                let mut out: Vec<Vec<T>> = z.iter().map(|r| vec![T::ZERO; r.len()]).collect();
+                let mut dst: Vec<&mut [T]> = out.iter_mut().map(|r| r.as_mut_slice()).collect();
+                let x = ragged_forward_zero(isa, &src, &ms, g.k(), g.a(), x0, &mut dst);
+                for l in 0..z.len() {
+                    let ctx = format!("{isa:?}, block {c}, lane {l}, t {t}");
+                    assert!(same_bits(&out[l], &want[l]), "out {ctx}");
+                    assert!(same_bits(&[x[l]], &[want_x[l]]), "state {ctx}");
+                }
+            }
+        }
+    }
+    for (t, seed) in [(20, 13), (300, 17)] {
+        check::<f32>(t, seed);
+        check::<f64>(t, seed);
+    }
+}
