@@ -362,3 +362,41 @@ pub fn ragged_forward_zero<T: Real>(
     }
     x
 }
+
+/// [`ragged_adjoint`] under `MaskMode::Zero`, each row with its mask (`masks[i]` as long as
+/// `rows[i]`): a masked gradient is not read and its `dz` is zero (see `Lanes::adjoint_zero`);
+/// else a scalar loop per row with the same arithmetic.
+pub fn ragged_adjoint_zero<T: Real>(
+    isa: Isa,
+    rows: &[&[T]],
+    masks: &[&[bool]],
+    k: &[T],
+    a: &[T],
+    lam0: [T; LANES],
+    dz: &mut [&mut [T]],
+) -> [T; LANES] {
+    if let Some(lam) = T::adjoint_zero(isa, rows, masks, k, a, lam0, dz) {
+        return lam;
+    }
+    let mut lam = lam0;
+    for (((ll, g), m), d) in lam.iter_mut().zip(rows).zip(masks).zip(dz.iter_mut()) {
+        let len = g.len();
+        let steps = d
+            .iter_mut()
+            .zip(*g)
+            .zip(*m)
+            .zip(&k[..len])
+            .zip(&a[..len])
+            .rev();
+        for ((((dt, &gt), &ok), &kt), &at) in steps {
+            if ok {
+                *ll = *ll + gt;
+                *dt = kt * *ll;
+            } else {
+                *dt = T::ZERO;
+            }
+            *ll = at * *ll;
+        }
+    }
+    lam
+}

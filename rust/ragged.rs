@@ -27,8 +27,8 @@
 use rayon::prelude::*;
 
 use crate::block::{
-    ragged_adjoint, ragged_adjoint_gains, ragged_forward, ragged_forward_zero, ragged_sums, Isa,
-    LANES,
+    ragged_adjoint, ragged_adjoint_gains, ragged_adjoint_zero, ragged_forward, ragged_forward_zero,
+    ragged_sums, Isa, LANES,
 };
 use crate::compact::{
     compact, count_valid, expand_gains, expand_held, first_masked, last_valid, select_to,
@@ -402,6 +402,11 @@ fn adjoint_block<T: Real>(
         adjoint_own(isa, &mut lanes, gains, lam0, &mut note);
         return fail;
     }
+    let holes = lanes.iter().any(|r| matches!(r.shape, Shape::Holes { .. }));
+    if mode == MaskMode::Zero && holes && lanes.iter().all(|r| r.mask.is_some()) {
+        adjoint_zero_lanes(isa, &mut lanes, gains, lam0, &mut note);
+        return fail;
+    }
     let neg_zero = T::from_f64(-0.0);
     let size = |r: &&mut Row<'_, T>| match r.shape {
         Shape::Prefix(_) => 0,
@@ -424,6 +429,39 @@ fn adjoint_block<T: Real>(
         adjoint_lanes(isa, &mut lanes, &mut scratch, gains, mode, lam0, &mut note);
     });
     fail
+}
+
+/// [`adjoint_block`] under `Zero` with rows with holes (every row with its mask): the kernel
+/// reads each row's gradient and mask in place (`block::ragged_adjoint_zero`: a masked gradient
+/// not read, its `dz` zero), with no scratch copy and no zeroing pass.
+fn adjoint_zero_lanes<T: Real>(
+    isa: Isa,
+    lanes: &mut [&mut Row<'_, T>],
+    gains: &Gains<T>,
+    lam0: [T; LANES],
+    note: &mut impl FnMut(usize, RowFault),
+) {
+    let lam = {
+        let mut src: Vec<&[T]> = Vec::with_capacity(LANES);
+        let mut masks: Vec<&[bool]> = Vec::with_capacity(LANES);
+        let mut dst: Vec<&mut [T]> = Vec::with_capacity(LANES);
+        for r in lanes.iter_mut() {
+            let n = r.len;
+            src.push(&r.input[..n]);
+            masks.push(&r.mask.unwrap_or(&[])[..n]);
+            dst.push(&mut r.out[..n]);
+        }
+        ragged_adjoint_zero(isa, &src, &masks, gains.k(), gains.a(), lam0, &mut dst)
+    };
+    for (l, r) in lanes.iter_mut().enumerate() {
+        r.out[r.len..].fill(T::ZERO);
+        if lam[l].is_finite() {
+            set_dm0(r, lam[l]);
+        } else {
+            // Under `Zero` only the valid gradients are read.
+            note(r.index, first_bad(r.input, r.mask));
+        }
+    }
 }
 
 /// [`adjoint_block`] once the scratch rows are filled.

@@ -127,6 +127,22 @@ pub trait Lanes: Copy + Sized {
         x0: [Self; LANES],
     ) -> [Self; LANES];
 
+    /// The AVX2 adjoint kernel under `MaskMode::Zero` with each lane's mask row `mp[i]` (bytes,
+    /// 0 or 1): a masked position's gradient is not read and its `dz` is zero.
+    ///
+    /// # Safety
+    /// As for [`Lanes::forward_avx2`], with `mp[i]` readable for `lens[i]` bytes.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn adjoint_zero_avx2(
+        src: &[*const Self; LANES],
+        mp: &[*const u8; LANES],
+        dst: &[*mut Self; LANES],
+        lens: &[usize; LANES],
+        k: &[Self],
+        a: &[Self],
+        lam0: [Self; LANES],
+    ) -> [Self; LANES];
+
     /// The AVX2 running sums of the gradients: each lane's `lam` after `lam += g` over its row
     /// from its end to its start, from `lam0`.
     ///
@@ -166,6 +182,39 @@ pub trait Lanes: Copy + Sized {
                 // SAFETY: as in `forward`; each mask row as long as its row (checked above),
                 // its bytes 0 or 1 (`bool`).
                 return Some(unsafe { Self::forward_zero_avx2(&src, &mp, &dst, &lens, k, a, x0) });
+            }
+        }
+        None
+    }
+
+    /// [`Lanes::adjoint`] under `MaskMode::Zero`, each row with its mask (`masks[i]` as long as
+    /// `grad[i]`): at a valid position `lam += g; dz = k lam`, at a masked one `dz = 0` (its
+    /// gradient is not read); then `lam = a lam`, the one-row kernel's operations, with the masks
+    /// read while the tiles are loaded.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables))]
+    fn adjoint_zero(
+        isa: Isa,
+        grad: &[&[Self]],
+        masks: &[&[bool]],
+        k: &[Self],
+        a: &[Self],
+        lam0: [Self; LANES],
+        dz: &mut [&mut [Self]],
+    ) -> Option<[Self; LANES]> {
+        #[cfg(target_arch = "x86_64")]
+        if a.len() == k.len() && masks.len() == grad.len() {
+            if grad.iter().zip(masks).any(|(r, m)| m.len() != r.len()) {
+                return None;
+            }
+            if let Some((src, dst, lens)) = avx2_rows(isa, grad, dz, k.len()) {
+                let mut mp = [std::ptr::null(); LANES];
+                for (l, m) in masks.iter().enumerate() {
+                    mp[l] = m.as_ptr().cast::<u8>();
+                }
+                // SAFETY: as in `forward_zero`.
+                return Some(unsafe {
+                    Self::adjoint_zero_avx2(&src, &mp, &dst, &lens, k, a, lam0)
+                });
             }
         }
         None
@@ -477,7 +526,7 @@ mod x86 {
     macro_rules! kernels {
         ($m:ident, $t:ty, $v:ty, $w:expr, $load:ident, $store:ident,
          $zero:ident, $splat:ident, $add:ident, $mul:ident, $loadu:ident, $storeu:ident,
-         $cast_si:ident, $cast_v:ident, $cmpeq:ident, $andnot:ident, $and:ident,
+         $cast_si:ident, $cast_v:ident, $cmpeq:ident, $andnot:ident, $and:ident, $or:ident,
          $widen:ident) => {
             mod $m {
                 use super::*;
@@ -828,6 +877,123 @@ mod x86 {
                         ends
                     }
 
+                    /// The adjoint kernel with masks (`MaskMode::Zero`): as `adjoint_avx2`, with
+                    /// each tile's mask bytes widened and transposed beside the gradients; a
+                    /// masked gradient enters the running sum as `-0.0` (`lam + -0.0` is `lam`,
+                    /// bitwise) and its `dz` is `mask & (k lam)` (`+0.0`).
+                    #[target_feature(enable = "avx2")]
+                    unsafe fn adjoint_zero_avx2(
+                        src: &[*const $t; LANES],
+                        mp: &[*const u8; LANES],
+                        dst: &[*mut $t; LANES],
+                        lens: &[usize; LANES],
+                        k: &[$t],
+                        a: &[$t],
+                        lam0: [$t; LANES],
+                    ) -> [$t; LANES] {
+                        let whole = lens.map(|n| n - n % $w);
+                        let mut lam = lam0;
+                        for (l, ll) in lam.iter_mut().enumerate() {
+                            for t in (whole[l]..lens[l]).rev() {
+                                // SAFETY: t < lens[l].
+                                unsafe {
+                                    if *mp[l].add(t) != 0 {
+                                        *ll += *src[l].add(t);
+                                        *dst[l].add(t) = k[t] * *ll;
+                                    } else {
+                                        *dst[l].add(t) = 0.0;
+                                    }
+                                }
+                                *ll *= a[t];
+                            }
+                        }
+                        let top = whole.iter().copied().max().unwrap_or(0);
+                        let zeros: [$t; TILE] = [0.0; TILE];
+                        let mut junk: [$t; TILE] = [0.0; TILE];
+                        let junk_ptr = junk.as_mut_ptr();
+                        let mut m = to_registers(&lam);
+                        let mut buf: Tile = [[[$zero(); $w]; TILE / $w]; G];
+                        let mut valid: Tile = [[[$zero(); $w]; TILE / $w]; G];
+                        let mut wide: [[$t; TILE]; LANES] = [[0.0; TILE]; LANES];
+                        let neg_zero = $splat(-0.0);
+                        let mut end = top;
+                        while end > 0 {
+                            if end < top && whole.contains(&end) {
+                                let mut v = from_registers(&m);
+                                for l in 0..LANES {
+                                    if whole[l] == end {
+                                        v[l] = lam[l];
+                                    }
+                                }
+                                m = to_registers(&v);
+                            }
+                            let below = whole.iter().filter(|&&w| w < end).max();
+                            let n = TILE.min(end - below.copied().unwrap_or(0));
+                            let p = end - n;
+                            // SAFETY (all): p < end <= whole[l] <= lens[l], inside row l.
+                            let s: [*const $t; LANES] = std::array::from_fn(|l| {
+                                if whole[l] >= end {
+                                    unsafe { src[l].add(p) }
+                                } else {
+                                    zeros.as_ptr()
+                                }
+                            });
+                            let d: [*mut $t; LANES] = std::array::from_fn(|l| {
+                                if whole[l] >= end {
+                                    unsafe { dst[l].add(p) }
+                                } else {
+                                    junk_ptr
+                                }
+                            });
+                            for (l, wl) in wide.iter_mut().enumerate() {
+                                if whole[l] >= end {
+                                    for c in (0..n).step_by($w) {
+                                        // SAFETY: p + c + $w <= end <= whole[l]: inside the
+                                        // mask row; the store inside `wl` (c + $w <= TILE).
+                                        unsafe {
+                                            let v = $widen(mp[l].add(p + c));
+                                            $storeu(wl.as_mut_ptr().add(c), v);
+                                        }
+                                    }
+                                }
+                            }
+                            let wp: [*const $t; LANES] = std::array::from_fn(|l| {
+                                if whole[l] >= end {
+                                    wide[l].as_ptr()
+                                } else {
+                                    zeros.as_ptr()
+                                }
+                            });
+                            // SAFETY: p + n = end <= whole[l] for every active lane, n <= TILE
+                            // for the scratch tiles and `wide`.
+                            unsafe {
+                                tile_in::<true>(&s, 0, n, &mut buf);
+                                tile_in::<true>(&wp, 0, n, &mut valid);
+                            }
+                            let gains = a[p..end].iter().zip(&k[p..end]).enumerate().rev();
+                            for (i, (&at, &kt)) in gains {
+                                let (at, kt) = ($splat(at), $splat(kt));
+                                for ((mg, bg), vg) in m.iter_mut().zip(buf.iter_mut()).zip(&valid) {
+                                    let (b, v) = (&mut bg[i / $w][i % $w], vg[i / $w][i % $w]);
+                                    let g = $or($and(v, *b), $andnot(v, neg_zero));
+                                    *mg = $add(*mg, g);
+                                    *b = $and(v, $mul(kt, *mg));
+                                    *mg = $mul(at, *mg);
+                                }
+                            }
+                            // SAFETY: as for tile_in.
+                            unsafe { tile_out::<true>(&d, 0, n, &buf) };
+                            end = p;
+                        }
+                        let mut out = from_registers(&m);
+                        for l in 0..LANES {
+                            if whole[l] == 0 {
+                                out[l] = lam[l];
+                            }
+                        }
+                        out
+                    }
+
                     #[target_feature(enable = "avx2")]
                     unsafe fn adjoint_gains_avx2(
                         src: &[*const $t; LANES],
@@ -1006,6 +1172,7 @@ mod x86 {
         _mm256_cmpeq_epi32,
         _mm256_andnot_ps,
         _mm256_and_ps,
+        _mm256_or_ps,
         widen_f32
     );
     kernels!(
@@ -1026,6 +1193,7 @@ mod x86 {
         _mm256_cmpeq_epi64,
         _mm256_andnot_pd,
         _mm256_and_pd,
+        _mm256_or_pd,
         widen_f64
     );
 }

@@ -1132,14 +1132,15 @@ fn gains_with_a_negative_zero_leave_holes_to_the_one_row_kernel() {
     }
 }
 
-/// The forward kernel under "zero" with the masks read while its tiles are loaded
-/// (`block::ragged_forward_zero`) equals the one-row kernel bitwise on every instruction set:
+/// The forward and adjoint kernels under "zero" with the masks read while their tiles are loaded
+/// (`block::ragged_forward_zero`, `block::ragged_adjoint_zero`) equal the one-row kernel bitwise
+/// on every instruction set:
 /// every 8-bit pattern of holes, holes at chunk and tile edges, rows of holes only, rows shorter
 /// than a chunk and than a tile, entering states per lane, both dtypes.
 #[test]
-fn zero_forward_reading_masks_in_the_tiles_equals_the_one_row_kernel() {
-    use crate::block::{ragged_forward_zero, Isa};
-    use crate::row::forward_row;
+fn zero_kernels_reading_masks_in_the_tiles_equal_the_one_row_kernel() {
+    use crate::block::{ragged_adjoint_zero, ragged_forward_zero, Isa};
+    use crate::row::{adjoint_row, forward_row};
 
     fn check<T: Real + std::fmt::Debug>(t: usize, seed: u64) {
         let masks = hole_masks(t);
@@ -1180,10 +1181,19 @@ fn zero_forward_reading_masks_in_the_tiles_equals_the_one_row_kernel() {
                 let mut out: Vec<Vec<T>> = z.iter().map(|r| vec![T::ZERO; r.len()]).collect();
                 let mut dst: Vec<&mut [T]> = out.iter_mut().map(|r| r.as_mut_slice()).collect();
                 let x = ragged_forward_zero(isa, &src, &ms, g.k(), g.a(), x0, &mut dst);
+                // The adjoint, the rows' values as gradients, from zero after each row.
+                let mut dz: Vec<Vec<T>> = z.iter().map(|r| vec![T::ZERO; r.len()]).collect();
+                let mut dd: Vec<&mut [T]> = dz.iter_mut().map(|r| r.as_mut_slice()).collect();
+                let lam =
+                    ragged_adjoint_zero(isa, &src, &ms, g.k(), g.a(), [T::ZERO; LANES], &mut dd);
                 for l in 0..z.len() {
                     let ctx = format!("{isa:?}, block {c}, lane {l}, t {t}");
                     assert!(same_bits(&out[l], &want[l]), "out {ctx}");
                     assert!(same_bits(&[x[l]], &[want_x[l]]), "state {ctx}");
+                    let mut d = vec![T::ZERO; z[l].len()];
+                    let want_lam = adjoint_row(&z[l], Some(ms[l]), &g, MaskMode::Zero, &mut d);
+                    assert!(same_bits(&dz[l], &d), "dz {ctx}");
+                    assert!(same_bits(&[lam[l]], &[want_lam.unwrap()]), "lam {ctx}");
                 }
             }
         }
