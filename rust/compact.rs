@@ -158,52 +158,6 @@ pub fn expand_gains<T: Pack>(k: &[T], a: &[T], m: &[bool], ko: &mut [T], ao: &mu
     }
 }
 
-/// Writes `z` with the masked values replaced by `fill` into `c` (all three of one length).
-pub fn select_to<T: Copy>(z: &[T], m: &[bool], fill: T, c: &mut [T]) {
-    #[inline(always)]
-    fn body<T: Copy>(z: &[T], m: &[bool], fill: T, c: &mut [T]) {
-        for ((c, &v), &ok) in c.iter_mut().zip(z).zip(m) {
-            *c = if ok { v } else { fill };
-        }
-    }
-    /// # Safety
-    /// AVX2 must be present.
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2")]
-    unsafe fn avx2<T: Copy>(z: &[T], m: &[bool], fill: T, c: &mut [T]) {
-        body(z, m, fill, c);
-    }
-    #[cfg(target_arch = "x86_64")]
-    if has_avx2() {
-        // SAFETY: AVX2 is present.
-        return unsafe { avx2(z, m, fill, c) };
-    }
-    body(z, m, fill, c);
-}
-
-/// Sets the masked positions of `out` to `zero`.
-pub fn zero_masked<T: Copy>(out: &mut [T], m: &[bool], zero: T) {
-    #[inline(always)]
-    fn body<T: Copy>(out: &mut [T], m: &[bool], zero: T) {
-        for (o, &ok) in out.iter_mut().zip(m) {
-            *o = if ok { *o } else { zero };
-        }
-    }
-    /// # Safety
-    /// AVX2 must be present.
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2")]
-    unsafe fn avx2<T: Copy>(out: &mut [T], m: &[bool], zero: T) {
-        body(out, m, zero);
-    }
-    #[cfg(target_arch = "x86_64")]
-    if has_avx2() {
-        // SAFETY: AVX2 is present.
-        return unsafe { avx2(out, m, zero) };
-    }
-    body(out, m, zero);
-}
-
 /// The constants of [`Pack`] for one type; on x86-64 with the AVX2 methods `$avx2`.
 macro_rules! pack_consts {
     ($t:ty, $($avx2:tt)*) => {

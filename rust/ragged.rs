@@ -4,22 +4,24 @@
 //! Each row's mask is read once ([`classify`]): a row whose valid tokens are a prefix (every row
 //! without a mask, right-padded rows, most packed rows) is filtered over that prefix in place,
 //! and its masked tail is then filled (the held state under `MaskMode::Hold`, zero under
-//! `MaskMode::Zero`). A row with holes is copied into a scratch row first: under `Hold` its
-//! valid tokens are compacted (the gain index is the count of valid tokens, so in the compacted
-//! row it is the position again and the lanes share gains) and the outputs expanded back with
-//! the held state at the holes; under `Zero` the holes are observed as zero (the gain index is
-//! the position) and zeroed in the output. Rows are sorted by the length they are filtered over
-//! and grouped `LANES` at a time, so the lanes of a block have similar lengths; every lane starts
-//! at its row's position 0.
+//! `MaskMode::Zero`). A row with holes under `Hold` is copied into a scratch row first: its valid
+//! tokens are compacted (the gain index is the count of valid tokens, so in the compacted row it
+//! is the position again and the lanes share gains) and the outputs expanded back with the held
+//! state at the holes. Under `Zero` (gain index = position) a block with holes runs the kernels
+//! that read each row's mask while they load their tiles (`Lanes::forward_zero`,
+//! `Lanes::adjoint_zero`): no scratch copy, no zeroing pass. Rows are sorted by the length they
+//! are filtered over and grouped `LANES` at a time, so the lanes of a block have similar
+//! lengths; every lane starts at its row's position 0.
 //!
 //! The adjoint of a row with holes under `Hold`, where a held output passes its gradient to the
 //! last valid token before it, is not compacted: its running sum takes every gradient in order.
 //! It runs the block adjoint with gains of each lane's own (`compact::expand_gains`: the gain of
 //! the valid token's index at a valid position, `k = -0.0`, `a = 1.0` at a hole, where `dz` is
 //! then set to zero), built per segment of positions just before the kernel reads them; a
-//! prefix row in the same block reads the shared gains. Under `Zero` a hole's gradient enters
-//! the scratch row as `-0.0`, which leaves the adjoint's running sum bitwise unchanged
-//! (`x + -0.0 == x` for every `x`, signed zeros included).
+//! prefix row in the same block reads the shared gains. The masked tails under `Hold` are summed
+//! by the sum-only block kernel (`block::ragged_sums`). Under `Zero` a hole's gradient enters the
+//! running sum as `-0.0`, which leaves it bitwise unchanged (`x + -0.0 == x` for every `x`,
+//! signed zeros included).
 //!
 //! Every lane performs exactly the operations of the one-row kernels in the same order, so the
 //! results are bitwise those of `row.rs`, whatever the grouping or the thread count.
@@ -31,8 +33,7 @@ use crate::block::{
     ragged_sums, Isa, LANES,
 };
 use crate::compact::{
-    compact, count_valid, expand_gains, expand_held, first_masked, last_valid, select_to,
-    zero_masked, SPARE,
+    compact, count_valid, expand_gains, expand_held, first_masked, last_valid, SPARE,
 };
 use crate::row::{adjoint_row, first_bad, RowFault};
 use crate::types::{Gains, MaskMode, Real};
@@ -210,16 +211,17 @@ fn forward_block<T: Real>(
     m0: T,
     mode: MaskMode,
 ) -> Option<(usize, RowFault)> {
+    // A row has holes only with a mask, and then every row of the call has one.
     let holes = rows.iter().any(|r| matches!(r.shape, Shape::Holes { .. }));
-    if mode == MaskMode::Zero && holes && rows.iter().all(|r| r.mask.is_some()) {
+    if mode == MaskMode::Zero && holes {
         return forward_zero_block(isa, rows, gains, m0);
     }
-    // Scratch rows of the rows with holes: the kernel's input, and under `Hold` the held state
-    // before each valid token's output (`m0`, then the outputs).
-    let sizes = |r: &Row<'_, T>| match (r.shape, mode) {
-        (Shape::Prefix(_), _) => (0, 0),
-        (Shape::Holes { valid, .. }, MaskMode::Hold) => (valid + SPARE, valid + 1 + SPARE),
-        (Shape::Holes { last, .. }, MaskMode::Zero) => (last + 1, 0),
+    // From here a row with holes is under `Hold`. Its scratch rows: the kernel's input (its
+    // valid tokens, compacted) and the held state before each valid token's output (`m0`, then
+    // the outputs).
+    let sizes = |r: &Row<'_, T>| match r.shape {
+        Shape::Prefix(_) => (0, 0),
+        Shape::Holes { valid, .. } => (valid + SPARE, valid + 1 + SPARE),
     };
     let total: usize = rows.iter().map(|r| sizes(r).0 + sizes(r).1).sum();
     T::with_scratch(|buf| {
@@ -237,14 +239,9 @@ fn forward_block<T: Real>(
                 parts.next().unwrap_or_default(),
                 parts.next().unwrap_or_default(),
             );
-            let m = r.mask.unwrap_or(&[]);
-            match (r.shape, mode) {
-                (Shape::Prefix(_), _) => {}
-                (Shape::Holes { .. }, MaskMode::Hold) => {
-                    compact(r.input, m, input);
-                    held[0] = m0;
-                }
-                (Shape::Holes { .. }, MaskMode::Zero) => select_to(r.input, m, T::ZERO, input),
+            if let (Shape::Holes { .. }, Some(m)) = (r.shape, r.mask) {
+                compact(r.input, m, input);
+                held[0] = m0;
             }
             scratch.push((input, held));
         }
@@ -252,7 +249,7 @@ fn forward_block<T: Real>(
     })
 }
 
-/// [`forward_block`] under `Zero` with rows with holes (every row with its mask): the kernel reads
+/// [`forward_block`] under `Zero` with rows with holes (every row has its mask): the kernel reads
 /// each row and its mask in place (`block::ragged_forward_zero`: holes observed as zero and
 /// output as zero while the tiles are loaded), with no scratch copy and no zeroing pass; the
 /// rows' masked tails are then zeroed.
@@ -313,10 +310,7 @@ fn forward_lanes<T: Real>(
                 }
                 Shape::Holes { .. } => {
                     src.push(&input[..n]);
-                    dst.push(match mode {
-                        MaskMode::Hold => &mut held[1..=n],
-                        MaskMode::Zero => &mut r.out[..n],
-                    });
+                    dst.push(&mut held[1..=n]);
                 }
             }
         }
@@ -328,11 +322,7 @@ fn forward_lanes<T: Real>(
         match (r.shape, mode) {
             (Shape::Prefix(n), MaskMode::Hold) => r.out[n..].fill(fin[l]),
             (Shape::Prefix(n), MaskMode::Zero) => r.out[n..].fill(T::ZERO),
-            (Shape::Holes { .. }, MaskMode::Hold) => expand_held(held, m, r.out),
-            (Shape::Holes { last, .. }, MaskMode::Zero) => {
-                zero_masked(&mut r.out[..=last], m, T::ZERO);
-                r.out[last + 1..].fill(T::ZERO);
-            }
+            (Shape::Holes { .. }, _) => expand_held(held, m, r.out),
         }
         if !fin[l].is_finite() && fail.is_none_or(|(row, _)| r.index < row) {
             fail = Some((r.index, first_bad(r.input, r.mask)));
@@ -402,36 +392,16 @@ fn adjoint_block<T: Real>(
         adjoint_own(isa, &mut lanes, gains, lam0, &mut note);
         return fail;
     }
-    let holes = lanes.iter().any(|r| matches!(r.shape, Shape::Holes { .. }));
-    if mode == MaskMode::Zero && holes && lanes.iter().all(|r| r.mask.is_some()) {
+    if lanes.iter().any(|r| matches!(r.shape, Shape::Holes { .. })) {
+        // Under `Zero` (every row has its mask).
         adjoint_zero_lanes(isa, &mut lanes, gains, lam0, &mut note);
         return fail;
     }
-    let neg_zero = T::from_f64(-0.0);
-    let size = |r: &&mut Row<'_, T>| match r.shape {
-        Shape::Prefix(_) => 0,
-        Shape::Holes { last, .. } => last + 1,
-    };
-    let total: usize = lanes.iter().map(size).sum();
-    T::with_scratch(|buf| {
-        if buf.len() < total {
-            buf.resize(total, T::ZERO);
-        }
-        let scratch = pieces(&mut buf[..total], lanes.iter().map(size));
-        let mut scratch: Vec<&[T]> = scratch
-            .into_iter()
-            .zip(lanes.iter())
-            .map(|(c, r)| {
-                select_to(r.input, r.mask.unwrap_or(&[]), neg_zero, c);
-                &*c
-            })
-            .collect();
-        adjoint_lanes(isa, &mut lanes, &mut scratch, gains, mode, lam0, &mut note);
-    });
+    adjoint_lanes(isa, &mut lanes, gains, mode, lam0, &mut note);
     fail
 }
 
-/// [`adjoint_block`] under `Zero` with rows with holes (every row with its mask): the kernel
+/// [`adjoint_block`] under `Zero` with rows with holes (every row has its mask): the kernel
 /// reads each row's gradient and mask in place (`block::ragged_adjoint_zero`: a masked gradient
 /// not read, its `dz` zero), with no scratch copy and no zeroing pass.
 fn adjoint_zero_lanes<T: Real>(
@@ -464,11 +434,11 @@ fn adjoint_zero_lanes<T: Real>(
     }
 }
 
-/// [`adjoint_block`] once the scratch rows are filled.
+/// [`adjoint_block`] for prefix rows only: the block adjoint over each row's prefix, from the
+/// tails' sums `lam0`.
 fn adjoint_lanes<T: Real>(
     isa: Isa,
     lanes: &mut [&mut Row<'_, T>],
-    scratch: &mut [&[T]],
     gains: &Gains<T>,
     mode: MaskMode,
     lam0: [T; LANES],
@@ -477,22 +447,15 @@ fn adjoint_lanes<T: Real>(
     let lam = {
         let mut src: Vec<&[T]> = Vec::with_capacity(LANES);
         let mut dst: Vec<&mut [T]> = Vec::with_capacity(LANES);
-        for (r, input) in lanes.iter_mut().zip(scratch.iter()) {
+        for r in lanes.iter_mut() {
             let n = r.len;
-            src.push(match r.shape {
-                Shape::Prefix(_) => &r.input[..n],
-                Shape::Holes { .. } => input,
-            });
+            src.push(&r.input[..n]);
             dst.push(&mut r.out[..n]);
         }
         ragged_adjoint(isa, &src, gains.k(), gains.a(), lam0, &mut dst)
     };
     for (l, r) in lanes.iter_mut().enumerate() {
-        let n = r.len;
-        if let (Shape::Holes { .. }, Some(m)) = (r.shape, r.mask) {
-            zero_masked(&mut r.out[..n], m, T::ZERO);
-        }
-        r.out[n..].fill(T::ZERO);
+        r.out[r.len..].fill(T::ZERO);
         if lam[l].is_finite() {
             set_dm0(r, lam[l]);
         } else {
