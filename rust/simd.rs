@@ -520,6 +520,48 @@ mod x86 {
     /// stride is a multiple of 4 KiB (all rows then map to the same cache sets).
     const TILE: usize = 128;
 
+    /// Transposes positions `0 .. n` (`n` a multiple of `$w`, at most `TILE`) of the rows `src`
+    /// (`[*const _; LANES]`) into the tile `buf`, group by group, chunks in reverse order if
+    /// `rev`, with the chunk transpose `$load` of `$w` rows. A macro, not a function: written out
+    /// in each kernel, it is inlined into it whatever the number of kernels using it (as a
+    /// function it stopped being inlined once more kernels called it, which measured 0.95 of the
+    /// packed adjoint's rate).
+    ///
+    /// # Safety
+    /// Each `src[i]` must be readable for `n` elements; used inside `unsafe`.
+    macro_rules! tile_in {
+        ($load:ident, $w:expr, $rev:expr, $src:expr, $n:expr, $buf:expr) => {{
+            let (src, n, buf) = ($src, $n, $buf);
+            for (g, bg) in buf.iter_mut().enumerate() {
+                let rows = &src[$w * g..$w * (g + 1)];
+                for j in 0..n / $w {
+                    let c = if $rev { n - $w * (j + 1) } else { $w * j };
+                    // c + $w <= n (the caller's bound).
+                    bg[c / $w] = $load(rows, c);
+                }
+            }
+        }};
+    }
+
+    /// The inverse of [`tile_in`]: transposes the tile `buf` back to positions `0 .. n` of the
+    /// rows `dst` (`[*mut _; LANES]`) with the chunk transpose `$store`.
+    ///
+    /// # Safety
+    /// Each `dst[i]` must be writable for `n` elements; used inside `unsafe`.
+    macro_rules! tile_out {
+        ($store:ident, $w:expr, $rev:expr, $dst:expr, $n:expr, $buf:expr) => {{
+            let (dst, n, buf) = ($dst, $n, $buf);
+            for (g, bg) in buf.iter().enumerate() {
+                let rows = &dst[$w * g..$w * (g + 1)];
+                for j in 0..n / $w {
+                    let c = if $rev { n - $w * (j + 1) } else { $w * j };
+                    // c + $w <= n (the caller's bound).
+                    $store(rows, c, &bg[c / $w]);
+                }
+            }
+        }};
+    }
+
     /// Implements [`Lanes`] for one element type (its AVX2 forward and adjoint kernels), in module
     /// `$m` with the tile helpers both kernels share: `$t` elements, `$v` registers of `$w` lanes
     /// (`LANES / $w` groups), chunk transposes `$load` and `$store`.
@@ -535,52 +577,6 @@ mod x86 {
                 const G: usize = LANES / $w;
                 /// A tile, position-major: `[group][chunk][position in chunk]`, lane = row.
                 type Tile = [[[$v; $w]; TILE / $w]; G];
-
-                /// Transposes positions `p .. p + n` (`n` a multiple of `$w`, at most `TILE`) of
-                /// the rows `src` into `buf`, group by group, chunks in reverse order if `REV`.
-                ///
-                /// # Safety
-                /// Each `src[i]` must be readable for `p + n` elements.
-                #[inline]
-                #[target_feature(enable = "avx2")]
-                unsafe fn tile_in<const REV: bool>(
-                    src: &[*const $t; LANES],
-                    p: usize,
-                    n: usize,
-                    buf: &mut Tile,
-                ) {
-                    for (g, bg) in buf.iter_mut().enumerate() {
-                        let rows = &src[$w * g..$w * (g + 1)];
-                        for j in 0..n / $w {
-                            let c = if REV { n - $w * (j + 1) } else { $w * j };
-                            // SAFETY: p + c + $w <= p + n (the caller's bound).
-                            bg[c / $w] = unsafe { $load(rows, p + c) };
-                        }
-                    }
-                }
-
-                /// The inverse of [`tile_in`]: transposes `buf` back to positions `p .. p + n` of
-                /// the rows `dst`.
-                ///
-                /// # Safety
-                /// Each `dst[i]` must be writable for `p + n` elements.
-                #[inline]
-                #[target_feature(enable = "avx2")]
-                unsafe fn tile_out<const REV: bool>(
-                    dst: &[*mut $t; LANES],
-                    p: usize,
-                    n: usize,
-                    buf: &Tile,
-                ) {
-                    for (g, bg) in buf.iter().enumerate() {
-                        let rows = &dst[$w * g..$w * (g + 1)];
-                        for j in 0..n / $w {
-                            let c = if REV { n - $w * (j + 1) } else { $w * j };
-                            // SAFETY: p + c + $w <= p + n (the caller's bound).
-                            unsafe { $store(rows, p + c, &bg[c / $w]) };
-                        }
-                    }
-                }
 
                 /// One value per lane as `G` registers.
                 #[inline]
@@ -649,7 +645,7 @@ mod x86 {
                             });
                             // SAFETY: n <= whole[l] - p for every active lane, n <= TILE for
                             // the scratch tiles.
-                            unsafe { tile_in::<false>(&s, 0, n, &mut buf) };
+                            unsafe { tile_in!($load, $w, false, &s, n, &mut buf) };
                             let gains = a[p..p + n].iter().zip(&k[p..p + n]).enumerate();
                             for (i, (&at, &kt)) in gains {
                                 let (at, kt) = ($splat(at), $splat(kt));
@@ -660,7 +656,7 @@ mod x86 {
                                 }
                             }
                             // SAFETY: as for tile_in.
-                            unsafe { tile_out::<false>(&d, 0, n, &buf) };
+                            unsafe { tile_out!($store, $w, false, &d, n, &buf) };
                             p += n;
                             if whole.contains(&p) {
                                 let xs = from_registers(&x);
@@ -744,7 +740,7 @@ mod x86 {
                             });
                             // SAFETY: p + n = end <= whole[l] for every active lane, n <= TILE
                             // for the scratch tiles.
-                            unsafe { tile_in::<true>(&s, 0, n, &mut buf) };
+                            unsafe { tile_in!($load, $w, true, &s, n, &mut buf) };
                             let gains = a[p..end].iter().zip(&k[p..end]).enumerate().rev();
                             for (i, (&at, &kt)) in gains {
                                 let (at, kt) = ($splat(at), $splat(kt));
@@ -756,7 +752,7 @@ mod x86 {
                                 }
                             }
                             // SAFETY: as for tile_in.
-                            unsafe { tile_out::<true>(&d, 0, n, &buf) };
+                            unsafe { tile_out!($store, $w, true, &d, n, &buf) };
                             end = p;
                         }
                         let mut out = from_registers(&m);
@@ -838,8 +834,8 @@ mod x86 {
                             // SAFETY: n <= whole[l] - p for every active lane, n <= TILE for
                             // the scratch tiles and `wide`.
                             unsafe {
-                                tile_in::<false>(&s, 0, n, &mut buf);
-                                tile_in::<false>(&wp, 0, n, &mut valid);
+                                tile_in!($load, $w, false, &s, n, &mut buf);
+                                tile_in!($load, $w, false, &wp, n, &mut valid);
                             }
                             let gains = a[p..p + n].iter().zip(&k[p..p + n]).enumerate();
                             for (i, (&at, &kt)) in gains {
@@ -852,7 +848,7 @@ mod x86 {
                                 }
                             }
                             // SAFETY: as for tile_in.
-                            unsafe { tile_out::<false>(&d, 0, n, &buf) };
+                            unsafe { tile_out!($store, $w, false, &d, n, &buf) };
                             p += n;
                             if whole.contains(&p) {
                                 let xs = from_registers(&x);
@@ -967,8 +963,8 @@ mod x86 {
                             // SAFETY: p + n = end <= whole[l] for every active lane, n <= TILE
                             // for the scratch tiles and `wide`.
                             unsafe {
-                                tile_in::<true>(&s, 0, n, &mut buf);
-                                tile_in::<true>(&wp, 0, n, &mut valid);
+                                tile_in!($load, $w, true, &s, n, &mut buf);
+                                tile_in!($load, $w, true, &wp, n, &mut valid);
                             }
                             let gains = a[p..end].iter().zip(&k[p..end]).enumerate().rev();
                             for (i, (&at, &kt)) in gains {
@@ -982,7 +978,7 @@ mod x86 {
                                 }
                             }
                             // SAFETY: as for tile_in.
-                            unsafe { tile_out::<true>(&d, 0, n, &buf) };
+                            unsafe { tile_out!($store, $w, true, &d, n, &buf) };
                             end = p;
                         }
                         let mut out = from_registers(&m);
@@ -1102,7 +1098,7 @@ mod x86 {
                         let s = at(src);
                         // SAFETY: p + n = end <= whole[l] for every active lane, n <= TILE
                         // for the scratch tiles.
-                        unsafe { tile_in::<true>(&s, 0, n, &mut buf) };
+                        unsafe { tile_in!($load, $w, true, &s, n, &mut buf) };
                         if SUM {
                             for i in (0..n).rev() {
                                 for (mg, bg) in m.iter_mut().zip(buf.iter()) {
@@ -1123,8 +1119,8 @@ mod x86 {
                         if let [kb, ab, ..] = gain_tiles {
                             // SAFETY: as for the gradients.
                             unsafe {
-                                tile_in::<true>(&at(kp), 0, n, kb);
-                                tile_in::<true>(&at(ap), 0, n, ab);
+                                tile_in!($load, $w, true, &at(kp), n, &mut *kb);
+                                tile_in!($load, $w, true, &at(ap), n, &mut *ab);
                             }
                             for i in (0..n).rev() {
                                 for g in 0..G {
@@ -1139,7 +1135,7 @@ mod x86 {
                             }
                         }
                         // SAFETY: as for tile_in.
-                        unsafe { tile_out::<true>(&d, 0, n, &buf) };
+                        unsafe { tile_out!($store, $w, true, &d, n, &buf) };
                         end = p;
                     }
                     let mut out = from_registers(&m);
