@@ -343,10 +343,15 @@ pub(crate) fn adjoint_rows<T: Real>(
     // Rows with holes under `Hold` run the block adjoint with gains of their own, `-0.0` marking
     // the holes (`compact::expand_gains`); gains with a `-0.0` of their own (which `Gains`
     // never computes, but `Gains::from_f64` takes) leave those rows to the one-row kernel.
-    let longest = rows.iter().map(|r| r.input.len()).max().unwrap_or(0);
-    let k = gains.k();
-    let own = !k[..longest.min(k.len())].iter().any(|v| v.is_hole());
     let mut blocks = blocks(rows, mode, true, parallel);
+    let holes = |r: &Row<'_, T>| matches!(r.shape, Shape::Holes { .. });
+    let own = mode != MaskMode::Hold || !blocks.iter().flatten().any(holes) || {
+        let longest = blocks.iter().flatten().map(|r| r.input.len()).max();
+        let k = gains.k();
+        !k[..longest.unwrap_or(0).min(k.len())]
+            .iter()
+            .any(|v| v.is_hole())
+    };
     over_blocks(&mut blocks, parallel, |b| {
         adjoint_block(isa, b, gains, mode, own)
     })
