@@ -273,9 +273,9 @@ mod x86 {
         t
     }
 
-    /// `[bits][element]` for expansion: element `i` of a group takes slot `c - 1` of the group's
-    /// compacted outputs, `c` the number of valid elements at or before `i`; `-1` (every part)
-    /// where `c = 0` (the held state from before the group, blended in by the sign bit).
+    /// `[bits][element]`: element `i` of a group takes slot `c - 1` of the group's compacted
+    /// values, `c` the number of valid elements at or before `i`; `-1` (every part) where
+    /// `c = 0`. The base of [`gains_table`].
     const fn expand_table<const W: usize, const N: usize>() -> [[i32; 8]; N] {
         let mut t = [[0i32; 8]; N];
         let per = 8 / W;
@@ -332,26 +332,48 @@ mod x86 {
         t
     }
 
+    /// `[bits][element]` for the gains of a row with holes: a valid element `i` takes slot `c - 1`
+    /// of the group's gains (`c` the number of valid elements at or before `i`), a masked one
+    /// `-1` (every part), whose sign bit blends the hole's value in.
+    const fn gains_table<const W: usize, const N: usize>() -> [[i32; 8]; N] {
+        let mut t = expand_table::<W, N>();
+        let per = 8 / W;
+        let mut bits = 0;
+        while bits < N {
+            let mut i = 0;
+            while i < W {
+                if bits & (1 << i) == 0 {
+                    let mut h = 0;
+                    while h < per {
+                        t[bits][i * per + h] = -1;
+                        h += 1;
+                    }
+                }
+                i += 1;
+            }
+            bits += 1;
+        }
+        t
+    }
+
+    static GAINS_F32: [[i32; 8]; 256] = gains_table::<8, 256>();
+    static GAINS_F64: [[i32; 8]; 16] = gains_table::<4, 16>();
     static COMPACT_F32: [[i32; 8]; 256] = compact_table::<8, 256>();
     static HELD_F32: [[i32; 8]; 256] = held_table::<8, 256>();
     static HELD_F64: [[i32; 8]; 16] = held_table::<4, 16>();
-    static EXPAND_F32: [[i32; 8]; 256] = expand_table::<8, 256>();
     static COMPACT_F64: [[i32; 8]; 16] = compact_table::<4, 16>();
-    static EXPAND_F64: [[i32; 8]; 16] = expand_table::<4, 16>();
 
     /// Implements [`Pack`] for one element type of `$w` elements per 256-bit register.
     macro_rules! pack {
-        ($t:ty, $w:expr, $compact:ident, $expand:ident, $held:ident, $v:ty, $cast_in:ident,
+        ($t:ty, $w:expr, $compact:ident, $held:ident, $v:ty, $cast_in:ident,
          $cast_out:ident,
-         $loadu:ident, $storeu:ident, $splat:ident, $blend:ident, $bits:expr, $cmpeq:ident) => {
+         $loadu:ident, $storeu:ident, $splat:ident, $blend:ident, $gains:ident) => {
             pack_consts! { $t,
                 #[target_feature(enable = "avx2,popcnt")]
                 unsafe fn gains_avx2(k: &[$t], a: &[$t], m: &[u8], ko: &mut [$t], ao: &mut [$t]) {
                     let n = ko.len();
                     debug_assert!(m.len() == n && ao.len() == n);
                     let (mut p, mut j) = (0, 0);
-                    // Element i of a group has bit i of the group's mask bits in `bit[i]`.
-                    let bit = $bits;
                     let (hole_k, hole_a) = ($splat(<$t>::HOLE_K), $splat(<$t>::HOLE_A));
                     // A block of 32 positions loads at most k[j .. j + 32].
                     while p + 32 <= n && j + 32 <= k.len() && j + 32 <= a.len() {
@@ -365,9 +387,8 @@ mod x86 {
                             // 32 - $w before the block's last group); the stores write
                             // ko[p + $w g ..][..$w], ao[..] inside the row.
                             unsafe {
-                                let idx = _mm256_loadu_si256($expand[bits].as_ptr().cast());
-                                let sel = _mm256_and_si256(_mm256_set1_epi32(bits as i32), bit);
-                                let hole = $cast_out($cmpeq(sel, _mm256_setzero_si256()));
+                                let idx = _mm256_loadu_si256($gains[bits].as_ptr().cast());
+                                let hole = $cast_out(idx);
                                 let kv = $cast_in($loadu(k.as_ptr().add(j)));
                                 let av = $cast_in($loadu(a.as_ptr().add(j)));
                                 let kv = $cast_out(_mm256_permutevar8x32_epi32(kv, idx));
@@ -462,7 +483,6 @@ mod x86 {
         f32,
         8,
         COMPACT_F32,
-        EXPAND_F32,
         HELD_F32,
         __m256,
         _mm256_castps_si256,
@@ -471,14 +491,12 @@ mod x86 {
         _mm256_storeu_ps,
         _mm256_set1_ps,
         _mm256_blendv_ps,
-        _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128),
-        _mm256_cmpeq_epi32
+        GAINS_F32
     );
     pack!(
         f64,
         4,
         COMPACT_F64,
-        EXPAND_F64,
         HELD_F64,
         __m256d,
         _mm256_castpd_si256,
@@ -487,8 +505,7 @@ mod x86 {
         _mm256_storeu_pd,
         _mm256_set1_pd,
         _mm256_blendv_pd,
-        _mm256_setr_epi64x(1, 2, 4, 8),
-        _mm256_cmpeq_epi64
+        GAINS_F64
     );
 }
 
