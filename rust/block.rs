@@ -287,3 +287,116 @@ pub fn ragged_adjoint<T: Real>(
     }
     lam
 }
+
+/// [`ragged_adjoint`] with gains of each row's own (`k[i]`, `a[i]` at least as long as row `i`;
+/// see `Lanes::adjoint_gains`): `dz` is zero where `k[i]` has the bits of `-0.0` (a hole of a row
+/// under `MaskMode::Hold`, from `compact::expand_gains`), else `k lam`.
+pub fn ragged_adjoint_gains<T: Real>(
+    isa: Isa,
+    rows: &[&[T]],
+    k: &[&[T]],
+    a: &[&[T]],
+    lam0: [T; LANES],
+    dz: &mut [&mut [T]],
+) -> [T; LANES] {
+    if let Some(lam) = T::adjoint_gains(isa, rows, k, a, lam0, dz) {
+        return lam;
+    }
+    let mut lam = lam0;
+    for (((ll, g), d), (k, a)) in lam
+        .iter_mut()
+        .zip(rows)
+        .zip(dz.iter_mut())
+        .zip(k.iter().zip(a))
+    {
+        let len = g.len();
+        for (((dt, &gt), &kt), &at) in d.iter_mut().zip(*g).zip(&k[..len]).zip(&a[..len]).rev() {
+            *ll = *ll + gt;
+            *dt = if kt.is_hole() { T::ZERO } else { kt * *ll };
+            *ll = at * *ll;
+        }
+    }
+    lam
+}
+
+/// The adjoint's running sums over rows without gains (`k = 0`, `a = 1`: `lam += g` from each
+/// row's end to its start, from `lam0`; see `Lanes::sums`), on instruction set `isa` (else a
+/// scalar loop per row, the same additions in the same order). Nothing is written: the `dz` of
+/// such rows is zero (`0 lam`, set by the caller).
+pub fn ragged_sums<T: Real>(isa: Isa, rows: &[&[T]], lam0: [T; LANES]) -> [T; LANES] {
+    if let Some(lam) = T::sums(isa, rows, lam0) {
+        return lam;
+    }
+    let mut lam = lam0;
+    for (ll, g) in lam.iter_mut().zip(rows) {
+        for &gt in g.iter().rev() {
+            *ll = *ll + gt;
+        }
+    }
+    lam
+}
+
+/// [`ragged_forward`] under `MaskMode::Zero`, each row with its mask (`masks[i]` as long as
+/// `rows[i]`): masked positions observed as zero and output as zero, the masks read while the
+/// kernel loads its tiles (see `Lanes::forward_zero`); else a scalar loop per row with the same
+/// arithmetic.
+pub fn ragged_forward_zero<T: Real>(
+    isa: Isa,
+    rows: &[&[T]],
+    masks: &[&[bool]],
+    k: &[T],
+    a: &[T],
+    x0: [T; LANES],
+    out: &mut [&mut [T]],
+) -> [T; LANES] {
+    if let Some(x) = T::forward_zero(isa, rows, masks, k, a, x0, out) {
+        return x;
+    }
+    let mut x = x0;
+    for (((xl, z), m), o) in x.iter_mut().zip(rows).zip(masks).zip(out.iter_mut()) {
+        for ((((ot, &zt), &ok), &kt), &at) in o.iter_mut().zip(*z).zip(*m).zip(k).zip(a) {
+            let obs = if ok { zt } else { T::ZERO };
+            *xl = at * *xl + kt * obs;
+            *ot = if ok { *xl } else { T::ZERO };
+        }
+    }
+    x
+}
+
+/// [`ragged_adjoint`] under `MaskMode::Zero`, each row with its mask (`masks[i]` as long as
+/// `rows[i]`): a masked gradient is not read and its `dz` is zero (see `Lanes::adjoint_zero`);
+/// else a scalar loop per row with the same arithmetic.
+pub fn ragged_adjoint_zero<T: Real>(
+    isa: Isa,
+    rows: &[&[T]],
+    masks: &[&[bool]],
+    k: &[T],
+    a: &[T],
+    lam0: [T; LANES],
+    dz: &mut [&mut [T]],
+) -> [T; LANES] {
+    if let Some(lam) = T::adjoint_zero(isa, rows, masks, k, a, lam0, dz) {
+        return lam;
+    }
+    let mut lam = lam0;
+    for (((ll, g), m), d) in lam.iter_mut().zip(rows).zip(masks).zip(dz.iter_mut()) {
+        let len = g.len();
+        let steps = d
+            .iter_mut()
+            .zip(*g)
+            .zip(*m)
+            .zip(&k[..len])
+            .zip(&a[..len])
+            .rev();
+        for ((((dt, &gt), &ok), &kt), &at) in steps {
+            if ok {
+                *ll = *ll + gt;
+                *dt = kt * *ll;
+            } else {
+                *dt = T::ZERO;
+            }
+            *ll = at * *ll;
+        }
+    }
+    lam
+}

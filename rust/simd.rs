@@ -95,6 +95,150 @@ pub trait Lanes: Copy + Sized {
         lam0: [Self; LANES],
     ) -> [Self; LANES];
 
+    /// The AVX2 adjoint kernel with gains of each lane's own (`kp[i]`, `ap[i]`, each readable
+    /// for `lens[i]` elements) instead of shared ones; `dz` is zero where the lane's gain `k` has
+    /// the bits of `-0.0` (a hole under `MaskMode::Hold`, see [`Lanes::adjoint_gains`]).
+    ///
+    /// # Safety
+    /// As for [`Lanes::forward_avx2`], with `kp[i]` and `ap[i]` in place of `k` and `a`.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn adjoint_gains_avx2(
+        src: &[*const Self; LANES],
+        dst: &[*mut Self; LANES],
+        lens: &[usize; LANES],
+        kp: &[*const Self; LANES],
+        ap: &[*const Self; LANES],
+        lam0: [Self; LANES],
+    ) -> [Self; LANES];
+
+    /// The AVX2 forward kernel under `MaskMode::Zero` with each lane's mask row `mp[i]` (bytes,
+    /// 0 or 1): a masked position is observed as zero and its output is zero.
+    ///
+    /// # Safety
+    /// As for [`Lanes::forward_avx2`], with `mp[i]` readable for `lens[i]` bytes.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn forward_zero_avx2(
+        src: &[*const Self; LANES],
+        mp: &[*const u8; LANES],
+        dst: &[*mut Self; LANES],
+        lens: &[usize; LANES],
+        k: &[Self],
+        a: &[Self],
+        x0: [Self; LANES],
+    ) -> [Self; LANES];
+
+    /// The AVX2 adjoint kernel under `MaskMode::Zero` with each lane's mask row `mp[i]` (bytes,
+    /// 0 or 1): a masked position's gradient is not read and its `dz` is zero.
+    ///
+    /// # Safety
+    /// As for [`Lanes::forward_avx2`], with `mp[i]` readable for `lens[i]` bytes.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn adjoint_zero_avx2(
+        src: &[*const Self; LANES],
+        mp: &[*const u8; LANES],
+        dst: &[*mut Self; LANES],
+        lens: &[usize; LANES],
+        k: &[Self],
+        a: &[Self],
+        lam0: [Self; LANES],
+    ) -> [Self; LANES];
+
+    /// The AVX2 running sums of the gradients: each lane's `lam` after `lam += g` over its row
+    /// from its end to its start, from `lam0`.
+    ///
+    /// # Safety
+    /// AVX2 must be present; `src[i]` readable for `lens[i]` elements.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn sum_avx2(
+        src: &[*const Self; LANES],
+        lens: &[usize; LANES],
+        lam0: [Self; LANES],
+    ) -> [Self; LANES];
+
+    /// [`Lanes::forward`] under `MaskMode::Zero`, each row with its mask (`masks[i]` as long as
+    /// `z[i]`): `obs = valid ? z : 0`, `x = a x + k obs`, `out = valid ? x : 0`, the one-row
+    /// kernel's operations, with the masks read while the tiles are loaded (no scratch copy of
+    /// the rows).
+    #[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables))]
+    fn forward_zero(
+        isa: Isa,
+        z: &[&[Self]],
+        masks: &[&[bool]],
+        k: &[Self],
+        a: &[Self],
+        x0: [Self; LANES],
+        out: &mut [&mut [Self]],
+    ) -> Option<[Self; LANES]> {
+        #[cfg(target_arch = "x86_64")]
+        if a.len() == k.len() && masks.len() == z.len() {
+            if z.iter().zip(masks).any(|(r, m)| m.len() != r.len()) {
+                return None;
+            }
+            if let Some((src, dst, lens)) = avx2_rows(isa, z, out, k.len()) {
+                let mut mp = [std::ptr::null(); LANES];
+                for (l, m) in masks.iter().enumerate() {
+                    mp[l] = m.as_ptr().cast::<u8>();
+                }
+                // SAFETY: as in `forward`; each mask row as long as its row (checked above),
+                // its bytes 0 or 1 (`bool`).
+                return Some(unsafe { Self::forward_zero_avx2(&src, &mp, &dst, &lens, k, a, x0) });
+            }
+        }
+        None
+    }
+
+    /// [`Lanes::adjoint`] under `MaskMode::Zero`, each row with its mask (`masks[i]` as long as
+    /// `grad[i]`): at a valid position `lam += g; dz = k lam`, at a masked one `dz = 0` (its
+    /// gradient is not read); then `lam = a lam`, the one-row kernel's operations, with the masks
+    /// read while the tiles are loaded.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables))]
+    fn adjoint_zero(
+        isa: Isa,
+        grad: &[&[Self]],
+        masks: &[&[bool]],
+        k: &[Self],
+        a: &[Self],
+        lam0: [Self; LANES],
+        dz: &mut [&mut [Self]],
+    ) -> Option<[Self; LANES]> {
+        #[cfg(target_arch = "x86_64")]
+        if a.len() == k.len() && masks.len() == grad.len() {
+            if grad.iter().zip(masks).any(|(r, m)| m.len() != r.len()) {
+                return None;
+            }
+            if let Some((src, dst, lens)) = avx2_rows(isa, grad, dz, k.len()) {
+                let mut mp = [std::ptr::null(); LANES];
+                for (l, m) in masks.iter().enumerate() {
+                    mp[l] = m.as_ptr().cast::<u8>();
+                }
+                // SAFETY: as in `forward_zero`.
+                return Some(unsafe {
+                    Self::adjoint_zero_avx2(&src, &mp, &dst, &lens, k, a, lam0)
+                });
+            }
+        }
+        None
+    }
+
+    /// The adjoint's running sums alone (`lam += g` from each row's end to its start, from the
+    /// sums `lam0` arriving after the ends; no gain is read and no `dz` written): the adjoint
+    /// over a row's masked tail under `MaskMode::Hold`, where `k = 0` and `a = 1`.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables))]
+    fn sums(isa: Isa, grad: &[&[Self]], lam0: [Self; LANES]) -> Option<[Self; LANES]> {
+        #[cfg(target_arch = "x86_64")]
+        if isa == Isa::Avx2 && std::is_x86_feature_detected!("avx2") && grad.len() <= LANES {
+            let mut src = [std::ptr::null(); LANES];
+            let mut lens = [0; LANES];
+            for (l, r) in grad.iter().enumerate() {
+                src[l] = r.as_ptr();
+                lens[l] = r.len();
+            }
+            // SAFETY: AVX2 is present; every pointer addresses a row of lens[i] elements.
+            return Some(unsafe { Self::sum_avx2(&src, &lens, lam0) });
+        }
+        None
+    }
+
     /// Forward filter from the entering states `x0`: writes `out` and returns each lane's state
     /// after its row's last position (`x0` for an empty row; lanes past the rows: `x0`).
     #[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables))]
@@ -107,7 +251,8 @@ pub trait Lanes: Copy + Sized {
         out: &mut [&mut [Self]],
     ) -> Option<[Self; LANES]> {
         #[cfg(target_arch = "x86_64")]
-        if let Some((src, dst, lens)) = avx2_rows(isa, z, out, k, a) {
+        let shared = a.len() == k.len();
+        if let Some((src, dst, lens)) = avx2_rows(isa, z, out, k.len()).filter(|_| shared) {
             // SAFETY: AVX2 is present; every pointer addresses a row of lens[i] <= k.len()
             // elements (checked by avx2_rows), and the output rows are writable and overlap
             // neither the inputs nor each other (they come from distinct `&mut` slices).
@@ -128,9 +273,51 @@ pub trait Lanes: Copy + Sized {
         dz: &mut [&mut [Self]],
     ) -> Option<[Self; LANES]> {
         #[cfg(target_arch = "x86_64")]
-        if let Some((src, dst, lens)) = avx2_rows(isa, grad, dz, k, a) {
+        let shared = a.len() == k.len();
+        if let Some((src, dst, lens)) = avx2_rows(isa, grad, dz, k.len()).filter(|_| shared) {
             // SAFETY: as in `forward`.
             return Some(unsafe { Self::adjoint_avx2(&src, &dst, &lens, k, a, lam0) });
+        }
+        None
+    }
+
+    /// [`Lanes::adjoint`] with gains of each lane's own: lane `i` runs `lam += g; dz = k lam;
+    /// lam = a lam` over `grad[i]` with `k[i]`, `a[i]` (each at least as long as `grad[i]`), and
+    /// writes `dz = 0` instead of the product where `k[i]` has the bits of `-0.0`. With the
+    /// gains of `compact::expand_gains` (`-0.0` and `1.0` at the holes, and `1.0 lam` is `lam`)
+    /// this is the one-row adjoint of a row with holes under `MaskMode::Hold`, bitwise; a lane
+    /// given the shared gains (none of them `-0.0`) runs the plain adjoint.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables))]
+    fn adjoint_gains(
+        isa: Isa,
+        grad: &[&[Self]],
+        k: &[&[Self]],
+        a: &[&[Self]],
+        lam0: [Self; LANES],
+        dz: &mut [&mut [Self]],
+    ) -> Option<[Self; LANES]> {
+        #[cfg(target_arch = "x86_64")]
+        if k.len() == grad.len() && a.len() == grad.len() {
+            let short = |((g, k), a): ((&&[Self], &&[Self]), &&[Self])| {
+                k.len() < g.len() || a.len() < g.len()
+            };
+            if grad.iter().zip(k).zip(a).any(short) {
+                return None;
+            }
+            if let Some((src, dst, lens)) = avx2_rows(isa, grad, dz, usize::MAX) {
+                let mut kp = [std::ptr::null(); LANES];
+                let mut ap = [std::ptr::null(); LANES];
+                for (l, (kl, al)) in k.iter().zip(a).enumerate() {
+                    kp[l] = kl.as_ptr();
+                    ap[l] = al.as_ptr();
+                }
+                // SAFETY: AVX2 is present; every row pointer addresses lens[i] elements and
+                // each lane's gains at least as many (checked above); the outputs are writable
+                // and overlap neither the inputs nor each other (distinct `&mut` slices).
+                return Some(unsafe {
+                    Self::adjoint_gains_avx2(&src, &dst, &lens, &kp, &ap, lam0)
+                });
+            }
         }
         None
     }
@@ -143,25 +330,23 @@ impl Lanes for f32 {}
 impl Lanes for f64 {}
 
 /// Row pointers and lengths of a block for the AVX2 kernels; lanes past the block's rows have
-/// length 0. `None` unless `isa` is AVX2 and the CPU has it, `k` and `a` have equal lengths,
-/// there are at most `LANES` rows, as many outputs as inputs, each output as long as its input
-/// and no row longer than `k`.
+/// length 0. `None` unless `isa` is AVX2 and the CPU has it, there are at most `LANES` rows, as
+/// many outputs as inputs, each output as long as its input and no row longer than `limit`.
 #[cfg(target_arch = "x86_64")]
 #[allow(clippy::type_complexity)]
 fn avx2_rows<T>(
     isa: Isa,
     rows: &[&[T]],
     out: &mut [&mut [T]],
-    k: &[T],
-    a: &[T],
+    limit: usize,
 ) -> Option<([*const T; LANES], [*mut T; LANES], [usize; LANES])> {
-    if isa != Isa::Avx2 || !std::is_x86_feature_detected!("avx2") || a.len() != k.len() {
+    if isa != Isa::Avx2 || !std::is_x86_feature_detected!("avx2") {
         return None;
     }
     if rows.len() > LANES || out.len() != rows.len() {
         return None;
     }
-    let bad = |(r, o): (&&[T], &&mut [T])| r.len() != o.len() || r.len() > k.len();
+    let bad = |(r, o): (&&[T], &&mut [T])| r.len() != o.len() || r.len() > limit;
     if rows.iter().zip(out.iter()).any(bad) {
         return None;
     }
@@ -303,18 +488,88 @@ mod x86 {
         }
     }
 
+    /// Mask bytes `m[0..8]` (0 or 1) as 8 `f32` lanes of all ones (1) or zero (0).
+    ///
+    /// # Safety
+    /// `m` must be readable for 8 bytes.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn widen_f32(m: *const u8) -> __m256 {
+        // SAFETY: the caller's bound.
+        let b = unsafe { _mm_loadl_epi64(m.cast()) };
+        let ones = _mm256_sub_epi32(_mm256_setzero_si256(), _mm256_cvtepu8_epi32(b));
+        _mm256_castsi256_ps(ones)
+    }
+
+    /// Mask bytes `m[0..4]` (0 or 1) as 4 `f64` lanes of all ones (1) or zero (0).
+    ///
+    /// # Safety
+    /// `m` must be readable for 4 bytes.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn widen_f64(m: *const u8) -> __m256d {
+        // SAFETY: the caller's bound.
+        let b = _mm_cvtsi32_si128(unsafe { m.cast::<i32>().read_unaligned() });
+        let ones = _mm256_sub_epi64(_mm256_setzero_si256(), _mm256_cvtepu8_epi64(b));
+        _mm256_castsi256_pd(ones)
+    }
+
     /// Positions per tile: each tile is transposed into a position-major buffer group by group
     /// (8 rows of `f32`, 4 of `f64`), filtered there, and transposed back group by group. Going
     /// group by group keeps the rows a phase touches within the ways of L1 even when the row
     /// stride is a multiple of 4 KiB (all rows then map to the same cache sets).
     const TILE: usize = 128;
 
+    /// Transposes positions `0 .. n` (`n` a multiple of `$w`, at most `TILE`) of the rows `src`
+    /// (`[*const _; LANES]`) into the tile `buf`, group by group, chunks in reverse order if
+    /// `rev`, with the chunk transpose `$load` of `$w` rows. A macro, not a function: written out
+    /// in each kernel, it is inlined into it whatever the number of kernels using it (as a
+    /// function it stopped being inlined once more kernels called it, which measured 0.95 of the
+    /// packed adjoint's rate).
+    ///
+    /// # Safety
+    /// Each `src[i]` must be readable for `n` elements; used inside `unsafe`.
+    macro_rules! tile_in {
+        ($load:ident, $w:expr, $rev:expr, $src:expr, $n:expr, $buf:expr) => {{
+            let (src, n, buf) = ($src, $n, $buf);
+            for (g, bg) in buf.iter_mut().enumerate() {
+                let rows = &src[$w * g..$w * (g + 1)];
+                for j in 0..n / $w {
+                    let c = if $rev { n - $w * (j + 1) } else { $w * j };
+                    // c + $w <= n (the caller's bound).
+                    bg[c / $w] = $load(rows, c);
+                }
+            }
+        }};
+    }
+
+    /// The inverse of [`tile_in`]: transposes the tile `buf` back to positions `0 .. n` of the
+    /// rows `dst` (`[*mut _; LANES]`) with the chunk transpose `$store`.
+    ///
+    /// # Safety
+    /// Each `dst[i]` must be writable for `n` elements; used inside `unsafe`.
+    macro_rules! tile_out {
+        ($store:ident, $w:expr, $rev:expr, $dst:expr, $n:expr, $buf:expr) => {{
+            let (dst, n, buf) = ($dst, $n, $buf);
+            for (g, bg) in buf.iter().enumerate() {
+                let rows = &dst[$w * g..$w * (g + 1)];
+                for j in 0..n / $w {
+                    let c = if $rev { n - $w * (j + 1) } else { $w * j };
+                    // c + $w <= n (the caller's bound).
+                    $store(rows, c, &bg[c / $w]);
+                }
+            }
+        }};
+    }
+
     /// Implements [`Lanes`] for one element type (its AVX2 forward and adjoint kernels), in module
     /// `$m` with the tile helpers both kernels share: `$t` elements, `$v` registers of `$w` lanes
     /// (`LANES / $w` groups), chunk transposes `$load` and `$store`.
     macro_rules! kernels {
         ($m:ident, $t:ty, $v:ty, $w:expr, $load:ident, $store:ident,
-         $zero:ident, $splat:ident, $add:ident, $mul:ident, $loadu:ident, $storeu:ident) => {
+         $zero:ident, $splat:ident, $add:ident, $mul:ident, $loadu:ident, $storeu:ident,
+         $cast_si:ident, $cast_v:ident, $cmpeq:ident, $andnot:ident, $and:ident, $or:ident,
+         $widen:ident) => {
             mod $m {
                 use super::*;
 
@@ -322,52 +577,6 @@ mod x86 {
                 const G: usize = LANES / $w;
                 /// A tile, position-major: `[group][chunk][position in chunk]`, lane = row.
                 type Tile = [[[$v; $w]; TILE / $w]; G];
-
-                /// Transposes positions `p .. p + n` (`n` a multiple of `$w`, at most `TILE`) of
-                /// the rows `src` into `buf`, group by group, chunks in reverse order if `REV`.
-                ///
-                /// # Safety
-                /// Each `src[i]` must be readable for `p + n` elements.
-                #[inline]
-                #[target_feature(enable = "avx2")]
-                unsafe fn tile_in<const REV: bool>(
-                    src: &[*const $t; LANES],
-                    p: usize,
-                    n: usize,
-                    buf: &mut Tile,
-                ) {
-                    for (g, bg) in buf.iter_mut().enumerate() {
-                        let rows = &src[$w * g..$w * (g + 1)];
-                        for j in 0..n / $w {
-                            let c = if REV { n - $w * (j + 1) } else { $w * j };
-                            // SAFETY: p + c + $w <= p + n (the caller's bound).
-                            bg[c / $w] = unsafe { $load(rows, p + c) };
-                        }
-                    }
-                }
-
-                /// The inverse of [`tile_in`]: transposes `buf` back to positions `p .. p + n` of
-                /// the rows `dst`.
-                ///
-                /// # Safety
-                /// Each `dst[i]` must be writable for `p + n` elements.
-                #[inline]
-                #[target_feature(enable = "avx2")]
-                unsafe fn tile_out<const REV: bool>(
-                    dst: &[*mut $t; LANES],
-                    p: usize,
-                    n: usize,
-                    buf: &Tile,
-                ) {
-                    for (g, bg) in buf.iter().enumerate() {
-                        let rows = &dst[$w * g..$w * (g + 1)];
-                        for j in 0..n / $w {
-                            let c = if REV { n - $w * (j + 1) } else { $w * j };
-                            // SAFETY: p + c + $w <= p + n (the caller's bound).
-                            unsafe { $store(rows, p + c, &bg[c / $w]) };
-                        }
-                    }
-                }
 
                 /// One value per lane as `G` registers.
                 #[inline]
@@ -436,7 +645,7 @@ mod x86 {
                             });
                             // SAFETY: n <= whole[l] - p for every active lane, n <= TILE for
                             // the scratch tiles.
-                            unsafe { tile_in::<false>(&s, 0, n, &mut buf) };
+                            unsafe { tile_in!($load, $w, false, &s, n, &mut buf) };
                             let gains = a[p..p + n].iter().zip(&k[p..p + n]).enumerate();
                             for (i, (&at, &kt)) in gains {
                                 let (at, kt) = ($splat(at), $splat(kt));
@@ -447,7 +656,7 @@ mod x86 {
                                 }
                             }
                             // SAFETY: as for tile_in.
-                            unsafe { tile_out::<false>(&d, 0, n, &buf) };
+                            unsafe { tile_out!($store, $w, false, &d, n, &buf) };
                             p += n;
                             if whole.contains(&p) {
                                 let xs = from_registers(&x);
@@ -531,7 +740,7 @@ mod x86 {
                             });
                             // SAFETY: p + n = end <= whole[l] for every active lane, n <= TILE
                             // for the scratch tiles.
-                            unsafe { tile_in::<true>(&s, 0, n, &mut buf) };
+                            unsafe { tile_in!($load, $w, true, &s, n, &mut buf) };
                             let gains = a[p..end].iter().zip(&k[p..end]).enumerate().rev();
                             for (i, (&at, &kt)) in gains {
                                 let (at, kt) = ($splat(at), $splat(kt));
@@ -543,7 +752,7 @@ mod x86 {
                                 }
                             }
                             // SAFETY: as for tile_in.
-                            unsafe { tile_out::<true>(&d, 0, n, &buf) };
+                            unsafe { tile_out!($store, $w, true, &d, n, &buf) };
                             end = p;
                         }
                         let mut out = from_registers(&m);
@@ -554,6 +763,388 @@ mod x86 {
                         }
                         out
                     }
+
+                    /// The forward kernel with masks (`MaskMode::Zero`): as `forward_avx2`, with
+                    /// each tile's mask bytes widened to all-ones or zero elements per lane and
+                    /// transposed beside the values; `obs = mask & z`, `out = mask & x` (the
+                    /// one-row kernel's selects, `+0.0` where masked).
+                    #[target_feature(enable = "avx2")]
+                    unsafe fn forward_zero_avx2(
+                        src: &[*const $t; LANES],
+                        mp: &[*const u8; LANES],
+                        dst: &[*mut $t; LANES],
+                        lens: &[usize; LANES],
+                        k: &[$t],
+                        a: &[$t],
+                        x0: [$t; LANES],
+                    ) -> [$t; LANES] {
+                        let whole = lens.map(|n| n - n % $w);
+                        let top = whole.iter().copied().max().unwrap_or(0);
+                        let zeros: [$t; TILE] = [0.0; TILE];
+                        let mut junk: [$t; TILE] = [0.0; TILE];
+                        let junk_ptr = junk.as_mut_ptr();
+                        let mut x = to_registers(&x0);
+                        let mut ends = x0;
+                        let mut buf: Tile = [[[$zero(); $w]; TILE / $w]; G];
+                        let mut valid: Tile = [[[$zero(); $w]; TILE / $w]; G];
+                        // Each lane's widened mask of the tile, row-major.
+                        let mut wide: [[$t; TILE]; LANES] = [[0.0; TILE]; LANES];
+                        let mut p = 0;
+                        while p < top {
+                            let mut n = TILE.min(top - p);
+                            for &w in &whole {
+                                if w > p {
+                                    n = n.min(w - p);
+                                }
+                            }
+                            // SAFETY (all): p < whole[l] <= lens[l], inside row l.
+                            let s: [*const $t; LANES] = std::array::from_fn(|l| {
+                                if whole[l] > p {
+                                    unsafe { src[l].add(p) }
+                                } else {
+                                    zeros.as_ptr()
+                                }
+                            });
+                            let d: [*mut $t; LANES] = std::array::from_fn(|l| {
+                                if whole[l] > p {
+                                    unsafe { dst[l].add(p) }
+                                } else {
+                                    junk_ptr
+                                }
+                            });
+                            for (l, wl) in wide.iter_mut().enumerate() {
+                                if whole[l] > p {
+                                    for c in (0..n).step_by($w) {
+                                        // SAFETY: p + c + $w <= p + n <= whole[l]: inside the
+                                        // mask row; the store inside `wl` (c + $w <= TILE).
+                                        unsafe {
+                                            let v = $widen(mp[l].add(p + c));
+                                            $storeu(wl.as_mut_ptr().add(c), v);
+                                        }
+                                    }
+                                }
+                            }
+                            let wp: [*const $t; LANES] = std::array::from_fn(|l| {
+                                if whole[l] > p {
+                                    wide[l].as_ptr()
+                                } else {
+                                    zeros.as_ptr()
+                                }
+                            });
+                            // SAFETY: n <= whole[l] - p for every active lane, n <= TILE for
+                            // the scratch tiles and `wide`.
+                            unsafe {
+                                tile_in!($load, $w, false, &s, n, &mut buf);
+                                tile_in!($load, $w, false, &wp, n, &mut valid);
+                            }
+                            let gains = a[p..p + n].iter().zip(&k[p..p + n]).enumerate();
+                            for (i, (&at, &kt)) in gains {
+                                let (at, kt) = ($splat(at), $splat(kt));
+                                for ((xg, bg), vg) in x.iter_mut().zip(buf.iter_mut()).zip(&valid) {
+                                    let (b, v) = (&mut bg[i / $w][i % $w], vg[i / $w][i % $w]);
+                                    let obs = $and(v, *b);
+                                    *xg = $add($mul(at, *xg), $mul(kt, obs));
+                                    *b = $and(v, *xg);
+                                }
+                            }
+                            // SAFETY: as for tile_in.
+                            unsafe { tile_out!($store, $w, false, &d, n, &buf) };
+                            p += n;
+                            if whole.contains(&p) {
+                                let xs = from_registers(&x);
+                                for l in 0..LANES {
+                                    if whole[l] == p {
+                                        ends[l] = xs[l];
+                                    }
+                                }
+                            }
+                        }
+                        for (l, xl) in ends.iter_mut().enumerate() {
+                            for t in whole[l]..lens[l] {
+                                // SAFETY: t < lens[l].
+                                unsafe {
+                                    let ok = *mp[l].add(t) != 0;
+                                    let obs = if ok { *src[l].add(t) } else { 0.0 };
+                                    *xl = a[t] * *xl + k[t] * obs;
+                                    *dst[l].add(t) = if ok { *xl } else { 0.0 };
+                                }
+                            }
+                        }
+                        ends
+                    }
+
+                    /// The adjoint kernel with masks (`MaskMode::Zero`): as `adjoint_avx2`, with
+                    /// each tile's mask bytes widened and transposed beside the gradients; a
+                    /// masked gradient enters the running sum as `-0.0` (`lam + -0.0` is `lam`,
+                    /// bitwise) and its `dz` is `mask & (k lam)` (`+0.0`).
+                    #[target_feature(enable = "avx2")]
+                    unsafe fn adjoint_zero_avx2(
+                        src: &[*const $t; LANES],
+                        mp: &[*const u8; LANES],
+                        dst: &[*mut $t; LANES],
+                        lens: &[usize; LANES],
+                        k: &[$t],
+                        a: &[$t],
+                        lam0: [$t; LANES],
+                    ) -> [$t; LANES] {
+                        let whole = lens.map(|n| n - n % $w);
+                        let mut lam = lam0;
+                        for (l, ll) in lam.iter_mut().enumerate() {
+                            for t in (whole[l]..lens[l]).rev() {
+                                // SAFETY: t < lens[l].
+                                unsafe {
+                                    if *mp[l].add(t) != 0 {
+                                        *ll += *src[l].add(t);
+                                        *dst[l].add(t) = k[t] * *ll;
+                                    } else {
+                                        *dst[l].add(t) = 0.0;
+                                    }
+                                }
+                                *ll *= a[t];
+                            }
+                        }
+                        let top = whole.iter().copied().max().unwrap_or(0);
+                        let zeros: [$t; TILE] = [0.0; TILE];
+                        let mut junk: [$t; TILE] = [0.0; TILE];
+                        let junk_ptr = junk.as_mut_ptr();
+                        let mut m = to_registers(&lam);
+                        let mut buf: Tile = [[[$zero(); $w]; TILE / $w]; G];
+                        let mut valid: Tile = [[[$zero(); $w]; TILE / $w]; G];
+                        let mut wide: [[$t; TILE]; LANES] = [[0.0; TILE]; LANES];
+                        let neg_zero = $splat(-0.0);
+                        let mut end = top;
+                        while end > 0 {
+                            if end < top && whole.contains(&end) {
+                                let mut v = from_registers(&m);
+                                for l in 0..LANES {
+                                    if whole[l] == end {
+                                        v[l] = lam[l];
+                                    }
+                                }
+                                m = to_registers(&v);
+                            }
+                            let below = whole.iter().filter(|&&w| w < end).max();
+                            let n = TILE.min(end - below.copied().unwrap_or(0));
+                            let p = end - n;
+                            // SAFETY (all): p < end <= whole[l] <= lens[l], inside row l.
+                            let s: [*const $t; LANES] = std::array::from_fn(|l| {
+                                if whole[l] >= end {
+                                    unsafe { src[l].add(p) }
+                                } else {
+                                    zeros.as_ptr()
+                                }
+                            });
+                            let d: [*mut $t; LANES] = std::array::from_fn(|l| {
+                                if whole[l] >= end {
+                                    unsafe { dst[l].add(p) }
+                                } else {
+                                    junk_ptr
+                                }
+                            });
+                            for (l, wl) in wide.iter_mut().enumerate() {
+                                if whole[l] >= end {
+                                    for c in (0..n).step_by($w) {
+                                        // SAFETY: p + c + $w <= end <= whole[l]: inside the
+                                        // mask row; the store inside `wl` (c + $w <= TILE).
+                                        unsafe {
+                                            let v = $widen(mp[l].add(p + c));
+                                            $storeu(wl.as_mut_ptr().add(c), v);
+                                        }
+                                    }
+                                }
+                            }
+                            let wp: [*const $t; LANES] = std::array::from_fn(|l| {
+                                if whole[l] >= end {
+                                    wide[l].as_ptr()
+                                } else {
+                                    zeros.as_ptr()
+                                }
+                            });
+                            // SAFETY: p + n = end <= whole[l] for every active lane, n <= TILE
+                            // for the scratch tiles and `wide`.
+                            unsafe {
+                                tile_in!($load, $w, true, &s, n, &mut buf);
+                                tile_in!($load, $w, true, &wp, n, &mut valid);
+                            }
+                            let gains = a[p..end].iter().zip(&k[p..end]).enumerate().rev();
+                            for (i, (&at, &kt)) in gains {
+                                let (at, kt) = ($splat(at), $splat(kt));
+                                for ((mg, bg), vg) in m.iter_mut().zip(buf.iter_mut()).zip(&valid) {
+                                    let (b, v) = (&mut bg[i / $w][i % $w], vg[i / $w][i % $w]);
+                                    let g = $or($and(v, *b), $andnot(v, neg_zero));
+                                    *mg = $add(*mg, g);
+                                    *b = $and(v, $mul(kt, *mg));
+                                    *mg = $mul(at, *mg);
+                                }
+                            }
+                            // SAFETY: as for tile_in.
+                            unsafe { tile_out!($store, $w, true, &d, n, &buf) };
+                            end = p;
+                        }
+                        let mut out = from_registers(&m);
+                        for l in 0..LANES {
+                            if whole[l] == 0 {
+                                out[l] = lam[l];
+                            }
+                        }
+                        out
+                    }
+
+                    #[target_feature(enable = "avx2")]
+                    unsafe fn adjoint_gains_avx2(
+                        src: &[*const $t; LANES],
+                        dst: &[*mut $t; LANES],
+                        lens: &[usize; LANES],
+                        kp: &[*const $t; LANES],
+                        ap: &[*const $t; LANES],
+                        lam0: [$t; LANES],
+                    ) -> [$t; LANES] {
+                        let mut tiles: [Tile; 2] = [[[[$zero(); $w]; TILE / $w]; G]; 2];
+                        // SAFETY: the caller's.
+                        unsafe { own_or_sum::<false>(src, dst, lens, kp, ap, lam0, &mut tiles) }
+                    }
+
+                    #[target_feature(enable = "avx2")]
+                    unsafe fn sum_avx2(
+                        src: &[*const $t; LANES],
+                        lens: &[usize; LANES],
+                        lam0: [$t; LANES],
+                    ) -> [$t; LANES] {
+                        let none = [std::ptr::null(); LANES];
+                        let nowhere = [std::ptr::null_mut(); LANES];
+                        // SAFETY: the caller's; no gain is read and no output written.
+                        unsafe {
+                            own_or_sum::<true>(src, &nowhere, lens, &none, &none, lam0, &mut [])
+                        }
+                    }
+                }
+
+                /// The adjoint kernel (as `adjoint_avx2`) with gains of each lane's own from `kp`,
+                /// `ap` (transposed into `gain_tiles` beside the gradients; lanes whose chunks
+                /// are not reached read zeros), its `dz` zero where its `k` has the bits of
+                /// `-0.0`; or with `SUM` the running sums alone (`lam += g`: no gain read, no
+                /// `dz` written, `dst`, `kp`, `ap` and `gain_tiles` unused), each lane's `lam`
+                /// after its first position. `gain_tiles` holds two tiles without `SUM`.
+                ///
+                /// # Safety
+                /// AVX2 must be present; `src[i]` and, without `SUM`, `dst[i]`, `kp[i]`, `ap[i]`
+                /// valid for `lens[i]` elements, the outputs overlapping nothing else.
+                #[inline]
+                #[target_feature(enable = "avx2")]
+                unsafe fn own_or_sum<const SUM: bool>(
+                    src: &[*const $t; LANES],
+                    dst: &[*mut $t; LANES],
+                    lens: &[usize; LANES],
+                    kp: &[*const $t; LANES],
+                    ap: &[*const $t; LANES],
+                    lam0: [$t; LANES],
+                    gain_tiles: &mut [Tile],
+                ) -> [$t; LANES] {
+                    let whole = lens.map(|n| n - n % $w);
+                    let mut lam = lam0;
+                    let hole_bits = (-0.0 as $t).to_bits();
+                    for (l, ll) in lam.iter_mut().enumerate() {
+                        for t in (whole[l]..lens[l]).rev() {
+                            if SUM {
+                                // SAFETY: t < lens[l].
+                                *ll += unsafe { *src[l].add(t) };
+                                continue;
+                            }
+                            // SAFETY: t < lens[l].
+                            unsafe {
+                                let (kt, at) = (*kp[l].add(t), *ap[l].add(t));
+                                *ll += *src[l].add(t);
+                                *dst[l].add(t) = if kt.to_bits() == hole_bits {
+                                    0.0
+                                } else {
+                                    kt * *ll
+                                };
+                                *ll *= at;
+                            }
+                        }
+                    }
+                    let top = whole.iter().copied().max().unwrap_or(0);
+                    let zeros: [$t; TILE] = [0.0; TILE];
+                    let mut junk: [$t; TILE] = [0.0; TILE];
+                    let junk_ptr = junk.as_mut_ptr();
+                    let mut m = to_registers(&lam);
+                    let mut buf: Tile = [[[$zero(); $w]; TILE / $w]; G];
+                    let hole = $cast_si($splat(-0.0));
+                    let mut end = top;
+                    while end > 0 {
+                        if end < top && whole.contains(&end) {
+                            let mut v = from_registers(&m);
+                            for l in 0..LANES {
+                                if whole[l] == end {
+                                    v[l] = lam[l];
+                                }
+                            }
+                            m = to_registers(&v);
+                        }
+                        let below = whole.iter().filter(|&&w| w < end).max();
+                        let n = TILE.min(end - below.copied().unwrap_or(0));
+                        let p = end - n;
+                        // Row `l` at `p` if its whole chunks reach `end`, else the zeros.
+                        // SAFETY: p < end <= whole[l] <= lens[l], inside row l.
+                        let at = |r: &[*const $t; LANES]| -> [*const $t; LANES] {
+                            std::array::from_fn(|l| {
+                                if whole[l] >= end {
+                                    unsafe { r[l].add(p) }
+                                } else {
+                                    zeros.as_ptr()
+                                }
+                            })
+                        };
+                        let s = at(src);
+                        // SAFETY: p + n = end <= whole[l] for every active lane, n <= TILE
+                        // for the scratch tiles.
+                        unsafe { tile_in!($load, $w, true, &s, n, &mut buf) };
+                        if SUM {
+                            for i in (0..n).rev() {
+                                for (mg, bg) in m.iter_mut().zip(buf.iter()) {
+                                    *mg = $add(*mg, bg[i / $w][i % $w]);
+                                }
+                            }
+                            end = p;
+                            continue;
+                        }
+                        // SAFETY: as for `at`.
+                        let d: [*mut $t; LANES] = std::array::from_fn(|l| {
+                            if whole[l] >= end {
+                                unsafe { dst[l].add(p) }
+                            } else {
+                                junk_ptr
+                            }
+                        });
+                        if let [kb, ab, ..] = gain_tiles {
+                            // SAFETY: as for the gradients.
+                            unsafe {
+                                tile_in!($load, $w, true, &at(kp), n, &mut *kb);
+                                tile_in!($load, $w, true, &at(ap), n, &mut *ab);
+                            }
+                            for i in (0..n).rev() {
+                                for g in 0..G {
+                                    let (c, j) = (i / $w, i % $w);
+                                    let (kt, at) = (kb[g][c][j], ab[g][c][j]);
+                                    let b = &mut buf[g][c][j];
+                                    m[g] = $add(m[g], *b);
+                                    let zero = $cmpeq($cast_si(kt), hole);
+                                    *b = $andnot($cast_v(zero), $mul(kt, m[g]));
+                                    m[g] = $mul(at, m[g]);
+                                }
+                            }
+                        }
+                        // SAFETY: as for tile_in.
+                        unsafe { tile_out!($store, $w, true, &d, n, &buf) };
+                        end = p;
+                    }
+                    let mut out = from_registers(&m);
+                    for l in 0..LANES {
+                        if whole[l] == 0 {
+                            out[l] = lam[l];
+                        }
+                    }
+                    out
                 }
             }
         };
@@ -571,7 +1162,14 @@ mod x86 {
         _mm256_add_ps,
         _mm256_mul_ps,
         _mm256_loadu_ps,
-        _mm256_storeu_ps
+        _mm256_storeu_ps,
+        _mm256_castps_si256,
+        _mm256_castsi256_ps,
+        _mm256_cmpeq_epi32,
+        _mm256_andnot_ps,
+        _mm256_and_ps,
+        _mm256_or_ps,
+        widen_f32
     );
     kernels!(
         kernels_f64,
@@ -585,6 +1183,13 @@ mod x86 {
         _mm256_add_pd,
         _mm256_mul_pd,
         _mm256_loadu_pd,
-        _mm256_storeu_pd
+        _mm256_storeu_pd,
+        _mm256_castpd_si256,
+        _mm256_castsi256_pd,
+        _mm256_cmpeq_epi64,
+        _mm256_andnot_pd,
+        _mm256_and_pd,
+        _mm256_or_pd,
+        widen_f64
     );
 }

@@ -129,3 +129,37 @@ def test_many_rows_on_threads(masked, seed):
     f_dz, f_dm0 = kpo_rs.kalman_filter_packed_adjoint(grad.ravel(), cu, mask.ravel(), **params)
     np.testing.assert_array_equal(f_dz, dz.ravel())
     np.testing.assert_array_equal(f_dm0, dm0)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    st.sampled_from(["float32", "float64"]),
+    st.lists(st.tuples(st.integers(0, 255), st.integers(0, 300)), min_size=1, max_size=40),
+    st.integers(1, 300),
+    st.integers(0, 2**32 - 1),
+)
+def test_hold_adjoint_of_rows_with_holes_is_each_row_alone(dtype, rows, time, seed):
+    """Rows with holes under ``"hold"`` run the block adjoint with gains of each lane's own: every
+    8-bit pattern of holes repeated along a row (cut at a drawn length: rows shorter than a chunk
+    and a tile, rows of holes only), in blocks with other rows, gives bit for bit the adjoint of
+    the row alone (its block of one), and the reference's within the tolerance above."""
+    rng = np.random.default_rng(seed)
+    pos = np.arange(time)
+    mask = np.stack([((bits >> (pos % 8)) & 1 == 1) & (pos < end) for bits, end in rows])
+    values = rng.normal(0, 1, mask.shape).astype(dtype)
+    values[~mask] = np.nan  # never read
+    grad = rng.normal(0, 1, mask.shape).astype(dtype)
+    params = {"q": 1e-2, "r": 1.0, "p0": 0.5, "m0": 0.25, "masked": "hold"}
+    dz, dm0 = kpo_rs.kalman_filter_adjoint(grad, mask, **params)
+    for row in range(len(rows)):
+        r_dz, r_dm0 = kpo_rs.kalman_filter_adjoint(
+            grad[row : row + 1], mask[row : row + 1], **params
+        )
+        np.testing.assert_array_equal(r_dz[0], dz[row])
+        np.testing.assert_array_equal(r_dm0[0], dm0[row])
+    b = PaddedBatch(values, mask)
+    want_dz, want_dm0 = reference.kalman_filter_adjoint(grad, mask, **params)
+    env_dz, env_dm0 = testing.adjoint_envelope(b, grad, params)
+    testing.assert_filter_close(dz, want_dz, env_dz, b.dtype, b.row_length)
+    testing.assert_filter_close(dm0, want_dm0, env_dm0, b.dtype, b.row_length)
+    assert np.all(dz[~mask] == 0)

@@ -810,12 +810,13 @@ fn hold_masks_report_the_first_failing_row() {
 }
 
 /// The row-block kernels over rows of unequal lengths (`block::ragged_forward`,
-/// `block::ragged_adjoint`) on every instruction set equal the one-row kernel bitwise: rows
+/// `block::ragged_adjoint`, and the tails' sums `block::ragged_sums` against the plain sums) on
+/// every instruction set equal the one-row kernel bitwise: rows
 /// shorter than a chunk and than a tile, empty rows, lengths around the chunk and tile sizes,
 /// partial blocks, both dtypes, entering states and arriving adjoints per lane.
 #[test]
 fn ragged_blocks_equal_the_one_row_kernel_on_every_instruction_set() {
-    use crate::block::{ragged_adjoint, ragged_forward, Isa};
+    use crate::block::{ragged_adjoint, ragged_forward, ragged_sums, Isa};
     use crate::row::{adjoint_row, forward_row};
 
     fn check<T: Real + std::fmt::Debug>(rng: &mut Rng, lens: &[usize]) {
@@ -861,7 +862,13 @@ fn ragged_blocks_equal_the_one_row_kernel_on_every_instruction_set() {
             let mut dz: Vec<Vec<T>> = rows.iter().map(|r| vec![T::ZERO; r.len()]).collect();
             let mut dd: Vec<&mut [T]> = dz.iter_mut().map(|r| r.as_mut_slice()).collect();
             let lam = ragged_adjoint(isa, &src, g.k(), g.a(), lam0, &mut dd);
+            let sums = ragged_sums(isa, &src, lam0);
             let ctx = format!("{isa:?}, lengths {lens:?}");
+            for (l, z) in rows.iter().enumerate() {
+                // The tails' running sums: lam0, then each gradient from the row's end.
+                let want = z.iter().rev().fold(lam0[l], |acc, &v| acc + v);
+                assert!(same_bits(&[sums[l]], &[want]), "sum {l}, {ctx}");
+            }
             for l in 0..rows.len() {
                 assert!(same_bits(&out[l], &want_out[l]), "forward row {l}, {ctx}");
                 assert!(same_bits(&[x[l]], &[want_x[l]]), "state {l}, {ctx}");
@@ -962,5 +969,237 @@ fn masked_rows_check(b: usize, t: usize, seed: u64) {
             );
             assert!(same_bits(&[dm_got], &[dm]), "dm0 row {row}, {mode:?}");
         }
+    }
+}
+
+/// Masks for the hold adjoint's rows with holes: every 8-bit pattern repeated along a row (each
+/// compaction group of every tile sees it), holes at the chunk and tile edges, rows of holes
+/// only, rows shorter than a chunk and than a tile, rows whose last valid token sits at a tile
+/// edge, and a few right-padded and full rows among them.
+fn hole_masks(t: usize) -> Vec<Vec<bool>> {
+    let mut rows: Vec<Vec<bool>> = (0..256u32)
+        .map(|bits| (0..t).map(|i| (bits >> (i % 8)) & 1 == 1).collect())
+        .collect();
+    let mut edges = vec![true; t];
+    for i in [
+        0,
+        7,
+        8,
+        15,
+        16,
+        31,
+        32,
+        63,
+        64,
+        127,
+        128,
+        129,
+        255,
+        256,
+        t - 1,
+    ] {
+        if i < t {
+            edges[i] = false;
+        }
+    }
+    rows.push(edges);
+    rows.push(vec![false; t]);
+    for len in [1, 3, 7, 9, 100, 127, 128, 129, 256] {
+        // Short rows with a hole: the rest of the row masked.
+        rows.push((0..t).map(|i| i < len && i != len / 2).collect());
+    }
+    rows.push((0..t).map(|i| i < 200).collect());
+    rows.push(vec![true; t]);
+    rows
+}
+
+/// The block adjoint with gains of each lane's own (`block::ragged_adjoint_gains`, gains from
+/// `compact::expand_gains`) on every instruction set, and the hold adjoint of whole calls with
+/// rows with holes on 1, 2 and 3 threads, equal the one-row kernel bitwise, both dtypes.
+#[test]
+fn hold_adjoint_of_rows_with_holes_equals_the_one_row_kernel() {
+    use crate::block::{ragged_adjoint_gains, Isa};
+    use crate::compact::expand_gains;
+    use crate::row::adjoint_row;
+
+    fn check<T: Real + std::fmt::Debug>(t: usize, seed: u64) {
+        let masks = hole_masks(t);
+        let b = masks.len();
+        let mut rng = Rng(seed);
+        let grad: Vec<T> = (0..b * t)
+            .map(|_| T::from_f64(3.0 * rng.uniform() - 1.5))
+            .collect();
+        let m: Vec<bool> = masks.concat();
+        let g = Gains::<T>::new(t, &params(0.01, 1.0, 0.5)).unwrap();
+        let mut want = vec![T::ZERO; b * t];
+        let mut want_dm0 = vec![T::ZERO; b];
+        for (row, dm) in want_dm0.iter_mut().enumerate() {
+            let at = row * t..(row + 1) * t;
+            *dm = adjoint_row(
+                &grad[at.clone()],
+                Some(&m[at.clone()]),
+                &g,
+                MaskMode::Hold,
+                &mut want[at],
+            )
+            .unwrap();
+        }
+        // The kernel alone, LANES rows at a time, each row over its whole length.
+        for isa in Isa::available() {
+            for (c, rows) in masks.chunks(LANES).enumerate() {
+                let gains: Vec<(Vec<T>, Vec<T>)> = rows
+                    .iter()
+                    .map(|mr| {
+                        let (mut k, mut a) = (vec![T::ZERO; t], vec![T::ZERO; t]);
+                        expand_gains(g.k(), g.a(), mr, &mut k, &mut a);
+                        (k, a)
+                    })
+                    .collect();
+                let src: Vec<&[T]> = (0..rows.len())
+                    .map(|l| &grad[(c * LANES + l) * t..][..t])
+                    .collect();
+                let ks: Vec<&[T]> = gains.iter().map(|p| p.0.as_slice()).collect();
+                let als: Vec<&[T]> = gains.iter().map(|p| p.1.as_slice()).collect();
+                let mut dz = vec![vec![T::ZERO; t]; rows.len()];
+                let mut dd: Vec<&mut [T]> = dz.iter_mut().map(|r| r.as_mut_slice()).collect();
+                let lam = ragged_adjoint_gains(isa, &src, &ks, &als, [T::ZERO; LANES], &mut dd);
+                for l in 0..rows.len() {
+                    let row = c * LANES + l;
+                    let ctx = format!("{isa:?}, row {row}, t {t}");
+                    assert!(same_bits(&dz[l], &want[row * t..][..t]), "dz {ctx}");
+                    assert!(same_bits(&[lam[l]], &[want_dm0[row]]), "lam {ctx}");
+                }
+            }
+        }
+        // Whole calls: the ragged path's blocks (sorted rows, tails, segments) on threads.
+        for threads in [1, 2, 3] {
+            let (dz, dm0) = on_threads(threads, || {
+                let (mut dz, mut dm0) = (vec![T::ZERO; b * t], vec![T::ZERO; b]);
+                adjoint_padded(&grad, Some(&m), b, t, &g, MaskMode::Hold, &mut dz, &mut dm0)
+                    .unwrap();
+                (dz, dm0)
+            });
+            assert!(same_bits(&dz, &want), "dz on {threads} threads, t {t}");
+            assert!(
+                same_bits(&dm0, &want_dm0),
+                "dm0 on {threads} threads, t {t}"
+            );
+        }
+    }
+    // Shorter than a tile, a few tiles, and past a segment of the ragged path (1024).
+    for (t, seed) in [(20, 3), (300, 5), (1100, 7)] {
+        check::<f32>(t, seed);
+        check::<f64>(t, seed);
+    }
+}
+
+/// Gains holding a `-0.0` of their own (which `Gains::from_f64` takes) cannot mark holes with it:
+/// the hold adjoint of rows with holes then runs the one-row kernel, still bitwise its result.
+#[test]
+fn gains_with_a_negative_zero_leave_holes_to_the_one_row_kernel() {
+    use crate::row::adjoint_row;
+    let t = 64;
+    let k: Vec<f64> = (0..t)
+        .map(|i| {
+            if i % 5 == 2 {
+                -0.0
+            } else {
+                0.5 / (i + 1) as f64
+            }
+        })
+        .collect();
+    let g = Gains::<f64>::from_f64(&k).unwrap();
+    let masks = hole_masks(t);
+    let b = masks.len();
+    let m: Vec<bool> = masks.concat();
+    let mut rng = Rng(11);
+    let grad: Vec<f64> = (0..b * t).map(|_| 2.0 * rng.uniform() - 1.0).collect();
+    let (mut dz, mut dm0) = (vec![0.0; b * t], vec![0.0; b]);
+    adjoint_padded(&grad, Some(&m), b, t, &g, MaskMode::Hold, &mut dz, &mut dm0).unwrap();
+    for (row, &dm_got) in dm0.iter().enumerate() {
+        let at = row * t..(row + 1) * t;
+        let mut d = vec![0.0; t];
+        let dm = adjoint_row(
+            &grad[at.clone()],
+            Some(&m[at.clone()]),
+            &g,
+            MaskMode::Hold,
+            &mut d,
+        )
+        .unwrap();
+        assert!(same_bits(&dz[at], &d), "dz row {row}");
+        assert!(same_bits(&[dm_got], &[dm]), "dm0 row {row}");
+    }
+}
+
+/// The forward and adjoint kernels under "zero" with the masks read while their tiles are loaded
+/// (`block::ragged_forward_zero`, `block::ragged_adjoint_zero`) equal the one-row kernel bitwise
+/// on every instruction set:
+/// every 8-bit pattern of holes, holes at chunk and tile edges, rows of holes only, rows shorter
+/// than a chunk and than a tile, entering states per lane, both dtypes.
+#[test]
+fn zero_kernels_reading_masks_in_the_tiles_equal_the_one_row_kernel() {
+    use crate::block::{ragged_adjoint_zero, ragged_forward_zero, Isa};
+    use crate::row::{adjoint_row, forward_row};
+
+    fn check<T: Real + std::fmt::Debug>(t: usize, seed: u64) {
+        let masks = hole_masks(t);
+        let mut rng = Rng(seed);
+        let g = Gains::<T>::new(t, &params(0.01, 1.0, 0.5)).unwrap();
+        for (c, rows) in masks.chunks(LANES).enumerate() {
+            // Rows of unequal lengths: each mask row cut at its own length.
+            let lens: Vec<usize> = (0..rows.len())
+                .map(|l| t - (c * 7 + l * 13) % t.min(40))
+                .collect();
+            let z: Vec<Vec<T>> = lens
+                .iter()
+                .map(|&n| {
+                    (0..n)
+                        .map(|_| T::from_f64(3.0 * rng.uniform() - 1.5))
+                        .collect()
+                })
+                .collect();
+            let x0: [T; LANES] = std::array::from_fn(|l| T::from_f64(0.125 * l as f64 - 0.5));
+            let mut want = Vec::new();
+            let mut want_x = x0;
+            for (l, zr) in z.iter().enumerate() {
+                let mut o = vec![T::ZERO; zr.len()];
+                let m = &rows[l][..zr.len()];
+                // The one-row kernel fails on nothing here; its state is its last output only
+                // where valid, so the state comes from the recurrence itself.
+                forward_row(zr, Some(m), &g, x0[l], MaskMode::Zero, &mut o).unwrap();
+                let mut x = x0[l];
+                for (i, (&v, &ok)) in zr.iter().zip(m).enumerate() {
+                    x = g.a()[i] * x + g.k()[i] * if ok { v } else { T::ZERO };
+                }
+                want_x[l] = x;
+                want.push(o);
+            }
+            for isa in Isa::available() {
+                let src: Vec<&[T]> = z.iter().map(|r| r.as_slice()).collect();
+                let ms: Vec<&[bool]> = (0..z.len()).map(|l| &rows[l][..z[l].len()]).collect();
+                let mut out: Vec<Vec<T>> = z.iter().map(|r| vec![T::ZERO; r.len()]).collect();
+                let mut dst: Vec<&mut [T]> = out.iter_mut().map(|r| r.as_mut_slice()).collect();
+                let x = ragged_forward_zero(isa, &src, &ms, g.k(), g.a(), x0, &mut dst);
+                // The adjoint, the rows' values as gradients, from zero after each row.
+                let mut dz: Vec<Vec<T>> = z.iter().map(|r| vec![T::ZERO; r.len()]).collect();
+                let mut dd: Vec<&mut [T]> = dz.iter_mut().map(|r| r.as_mut_slice()).collect();
+                let lam =
+                    ragged_adjoint_zero(isa, &src, &ms, g.k(), g.a(), [T::ZERO; LANES], &mut dd);
+                for l in 0..z.len() {
+                    let ctx = format!("{isa:?}, block {c}, lane {l}, t {t}");
+                    assert!(same_bits(&out[l], &want[l]), "out {ctx}");
+                    assert!(same_bits(&[x[l]], &[want_x[l]]), "state {ctx}");
+                    let mut d = vec![T::ZERO; z[l].len()];
+                    let want_lam = adjoint_row(&z[l], Some(ms[l]), &g, MaskMode::Zero, &mut d);
+                    assert!(same_bits(&dz[l], &d), "dz {ctx}");
+                    assert!(same_bits(&[lam[l]], &[want_lam.unwrap()]), "lam {ctx}");
+                }
+            }
+        }
+    }
+    for (t, seed) in [(20, 13), (300, 17)] {
+        check::<f32>(t, seed);
+        check::<f64>(t, seed);
     }
 }
