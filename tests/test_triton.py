@@ -363,6 +363,59 @@ def test_look_back_walk_gives_the_same_bits(packed, dtype, masked):
     # (the default path against the reference: the property tests above)
 
 
+#: (packed, dtype, masked) of the per-row tests: every combination in the fast tier (the per-row
+#: kernel runs one program per row, a few programs per case)
+PER_ROW_CASES = [
+    (p, d, m) for p in (False, True) for d in (torch.float32, torch.float64) for m in ("hold", "zero")
+]
+
+
+@pytest.mark.parametrize(("packed", "dtype", "masked"), PER_ROW_CASES)
+def test_per_row_forward_gives_the_same_bits(packed, dtype, masked, monkeypatch):
+    """The one-program-per-row forward (``PER_ROW``: the row's tiles in order, the carry in
+    registers) against the look-back forward: bitwise equal, signs of zeros included, with and
+    without a mask, per-row and float prior means, uneven and empty packed rows, holes longer
+    than a tile; and the same non-finite record (check="sync")."""
+    z, _, mask, cu, m0_rows = _holey_case(packed, dtype, seed=24)
+    params = FilterParams(q=1e-2, r=0.5, p0=2.0, masked=masked)
+    results = {}
+    for per_row in (False, True):
+        monkeypatch.setattr(tb, "PER_ROW", per_row)
+        with triton_tile(8):
+            results[per_row] = [
+                tb.forward(Rows(z, cu, m, params), m0, check="sync")
+                for m, m0 in [(mask, m0_rows), (None, 0.25)]
+            ]
+    for want, have in zip(results[False], results[True], strict=True):
+        assert torch.equal(want, have)
+        assert torch.equal(_bits(want), _bits(have))
+    bad = z.clone()
+    bad.view(-1)[100] = float("nan")
+    errors = []
+    for per_row in (False, True):
+        monkeypatch.setattr(tb, "PER_ROW", per_row)
+        with triton_tile(8), pytest.raises(ValueError, match="values: non-finite") as info:
+            tb.forward(Rows(bad, cu, None, params), 0.0, check="sync")
+        errors.append(str(info.value))
+    assert errors[0] == errors[1]
+
+
+def test_per_row_choice_follows_rows_and_multiprocessors(monkeypatch):
+    """One program per row on CUDA when the longest row is at most one multiprocessor's share
+    of the tokens, never on CPU unless forced; ``PER_ROW`` forces either path."""
+    monkeypatch.setattr(tb, "_multiprocessors", lambda device: 132)
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert tb._per_row(132 * 4096, 4096, cuda)  # padded, as many rows as multiprocessors
+    assert not tb._per_row(131 * 4096, 4096, cuda)  # one row fewer
+    assert not tb._per_row(64 * 4096, 4096, cuda)
+    assert not tb._per_row(200 * 1000, 100_000, cuda)  # packed, one long row among many
+    assert not tb._per_row(132 * 4096, 4096, cpu)
+    monkeypatch.setattr(tb, "PER_ROW", True)
+    assert tb._per_row(8, 8, cpu)
+    monkeypatch.setattr(tb, "PER_ROW", False)
+    assert not tb._per_row(132 * 4096, 4096, cuda)
+
+
 #: The interpreted kernel module, for the kernels these tests define (triton's interpreter
 #: resolves a kernel's names in its module's globals).
 _INTERPRETED = None

@@ -467,6 +467,88 @@ def forward_kernel(
     _record(status_ptr, valid & ((z - z) != 0), inb & ((x - x) != 0), row, pos)
 
 
+@triton.jit(do_not_specialize=["m0_bits"])
+def forward_row_kernel(
+    z_ptr,
+    mask_ptr,
+    out_ptr,
+    cu_ptr,
+    m0_ptr,
+    k_ptr,
+    a_ptr,
+    status_ptr,
+    total,
+    n_rows,
+    row_len,
+    search_steps,
+    m0_bits,
+    m0_stride,
+    BT: tl.constexpr,
+    PACKED: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    HOLD: tl.constexpr,
+    M0_PTR: tl.constexpr,
+):
+    """The forward filter with one program per row (the backend's choice when rows are many):
+    program ``r`` walks the tiles that hold row ``r``'s positions in order, the same ``BT``-token
+    tiles of the flat sequence as :func:`forward_kernel`, scans each whole tile as that kernel
+    does, and carries the row's state (and its valid-token count) from tile to tile in registers:
+    no tickets, flags, workspace or atomics but the non-finite records. It stores only its own
+    row's positions (a tile shared with a neighbouring row is scanned by both programs). The
+    carry after a tile is what :func:`forward_kernel`'s tile publishes (``agg_b`` where
+    ``agg_a == 0``, else ``agg_a * carry + agg_b``; counts: ``agg`` or ``agg + carry``), and a
+    row's first tile needs none (every position of the row in it follows its reset), so the
+    results are bitwise those of :func:`forward_kernel`."""
+    r = tl.program_id(0)
+    if PACKED:
+        r_start = tl.load(cu_ptr + r).to(tl.int32)
+        r_end = tl.load(cu_ptr + r + 1).to(tl.int32)
+    else:
+        r_start = r * row_len
+        r_end = r_start + row_len
+    i = tl.arange(0, BT)
+    carry = tl.full([], 0, z_ptr.dtype.element_ty)
+    carry_n = r_start * 0
+    c = r_start // BT
+    while c * BT < r_end:
+        t = c * BT + i
+        inb = t < total
+        row, start = _rows(t, c * BT, total, cu_ptr, n_rows, row_len, search_steps, PACKED)
+        reset = inb & (t == start)
+        mine = inb & (row == r)
+        if HAS_MASK:
+            valid = tl.load(mask_ptr + t, mask=inb, other=0).to(tl.int1)
+        else:
+            valid = inb
+        if HOLD and HAS_MASK:
+            step = valid
+            p, rs = _segment_count(valid, reset)
+            p_last, r_last, _ = _at3(i, p, BT - 1, rs, BT - 1, rs, BT - 1)
+            n = tl.where(rs >= 0, p - rs, carry_n + p) - 1
+            carry_n = tl.where(r_last >= 0, p_last - r_last, carry_n + p_last)
+        else:
+            step = inb
+            n = t - start
+        z = tl.where(valid, tl.load(z_ptr + t, mask=inb, other=0), 0)
+        dtype = z.dtype
+        gain = tl.load(k_ptr + n, mask=step, other=0)
+        keep = tl.load(a_ptr + n, mask=step, other=1)
+        b = gain * z
+        m0 = _m0_at(row, reset, m0_bits, m0_ptr, m0_stride, dtype, M0_PTR)
+        a_el = tl.where(reset, 0, keep).to(dtype)
+        b_el = tl.where(reset, keep * m0 + b, b)
+        sa, sb = tl.associative_scan((a_el, b_el), 0, _affine)
+        _, sa_last, sb_last = _at3(i, sa, 0, sa, BT - 1, sb, BT - 1)
+        x = tl.where(sa == 0, sb, sa * carry + sb)
+        carry = tl.where(sa_last == 0, sb_last, sa_last * carry + sb_last)
+        if not HOLD:
+            x = tl.where(valid, x, 0)
+        tl.store(out_ptr + t, x, mask=mine)
+        pos = t - start
+        _record(status_ptr, mine & valid & ((z - z) != 0), mine & ((x - x) != 0), row, pos)
+        c += 1
+
+
 @triton.jit
 def count_kernel(
     mask_ptr,
