@@ -652,7 +652,8 @@ def _specialised_ptx(name: str, dtype: str, constexprs: dict, arch: int = 90, mo
     from triton.compiler import ASTSource
 
     fn = getattr(module or tb._kernels(False), name)
-    constexprs = {**constexprs, "PUBLISH": 1, "WINDOW": tb.LOOK_BACK_WINDOW}
+    look_back = {"PUBLISH": 1, "WINDOW": tb.LOOK_BACK_WINDOW}
+    constexprs = {**constexprs, **{k: v for k, v in look_back.items() if k in fn.arg_names}}
     sig = _signature(fn, dtype, constexprs)
     divisible = [["tt.divisibility", 16]]
     attrs = {
@@ -732,6 +733,33 @@ def test_specialised_ptx_protocol_vectors_and_registers(name, dtype, constexprs)
         # natural order within the tile (a reversed scan): g, dz vectorise, as the forward's z, y
         assert ptx.count("ld.global.v4") + ptx.count("ld.global.v2") >= 2
         assert ptx.count("st.global.v4") + ptx.count("st.global.v2") >= 1
+    regs = int(re.search(r"Used (\d+) registers", report).group(1))
+    assert regs <= REGISTER_BUDGET, report
+
+
+ROW_KERNEL_VARIANTS = [
+    ("fp32", dict(BT=1024, PACKED=True, HAS_MASK=True, HOLD=True, M0_PTR=True)),
+    ("fp32", dict(BT=1024, PACKED=False, HAS_MASK=False, HOLD=True, M0_PTR=False)),
+    ("fp64", dict(BT=512, PACKED=False, HAS_MASK=True, HOLD=False, M0_PTR=False)),
+]
+
+
+@pytest.mark.parametrize(("dtype", "constexprs"), ROW_KERNEL_VARIANTS)
+def test_specialised_ptx_of_the_per_row_forward(dtype, constexprs):
+    """The one-program-per-row forward with the JIT's specialisation: no flags, polls,
+    publications or ticket (its only atomics are the relaxed non-finite records), no volatile or
+    non-coherent loads, no local memory (spills), registers within :data:`REGISTER_BUDGET`; the
+    unmasked padded variant loads and stores 16-byte vectors."""
+    ptx, report = _specialised_ptx("forward_row_kernel", dtype, constexprs)
+    lines = [line.strip() for line in ptx.splitlines()]
+    atomics = [line for line in lines if re.search(r"\b(atom|red)\.global", line)]
+    assert atomics and all(re.search(r"\.relaxed\.\S*max", a) for a in atomics), atomics
+    assert "ld.volatile" not in ptx and not re.search(r"\.nc\b", ptx)
+    assert "acquire" not in ptx and "release" not in ptx
+    assert ".local" not in ptx
+    assert " 0 bytes spill stores" in report and " 0 bytes spill loads" in report, report
+    if not constexprs["HAS_MASK"] and not constexprs["PACKED"]:
+        assert ptx.count("ld.global.v4") >= 3 and ptx.count("st.global.v4") >= 1
     regs = int(re.search(r"Used (\d+) registers", report).group(1))
     assert regs <= REGISTER_BUDGET, report
 
