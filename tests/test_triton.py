@@ -371,33 +371,36 @@ PER_ROW_CASES = [
 
 
 @pytest.mark.parametrize(("packed", "dtype", "masked"), PER_ROW_CASES)
-def test_per_row_forward_gives_the_same_bits(packed, dtype, masked, monkeypatch):
-    """The one-program-per-row forward (``PER_ROW``: the row's tiles in order, the carry in
-    registers) against the look-back forward: bitwise equal, signs of zeros included, with and
-    without a mask, per-row and float prior means, uneven and empty packed rows, holes longer
-    than a tile; and the same non-finite record (check="sync")."""
-    z, _, mask, cu, m0_rows = _holey_case(packed, dtype, seed=24)
+def test_per_row_paths_give_the_same_bits(packed, dtype, masked, monkeypatch):
+    """The one-program-per-row forward and adjoint (``PER_ROW``: the row's tiles in order, or
+    in reverse, the carry in registers) against the look-back kernels: bitwise equal, signs of
+    zeros included, with and without a mask, per-row and float prior means, uneven and empty
+    packed rows, holes longer than a tile; and the same non-finite records (check="sync")."""
+    z, g, mask, cu, m0_rows = _holey_case(packed, dtype, seed=24)
     params = FilterParams(q=1e-2, r=0.5, p0=2.0, masked=masked)
     results = {}
     for per_row in (False, True):
         monkeypatch.setattr(tb, "PER_ROW", per_row)
+        got = []
         with triton_tile(8):
-            results[per_row] = [
-                tb.forward(Rows(z, cu, m, params), m0, check="sync")
-                for m, m0 in [(mask, m0_rows), (None, 0.25)]
-            ]
+            for m, m0 in [(mask, m0_rows), (None, 0.25)]:
+                got.append(tb.forward(Rows(z, cu, m, params), m0, check="sync"))
+                got.extend(tb.adjoint(Rows(g, cu, m, params), check="sync"))
+        results[per_row] = got
     for want, have in zip(results[False], results[True], strict=True):
         assert torch.equal(want, have)
         assert torch.equal(_bits(want), _bits(have))
-    bad = z.clone()
-    bad.view(-1)[100] = float("nan")
     errors = []
     for per_row in (False, True):
         monkeypatch.setattr(tb, "PER_ROW", per_row)
-        with triton_tile(8), pytest.raises(ValueError, match="values: non-finite") as info:
-            tb.forward(Rows(bad, cu, None, params), 0.0, check="sync")
-        errors.append(str(info.value))
-    assert errors[0] == errors[1]
+        for x, name, call in [(z, "values", tb.forward), (g, "grad", tb.adjoint)]:
+            bad = x.clone()
+            bad.view(-1)[100] = float("nan")
+            args = (0.0,) if name == "values" else ()
+            with triton_tile(8), pytest.raises(ValueError, match=f"{name}: non-finite") as info:
+                call(Rows(bad, cu, None, params), *args, check="sync")
+            errors.append(str(info.value))
+    assert errors[:2] == errors[2:]
 
 
 def test_per_row_choice_follows_rows_and_multiprocessors(monkeypatch):
@@ -738,19 +741,22 @@ def test_specialised_ptx_protocol_vectors_and_registers(name, dtype, constexprs)
 
 
 ROW_KERNEL_VARIANTS = [
-    ("fp32", dict(BT=1024, PACKED=True, HAS_MASK=True, HOLD=True, M0_PTR=True)),
-    ("fp32", dict(BT=1024, PACKED=False, HAS_MASK=False, HOLD=True, M0_PTR=False)),
-    ("fp64", dict(BT=512, PACKED=False, HAS_MASK=True, HOLD=False, M0_PTR=False)),
-]
+    ("forward_row_kernel", "fp32", dict(BT=1024, PACKED=True, HAS_MASK=True, HOLD=True, M0_PTR=True)),
+    ("forward_row_kernel", "fp32", dict(BT=1024, PACKED=False, HAS_MASK=False, HOLD=True, M0_PTR=False)),
+    ("forward_row_kernel", "fp64", dict(BT=512, PACKED=False, HAS_MASK=True, HOLD=False, M0_PTR=False)),
+    ("adjoint_row_kernel", "fp32", dict(BT=1024, PACKED=True, HAS_MASK=True, HOLD=True)),
+    ("adjoint_row_kernel", "fp32", dict(BT=1024, PACKED=False, HAS_MASK=False, HOLD=False)),
+    ("adjoint_row_kernel", "fp64", dict(BT=512, PACKED=False, HAS_MASK=True, HOLD=False)),
+]  # fmt: skip
 
 
-@pytest.mark.parametrize(("dtype", "constexprs"), ROW_KERNEL_VARIANTS)
-def test_specialised_ptx_of_the_per_row_forward(dtype, constexprs):
-    """The one-program-per-row forward with the JIT's specialisation: no flags, polls,
-    publications or ticket (its only atomics are the relaxed non-finite records), no volatile or
-    non-coherent loads, no local memory (spills), registers within :data:`REGISTER_BUDGET`; the
-    unmasked padded variant loads and stores 16-byte vectors."""
-    ptx, report = _specialised_ptx("forward_row_kernel", dtype, constexprs)
+@pytest.mark.parametrize(("name", "dtype", "constexprs"), ROW_KERNEL_VARIANTS)
+def test_specialised_ptx_of_the_per_row_kernels(name, dtype, constexprs):
+    """The one-program-per-row kernels with the JIT's specialisation: no flags, polls,
+    publications or ticket (their only atomics are the relaxed non-finite records), no volatile
+    or non-coherent loads, no local memory (spills), registers within :data:`REGISTER_BUDGET`;
+    the unmasked padded variants load and store 16-byte vectors."""
+    ptx, report = _specialised_ptx(name, dtype, constexprs)
     lines = [line.strip() for line in ptx.splitlines()]
     atomics = [line for line in lines if re.search(r"\b(atom|red)\.global", line)]
     assert atomics and all(re.search(r"\.relaxed\.\S*max", a) for a in atomics), atomics

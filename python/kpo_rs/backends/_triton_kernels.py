@@ -653,3 +653,99 @@ def adjoint_kernel(
     tl.store(dm0_ptr + row, keep0 * mu, mask=first)
     pos = t - start
     _record(status_ptr, read & ((g - g) != 0), inb & ((dz - dz) != 0), row, pos)
+
+
+@triton.jit
+def adjoint_row_kernel(
+    g_ptr,
+    mask_ptr,
+    dz_ptr,
+    dm0_ptr,
+    cu_ptr,
+    k_ptr,
+    a_ptr,
+    status_ptr,
+    total,
+    n_rows,
+    row_len,
+    search_steps,
+    BT: tl.constexpr,
+    PACKED: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    HOLD: tl.constexpr,
+):
+    """The adjoint with one program per row (see :func:`forward_row_kernel`): program ``r``
+    walks its row's tiles backwards, each tile as :func:`adjoint_kernel` takes it, the carry in
+    registers (after a tile: ``agg_b`` where ``agg_a == 0``, else ``agg_a * carry + agg_b``;
+    the row's last tile needs none: its positions of the row precede the row's end). Under
+    ``HOLD`` with a mask a first sweep over the row's mask bytes counts its valid tokens, and
+    each tile's count carry-in is that total less the row's valid tokens from the tile on (0 in
+    the row's first tile, where the row's positions follow its start; the other row's
+    positions there then index the gains below their own counts, in bounds, and reach none of
+    this row's results). No count pre-pass, workspace or look-back."""
+    r = tl.program_id(0)
+    if PACKED:
+        r_start = tl.load(cu_ptr + r).to(tl.int32)
+        r_end = tl.load(cu_ptr + r + 1).to(tl.int32)
+    else:
+        r_start = r * row_len
+        r_end = r_start + row_len
+    i = tl.arange(0, BT)
+    c0 = r_start // BT
+    c1 = tl.maximum(r_end - 1, 0) // BT
+    n_tiles_r = tl.where(r_end > r_start, c1 - c0 + 1, 0)
+    row_total = r_start * 0
+    if HOLD and HAS_MASK:
+        for k in range(0, n_tiles_r):
+            t = (c0 + k) * BT + i
+            mine = (t >= r_start) & (t < r_end)
+            valid = tl.load(mask_ptr + t, mask=mine, other=0).to(tl.int32)
+            row_total += tl.reduce(valid, 0, _sum1)
+    carry = tl.full([], 0, g_ptr.dtype.element_ty)
+    after = r_start * 0
+    for k in range(0, n_tiles_r):
+        c = c1 - k
+        t = c * BT + i
+        inb = t < total
+        row, start = _rows(t, c * BT, total, cu_ptr, n_rows, row_len, search_steps, PACKED)
+        first = inb & (t == start)
+        mine = (t >= r_start) & (t < r_end)
+        end = _row_end(row, start, cu_ptr, row_len, inb, PACKED)
+        nxt = inb & (t + 1 < end)
+        if HAS_MASK:
+            valid = tl.load(mask_ptr + t, mask=inb, other=0).to(tl.int1)
+        else:
+            valid = inb
+        if HOLD and HAS_MASK:
+            step = valid
+            step_next = tl.load(mask_ptr + t + 1, mask=nxt, other=0).to(tl.int1)
+            own = tl.reduce((mine & valid).to(tl.int32), 0, _sum1)
+            p, rs = _segment_count(step, first)
+            count = tl.where(rs >= 0, p - rs, row_total - after - own + p)
+            after += own
+            n = count - 1
+            n_next = count
+            read = inb
+        else:
+            step = inb
+            step_next = nxt
+            n = t - start
+            n_next = n + 1
+            read = valid
+        if not HOLD:
+            read = valid
+        g = tl.where(read, tl.load(g_ptr + t, mask=inb, other=0), 0)
+        dtype = g.dtype
+        a_next = tl.load(a_ptr + n_next, mask=step_next, other=1)
+        a_el = tl.where(nxt, a_next, 0).to(dtype)
+        sa, sb = tl.associative_scan((a_el, g), 0, _affine, reverse=True)
+        _, sa_0, sb_0 = _at3(i, sa, BT - 1, sa, 0, sb, 0)
+        mu = tl.where(sa == 0, sb, sa * carry + sb)
+        carry = tl.where(sa_0 == 0, sb_0, sa_0 * carry + sb_0)
+        gain = tl.load(k_ptr + n, mask=valid, other=0)
+        dz = tl.where(valid, gain * mu, 0)
+        tl.store(dz_ptr + t, dz, mask=mine)
+        keep0 = tl.load(a_ptr + n, mask=first & step, other=1)
+        tl.store(dm0_ptr + row, keep0 * mu, mask=first & mine)
+        pos = t - start
+        _record(status_ptr, mine & read & ((g - g) != 0), mine & ((dz - dz) != 0), row, pos)

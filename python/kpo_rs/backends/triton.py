@@ -399,11 +399,22 @@ def adjoint(rows: Rows, *, check: str = DEFAULT_CHECK) -> tuple[torch.Tensor, to
         return dz, dm0
     k_tab, a_tab = _tables(c.longest, rows.params, c.x)
     count = c.hold and c.mask is not None
+    kernels = _kernels(c.x.device.type != "cuda")
+    if _per_row(c.total, c.longest, c.x.device):
+        ws = torch.zeros(2, dtype=torch.int64, device=c.x.device)  # status[2] only
+        status, sync = _status(check, ws, c.x.device, 1)
+        kernels.adjoint_row_kernel[(c.n_rows,)](
+            c.x, c.mask_arg, dz, dm0, c.cu, k_tab, a_tab, status,
+            c.total, c.n_rows, c.row_len, c.steps,
+            BT=c.bt, PACKED=c.packed, HAS_MASK=c.mask is not None, HOLD=c.hold, **c.options(),
+        )  # fmt: skip
+        if sync:
+            _report(status, "grad")
+        return dz, dm0
     ws = torch.zeros(
         3 + c.tiles + (1 + c.tiles if count else 0), dtype=torch.int64, device=c.x.device
     )
     status, sync = _status(check, ws, c.x.device, 1)
-    kernels = _kernels(c.x.device.type != "cuda")
     cin = c.empty(c.tiles if count else 1, torch.int32)
     if count:
         kernels.count_kernel[(c.tiles,)](
