@@ -366,7 +366,10 @@ def test_look_back_walk_gives_the_same_bits(packed, dtype, masked):
 #: (packed, dtype, masked) of the per-row tests: every combination in the fast tier (the per-row
 #: kernel runs one program per row, a few programs per case)
 PER_ROW_CASES = [
-    (p, d, m) for p in (False, True) for d in (torch.float32, torch.float64) for m in ("hold", "zero")
+    (p, d, m)
+    for p in (False, True)
+    for d in (torch.float32, torch.float64)
+    for m in ("hold", "zero")
 ]
 
 
@@ -741,9 +744,12 @@ def test_specialised_ptx_protocol_vectors_and_registers(name, dtype, constexprs)
 
 
 ROW_KERNEL_VARIANTS = [
-    ("forward_row_kernel", "fp32", dict(BT=1024, PACKED=True, HAS_MASK=True, HOLD=True, M0_PTR=True)),
-    ("forward_row_kernel", "fp32", dict(BT=1024, PACKED=False, HAS_MASK=False, HOLD=True, M0_PTR=False)),
-    ("forward_row_kernel", "fp64", dict(BT=512, PACKED=False, HAS_MASK=True, HOLD=False, M0_PTR=False)),
+    ("forward_row_kernel", "fp32",
+     dict(BT=1024, PACKED=True, HAS_MASK=True, HOLD=True, M0_PTR=True)),
+    ("forward_row_kernel", "fp32",
+     dict(BT=1024, PACKED=False, HAS_MASK=False, HOLD=True, M0_PTR=False)),
+    ("forward_row_kernel", "fp64",
+     dict(BT=512, PACKED=False, HAS_MASK=True, HOLD=False, M0_PTR=False)),
     ("adjoint_row_kernel", "fp32", dict(BT=1024, PACKED=True, HAS_MASK=True, HOLD=True)),
     ("adjoint_row_kernel", "fp32", dict(BT=1024, PACKED=False, HAS_MASK=False, HOLD=False)),
     ("adjoint_row_kernel", "fp64", dict(BT=512, PACKED=False, HAS_MASK=True, HOLD=False)),
