@@ -21,6 +21,10 @@ loads and stores vectorise) and scans them with ``reverse=True``. Packed rows ar
 per tile (the rows of its first and last positions), then per position only among the rows that
 start inside the tile.
 
+:func:`forward_row_kernel` and :func:`adjoint_row_kernel` are the one-program-per-row path: a
+program walks its row's tiles (the same tiles, scanned the same way) in order, or in reverse, with
+the carry in registers: no tickets, flags or workspace; bitwise the same results.
+
 Under ``masked="hold"`` with a mask, the gain index is the count of valid tokens so far in the
 row: a segmented count, scanned and looked back in the same way, with its own flag words (flag 1:
 a tile's aggregate, 2: its inclusive value, for counts and states alike; a reader of one protocol

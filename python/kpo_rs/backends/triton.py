@@ -8,8 +8,11 @@ of the flat token sequence (padded rows back to back, or the packed rows), a seg
 decoupled look-back over the tiles before it (tiles handed out in order by an atomic ticket) for
 the state carried in. So few long rows fill the device as well as many short ones, and every token
 is read once and written once (a two-pass carry fix-up would read it twice, which caps it at two
-thirds of a copy's bandwidth). The look-back applies the earlier tiles' maps in time order from
-the nearest published state, so a result is the same on every run, whatever the programs' timing.
+thirds of a copy's bandwidth). When the rows alone fill the device (the longest row at most one
+multiprocessor's share of the tokens, see :func:`_per_row`) one program per row walks its row's
+tiles in order instead, the carry in registers, with bitwise the same results. The look-back
+applies the earlier tiles' maps in time order from the nearest published state, so a result is
+the same on every run, whatever the programs' timing.
 Under ``masked="hold"`` with a mask the adjoint runs a small pre-pass first (mask bytes only): its
 gain index counts valid tokens from the row's start, against the adjoint's direction. The gains
 stay on the device (one cached table per capacity, ``q``, ``r``, ``p0``, device and dtype). ``BT``
