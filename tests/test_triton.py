@@ -3,7 +3,8 @@
 The interpreter runs the kernels' own code (tickets, look-back, scans) one program after another,
 so these tests prove the arithmetic and the layouts, and, with tiles holding their inclusive
 values back (``PUBLISH_EVERY``), the look-back's walk over aggregates and its composition of
-maps; the PTX tests prove that every kernel compiles for sm_80 and sm_90. Concurrency on a GPU
+maps, and the one-program-per-row kernels (``PER_ROW``) bitwise against the look-back ones; the
+PTX tests prove that every kernel compiles for sm_80 and sm_90. Concurrency on a GPU
 (programs waiting for each other) is tested where a GPU is present (tests/test_cuda.py). Small
 shapes (the interpreter takes about 75 ms a program) with small tiles, so that rows span many
 tiles.
