@@ -278,6 +278,34 @@ def test_triton_long_rows_many_tiles_same_result_every_run(tile, masked):
 
 
 @needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("masked", ["hold", "zero"])
+def test_triton_per_row_path_gives_the_look_back_bits(dtype, masked, monkeypatch):
+    """The one-program-per-row kernels (``PER_ROW=True``) against the look-back kernels on the
+    device: 512 x 3000 padded rows (more rows than multiprocessors, rows not a multiple of the
+    tile) and uneven packed rows with holes, forward and adjoint bitwise equal (compiled with
+    fused multiply-adds, both paths the same expressions)."""
+    tb = backends.load("triton")
+    gen = torch.Generator().manual_seed(24)
+    params = FilterParams(q=1e-3, r=0.5, p0=2.0, masked=masked)
+    lengths = torch.randint(0, 5000, (300,), generator=gen)
+    cu = torch.cat([torch.zeros(1, dtype=torch.int64), lengths.cumsum(0)])
+    for shape, tcu in [((512, 3000), None), ((int(cu[-1]),), cu)]:
+        z = torch.randn(shape, generator=gen, dtype=dtype).cuda()
+        g = torch.randn(shape, generator=gen, dtype=dtype).cuda()
+        mask = (torch.rand(shape, generator=gen) < 0.8).cuda()
+        got = {}
+        for per_row in (False, True):
+            monkeypatch.setattr(tb, "PER_ROW", per_row)
+            got[per_row] = [
+                tb.forward(Rows(z, tcu, mask, params), 0.25, check="sync"),
+                *tb.adjoint(Rows(g, tcu, mask, params), check="sync"),
+            ]
+        for want, have in zip(got[False], got[True], strict=True):
+            assert torch.equal(want, have), shape
+
+
+@needs_triton
 def test_triton_op_captured_in_a_cuda_graph_and_replayed():
     """The op's forward and backward captured once and replayed on new inputs: the eager results
     each time; a non-finite value read during a replay is reported by raise_if_non_finite."""

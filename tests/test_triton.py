@@ -3,7 +3,8 @@
 The interpreter runs the kernels' own code (tickets, look-back, scans) one program after another,
 so these tests prove the arithmetic and the layouts, and, with tiles holding their inclusive
 values back (``PUBLISH_EVERY``), the look-back's walk over aggregates and its composition of
-maps; the PTX tests prove that every kernel compiles for sm_80 and sm_90. Concurrency on a GPU
+maps, and the one-program-per-row kernels (``PER_ROW``) bitwise against the look-back ones; the
+PTX tests prove that every kernel compiles for sm_80 and sm_90. Concurrency on a GPU
 (programs waiting for each other) is tested where a GPU is present (tests/test_cuda.py). Small
 shapes (the interpreter takes about 75 ms a program) with small tiles, so that rows span many
 tiles.
@@ -363,6 +364,65 @@ def test_look_back_walk_gives_the_same_bits(packed, dtype, masked):
     # (the default path against the reference: the property tests above)
 
 
+#: (packed, dtype, masked) of the per-row tests: every combination in the fast tier (the per-row
+#: kernel runs one program per row, a few programs per case)
+PER_ROW_CASES = [
+    (p, d, m)
+    for p in (False, True)
+    for d in (torch.float32, torch.float64)
+    for m in ("hold", "zero")
+]
+
+
+@pytest.mark.parametrize(("packed", "dtype", "masked"), PER_ROW_CASES)
+def test_per_row_paths_give_the_same_bits(packed, dtype, masked, monkeypatch):
+    """The one-program-per-row forward and adjoint (``PER_ROW``: the row's tiles in order, or
+    in reverse, the carry in registers) against the look-back kernels: bitwise equal, signs of
+    zeros included, with and without a mask, per-row and float prior means, uneven and empty
+    packed rows, holes longer than a tile; and the same non-finite records (check="sync")."""
+    z, g, mask, cu, m0_rows = _holey_case(packed, dtype, seed=24)
+    params = FilterParams(q=1e-2, r=0.5, p0=2.0, masked=masked)
+    results = {}
+    for per_row in (False, True):
+        monkeypatch.setattr(tb, "PER_ROW", per_row)
+        got = []
+        with triton_tile(8):
+            for m, m0 in [(mask, m0_rows), (None, 0.25)]:
+                got.append(tb.forward(Rows(z, cu, m, params), m0, check="sync"))
+                got.extend(tb.adjoint(Rows(g, cu, m, params), check="sync"))
+        results[per_row] = got
+    for want, have in zip(results[False], results[True], strict=True):
+        assert torch.equal(want, have)
+        assert torch.equal(_bits(want), _bits(have))
+    errors = []
+    for per_row in (False, True):
+        monkeypatch.setattr(tb, "PER_ROW", per_row)
+        for x, name, call in [(z, "values", tb.forward), (g, "grad", tb.adjoint)]:
+            bad = x.clone()
+            bad.view(-1)[100] = float("nan")
+            args = (0.0,) if name == "values" else ()
+            with triton_tile(8), pytest.raises(ValueError, match=f"{name}: non-finite") as info:
+                call(Rows(bad, cu, None, params), *args, check="sync")
+            errors.append(str(info.value))
+    assert errors[:2] == errors[2:]
+
+
+def test_per_row_choice_follows_rows_and_multiprocessors(monkeypatch):
+    """One program per row on CUDA when the longest row is at most one multiprocessor's share
+    of the tokens, never on CPU unless forced; ``PER_ROW`` forces either path."""
+    monkeypatch.setattr(tb, "_multiprocessors", lambda device: 132)
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert tb._per_row(132 * 4096, 4096, cuda)  # padded, as many rows as multiprocessors
+    assert not tb._per_row(131 * 4096, 4096, cuda)  # one row fewer
+    assert not tb._per_row(64 * 4096, 4096, cuda)
+    assert not tb._per_row(200 * 1000, 100_000, cuda)  # packed, one long row among many
+    assert not tb._per_row(132 * 4096, 4096, cpu)
+    monkeypatch.setattr(tb, "PER_ROW", True)
+    assert tb._per_row(8, 8, cpu)
+    monkeypatch.setattr(tb, "PER_ROW", False)
+    assert not tb._per_row(132 * 4096, 4096, cuda)
+
+
 #: The interpreted kernel module, for the kernels these tests define (triton's interpreter
 #: resolves a kernel's names in its module's globals).
 _INTERPRETED = None
@@ -599,7 +659,8 @@ def _specialised_ptx(name: str, dtype: str, constexprs: dict, arch: int = 90, mo
     from triton.compiler import ASTSource
 
     fn = getattr(module or tb._kernels(False), name)
-    constexprs = {**constexprs, "PUBLISH": 1, "WINDOW": tb.LOOK_BACK_WINDOW}
+    look_back = {"PUBLISH": 1, "WINDOW": tb.LOOK_BACK_WINDOW}
+    constexprs = {**constexprs, **{k: v for k, v in look_back.items() if k in fn.arg_names}}
     sig = _signature(fn, dtype, constexprs)
     divisible = [["tt.divisibility", 16]]
     attrs = {
@@ -679,6 +740,39 @@ def test_specialised_ptx_protocol_vectors_and_registers(name, dtype, constexprs)
         # natural order within the tile (a reversed scan): g, dz vectorise, as the forward's z, y
         assert ptx.count("ld.global.v4") + ptx.count("ld.global.v2") >= 2
         assert ptx.count("st.global.v4") + ptx.count("st.global.v2") >= 1
+    regs = int(re.search(r"Used (\d+) registers", report).group(1))
+    assert regs <= REGISTER_BUDGET, report
+
+
+ROW_KERNEL_VARIANTS = [
+    ("forward_row_kernel", "fp32",
+     dict(BT=1024, PACKED=True, HAS_MASK=True, HOLD=True, M0_PTR=True)),
+    ("forward_row_kernel", "fp32",
+     dict(BT=1024, PACKED=False, HAS_MASK=False, HOLD=True, M0_PTR=False)),
+    ("forward_row_kernel", "fp64",
+     dict(BT=512, PACKED=False, HAS_MASK=True, HOLD=False, M0_PTR=False)),
+    ("adjoint_row_kernel", "fp32", dict(BT=1024, PACKED=True, HAS_MASK=True, HOLD=True)),
+    ("adjoint_row_kernel", "fp32", dict(BT=1024, PACKED=False, HAS_MASK=False, HOLD=False)),
+    ("adjoint_row_kernel", "fp64", dict(BT=512, PACKED=False, HAS_MASK=True, HOLD=False)),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("name", "dtype", "constexprs"), ROW_KERNEL_VARIANTS)
+def test_specialised_ptx_of_the_per_row_kernels(name, dtype, constexprs):
+    """The one-program-per-row kernels with the JIT's specialisation: no flags, polls,
+    publications or ticket (their only atomics are the relaxed non-finite records), no volatile
+    or non-coherent loads, no local memory (spills), registers within :data:`REGISTER_BUDGET`;
+    the unmasked padded variants load and store 16-byte vectors."""
+    ptx, report = _specialised_ptx(name, dtype, constexprs)
+    lines = [line.strip() for line in ptx.splitlines()]
+    atomics = [line for line in lines if re.search(r"\b(atom|red)\.global", line)]
+    assert atomics and all(re.search(r"\.relaxed\.\S*max", a) for a in atomics), atomics
+    assert "ld.volatile" not in ptx and not re.search(r"\.nc\b", ptx)
+    assert "acquire" not in ptx and "release" not in ptx
+    assert ".local" not in ptx
+    assert " 0 bytes spill stores" in report and " 0 bytes spill loads" in report, report
+    if not constexprs["HAS_MASK"] and not constexprs["PACKED"]:
+        assert ptx.count("ld.global.v4") >= 3 and ptx.count("st.global.v4") >= 1
     regs = int(re.search(r"Used (\d+) registers", report).group(1))
     assert regs <= REGISTER_BUDGET, report
 

@@ -21,6 +21,10 @@ loads and stores vectorise) and scans them with ``reverse=True``. Packed rows ar
 per tile (the rows of its first and last positions), then per position only among the rows that
 start inside the tile.
 
+:func:`forward_row_kernel` and :func:`adjoint_row_kernel` are the one-program-per-row path: a
+program walks its row's tiles (the same tiles, scanned the same way) in order, or in reverse, with
+the carry in registers: no tickets, flags or workspace; bitwise the same results.
+
 Under ``masked="hold"`` with a mask, the gain index is the count of valid tokens so far in the
 row: a segmented count, scanned and looked back in the same way, with its own flag words (flag 1:
 a tile's aggregate, 2: its inclusive value, for counts and states alike; a reader of one protocol
@@ -467,6 +471,88 @@ def forward_kernel(
     _record(status_ptr, valid & ((z - z) != 0), inb & ((x - x) != 0), row, pos)
 
 
+@triton.jit(do_not_specialize=["m0_bits"])
+def forward_row_kernel(
+    z_ptr,
+    mask_ptr,
+    out_ptr,
+    cu_ptr,
+    m0_ptr,
+    k_ptr,
+    a_ptr,
+    status_ptr,
+    total,
+    n_rows,
+    row_len,
+    search_steps,
+    m0_bits,
+    m0_stride,
+    BT: tl.constexpr,
+    PACKED: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    HOLD: tl.constexpr,
+    M0_PTR: tl.constexpr,
+):
+    """The forward filter with one program per row (the backend's choice when rows are many):
+    program ``r`` walks the tiles that hold row ``r``'s positions in order, the same ``BT``-token
+    tiles of the flat sequence as :func:`forward_kernel`, scans each whole tile as that kernel
+    does, and carries the row's state (and its valid-token count) from tile to tile in registers:
+    no tickets, flags, workspace or atomics but the non-finite records. It stores only its own
+    row's positions (a tile shared with a neighbouring row is scanned by both programs). The
+    carry after a tile is what :func:`forward_kernel`'s tile publishes (``agg_b`` where
+    ``agg_a == 0``, else ``agg_a * carry + agg_b``; counts: ``agg`` or ``agg + carry``), and a
+    row's first tile needs none (every position of the row in it follows its reset), so the
+    results are bitwise those of :func:`forward_kernel`."""
+    r = tl.program_id(0)
+    if PACKED:
+        r_start = tl.load(cu_ptr + r).to(tl.int32)
+        r_end = tl.load(cu_ptr + r + 1).to(tl.int32)
+    else:
+        r_start = r * row_len
+        r_end = r_start + row_len
+    i = tl.arange(0, BT)
+    carry = tl.full([], 0, z_ptr.dtype.element_ty)
+    carry_n = r_start * 0
+    c = r_start // BT
+    while c * BT < r_end:
+        t = c * BT + i
+        inb = t < total
+        row, start = _rows(t, c * BT, total, cu_ptr, n_rows, row_len, search_steps, PACKED)
+        reset = inb & (t == start)
+        mine = inb & (row == r)
+        if HAS_MASK:
+            valid = tl.load(mask_ptr + t, mask=inb, other=0).to(tl.int1)
+        else:
+            valid = inb
+        if HOLD and HAS_MASK:
+            step = valid
+            p, rs = _segment_count(valid, reset)
+            p_last, r_last, _ = _at3(i, p, BT - 1, rs, BT - 1, rs, BT - 1)
+            n = tl.where(rs >= 0, p - rs, carry_n + p) - 1
+            carry_n = tl.where(r_last >= 0, p_last - r_last, carry_n + p_last)
+        else:
+            step = inb
+            n = t - start
+        z = tl.where(valid, tl.load(z_ptr + t, mask=inb, other=0), 0)
+        dtype = z.dtype
+        gain = tl.load(k_ptr + n, mask=step, other=0)
+        keep = tl.load(a_ptr + n, mask=step, other=1)
+        b = gain * z
+        m0 = _m0_at(row, reset, m0_bits, m0_ptr, m0_stride, dtype, M0_PTR)
+        a_el = tl.where(reset, 0, keep).to(dtype)
+        b_el = tl.where(reset, keep * m0 + b, b)
+        sa, sb = tl.associative_scan((a_el, b_el), 0, _affine)
+        _, sa_last, sb_last = _at3(i, sa, 0, sa, BT - 1, sb, BT - 1)
+        x = tl.where(sa == 0, sb, sa * carry + sb)
+        carry = tl.where(sa_last == 0, sb_last, sa_last * carry + sb_last)
+        if not HOLD:
+            x = tl.where(valid, x, 0)
+        tl.store(out_ptr + t, x, mask=mine)
+        pos = t - start
+        _record(status_ptr, mine & valid & ((z - z) != 0), mine & ((x - x) != 0), row, pos)
+        c += 1
+
+
 @triton.jit
 def count_kernel(
     mask_ptr,
@@ -571,3 +657,99 @@ def adjoint_kernel(
     tl.store(dm0_ptr + row, keep0 * mu, mask=first)
     pos = t - start
     _record(status_ptr, read & ((g - g) != 0), inb & ((dz - dz) != 0), row, pos)
+
+
+@triton.jit
+def adjoint_row_kernel(
+    g_ptr,
+    mask_ptr,
+    dz_ptr,
+    dm0_ptr,
+    cu_ptr,
+    k_ptr,
+    a_ptr,
+    status_ptr,
+    total,
+    n_rows,
+    row_len,
+    search_steps,
+    BT: tl.constexpr,
+    PACKED: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    HOLD: tl.constexpr,
+):
+    """The adjoint with one program per row (see :func:`forward_row_kernel`): program ``r``
+    walks its row's tiles backwards, each tile as :func:`adjoint_kernel` takes it, the carry in
+    registers (after a tile: ``agg_b`` where ``agg_a == 0``, else ``agg_a * carry + agg_b``;
+    the row's last tile needs none: its positions of the row precede the row's end). Under
+    ``HOLD`` with a mask a first sweep over the row's mask bytes counts its valid tokens, and
+    each tile's count carry-in is that total less the row's valid tokens from the tile on (0 in
+    the row's first tile, where the row's positions follow its start; the other row's
+    positions there then index the gains below their own counts, in bounds, and reach none of
+    this row's results). No count pre-pass, workspace or look-back."""
+    r = tl.program_id(0)
+    if PACKED:
+        r_start = tl.load(cu_ptr + r).to(tl.int32)
+        r_end = tl.load(cu_ptr + r + 1).to(tl.int32)
+    else:
+        r_start = r * row_len
+        r_end = r_start + row_len
+    i = tl.arange(0, BT)
+    c0 = r_start // BT
+    c1 = tl.maximum(r_end - 1, 0) // BT
+    n_tiles_r = tl.where(r_end > r_start, c1 - c0 + 1, 0)
+    row_total = r_start * 0
+    if HOLD and HAS_MASK:
+        for k in range(0, n_tiles_r):
+            t = (c0 + k) * BT + i
+            mine = (t >= r_start) & (t < r_end)
+            valid = tl.load(mask_ptr + t, mask=mine, other=0).to(tl.int32)
+            row_total += tl.reduce(valid, 0, _sum1)
+    carry = tl.full([], 0, g_ptr.dtype.element_ty)
+    after = r_start * 0
+    for k in range(0, n_tiles_r):
+        c = c1 - k
+        t = c * BT + i
+        inb = t < total
+        row, start = _rows(t, c * BT, total, cu_ptr, n_rows, row_len, search_steps, PACKED)
+        first = inb & (t == start)
+        mine = (t >= r_start) & (t < r_end)
+        end = _row_end(row, start, cu_ptr, row_len, inb, PACKED)
+        nxt = inb & (t + 1 < end)
+        if HAS_MASK:
+            valid = tl.load(mask_ptr + t, mask=inb, other=0).to(tl.int1)
+        else:
+            valid = inb
+        if HOLD and HAS_MASK:
+            step = valid
+            step_next = tl.load(mask_ptr + t + 1, mask=nxt, other=0).to(tl.int1)
+            own = tl.reduce((mine & valid).to(tl.int32), 0, _sum1)
+            p, rs = _segment_count(step, first)
+            count = tl.where(rs >= 0, p - rs, row_total - after - own + p)
+            after += own
+            n = count - 1
+            n_next = count
+            read = inb
+        else:
+            step = inb
+            step_next = nxt
+            n = t - start
+            n_next = n + 1
+            read = valid
+        if not HOLD:
+            read = valid
+        g = tl.where(read, tl.load(g_ptr + t, mask=inb, other=0), 0)
+        dtype = g.dtype
+        a_next = tl.load(a_ptr + n_next, mask=step_next, other=1)
+        a_el = tl.where(nxt, a_next, 0).to(dtype)
+        sa, sb = tl.associative_scan((a_el, g), 0, _affine, reverse=True)
+        _, sa_0, sb_0 = _at3(i, sa, BT - 1, sa, 0, sb, 0)
+        mu = tl.where(sa == 0, sb, sa * carry + sb)
+        carry = tl.where(sa_0 == 0, sb_0, sa_0 * carry + sb_0)
+        gain = tl.load(k_ptr + n, mask=valid, other=0)
+        dz = tl.where(valid, gain * mu, 0)
+        tl.store(dz_ptr + t, dz, mask=mine)
+        keep0 = tl.load(a_ptr + n, mask=first & step, other=1)
+        tl.store(dm0_ptr + row, keep0 * mu, mask=first & mine)
+        pos = t - start
+        _record(status_ptr, mine & read & ((g - g) != 0), mine & ((dz - dz) != 0), row, pos)

@@ -8,8 +8,11 @@ of the flat token sequence (padded rows back to back, or the packed rows), a seg
 decoupled look-back over the tiles before it (tiles handed out in order by an atomic ticket) for
 the state carried in. So few long rows fill the device as well as many short ones, and every token
 is read once and written once (a two-pass carry fix-up would read it twice, which caps it at two
-thirds of a copy's bandwidth). The look-back applies the earlier tiles' maps in time order from
-the nearest published state, so a result is the same on every run, whatever the programs' timing.
+thirds of a copy's bandwidth). When the rows alone fill the device (the longest row at most one
+multiprocessor's share of the tokens, see :func:`_per_row`) one program per row walks its row's
+tiles in order instead, the carry in registers, with bitwise the same results. The look-back
+applies the earlier tiles' maps in time order from the nearest published state, so a result is
+the same on every run, whatever the programs' timing.
 Under ``masked="hold"`` with a mask the adjoint runs a small pre-pass first (mask bytes only): its
 gain index counts valid tokens from the row's start, against the adjoint's direction. The gains
 stay on the device (one cached table per capacity, ``q``, ``r``, ``p0``, device and dtype). ``BT``
@@ -78,6 +81,12 @@ PUBLISH_EVERY: int = 1
 #: set small windows so that walks cross several.
 LOOK_BACK_WINDOW: int = 16
 
+#: One program per row (:func:`~kpo_rs.backends._triton_kernels.forward_row_kernel`: the row's
+#: tiles in order, the carry in registers, no look-back) instead of one per tile. None (the
+#: default): chosen by :func:`_per_row` (CUDA only); True/False force either path (tests, and
+#: CPU runs under the interpreter). Results are bitwise the same either way.
+PER_ROW: bool | None = None
+
 _CODE_BASE = 1 << 62
 _MAX_TOKENS = (1 << 31) - (1 << 16)
 _NAMES = ("values", "grad")
@@ -140,6 +149,20 @@ def _launch(total: int, device: torch.device) -> tuple[int, int]:
     while bt > 256 and total < bt * target:
         bt //= 2
     return bt, bt // 256
+
+
+def _per_row(total: int, longest: int, device: torch.device) -> bool:
+    """Whether the forward runs one program per row: on CUDA when the longest row is no longer
+    than one multiprocessor's share of the tokens (``longest * SMs <= total``; padded: the rows
+    at least as many as the multiprocessors). Then the rows alone fill the device and no program
+    walks much longer than the average, so the look-back's flags, polls and workspace buy
+    nothing. A packed batch whose longest row is not known (device ``cu_seqlens``, no
+    ``rows.longest``) keeps the look-back. :data:`PER_ROW` overrides."""
+    if PER_ROW is not None:
+        return PER_ROW
+    if device.type != "cuda":
+        return False
+    return longest * _multiprocessors(device) <= total
 
 
 def _options(device: torch.device, warps: int) -> dict:
@@ -339,11 +362,24 @@ def forward(rows: Rows, m0: float | torch.Tensor, *, check: str = DEFAULT_CHECK)
     m0_bits, m0_t, m0_stride, m0_ptr = _m0_args(m0, c.x, c.n_rows)
     k_tab, a_tab = _tables(c.longest, rows.params, c.x)
     count = c.hold and c.mask is not None
+    kernels = _kernels(c.x.device.type != "cuda")
+    if _per_row(c.total, c.longest, c.x.device):
+        ws = torch.zeros(2, dtype=torch.int64, device=c.x.device)  # status[2] only
+        status, sync = _status(check, ws, c.x.device, 0)
+        kernels.forward_row_kernel[(c.n_rows,)](
+            c.x, c.mask_arg, out, c.cu, m0_t, k_tab, a_tab, status,
+            c.total, c.n_rows, c.row_len, c.steps, m0_bits, m0_stride,
+            BT=c.bt, PACKED=c.packed, HAS_MASK=c.mask is not None, HOLD=c.hold, M0_PTR=m0_ptr,
+            **c.options(),
+        )  # fmt: skip
+        if sync:
+            _report(status, "values")
+        return out
     # [status[2], ticket, state flags[tiles], count flags[tiles] (counts only)]
     ws = torch.zeros(3 + c.tiles * (2 if count else 1), dtype=torch.int64, device=c.x.device)
     status, sync = _status(check, ws, c.x.device, 0)
     cnt = c.empty(2 * c.tiles if count else 1, torch.int32)
-    _kernels(c.x.device.type != "cuda").forward_kernel[(c.tiles,)](
+    kernels.forward_kernel[(c.tiles,)](
         c.x, c.mask_arg, out, c.cu, m0_t, k_tab, a_tab, ws[2:], status, cnt,
         c.empty(3 * c.tiles, c.x.dtype),
         c.total, c.tiles, c.n_rows, c.row_len, c.steps, m0_bits, m0_stride,
@@ -366,11 +402,22 @@ def adjoint(rows: Rows, *, check: str = DEFAULT_CHECK) -> tuple[torch.Tensor, to
         return dz, dm0
     k_tab, a_tab = _tables(c.longest, rows.params, c.x)
     count = c.hold and c.mask is not None
+    kernels = _kernels(c.x.device.type != "cuda")
+    if _per_row(c.total, c.longest, c.x.device):
+        ws = torch.zeros(2, dtype=torch.int64, device=c.x.device)  # status[2] only
+        status, sync = _status(check, ws, c.x.device, 1)
+        kernels.adjoint_row_kernel[(c.n_rows,)](
+            c.x, c.mask_arg, dz, dm0, c.cu, k_tab, a_tab, status,
+            c.total, c.n_rows, c.row_len, c.steps,
+            BT=c.bt, PACKED=c.packed, HAS_MASK=c.mask is not None, HOLD=c.hold, **c.options(),
+        )  # fmt: skip
+        if sync:
+            _report(status, "grad")
+        return dz, dm0
     ws = torch.zeros(
         3 + c.tiles + (1 + c.tiles if count else 0), dtype=torch.int64, device=c.x.device
     )
     status, sync = _status(check, ws, c.x.device, 1)
-    kernels = _kernels(c.x.device.type != "cuda")
     cin = c.empty(c.tiles if count else 1, torch.int32)
     if count:
         kernels.count_kernel[(c.tiles,)](
