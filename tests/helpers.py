@@ -123,3 +123,17 @@ def tiny_demo(**kw):
         "minibatches": 2,
     }
     return DemoConfig(**(base | kw))
+
+
+def interruptible(*args, **kwargs):
+    """``subprocess.Popen(*args, **kwargs)`` whose child takes SIGINT as Ctrl-C even where this
+    process ignores it (a shell starts background jobs with SIGINT ignored, and a child inherits
+    that): the child's SIGINT is reset to the default before it starts, so Python installs its
+    KeyboardInterrupt handler."""
+    import signal
+    import subprocess
+
+    def default_sigint() -> None:
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+    return subprocess.Popen(*args, preexec_fn=default_sigint, **kwargs)

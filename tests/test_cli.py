@@ -15,7 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from helpers import with_value, write_rollouts_parquet
+from helpers import interruptible, with_value, write_rollouts_parquet
 from kpo_rs import cli
 from kpo_rs.cli import _common as cli_common
 
@@ -33,7 +33,7 @@ def test_ctrl_c_leaves_the_destination_unchanged_and_exits_130(tmp_path):
     write_rollouts_parquet(src, rows=3000, length=1500, row_group=256)
     dst.write_bytes(b"an earlier result")
     args = ["filter", str(src), str(dst), *COLS, "--batch-size", "32", "--log-every", "0"]
-    proc = subprocess.Popen([KPO, *args], stderr=subprocess.PIPE, text=True)
+    proc = interruptible([KPO, *args], stderr=subprocess.PIPE, text=True)
     first = proc.stderr.readline()  # the first progress line: the job is under way
     assert "rows" in first, first
     proc.send_signal(signal.SIGINT)

@@ -18,6 +18,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import kpo_rs
+from helpers import interruptible
 from kpo_rs import reference, testing
 
 DIGEST = textwrap.dedent(
@@ -220,7 +221,7 @@ def test_ctrl_c_during_a_long_call_is_raised_after_it_returns():
             print(f"interrupted after {took:.2f} s; result", out is not None, flush=True)
         """
     )
-    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    proc = interruptible([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "ready"
     time.sleep(0.3)
     proc.send_signal(signal.SIGINT)
