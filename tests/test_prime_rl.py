@@ -196,3 +196,28 @@ def test_bad_kwargs_and_inputs_are_refused_in_one_line():
         with pytest.raises(exc) as info:
             call()
         assert words in str(info.value) and "\n" not in str(info.value)
+
+
+def test_the_start_up_line_and_an_idle_clip_warning(monkeypatch, capsys):
+    import warnings
+
+    monkeypatch.setattr(prime_rl, "_last_logged", [])
+    monkeypatch.setattr(prime_rl, "_warned_once", set())
+    g = torch.Generator().manual_seed(0)
+    new = torch.randn(64, generator=g, dtype=torch.float64) * 1e-3
+    inputs = LossInputs(new, torch.zeros(64, dtype=torch.float64), None, torch.ones(64), new > -9)
+    # A PPO-scale clip on near-1 filtered ratios warns once per process.
+    with pytest.warns(UserWarning, match=r"clip range \(0.2, 0.2\) cannot bite.*clip = \[3e-4"):
+        prime_rl.kpo_clipped_loss(inputs, clip=[0.2, 0.2])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        prime_rl.kpo_clipped_loss(inputs, clip=[0.2, 0.2])  # not again
+    line = capsys.readouterr().err
+    assert line.count("\n") == 1, line  # the line once per process while nothing changes
+    assert "prime-rl loss kpo_clipped: clip (0.2, 0.2), loss_agg_mode token-sum" in line
+    assert "q=1e-06, r=1.0, p0=0.0 (from kwargs clip)" in line
+    monkeypatch.setattr(prime_rl, "_warned_once", set())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        prime_rl.kpo_clipped_loss(inputs)  # the authors' 3e-4 / 4e-4: not judged
+    assert "clip (0.0003, 0.0004)" in capsys.readouterr().err  # a change prints the line again

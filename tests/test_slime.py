@@ -284,3 +284,22 @@ def test_outside_slime_the_loss_says_it_runs_inside_slime():
             slime.kpo_loss(args, batch, logits, _slime_reducer(batch, args))
     else:  # pragma: no cover - only where slime is installed
         pytest.skip("slime is installed")
+
+
+def test_the_start_up_line_and_an_idle_clip_warning(in_slime, monkeypatch, capsys):
+    monkeypatch.setattr(slime, "_last_logged", [])
+    monkeypatch.setattr(slime, "_warned_once", set())
+    monkeypatch.setenv("KPO_Q", "1e-6")  # the authors' filter: ratios stay near 1
+    batch, logits = _micro_batch(0)
+    batch["rollout_log_probs"] = batch["log_probs"]
+    args = _args(eps_clip=0.2, eps_clip_high=0.28)
+    with pytest.warns(UserWarning, match=r"\(0.2, 0.28\) cannot bite.*--eps-clip 3e-4"):
+        slime.kpo_clipped_loss(args, batch, logits, _slime_reducer(batch, args))
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once per process
+        slime.kpo_clipped_loss(args, batch, logits, _slime_reducer(batch, args))
+    err = capsys.readouterr().err
+    assert err.count("slime loss kpo_clipped: clip (0.2, 0.28)") == 1, err
+    assert "q=1e-06" in err and "(from KPO_Q)" in err

@@ -45,6 +45,8 @@ from typing import Any, Protocol
 import torch
 
 from ..losses.table import get_loss
+from ..params import resolve_params
+from ._notices import idle_clip_message, log_settings, warn_once
 
 __all__ = [
     "LOSS_NAMES",
@@ -107,6 +109,28 @@ def _check(inputs: Any) -> None:
             raise ValueError(f"inputs.{field} must be 1-D (one sample), got shape {tuple(t.shape)}")
 
 
+_last_logged: list[dict[str, Any]] = []
+_warned_once: set[str] = set()
+
+
+def _announce(name: str, settings: dict[str, Any], metrics: Any, given: list[str]) -> None:
+    """The start-up line (once per process, again when the settings change) and, for a
+    PPO-scale clip that does not bite on the filtered ratios, a warning once per process."""
+    clip = settings.get("clip")
+    given_filter = {k: settings[k] for k in ("q", "r", "p0") if settings.get(k) is not None}
+    params = resolve_params(settings.get("params"), **given_filter)
+    values = {"q": params.q, "r": params.r, "p0": params.p0}
+    agg = "token-sum (prime-rl divides by its global token count)"
+    origins = [f"kwargs {', '.join(given)}"] if given else []
+    log_settings(_last_logged, "prime-rl", name, clip, agg, values, origins)
+    if clip is not None and f"idle-clip:{name}" not in _warned_once:
+        message = idle_clip_message(
+            name, tuple(clip), metrics, "kwargs = { clip = [3e-4, 4e-4] } (the default)"
+        )
+        if message is not None:
+            warn_once(_warned_once, f"idle-clip:{name}", message, stacklevel=4)
+
+
 def loss_fn(name: str) -> Any:
     """The prime-rl custom loss computing :mod:`kpo_rs.loss_table`'s ``name`` (one of
     :data:`LOSS_NAMES`), with prime-rl's signature ``fn(inputs, **kwargs) -> LossOutputs``;
@@ -131,6 +155,7 @@ def loss_fn(name: str) -> Any:
             mask[None],
             **{**settings, "rollout_is_weights": None if weights is None else weights[None]},
         )
+        _announce(name, settings, metrics, sorted(kwargs))
         return _outputs(loss, dict(metrics))
 
     compute.__name__ = compute.__qualname__ = f"{name}_loss"

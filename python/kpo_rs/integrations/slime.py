@@ -41,6 +41,7 @@ against its calling convention reproduced from its source, not inside slime.
 
 from __future__ import annotations
 
+import os
 from types import SimpleNamespace
 from typing import Any
 
@@ -48,6 +49,7 @@ import torch
 
 from ..losses.kpo import kpo_token_losses
 from ._env import FILTER_ENV_VARS, filter_settings
+from ._notices import idle_clip_message, log_settings, warn_once
 
 __all__ = [
     "ENV_VARS",
@@ -102,6 +104,23 @@ def _padded(rows: list[torch.Tensor], fill: float | bool) -> torch.Tensor:
     return torch.nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=fill)
 
 
+_last_logged: list[dict[str, Any]] = []
+_warned_once: set[str] = set()
+
+
+def _announce(name: str, clip: tuple[float, float] | None, metrics: Any) -> None:
+    """The start-up line (once per process, again when the settings change) and, for a
+    PPO-scale ``--eps-clip`` that does not bite on the filtered ratios, a warning once."""
+    values = {k: v for k, v in filter_settings().items() if k in ("q", "r", "p0")}
+    origins = [var for var, _ in FILTER_ENV_VARS.values() if var in os.environ]
+    agg = "slime's sum_of_sample_mean"
+    log_settings(_last_logged, "slime", name, clip, agg, values, origins)
+    if clip is not None and f"idle-clip:{name}" not in _warned_once:
+        message = idle_clip_message(name, clip, metrics, "--eps-clip 3e-4 --eps-clip-high 4e-4")
+        if message is not None:
+            warn_once(_warned_once, f"idle-clip:{name}", message, stacklevel=5)
+
+
 def _token_losses(
     name: str,
     args: Any,
@@ -127,6 +146,7 @@ def _token_losses(
         clip_ratio_c=None if dual is None else float(dual),
         **filter_settings(),
     )
+    _announce(name, clip, metrics)
     pg = torch.where(mask, pg, 0.0)  # slime's reducer multiplies by the mask: no NaN may pass
     flat = torch.cat([row[:n] for row, n in zip(pg, lengths)]) if lengths else pg.reshape(0)
     return flat, metrics

@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import functools
 import os
-import sys
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -60,6 +59,13 @@ from ..params import FilterParams
 from ..space import SPACES
 from ..torch_ops import BACKENDS
 from ._env import FILTER_ENV_VARS
+from ._notices import (
+    IDLE_CLIP_FRACTION,
+    PPO_SCALE_CLIP,
+    idle_clip_message,
+    log_settings,
+    warn_once,
+)
 
 __all__ = [
     "ENV_VARS",
@@ -255,9 +261,7 @@ _warned_once: set[str] = set()
 
 
 def _warn_once(key: str, message: str) -> None:
-    if key not in _warned_once:
-        _warned_once.add(key)
-        warnings.warn(message, UserWarning, stacklevel=4)
+    warn_once(_warned_once, key, message, stacklevel=5)
 
 
 def _log_settings(
@@ -265,52 +269,21 @@ def _log_settings(
 ) -> None:
     """Prints what a KPO loss computes (loss, clip range, aggregation, filter settings) once per
     process on stderr, and again whenever any of it changes."""
-    state = {"loss": loss, "clip": clip, "agg": agg, **values}
-    if _last_logged and _last_logged[0] == state:
-        return
-    _last_logged[:] = [state]
-    shown = ", ".join(f"{k}={v}" for k, v in values.items())
-    clip_text = f"clip ({clip[0]:g}, {clip[1]:g})" if clip is not None else "no clip"
-    origin = f"from {', '.join(origins)}" if origins else "defaults"
-    print(
-        f"kpo_rs (pid {os.getpid()}): verl loss {loss}: {clip_text}, loss_agg_mode {agg}; "
-        f"filter settings {shown} ({origin})",
-        file=sys.stderr,
-        flush=True,
-    )
-
-
-#: A clip is "idle" when the filtered ratios stay within this fraction of the clip's smaller side.
-IDLE_CLIP_FRACTION = 0.1
-#: A clip side at least this wide is PPO-scale (verl's default is 0.2): a ratio filtered with
-#: the KPO authors' q = 1e-6 averages about a thousand tokens' log-ratios and rarely gets so far
-#: from 1.
-PPO_SCALE_CLIP = 0.05
+    log_settings(_last_logged, "verl", loss, clip, agg, values, origins)
 
 
 def _check_clip_bites(
     loss: str, clip: tuple[float, float], metrics: dict[str, torch.Tensor]
 ) -> None:
-    """Warns once per process when a PPO-scale ``clip`` (smaller side ``>= PPO_SCALE_CLIP``) does
-    not bite on KPO's filtered ratios: no token was clipped and the filtered ratios (mean +- 3
-    std) stay within ``IDLE_CLIP_FRACTION`` of the smaller side. (A KPO-scale clip such as the
-    authors' 3e-4 / 4e-4 is not judged: on a batch whose log-ratios are zero-mean noise the
-    filter is rightly near 1.)"""
-    eps = min(clip)
-    if eps < PPO_SCALE_CLIP or f"idle-clip:{loss}" in _warned_once:
+    """Warns once per process when a PPO-scale ``clip`` does not bite on KPO's filtered ratios
+    (:func:`._notices.idle_clip_message`)."""
+    if f"idle-clip:{loss}" in _warned_once:
         return
-    if float(metrics["pg_clipfrac"]) > 0:
-        return
-    spread = abs(float(metrics["filtered_ratio_mean"]) - 1.0) + 3.0 * float(
-        metrics["filtered_ratio_std"]
+    message = idle_clip_message(
+        loss, clip, metrics, "actor.clip_ratio_low=3e-4 actor.clip_ratio_high=4e-4"
     )
-    if spread < IDLE_CLIP_FRACTION * eps:
-        _warn_once(
-            f"idle-clip:{loss}",
-            f"{loss}: the clip range ({clip[0]:g}, {clip[1]:g}) cannot bite: the filtered ratios "
-            f"stay within {spread:.2g} of 1, so this is KPO without clipping; the KPO authors "
-            "use actor.clip_ratio_low=3e-4 actor.clip_ratio_high=4e-4",
-        )
+    if message is not None:
+        _warn_once(f"idle-clip:{loss}", message)
 
 
 # --- the losses ---------------------------------------------------------------------------------
