@@ -235,13 +235,6 @@ class StepLog:
     seconds: float
 
 
-def _switch_rates(log_ratio: np.ndarray, settings: dict[str, float] | None) -> tuple[float, float]:
-    """Sign-switch rates of the raw and the filtered log-ratios (the run's filter, the authors'
-    for a loss without one; :func:`kpo_rs.diagnostics.token_switches`)."""
-    x = kpo_rs.kalman_filter(log_ratio, params=_params(settings))
-    return token_switches(log_ratio).frequency, token_switches(x).frequency
-
-
 def _lag1(d: np.ndarray) -> float:
     """The lag-1 autocorrelation along rows of ``d`` ``[rows, time]``, pooled over rows about
     the overall mean (0 when ``d`` is constant)."""
@@ -368,8 +361,9 @@ class Run:
             true_ratios.append((detached - trainer_logp[idx]).cpu().numpy().astype(np.float64))
         z, z_true = np.concatenate(log_ratios), np.concatenate(true_ratios)
         settings = self.settings
+        # The filtered log-ratios at the run's settings (the authors' for a loss without a filter).
         x = kpo_rs.kalman_filter(z, params=_params(settings))
-        raw, filtered = _switch_rates(z, settings)
+        raw, filtered = token_switches(z).frequency, token_switches(x).frequency
         clip_share = None
         if self.band is not None:
             low, high, on_filtered = self.band
@@ -379,7 +373,7 @@ class Run:
         last = log_ratios[-1][0]
         self.example = {
             "raw": last,
-            "filtered": kpo_rs.kalman_filter(last[None, :], params=_params(settings))[0],
+            "filtered": x[len(z) - len(log_ratios[-1])],  # each row is filtered on its own
             "all": z,
         }
         if cfg.filter_arm == "fit" and settings is not None and self.fitted is None:
