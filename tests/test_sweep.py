@@ -44,8 +44,8 @@ def _tiny(tmp_path, **kw) -> SweepConfig:
 @pytest.fixture
 def record_runs(monkeypatch):
     """``record_runs(after=None)`` wraps ``sweep.train_task`` (what every executor runs) from
-    then on and returns the list of the tasks it is called with, in order; ``after(run_task,
-    cfg)``, when given, is called after each run with ``sweep.run_task``, which trains and
+    then on and returns the list of the tasks it is called with, in order; ``after(run, cfg)``,
+    when given, is called after each run with ``run(task, cfg)``, which trains (unrecorded) and
     stores a run as another sweep would."""
 
     def record(after=None) -> list:

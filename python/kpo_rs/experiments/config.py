@@ -71,18 +71,32 @@ def _number(text: str, what: str) -> float:
     return value
 
 
+def _form(text: str, what: str, prefix: str, forms: tuple[str, ...]) -> str:
+    """The canonical form of ``text`` in a small language of plain names and one
+    ``prefix:NUMBER`` form (``forms``: all of them, as :data:`FILTER_ARMS`), the number printed
+    by ``%g``; ``ValueError`` naming ``what`` and the forms otherwise. The number's bounds are
+    the caller's to check."""
+    form = text.strip()
+    if form in forms and not form.startswith(prefix):
+        return form
+    if form.startswith(prefix):
+        value = _number(form[len(prefix) :], f"{what} {text!r}")
+        return f"{prefix}{value:g}"
+    raise ValueError(f"unknown {what} {text!r}; choose from {', '.join(forms)}")
+
+
+def _parameter(form: str) -> float:
+    """The number of a canonical ``prefix:NUMBER`` form."""
+    return float(form.split(":", 1)[1])
+
+
 def parse_filter_arm(text: str) -> str:
     """The canonical form of a filter arm (``authors``, ``window:W`` with ``W`` printed by ``%g``,
     ``fit``); ``ValueError`` naming the forms otherwise."""
-    arm = text.strip()
-    if arm in ("authors", "fit"):
-        return arm
-    if arm.startswith("window:"):
-        w = _number(arm.split(":", 1)[1], f"filter arm {text!r}")
-        if w < 1:
-            raise ValueError(f"filter arm {text!r}: the window must be >= 1 token")
-        return f"window:{w:g}"
-    raise ValueError(f"unknown filter arm {text!r}; choose from {', '.join(FILTER_ARMS)}")
+    arm = _form(text, "filter arm", "window:", FILTER_ARMS)
+    if arm.startswith("window:") and _parameter(arm) < 1:
+        raise ValueError(f"filter arm {text!r}: the window must be >= 1 token")
+    return arm
 
 
 def arm_settings(arm: str) -> dict[str, float]:
@@ -91,7 +105,7 @@ def arm_settings(arm: str) -> dict[str, float]:
     ``{"q": 1 / W**2, "r": 1.0}`` for ``window:W``."""
     arm = parse_filter_arm(arm)
     if arm.startswith("window:"):
-        w = float(arm.split(":", 1)[1])
+        w = _parameter(arm)
         return {"q": 1.0 / (w * w), "r": 1.0}
     return {}
 
@@ -99,15 +113,10 @@ def arm_settings(arm: str) -> dict[str, float]:
 def parse_mismatch(text: str) -> str:
     """The canonical form of an engine mismatch (``none``, ``logit-noise:S`` with ``S`` printed by
     ``%g``, ``bf16``, ``int8``); ``ValueError`` naming the forms otherwise."""
-    form = text.strip()
-    if form in ("none", "bf16", "int8"):
-        return form
-    if form.startswith("logit-noise:"):
-        scale = _number(form.split(":", 1)[1], f"mismatch {text!r}")
-        if scale < 0:
-            raise ValueError(f"mismatch {text!r}: the scale must be >= 0")
-        return f"logit-noise:{scale:g}"
-    raise ValueError(f"unknown mismatch {text!r}; choose from {', '.join(MISMATCHES)}")
+    form = _form(text, "mismatch", "logit-noise:", MISMATCHES)
+    if form.startswith("logit-noise:") and _parameter(form) < 0:
+        raise ValueError(f"mismatch {text!r}: the scale must be >= 0")
+    return form
 
 
 @dataclass
