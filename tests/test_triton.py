@@ -81,8 +81,12 @@ def _reference(batch, params: dict, m0_rows: np.ndarray, grad: np.ndarray):
     return y, dz, dm0
 
 
-def _check_module(batch, params: dict, seed: int, m0_kind: str, tile: int) -> None:
-    """forward and adjoint of the module (check="sync") against the reference."""
+def _check_module(
+    batch, params: dict, seed: int, m0_kind: str, tile: int, per_row: bool | None = None
+) -> None:
+    """forward and adjoint of the module (check="sync") against the reference; ``per_row``:
+    ``tb.PER_ROW`` for the call (None: the backend's choice, the look-back on CPU; True: one
+    program per row)."""
     rows = _n_rows(batch)
     rng = np.random.default_rng(seed)
     grad = rng.normal(size=batch.values.shape).astype(batch.dtype)
@@ -96,9 +100,14 @@ def _check_module(batch, params: dict, seed: int, m0_kind: str, tile: int) -> No
             m0 = torch.tensor(m0, dtype=torch.float64).to(_t(grad).dtype)
     settings = FilterParams(**params)
     cu = None if isinstance(batch, testing.PaddedBatch) else _t(batch.cu_seqlens)
-    with triton_tile(tile):
-        y = tb.forward(Rows(_t(batch.values), cu, _t(batch.mask), settings), m0, check="sync")
-        dz, dm0 = tb.adjoint(Rows(_t(grad), cu, _t(batch.mask), settings), check="sync")
+    saved = tb.PER_ROW
+    tb.PER_ROW = per_row
+    try:
+        with triton_tile(tile):
+            y = tb.forward(Rows(_t(batch.values), cu, _t(batch.mask), settings), m0, check="sync")
+            dz, dm0 = tb.adjoint(Rows(_t(grad), cu, _t(batch.mask), settings), check="sync")
+    finally:
+        tb.PER_ROW = saved
     assert y.dtype == dz.dtype == dm0.dtype == _t(grad).dtype
     assert y.shape == dz.shape == batch.values.shape and dm0.shape == (rows,)
     want_y, want_dz, want_dm0 = _reference(batch, params, m0_rows, grad)
@@ -120,21 +129,23 @@ def _given_module_cases(batches):
         seed=st.integers(0, 2**32 - 1),
         m0_kind=st.sampled_from(["float", "tensor", "per row"]),
         tile=st.sampled_from(TILES),
+        per_row=st.sampled_from([None, True]),
     )
 
 
 @pytest.mark.slow
 @_given_module_cases(testing.padded_batches(max_batch=4, max_time=40, long_time=300))
-def test_padded_matches_reference(batch, params, seed, m0_kind, tile):
-    _check_module(batch, params, seed, m0_kind, tile)
+def test_padded_matches_reference(batch, params, seed, m0_kind, tile, per_row):
+    """The look-back path and the one-program-per-row path against the reference."""
+    _check_module(batch, params, seed, m0_kind, tile, per_row)
 
 
 @pytest.mark.slow
 @_given_module_cases(testing.packed_batches(max_batch=6, max_time=40, long_time=300))
-def test_packed_matches_reference(batch, params, seed, m0_kind, tile):
+def test_packed_matches_reference(batch, params, seed, m0_kind, tile, per_row):
     """Packed rows, empty ones included, and very uneven lengths (one row up to 300 tokens
-    among rows of a few), which span many tiles while others share one."""
-    _check_module(batch, params, seed, m0_kind, tile)
+    among rows of a few), which span many tiles while others share one; both paths."""
+    _check_module(batch, params, seed, m0_kind, tile, per_row)
 
 
 @pytest.mark.parametrize("tile", [8, 32])
