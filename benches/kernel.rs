@@ -45,8 +45,10 @@ fn main() {
         .map(|i| ((i * 7919) % 1000) as f32 / 1000.0 - 0.5)
         .collect();
     let mut rng = Rng(1);
+    let full_rows = std::env::var("FULL").is_ok();
     let lens: Vec<usize> = (0..b)
         .map(|_| t / 2 + (rng.next() as usize) % (t - t / 2 + 1))
+        .map(|n| if full_rows { t } else { n })
         .collect();
     let prefix: Vec<bool> = (0..b * t).map(|i| i % t < lens[i / t]).collect();
     let holes: Vec<bool> = prefix

@@ -21,7 +21,7 @@
 //! zero.
 
 pub use crate::simd::{Isa, LANES};
-use crate::types::Real;
+use crate::types::{MaskMode, Real};
 
 /// Positions per tile of the portable kernels.
 const TILE: usize = 64;
@@ -288,37 +288,6 @@ pub fn ragged_adjoint<T: Real>(
     lam
 }
 
-/// [`ragged_adjoint`] with gains of each row's own (`k[i]`, `a[i]` at least as long as row `i`;
-/// see `Lanes::adjoint_gains`): `dz` is zero where `k[i]` has the bits of `-0.0` (a hole of a row
-/// under `MaskMode::Hold`, from `compact::expand_gains`), else `k lam`.
-pub fn ragged_adjoint_gains<T: Real>(
-    isa: Isa,
-    rows: &[&[T]],
-    k: &[&[T]],
-    a: &[&[T]],
-    lam0: [T; LANES],
-    dz: &mut [&mut [T]],
-) -> [T; LANES] {
-    if let Some(lam) = T::adjoint_gains(isa, rows, k, a, lam0, dz) {
-        return lam;
-    }
-    let mut lam = lam0;
-    for (((ll, g), d), (k, a)) in lam
-        .iter_mut()
-        .zip(rows)
-        .zip(dz.iter_mut())
-        .zip(k.iter().zip(a))
-    {
-        let len = g.len();
-        for (((dt, &gt), &kt), &at) in d.iter_mut().zip(*g).zip(&k[..len]).zip(&a[..len]).rev() {
-            *ll = *ll + gt;
-            *dt = if kt.is_hole() { T::ZERO } else { kt * *ll };
-            *ll = at * *ll;
-        }
-    }
-    lam
-}
-
 /// The adjoint's running sums over rows without gains (`k = 0`, `a = 1`: `lam += g` from each
 /// row's end to its start, from `lam0`; see `Lanes::sums`), on instruction set `isa` (else a
 /// scalar loop per row, the same additions in the same order). Nothing is written: the `dz` of
@@ -363,11 +332,15 @@ pub fn ragged_forward_zero<T: Real>(
     x
 }
 
-/// [`ragged_adjoint`] under `MaskMode::Zero`, each row with its mask (`masks[i]` as long as
-/// `rows[i]`): a masked gradient is not read and its `dz` is zero (see `Lanes::adjoint_zero`);
-/// else a scalar loop per row with the same arithmetic.
-pub fn ragged_adjoint_zero<T: Real>(
+/// [`ragged_adjoint`] with masks (`masks[i]` as long as `rows[i]`), read while the kernel loads
+/// its tiles (see `Lanes::adjoint_masked`); else a scalar loop per row with the same arithmetic.
+/// Under `MaskMode::Zero` a masked gradient is not read and its `dz` is zero; under
+/// `MaskMode::Hold` every gradient enters the running sum and a masked position's `dz` is zero,
+/// the gain index of a valid position being the count of valid positions before it.
+#[allow(clippy::too_many_arguments)]
+pub fn ragged_adjoint_masked<T: Real>(
     isa: Isa,
+    mode: MaskMode,
     rows: &[&[T]],
     masks: &[&[bool]],
     k: &[T],
@@ -375,27 +348,32 @@ pub fn ragged_adjoint_zero<T: Real>(
     lam0: [T; LANES],
     dz: &mut [&mut [T]],
 ) -> [T; LANES] {
-    if let Some(lam) = T::adjoint_zero(isa, rows, masks, k, a, lam0, dz) {
+    let hold = mode == MaskMode::Hold;
+    if let Some(lam) = T::adjoint_masked(isa, hold, rows, masks, k, a, lam0, dz) {
         return lam;
     }
     let mut lam = lam0;
     for (((ll, g), m), d) in lam.iter_mut().zip(rows).zip(masks).zip(dz.iter_mut()) {
-        let len = g.len();
-        let steps = d
-            .iter_mut()
-            .zip(*g)
-            .zip(*m)
-            .zip(&k[..len])
-            .zip(&a[..len])
-            .rev();
-        for ((((dt, &gt), &ok), &kt), &at) in steps {
+        let mut n = m[..g.len()].iter().filter(|&&v| v).count();
+        for (i, ((dt, &gt), &ok)) in d.iter_mut().zip(*g).zip(*m).enumerate().rev() {
+            if hold {
+                *ll = *ll + gt;
+                if ok {
+                    n -= 1;
+                    *dt = k[n] * *ll;
+                    *ll = a[n] * *ll;
+                } else {
+                    *dt = T::ZERO;
+                }
+                continue;
+            }
             if ok {
                 *ll = *ll + gt;
-                *dt = kt * *ll;
+                *dt = k[i] * *ll;
             } else {
                 *dt = T::ZERO;
             }
-            *ll = at * *ll;
+            *ll = a[i] * *ll;
         }
     }
     lam

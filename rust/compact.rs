@@ -7,10 +7,8 @@
 //! the group's 8 (4) mask bits, and advances by the group's count; expansion (the held state
 //! under `MaskMode::Hold`) is the inverse permutation of the held states from the one before the
 //! group on (a group of valid tokens only starts one later), so no blend is needed (measured
-//! 1.02-1.03 of the hold forward's rate with the blend). The gains of a row with holes under
-//! `MaskMode::Hold` (`expand_gains`) are the same inverse permutation of the gains, with the
-//! hole values blended in. No value is computed: every result is a value of the input, so both
-//! versions are bitwise equal.
+//! 1.02-1.03 of the hold forward's rate with the blend). No value is computed: every result is
+//! a value of the input, so both versions are bitwise equal.
 //!
 //! This module imports nothing from the crate but the float trait's two types (`f32`, `f64`).
 
@@ -62,20 +60,6 @@ pub fn count_valid(m: &[bool]) -> usize {
 
 /// The element types compaction handles: `f32` and `f64`, with their AVX2 versions.
 pub trait Pack: Copy + Sized {
-    /// The gain [`expand_gains`] writes into `k` at a hole: `-0.0`, told from every other value
-    /// by its bits ([`Pack::is_hole`]).
-    const HOLE_K: Self;
-    /// The gain [`expand_gains`] writes into `a` at a hole: `1.0`.
-    const HOLE_A: Self;
-    /// Whether the bits of `self` are those of [`Pack::HOLE_K`].
-    fn is_hole(self) -> bool;
-    /// See [`expand_gains`].
-    ///
-    /// # Safety
-    /// AVX2 and POPCNT must be present; `m`, `ko` and `ao` of one length. (A `k` or `a` too short
-    /// panics: each load is checked against its length.)
-    #[cfg(target_arch = "x86_64")]
-    unsafe fn gains_avx2(k: &[Self], a: &[Self], m: &[u8], ko: &mut [Self], ao: &mut [Self]);
     /// See [`compact`].
     ///
     /// # Safety
@@ -132,42 +116,10 @@ pub fn expand_held<T: Pack>(held: &[T], m: &[bool], out: &mut [T]) {
     }
 }
 
-/// The gains of a row with holes under `MaskMode::Hold`, one per position: at a valid position
-/// `ko[t] = k[c]`, `ao[t] = a[c]` with `c` the number of valid positions before `t`; at a hole
-/// `ko[t] = HOLE_K` (`-0.0`), `ao[t] = HOLE_A` (`1.0`). `ko`, `ao` and `m` have one length; `k`
-/// and `a` hold at least `count_valid(m)` gains (the first is the gain of the first valid
-/// position of `m`). The adjoint over these gains (`lam += g; dz = ko lam; lam = ao lam`, `dz`
-/// set to zero where `ko` is a hole) is the one-row kernel's, bitwise: at a hole `1.0 lam` is
-/// `lam`. Every result is a value of `k`, `a` or one of the two constants.
-pub fn expand_gains<T: Pack>(k: &[T], a: &[T], m: &[bool], ko: &mut [T], ao: &mut [T]) {
-    let n = m.len().min(ko.len()).min(ao.len());
-    let (m, ko, ao) = (&m[..n], &mut ko[..n], &mut ao[..n]);
-    #[cfg(target_arch = "x86_64")]
-    if has_avx2() {
-        // SAFETY: AVX2 and POPCNT are present; the three have length n.
-        return unsafe { T::gains_avx2(k, a, bytes(m), ko, ao) };
-    }
-    let mut j = 0;
-    for ((kt, at), &ok) in ko.iter_mut().zip(ao.iter_mut()).zip(m) {
-        if ok {
-            (*kt, *at) = (k[j], a[j]);
-            j += 1;
-        } else {
-            (*kt, *at) = (T::HOLE_K, T::HOLE_A);
-        }
-    }
-}
-
 /// The constants of [`Pack`] for one type; on x86-64 with the AVX2 methods `$avx2`.
 macro_rules! pack_consts {
     ($t:ty, $($avx2:tt)*) => {
         impl Pack for $t {
-            const HOLE_K: Self = -0.0;
-            const HOLE_A: Self = 1.0;
-            #[inline(always)]
-            fn is_hole(self) -> bool {
-                self.to_bits() == (-0.0 as $t).to_bits()
-            }
             $($avx2)*
         }
     };
@@ -201,6 +153,21 @@ mod x86 {
     #[target_feature(enable = "avx2")]
     pub unsafe fn first_masked(m: &[u8]) -> usize {
         let mut p = 0;
+        // 128 bytes a step while all are valid (the bytes are 0 or 1, so their AND is 1 in
+        // every byte exactly when none is 0); the 32-byte steps below find the first 0.
+        while p + 128 <= m.len() {
+            // SAFETY: p + 128 <= m.len().
+            let all = unsafe {
+                let q = m.as_ptr().add(p);
+                let v: [__m256i; 4] =
+                    std::array::from_fn(|i| _mm256_loadu_si256(q.add(32 * i).cast()));
+                _mm256_and_si256(_mm256_and_si256(v[0], v[1]), _mm256_and_si256(v[2], v[3]))
+            };
+            if _mm256_movemask_epi8(_mm256_cmpeq_epi8(all, _mm256_setzero_si256())) != 0 {
+                break;
+            }
+            p += 128;
+        }
         while p + 32 <= m.len() {
             // SAFETY: p + 32 <= m.len().
             let z = unsafe { zeros32(m, p) };
@@ -217,6 +184,21 @@ mod x86 {
     #[target_feature(enable = "avx2")]
     pub unsafe fn last_valid(m: &[u8]) -> Option<usize> {
         let mut end = m.len();
+        // 128 bytes a step back while all are masked (their OR is 0); the 32-byte steps below
+        // find the last 1.
+        while end >= 128 {
+            // SAFETY: end - 128 + 128 <= m.len().
+            let any = unsafe {
+                let q = m.as_ptr().add(end - 128);
+                let v: [__m256i; 4] =
+                    std::array::from_fn(|i| _mm256_loadu_si256(q.add(32 * i).cast()));
+                _mm256_or_si256(_mm256_or_si256(v[0], v[1]), _mm256_or_si256(v[2], v[3]))
+            };
+            if _mm256_testz_si256(any, any) == 0 {
+                break;
+            }
+            end -= 128;
+        }
         while end >= 32 {
             // SAFETY: end - 32 + 32 <= m.len().
             let valid = !unsafe { zeros32(m, end - 32) };
@@ -273,36 +255,6 @@ mod x86 {
         t
     }
 
-    /// `[bits][element]`: element `i` of a group takes slot `c - 1` of the group's compacted
-    /// values, `c` the number of valid elements at or before `i`; `-1` (every part) where
-    /// `c = 0`. The base of [`gains_table`].
-    const fn expand_table<const W: usize, const N: usize>() -> [[i32; 8]; N] {
-        let mut t = [[0i32; 8]; N];
-        let per = 8 / W;
-        let mut bits = 0;
-        while bits < N {
-            let mut c = 0;
-            let mut i = 0;
-            while i < W {
-                if bits & (1 << i) != 0 {
-                    c += 1;
-                }
-                let mut h = 0;
-                while h < per {
-                    t[bits][i * per + h] = if c == 0 {
-                        -1
-                    } else {
-                        ((c - 1) * per + h) as i32
-                    };
-                    h += 1;
-                }
-                i += 1;
-            }
-            bits += 1;
-        }
-        t
-    }
-
     /// `[bits][element]` for the held expansion: element `i` of a group takes slot `c` of
     /// `held[j ..]` (`held[j]` the state before the group), `c` the number of valid elements at
     /// or before `i`. A group of valid elements only needs slot `W`, one past a register: it
@@ -332,32 +284,6 @@ mod x86 {
         t
     }
 
-    /// `[bits][element]` for the gains of a row with holes: a valid element `i` takes slot `c - 1`
-    /// of the group's gains (`c` the number of valid elements at or before `i`), a masked one
-    /// `-1` (every part), whose sign bit blends the hole's value in.
-    const fn gains_table<const W: usize, const N: usize>() -> [[i32; 8]; N] {
-        let mut t = expand_table::<W, N>();
-        let per = 8 / W;
-        let mut bits = 0;
-        while bits < N {
-            let mut i = 0;
-            while i < W {
-                if bits & (1 << i) == 0 {
-                    let mut h = 0;
-                    while h < per {
-                        t[bits][i * per + h] = -1;
-                        h += 1;
-                    }
-                }
-                i += 1;
-            }
-            bits += 1;
-        }
-        t
-    }
-
-    static GAINS_F32: [[i32; 8]; 256] = gains_table::<8, 256>();
-    static GAINS_F64: [[i32; 8]; 16] = gains_table::<4, 16>();
     static COMPACT_F32: [[i32; 8]; 256] = compact_table::<8, 256>();
     static HELD_F32: [[i32; 8]; 256] = held_table::<8, 256>();
     static HELD_F64: [[i32; 8]; 16] = held_table::<4, 16>();
@@ -367,50 +293,8 @@ mod x86 {
     macro_rules! pack {
         ($t:ty, $w:expr, $compact:ident, $held:ident, $v:ty, $cast_in:ident,
          $cast_out:ident,
-         $loadu:ident, $storeu:ident, $splat:ident, $blend:ident, $gains:ident) => {
+         $loadu:ident, $storeu:ident) => {
             pack_consts! { $t,
-                #[target_feature(enable = "avx2,popcnt")]
-                unsafe fn gains_avx2(k: &[$t], a: &[$t], m: &[u8], ko: &mut [$t], ao: &mut [$t]) {
-                    let n = ko.len();
-                    debug_assert!(m.len() == n && ao.len() == n);
-                    let (mut p, mut j) = (0, 0);
-                    let (hole_k, hole_a) = ($splat(<$t>::HOLE_K), $splat(<$t>::HOLE_A));
-                    // A block of 32 positions loads at most k[j .. j + 32].
-                    while p + 32 <= n && j + 32 <= k.len() && j + 32 <= a.len() {
-                        // SAFETY: p + 32 <= n = m.len().
-                        let mut valid = !unsafe { zeros32(m, p) };
-                        for g in 0..32 / $w {
-                            let bits = (valid & ((1 << $w) - 1)) as usize;
-                            valid >>= $w;
-                            // SAFETY: the loads read k[j ..][..$w], a[j ..][..$w] and
-                            // j + $w <= k.len(), a.len() (the loop's bound: j grows by at most
-                            // 32 - $w before the block's last group); the stores write
-                            // ko[p + $w g ..][..$w], ao[..] inside the row.
-                            unsafe {
-                                let idx = _mm256_loadu_si256($gains[bits].as_ptr().cast());
-                                let hole = $cast_out(idx);
-                                let kv = $cast_in($loadu(k.as_ptr().add(j)));
-                                let av = $cast_in($loadu(a.as_ptr().add(j)));
-                                let kv = $cast_out(_mm256_permutevar8x32_epi32(kv, idx));
-                                let av = $cast_out(_mm256_permutevar8x32_epi32(av, idx));
-                                let at = p + $w * g;
-                                $storeu(ko.as_mut_ptr().add(at), $blend(kv, hole_k, hole));
-                                $storeu(ao.as_mut_ptr().add(at), $blend(av, hole_a, hole));
-                            }
-                            j += bits.count_ones() as usize;
-                        }
-                        p += 32;
-                    }
-                    for ((kt, at), &ok) in ko[p..].iter_mut().zip(&mut ao[p..]).zip(&m[p..]) {
-                        if ok != 0 {
-                            (*kt, *at) = (k[j], a[j]);
-                            j += 1;
-                        } else {
-                            (*kt, *at) = (<$t>::HOLE_K, <$t>::HOLE_A);
-                        }
-                    }
-                }
-
                 #[target_feature(enable = "avx2,popcnt")]
                 unsafe fn compact_avx2(z: &[$t], m: &[u8], c: &mut [$t]) {
                     let n = z.len();
@@ -488,10 +372,7 @@ mod x86 {
         _mm256_castps_si256,
         _mm256_castsi256_ps,
         _mm256_loadu_ps,
-        _mm256_storeu_ps,
-        _mm256_set1_ps,
-        _mm256_blendv_ps,
-        GAINS_F32
+        _mm256_storeu_ps
     );
     pack!(
         f64,
@@ -502,10 +383,7 @@ mod x86 {
         _mm256_castpd_si256,
         _mm256_castsi256_pd,
         _mm256_loadu_pd,
-        _mm256_storeu_pd,
-        _mm256_set1_pd,
-        _mm256_blendv_pd,
-        GAINS_F64
+        _mm256_storeu_pd
     );
 }
 
@@ -557,22 +435,6 @@ mod tests {
             for (t, &ok) in m.iter().enumerate() {
                 j += usize::from(ok);
                 assert_eq!(out[t], held[j], "expand {m:?} at {t}");
-            }
-            // The gains of the row, from gains just long enough and from longer ones.
-            for extra in [0, SPARE] {
-                let k: Vec<T> = (0..count + extra).map(|j| val(2000 + j)).collect();
-                let a: Vec<T> = (0..count + extra).map(|j| val(3000 + j)).collect();
-                let (mut ko, mut ao) = (vec![val(1); m.len()], vec![val(1); m.len()]);
-                expand_gains(&k, &a, m, &mut ko, &mut ao);
-                let mut j = 0;
-                for (t, &ok) in m.iter().enumerate() {
-                    if ok {
-                        assert_eq!((ko[t], ao[t]), (k[j], a[j]), "gains {m:?} at {t}");
-                        j += 1;
-                    } else {
-                        assert!(ko[t].is_hole() && ao[t] == T::HOLE_A, "hole {m:?} at {t}");
-                    }
-                }
             }
         }
         for m in masks() {

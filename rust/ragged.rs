@@ -9,33 +9,33 @@
 //! is the position again and the lanes share gains) and the outputs expanded back with the held
 //! state at the holes. Under `Zero` (gain index = position) a block with holes runs the kernels
 //! that read each row's mask while they load their tiles (`Lanes::forward_zero`,
-//! `Lanes::adjoint_zero`): no scratch copy, no zeroing pass. Rows are sorted by the length they
+//! `Lanes::adjoint_masked`): no scratch copy, no zeroing pass. Rows are sorted by the length they
 //! are filtered over and grouped `LANES` at a time, so the lanes of a block have similar
 //! lengths; every lane starts at its row's position 0.
 //!
 //! The adjoint of a row with holes under `Hold`, where a held output passes its gradient to the
 //! last valid token before it, is not compacted: its running sum takes every gradient in order.
-//! It runs the block adjoint with gains of each lane's own (`compact::expand_gains`: the gain of
-//! the valid token's index at a valid position, `k = -0.0`, `a = 1.0` at a hole, where `dz` is
-//! then set to zero), built per segment of positions just before the kernel reads them; a
-//! prefix row in the same block reads the shared gains. The masked tails under `Hold` are summed
-//! by the sum-only block kernel (`block::ragged_sums`). Under `Zero` a hole's gradient enters the
-//! running sum as `-0.0`, which leaves it bitwise unchanged (`x + -0.0 == x` for every `x`,
-//! signed zeros included).
+//! A block with such a row runs the kernel that reads each row's mask in its tiles and gathers
+//! each lane's gains by its own index, the count of valid tokens before the position
+//! (`Lanes::adjoint_masked`; at a hole `dz` is zero and the sum is kept). The masked tails under
+//! `Hold` are summed by the sum-only block kernel (`block::ragged_sums`). Under `Zero` a hole's
+//! gradient enters the running sum as `-0.0`, which leaves it bitwise unchanged (`x + -0.0 == x`
+//! for every `x`, signed zeros included).
 //!
 //! Every lane performs exactly the operations of the one-row kernels in the same order, so the
 //! results are bitwise those of `row.rs`, whatever the grouping or the thread count.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
+
 use rayon::prelude::*;
 
 use crate::block::{
-    ragged_adjoint, ragged_adjoint_gains, ragged_adjoint_zero, ragged_forward, ragged_forward_zero,
-    ragged_sums, Isa, LANES,
+    ragged_adjoint, ragged_adjoint_masked, ragged_forward, ragged_forward_zero, ragged_sums, Isa,
+    LANES,
 };
-use crate::compact::{
-    compact, count_valid, expand_gains, expand_held, first_masked, last_valid, SPARE,
-};
-use crate::row::{adjoint_row, first_bad, RowFault};
+use crate::compact::{compact, count_valid, expand_held, first_masked, last_valid, SPARE};
+use crate::row::{first_bad, RowFault};
 use crate::types::{Gains, MaskMode, Real};
 
 /// What a row's mask leaves to filter.
@@ -138,11 +138,13 @@ fn blocks<T: Send + Sync>(
 
 /// Runs `f` over the blocks, in parallel or not; the failure of the lowest-numbered row.
 ///
-/// In parallel the blocks are first dealt to one bin per thread, longest first into the bin with
-/// the least work so far (a block costs about its longest row: its lanes move in step), and each
-/// bin runs as one task. Rayon's halving of the block list would give one thread the longest
-/// blocks: with 4 sorted blocks on 2 threads that measured 0.75 of the unmasked rate for packed
-/// rows. Which thread runs a block does not change its results.
+/// In parallel one task per thread takes the blocks one at a time from a shared counter, in their
+/// order, longest first (`blocks` sorts them; a block costs about its longest row: its lanes move
+/// in step). That is the longest-first rule of scheduling, and it holds however late a thread
+/// starts: a thread woken late takes what is left, while Rayon's halving of the block list gives
+/// one thread the longest blocks (4 sorted blocks on 2 threads measured 0.75 of the unmasked rate
+/// for packed rows), and a fixed deal of the blocks to the threads waits for the last thread to
+/// wake. Which thread runs a block does not change its results.
 fn over_blocks<'a, T: Send + Sync>(
     blocks: &mut [Vec<Row<'a, T>>],
     parallel: bool,
@@ -155,24 +157,27 @@ fn over_blocks<'a, T: Send + Sync>(
             .filter_map(|b| f(b))
             .min_by_key(|&(row, _)| row);
     }
-    // The blocks come sorted by their longest row (`blocks`), so dealing them in order is the
-    // longest-first rule.
-    let mut bins: Vec<(usize, Vec<&mut Vec<Row<'a, T>>>)> = (0..threads.min(blocks.len()))
-        .map(|_| (0, Vec::new()))
-        .collect();
-    for b in blocks.iter_mut() {
-        let cost = b.iter().map(|r| r.len).max().unwrap_or(0) + 1;
-        if let Some(bin) = bins.iter_mut().min_by_key(|(load, _)| *load) {
-            bin.0 += cost;
-            bin.1.push(b);
-        }
-    }
-    bins.into_par_iter()
+    // Each block is taken once (the counter hands out each index once), so its lock is never
+    // contended; it only lets a shared slice give out `&mut` blocks.
+    let cells: Vec<Mutex<&mut Vec<Row<'a, T>>>> = blocks.iter_mut().map(Mutex::new).collect();
+    let next = AtomicUsize::new(0);
+    (0..threads.min(cells.len()))
+        .into_par_iter()
         .with_max_len(1)
-        .filter_map(|(_, bin)| {
-            bin.into_iter()
-                .filter_map(|b| f(b))
-                .min_by_key(|&(row, _)| row)
+        .filter_map(|_| {
+            let mut first: Option<(usize, RowFault)> = None;
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                let Some(cell) = cells.get(i) else {
+                    return first;
+                };
+                let mut block = cell.lock().unwrap_or_else(|e| e.into_inner());
+                if let Some((row, fault)) = f(&mut block) {
+                    if first.is_none_or(|(r, _)| row < r) {
+                        first = Some((row, fault));
+                    }
+                }
+            }
         })
         .min_by_key(|&(row, _)| row)
 }
@@ -340,218 +345,63 @@ pub(crate) fn adjoint_rows<T: Real>(
     parallel: bool,
 ) -> Option<(usize, RowFault)> {
     let isa = Isa::best();
-    // Rows with holes under `Hold` run the block adjoint with gains of their own, `-0.0` marking
-    // the holes (`compact::expand_gains`); gains with a `-0.0` of their own (which `Gains`
-    // never computes, but `Gains::from_f64` takes) leave those rows to the one-row kernel.
     let mut blocks = blocks(rows, mode, true, parallel);
-    let holes = |r: &Row<'_, T>| matches!(r.shape, Shape::Holes { .. });
-    let own = mode != MaskMode::Hold || !blocks.iter().flatten().any(holes) || {
-        let longest = blocks.iter().flatten().map(|r| r.input.len()).max();
-        let k = gains.k();
-        !k[..longest.unwrap_or(0).min(k.len())]
-            .iter()
-            .any(|v| v.is_hole())
-    };
     over_blocks(&mut blocks, parallel, |b| {
-        adjoint_block(isa, b, gains, mode, own)
+        adjoint_block(isa, b, gains, mode)
     })
 }
 
 /// [`adjoint_rows`] for one block.
+///
+/// Under `Hold` the held outputs after a row's last valid token pass their gradients to it: the
+/// adjoint enters the rest of the row with their sum, added from the row's end as the one-row
+/// kernel adds them (`lam += g; dz = 0; lam = lam` there). The rows' tails are summed together
+/// in the lanes of the block (`block::ragged_sums`, no gains read, no `dz` written: the tails
+/// are zeroed afterwards); the plain loop, one tail after the other, measured a quarter of a
+/// right-padded adjoint, and the block adjoint with `k = 0`, `a = 1` (which writes its `dz`)
+/// gave the right-padded adjoint 0.92 of its rate with these sums. The kernels with masks run
+/// when a row of the block has holes, the plain ones over the prefixes otherwise.
 fn adjoint_block<T: Real>(
     isa: Isa,
     rows: &mut [Row<'_, T>],
     gains: &Gains<T>,
     mode: MaskMode,
-    own: bool,
 ) -> Option<(usize, RowFault)> {
-    let mut fail: Option<(usize, RowFault)> = None;
-    let mut note = |index: usize, fault: RowFault| {
-        if fail.is_none_or(|(row, _)| index < row) {
-            fail = Some((index, fault));
-        }
-    };
-    let holds = |r: &Row<'_, T>| matches!((r.shape, mode), (Shape::Holes { .. }, MaskMode::Hold));
-    // Rows with holes under `Hold` without gains of their own: the one-row kernel.
-    let (mut lanes, mut alone): (Vec<&mut Row<'_, T>>, Vec<&mut Row<'_, T>>) =
-        rows.iter_mut().partition(|r| own || !holds(r));
-    for r in alone.iter_mut() {
-        match adjoint_row(r.input, r.mask, gains, mode, r.out) {
-            Ok(v) => set_dm0(r, v),
-            Err(f) => note(r.index, f),
-        }
-    }
-    // Under `Hold` the held outputs after a row's last valid token pass their gradients to it:
-    // the adjoint enters the rest of the row with their sum, added from the row's end as the
-    // one-row kernel adds them (`lam += g; dz = 0; lam = lam` there). The rows' tails are summed
-    // together in the lanes of the block (`block::ragged_sums`, no gains read, no `dz` written:
-    // the tails are zeroed afterwards); the plain loop, one tail after the other, measured a
-    // quarter of a right-padded adjoint, and the block adjoint with `k = 0`, `a = 1` (which
-    // writes its `dz`) gave the right-padded adjoint 0.92 of its rate with these sums.
     let mut lam0 = [T::ZERO; LANES];
-    if mode == MaskMode::Hold && lanes.iter().any(|r| r.input.len() > r.len) {
-        let src: Vec<&[T]> = lanes.iter().map(|r| &r.input[r.len..]).collect();
+    if mode == MaskMode::Hold && rows.iter().any(|r| r.input.len() > r.len) {
+        let src: Vec<&[T]> = rows.iter().map(|r| &r.input[r.len..]).collect();
         lam0 = ragged_sums(isa, &src, lam0);
     }
-    if lanes.iter().any(|r| holds(r)) {
-        adjoint_own(isa, &mut lanes, gains, lam0, &mut note);
-        return fail;
-    }
-    if lanes.iter().any(|r| matches!(r.shape, Shape::Holes { .. })) {
-        // Under `Zero` (every row has its mask).
-        adjoint_zero_lanes(isa, &mut lanes, gains, lam0, &mut note);
-        return fail;
-    }
-    adjoint_lanes(isa, &mut lanes, gains, mode, lam0, &mut note);
-    fail
-}
-
-/// [`adjoint_block`] under `Zero` with rows with holes (every row has its mask): the kernel
-/// reads each row's gradient and mask in place (`block::ragged_adjoint_zero`: a masked gradient
-/// not read, its `dz` zero), with no scratch copy and no zeroing pass.
-fn adjoint_zero_lanes<T: Real>(
-    isa: Isa,
-    lanes: &mut [&mut Row<'_, T>],
-    gains: &Gains<T>,
-    lam0: [T; LANES],
-    note: &mut impl FnMut(usize, RowFault),
-) {
+    let holes = rows.iter().any(|r| matches!(r.shape, Shape::Holes { .. }));
     let lam = {
         let mut src: Vec<&[T]> = Vec::with_capacity(LANES);
         let mut masks: Vec<&[bool]> = Vec::with_capacity(LANES);
         let mut dst: Vec<&mut [T]> = Vec::with_capacity(LANES);
-        for r in lanes.iter_mut() {
+        for r in rows.iter_mut() {
             let n = r.len;
             src.push(&r.input[..n]);
-            masks.push(&r.mask.unwrap_or(&[])[..n]);
+            masks.push(r.mask.map_or(&[][..], |m| &m[..n]));
             dst.push(&mut r.out[..n]);
         }
-        ragged_adjoint_zero(isa, &src, &masks, gains.k(), gains.a(), lam0, &mut dst)
+        let (k, a) = (gains.k(), gains.a());
+        if holes {
+            ragged_adjoint_masked(isa, mode, &src, &masks, k, a, lam0, &mut dst)
+        } else {
+            ragged_adjoint(isa, &src, k, a, lam0, &mut dst)
+        }
     };
-    for (l, r) in lanes.iter_mut().enumerate() {
+    let mut fail: Option<(usize, RowFault)> = None;
+    for (l, r) in rows.iter_mut().enumerate() {
         r.out[r.len..].fill(T::ZERO);
         if lam[l].is_finite() {
-            set_dm0(r, lam[l]);
-        } else {
-            // Under `Zero` only the valid gradients are read.
-            note(r.index, first_bad(r.input, r.mask));
-        }
-    }
-}
-
-/// [`adjoint_block`] for prefix rows only: the block adjoint over each row's prefix, from the
-/// tails' sums `lam0`.
-fn adjoint_lanes<T: Real>(
-    isa: Isa,
-    lanes: &mut [&mut Row<'_, T>],
-    gains: &Gains<T>,
-    mode: MaskMode,
-    lam0: [T; LANES],
-    note: &mut impl FnMut(usize, RowFault),
-) {
-    let lam = {
-        let mut src: Vec<&[T]> = Vec::with_capacity(LANES);
-        let mut dst: Vec<&mut [T]> = Vec::with_capacity(LANES);
-        for r in lanes.iter_mut() {
-            let n = r.len;
-            src.push(&r.input[..n]);
-            dst.push(&mut r.out[..n]);
-        }
-        ragged_adjoint(isa, &src, gains.k(), gains.a(), lam0, &mut dst)
-    };
-    for (l, r) in lanes.iter_mut().enumerate() {
-        r.out[r.len..].fill(T::ZERO);
-        if lam[l].is_finite() {
-            set_dm0(r, lam[l]);
-        } else {
+            if let Some(d) = r.dm0.as_deref_mut() {
+                *d = lam[l];
+            }
+        } else if fail.is_none_or(|(row, _)| r.index < row) {
             // Under `Hold` every gradient is read; under `Zero` only the valid ones.
             let read = (mode == MaskMode::Zero).then_some(r.mask).flatten();
-            note(r.index, first_bad(r.input, read));
+            fail = Some((r.index, first_bad(r.input, read)));
         }
     }
-}
-
-/// Positions per segment of [`adjoint_own`]: the gains of a segment are built just before the
-/// kernel reads them, so they are still in the core's cache.
-const SEGMENT: usize = 1024;
-
-/// The adjoint of a block under `Hold` with rows with holes, from the tails' sums `lam0`: each
-/// lane with gains of its own, built by `compact::expand_gains` for a row with holes (its
-/// `dz` zero at the holes), the shared gains for a prefix row. The block is walked back from
-/// its longest row's end in segments of [`SEGMENT`] positions (the adjoint of each segment
-/// enters the one before it), the gains built per segment.
-fn adjoint_own<T: Real>(
-    isa: Isa,
-    lanes: &mut [&mut Row<'_, T>],
-    gains: &Gains<T>,
-    lam0: [T; LANES],
-    note: &mut impl FnMut(usize, RowFault),
-) {
-    let (k, a) = (gains.k(), gains.a());
-    // Per lane: the valid tokens before the segment's end.
-    let mut count: Vec<usize> = lanes
-        .iter()
-        .map(|r| match r.shape {
-            Shape::Holes { valid, .. } => valid,
-            Shape::Prefix(n) => n,
-        })
-        .collect();
-    let top = lanes.iter().map(|r| r.len).max().unwrap_or(0);
-    let mut lam = lam0;
-    T::with_scratch(|buf| {
-        let total = 2 * LANES * SEGMENT;
-        if buf.len() < total {
-            buf.resize(total, T::ZERO);
-        }
-        let mut end = top;
-        while end > 0 {
-            let start = end.saturating_sub(SEGMENT);
-            let mut parts = buf[..total].chunks_mut(SEGMENT);
-            let mut ks: Vec<&[T]> = Vec::with_capacity(LANES);
-            let mut als: Vec<&[T]> = Vec::with_capacity(LANES);
-            let mut src: Vec<&[T]> = Vec::with_capacity(LANES);
-            let mut dst: Vec<&mut [T]> = Vec::with_capacity(LANES);
-            for (r, c) in lanes.iter_mut().zip(count.iter_mut()) {
-                let (ko, ao) = (
-                    parts.next().unwrap_or_default(),
-                    parts.next().unwrap_or_default(),
-                );
-                let hi = end.min(r.len);
-                let lo = start.min(hi);
-                match (r.shape, r.mask) {
-                    (Shape::Holes { .. }, Some(m)) => {
-                        let m = &m[lo..hi];
-                        *c -= count_valid(m);
-                        let (ko, ao) = (&mut ko[..hi - lo], &mut ao[..hi - lo]);
-                        expand_gains(&k[*c..], &a[*c..], m, ko, ao);
-                        ks.push(ko);
-                        als.push(ao);
-                    }
-                    _ => {
-                        ks.push(&k[lo..hi]);
-                        als.push(&a[lo..hi]);
-                    }
-                }
-                src.push(&r.input[lo..hi]);
-                dst.push(&mut r.out[lo..hi]);
-            }
-            lam = ragged_adjoint_gains(isa, &src, &ks, &als, lam, &mut dst);
-            end = start;
-        }
-    });
-    for (l, r) in lanes.iter_mut().enumerate() {
-        r.out[r.len..].fill(T::ZERO);
-        if lam[l].is_finite() {
-            set_dm0(r, lam[l]);
-        } else {
-            // Under `Hold` every gradient is read.
-            note(r.index, first_bad(r.input, None));
-        }
-    }
-}
-
-fn set_dm0<T>(r: &mut Row<'_, T>, v: T) {
-    if let Some(d) = r.dm0.as_deref_mut() {
-        *d = v;
-    }
+    fail
 }

@@ -95,22 +95,6 @@ pub trait Lanes: Copy + Sized {
         lam0: [Self; LANES],
     ) -> [Self; LANES];
 
-    /// The AVX2 adjoint kernel with gains of each lane's own (`kp[i]`, `ap[i]`, each readable
-    /// for `lens[i]` elements) instead of shared ones; `dz` is zero where the lane's gain `k` has
-    /// the bits of `-0.0` (a hole under `MaskMode::Hold`, see [`Lanes::adjoint_gains`]).
-    ///
-    /// # Safety
-    /// As for [`Lanes::forward_avx2`], with `kp[i]` and `ap[i]` in place of `k` and `a`.
-    #[cfg(target_arch = "x86_64")]
-    unsafe fn adjoint_gains_avx2(
-        src: &[*const Self; LANES],
-        dst: &[*mut Self; LANES],
-        lens: &[usize; LANES],
-        kp: &[*const Self; LANES],
-        ap: &[*const Self; LANES],
-        lam0: [Self; LANES],
-    ) -> [Self; LANES];
-
     /// The AVX2 forward kernel under `MaskMode::Zero` with each lane's mask row `mp[i]` (bytes,
     /// 0 or 1): a masked position is observed as zero and its output is zero.
     ///
@@ -134,6 +118,24 @@ pub trait Lanes: Copy + Sized {
     /// As for [`Lanes::forward_avx2`], with `mp[i]` readable for `lens[i]` bytes.
     #[cfg(target_arch = "x86_64")]
     unsafe fn adjoint_zero_avx2(
+        src: &[*const Self; LANES],
+        mp: &[*const u8; LANES],
+        dst: &[*mut Self; LANES],
+        lens: &[usize; LANES],
+        k: &[Self],
+        a: &[Self],
+        lam0: [Self; LANES],
+    ) -> [Self; LANES];
+
+    /// The AVX2 adjoint kernel under `MaskMode::Hold` with each lane's mask row `mp[i]`: every
+    /// gradient enters the running sum (`lam += g`); at a valid position, whose gain index is the
+    /// count of valid positions before it (gathered per lane), `dz = k lam` and `lam = a lam`; at
+    /// a masked one `dz = 0` and `lam` is kept.
+    ///
+    /// # Safety
+    /// As for [`Lanes::forward_zero_avx2`], and no row longer than `i32::MAX` positions.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn adjoint_hold_avx2(
         src: &[*const Self; LANES],
         mp: &[*const u8; LANES],
         dst: &[*mut Self; LANES],
@@ -170,30 +172,27 @@ pub trait Lanes: Copy + Sized {
         out: &mut [&mut [Self]],
     ) -> Option<[Self; LANES]> {
         #[cfg(target_arch = "x86_64")]
-        if a.len() == k.len() && masks.len() == z.len() {
-            if z.iter().zip(masks).any(|(r, m)| m.len() != r.len()) {
-                return None;
-            }
-            if let Some((src, dst, lens)) = avx2_rows(isa, z, out, k.len()) {
-                let mut mp = [std::ptr::null(); LANES];
-                for (l, m) in masks.iter().enumerate() {
-                    mp[l] = m.as_ptr().cast::<u8>();
-                }
-                // SAFETY: as in `forward`; each mask row as long as its row (checked above),
-                // its bytes 0 or 1 (`bool`).
-                return Some(unsafe { Self::forward_zero_avx2(&src, &mp, &dst, &lens, k, a, x0) });
-            }
+        if let Some((src, mp, dst, lens)) = masked_rows(isa, z, masks, out, k.len(), a.len()) {
+            // SAFETY: AVX2 is present; every row pointer addresses lens[i] <= k.len() = a.len()
+            // elements, each mask row as many bytes, 0 or 1 (`bool`) (checked by masked_rows);
+            // the outputs are writable and overlap neither the inputs nor each other (distinct
+            // `&mut` slices).
+            return Some(unsafe { Self::forward_zero_avx2(&src, &mp, &dst, &lens, k, a, x0) });
         }
         None
     }
 
-    /// [`Lanes::adjoint`] under `MaskMode::Zero`, each row with its mask (`masks[i]` as long as
-    /// `grad[i]`): at a valid position `lam += g; dz = k lam`, at a masked one `dz = 0` (its
-    /// gradient is not read); then `lam = a lam`, the one-row kernel's operations, with the masks
-    /// read while the tiles are loaded.
+    /// [`Lanes::adjoint`] with masks (`masks[i]` as long as `grad[i]`), the masks read while the
+    /// tiles are loaded. Under `MaskMode::Zero` (`hold` false): at a valid position `lam += g;
+    /// dz = k lam`, at a masked one `dz = 0` (its gradient is not read); then `lam = a lam`.
+    /// Under `MaskMode::Hold`: `lam += g` everywhere; at a valid position `dz = k[n] lam; lam =
+    /// a[n] lam` (`n` the valid positions before it), at a masked one `dz = 0`. The one-row
+    /// kernel's operations either way.
     #[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables))]
-    fn adjoint_zero(
+    #[allow(clippy::too_many_arguments)]
+    fn adjoint_masked(
         isa: Isa,
+        hold: bool,
         grad: &[&[Self]],
         masks: &[&[bool]],
         k: &[Self],
@@ -202,20 +201,16 @@ pub trait Lanes: Copy + Sized {
         dz: &mut [&mut [Self]],
     ) -> Option<[Self; LANES]> {
         #[cfg(target_arch = "x86_64")]
-        if a.len() == k.len() && masks.len() == grad.len() {
-            if grad.iter().zip(masks).any(|(r, m)| m.len() != r.len()) {
-                return None;
-            }
-            if let Some((src, dst, lens)) = avx2_rows(isa, grad, dz, k.len()) {
-                let mut mp = [std::ptr::null(); LANES];
-                for (l, m) in masks.iter().enumerate() {
-                    mp[l] = m.as_ptr().cast::<u8>();
-                }
-                // SAFETY: as in `forward_zero`.
-                return Some(unsafe {
+        if let Some((src, mp, dst, lens)) = masked_rows(isa, grad, masks, dz, k.len(), a.len()) {
+            // SAFETY: as in `forward_zero`, and no row longer than `i32::MAX` (checked by
+            // masked_rows).
+            return Some(unsafe {
+                if hold {
+                    Self::adjoint_hold_avx2(&src, &mp, &dst, &lens, k, a, lam0)
+                } else {
                     Self::adjoint_zero_avx2(&src, &mp, &dst, &lens, k, a, lam0)
-                });
-            }
+                }
+            });
         }
         None
     }
@@ -280,47 +275,6 @@ pub trait Lanes: Copy + Sized {
         }
         None
     }
-
-    /// [`Lanes::adjoint`] with gains of each lane's own: lane `i` runs `lam += g; dz = k lam;
-    /// lam = a lam` over `grad[i]` with `k[i]`, `a[i]` (each at least as long as `grad[i]`), and
-    /// writes `dz = 0` instead of the product where `k[i]` has the bits of `-0.0`. With the
-    /// gains of `compact::expand_gains` (`-0.0` and `1.0` at the holes, and `1.0 lam` is `lam`)
-    /// this is the one-row adjoint of a row with holes under `MaskMode::Hold`, bitwise; a lane
-    /// given the shared gains (none of them `-0.0`) runs the plain adjoint.
-    #[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables))]
-    fn adjoint_gains(
-        isa: Isa,
-        grad: &[&[Self]],
-        k: &[&[Self]],
-        a: &[&[Self]],
-        lam0: [Self; LANES],
-        dz: &mut [&mut [Self]],
-    ) -> Option<[Self; LANES]> {
-        #[cfg(target_arch = "x86_64")]
-        if k.len() == grad.len() && a.len() == grad.len() {
-            let short = |((g, k), a): ((&&[Self], &&[Self]), &&[Self])| {
-                k.len() < g.len() || a.len() < g.len()
-            };
-            if grad.iter().zip(k).zip(a).any(short) {
-                return None;
-            }
-            if let Some((src, dst, lens)) = avx2_rows(isa, grad, dz, usize::MAX) {
-                let mut kp = [std::ptr::null(); LANES];
-                let mut ap = [std::ptr::null(); LANES];
-                for (l, (kl, al)) in k.iter().zip(a).enumerate() {
-                    kp[l] = kl.as_ptr();
-                    ap[l] = al.as_ptr();
-                }
-                // SAFETY: AVX2 is present; every row pointer addresses lens[i] elements and
-                // each lane's gains at least as many (checked above); the outputs are writable
-                // and overlap neither the inputs nor each other (distinct `&mut` slices).
-                return Some(unsafe {
-                    Self::adjoint_gains_avx2(&src, &dst, &lens, &kp, &ap, lam0)
-                });
-            }
-        }
-        None
-    }
 }
 
 /// Without x86-64 there are no explicit kernels: the provided methods always return `None`.
@@ -359,6 +313,39 @@ fn avx2_rows<T>(
         lens[l] = r.len();
     }
     Some((src, dst, lens))
+}
+
+/// [`avx2_rows`] for the kernels with masks, with each row's mask pointer: also `None` unless
+/// there are as many masks as rows, each as long as its row, `k` and `a` of one length and no row
+/// longer than `i32::MAX` (the `f32` kernels' gain indices are 32-bit).
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::type_complexity)]
+fn masked_rows<T>(
+    isa: Isa,
+    rows: &[&[T]],
+    masks: &[&[bool]],
+    out: &mut [&mut [T]],
+    k_len: usize,
+    a_len: usize,
+) -> Option<(
+    [*const T; LANES],
+    [*const u8; LANES],
+    [*mut T; LANES],
+    [usize; LANES],
+)> {
+    if a_len != k_len || masks.len() != rows.len() {
+        return None;
+    }
+    let bad = |(r, m): (&&[T], &&[bool])| m.len() != r.len() || r.len() > i32::MAX as usize;
+    if rows.iter().zip(masks).any(bad) {
+        return None;
+    }
+    let (src, dst, lens) = avx2_rows(isa, rows, out, k_len)?;
+    let mut mp = [std::ptr::null(); LANES];
+    for (l, m) in masks.iter().enumerate() {
+        mp[l] = m.as_ptr().cast::<u8>();
+    }
+    Some((src, mp, dst, lens))
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -514,6 +501,230 @@ mod x86 {
         _mm256_castsi256_pd(ones)
     }
 
+    /// Bit `i` set where byte `i` of `m[..n]` (`n <= 32`; bytes 0 or 1) is 1: the valid positions
+    /// of 32 in a row.
+    ///
+    /// # Safety
+    /// `m` must be readable for `n` bytes; AVX2 must be present.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn valid_bits(m: *const u8, n: usize) -> u32 {
+        if n == 32 {
+            // SAFETY: the caller's bound.
+            let v = unsafe { _mm256_loadu_si256(m.cast()) };
+            return !(_mm256_movemask_epi8(_mm256_cmpeq_epi8(v, _mm256_setzero_si256())) as u32);
+        }
+        let mut w = 0;
+        for i in 0..n.min(32) {
+            // SAFETY: i < n.
+            w |= u32::from(unsafe { *m.add(i) } != 0) << i;
+        }
+        w
+    }
+
+    /// The number of 1 bytes of `m[..n]` (bytes 0 or 1).
+    ///
+    /// # Safety
+    /// `m` must be readable for `n` bytes; AVX2 must be present.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn count_valid(m: *const u8, n: usize) -> usize {
+        let mut acc = _mm256_setzero_si256();
+        let mut p = 0;
+        while p + 32 <= n {
+            // SAFETY: p + 32 <= n.
+            let v = unsafe { _mm256_loadu_si256(m.add(p).cast()) };
+            acc = _mm256_add_epi64(acc, _mm256_sad_epu8(v, _mm256_setzero_si256()));
+            p += 32;
+        }
+        let mut lanes = [0u64; 4];
+        // SAFETY: lanes has 32 bytes.
+        unsafe { _mm256_storeu_si256(lanes.as_mut_ptr().cast(), acc) };
+        // SAFETY: p + i < n.
+        let tail: usize = (p..n).map(|i| usize::from(unsafe { *m.add(i) })).sum();
+        lanes.iter().sum::<u64>() as usize + tail
+    }
+
+    /// Gain indices and mask bits of a group of 8 `f32` lanes, as 32-bit integers.
+    mod ix32 {
+        use super::{LANES, W32};
+        use std::arch::x86_64::*;
+
+        /// The gains `k[..n]`, `a[..n]` interleaved (`k0 a0 k1 a1 ...`), so that one 64-bit
+        /// gather fetches both gains of a lane: two gathers of 4 elements per position instead
+        /// of two of 8.
+        pub fn pairs(k: &[f32], a: &[f32], n: usize) -> Vec<f32> {
+            k[..n]
+                .iter()
+                .zip(&a[..n])
+                .flat_map(|(&kt, &at)| [kt, at])
+                .collect()
+        }
+
+        /// `(k[idx], a[idx])` per lane from the interleaved `pairs` of [`pairs`].
+        ///
+        /// # Safety
+        /// Every lane of `idx` must index `pairs` as a table of pairs; AVX2 must be present.
+        #[inline]
+        #[target_feature(enable = "avx2")]
+        pub unsafe fn gains(
+            _k: *const f32,
+            _a: *const f32,
+            pairs: *const f32,
+            idx: __m256i,
+        ) -> (__m256, __m256) {
+            // Lanes 0 1 4 5 in the first gather and 2 3 6 7 in the second, so that the two
+            // in-lane shuffles below put k and a in lane order.
+            let order = _mm256_setr_epi32(0, 1, 4, 5, 2, 3, 6, 7);
+            let i = _mm256_permutevar8x32_epi32(idx, order);
+            let base = pairs.cast::<i64>();
+            // SAFETY: the caller's bound (each pair is 8 bytes).
+            let (g0, g1) = unsafe {
+                (
+                    _mm256_castsi256_ps(_mm256_i32gather_epi64::<8>(
+                        base,
+                        _mm256_castsi256_si128(i),
+                    )),
+                    _mm256_castsi256_ps(_mm256_i32gather_epi64::<8>(
+                        base,
+                        _mm256_extracti128_si256::<1>(i),
+                    )),
+                )
+            };
+            (
+                _mm256_shuffle_ps::<0x88>(g0, g1),
+                _mm256_shuffle_ps::<0xDD>(g0, g1),
+            )
+        }
+
+        /// Lanes `8 g .. 8 g + 8` of `c` (each below 2^31).
+        #[inline]
+        #[target_feature(enable = "avx2")]
+        pub fn load(c: &[usize; LANES], g: usize) -> __m256i {
+            let v: [i32; W32] = std::array::from_fn(|i| c[W32 * g + i] as i32);
+            // SAFETY: v has 32 bytes.
+            unsafe { _mm256_loadu_si256(v.as_ptr().cast()) }
+        }
+
+        /// The inverse of [`load`].
+        #[inline]
+        #[target_feature(enable = "avx2")]
+        pub fn store(v: __m256i, g: usize, c: &mut [usize; LANES]) {
+            let mut x = [0i32; W32];
+            // SAFETY: x has 32 bytes.
+            unsafe { _mm256_storeu_si256(x.as_mut_ptr().cast(), v) };
+            for (i, &xi) in x.iter().enumerate() {
+                c[W32 * g + i] = xi as usize;
+            }
+        }
+
+        /// The mask words `w` of the group's lanes.
+        #[inline]
+        #[target_feature(enable = "avx2")]
+        pub fn words(w: &[u32; LANES], g: usize) -> __m256i {
+            // SAFETY: w[8 g .. 8 g + 8] is inside w (g < LANES / 8).
+            unsafe { _mm256_loadu_si256(w[W32 * g..W32 * (g + 1)].as_ptr().cast()) }
+        }
+
+        /// All ones in the lanes whose word has bit `r` (< 32) set, else zero.
+        #[inline]
+        #[target_feature(enable = "avx2")]
+        pub fn bit(w: __m256i, r: usize) -> __m256i {
+            let up = _mm256_sllv_epi32(w, _mm256_set1_epi32(31 - r as i32));
+            _mm256_srai_epi32::<31>(up)
+        }
+
+        /// `c + v`: one less at the valid lanes.
+        #[inline]
+        #[target_feature(enable = "avx2")]
+        pub fn back(c: __m256i, v: __m256i) -> __m256i {
+            _mm256_add_epi32(c, v)
+        }
+    }
+
+    /// [`ix32`] for a group of 4 `f64` lanes, as 64-bit integers.
+    mod ix64 {
+        use super::{LANES, W64};
+        use std::arch::x86_64::*;
+
+        /// `f64` gains are gathered from `k` and `a` themselves: no table.
+        pub fn pairs(_k: &[f64], _a: &[f64], _n: usize) -> Vec<f64> {
+            Vec::new()
+        }
+
+        /// `(k[idx], a[idx])` per lane; `_pairs` is unused.
+        ///
+        /// # Safety
+        /// Every lane of `idx` must index `k` and `a`; AVX2 must be present.
+        #[inline]
+        #[target_feature(enable = "avx2")]
+        pub unsafe fn gains(
+            k: *const f64,
+            a: *const f64,
+            _pairs: *const f64,
+            idx: __m256i,
+        ) -> (__m256d, __m256d) {
+            // SAFETY: the caller's bound.
+            unsafe { (gather(k, idx), gather(a, idx)) }
+        }
+
+        /// `k[idx]` per lane.
+        ///
+        /// # Safety
+        /// Every lane of `idx` must index `k`; AVX2 must be present.
+        #[inline]
+        #[target_feature(enable = "avx2")]
+        pub unsafe fn gather(k: *const f64, idx: __m256i) -> __m256d {
+            // SAFETY: the caller's bound.
+            unsafe { _mm256_i64gather_pd::<8>(k, idx) }
+        }
+
+        /// Lanes `4 g .. 4 g + 4` of `c`.
+        #[inline]
+        #[target_feature(enable = "avx2")]
+        pub fn load(c: &[usize; LANES], g: usize) -> __m256i {
+            let v: [i64; W64] = std::array::from_fn(|i| c[W64 * g + i] as i64);
+            // SAFETY: v has 32 bytes.
+            unsafe { _mm256_loadu_si256(v.as_ptr().cast()) }
+        }
+
+        /// The inverse of [`load`].
+        #[inline]
+        #[target_feature(enable = "avx2")]
+        pub fn store(v: __m256i, g: usize, c: &mut [usize; LANES]) {
+            let mut x = [0i64; W64];
+            // SAFETY: x has 32 bytes.
+            unsafe { _mm256_storeu_si256(x.as_mut_ptr().cast(), v) };
+            for (i, &xi) in x.iter().enumerate() {
+                c[W64 * g + i] = xi as usize;
+            }
+        }
+
+        /// The mask words `w` of the group's lanes, zero-extended to 64 bits.
+        #[inline]
+        #[target_feature(enable = "avx2")]
+        pub fn words(w: &[u32; LANES], g: usize) -> __m256i {
+            // SAFETY: w[4 g .. 4 g + 4] is inside w (g < LANES / 4).
+            let v = unsafe { _mm_loadu_si128(w[W64 * g..W64 * (g + 1)].as_ptr().cast()) };
+            _mm256_cvtepu32_epi64(v)
+        }
+
+        /// All ones in the lanes whose word has bit `r` (< 32) set, else zero.
+        #[inline]
+        #[target_feature(enable = "avx2")]
+        pub fn bit(w: __m256i, r: usize) -> __m256i {
+            let up = _mm256_sllv_epi64(w, _mm256_set1_epi64x(63 - r as i64));
+            _mm256_cmpgt_epi64(_mm256_setzero_si256(), up)
+        }
+
+        /// `c + v`: one less at the valid lanes.
+        #[inline]
+        #[target_feature(enable = "avx2")]
+        pub fn back(c: __m256i, v: __m256i) -> __m256i {
+            _mm256_add_epi64(c, v)
+        }
+    }
+
     /// Positions per tile: each tile is transposed into a position-major buffer group by group
     /// (8 rows of `f32`, 4 of `f64`), filtered there, and transposed back group by group. Going
     /// group by group keeps the rows a phase touches within the ways of L1 even when the row
@@ -569,7 +780,7 @@ mod x86 {
         ($m:ident, $t:ty, $v:ty, $w:expr, $load:ident, $store:ident,
          $zero:ident, $splat:ident, $add:ident, $mul:ident, $loadu:ident, $storeu:ident,
          $cast_si:ident, $cast_v:ident, $cmpeq:ident, $andnot:ident, $and:ident, $or:ident,
-         $widen:ident) => {
+         $widen:ident, $ix:ident, $blend:ident) => {
             mod $m {
                 use super::*;
 
@@ -990,18 +1201,138 @@ mod x86 {
                         out
                     }
 
+                    /// The adjoint kernel under `MaskMode::Hold`: as `adjoint_avx2`, each lane
+                    /// with its own gain index (its valid positions before the current one,
+                    /// counted down from its row's count, in registers, gathering its `k` and
+                    /// `a`) and its mask bits, 32 positions a word per lane, tested position by
+                    /// position; at a masked position `dz` is `+0.0` (`mask & (k
+                    /// lam)`) and `lam` is kept (a select). A lane joins the registers with its
+                    /// index when the tiles reach its whole chunks; until then it holds 0.
                     #[target_feature(enable = "avx2")]
-                    unsafe fn adjoint_gains_avx2(
+                    unsafe fn adjoint_hold_avx2(
                         src: &[*const $t; LANES],
+                        mp: &[*const u8; LANES],
                         dst: &[*mut $t; LANES],
                         lens: &[usize; LANES],
-                        kp: &[*const $t; LANES],
-                        ap: &[*const $t; LANES],
+                        k: &[$t],
+                        a: &[$t],
                         lam0: [$t; LANES],
                     ) -> [$t; LANES] {
-                        let mut tiles: [Tile; 2] = [[[[$zero(); $w]; TILE / $w]; G]; 2];
-                        // SAFETY: the caller's.
-                        unsafe { own_or_sum::<false>(src, dst, lens, kp, ap, lam0, &mut tiles) }
+                        let whole = lens.map(|n| n - n % $w);
+                        let mut lam = lam0;
+                        // SAFETY: mask row l holds lens[l] bytes.
+                        let mut index: [usize; LANES] =
+                            std::array::from_fn(|l| unsafe { count_valid(mp[l], lens[l]) });
+                        for (l, ll) in lam.iter_mut().enumerate() {
+                            for t in (whole[l]..lens[l]).rev() {
+                                // SAFETY: t < lens[l]; the index counts valid positions of
+                                // the row before t once decremented.
+                                unsafe {
+                                    *ll += *src[l].add(t);
+                                    if *mp[l].add(t) != 0 {
+                                        index[l] -= 1;
+                                        *dst[l].add(t) = k[index[l]] * *ll;
+                                        *ll *= a[index[l]];
+                                    } else {
+                                        *dst[l].add(t) = 0.0;
+                                    }
+                                }
+                            }
+                        }
+                        let top = whole.iter().copied().max().unwrap_or(0);
+                        let zeros: [$t; TILE] = [0.0; TILE];
+                        let mut junk: [$t; TILE] = [0.0; TILE];
+                        let junk_ptr = junk.as_mut_ptr();
+                        let mut m = to_registers(&lam);
+                        // The registers' indices: lanes not yet joined hold 0.
+                        let mut held: [usize; LANES] =
+                            std::array::from_fn(|l| if whole[l] == top { index[l] } else { 0 });
+                        let mut cnt: [__m256i; G] = std::array::from_fn(|g| $ix::load(&held, g));
+                        let mut buf: Tile = [[[$zero(); $w]; TILE / $w]; G];
+                        let mut words = [[0u32; LANES]; TILE / 32];
+                        let pairs = $ix::pairs(k, a, top);
+                        let (kp, ap, pp) = (k.as_ptr(), a.as_ptr(), pairs.as_ptr());
+                        let mut end = top;
+                        while end > 0 {
+                            if end < top && whole.contains(&end) {
+                                let mut v = from_registers(&m);
+                                for (g, cg) in cnt.iter().enumerate() {
+                                    $ix::store(*cg, g, &mut held);
+                                }
+                                for l in 0..LANES {
+                                    if whole[l] == end {
+                                        v[l] = lam[l];
+                                        held[l] = index[l];
+                                    }
+                                }
+                                m = to_registers(&v);
+                                cnt = std::array::from_fn(|g| $ix::load(&held, g));
+                            }
+                            let below = whole.iter().filter(|&&w| w < end).max();
+                            let n = TILE.min(end - below.copied().unwrap_or(0));
+                            let p = end - n;
+                            // SAFETY (both): p < end <= whole[l] <= lens[l], inside row l.
+                            let s: [*const $t; LANES] = std::array::from_fn(|l| {
+                                if whole[l] >= end {
+                                    unsafe { src[l].add(p) }
+                                } else {
+                                    zeros.as_ptr()
+                                }
+                            });
+                            let d: [*mut $t; LANES] = std::array::from_fn(|l| {
+                                if whole[l] >= end {
+                                    unsafe { dst[l].add(p) }
+                                } else {
+                                    junk_ptr
+                                }
+                            });
+                            let n_words = n.div_ceil(32);
+                            for l in 0..LANES {
+                                for (j, wj) in words[..n_words].iter_mut().enumerate() {
+                                    wj[l] = if whole[l] >= end {
+                                        // SAFETY: p + 32 j + (n - 32 j).min(32) <= end <=
+                                        // whole[l]: inside the mask row.
+                                        unsafe {
+                                            valid_bits(mp[l].add(p + 32 * j), (n - 32 * j).min(32))
+                                        }
+                                    } else {
+                                        0
+                                    };
+                                }
+                            }
+                            // SAFETY: p + n = end <= whole[l] for every active lane, n <= TILE
+                            // for the scratch tiles.
+                            unsafe { tile_in!($load, $w, true, &s, n, &mut buf) };
+                            for (j, wj) in words[..n_words].iter().enumerate().rev() {
+                                let bits: [__m256i; G] = std::array::from_fn(|g| $ix::words(wj, g));
+                                for i in (32 * j..(32 * j + 32).min(n)).rev() {
+                                    for g in 0..G {
+                                        let v = $ix::bit(bits[g], i - 32 * j);
+                                        cnt[g] = $ix::back(cnt[g], v);
+                                        // SAFETY: an active lane's index counts valid
+                                        // positions before the current one, below its row's
+                                        // length <= k.len() = a.len(); other lanes hold 0,
+                                        // and k is not empty (top > 0).
+                                        let (kt, at) = unsafe { $ix::gains(kp, ap, pp, cnt[g]) };
+                                        let vv = $cast_v(v);
+                                        let b = &mut buf[g][i / $w][i % $w];
+                                        m[g] = $add(m[g], *b);
+                                        *b = $and(vv, $mul(kt, m[g]));
+                                        m[g] = $blend(m[g], $mul(at, m[g]), vv);
+                                    }
+                                }
+                            }
+                            // SAFETY: as for tile_in.
+                            unsafe { tile_out!($store, $w, true, &d, n, &buf) };
+                            end = p;
+                        }
+                        let mut out = from_registers(&m);
+                        for l in 0..LANES {
+                            if whole[l] == 0 {
+                                out[l] = lam[l];
+                            }
+                        }
+                        out
                     }
 
                     #[target_feature(enable = "avx2")]
@@ -1010,66 +1341,36 @@ mod x86 {
                         lens: &[usize; LANES],
                         lam0: [$t; LANES],
                     ) -> [$t; LANES] {
-                        let none = [std::ptr::null(); LANES];
-                        let nowhere = [std::ptr::null_mut(); LANES];
-                        // SAFETY: the caller's; no gain is read and no output written.
-                        unsafe {
-                            own_or_sum::<true>(src, &nowhere, lens, &none, &none, lam0, &mut [])
-                        }
+                        // SAFETY: the caller's.
+                        unsafe { sums(src, lens, lam0) }
                     }
                 }
 
-                /// The adjoint kernel (as `adjoint_avx2`) with gains of each lane's own from `kp`,
-                /// `ap` (transposed into `gain_tiles` beside the gradients; lanes whose chunks
-                /// are not reached read zeros), its `dz` zero where its `k` has the bits of
-                /// `-0.0`; or with `SUM` the running sums alone (`lam += g`: no gain read, no
-                /// `dz` written, `dst`, `kp`, `ap` and `gain_tiles` unused), each lane's `lam`
-                /// after its first position. `gain_tiles` holds two tiles without `SUM`.
+                /// The running sums of the adjoint (`lam += g` from each lane's end to its start,
+                /// from `lam0`; no gain read, no `dz` written), walked as `adjoint_avx2` walks its
+                /// tiles; each lane's `lam` after its first position.
                 ///
                 /// # Safety
-                /// AVX2 must be present; `src[i]` and, without `SUM`, `dst[i]`, `kp[i]`, `ap[i]`
-                /// valid for `lens[i]` elements, the outputs overlapping nothing else.
+                /// AVX2 must be present; `src[i]` readable for `lens[i]` elements.
                 #[inline]
                 #[target_feature(enable = "avx2")]
-                unsafe fn own_or_sum<const SUM: bool>(
+                unsafe fn sums(
                     src: &[*const $t; LANES],
-                    dst: &[*mut $t; LANES],
                     lens: &[usize; LANES],
-                    kp: &[*const $t; LANES],
-                    ap: &[*const $t; LANES],
                     lam0: [$t; LANES],
-                    gain_tiles: &mut [Tile],
                 ) -> [$t; LANES] {
                     let whole = lens.map(|n| n - n % $w);
                     let mut lam = lam0;
-                    let hole_bits = (-0.0 as $t).to_bits();
                     for (l, ll) in lam.iter_mut().enumerate() {
                         for t in (whole[l]..lens[l]).rev() {
-                            if SUM {
-                                // SAFETY: t < lens[l].
-                                *ll += unsafe { *src[l].add(t) };
-                                continue;
-                            }
                             // SAFETY: t < lens[l].
-                            unsafe {
-                                let (kt, at) = (*kp[l].add(t), *ap[l].add(t));
-                                *ll += *src[l].add(t);
-                                *dst[l].add(t) = if kt.to_bits() == hole_bits {
-                                    0.0
-                                } else {
-                                    kt * *ll
-                                };
-                                *ll *= at;
-                            }
+                            *ll += unsafe { *src[l].add(t) };
                         }
                     }
                     let top = whole.iter().copied().max().unwrap_or(0);
                     let zeros: [$t; TILE] = [0.0; TILE];
-                    let mut junk: [$t; TILE] = [0.0; TILE];
-                    let junk_ptr = junk.as_mut_ptr();
                     let mut m = to_registers(&lam);
                     let mut buf: Tile = [[[$zero(); $w]; TILE / $w]; G];
-                    let hole = $cast_si($splat(-0.0));
                     let mut end = top;
                     while end > 0 {
                         if end < top && whole.contains(&end) {
@@ -1086,56 +1387,21 @@ mod x86 {
                         let p = end - n;
                         // Row `l` at `p` if its whole chunks reach `end`, else the zeros.
                         // SAFETY: p < end <= whole[l] <= lens[l], inside row l.
-                        let at = |r: &[*const $t; LANES]| -> [*const $t; LANES] {
-                            std::array::from_fn(|l| {
-                                if whole[l] >= end {
-                                    unsafe { r[l].add(p) }
-                                } else {
-                                    zeros.as_ptr()
-                                }
-                            })
-                        };
-                        let s = at(src);
-                        // SAFETY: p + n = end <= whole[l] for every active lane, n <= TILE
-                        // for the scratch tiles.
-                        unsafe { tile_in!($load, $w, true, &s, n, &mut buf) };
-                        if SUM {
-                            for i in (0..n).rev() {
-                                for (mg, bg) in m.iter_mut().zip(buf.iter()) {
-                                    *mg = $add(*mg, bg[i / $w][i % $w]);
-                                }
-                            }
-                            end = p;
-                            continue;
-                        }
-                        // SAFETY: as for `at`.
-                        let d: [*mut $t; LANES] = std::array::from_fn(|l| {
+                        let s: [*const $t; LANES] = std::array::from_fn(|l| {
                             if whole[l] >= end {
-                                unsafe { dst[l].add(p) }
+                                unsafe { src[l].add(p) }
                             } else {
-                                junk_ptr
+                                zeros.as_ptr()
                             }
                         });
-                        if let [kb, ab, ..] = gain_tiles {
-                            // SAFETY: as for the gradients.
-                            unsafe {
-                                tile_in!($load, $w, true, &at(kp), n, &mut *kb);
-                                tile_in!($load, $w, true, &at(ap), n, &mut *ab);
-                            }
-                            for i in (0..n).rev() {
-                                for g in 0..G {
-                                    let (c, j) = (i / $w, i % $w);
-                                    let (kt, at) = (kb[g][c][j], ab[g][c][j]);
-                                    let b = &mut buf[g][c][j];
-                                    m[g] = $add(m[g], *b);
-                                    let zero = $cmpeq($cast_si(kt), hole);
-                                    *b = $andnot($cast_v(zero), $mul(kt, m[g]));
-                                    m[g] = $mul(at, m[g]);
-                                }
+                        // SAFETY: p + n = end <= whole[l] for every active lane, n <= TILE
+                        // for the scratch tile.
+                        unsafe { tile_in!($load, $w, true, &s, n, &mut buf) };
+                        for i in (0..n).rev() {
+                            for (mg, bg) in m.iter_mut().zip(buf.iter()) {
+                                *mg = $add(*mg, bg[i / $w][i % $w]);
                             }
                         }
-                        // SAFETY: as for tile_in.
-                        unsafe { tile_out!($store, $w, true, &d, n, &buf) };
                         end = p;
                     }
                     let mut out = from_registers(&m);
@@ -1169,7 +1435,9 @@ mod x86 {
         _mm256_andnot_ps,
         _mm256_and_ps,
         _mm256_or_ps,
-        widen_f32
+        widen_f32,
+        ix32,
+        _mm256_blendv_ps
     );
     kernels!(
         kernels_f64,
@@ -1190,6 +1458,8 @@ mod x86 {
         _mm256_andnot_pd,
         _mm256_and_pd,
         _mm256_or_pd,
-        widen_f64
+        widen_f64,
+        ix64,
+        _mm256_blendv_pd
     );
 }

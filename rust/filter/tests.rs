@@ -1013,13 +1013,12 @@ fn hole_masks(t: usize) -> Vec<Vec<bool>> {
     rows
 }
 
-/// The block adjoint with gains of each lane's own (`block::ragged_adjoint_gains`, gains from
-/// `compact::expand_gains`) on every instruction set, and the hold adjoint of whole calls with
-/// rows with holes on 1, 2 and 3 threads, equal the one-row kernel bitwise, both dtypes.
+/// The hold adjoint kernel with gathered gains (`block::ragged_adjoint_masked`) over whole rows
+/// on every instruction set, and the hold adjoint of whole calls with rows with holes on 1, 2 and
+/// 3 threads, equal the one-row kernel bitwise, both dtypes.
 #[test]
 fn hold_adjoint_of_rows_with_holes_equals_the_one_row_kernel() {
-    use crate::block::{ragged_adjoint_gains, Isa};
-    use crate::compact::expand_gains;
+    use crate::block::{ragged_adjoint_masked, Isa};
     use crate::row::adjoint_row;
 
     fn check<T: Real + std::fmt::Debug>(t: usize, seed: u64) {
@@ -1047,22 +1046,15 @@ fn hold_adjoint_of_rows_with_holes_equals_the_one_row_kernel() {
         // The kernel alone, LANES rows at a time, each row over its whole length.
         for isa in Isa::available() {
             for (c, rows) in masks.chunks(LANES).enumerate() {
-                let gains: Vec<(Vec<T>, Vec<T>)> = rows
-                    .iter()
-                    .map(|mr| {
-                        let (mut k, mut a) = (vec![T::ZERO; t], vec![T::ZERO; t]);
-                        expand_gains(g.k(), g.a(), mr, &mut k, &mut a);
-                        (k, a)
-                    })
-                    .collect();
                 let src: Vec<&[T]> = (0..rows.len())
                     .map(|l| &grad[(c * LANES + l) * t..][..t])
                     .collect();
-                let ks: Vec<&[T]> = gains.iter().map(|p| p.0.as_slice()).collect();
-                let als: Vec<&[T]> = gains.iter().map(|p| p.1.as_slice()).collect();
+                let ms: Vec<&[bool]> = rows.iter().map(|r| r.as_slice()).collect();
                 let mut dz = vec![vec![T::ZERO; t]; rows.len()];
                 let mut dd: Vec<&mut [T]> = dz.iter_mut().map(|r| r.as_mut_slice()).collect();
-                let lam = ragged_adjoint_gains(isa, &src, &ks, &als, [T::ZERO; LANES], &mut dd);
+                let (k, a, lam0) = (g.k(), g.a(), [T::ZERO; LANES]);
+                let hold = MaskMode::Hold;
+                let lam = ragged_adjoint_masked(isa, hold, &src, &ms, k, a, lam0, &mut dd);
                 for l in 0..rows.len() {
                     let row = c * LANES + l;
                     let ctx = format!("{isa:?}, row {row}, t {t}");
@@ -1071,7 +1063,7 @@ fn hold_adjoint_of_rows_with_holes_equals_the_one_row_kernel() {
                 }
             }
         }
-        // Whole calls: the ragged path's blocks (sorted rows, tails, segments) on threads.
+        // Whole calls: the ragged path's blocks (sorted rows, tails) on threads.
         for threads in [1, 2, 3] {
             let (dz, dm0) = on_threads(threads, || {
                 let (mut dz, mut dm0) = (vec![T::ZERO; b * t], vec![T::ZERO; b]);
@@ -1086,15 +1078,16 @@ fn hold_adjoint_of_rows_with_holes_equals_the_one_row_kernel() {
             );
         }
     }
-    // Shorter than a tile, a few tiles, and past a segment of the ragged path (1024).
+    // Shorter than a tile, a few tiles, and many.
     for (t, seed) in [(20, 3), (300, 5), (1100, 7)] {
         check::<f32>(t, seed);
         check::<f64>(t, seed);
     }
 }
 
-/// Gains holding a `-0.0` of their own (which `Gains::from_f64` takes) cannot mark holes with it:
-/// the hold adjoint of rows with holes then runs the one-row kernel, still bitwise its result.
+/// Gains holding a `-0.0` of their own (which `Gains::from_f64` takes; an earlier kernel marked
+/// holes with `-0.0` gains): the hold adjoint of rows with holes is still bitwise the one-row
+/// kernel's.
 #[test]
 fn gains_with_a_negative_zero_leave_holes_to_the_one_row_kernel() {
     use crate::row::adjoint_row;
@@ -1132,17 +1125,17 @@ fn gains_with_a_negative_zero_leave_holes_to_the_one_row_kernel() {
     }
 }
 
-/// The forward and adjoint kernels under "zero" with the masks read while their tiles are loaded
-/// (`block::ragged_forward_zero`, `block::ragged_adjoint_zero`) equal the one-row kernel bitwise
-/// on every instruction set:
-/// every 8-bit pattern of holes, holes at chunk and tile edges, rows of holes only, rows shorter
+/// The kernels with the masks read while their tiles are loaded (`block::ragged_forward_zero`,
+/// `block::ragged_adjoint_masked` under "zero" and under "hold", the latter with gathered gains)
+/// equal the one-row kernel bitwise on every instruction set: every 8-bit pattern
+/// of holes, holes at chunk, word (32 positions) and tile edges, rows of holes only, rows shorter
 /// than a chunk and than a tile, entering states per lane, both dtypes.
 #[test]
-fn zero_kernels_reading_masks_in_the_tiles_equal_the_one_row_kernel() {
-    use crate::block::{ragged_adjoint_zero, ragged_forward_zero, Isa};
+fn kernels_reading_masks_in_the_tiles_equal_the_one_row_kernel() {
+    use crate::block::{ragged_adjoint_masked, ragged_forward_zero, Isa};
     use crate::row::{adjoint_row, forward_row};
 
-    fn check<T: Real + std::fmt::Debug>(t: usize, seed: u64) {
+    fn check<T: Real + std::fmt::Debug>(t: usize, seed: u64, mode: MaskMode) {
         let masks = hole_masks(t);
         let mut rng = Rng(seed);
         let g = Gains::<T>::new(t, &params(0.01, 1.0, 0.5)).unwrap();
@@ -1165,12 +1158,18 @@ fn zero_kernels_reading_masks_in_the_tiles_equal_the_one_row_kernel() {
             for (l, zr) in z.iter().enumerate() {
                 let mut o = vec![T::ZERO; zr.len()];
                 let m = &rows[l][..zr.len()];
-                // The one-row kernel fails on nothing here; its state is its last output only
-                // where valid, so the state comes from the recurrence itself.
-                forward_row(zr, Some(m), &g, x0[l], MaskMode::Zero, &mut o).unwrap();
+                forward_row(zr, Some(m), &g, x0[l], mode, &mut o).unwrap();
+                // The state after the row: under "hold" the last output (x0 for an empty row);
+                // under "zero" the outputs are zero where masked, so it comes from the
+                // recurrence itself.
                 let mut x = x0[l];
                 for (i, (&v, &ok)) in zr.iter().zip(m).enumerate() {
-                    x = g.a()[i] * x + g.k()[i] * if ok { v } else { T::ZERO };
+                    match mode {
+                        MaskMode::Hold => x = o[i],
+                        MaskMode::Zero => {
+                            x = g.a()[i] * x + g.k()[i] * if ok { v } else { T::ZERO }
+                        }
+                    }
                 }
                 want_x[l] = x;
                 want.push(o);
@@ -1180,26 +1179,34 @@ fn zero_kernels_reading_masks_in_the_tiles_equal_the_one_row_kernel() {
                 let ms: Vec<&[bool]> = (0..z.len()).map(|l| &rows[l][..z[l].len()]).collect();
                 let mut out: Vec<Vec<T>> = z.iter().map(|r| vec![T::ZERO; r.len()]).collect();
                 let mut dst: Vec<&mut [T]> = out.iter_mut().map(|r| r.as_mut_slice()).collect();
-                let x = ragged_forward_zero(isa, &src, &ms, g.k(), g.a(), x0, &mut dst);
+                let (k, a) = (g.k(), g.a());
+                // The forward with masks read in the tiles is "zero"'s; "hold" compacts its rows
+                // (tested with whole calls).
+                let x = (mode == MaskMode::Zero)
+                    .then(|| ragged_forward_zero(isa, &src, &ms, k, a, x0, &mut dst));
                 // The adjoint, the rows' values as gradients, from zero after each row.
                 let mut dz: Vec<Vec<T>> = z.iter().map(|r| vec![T::ZERO; r.len()]).collect();
                 let mut dd: Vec<&mut [T]> = dz.iter_mut().map(|r| r.as_mut_slice()).collect();
-                let lam =
-                    ragged_adjoint_zero(isa, &src, &ms, g.k(), g.a(), [T::ZERO; LANES], &mut dd);
+                let lam0 = [T::ZERO; LANES];
+                let lam = ragged_adjoint_masked(isa, mode, &src, &ms, k, a, lam0, &mut dd);
                 for l in 0..z.len() {
-                    let ctx = format!("{isa:?}, block {c}, lane {l}, t {t}");
-                    assert!(same_bits(&out[l], &want[l]), "out {ctx}");
-                    assert!(same_bits(&[x[l]], &[want_x[l]]), "state {ctx}");
+                    let ctx = format!("{isa:?}, {mode:?}, block {c}, lane {l}, t {t}");
+                    if let Some(x) = x {
+                        assert!(same_bits(&out[l], &want[l]), "out {ctx}");
+                        assert!(same_bits(&[x[l]], &[want_x[l]]), "state {ctx}");
+                    }
                     let mut d = vec![T::ZERO; z[l].len()];
-                    let want_lam = adjoint_row(&z[l], Some(ms[l]), &g, MaskMode::Zero, &mut d);
+                    let want_lam = adjoint_row(&z[l], Some(ms[l]), &g, mode, &mut d);
                     assert!(same_bits(&dz[l], &d), "dz {ctx}");
                     assert!(same_bits(&[lam[l]], &[want_lam.unwrap()]), "lam {ctx}");
                 }
             }
         }
     }
-    for (t, seed) in [(20, 13), (300, 17)] {
-        check::<f32>(t, seed);
-        check::<f64>(t, seed);
+    for mode in [MaskMode::Zero, MaskMode::Hold] {
+        for (t, seed) in [(20, 13), (300, 17)] {
+            check::<f32>(t, seed, mode);
+            check::<f64>(t, seed, mode);
+        }
     }
 }
