@@ -1,6 +1,7 @@
 //! Throughput of the Rust core's kernels on one and two threads, without Python in the way:
 //! `cargo bench --bench kernel` (B=rows, T=time to change the shape, REPEATS the number of timed
-//! calls per case, THREADS=1,2 the thread counts, CASES=name,name to run only some cases).
+//! calls per case, THREADS=1,2 the thread counts, CASES=name,name to run only some cases, FULL=1
+//! every row full length: the masked and packed paths' own cost against the unmasked one).
 //! Unmasked padded calls run the row-block kernels (explicit SIMD for the best instruction set
 //! the CPU has); masked and packed calls run them through `ragged.rs` (rows of their own
 //! lengths; rows with holes compacted under "hold", zeroed under "zero"). The layouts are those of

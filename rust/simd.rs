@@ -475,32 +475,6 @@ mod x86 {
         }
     }
 
-    /// Mask bytes `m[0..8]` (0 or 1) as 8 `f32` lanes of all ones (1) or zero (0).
-    ///
-    /// # Safety
-    /// `m` must be readable for 8 bytes.
-    #[inline]
-    #[target_feature(enable = "avx2")]
-    unsafe fn widen_f32(m: *const u8) -> __m256 {
-        // SAFETY: the caller's bound.
-        let b = unsafe { _mm_loadl_epi64(m.cast()) };
-        let ones = _mm256_sub_epi32(_mm256_setzero_si256(), _mm256_cvtepu8_epi32(b));
-        _mm256_castsi256_ps(ones)
-    }
-
-    /// Mask bytes `m[0..4]` (0 or 1) as 4 `f64` lanes of all ones (1) or zero (0).
-    ///
-    /// # Safety
-    /// `m` must be readable for 4 bytes.
-    #[inline]
-    #[target_feature(enable = "avx2")]
-    unsafe fn widen_f64(m: *const u8) -> __m256d {
-        // SAFETY: the caller's bound.
-        let b = _mm_cvtsi32_si128(unsafe { m.cast::<i32>().read_unaligned() });
-        let ones = _mm256_sub_epi64(_mm256_setzero_si256(), _mm256_cvtepu8_epi64(b));
-        _mm256_castsi256_pd(ones)
-    }
-
     /// Bit `i` set where byte `i` of `m[..n]` (`n <= 32`; bytes 0 or 1) is 1: the valid positions
     /// of 32 in a row.
     ///
@@ -775,12 +749,13 @@ mod x86 {
 
     /// Implements [`Lanes`] for one element type (its AVX2 forward and adjoint kernels), in module
     /// `$m` with the tile helpers both kernels share: `$t` elements, `$v` registers of `$w` lanes
-    /// (`LANES / $w` groups), chunk transposes `$load` and `$store`.
+    /// (`LANES / $w` groups), chunk transposes `$load` and `$store`, the lanes' gain indices and
+    /// mask bits `$ix` (`ix32`, `ix64`) and the select `$blend`.
     macro_rules! kernels {
         ($m:ident, $t:ty, $v:ty, $w:expr, $load:ident, $store:ident,
          $zero:ident, $splat:ident, $add:ident, $mul:ident, $loadu:ident, $storeu:ident,
-         $cast_si:ident, $cast_v:ident, $cmpeq:ident, $andnot:ident, $and:ident, $or:ident,
-         $widen:ident, $ix:ident, $blend:ident) => {
+         $cast_v:ident, $andnot:ident, $and:ident, $or:ident,
+         $ix:ident, $blend:ident) => {
             mod $m {
                 use super::*;
 
@@ -976,9 +951,9 @@ mod x86 {
                     }
 
                     /// The forward kernel with masks (`MaskMode::Zero`): as `forward_avx2`, with
-                    /// each tile's mask bytes widened to all-ones or zero elements per lane and
-                    /// transposed beside the values; `obs = mask & z`, `out = mask & x` (the
-                    /// one-row kernel's selects, `+0.0` where masked).
+                    /// each lane's mask bits, 32 positions a word, tested position by position
+                    /// (the bit becomes an all-ones or zero lane); `obs = mask & z`, `out = mask &
+                    /// x` (the one-row kernel's selects, `+0.0` where masked).
                     #[target_feature(enable = "avx2")]
                     unsafe fn forward_zero_avx2(
                         src: &[*const $t; LANES],
@@ -997,9 +972,7 @@ mod x86 {
                         let mut x = to_registers(&x0);
                         let mut ends = x0;
                         let mut buf: Tile = [[[$zero(); $w]; TILE / $w]; G];
-                        let mut valid: Tile = [[[$zero(); $w]; TILE / $w]; G];
-                        // Each lane's widened mask of the tile, row-major.
-                        let mut wide: [[$t; TILE]; LANES] = [[0.0; TILE]; LANES];
+                        let mut words = [[0u32; LANES]; TILE / 32];
                         let mut p = 0;
                         while p < top {
                             let mut n = TILE.min(top - p);
@@ -1023,39 +996,38 @@ mod x86 {
                                     junk_ptr
                                 }
                             });
-                            for (l, wl) in wide.iter_mut().enumerate() {
-                                if whole[l] > p {
-                                    for c in (0..n).step_by($w) {
-                                        // SAFETY: p + c + $w <= p + n <= whole[l]: inside the
-                                        // mask row; the store inside `wl` (c + $w <= TILE).
+                            let n_words = n.div_ceil(32);
+                            for l in 0..LANES {
+                                for (j, wj) in words[..n_words].iter_mut().enumerate() {
+                                    wj[l] = if whole[l] > p {
+                                        // SAFETY: p + 32 j + (n - 32 j).min(32) <= p + n <=
+                                        // whole[l]: inside the mask row.
                                         unsafe {
-                                            let v = $widen(mp[l].add(p + c));
-                                            $storeu(wl.as_mut_ptr().add(c), v);
+                                            valid_bits(mp[l].add(p + 32 * j), (n - 32 * j).min(32))
                                         }
-                                    }
+                                    } else {
+                                        0
+                                    };
                                 }
                             }
-                            let wp: [*const $t; LANES] = std::array::from_fn(|l| {
-                                if whole[l] > p {
-                                    wide[l].as_ptr()
-                                } else {
-                                    zeros.as_ptr()
-                                }
-                            });
                             // SAFETY: n <= whole[l] - p for every active lane, n <= TILE for
-                            // the scratch tiles and `wide`.
-                            unsafe {
-                                tile_in!($load, $w, false, &s, n, &mut buf);
-                                tile_in!($load, $w, false, &wp, n, &mut valid);
-                            }
-                            let gains = a[p..p + n].iter().zip(&k[p..p + n]).enumerate();
-                            for (i, (&at, &kt)) in gains {
-                                let (at, kt) = ($splat(at), $splat(kt));
-                                for ((xg, bg), vg) in x.iter_mut().zip(buf.iter_mut()).zip(&valid) {
-                                    let (b, v) = (&mut bg[i / $w][i % $w], vg[i / $w][i % $w]);
-                                    let obs = $and(v, *b);
-                                    *xg = $add($mul(at, *xg), $mul(kt, obs));
-                                    *b = $and(v, *xg);
+                            // the scratch tiles.
+                            unsafe { tile_in!($load, $w, false, &s, n, &mut buf) };
+                            for (j, wj) in words[..n_words].iter().enumerate() {
+                                let bits: [__m256i; G] = std::array::from_fn(|g| $ix::words(wj, g));
+                                let hi = (32 * j + 32).min(n);
+                                let gains =
+                                    a[p + 32 * j..p + hi].iter().zip(&k[p + 32 * j..p + hi]);
+                                for (r, (&at, &kt)) in gains.enumerate() {
+                                    let (at, kt) = ($splat(at), $splat(kt));
+                                    let i = 32 * j + r;
+                                    for g in 0..G {
+                                        let v = $cast_v($ix::bit(bits[g], r));
+                                        let b = &mut buf[g][i / $w][i % $w];
+                                        let obs = $and(v, *b);
+                                        x[g] = $add($mul(at, x[g]), $mul(kt, obs));
+                                        *b = $and(v, x[g]);
+                                    }
                                 }
                             }
                             // SAFETY: as for tile_in.
@@ -1085,7 +1057,7 @@ mod x86 {
                     }
 
                     /// The adjoint kernel with masks (`MaskMode::Zero`): as `adjoint_avx2`, with
-                    /// each tile's mask bytes widened and transposed beside the gradients; a
+                    /// each lane's mask bits as in `forward_zero_avx2`; a
                     /// masked gradient enters the running sum as `-0.0` (`lam + -0.0` is `lam`,
                     /// bitwise) and its `dz` is `mask & (k lam)` (`+0.0`).
                     #[target_feature(enable = "avx2")]
@@ -1120,8 +1092,7 @@ mod x86 {
                         let junk_ptr = junk.as_mut_ptr();
                         let mut m = to_registers(&lam);
                         let mut buf: Tile = [[[$zero(); $w]; TILE / $w]; G];
-                        let mut valid: Tile = [[[$zero(); $w]; TILE / $w]; G];
-                        let mut wide: [[$t; TILE]; LANES] = [[0.0; TILE]; LANES];
+                        let mut words = [[0u32; LANES]; TILE / 32];
                         let neg_zero = $splat(-0.0);
                         let mut end = top;
                         while end > 0 {
@@ -1152,40 +1123,39 @@ mod x86 {
                                     junk_ptr
                                 }
                             });
-                            for (l, wl) in wide.iter_mut().enumerate() {
-                                if whole[l] >= end {
-                                    for c in (0..n).step_by($w) {
-                                        // SAFETY: p + c + $w <= end <= whole[l]: inside the
-                                        // mask row; the store inside `wl` (c + $w <= TILE).
+                            let n_words = n.div_ceil(32);
+                            for l in 0..LANES {
+                                for (j, wj) in words[..n_words].iter_mut().enumerate() {
+                                    wj[l] = if whole[l] >= end {
+                                        // SAFETY: p + 32 j + (n - 32 j).min(32) <= end <=
+                                        // whole[l]: inside the mask row.
                                         unsafe {
-                                            let v = $widen(mp[l].add(p + c));
-                                            $storeu(wl.as_mut_ptr().add(c), v);
+                                            valid_bits(mp[l].add(p + 32 * j), (n - 32 * j).min(32))
                                         }
-                                    }
+                                    } else {
+                                        0
+                                    };
                                 }
                             }
-                            let wp: [*const $t; LANES] = std::array::from_fn(|l| {
-                                if whole[l] >= end {
-                                    wide[l].as_ptr()
-                                } else {
-                                    zeros.as_ptr()
-                                }
-                            });
                             // SAFETY: p + n = end <= whole[l] for every active lane, n <= TILE
-                            // for the scratch tiles and `wide`.
-                            unsafe {
-                                tile_in!($load, $w, true, &s, n, &mut buf);
-                                tile_in!($load, $w, true, &wp, n, &mut valid);
-                            }
-                            let gains = a[p..end].iter().zip(&k[p..end]).enumerate().rev();
-                            for (i, (&at, &kt)) in gains {
-                                let (at, kt) = ($splat(at), $splat(kt));
-                                for ((mg, bg), vg) in m.iter_mut().zip(buf.iter_mut()).zip(&valid) {
-                                    let (b, v) = (&mut bg[i / $w][i % $w], vg[i / $w][i % $w]);
-                                    let g = $or($and(v, *b), $andnot(v, neg_zero));
-                                    *mg = $add(*mg, g);
-                                    *b = $and(v, $mul(kt, *mg));
-                                    *mg = $mul(at, *mg);
+                            // for the scratch tiles.
+                            unsafe { tile_in!($load, $w, true, &s, n, &mut buf) };
+                            for (j, wj) in words[..n_words].iter().enumerate().rev() {
+                                let bits: [__m256i; G] = std::array::from_fn(|g| $ix::words(wj, g));
+                                let hi = (32 * j + 32).min(n);
+                                let gains =
+                                    a[p + 32 * j..p + hi].iter().zip(&k[p + 32 * j..p + hi]);
+                                for (r, (&at, &kt)) in gains.enumerate().rev() {
+                                    let (at, kt) = ($splat(at), $splat(kt));
+                                    let i = 32 * j + r;
+                                    for g in 0..G {
+                                        let v = $cast_v($ix::bit(bits[g], r));
+                                        let b = &mut buf[g][i / $w][i % $w];
+                                        let gr = $or($and(v, *b), $andnot(v, neg_zero));
+                                        m[g] = $add(m[g], gr);
+                                        *b = $and(v, $mul(kt, m[g]));
+                                        m[g] = $mul(at, m[g]);
+                                    }
                                 }
                             }
                             // SAFETY: as for tile_in.
@@ -1429,13 +1399,10 @@ mod x86 {
         _mm256_mul_ps,
         _mm256_loadu_ps,
         _mm256_storeu_ps,
-        _mm256_castps_si256,
         _mm256_castsi256_ps,
-        _mm256_cmpeq_epi32,
         _mm256_andnot_ps,
         _mm256_and_ps,
         _mm256_or_ps,
-        widen_f32,
         ix32,
         _mm256_blendv_ps
     );
@@ -1452,13 +1419,10 @@ mod x86 {
         _mm256_mul_pd,
         _mm256_loadu_pd,
         _mm256_storeu_pd,
-        _mm256_castpd_si256,
         _mm256_castsi256_pd,
-        _mm256_cmpeq_epi64,
         _mm256_andnot_pd,
         _mm256_and_pd,
         _mm256_or_pd,
-        widen_f64,
         ix64,
         _mm256_blendv_pd
     );
