@@ -22,6 +22,7 @@ process are unaffected; the backend defines its interpreted kernels apart from t
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 import os
 import re
@@ -434,6 +435,81 @@ def test_per_row_choice_follows_rows_and_multiprocessors(monkeypatch):
     assert not tb._per_row(132 * 4096, 4096, cuda)
 
 
+def _long_case(packed: bool, dtype: np.dtype, seed: int):
+    """4400 tokens in rows that span more than one 2048-token tile (the large tile): padded
+    2 x 2200; packed an empty row, a one-token row, rows starting mid-tile, one longer than a
+    tile; holes longer than a tile (from a row start over a tile boundary, inside a row over
+    one). Returns ``batch(with_mask)``, a :mod:`kpo_rs.testing` batch with or without the mask."""
+    rng = np.random.default_rng(seed)
+    values = rng.normal(size=4400).astype(dtype)
+    mask = rng.random(4400) < 0.7
+    mask[2200:4300] = False  # padded: from row 1's start over a tile end; packed: rows 3 to 5
+    mask[150:2250] = False  # padded: inside row 0 over a tile end; packed: from row 3's start
+    if packed:
+        cu = np.array([0, 0, 1, 150, 2500, 3000, 4400])
+        return lambda m: testing.PackedBatch(values, cu, mask if m else None)
+    return lambda m: testing.PaddedBatch(
+        values.reshape(2, 2200), mask.reshape(2, 2200) if m else None
+    )
+
+
+@pytest.mark.parametrize(("packed", "dtype", "masked"), LOOK_BACK_CASES)
+def test_large_tiles_match_reference(packed, dtype, masked):
+    """The large tile (``tb.LARGE_TILE`` tokens): forward and adjoint against the reference
+    within the stated bound, the look-back path with a mask and per-row prior means, the
+    per-row path without a mask and a float prior mean; rows and holes span tiles. (The
+    interpreter ignores the warp count; the compiled configurations are checked by the PTX
+    tests below.)"""
+    np_dtype = np.float32 if dtype == torch.float32 else np.float64
+    batch = _long_case(packed, np_dtype, seed=5)
+    params = {"q": 0.02, "r": 1.0, "p0": 1.0, "m0": 0.5, "masked": masked}
+    _check_module(batch(True), params, 7, "per row", tb.LARGE_TILE, None)
+    _check_module(batch(False), params, 7, "float", tb.LARGE_TILE, True)
+
+
+#: (packed, dtype, masked) of the large tile's bitwise test: one in the fast tier (the packed
+#: per-row path rescans the tiles its rows share, some 35 s under the interpreter), the rest slow.
+LARGE_TILE_BITS_CASES = [
+    pytest.param(
+        *case.values,
+        marks=[] if case.values == (False, torch.float32, "zero") else [pytest.mark.slow],
+    )
+    for case in LOOK_BACK_CASES
+]
+
+
+@pytest.mark.parametrize(("packed", "dtype", "masked"), LARGE_TILE_BITS_CASES)
+def test_large_tiles_paths_and_look_back_give_the_same_bits(packed, dtype, masked):
+    """At the large tile, with a mask: the per-row kernels, and the look-back walking over
+    aggregates (inclusive values never published but at resets, a window of 2 flags), bitwise
+    equal to the default look-back, forward and adjoint (and its count pre-pass)."""
+    np_dtype = np.float32 if dtype == torch.float32 else np.float64
+    batch = _long_case(packed, np_dtype, seed=9)(True)
+    z = _t(batch.values)
+    g = torch.from_numpy(np.random.default_rng(10).normal(size=batch.values.shape)).to(dtype)
+    cu = _t(batch.cu_seqlens) if packed else None
+    m0_rows = torch.linspace(-1.0, 1.0, _n_rows(batch), dtype=dtype)
+    params = FilterParams(q=1e-2, r=0.5, p0=2.0, masked=masked)
+    results = []
+    for per_row, setting in [(False, LOOK_BACK_SETTINGS[0]), (True, LOOK_BACK_SETTINGS[0]),
+                             (False, (0, 2, True))]:  # fmt: skip
+        with triton_tile(tb.LARGE_TILE), _look_back(*setting), _per_row_set(per_row):
+            rows = Rows(z, cu, _t(batch.mask), params)
+            y = tb.forward(rows, m0_rows, check="sync")
+            results.append([y, *tb.adjoint(rows._replace(values=g), check="sync")])
+    for other in results[1:]:
+        for want, have in zip(results[0], other, strict=True):
+            assert torch.equal(_bits(want), _bits(have))
+
+
+@contextlib.contextmanager
+def _per_row_set(per_row: bool | None):
+    """``tb.PER_ROW`` inside the block, restored on leaving."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(tb, "PER_ROW", per_row)
+        yield
+
+
 #: The interpreted kernel module, for the kernels these tests define (triton's interpreter
 #: resolves a kernel's names in its module's globals).
 _INTERPRETED = None
@@ -590,13 +666,51 @@ def test_backend_choice_follows_triton_interpret_on_cpu(monkeypatch):
 
 
 def test_launch_parameters_follow_the_shape(monkeypatch):
-    """1024-token tiles (4 warps) while the grid covers 2 x 132 multiprocessors, else smaller."""
+    """1024-token tiles (4 warps) while the grid covers 2 x 132 multiprocessors, else smaller;
+    float32 rows that do not fill the device (the look-back path) take 2048-token tiles with 8
+    warps where that grid still covers 2 x 132 multiprocessors; ``PER_ROW`` does not change the
+    choice, ``TILE`` overrides it."""
     monkeypatch.setattr(tb, "_multiprocessors", lambda device: 132)
-    cuda = torch.device("cuda")
-    assert tb._launch(16 * 131072, cuda) == (1024, 4)
-    assert tb._launch(256 * 65536, cuda) == (1024, 4)
-    assert tb._launch(64 * 4096, cuda) == (512, 2)
-    assert tb._launch(8 * 256, cuda) == (256, 1)
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    f32, f64 = torch.float32, torch.float64
+    large = (tb.LARGE_TILE, tb.LARGE_WARPS)
+    assert large == (2048, 8)
+    # few long rows: padded 16 x 131072, one packed row of 1M tokens, a packed batch whose
+    # longest row is not known (taken as the whole batch)
+    assert tb._launch(16 * 131072, 131072, f32, cuda) == large
+    assert tb._launch(1 << 20, 1 << 20, f32, cuda) == large
+    assert tb._launch(200 * 5000, 200 * 5000, f32, cuda) == large
+    assert tb._launch(16 * 131072, 131072, f64, cuda) == (1024, 4)  # float64 keeps 1024
+    # the grid of 2048-token tiles must cover 2 x 132 multiprocessors: 540672 tokens
+    assert tb._launch(2048 * 264, 2048 * 264, f32, cuda) == large
+    assert tb._launch(2048 * 264 - 1, 2048 * 264, f32, cuda) == (1024, 4)
+    # rows that fill the device (per-row path): 1024 whatever the dtype
+    assert tb._launch(256 * 65536, 65536, f32, cuda) == (1024, 4)
+    assert tb._launch(132 * 8192, 8192, f32, cuda) == (1024, 4)
+    assert tb._launch(131 * 8192, 8192, f32, cuda) == large  # one row fewer than the SMs
+    # smaller inputs
+    assert tb._launch(64 * 4096, 4096, f32, cuda) == (512, 2)
+    assert tb._launch(8 * 256, 256, f32, cuda) == (256, 1)
+    assert tb._launch(1 << 20, 1 << 20, f32, cpu) == (256, 4)
+    for per_row in (True, False):
+        monkeypatch.setattr(tb, "PER_ROW", per_row)
+        assert tb._launch(16 * 131072, 131072, f32, cuda) == large
+        assert tb._launch(256 * 65536, 65536, f32, cuda) == (1024, 4)
+    monkeypatch.setattr(tb, "PER_ROW", None)
+    for tile, warps in [(8, 4), (1024, 4), (2048, 8), (4096, 8)]:
+        monkeypatch.setattr(tb, "TILE", tile)
+        assert tb._launch(16 * 131072, 131072, f32, cuda) == (tile, warps)
+        assert tb._launch(8, 8, f64, cpu) == (tile, warps)
+
+
+def test_launch_options_hold_large_tiles_to_the_register_budget():
+    """Programs of more than 4 warps are compiled with ``maxnreg`` at the register budget;
+    4-warp programs and the interpreter get no register option."""
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert tb._options(cuda, 8) == {"num_warps": 8, "enable_fp_fusion": True, "maxnreg": 128}
+    assert tb._options(cuda, 4) == {"num_warps": 4, "enable_fp_fusion": True}
+    assert tb._options(cpu, 8) == {"num_warps": 8}
+    assert tb.MAX_REGISTERS == REGISTER_BUDGET
 
 
 # --------------------------------------------------------------------------------------------
@@ -624,6 +738,26 @@ def _signature(fn, dtype: str, constexprs: dict) -> dict:
     return sig
 
 
+def _launch_options(bt: int) -> dict:
+    """The compile options the backend launches ``bt``-token programs with on CUDA (the warps
+    :func:`~kpo_rs.backends.triton._launch` pairs with ``bt``; ``maxnreg`` for 8 warps)."""
+    return tb._options(torch.device("cuda"), tb._warps(bt))
+
+
+#: The large tile's configurations (float32 only, see ``tb._launch``): 2048 tokens, 8 warps.
+LARGE_TILE_VARIANTS = [
+    ("forward_kernel", "fp32", dict(BT=2048, PACKED=True, HAS_MASK=True, HOLD=True, M0_PTR=True)),
+    ("forward_kernel", "fp32",
+     dict(BT=2048, PACKED=False, HAS_MASK=False, HOLD=True, M0_PTR=False)),
+    ("forward_kernel", "fp32",
+     dict(BT=2048, PACKED=False, HAS_MASK=True, HOLD=False, M0_PTR=False)),
+    ("forward_kernel", "fp32",
+     dict(BT=2048, PACKED=True, HAS_MASK=False, HOLD=False, M0_PTR=False)),
+    ("count_kernel", "fp32", dict(BT=2048, PACKED=True)),
+    ("adjoint_kernel", "fp32", dict(BT=2048, PACKED=True, HAS_MASK=True, HOLD=True)),
+    ("adjoint_kernel", "fp32", dict(BT=2048, PACKED=False, HAS_MASK=False, HOLD=False)),
+]  # fmt: skip
+
 KERNEL_VARIANTS = [
     ("forward_kernel", "fp32", dict(BT=1024, PACKED=True, HAS_MASK=True, HOLD=True, M0_PTR=True)),
     ("forward_kernel", "fp32", dict(BT=256, PACKED=False, HAS_MASK=False, HOLD=True, M0_PTR=False)),
@@ -635,7 +769,7 @@ KERNEL_VARIANTS = [
 
 
 @pytest.mark.parametrize("arch", [80, 90])
-@pytest.mark.parametrize(("name", "dtype", "constexprs"), KERNEL_VARIANTS)
+@pytest.mark.parametrize(("name", "dtype", "constexprs"), KERNEL_VARIANTS + LARGE_TILE_VARIANTS)
 def test_kernels_compile_to_ptx(arch, name, dtype, constexprs):
     """Each kernel, with each of its branches in some variant, compiles for sm_80 and sm_90 on
     this machine (no GPU needed); the look-back's flag reads are acquire loads and its
@@ -647,8 +781,7 @@ def test_kernels_compile_to_ptx(arch, name, dtype, constexprs):
     fn = getattr(tb._kernels(False), name)
     constexprs = {**constexprs, "PUBLISH": 1, "WINDOW": tb.LOOK_BACK_WINDOW}
     src = ASTSource(fn=fn, signature=_signature(fn, dtype, constexprs), constexprs=constexprs)
-    warps = max(1, min(4, constexprs["BT"] // 256))  # as the backend chooses
-    options = {"num_warps": warps, "enable_fp_fusion": True}
+    options = _launch_options(constexprs["BT"])
     compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
     ptx = compiled.asm["ptx"]
     assert f".target sm_{arch}" in ptx
@@ -681,8 +814,7 @@ def _specialised_ptx(name: str, dtype: str, constexprs: dict, arch: int = 90, mo
         and (arg.endswith("_ptr") or arg in ("total", "n_tiles", "row_len"))
     }
     src = ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs)
-    warps = max(1, min(4, constexprs["BT"] // 256))
-    options = {"num_warps": warps, "enable_fp_fusion": True}
+    options = _launch_options(constexprs["BT"])
     ptx = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options).asm["ptx"]
     target = re.search(r"\.target (sm_\w+)", ptx).group(1)  # sm_90a: triton's own target
     with tempfile.TemporaryDirectory() as tmp:
@@ -701,7 +833,7 @@ def _specialised_ptx(name: str, dtype: str, constexprs: dict, arch: int = 90, mo
 REGISTER_BUDGET = 128
 
 
-@pytest.mark.parametrize(("name", "dtype", "constexprs"), KERNEL_VARIANTS)
+@pytest.mark.parametrize(("name", "dtype", "constexprs"), KERNEL_VARIANTS + LARGE_TILE_VARIANTS)
 def test_specialised_ptx_protocol_vectors_and_registers(name, dtype, constexprs):
     """With the JIT's specialisation: every publication (``atom.exch``) is a release preceded by
     a barrier that follows the published value's store; every flag poll is an acquire (a load,
@@ -765,6 +897,13 @@ ROW_KERNEL_VARIANTS = [
     ("adjoint_row_kernel", "fp32", dict(BT=1024, PACKED=True, HAS_MASK=True, HOLD=True)),
     ("adjoint_row_kernel", "fp32", dict(BT=1024, PACKED=False, HAS_MASK=False, HOLD=False)),
     ("adjoint_row_kernel", "fp64", dict(BT=512, PACKED=False, HAS_MASK=True, HOLD=False)),
+    # the large tile (float32; PER_ROW can force these where the rule picks it)
+    ("forward_row_kernel", "fp32",
+     dict(BT=2048, PACKED=True, HAS_MASK=True, HOLD=True, M0_PTR=True)),
+    ("forward_row_kernel", "fp32",
+     dict(BT=2048, PACKED=False, HAS_MASK=False, HOLD=True, M0_PTR=False)),
+    ("adjoint_row_kernel", "fp32", dict(BT=2048, PACKED=True, HAS_MASK=True, HOLD=True)),
+    ("adjoint_row_kernel", "fp32", dict(BT=2048, PACKED=False, HAS_MASK=False, HOLD=False)),
 ]  # fmt: skip
 
 
@@ -812,3 +951,25 @@ def test_specialised_ptx_polls_without_atomic_load():
     assert "fence.acquire" not in ptx and not re.search(r"ld\.relaxed", ptx)
     assert " 0 bytes spill stores" in report
     assert int(re.search(r"Used (\d+) registers", report).group(1)) <= REGISTER_BUDGET
+
+
+def _large_tile_space():
+    """Every constexpr combination of the look-back kernels at the large tile (float32)."""
+    flags = (False, True)
+    for p, m, h, z in itertools.product(flags, flags, flags, flags):
+        yield "forward_kernel", dict(BT=2048, PACKED=p, HAS_MASK=m, HOLD=h, M0_PTR=z)
+    for p, m, h in itertools.product(flags, flags, flags):
+        yield "adjoint_kernel", dict(BT=2048, PACKED=p, HAS_MASK=m, HOLD=h)
+    for p in flags:
+        yield "count_kernel", dict(BT=2048, PACKED=p)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("name", "constexprs"), list(_large_tile_space()))
+def test_specialised_ptx_of_every_large_tile_variant(name, constexprs):
+    """Every float32 look-back variant the rule can launch at the large tile (2048 tokens, 8
+    warps, ``maxnreg`` 128): no local memory or spills, registers within the budget."""
+    ptx, report = _specialised_ptx(name, "fp32", constexprs)
+    assert ".local" not in ptx
+    assert " 0 bytes spill stores" in report and " 0 bytes spill loads" in report, report
+    assert int(re.search(r"Used (\d+) registers", report).group(1)) <= REGISTER_BUDGET, report

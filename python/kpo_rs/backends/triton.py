@@ -135,42 +135,100 @@ def _multiprocessors(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def _launch(total: int, device: torch.device) -> tuple[int, int]:
-    """``(BT, num_warps)``: 1024-token tiles with 4 warps (8 tokens per thread) where the grid
-    still covers every multiprocessor twice, halved down to 256 tokens (with fewer warps) for
-    smaller inputs. Registers, not tile size, bound the tokens in flight per multiprocessor
-    (about 4096 at about 110 registers a thread, from ptxas for sm_90); 4-warp programs let four
-    tiles per multiprocessor overlap one's loads with another's scan."""
+#: Tokens per program of the large tiles (:func:`_launch`), and their warp count.
+LARGE_TILE, LARGE_WARPS = 2048, 8
+#: Registers per thread the large-tile programs may use (``maxnreg``; see :func:`_options`).
+MAX_REGISTERS = 128
+
+
+def _warps(bt: int) -> int:
+    """The warp count of ``bt``-token programs: 8 tokens per thread (8 warps for
+    :data:`LARGE_TILE` and above; 4 from 1024 tokens down to 256, then fewer, at least 1)."""
+    if bt >= LARGE_TILE:
+        return LARGE_WARPS
+    return max(1, min(4, bt // 256))
+
+
+def _launch(total: int, longest: int, dtype: torch.dtype, device: torch.device) -> tuple[int, int]:
+    """``(BT, num_warps)`` for ``total`` tokens whose longest row has ``longest`` tokens
+    (``total`` when not known), in ``dtype``.
+
+    1024-token tiles with 4 warps (8 tokens per thread) where the grid still covers every
+    multiprocessor twice, halved down to 256 tokens (with fewer warps) for smaller inputs.
+    Registers, not tile size, bound the tokens in flight per multiprocessor (about 4096 at about
+    110 registers a thread, from ptxas for sm_90); 4-warp programs let four tiles per
+    multiprocessor overlap one's loads with another's scan.
+
+    Few long rows: :data:`LARGE_TILE` (2048) tokens with :data:`LARGE_WARPS` (8) warps, still 8
+    tokens per thread, when all of these hold: CUDA, float32, the rows do not fill the device
+    (not :func:`_rows_fill`, so the look-back path runs unless :data:`PER_ROW` forces the other),
+    and the grid of 2048-token tiles still covers every multiprocessor twice
+    (``total >= 2048 * 2 * SMs``; with the rows not filling the device this also makes the
+    longest row longer than two such tiles). Then each row is a chain of tiles
+    whose look-backs walk back and compose maps one tile at a time; halving the tiles per row
+    halves that chain, with the same tokens in flight (two 256-thread programs per
+    multiprocessor at up to :data:`MAX_REGISTERS` registers instead of four of 128 threads).
+    Not for float64: at 2048 tokens and 8 warps ptxas needs up to 172 registers (sm_90a), or
+    spills up to 28 bytes when held to 128; 16 warps would fit but leave one program per
+    multiprocessor. Not 4096 tokens: at 8 warps (16 tokens per thread) ptxas needs up to 188
+    (float32) registers and spills. The choice does not depend on :data:`PER_ROW`, so both
+    paths run the same tiles and agree bitwise (the float32 per-row kernels fit 2048-token,
+    8-warp programs too).
+
+    The tile size changes the order of the in-tile scan's combinations, so results of
+    different tile sizes differ in rounding (each within :func:`kpo_rs.testing.tolerance`'s
+    bound); for one tile size the two paths agree bitwise. :data:`TILE` overrides the tile
+    (with 4 warps, or :data:`LARGE_WARPS` from :data:`LARGE_TILE` tokens up)."""
     if TILE is not None:
-        return TILE, 4
+        return TILE, (LARGE_WARPS if TILE >= LARGE_TILE else 4)
     if device.type != "cuda":
         return 256, 4
     bt, target = 1024, 2 * _multiprocessors(device)
     while bt > 256 and total < bt * target:
         bt //= 2
-    return bt, bt // 256
+    if (
+        bt == 1024
+        and dtype == torch.float32
+        and total >= LARGE_TILE * target
+        and not _rows_fill(total, longest, device)
+    ):
+        return LARGE_TILE, LARGE_WARPS
+    return bt, _warps(bt)
+
+
+def _rows_fill(total: int, longest: int, device: torch.device) -> bool:
+    """Whether the rows alone fill the CUDA device: the longest row no longer than one
+    multiprocessor's share of the tokens (``longest * SMs <= total``; padded: the rows at least
+    as many as the multiprocessors)."""
+    return longest * _multiprocessors(device) <= total
 
 
 def _per_row(total: int, longest: int, device: torch.device) -> bool:
-    """Whether the forward runs one program per row: on CUDA when the longest row is no longer
-    than one multiprocessor's share of the tokens (``longest * SMs <= total``; padded: the rows
-    at least as many as the multiprocessors). Then the rows alone fill the device and no program
-    walks much longer than the average, so the look-back's flags, polls and workspace buy
-    nothing. A packed batch whose longest row is not known (device ``cu_seqlens``, no
-    ``rows.longest``) keeps the look-back. :data:`PER_ROW` overrides."""
+    """Whether the forward runs one program per row: on CUDA when the rows alone fill the device
+    (:func:`_rows_fill`). Then no program walks much longer than the average, so the
+    look-back's flags, polls and workspace buy nothing. A packed batch whose longest row is not
+    known (device ``cu_seqlens``, no ``rows.longest``) keeps the look-back. :data:`PER_ROW`
+    overrides."""
     if PER_ROW is not None:
         return PER_ROW
     if device.type != "cuda":
         return False
-    return longest * _multiprocessors(device) <= total
+    return _rows_fill(total, longest, device)
 
 
 def _options(device: torch.device, warps: int) -> dict:
     """Launch options: the warp count, and fused multiply-adds (one rounding per ``a x + b``;
-    named, so that triton's changing default does not change results)."""
+    named, so that triton's changing default does not change results). Programs of more than 4
+    warps (the large tiles) are allowed :data:`MAX_REGISTERS` registers a thread
+    (``maxnreg``): left to itself ptxas holds a 256-thread program of the packed masked forward
+    (``masked="hold"``) to 80 registers and spills 12 bytes; allowed 128 it uses 95 and spills
+    none (sm_90a)."""
     if device.type != "cuda":
         return {"num_warps": warps}
-    return {"num_warps": warps, "enable_fp_fusion": True}
+    options = {"num_warps": warps, "enable_fp_fusion": True}
+    if warps > 4:
+        options["maxnreg"] = MAX_REGISTERS
+    return options
 
 
 # --------------------------------------------------------------------------------------------
@@ -343,7 +401,7 @@ def _call(rows: Rows, name: str) -> _Call:
     _check_size(total, name)
     x = rows.values.contiguous()
     mask = None if rows.mask is None else rows.mask.contiguous()
-    bt, warps = _launch(total, x.device)
+    bt, warps = _launch(total, longest, x.dtype, x.device)
     return _Call(
         x, mask, cu, total, n_rows, row_len, longest, rows.packed,
         rows.params.masked == "hold", bt, warps, -(-total // bt),
