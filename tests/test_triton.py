@@ -677,7 +677,8 @@ def test_backend_choice_follows_triton_interpret_on_cpu(monkeypatch):
 
 
 def test_launch_parameters_follow_the_shape(monkeypatch):
-    """1024-token tiles (4 warps) while the grid covers 2 x 132 multiprocessors, else smaller;
+    """1024-token tiles (4 warps, 8 in float64) while the grid covers 2 x 132 multiprocessors,
+    else smaller;
     float32 rows that do not fill the device (the look-back path) take 2048-token tiles with 8
     warps where that grid still covers 2 x 132 multiprocessors; ``PER_ROW`` does not change the
     choice, ``TILE`` overrides it."""
@@ -691,7 +692,7 @@ def test_launch_parameters_follow_the_shape(monkeypatch):
     assert tb._launch(16 * 131072, 131072, f32, cuda) == large
     assert tb._launch(1 << 20, 1 << 20, f32, cuda) == large
     assert tb._launch(200 * 5000, 200 * 5000, f32, cuda) == large
-    assert tb._launch(16 * 131072, 131072, f64, cuda) == (1024, 4)  # float64 keeps 1024
+    assert tb._launch(16 * 131072, 131072, f64, cuda) == (1024, 8)  # float64 keeps 1024
     # the grid of 2048-token tiles must cover 2 x 132 multiprocessors: 540672 tokens
     assert tb._launch(2048 * 264, 2048 * 264, f32, cuda) == large
     assert tb._launch(2048 * 264 - 1, 2048 * 264, f32, cuda) == (1024, 4)
@@ -708,18 +709,23 @@ def test_launch_parameters_follow_the_shape(monkeypatch):
         assert tb._launch(16 * 131072, 131072, f32, cuda) == large
         assert tb._launch(256 * 65536, 65536, f32, cuda) == (1024, 4)
     monkeypatch.setattr(tb, "PER_ROW", None)
-    for tile, warps in [(8, 4), (1024, 4), (2048, 8), (4096, 8)]:
+    # float64: 4 tokens a thread
+    assert tb._launch(256 * 65536, 65536, f64, cuda) == (1024, 8)
+    assert tb._launch(64 * 4096, 4096, f64, cuda) == (512, 4)
+    assert tb._launch(8 * 256, 256, f64, cuda) == (256, 2)
+    for tile, w32, w64 in [(8, 4, 8), (1024, 4, 8), (2048, 8, 8), (4096, 8, 8)]:
         monkeypatch.setattr(tb, "TILE", tile)
-        assert tb._launch(16 * 131072, 131072, f32, cuda) == (tile, warps)
-        assert tb._launch(8, 8, f64, cpu) == (tile, warps)
+        assert tb._launch(16 * 131072, 131072, f32, cuda) == (tile, w32)
+        assert tb._launch(8, 8, f64, cpu) == (tile, w64)
 
 
-def test_launch_options_hold_large_tiles_to_the_register_budget():
-    """Programs of more than 4 warps are compiled with ``maxnreg`` at the register budget;
-    4-warp programs and the interpreter get no register option."""
+def test_launch_options_hold_every_program_to_the_register_budget():
+    """CUDA programs of every warp count are compiled with ``maxnreg`` at the register budget;
+    the interpreter gets no register option."""
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
-    assert tb._options(cuda, 8) == {"num_warps": 8, "enable_fp_fusion": True, "maxnreg": 128}
-    assert tb._options(cuda, 4) == {"num_warps": 4, "enable_fp_fusion": True}
+    for warps in (1, 2, 4, 8):
+        want = {"num_warps": warps, "enable_fp_fusion": True, "maxnreg": REGISTER_BUDGET}
+        assert tb._options(cuda, warps) == want
     assert tb._options(cpu, 8) == {"num_warps": 8}
     assert tb.MAX_REGISTERS == REGISTER_BUDGET
 
@@ -749,10 +755,12 @@ def _signature(fn, dtype: str, constexprs: dict) -> dict:
     return sig
 
 
-def _launch_options(bt: int) -> dict:
-    """The compile options the backend launches ``bt``-token programs with on CUDA (the warps
-    :func:`~kpo_rs.backends.triton._launch` pairs with ``bt``; ``maxnreg`` for 8 warps)."""
-    return tb._options(torch.device("cuda"), tb._warps(bt))
+def _launch_options(bt: int, dtype: str) -> dict:
+    """The compile options the backend launches ``bt``-token programs of ``dtype`` (``"fp32"``,
+    ``"fp64"``) with on CUDA (the warps :func:`~kpo_rs.backends.triton._launch` pairs with
+    them, and ``maxnreg``)."""
+    torch_dtype = torch.float64 if dtype == "fp64" else torch.float32
+    return tb._options(torch.device("cuda"), tb._warps(bt, torch_dtype))
 
 
 #: The large tile's configurations (float32 only, see ``tb._launch``): 2048 tokens, 8 warps.
@@ -792,7 +800,7 @@ def test_kernels_compile_to_ptx(arch, name, dtype, constexprs):
     fn = getattr(tb._kernels(False), name)
     constexprs = {**constexprs, "PUBLISH": 1, "WINDOW": tb.LOOK_BACK_WINDOW}
     src = ASTSource(fn=fn, signature=_signature(fn, dtype, constexprs), constexprs=constexprs)
-    options = _launch_options(constexprs["BT"])
+    options = _launch_options(constexprs["BT"], dtype)
     compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
     ptx = compiled.asm["ptx"]
     assert f".target sm_{arch}" in ptx
@@ -825,7 +833,7 @@ def _specialised_ptx(name: str, dtype: str, constexprs: dict, arch: int = 90, mo
         and (arg.endswith("_ptr") or arg in ("total", "n_tiles", "row_len"))
     }
     src = ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs)
-    options = _launch_options(constexprs["BT"])
+    options = _launch_options(constexprs["BT"], dtype)
     ptx = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options).asm["ptx"]
     target = re.search(r"\.target (sm_\w+)", ptx).group(1)  # sm_90a: triton's own target
     with tempfile.TemporaryDirectory() as tmp:
@@ -888,8 +896,10 @@ def test_specialised_ptx_protocol_vectors_and_registers(name, dtype, constexprs)
     if name == "forward_kernel" and constexprs["HAS_MASK"]:
         # z under the in-bounds mask, selected by validity after: vectors, masked or packed
         assert ptx.count("ld.global.v4") + ptx.count("ld.global.v2") >= 2
-        if not constexprs["PACKED"]:  # and padded, no scalar global load at all
-            assert not re.search(r"ld\.global\.(b|u|s)\d", ptx)
+        if not constexprs["PACKED"]:  # and padded, no scalar global load at all: in float64
+            # (4 tokens a thread) a thread's 4 mask bytes come as one 32-bit load
+            scalar = set(re.findall(r"ld\.global\.(?:(?:b|u|s)(\d+))", ptx))
+            assert scalar <= ({"32"} if dtype == "fp64" else set()), scalar
     if name == "adjoint_kernel":
         # natural order within the tile (a reversed scan): g, dz vectorise, as the forward's z, y
         assert ptx.count("ld.global.v4") + ptx.count("ld.global.v2") >= 2
@@ -964,23 +974,37 @@ def test_specialised_ptx_polls_without_atomic_load():
     assert int(re.search(r"Used (\d+) registers", report).group(1)) <= REGISTER_BUDGET
 
 
-def _large_tile_space():
-    """Every constexpr combination of the look-back kernels at the large tile (float32)."""
+def _tile_space(bt: int):
+    """Every constexpr combination of the kernels (look-back and per-row) at ``bt``-token
+    tiles."""
     flags = (False, True)
     for p, m, h, z in itertools.product(flags, flags, flags, flags):
-        yield "forward_kernel", dict(BT=2048, PACKED=p, HAS_MASK=m, HOLD=h, M0_PTR=z)
+        for name in ("forward_kernel", "forward_row_kernel"):
+            yield name, dict(BT=bt, PACKED=p, HAS_MASK=m, HOLD=h, M0_PTR=z)
     for p, m, h in itertools.product(flags, flags, flags):
-        yield "adjoint_kernel", dict(BT=2048, PACKED=p, HAS_MASK=m, HOLD=h)
+        for name in ("adjoint_kernel", "adjoint_row_kernel"):
+            yield name, dict(BT=bt, PACKED=p, HAS_MASK=m, HOLD=h)
     for p in flags:
-        yield "count_kernel", dict(BT=2048, PACKED=p)
+        yield "count_kernel", dict(BT=bt, PACKED=p)
+
+
+#: The tiles the rule launches: 1024 tokens (4 warps) in both dtypes, the large tile (2048, 8
+#: warps) in float32 only (``tb._launch``).
+EVERY_VARIANT = [
+    (name, dtype, constexprs)
+    for bt, dtypes in ((1024, ("fp32", "fp64")), (tb.LARGE_TILE, ("fp32",)))
+    for dtype in dtypes
+    for name, constexprs in _tile_space(bt)
+]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("name", "constexprs"), list(_large_tile_space()))
-def test_specialised_ptx_of_every_large_tile_variant(name, constexprs):
-    """Every float32 look-back variant the rule can launch at the large tile (2048 tokens, 8
-    warps, ``maxnreg`` 128): no local memory or spills, registers within the budget."""
-    ptx, report = _specialised_ptx(name, "fp32", constexprs)
+@pytest.mark.parametrize(("name", "dtype", "constexprs"), EVERY_VARIANT)
+def test_specialised_ptx_of_every_variant(name, dtype, constexprs):
+    """Every kernel variant (look-back and per-row) the rule can launch at its default tile
+    (both dtypes) and at the large tile (float32), compiled as the backend launches it
+    (``maxnreg`` 128): no local memory or spills, registers within the budget."""
+    ptx, report = _specialised_ptx(name, dtype, constexprs)
     assert ".local" not in ptx
     assert " 0 bytes spill stores" in report and " 0 bytes spill loads" in report, report
     assert int(re.search(r"Used (\d+) registers", report).group(1)) <= REGISTER_BUDGET, report

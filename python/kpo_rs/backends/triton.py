@@ -137,27 +137,29 @@ def _multiprocessors(device: torch.device) -> int:
 
 #: Tokens per program of the large tiles (:func:`_launch`), and their warp count.
 LARGE_TILE, LARGE_WARPS = 2048, 8
-#: Registers per thread the large-tile programs may use (``maxnreg``; see :func:`_options`).
+#: Registers per thread every program may use (``maxnreg``; see :func:`_options`).
 MAX_REGISTERS = 128
 
 
-def _warps(bt: int) -> int:
-    """The warp count of ``bt``-token programs: 8 tokens per thread (8 warps for
-    :data:`LARGE_TILE` and above; 4 from 1024 tokens down to 256, then fewer, at least 1)."""
-    if bt >= LARGE_TILE:
-        return LARGE_WARPS
-    return max(1, min(4, bt // 256))
+def _warps(bt: int, dtype: torch.dtype) -> int:
+    """The warp count of ``bt``-token programs: 8 tokens per thread in float32, 4 in float64
+    (8 float64 tokens a thread put the unmasked float64 forward at 152-154 registers, or 24
+    spilled bytes when held to :data:`MAX_REGISTERS`; at 4 every float64 look-back variant needs
+    at most 114, sm_90a), from 1 to :data:`LARGE_WARPS` warps."""
+    per_thread = 4 if dtype == torch.float64 else 8
+    return max(1, min(LARGE_WARPS, bt // (32 * per_thread)))
 
 
 def _launch(total: int, longest: int, dtype: torch.dtype, device: torch.device) -> tuple[int, int]:
     """``(BT, num_warps)`` for ``total`` tokens whose longest row has ``longest`` tokens
     (``total`` when not known), in ``dtype``.
 
-    1024-token tiles with 4 warps (8 tokens per thread) where the grid still covers every
-    multiprocessor twice, halved down to 256 tokens (with fewer warps) for smaller inputs.
-    Registers, not tile size, bound the tokens in flight per multiprocessor (about 4096 at about
-    110 registers a thread, from ptxas for sm_90); 4-warp programs let four tiles per
-    multiprocessor overlap one's loads with another's scan.
+    1024-token tiles where the grid still covers every multiprocessor twice, halved down to 256
+    tokens for smaller inputs; the warps are :func:`_warps`' (8 tokens a thread in float32: 4
+    warps at 1024 tokens; 4 in float64: 8 warps). Registers, not tile size, bound the tokens in
+    flight per multiprocessor (about 4096 float32 tokens at about 110 registers a thread, from
+    ptxas for sm_90); 4-warp programs let four tiles per multiprocessor overlap one's loads with
+    another's scan.
 
     Few long rows: :data:`LARGE_TILE` (2048) tokens with :data:`LARGE_WARPS` (8) warps, still 8
     tokens per thread, when all of these hold: CUDA, float32, the rows do not fill the device
@@ -177,10 +179,10 @@ def _launch(total: int, longest: int, dtype: torch.dtype, device: torch.device) 
 
     The tile size changes the order of the in-tile scan's combinations, so results of
     different tile sizes differ in rounding (each within :func:`kpo_rs.testing.tolerance`'s
-    bound); for one tile size the two paths agree bitwise. :data:`TILE` overrides the tile
-    (with 4 warps, or :data:`LARGE_WARPS` from :data:`LARGE_TILE` tokens up)."""
+    bound); for one tile size the two paths agree bitwise. :data:`TILE` overrides the tile,
+    with the warps of a 1024-token tile or of the tile if larger."""
     if TILE is not None:
-        return TILE, (LARGE_WARPS if TILE >= LARGE_TILE else 4)
+        return TILE, _warps(max(TILE, 1024), dtype)
     if device.type != "cuda":
         return 256, 4
     bt, target = 1024, 2 * _multiprocessors(device)
@@ -193,7 +195,7 @@ def _launch(total: int, longest: int, dtype: torch.dtype, device: torch.device) 
         and not _rows_fill(total, longest, device)
     ):
         return LARGE_TILE, LARGE_WARPS
-    return bt, _warps(bt)
+    return bt, _warps(bt, dtype)
 
 
 def _rows_fill(total: int, longest: int, device: torch.device) -> bool:
@@ -217,18 +219,16 @@ def _per_row(total: int, longest: int, device: torch.device) -> bool:
 
 
 def _options(device: torch.device, warps: int) -> dict:
-    """Launch options: the warp count, and fused multiply-adds (one rounding per ``a x + b``;
-    named, so that triton's changing default does not change results). Programs of more than 4
-    warps (the large tiles) are allowed :data:`MAX_REGISTERS` registers a thread
-    (``maxnreg``): left to itself ptxas holds a 256-thread program of the packed masked forward
-    (``masked="hold"``) to 80 registers and spills 12 bytes; allowed 128 it uses 95 and spills
-    none (sm_90a)."""
+    """Launch options: the warp count, fused multiply-adds (one rounding per ``a x + b``; named,
+    so that triton's changing default does not change results), and at most
+    :data:`MAX_REGISTERS` registers a thread (``maxnreg``), the budget the tile sizes assume.
+    Left to itself ptxas holds some programs below it and spills (sm_90a): the 8-warp packed
+    masked forward (``masked="hold"``) at 80 registers with 12 spilled bytes (95 and none at the
+    budget), the 4-warp padded masked forward with a per-row ``m0`` at 72 with 4 bytes (80 and
+    none)."""
     if device.type != "cuda":
         return {"num_warps": warps}
-    options = {"num_warps": warps, "enable_fp_fusion": True}
-    if warps > 4:
-        options["maxnreg"] = MAX_REGISTERS
-    return options
+    return {"num_warps": warps, "enable_fp_fusion": True, "maxnreg": MAX_REGISTERS}
 
 
 # --------------------------------------------------------------------------------------------
