@@ -705,6 +705,98 @@ mod x86 {
     /// stride is a multiple of 4 KiB (all rows then map to the same cache sets).
     const TILE: usize = 128;
 
+    /// The length of the forward walk's tile from `p`: up to where the first lane still active
+    /// there ends its whole chunks (`whole`), at most `TILE`, at most to `top`.
+    #[inline(always)]
+    fn forward_tile(whole: &[usize; LANES], top: usize, p: usize) -> usize {
+        let mut n = TILE.min(top - p);
+        for &w in whole {
+            if w > p {
+                n = n.min(w - p);
+            }
+        }
+        n
+    }
+
+    /// The length of the adjoint walk's tile ending at `end`: back to where the next lane joins
+    /// (the longest `whole` below `end`), at most `TILE`.
+    #[inline(always)]
+    fn adjoint_tile(whole: &[usize; LANES], end: usize) -> usize {
+        let below = whole.iter().filter(|&&w| w < end).max();
+        TILE.min(end - below.copied().unwrap_or(0))
+    }
+
+    /// Each row of `rows` at position `p` where `active`, else `spare` (a tile of zeros).
+    ///
+    /// # Safety
+    /// `rows[l].add(p)` must stay inside row `l` for every active lane.
+    #[inline(always)]
+    unsafe fn reads_at<T>(
+        rows: &[*const T; LANES],
+        active: &[bool; LANES],
+        p: usize,
+        spare: *const T,
+    ) -> [*const T; LANES] {
+        // SAFETY: the caller's.
+        std::array::from_fn(|l| {
+            if active[l] {
+                unsafe { rows[l].add(p) }
+            } else {
+                spare
+            }
+        })
+    }
+
+    /// [`reads_at`] for output rows, `spare` a scratch tile written and never read.
+    ///
+    /// # Safety
+    /// As for [`reads_at`].
+    #[inline(always)]
+    unsafe fn writes_at<T>(
+        rows: &[*mut T; LANES],
+        active: &[bool; LANES],
+        p: usize,
+        spare: *mut T,
+    ) -> [*mut T; LANES] {
+        // SAFETY: the caller's.
+        std::array::from_fn(|l| {
+            if active[l] {
+                unsafe { rows[l].add(p) }
+            } else {
+                spare
+            }
+        })
+    }
+
+    /// The valid bits of each active lane's mask over positions `p .. p + n` (`n <= TILE`), 32
+    /// positions to a word (`words[j][l]`: positions `p + 32 j ..`); an inactive lane's words are
+    /// zero. Returns the number of words.
+    ///
+    /// # Safety
+    /// `mp[l]` must be readable for `p + n` bytes for every active lane; AVX2 must be present.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn mask_words(
+        words: &mut [[u32; LANES]; TILE / 32],
+        mp: &[*const u8; LANES],
+        active: &[bool; LANES],
+        p: usize,
+        n: usize,
+    ) -> usize {
+        let n_words = n.div_ceil(32);
+        for l in 0..LANES {
+            for (j, wj) in words[..n_words].iter_mut().enumerate() {
+                wj[l] = if active[l] {
+                    // SAFETY: p + 32 j + (n - 32 j).min(32) <= p + n: the caller's bound.
+                    unsafe { valid_bits(mp[l].add(p + 32 * j), (n - 32 * j).min(32)) }
+                } else {
+                    0
+                };
+            }
+        }
+        n_words
+    }
+
     /// Transposes positions `0 .. n` (`n` a multiple of `$w`, at most `TILE`) of the rows `src`
     /// (`[*const _; LANES]`) into the tile `buf`, group by group, chunks in reverse order if
     /// `rev`, with the chunk transpose `$load` of `$w` rows. A macro, not a function: written out
@@ -784,6 +876,56 @@ mod x86 {
                     x
                 }
 
+                /// The forward's states of the lanes whose whole chunks end at `p`, into `ends`.
+                #[inline]
+                #[target_feature(enable = "avx2")]
+                fn record(x: &[$v; G], ends: &mut [$t; LANES], whole: &[usize; LANES], p: usize) {
+                    if whole.contains(&p) {
+                        let xs = from_registers(x);
+                        for l in 0..LANES {
+                            if whole[l] == p {
+                                ends[l] = xs[l];
+                            }
+                        }
+                    }
+                }
+
+                /// The adjoint's lanes whose whole chunks end at `end` (below the block's `top`,
+                /// where every lane starts) join the registers `m` with their sums `lam`.
+                #[inline]
+                #[target_feature(enable = "avx2")]
+                fn join(
+                    m: &mut [$v; G],
+                    lam: &[$t; LANES],
+                    whole: &[usize; LANES],
+                    end: usize,
+                    top: usize,
+                ) {
+                    if end < top && whole.contains(&end) {
+                        let mut v = from_registers(m);
+                        for l in 0..LANES {
+                            if whole[l] == end {
+                                v[l] = lam[l];
+                            }
+                        }
+                        *m = to_registers(&v);
+                    }
+                }
+
+                /// The adjoint's result per lane: the registers `m`, but `lam` for a lane without
+                /// whole chunks (it never joined them).
+                #[inline]
+                #[target_feature(enable = "avx2")]
+                fn leave(m: &[$v; G], lam: &[$t; LANES], whole: &[usize; LANES]) -> [$t; LANES] {
+                    let mut out = from_registers(m);
+                    for l in 0..LANES {
+                        if whole[l] == 0 {
+                            out[l] = lam[l];
+                        }
+                    }
+                    out
+                }
+
                 impl Lanes for $t {
                     /// Forward filter of `LANES` rows of `lens` positions from the states `x0`;
                     /// returns each lane's state after its last position. Tiles end where a
@@ -808,27 +950,15 @@ mod x86 {
                         let mut buf: Tile = [[[$zero(); $w]; TILE / $w]; G];
                         let mut p = 0;
                         while p < top {
-                            let mut n = TILE.min(top - p);
-                            for &w in &whole {
-                                if w > p {
-                                    n = n.min(w - p);
-                                }
-                            }
-                            // SAFETY (both): p < whole[l] <= lens[l], inside row l.
-                            let s: [*const $t; LANES] = std::array::from_fn(|l| {
-                                if whole[l] > p {
-                                    unsafe { src[l].add(p) }
-                                } else {
-                                    zeros.as_ptr()
-                                }
-                            });
-                            let d: [*mut $t; LANES] = std::array::from_fn(|l| {
-                                if whole[l] > p {
-                                    unsafe { dst[l].add(p) }
-                                } else {
-                                    junk_ptr
-                                }
-                            });
+                            let n = forward_tile(&whole, top, p);
+                            let active = whole.map(|w| w > p);
+                            // SAFETY: p < whole[l] <= lens[l] for an active lane: inside row l.
+                            let (s, d) = unsafe {
+                                (
+                                    reads_at(src, &active, p, zeros.as_ptr()),
+                                    writes_at(dst, &active, p, junk_ptr),
+                                )
+                            };
                             // SAFETY: n <= whole[l] - p for every active lane, n <= TILE for
                             // the scratch tiles.
                             unsafe { tile_in!($load, $w, false, &s, n, &mut buf) };
@@ -844,14 +974,7 @@ mod x86 {
                             // SAFETY: as for tile_in.
                             unsafe { tile_out!($store, $w, false, &d, n, &buf) };
                             p += n;
-                            if whole.contains(&p) {
-                                let xs = from_registers(&x);
-                                for l in 0..LANES {
-                                    if whole[l] == p {
-                                        ends[l] = xs[l];
-                                    }
-                                }
-                            }
+                            record(&x, &mut ends, &whole, p);
                         }
                         for (l, xl) in ends.iter_mut().enumerate() {
                             for t in whole[l]..lens[l] {
@@ -897,33 +1020,17 @@ mod x86 {
                         let mut buf: Tile = [[[$zero(); $w]; TILE / $w]; G];
                         let mut end = top;
                         while end > 0 {
-                            if end < top && whole.contains(&end) {
-                                let mut v = from_registers(&m);
-                                for l in 0..LANES {
-                                    if whole[l] == end {
-                                        v[l] = lam[l];
-                                    }
-                                }
-                                m = to_registers(&v);
-                            }
-                            let below = whole.iter().filter(|&&w| w < end).max();
-                            let n = TILE.min(end - below.copied().unwrap_or(0));
+                            join(&mut m, &lam, &whole, end, top);
+                            let n = adjoint_tile(&whole, end);
                             let p = end - n;
-                            // SAFETY (both): p < end <= whole[l] <= lens[l], inside row l.
-                            let s: [*const $t; LANES] = std::array::from_fn(|l| {
-                                if whole[l] >= end {
-                                    unsafe { src[l].add(p) }
-                                } else {
-                                    zeros.as_ptr()
-                                }
-                            });
-                            let d: [*mut $t; LANES] = std::array::from_fn(|l| {
-                                if whole[l] >= end {
-                                    unsafe { dst[l].add(p) }
-                                } else {
-                                    junk_ptr
-                                }
-                            });
+                            let active = whole.map(|w| w >= end);
+                            // SAFETY: p < end <= whole[l] <= lens[l] for an active lane: inside row l.
+                            let (s, d) = unsafe {
+                                (
+                                    reads_at(src, &active, p, zeros.as_ptr()),
+                                    writes_at(dst, &active, p, junk_ptr),
+                                )
+                            };
                             // SAFETY: p + n = end <= whole[l] for every active lane, n <= TILE
                             // for the scratch tiles.
                             unsafe { tile_in!($load, $w, true, &s, n, &mut buf) };
@@ -941,13 +1048,7 @@ mod x86 {
                             unsafe { tile_out!($store, $w, true, &d, n, &buf) };
                             end = p;
                         }
-                        let mut out = from_registers(&m);
-                        for l in 0..LANES {
-                            if whole[l] == 0 {
-                                out[l] = lam[l];
-                            }
-                        }
-                        out
+                        leave(&m, &lam, &whole)
                     }
 
                     /// The forward kernel with masks (`MaskMode::Zero`): as `forward_avx2`, with
@@ -975,41 +1076,17 @@ mod x86 {
                         let mut words = [[0u32; LANES]; TILE / 32];
                         let mut p = 0;
                         while p < top {
-                            let mut n = TILE.min(top - p);
-                            for &w in &whole {
-                                if w > p {
-                                    n = n.min(w - p);
-                                }
-                            }
-                            // SAFETY (all): p < whole[l] <= lens[l], inside row l.
-                            let s: [*const $t; LANES] = std::array::from_fn(|l| {
-                                if whole[l] > p {
-                                    unsafe { src[l].add(p) }
-                                } else {
-                                    zeros.as_ptr()
-                                }
-                            });
-                            let d: [*mut $t; LANES] = std::array::from_fn(|l| {
-                                if whole[l] > p {
-                                    unsafe { dst[l].add(p) }
-                                } else {
-                                    junk_ptr
-                                }
-                            });
-                            let n_words = n.div_ceil(32);
-                            for l in 0..LANES {
-                                for (j, wj) in words[..n_words].iter_mut().enumerate() {
-                                    wj[l] = if whole[l] > p {
-                                        // SAFETY: p + 32 j + (n - 32 j).min(32) <= p + n <=
-                                        // whole[l]: inside the mask row.
-                                        unsafe {
-                                            valid_bits(mp[l].add(p + 32 * j), (n - 32 * j).min(32))
-                                        }
-                                    } else {
-                                        0
-                                    };
-                                }
-                            }
+                            let n = forward_tile(&whole, top, p);
+                            let active = whole.map(|w| w > p);
+                            // SAFETY: p < whole[l] <= lens[l] for an active lane: inside row l.
+                            let (s, d) = unsafe {
+                                (
+                                    reads_at(src, &active, p, zeros.as_ptr()),
+                                    writes_at(dst, &active, p, junk_ptr),
+                                )
+                            };
+                            // SAFETY: an active lane's mask row holds positions p .. p + n.
+                            let n_words = unsafe { mask_words(&mut words, mp, &active, p, n) };
                             // SAFETY: n <= whole[l] - p for every active lane, n <= TILE for
                             // the scratch tiles.
                             unsafe { tile_in!($load, $w, false, &s, n, &mut buf) };
@@ -1033,14 +1110,7 @@ mod x86 {
                             // SAFETY: as for tile_in.
                             unsafe { tile_out!($store, $w, false, &d, n, &buf) };
                             p += n;
-                            if whole.contains(&p) {
-                                let xs = from_registers(&x);
-                                for l in 0..LANES {
-                                    if whole[l] == p {
-                                        ends[l] = xs[l];
-                                    }
-                                }
-                            }
+                            record(&x, &mut ends, &whole, p);
                         }
                         for (l, xl) in ends.iter_mut().enumerate() {
                             for t in whole[l]..lens[l] {
@@ -1096,47 +1166,19 @@ mod x86 {
                         let neg_zero = $splat(-0.0);
                         let mut end = top;
                         while end > 0 {
-                            if end < top && whole.contains(&end) {
-                                let mut v = from_registers(&m);
-                                for l in 0..LANES {
-                                    if whole[l] == end {
-                                        v[l] = lam[l];
-                                    }
-                                }
-                                m = to_registers(&v);
-                            }
-                            let below = whole.iter().filter(|&&w| w < end).max();
-                            let n = TILE.min(end - below.copied().unwrap_or(0));
+                            join(&mut m, &lam, &whole, end, top);
+                            let n = adjoint_tile(&whole, end);
                             let p = end - n;
-                            // SAFETY (all): p < end <= whole[l] <= lens[l], inside row l.
-                            let s: [*const $t; LANES] = std::array::from_fn(|l| {
-                                if whole[l] >= end {
-                                    unsafe { src[l].add(p) }
-                                } else {
-                                    zeros.as_ptr()
-                                }
-                            });
-                            let d: [*mut $t; LANES] = std::array::from_fn(|l| {
-                                if whole[l] >= end {
-                                    unsafe { dst[l].add(p) }
-                                } else {
-                                    junk_ptr
-                                }
-                            });
-                            let n_words = n.div_ceil(32);
-                            for l in 0..LANES {
-                                for (j, wj) in words[..n_words].iter_mut().enumerate() {
-                                    wj[l] = if whole[l] >= end {
-                                        // SAFETY: p + 32 j + (n - 32 j).min(32) <= end <=
-                                        // whole[l]: inside the mask row.
-                                        unsafe {
-                                            valid_bits(mp[l].add(p + 32 * j), (n - 32 * j).min(32))
-                                        }
-                                    } else {
-                                        0
-                                    };
-                                }
-                            }
+                            let active = whole.map(|w| w >= end);
+                            // SAFETY: p < end <= whole[l] <= lens[l] for an active lane: inside row l.
+                            let (s, d) = unsafe {
+                                (
+                                    reads_at(src, &active, p, zeros.as_ptr()),
+                                    writes_at(dst, &active, p, junk_ptr),
+                                )
+                            };
+                            // SAFETY: an active lane's mask row holds positions p .. p + n.
+                            let n_words = unsafe { mask_words(&mut words, mp, &active, p, n) };
                             // SAFETY: p + n = end <= whole[l] for every active lane, n <= TILE
                             // for the scratch tiles.
                             unsafe { tile_in!($load, $w, true, &s, n, &mut buf) };
@@ -1162,13 +1204,7 @@ mod x86 {
                             unsafe { tile_out!($store, $w, true, &d, n, &buf) };
                             end = p;
                         }
-                        let mut out = from_registers(&m);
-                        for l in 0..LANES {
-                            if whole[l] == 0 {
-                                out[l] = lam[l];
-                            }
-                        }
-                        out
+                        leave(&m, &lam, &whole)
                     }
 
                     /// The adjoint kernel under `MaskMode::Hold`: as `adjoint_avx2`, each lane
@@ -1238,38 +1274,18 @@ mod x86 {
                                 m = to_registers(&v);
                                 cnt = std::array::from_fn(|g| $ix::load(&held, g));
                             }
-                            let below = whole.iter().filter(|&&w| w < end).max();
-                            let n = TILE.min(end - below.copied().unwrap_or(0));
+                            let n = adjoint_tile(&whole, end);
                             let p = end - n;
-                            // SAFETY (both): p < end <= whole[l] <= lens[l], inside row l.
-                            let s: [*const $t; LANES] = std::array::from_fn(|l| {
-                                if whole[l] >= end {
-                                    unsafe { src[l].add(p) }
-                                } else {
-                                    zeros.as_ptr()
-                                }
-                            });
-                            let d: [*mut $t; LANES] = std::array::from_fn(|l| {
-                                if whole[l] >= end {
-                                    unsafe { dst[l].add(p) }
-                                } else {
-                                    junk_ptr
-                                }
-                            });
-                            let n_words = n.div_ceil(32);
-                            for l in 0..LANES {
-                                for (j, wj) in words[..n_words].iter_mut().enumerate() {
-                                    wj[l] = if whole[l] >= end {
-                                        // SAFETY: p + 32 j + (n - 32 j).min(32) <= end <=
-                                        // whole[l]: inside the mask row.
-                                        unsafe {
-                                            valid_bits(mp[l].add(p + 32 * j), (n - 32 * j).min(32))
-                                        }
-                                    } else {
-                                        0
-                                    };
-                                }
-                            }
+                            let active = whole.map(|w| w >= end);
+                            // SAFETY: p < end <= whole[l] <= lens[l] for an active lane: inside row l.
+                            let (s, d) = unsafe {
+                                (
+                                    reads_at(src, &active, p, zeros.as_ptr()),
+                                    writes_at(dst, &active, p, junk_ptr),
+                                )
+                            };
+                            // SAFETY: an active lane's mask row holds positions p .. p + n.
+                            let n_words = unsafe { mask_words(&mut words, mp, &active, p, n) };
                             // SAFETY: p + n = end <= whole[l] for every active lane, n <= TILE
                             // for the scratch tiles.
                             unsafe { tile_in!($load, $w, true, &s, n, &mut buf) };
@@ -1296,13 +1312,7 @@ mod x86 {
                             unsafe { tile_out!($store, $w, true, &d, n, &buf) };
                             end = p;
                         }
-                        let mut out = from_registers(&m);
-                        for l in 0..LANES {
-                            if whole[l] == 0 {
-                                out[l] = lam[l];
-                            }
-                        }
-                        out
+                        leave(&m, &lam, &whole)
                     }
 
                     #[target_feature(enable = "avx2")]
@@ -1343,27 +1353,12 @@ mod x86 {
                     let mut buf: Tile = [[[$zero(); $w]; TILE / $w]; G];
                     let mut end = top;
                     while end > 0 {
-                        if end < top && whole.contains(&end) {
-                            let mut v = from_registers(&m);
-                            for l in 0..LANES {
-                                if whole[l] == end {
-                                    v[l] = lam[l];
-                                }
-                            }
-                            m = to_registers(&v);
-                        }
-                        let below = whole.iter().filter(|&&w| w < end).max();
-                        let n = TILE.min(end - below.copied().unwrap_or(0));
+                        join(&mut m, &lam, &whole, end, top);
+                        let n = adjoint_tile(&whole, end);
                         let p = end - n;
-                        // Row `l` at `p` if its whole chunks reach `end`, else the zeros.
-                        // SAFETY: p < end <= whole[l] <= lens[l], inside row l.
-                        let s: [*const $t; LANES] = std::array::from_fn(|l| {
-                            if whole[l] >= end {
-                                unsafe { src[l].add(p) }
-                            } else {
-                                zeros.as_ptr()
-                            }
-                        });
+                        let active = whole.map(|w| w >= end);
+                        // SAFETY: p < end <= whole[l] <= lens[l] for an active lane: inside row l.
+                        let s = unsafe { reads_at(src, &active, p, zeros.as_ptr()) };
                         // SAFETY: p + n = end <= whole[l] for every active lane, n <= TILE
                         // for the scratch tile.
                         unsafe { tile_in!($load, $w, true, &s, n, &mut buf) };
@@ -1374,13 +1369,7 @@ mod x86 {
                         }
                         end = p;
                     }
-                    let mut out = from_registers(&m);
-                    for l in 0..LANES {
-                        if whole[l] == 0 {
-                            out[l] = lam[l];
-                        }
-                    }
-                    out
+                    leave(&m, &lam, &whole)
                 }
             }
         };
