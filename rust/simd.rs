@@ -699,6 +699,13 @@ mod x86 {
         }
     }
 
+    /// The adjoint walk's modes (`adjoint_tiles`): no mask, `MaskMode::Zero`, `MaskMode::Hold`,
+    /// and the running sums alone.
+    const PLAIN: u8 = 0;
+    const ZERO: u8 = 1;
+    const HOLD: u8 = 2;
+    const SUM: u8 = 3;
+
     /// Positions per tile: each tile is transposed into a position-major buffer group by group
     /// (8 rows of `f32`, 4 of `f64`), filtered there, and transposed back group by group. Going
     /// group by group keeps the rows a phase touches within the ways of L1 even when the row
@@ -876,48 +883,37 @@ mod x86 {
                     x
                 }
 
-                /// The forward's states of the lanes whose whole chunks end at `p`, into `ends`.
-                #[inline]
-                #[target_feature(enable = "avx2")]
-                fn record(x: &[$v; G], ends: &mut [$t; LANES], whole: &[usize; LANES], p: usize) {
-                    if whole.contains(&p) {
-                        let xs = from_registers(x);
-                        for l in 0..LANES {
-                            if whole[l] == p {
-                                ends[l] = xs[l];
-                            }
-                        }
-                    }
-                }
-
                 /// The adjoint's lanes whose whole chunks end at `end` (below the block's `top`,
-                /// where every lane starts) join the registers `m` with their sums `lam`.
+                /// where every lane starts) join the registers `m` with their sums `lam`. (The
+                /// registers pass by value: a reference to them kept them in memory, and the
+                /// recurrence with them, where this was not inlined.)
                 #[inline]
                 #[target_feature(enable = "avx2")]
                 fn join(
-                    m: &mut [$v; G],
+                    m: [$v; G],
                     lam: &[$t; LANES],
                     whole: &[usize; LANES],
                     end: usize,
                     top: usize,
-                ) {
+                ) -> [$v; G] {
                     if end < top && whole.contains(&end) {
-                        let mut v = from_registers(m);
+                        let mut v = from_registers(&m);
                         for l in 0..LANES {
                             if whole[l] == end {
                                 v[l] = lam[l];
                             }
                         }
-                        *m = to_registers(&v);
+                        return to_registers(&v);
                     }
+                    m
                 }
 
                 /// The adjoint's result per lane: the registers `m`, but `lam` for a lane without
                 /// whole chunks (it never joined them).
                 #[inline]
                 #[target_feature(enable = "avx2")]
-                fn leave(m: &[$v; G], lam: &[$t; LANES], whole: &[usize; LANES]) -> [$t; LANES] {
-                    let mut out = from_registers(m);
+                fn leave(m: [$v; G], lam: &[$t; LANES], whole: &[usize; LANES]) -> [$t; LANES] {
+                    let mut out = from_registers(&m);
                     for l in 0..LANES {
                         if whole[l] == 0 {
                             out[l] = lam[l];
@@ -927,10 +923,6 @@ mod x86 {
                 }
 
                 impl Lanes for $t {
-                    /// Forward filter of `LANES` rows of `lens` positions from the states `x0`;
-                    /// returns each lane's state after its last position. Tiles end where a
-                    /// lane's whole chunks end; a lane whose chunks are done reads zeros from
-                    /// and writes to a scratch tile.
                     #[target_feature(enable = "avx2")]
                     unsafe fn forward_avx2(
                         src: &[*const $t; LANES],
@@ -940,57 +932,11 @@ mod x86 {
                         a: &[$t],
                         x0: [$t; LANES],
                     ) -> [$t; LANES] {
-                        let whole = lens.map(|n| n - n % $w);
-                        let top = whole.iter().copied().max().unwrap_or(0);
-                        let zeros: [$t; TILE] = [0.0; TILE];
-                        let mut junk: [$t; TILE] = [0.0; TILE];
-                        let junk_ptr = junk.as_mut_ptr();
-                        let mut x = to_registers(&x0);
-                        let mut ends = x0;
-                        let mut buf: Tile = [[[$zero(); $w]; TILE / $w]; G];
-                        let mut p = 0;
-                        while p < top {
-                            let n = forward_tile(&whole, top, p);
-                            let active = whole.map(|w| w > p);
-                            // SAFETY: p < whole[l] <= lens[l] for an active lane: inside row l.
-                            let (s, d) = unsafe {
-                                (
-                                    reads_at(src, &active, p, zeros.as_ptr()),
-                                    writes_at(dst, &active, p, junk_ptr),
-                                )
-                            };
-                            // SAFETY: n <= whole[l] - p for every active lane, n <= TILE for
-                            // the scratch tiles.
-                            unsafe { tile_in!($load, $w, false, &s, n, &mut buf) };
-                            let gains = a[p..p + n].iter().zip(&k[p..p + n]).enumerate();
-                            for (i, (&at, &kt)) in gains {
-                                let (at, kt) = ($splat(at), $splat(kt));
-                                for (xg, bg) in x.iter_mut().zip(buf.iter_mut()) {
-                                    let b = &mut bg[i / $w][i % $w];
-                                    *xg = $add($mul(at, *xg), $mul(kt, *b));
-                                    *b = *xg;
-                                }
-                            }
-                            // SAFETY: as for tile_in.
-                            unsafe { tile_out!($store, $w, false, &d, n, &buf) };
-                            p += n;
-                            record(&x, &mut ends, &whole, p);
-                        }
-                        for (l, xl) in ends.iter_mut().enumerate() {
-                            for t in whole[l]..lens[l] {
-                                // SAFETY: t < lens[l].
-                                unsafe {
-                                    *xl = a[t] * *xl + k[t] * *src[l].add(t);
-                                    *dst[l].add(t) = *xl;
-                                }
-                            }
-                        }
-                        ends
+                        let no_masks = [std::ptr::null(); LANES];
+                        // SAFETY: the caller's; without MASKED no mask is read.
+                        unsafe { forward_tiles::<false>(src, &no_masks, dst, lens, k, a, x0) }
                     }
 
-                    /// Adjoint of the forward kernel from the adjoints `lam0` arriving after
-                    /// each row's last position; returns `a_0 lam_0` per lane. A lane joins the
-                    /// registers when the tiles reach its whole chunks.
                     #[target_feature(enable = "avx2")]
                     unsafe fn adjoint_avx2(
                         src: &[*const $t; LANES],
@@ -1000,61 +946,11 @@ mod x86 {
                         a: &[$t],
                         lam0: [$t; LANES],
                     ) -> [$t; LANES] {
-                        let whole = lens.map(|n| n - n % $w);
-                        let mut lam = lam0;
-                        for (l, ll) in lam.iter_mut().enumerate() {
-                            for t in (whole[l]..lens[l]).rev() {
-                                // SAFETY: t < lens[l].
-                                unsafe {
-                                    *ll += *src[l].add(t);
-                                    *dst[l].add(t) = k[t] * *ll;
-                                }
-                                *ll *= a[t];
-                            }
-                        }
-                        let top = whole.iter().copied().max().unwrap_or(0);
-                        let zeros: [$t; TILE] = [0.0; TILE];
-                        let mut junk: [$t; TILE] = [0.0; TILE];
-                        let junk_ptr = junk.as_mut_ptr();
-                        let mut m = to_registers(&lam);
-                        let mut buf: Tile = [[[$zero(); $w]; TILE / $w]; G];
-                        let mut end = top;
-                        while end > 0 {
-                            join(&mut m, &lam, &whole, end, top);
-                            let n = adjoint_tile(&whole, end);
-                            let p = end - n;
-                            let active = whole.map(|w| w >= end);
-                            // SAFETY: p < end <= whole[l] <= lens[l] for an active lane: inside row l.
-                            let (s, d) = unsafe {
-                                (
-                                    reads_at(src, &active, p, zeros.as_ptr()),
-                                    writes_at(dst, &active, p, junk_ptr),
-                                )
-                            };
-                            // SAFETY: p + n = end <= whole[l] for every active lane, n <= TILE
-                            // for the scratch tiles.
-                            unsafe { tile_in!($load, $w, true, &s, n, &mut buf) };
-                            let gains = a[p..end].iter().zip(&k[p..end]).enumerate().rev();
-                            for (i, (&at, &kt)) in gains {
-                                let (at, kt) = ($splat(at), $splat(kt));
-                                for (mg, bg) in m.iter_mut().zip(buf.iter_mut()) {
-                                    let b = &mut bg[i / $w][i % $w];
-                                    *mg = $add(*mg, *b);
-                                    *b = $mul(kt, *mg);
-                                    *mg = $mul(at, *mg);
-                                }
-                            }
-                            // SAFETY: as for tile_in.
-                            unsafe { tile_out!($store, $w, true, &d, n, &buf) };
-                            end = p;
-                        }
-                        leave(&m, &lam, &whole)
+                        let no_masks = [std::ptr::null(); LANES];
+                        // SAFETY: the caller's; PLAIN reads no mask.
+                        unsafe { adjoint_tiles::<PLAIN>(src, &no_masks, dst, lens, k, a, lam0) }
                     }
 
-                    /// The forward kernel with masks (`MaskMode::Zero`): as `forward_avx2`, with
-                    /// each lane's mask bits, 32 positions a word, tested position by position
-                    /// (the bit becomes an all-ones or zero lane); `obs = mask & z`, `out = mask &
-                    /// x` (the one-row kernel's selects, `+0.0` where masked).
                     #[target_feature(enable = "avx2")]
                     unsafe fn forward_zero_avx2(
                         src: &[*const $t; LANES],
@@ -1065,71 +961,10 @@ mod x86 {
                         a: &[$t],
                         x0: [$t; LANES],
                     ) -> [$t; LANES] {
-                        let whole = lens.map(|n| n - n % $w);
-                        let top = whole.iter().copied().max().unwrap_or(0);
-                        let zeros: [$t; TILE] = [0.0; TILE];
-                        let mut junk: [$t; TILE] = [0.0; TILE];
-                        let junk_ptr = junk.as_mut_ptr();
-                        let mut x = to_registers(&x0);
-                        let mut ends = x0;
-                        let mut buf: Tile = [[[$zero(); $w]; TILE / $w]; G];
-                        let mut words = [[0u32; LANES]; TILE / 32];
-                        let mut p = 0;
-                        while p < top {
-                            let n = forward_tile(&whole, top, p);
-                            let active = whole.map(|w| w > p);
-                            // SAFETY: p < whole[l] <= lens[l] for an active lane: inside row l.
-                            let (s, d) = unsafe {
-                                (
-                                    reads_at(src, &active, p, zeros.as_ptr()),
-                                    writes_at(dst, &active, p, junk_ptr),
-                                )
-                            };
-                            // SAFETY: an active lane's mask row holds positions p .. p + n.
-                            let n_words = unsafe { mask_words(&mut words, mp, &active, p, n) };
-                            // SAFETY: n <= whole[l] - p for every active lane, n <= TILE for
-                            // the scratch tiles.
-                            unsafe { tile_in!($load, $w, false, &s, n, &mut buf) };
-                            for (j, wj) in words[..n_words].iter().enumerate() {
-                                let bits: [__m256i; G] = std::array::from_fn(|g| $ix::words(wj, g));
-                                let hi = (32 * j + 32).min(n);
-                                let gains =
-                                    a[p + 32 * j..p + hi].iter().zip(&k[p + 32 * j..p + hi]);
-                                for (r, (&at, &kt)) in gains.enumerate() {
-                                    let (at, kt) = ($splat(at), $splat(kt));
-                                    let i = 32 * j + r;
-                                    for g in 0..G {
-                                        let v = $cast_v($ix::bit(bits[g], r));
-                                        let b = &mut buf[g][i / $w][i % $w];
-                                        let obs = $and(v, *b);
-                                        x[g] = $add($mul(at, x[g]), $mul(kt, obs));
-                                        *b = $and(v, x[g]);
-                                    }
-                                }
-                            }
-                            // SAFETY: as for tile_in.
-                            unsafe { tile_out!($store, $w, false, &d, n, &buf) };
-                            p += n;
-                            record(&x, &mut ends, &whole, p);
-                        }
-                        for (l, xl) in ends.iter_mut().enumerate() {
-                            for t in whole[l]..lens[l] {
-                                // SAFETY: t < lens[l].
-                                unsafe {
-                                    let ok = *mp[l].add(t) != 0;
-                                    let obs = if ok { *src[l].add(t) } else { 0.0 };
-                                    *xl = a[t] * *xl + k[t] * obs;
-                                    *dst[l].add(t) = if ok { *xl } else { 0.0 };
-                                }
-                            }
-                        }
-                        ends
+                        // SAFETY: the caller's.
+                        unsafe { forward_tiles::<true>(src, mp, dst, lens, k, a, x0) }
                     }
 
-                    /// The adjoint kernel with masks (`MaskMode::Zero`): as `adjoint_avx2`, with
-                    /// each lane's mask bits as in `forward_zero_avx2`; a
-                    /// masked gradient enters the running sum as `-0.0` (`lam + -0.0` is `lam`,
-                    /// bitwise) and its `dz` is `mask & (k lam)` (`+0.0`).
                     #[target_feature(enable = "avx2")]
                     unsafe fn adjoint_zero_avx2(
                         src: &[*const $t; LANES],
@@ -1140,80 +975,10 @@ mod x86 {
                         a: &[$t],
                         lam0: [$t; LANES],
                     ) -> [$t; LANES] {
-                        let whole = lens.map(|n| n - n % $w);
-                        let mut lam = lam0;
-                        for (l, ll) in lam.iter_mut().enumerate() {
-                            for t in (whole[l]..lens[l]).rev() {
-                                // SAFETY: t < lens[l].
-                                unsafe {
-                                    if *mp[l].add(t) != 0 {
-                                        *ll += *src[l].add(t);
-                                        *dst[l].add(t) = k[t] * *ll;
-                                    } else {
-                                        *dst[l].add(t) = 0.0;
-                                    }
-                                }
-                                *ll *= a[t];
-                            }
-                        }
-                        let top = whole.iter().copied().max().unwrap_or(0);
-                        let zeros: [$t; TILE] = [0.0; TILE];
-                        let mut junk: [$t; TILE] = [0.0; TILE];
-                        let junk_ptr = junk.as_mut_ptr();
-                        let mut m = to_registers(&lam);
-                        let mut buf: Tile = [[[$zero(); $w]; TILE / $w]; G];
-                        let mut words = [[0u32; LANES]; TILE / 32];
-                        let neg_zero = $splat(-0.0);
-                        let mut end = top;
-                        while end > 0 {
-                            join(&mut m, &lam, &whole, end, top);
-                            let n = adjoint_tile(&whole, end);
-                            let p = end - n;
-                            let active = whole.map(|w| w >= end);
-                            // SAFETY: p < end <= whole[l] <= lens[l] for an active lane: inside row l.
-                            let (s, d) = unsafe {
-                                (
-                                    reads_at(src, &active, p, zeros.as_ptr()),
-                                    writes_at(dst, &active, p, junk_ptr),
-                                )
-                            };
-                            // SAFETY: an active lane's mask row holds positions p .. p + n.
-                            let n_words = unsafe { mask_words(&mut words, mp, &active, p, n) };
-                            // SAFETY: p + n = end <= whole[l] for every active lane, n <= TILE
-                            // for the scratch tiles.
-                            unsafe { tile_in!($load, $w, true, &s, n, &mut buf) };
-                            for (j, wj) in words[..n_words].iter().enumerate().rev() {
-                                let bits: [__m256i; G] = std::array::from_fn(|g| $ix::words(wj, g));
-                                let hi = (32 * j + 32).min(n);
-                                let gains =
-                                    a[p + 32 * j..p + hi].iter().zip(&k[p + 32 * j..p + hi]);
-                                for (r, (&at, &kt)) in gains.enumerate().rev() {
-                                    let (at, kt) = ($splat(at), $splat(kt));
-                                    let i = 32 * j + r;
-                                    for g in 0..G {
-                                        let v = $cast_v($ix::bit(bits[g], r));
-                                        let b = &mut buf[g][i / $w][i % $w];
-                                        let gr = $or($and(v, *b), $andnot(v, neg_zero));
-                                        m[g] = $add(m[g], gr);
-                                        *b = $and(v, $mul(kt, m[g]));
-                                        m[g] = $mul(at, m[g]);
-                                    }
-                                }
-                            }
-                            // SAFETY: as for tile_in.
-                            unsafe { tile_out!($store, $w, true, &d, n, &buf) };
-                            end = p;
-                        }
-                        leave(&m, &lam, &whole)
+                        // SAFETY: the caller's.
+                        unsafe { adjoint_tiles::<ZERO>(src, mp, dst, lens, k, a, lam0) }
                     }
 
-                    /// The adjoint kernel under `MaskMode::Hold`: as `adjoint_avx2`, each lane
-                    /// with its own gain index (its valid positions before the current one,
-                    /// counted down from its row's count, in registers, gathering its `k` and
-                    /// `a`) and its mask bits, 32 positions a word per lane, tested position by
-                    /// position; at a masked position `dz` is `+0.0` (`mask & (k
-                    /// lam)`) and `lam` is kept (a select). A lane joins the registers with its
-                    /// index when the tiles reach its whole chunks; until then it holds 0.
                     #[target_feature(enable = "avx2")]
                     unsafe fn adjoint_hold_avx2(
                         src: &[*const $t; LANES],
@@ -1224,95 +989,8 @@ mod x86 {
                         a: &[$t],
                         lam0: [$t; LANES],
                     ) -> [$t; LANES] {
-                        let whole = lens.map(|n| n - n % $w);
-                        let mut lam = lam0;
-                        // SAFETY: mask row l holds lens[l] bytes.
-                        let mut index: [usize; LANES] =
-                            std::array::from_fn(|l| unsafe { count_valid(mp[l], lens[l]) });
-                        for (l, ll) in lam.iter_mut().enumerate() {
-                            for t in (whole[l]..lens[l]).rev() {
-                                // SAFETY: t < lens[l]; the index counts valid positions of
-                                // the row before t once decremented.
-                                unsafe {
-                                    *ll += *src[l].add(t);
-                                    if *mp[l].add(t) != 0 {
-                                        index[l] -= 1;
-                                        *dst[l].add(t) = k[index[l]] * *ll;
-                                        *ll *= a[index[l]];
-                                    } else {
-                                        *dst[l].add(t) = 0.0;
-                                    }
-                                }
-                            }
-                        }
-                        let top = whole.iter().copied().max().unwrap_or(0);
-                        let zeros: [$t; TILE] = [0.0; TILE];
-                        let mut junk: [$t; TILE] = [0.0; TILE];
-                        let junk_ptr = junk.as_mut_ptr();
-                        let mut m = to_registers(&lam);
-                        // The registers' indices: lanes not yet joined hold 0.
-                        let mut held: [usize; LANES] =
-                            std::array::from_fn(|l| if whole[l] == top { index[l] } else { 0 });
-                        let mut cnt: [__m256i; G] = std::array::from_fn(|g| $ix::load(&held, g));
-                        let mut buf: Tile = [[[$zero(); $w]; TILE / $w]; G];
-                        let mut words = [[0u32; LANES]; TILE / 32];
-                        let pairs = $ix::pairs(k, a, top);
-                        let (kp, ap, pp) = (k.as_ptr(), a.as_ptr(), pairs.as_ptr());
-                        let mut end = top;
-                        while end > 0 {
-                            if end < top && whole.contains(&end) {
-                                let mut v = from_registers(&m);
-                                for (g, cg) in cnt.iter().enumerate() {
-                                    $ix::store(*cg, g, &mut held);
-                                }
-                                for l in 0..LANES {
-                                    if whole[l] == end {
-                                        v[l] = lam[l];
-                                        held[l] = index[l];
-                                    }
-                                }
-                                m = to_registers(&v);
-                                cnt = std::array::from_fn(|g| $ix::load(&held, g));
-                            }
-                            let n = adjoint_tile(&whole, end);
-                            let p = end - n;
-                            let active = whole.map(|w| w >= end);
-                            // SAFETY: p < end <= whole[l] <= lens[l] for an active lane: inside row l.
-                            let (s, d) = unsafe {
-                                (
-                                    reads_at(src, &active, p, zeros.as_ptr()),
-                                    writes_at(dst, &active, p, junk_ptr),
-                                )
-                            };
-                            // SAFETY: an active lane's mask row holds positions p .. p + n.
-                            let n_words = unsafe { mask_words(&mut words, mp, &active, p, n) };
-                            // SAFETY: p + n = end <= whole[l] for every active lane, n <= TILE
-                            // for the scratch tiles.
-                            unsafe { tile_in!($load, $w, true, &s, n, &mut buf) };
-                            for (j, wj) in words[..n_words].iter().enumerate().rev() {
-                                let bits: [__m256i; G] = std::array::from_fn(|g| $ix::words(wj, g));
-                                for i in (32 * j..(32 * j + 32).min(n)).rev() {
-                                    for g in 0..G {
-                                        let v = $ix::bit(bits[g], i - 32 * j);
-                                        cnt[g] = $ix::back(cnt[g], v);
-                                        // SAFETY: an active lane's index counts valid
-                                        // positions before the current one, below its row's
-                                        // length <= k.len() = a.len(); other lanes hold 0,
-                                        // and k is not empty (top > 0).
-                                        let (kt, at) = unsafe { $ix::gains(kp, ap, pp, cnt[g]) };
-                                        let vv = $cast_v(v);
-                                        let b = &mut buf[g][i / $w][i % $w];
-                                        m[g] = $add(m[g], *b);
-                                        *b = $and(vv, $mul(kt, m[g]));
-                                        m[g] = $blend(m[g], $mul(at, m[g]), vv);
-                                    }
-                                }
-                            }
-                            // SAFETY: as for tile_in.
-                            unsafe { tile_out!($store, $w, true, &d, n, &buf) };
-                            end = p;
-                        }
-                        leave(&m, &lam, &whole)
+                        // SAFETY: the caller's.
+                        unsafe { adjoint_tiles::<HOLD>(src, mp, dst, lens, k, a, lam0) }
                     }
 
                     #[target_feature(enable = "avx2")]
@@ -1321,55 +999,304 @@ mod x86 {
                         lens: &[usize; LANES],
                         lam0: [$t; LANES],
                     ) -> [$t; LANES] {
-                        // SAFETY: the caller's.
-                        unsafe { sums(src, lens, lam0) }
+                        let (no_masks, nowhere) =
+                            ([std::ptr::null(); LANES], [std::ptr::null_mut(); LANES]);
+                        // SAFETY: the caller's; SUM reads no mask or gain and writes nothing.
+                        unsafe {
+                            adjoint_tiles::<SUM>(src, &no_masks, &nowhere, lens, &[], &[], lam0)
+                        }
                     }
                 }
 
-                /// The running sums of the adjoint (`lam += g` from each lane's end to its start,
-                /// from `lam0`; no gain read, no `dz` written), walked as `adjoint_avx2` walks its
-                /// tiles; each lane's `lam` after its first position.
+                /// The forward walk of a block (`Lanes::forward_avx2`; with `MASKED`
+                /// `Lanes::forward_zero_avx2`): `LANES` rows of `lens` positions from the states
+                /// `x0`, each lane's state after its last position returned. Tiles end where a
+                /// lane's whole chunks end; a lane whose chunks are done reads zeros from and
+                /// writes to a scratch tile. With `MASKED` each lane's mask arrives as 32-bit
+                /// words, one per 32 positions, its bit for a position an all-ones or zero lane:
+                /// `obs = mask & z`, `out = mask & x` (the one-row kernel's selects, `+0.0` where
+                /// masked). Positions past a lane's last whole chunk run the scalar recurrence.
                 ///
                 /// # Safety
-                /// AVX2 must be present; `src[i]` readable for `lens[i]` elements.
+                /// As for `Lanes::forward_avx2`, and with `MASKED` as for
+                /// `Lanes::forward_zero_avx2`.
                 #[inline]
                 #[target_feature(enable = "avx2")]
-                unsafe fn sums(
+                unsafe fn forward_tiles<const MASKED: bool>(
                     src: &[*const $t; LANES],
+                    mp: &[*const u8; LANES],
+                    dst: &[*mut $t; LANES],
                     lens: &[usize; LANES],
+                    k: &[$t],
+                    a: &[$t],
+                    x0: [$t; LANES],
+                ) -> [$t; LANES] {
+                    let whole = lens.map(|n| n - n % $w);
+                    let top = whole.iter().copied().max().unwrap_or(0);
+                    let zeros: [$t; TILE] = [0.0; TILE];
+                    let mut junk: [$t; TILE] = [0.0; TILE];
+                    let junk_ptr = junk.as_mut_ptr();
+                    let mut x = to_registers(&x0);
+                    let mut ends = x0;
+                    let mut buf: Tile = [[[$zero(); $w]; TILE / $w]; G];
+                    let mut words = [[0u32; LANES]; TILE / 32];
+                    let mut p = 0;
+                    while p < top {
+                        let n = forward_tile(&whole, top, p);
+                        let active = whole.map(|w| w > p);
+                        // SAFETY: p < whole[l] <= lens[l] for an active lane: inside row l.
+                        let (s, d) = unsafe {
+                            (
+                                reads_at(src, &active, p, zeros.as_ptr()),
+                                writes_at(dst, &active, p, junk_ptr),
+                            )
+                        };
+                        // SAFETY: n <= whole[l] - p for every active lane, n <= TILE for the
+                        // scratch tiles.
+                        unsafe { tile_in!($load, $w, false, &s, n, &mut buf) };
+                        if MASKED {
+                            // SAFETY: an active lane's mask row holds positions p .. p + n.
+                            let n_words = unsafe { mask_words(&mut words, mp, &active, p, n) };
+                            for (j, wj) in words[..n_words].iter().enumerate() {
+                                let bits: [__m256i; G] = std::array::from_fn(|g| $ix::words(wj, g));
+                                let (lo, hi) = (p + 32 * j, p + (32 * j + 32).min(n));
+                                for (r, (&at, &kt)) in a[lo..hi].iter().zip(&k[lo..hi]).enumerate()
+                                {
+                                    let (at, kt) = ($splat(at), $splat(kt));
+                                    let i = 32 * j + r;
+                                    let lanes = x.iter_mut().zip(buf.iter_mut()).zip(&bits);
+                                    for ((xg, bg), &wg) in lanes {
+                                        let v = $cast_v($ix::bit(wg, r));
+                                        let b = &mut bg[i / $w][i % $w];
+                                        let obs = $and(v, *b);
+                                        *xg = $add($mul(at, *xg), $mul(kt, obs));
+                                        *b = $and(v, *xg);
+                                    }
+                                }
+                            }
+                        } else {
+                            let gains = a[p..p + n].iter().zip(&k[p..p + n]).enumerate();
+                            for (i, (&at, &kt)) in gains {
+                                let (at, kt) = ($splat(at), $splat(kt));
+                                for (xg, bg) in x.iter_mut().zip(buf.iter_mut()) {
+                                    let b = &mut bg[i / $w][i % $w];
+                                    *xg = $add($mul(at, *xg), $mul(kt, *b));
+                                    *b = *xg;
+                                }
+                            }
+                        }
+                        // SAFETY: as for tile_in.
+                        unsafe { tile_out!($store, $w, false, &d, n, &buf) };
+                        p += n;
+                        // The states of the lanes whose whole chunks end here. (Written out: as a
+                        // function taking the registers, even by value, it kept one group's state
+                        // in memory through the recurrence, 0.8 of the unmasked forward's rate.)
+                        if whole.contains(&p) {
+                            let xs = from_registers(&x);
+                            for l in 0..LANES {
+                                if whole[l] == p {
+                                    ends[l] = xs[l];
+                                }
+                            }
+                        }
+                    }
+                    for (l, xl) in ends.iter_mut().enumerate() {
+                        for t in whole[l]..lens[l] {
+                            // SAFETY: t < lens[l].
+                            unsafe {
+                                if !MASKED {
+                                    *xl = a[t] * *xl + k[t] * *src[l].add(t);
+                                    *dst[l].add(t) = *xl;
+                                    continue;
+                                }
+                                let ok = *mp[l].add(t) != 0;
+                                let obs = if ok { *src[l].add(t) } else { 0.0 };
+                                *xl = a[t] * *xl + k[t] * obs;
+                                *dst[l].add(t) = if ok { *xl } else { 0.0 };
+                            }
+                        }
+                    }
+                    ends
+                }
+
+                /// The adjoint walk of a block, from the adjoints `lam0` arriving after each
+                /// row's last position, `a_0 lam_0` per lane returned; the tiles walked back
+                /// from the longest row's end, a lane joining the registers when they reach its
+                /// whole chunks (its positions past them run the scalar recurrence first).
+                /// `MODE`:
+                /// - `PLAIN` (`Lanes::adjoint_avx2`): `lam += g; dz = k lam; lam = a lam`.
+                /// - `ZERO` (`Lanes::adjoint_zero_avx2`): mask words as in [`forward_tiles`]; a
+                ///   masked gradient enters the sum as `-0.0` (`lam + -0.0` is `lam`, bitwise)
+                ///   and its `dz` is `mask & (k lam)` (`+0.0`).
+                /// - `HOLD` (`Lanes::adjoint_hold_avx2`): every gradient enters the sum; each lane
+                ///   has its own gain index (its valid positions before the current one,
+                ///   counted down from its row's count, in registers, gathering its `k` and `a`,
+                ///   for float32 as pairs); at a masked position `dz` is `+0.0` and `lam` is kept
+                ///   (a select). A lane not yet joined holds index 0.
+                /// - `SUM` (`Lanes::sum_avx2`): the running sums alone (`lam += g`; no gain read,
+                ///   no `dz` written; `dst`, `mp`, `k` and `a` unused).
+                ///
+                /// # Safety
+                /// As for the `Lanes` kernel of `MODE`.
+                #[inline]
+                #[target_feature(enable = "avx2")]
+                unsafe fn adjoint_tiles<const MODE: u8>(
+                    src: &[*const $t; LANES],
+                    mp: &[*const u8; LANES],
+                    dst: &[*mut $t; LANES],
+                    lens: &[usize; LANES],
+                    k: &[$t],
+                    a: &[$t],
                     lam0: [$t; LANES],
                 ) -> [$t; LANES] {
                     let whole = lens.map(|n| n - n % $w);
                     let mut lam = lam0;
+                    // HOLD: each lane's gain index, from its row's count of valid positions.
+                    let mut index = [0usize; LANES];
+                    if MODE == HOLD {
+                        // SAFETY: mask row l holds lens[l] bytes.
+                        index = std::array::from_fn(|l| unsafe { count_valid(mp[l], lens[l]) });
+                    }
                     for (l, ll) in lam.iter_mut().enumerate() {
                         for t in (whole[l]..lens[l]).rev() {
-                            // SAFETY: t < lens[l].
-                            *ll += unsafe { *src[l].add(t) };
+                            // SAFETY: t < lens[l]; under HOLD the index counts the valid
+                            // positions of the row before t once decremented.
+                            unsafe {
+                                let g = *src[l].add(t);
+                                match MODE {
+                                    SUM => *ll += g,
+                                    HOLD => {
+                                        *ll += g;
+                                        if *mp[l].add(t) != 0 {
+                                            index[l] -= 1;
+                                            *dst[l].add(t) = k[index[l]] * *ll;
+                                            *ll *= a[index[l]];
+                                        } else {
+                                            *dst[l].add(t) = 0.0;
+                                        }
+                                    }
+                                    ZERO if *mp[l].add(t) == 0 => {
+                                        *dst[l].add(t) = 0.0;
+                                        *ll *= a[t];
+                                    }
+                                    _ => {
+                                        *ll += g;
+                                        *dst[l].add(t) = k[t] * *ll;
+                                        *ll *= a[t];
+                                    }
+                                }
+                            }
                         }
                     }
                     let top = whole.iter().copied().max().unwrap_or(0);
                     let zeros: [$t; TILE] = [0.0; TILE];
+                    let mut junk: [$t; TILE] = [0.0; TILE];
+                    let junk_ptr = junk.as_mut_ptr();
                     let mut m = to_registers(&lam);
+                    // HOLD: the registers' indices (lanes not yet joined hold 0) and the gains
+                    // to gather from.
+                    let mut held: [usize; LANES] =
+                        std::array::from_fn(|l| if whole[l] == top { index[l] } else { 0 });
+                    let mut cnt: [__m256i; G] = std::array::from_fn(|g| $ix::load(&held, g));
+                    let pairs = if MODE == HOLD {
+                        $ix::pairs(k, a, top)
+                    } else {
+                        Vec::new()
+                    };
+                    let (kp, ap, pp) = (k.as_ptr(), a.as_ptr(), pairs.as_ptr());
                     let mut buf: Tile = [[[$zero(); $w]; TILE / $w]; G];
+                    let mut words = [[0u32; LANES]; TILE / 32];
+                    let neg_zero = $splat(-0.0);
                     let mut end = top;
                     while end > 0 {
-                        join(&mut m, &lam, &whole, end, top);
+                        if MODE == HOLD && end < top && whole.contains(&end) {
+                            for (g, cg) in cnt.iter().enumerate() {
+                                $ix::store(*cg, g, &mut held);
+                            }
+                            for l in 0..LANES {
+                                if whole[l] == end {
+                                    held[l] = index[l];
+                                }
+                            }
+                            cnt = std::array::from_fn(|g| $ix::load(&held, g));
+                        }
+                        m = join(m, &lam, &whole, end, top);
                         let n = adjoint_tile(&whole, end);
                         let p = end - n;
                         let active = whole.map(|w| w >= end);
-                        // SAFETY: p < end <= whole[l] <= lens[l] for an active lane: inside row l.
-                        let s = unsafe { reads_at(src, &active, p, zeros.as_ptr()) };
-                        // SAFETY: p + n = end <= whole[l] for every active lane, n <= TILE
-                        // for the scratch tile.
-                        unsafe { tile_in!($load, $w, true, &s, n, &mut buf) };
-                        for i in (0..n).rev() {
-                            for (mg, bg) in m.iter_mut().zip(buf.iter()) {
-                                *mg = $add(*mg, bg[i / $w][i % $w]);
+                        // SAFETY: p < end <= whole[l] <= lens[l] for an active lane: inside
+                        // row l; p + n = end <= whole[l] for every active lane, n <= TILE for
+                        // the scratch tiles.
+                        unsafe {
+                            let s = reads_at(src, &active, p, zeros.as_ptr());
+                            tile_in!($load, $w, true, &s, n, &mut buf);
+                        }
+                        if MODE == SUM {
+                            for i in (0..n).rev() {
+                                for (mg, bg) in m.iter_mut().zip(buf.iter()) {
+                                    *mg = $add(*mg, bg[i / $w][i % $w]);
+                                }
                             }
+                            end = p;
+                            continue;
+                        }
+                        let n_words = if MODE == PLAIN {
+                            let gains = a[p..end].iter().zip(&k[p..end]).enumerate().rev();
+                            for (i, (&at, &kt)) in gains {
+                                let (at, kt) = ($splat(at), $splat(kt));
+                                for (mg, bg) in m.iter_mut().zip(buf.iter_mut()) {
+                                    let b = &mut bg[i / $w][i % $w];
+                                    *mg = $add(*mg, *b);
+                                    *b = $mul(kt, *mg);
+                                    *mg = $mul(at, *mg);
+                                }
+                            }
+                            0
+                        } else {
+                            // SAFETY: an active lane's mask row holds positions p .. p + n.
+                            unsafe { mask_words(&mut words, mp, &active, p, n) }
+                        };
+                        for (j, wj) in words[..n_words].iter().enumerate().rev() {
+                            let bits: [__m256i; G] = std::array::from_fn(|g| $ix::words(wj, g));
+                            let (lo, hi) = (p + 32 * j, p + (32 * j + 32).min(n));
+                            for (r, (&at, &kt)) in
+                                a[lo..hi].iter().zip(&k[lo..hi]).enumerate().rev()
+                            {
+                                let i = 32 * j + r;
+                                for g in 0..G {
+                                    let b = &mut buf[g][i / $w][i % $w];
+                                    if MODE == ZERO {
+                                        let (at, kt) = ($splat(at), $splat(kt));
+                                        let v = $cast_v($ix::bit(bits[g], r));
+                                        let gr = $or($and(v, *b), $andnot(v, neg_zero));
+                                        m[g] = $add(m[g], gr);
+                                        *b = $and(v, $mul(kt, m[g]));
+                                        m[g] = $mul(at, m[g]);
+                                        continue;
+                                    }
+                                    let v = $ix::bit(bits[g], r);
+                                    cnt[g] = $ix::back(cnt[g], v);
+                                    // SAFETY: an active lane's index counts valid positions
+                                    // before the current one, below its row's length <=
+                                    // k.len() = a.len(); other lanes hold 0, and k is not
+                                    // empty (top > 0).
+                                    let (kt, at) = unsafe { $ix::gains(kp, ap, pp, cnt[g]) };
+                                    let vv = $cast_v(v);
+                                    m[g] = $add(m[g], *b);
+                                    *b = $and(vv, $mul(kt, m[g]));
+                                    m[g] = $blend(m[g], $mul(at, m[g]), vv);
+                                }
+                            }
+                        }
+                        // SAFETY: as for tile_in; the output rows are those of `dst` (the
+                        // scratch tile for inactive lanes).
+                        unsafe {
+                            let d = writes_at(dst, &active, p, junk_ptr);
+                            tile_out!($store, $w, true, &d, n, &buf);
                         }
                         end = p;
                     }
-                    leave(&m, &lam, &whole)
+                    leave(m, &lam, &whole)
                 }
             }
         };
