@@ -54,6 +54,17 @@ impl Isa {
     }
 }
 
+/// What an adjoint kernel walks back over: the plain recurrence, `MaskMode::Zero` or
+/// `MaskMode::Hold` masks, or the running sums alone (`lam += g`, no gain read, no `dz`
+/// written: a row's masked tail under `Hold`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Walk {
+    Plain,
+    Zero,
+    Hold,
+    Sum,
+}
+
 /// Block kernels for one compute type: the unmasked forward and adjoint over a block of at most
 /// `LANES` rows of possibly unequal lengths (one row per lane, every row from its position 0,
 /// so the lanes share the gains of each position), on instruction set `isa`. `None` means `isa`
@@ -64,97 +75,46 @@ impl Isa {
 /// `f32` and `f64` supply only their AVX2 kernels (emitted with them by `x86::kernels!`); the
 /// checks and the dispatch are the provided methods, the same for both.
 pub trait Lanes: Copy + Sized {
-    /// The AVX2 forward kernel of this type.
+    /// The AVX2 forward kernel of this type, from the states `x0`: without `masked`, the plain
+    /// recurrence; with it under `MaskMode::Zero`, each lane with its mask row `mp[i]` (bytes, 0
+    /// or 1): a masked position is observed as zero and its output is zero.
     ///
     /// # Safety
     /// AVX2 must be present; `src[i]` readable and `dst[i]` writable for `lens[i]` elements
     /// (never dereferenced when `lens[i] == 0`), the outputs not overlapping the inputs or each
-    /// other; `a.len() == k.len() >= lens[i]`.
+    /// other; `a.len() == k.len() >= lens[i]`; with `masked`, `mp[i]` readable for `lens[i]`
+    /// bytes (else never read).
     #[cfg(target_arch = "x86_64")]
+    #[allow(clippy::too_many_arguments)]
     unsafe fn forward_avx2(
         src: &[*const Self; LANES],
+        mp: &[*const u8; LANES],
         dst: &[*mut Self; LANES],
         lens: &[usize; LANES],
         k: &[Self],
         a: &[Self],
         x0: [Self; LANES],
+        masked: bool,
     ) -> [Self; LANES];
 
     /// The AVX2 adjoint kernel of this type, from the adjoints `lam0` arriving after each row's
-    /// end.
+    /// end, in `walk` ([`Walk`]).
     ///
     /// # Safety
-    /// As for [`Lanes::forward_avx2`].
+    /// As for [`Lanes::forward_avx2`], `mp` read unless `walk` is `Plain` or `Sum`; under `Hold`
+    /// no row longer than `i32::MAX` positions; under `Sum` only `src` is read (`dst`, `k` and `a`
+    /// may be null and empty).
     #[cfg(target_arch = "x86_64")]
+    #[allow(clippy::too_many_arguments)]
     unsafe fn adjoint_avx2(
         src: &[*const Self; LANES],
-        dst: &[*mut Self; LANES],
-        lens: &[usize; LANES],
-        k: &[Self],
-        a: &[Self],
-        lam0: [Self; LANES],
-    ) -> [Self; LANES];
-
-    /// The AVX2 forward kernel under `MaskMode::Zero` with each lane's mask row `mp[i]` (bytes,
-    /// 0 or 1): a masked position is observed as zero and its output is zero.
-    ///
-    /// # Safety
-    /// As for [`Lanes::forward_avx2`], with `mp[i]` readable for `lens[i]` bytes.
-    #[cfg(target_arch = "x86_64")]
-    unsafe fn forward_zero_avx2(
-        src: &[*const Self; LANES],
-        mp: &[*const u8; LANES],
-        dst: &[*mut Self; LANES],
-        lens: &[usize; LANES],
-        k: &[Self],
-        a: &[Self],
-        x0: [Self; LANES],
-    ) -> [Self; LANES];
-
-    /// The AVX2 adjoint kernel under `MaskMode::Zero` with each lane's mask row `mp[i]` (bytes,
-    /// 0 or 1): a masked position's gradient is not read and its `dz` is zero.
-    ///
-    /// # Safety
-    /// As for [`Lanes::forward_avx2`], with `mp[i]` readable for `lens[i]` bytes.
-    #[cfg(target_arch = "x86_64")]
-    unsafe fn adjoint_zero_avx2(
-        src: &[*const Self; LANES],
         mp: &[*const u8; LANES],
         dst: &[*mut Self; LANES],
         lens: &[usize; LANES],
         k: &[Self],
         a: &[Self],
         lam0: [Self; LANES],
-    ) -> [Self; LANES];
-
-    /// The AVX2 adjoint kernel under `MaskMode::Hold` with each lane's mask row `mp[i]`: every
-    /// gradient enters the running sum (`lam += g`); at a valid position, whose gain index is the
-    /// count of valid positions before it (gathered per lane), `dz = k lam` and `lam = a lam`; at
-    /// a masked one `dz = 0` and `lam` is kept.
-    ///
-    /// # Safety
-    /// As for [`Lanes::forward_zero_avx2`], and no row longer than `i32::MAX` positions.
-    #[cfg(target_arch = "x86_64")]
-    unsafe fn adjoint_hold_avx2(
-        src: &[*const Self; LANES],
-        mp: &[*const u8; LANES],
-        dst: &[*mut Self; LANES],
-        lens: &[usize; LANES],
-        k: &[Self],
-        a: &[Self],
-        lam0: [Self; LANES],
-    ) -> [Self; LANES];
-
-    /// The AVX2 running sums of the gradients: each lane's `lam` after `lam += g` over its row
-    /// from its end to its start, from `lam0`.
-    ///
-    /// # Safety
-    /// AVX2 must be present; `src[i]` readable for `lens[i]` elements.
-    #[cfg(target_arch = "x86_64")]
-    unsafe fn sum_avx2(
-        src: &[*const Self; LANES],
-        lens: &[usize; LANES],
-        lam0: [Self; LANES],
+        walk: Walk,
     ) -> [Self; LANES];
 
     /// [`Lanes::forward`] under `MaskMode::Zero`, each row with its mask (`masks[i]` as long as
@@ -177,7 +137,7 @@ pub trait Lanes: Copy + Sized {
             // elements, each mask row as many bytes, 0 or 1 (`bool`) (checked by masked_rows);
             // the outputs are writable and overlap neither the inputs nor each other (distinct
             // `&mut` slices).
-            return Some(unsafe { Self::forward_zero_avx2(&src, &mp, &dst, &lens, k, a, x0) });
+            return Some(unsafe { Self::forward_avx2(&src, &mp, &dst, &lens, k, a, x0, true) });
         }
         None
     }
@@ -204,13 +164,8 @@ pub trait Lanes: Copy + Sized {
         if let Some((src, mp, dst, lens)) = masked_rows(isa, grad, masks, dz, k.len(), a.len()) {
             // SAFETY: as in `forward_zero`, and no row longer than `i32::MAX` (checked by
             // masked_rows).
-            return Some(unsafe {
-                if hold {
-                    Self::adjoint_hold_avx2(&src, &mp, &dst, &lens, k, a, lam0)
-                } else {
-                    Self::adjoint_zero_avx2(&src, &mp, &dst, &lens, k, a, lam0)
-                }
-            });
+            let walk = if hold { Walk::Hold } else { Walk::Zero };
+            return Some(unsafe { Self::adjoint_avx2(&src, &mp, &dst, &lens, k, a, lam0, walk) });
         }
         None
     }
@@ -229,7 +184,10 @@ pub trait Lanes: Copy + Sized {
                 lens[l] = r.len();
             }
             // SAFETY: AVX2 is present; every pointer addresses a row of lens[i] elements.
-            return Some(unsafe { Self::sum_avx2(&src, &lens, lam0) });
+            let (mp, dst) = ([std::ptr::null(); LANES], [std::ptr::null_mut(); LANES]);
+            return Some(unsafe {
+                Self::adjoint_avx2(&src, &mp, &dst, &lens, &[], &[], lam0, Walk::Sum)
+            });
         }
         None
     }
@@ -251,7 +209,8 @@ pub trait Lanes: Copy + Sized {
             // SAFETY: AVX2 is present; every pointer addresses a row of lens[i] <= k.len()
             // elements (checked by avx2_rows), and the output rows are writable and overlap
             // neither the inputs nor each other (they come from distinct `&mut` slices).
-            return Some(unsafe { Self::forward_avx2(&src, &dst, &lens, k, a, x0) });
+            let mp = [std::ptr::null(); LANES];
+            return Some(unsafe { Self::forward_avx2(&src, &mp, &dst, &lens, k, a, x0, false) });
         }
         None
     }
@@ -271,7 +230,10 @@ pub trait Lanes: Copy + Sized {
         let shared = a.len() == k.len();
         if let Some((src, dst, lens)) = avx2_rows(isa, grad, dz, k.len()).filter(|_| shared) {
             // SAFETY: as in `forward`.
-            return Some(unsafe { Self::adjoint_avx2(&src, &dst, &lens, k, a, lam0) });
+            let mp = [std::ptr::null(); LANES];
+            return Some(unsafe {
+                Self::adjoint_avx2(&src, &mp, &dst, &lens, k, a, lam0, Walk::Plain)
+            });
         }
         None
     }
@@ -355,7 +317,7 @@ mod x86 {
     //! `#[target_feature]` and are inlined into it. Positions past the last whole chunk (fewer
     //! than one chunk) run the scalar recurrence per lane.
 
-    use super::{Lanes, LANES};
+    use super::{Lanes, Walk, LANES};
     use std::arch::x86_64::*;
 
     /// `f32` positions per chunk (lanes per register).
@@ -926,90 +888,48 @@ mod x86 {
                     #[target_feature(enable = "avx2")]
                     unsafe fn forward_avx2(
                         src: &[*const $t; LANES],
+                        mp: &[*const u8; LANES],
                         dst: &[*mut $t; LANES],
                         lens: &[usize; LANES],
                         k: &[$t],
                         a: &[$t],
                         x0: [$t; LANES],
+                        masked: bool,
                     ) -> [$t; LANES] {
-                        let no_masks = [std::ptr::null(); LANES];
-                        // SAFETY: the caller's; without MASKED no mask is read.
-                        unsafe { forward_tiles::<false>(src, &no_masks, dst, lens, k, a, x0) }
+                        // SAFETY: the caller's.
+                        unsafe {
+                            if masked {
+                                forward_tiles::<true>(src, mp, dst, lens, k, a, x0)
+                            } else {
+                                forward_tiles::<false>(src, mp, dst, lens, k, a, x0)
+                            }
+                        }
                     }
 
                     #[target_feature(enable = "avx2")]
                     unsafe fn adjoint_avx2(
                         src: &[*const $t; LANES],
-                        dst: &[*mut $t; LANES],
-                        lens: &[usize; LANES],
-                        k: &[$t],
-                        a: &[$t],
-                        lam0: [$t; LANES],
-                    ) -> [$t; LANES] {
-                        let no_masks = [std::ptr::null(); LANES];
-                        // SAFETY: the caller's; PLAIN reads no mask.
-                        unsafe { adjoint_tiles::<PLAIN>(src, &no_masks, dst, lens, k, a, lam0) }
-                    }
-
-                    #[target_feature(enable = "avx2")]
-                    unsafe fn forward_zero_avx2(
-                        src: &[*const $t; LANES],
-                        mp: &[*const u8; LANES],
-                        dst: &[*mut $t; LANES],
-                        lens: &[usize; LANES],
-                        k: &[$t],
-                        a: &[$t],
-                        x0: [$t; LANES],
-                    ) -> [$t; LANES] {
-                        // SAFETY: the caller's.
-                        unsafe { forward_tiles::<true>(src, mp, dst, lens, k, a, x0) }
-                    }
-
-                    #[target_feature(enable = "avx2")]
-                    unsafe fn adjoint_zero_avx2(
-                        src: &[*const $t; LANES],
                         mp: &[*const u8; LANES],
                         dst: &[*mut $t; LANES],
                         lens: &[usize; LANES],
                         k: &[$t],
                         a: &[$t],
                         lam0: [$t; LANES],
+                        walk: Walk,
                     ) -> [$t; LANES] {
+                        let f = match walk {
+                            Walk::Plain => adjoint_tiles::<PLAIN>,
+                            Walk::Zero => adjoint_tiles::<ZERO>,
+                            Walk::Hold => adjoint_tiles::<HOLD>,
+                            Walk::Sum => adjoint_tiles::<SUM>,
+                        };
                         // SAFETY: the caller's.
-                        unsafe { adjoint_tiles::<ZERO>(src, mp, dst, lens, k, a, lam0) }
-                    }
-
-                    #[target_feature(enable = "avx2")]
-                    unsafe fn adjoint_hold_avx2(
-                        src: &[*const $t; LANES],
-                        mp: &[*const u8; LANES],
-                        dst: &[*mut $t; LANES],
-                        lens: &[usize; LANES],
-                        k: &[$t],
-                        a: &[$t],
-                        lam0: [$t; LANES],
-                    ) -> [$t; LANES] {
-                        // SAFETY: the caller's.
-                        unsafe { adjoint_tiles::<HOLD>(src, mp, dst, lens, k, a, lam0) }
-                    }
-
-                    #[target_feature(enable = "avx2")]
-                    unsafe fn sum_avx2(
-                        src: &[*const $t; LANES],
-                        lens: &[usize; LANES],
-                        lam0: [$t; LANES],
-                    ) -> [$t; LANES] {
-                        let (no_masks, nowhere) =
-                            ([std::ptr::null(); LANES], [std::ptr::null_mut(); LANES]);
-                        // SAFETY: the caller's; SUM reads no mask or gain and writes nothing.
-                        unsafe {
-                            adjoint_tiles::<SUM>(src, &no_masks, &nowhere, lens, &[], &[], lam0)
-                        }
+                        unsafe { f(src, mp, dst, lens, k, a, lam0) }
                     }
                 }
 
-                /// The forward walk of a block (`Lanes::forward_avx2`; with `MASKED`
-                /// `Lanes::forward_zero_avx2`): `LANES` rows of `lens` positions from the states
+                /// The forward walk of a block (`Lanes::forward_avx2`, `MASKED` its `masked`):
+                /// `LANES` rows of `lens` positions from the states
                 /// `x0`, each lane's state after its last position returned. Tiles end where a
                 /// lane's whole chunks end; a lane whose chunks are done reads zeros from and
                 /// writes to a scratch tile. With `MASKED` each lane's mask arrives as 32-bit
@@ -1018,8 +938,7 @@ mod x86 {
                 /// masked). Positions past a lane's last whole chunk run the scalar recurrence.
                 ///
                 /// # Safety
-                /// As for `Lanes::forward_avx2`, and with `MASKED` as for
-                /// `Lanes::forward_zero_avx2`.
+                /// As for `Lanes::forward_avx2` with `masked` = `MASKED`.
                 #[inline]
                 #[target_feature(enable = "avx2")]
                 unsafe fn forward_tiles<const MASKED: bool>(
@@ -1123,21 +1042,21 @@ mod x86 {
                 /// row's last position, `a_0 lam_0` per lane returned; the tiles walked back
                 /// from the longest row's end, a lane joining the registers when they reach its
                 /// whole chunks (its positions past them run the scalar recurrence first).
-                /// `MODE`:
-                /// - `PLAIN` (`Lanes::adjoint_avx2`): `lam += g; dz = k lam; lam = a lam`.
-                /// - `ZERO` (`Lanes::adjoint_zero_avx2`): mask words as in [`forward_tiles`]; a
+                /// `MODE` (`Lanes::adjoint_avx2`'s `walk`):
+                /// - `PLAIN`: `lam += g; dz = k lam; lam = a lam`.
+                /// - `ZERO`: mask words as in [`forward_tiles`]; a
                 ///   masked gradient enters the sum as `-0.0` (`lam + -0.0` is `lam`, bitwise)
                 ///   and its `dz` is `mask & (k lam)` (`+0.0`).
-                /// - `HOLD` (`Lanes::adjoint_hold_avx2`): every gradient enters the sum; each lane
+                /// - `HOLD`: every gradient enters the sum; each lane
                 ///   has its own gain index (its valid positions before the current one,
                 ///   counted down from its row's count, in registers, gathering its `k` and `a`,
                 ///   for float32 as pairs); at a masked position `dz` is `+0.0` and `lam` is kept
                 ///   (a select). A lane not yet joined holds index 0.
-                /// - `SUM` (`Lanes::sum_avx2`): the running sums alone (`lam += g`; no gain read,
+                /// - `SUM`: the running sums alone (`lam += g`; no gain read,
                 ///   no `dz` written; `dst`, `mp`, `k` and `a` unused).
                 ///
                 /// # Safety
-                /// As for the `Lanes` kernel of `MODE`.
+                /// As for `Lanes::adjoint_avx2` with its `walk`.
                 #[inline]
                 #[target_feature(enable = "avx2")]
                 unsafe fn adjoint_tiles<const MODE: u8>(
