@@ -23,7 +23,12 @@ start inside the tile.
 
 :func:`forward_row_kernel` and :func:`adjoint_row_kernel` are the one-program-per-row path: a
 program walks its row's tiles (the same tiles, scanned the same way) in order, or in reverse, with
-the carry in registers: no tickets, flags or workspace; bitwise the same results.
+the carry in registers: no tickets, flags or workspace; bitwise the same results. The two paths
+share their tile bodies (jit functions, inlined): the tile's positions (:func:`_tile_at`), its
+mask (:func:`_valid`), its gain indices and scan (:func:`_forward_tile`; :func:`_adjoint_index`,
+:func:`_adjoint_tile`), the carry applied (:func:`_apply`), its stores and non-finite records
+(:func:`_forward_store`, :func:`_adjoint_store`); each kernel adds only its protocol, the
+look-back or the carry in order.
 
 Under ``masked="hold"`` with a mask, the gain index is the count of valid tokens so far in the
 row: a segmented count, scanned and looked back in the same way, with its own flag words (flag 1:
@@ -398,9 +403,10 @@ def _next_tile(
 def _tile_at(
     c, i, total, cu_ptr, n_rows, row_len, search_steps, BT: tl.constexpr, PACKED: tl.constexpr
 ):
-    """Tile ``c``'s positions ``t = c * BT + i`` (``i = arange(BT)``, natural order) and
-    ``(t, inb, row, start, reset)``: in bounds (``t < total``), row and row start (:func:`_rows`),
-    ``reset`` where a row starts. The same tile, whichever path takes it."""
+    """Tile ``c`` of the flat sequence, whichever kernel takes it: ``(t, inb, row, start,
+    reset)``, ``t = c * BT + i`` its positions in natural order (``i = arange(BT)``, int32),
+    ``inb`` those in bounds (``t < total``), their rows and row starts (:func:`_rows`), ``reset``
+    where a row starts."""
     t = c * BT + i
     inb = t < total
     row, start = _rows(t, c * BT, total, cu_ptr, n_rows, row_len, search_steps, PACKED)
