@@ -23,7 +23,12 @@ start inside the tile.
 
 :func:`forward_row_kernel` and :func:`adjoint_row_kernel` are the one-program-per-row path: a
 program walks its row's tiles (the same tiles, scanned the same way) in order, or in reverse, with
-the carry in registers: no tickets, flags or workspace; bitwise the same results.
+the carry in registers: no tickets, flags or workspace; bitwise the same results. The two paths
+share their tile bodies (jit functions, inlined): the tile's positions (:func:`_tile_at`), its
+mask (:func:`_valid`), its gain indices and scan (:func:`_forward_tile`; :func:`_adjoint_index`,
+:func:`_adjoint_tile`), the carry applied (:func:`_apply`), its stores and non-finite records
+(:func:`_forward_store`, :func:`_adjoint_store`); each kernel adds only its protocol, the
+look-back or the carry in order.
 
 Under ``masked="hold"`` with a mask, the gain index is the count of valid tokens so far in the
 row: a segmented count, scanned and looked back in the same way, with its own flag words (flag 1:
@@ -388,10 +393,36 @@ def _next_tile(
     else:
         c = j
     i = tl.arange(0, BT)
+    t, inb, row, start, reset = _tile_at(
+        c, i, total, cu_ptr, n_rows, row_len, search_steps, BT, PACKED
+    )
+    return j, c, i, t, inb, row, start, reset
+
+
+@triton.jit
+def _tile_at(
+    c, i, total, cu_ptr, n_rows, row_len, search_steps, BT: tl.constexpr, PACKED: tl.constexpr
+):
+    """Tile ``c`` of the flat sequence, whichever kernel takes it: ``(t, inb, row, start,
+    reset)``, ``t = c * BT + i`` its positions in natural order (``i = arange(BT)``, int32),
+    ``inb`` those in bounds (``t < total``), their rows and row starts (:func:`_rows`), ``reset``
+    where a row starts."""
     t = c * BT + i
     inb = t < total
     row, start = _rows(t, c * BT, total, cu_ptr, n_rows, row_len, search_steps, PACKED)
-    return j, c, i, t, inb, row, start, inb & (t == start)
+    return t, inb, row, start, inb & (t == start)
+
+
+@triton.jit
+def _row_span(r, cu_ptr, row_len, PACKED: tl.constexpr):
+    """Row ``r``'s positions ``r_start <= t < r_end`` (int32): ``(r_start, r_end)``."""
+    if PACKED:
+        r_start = tl.load(cu_ptr + r).to(tl.int32)
+        r_end = tl.load(cu_ptr + r + 1).to(tl.int32)
+    else:
+        r_start = r * row_len
+        r_end = r_start + row_len
+    return r_start, r_end
 
 
 @triton.jit
@@ -401,6 +432,98 @@ def _m0_at(row, reset, m0_bits, m0_ptr, m0_stride, dtype, M0_PTR: tl.constexpr):
     else:
         m0 = m0_bits.to(tl.int64).to(tl.float64, bitcast=True).to(dtype)
     return m0
+
+
+@triton.jit
+def _valid(mask_ptr, t, inb, HAS_MASK: tl.constexpr):
+    """The tile's valid positions: the mask bytes under ``inb`` (without a mask: ``inb``)."""
+    if HAS_MASK:
+        valid = tl.load(mask_ptr + t, mask=inb, other=0).to(tl.int1)
+    else:
+        valid = inb
+    return valid
+
+
+@triton.jit
+def _row_count(p, r, carry_in):
+    """A row's count of steps up to each position from :func:`_segment_count`'s ``(P, R)`` and
+    the count ``carry_in`` of the tile's first row before the tile (int32)."""
+    return tl.where(r >= 0, p - r, carry_in + p)
+
+
+@triton.jit
+def _apply(a, b, x):
+    """The map ``x -> a x + b`` of a scan (elementwise or a tile's aggregate), exactly ``b``
+    where ``a == 0`` (a reset: ``x`` may be of another row, or not finite)."""
+    return tl.where(a == 0, b, a * x + b)
+
+
+@triton.jit
+def _forward_tile(
+    z_ptr,
+    k_ptr,
+    a_ptr,
+    m0_ptr,
+    m0_bits,
+    m0_stride,
+    i,
+    t,
+    inb,
+    valid,
+    step,
+    n,
+    row,
+    reset,
+    BT: tl.constexpr,
+    M0_PTR: tl.constexpr,
+):
+    """A forward tile's scan, without its carry: ``(z, sa, sb, sa_0, sa_last, sb_last)``, ``z``
+    the tile's inputs (0 where not valid), ``(sa, sb)`` the inclusive scan of the maps
+    ``x -> (1 - K_n) x + K_n z`` (a row's prior mean folded in at its reset), and its first
+    ``sa`` and last ``(sa, sb)`` (the tile's aggregate). ``n``: gain indices, read where
+    ``step``."""
+    # loaded under the in-bounds mask (aligned runs of it vectorise), then selected by validity
+    z = tl.where(valid, tl.load(z_ptr + t, mask=inb, other=0), 0)
+    dtype = z.dtype
+    gain = tl.load(k_ptr + n, mask=step, other=0)
+    keep = tl.load(a_ptr + n, mask=step, other=1)
+    b = gain * z
+    m0 = _m0_at(row, reset, m0_bits, m0_ptr, m0_stride, dtype, M0_PTR)
+    a_el = tl.where(reset, 0, keep).to(dtype)
+    b_el = tl.where(reset, keep * m0 + b, b)
+    sa, sb = tl.associative_scan((a_el, b_el), 0, _affine)
+    sa_0, sa_last, sb_last = _at3(i, sa, 0, sa, BT - 1, sb, BT - 1)
+    return z, sa, sb, sa_0, sa_last, sb_last
+
+
+@triton.jit
+def _forward_store(
+    out_ptr,
+    status_ptr,
+    t,
+    x,
+    z,
+    inb,
+    valid,
+    mine,
+    row,
+    start,
+    HOLD: tl.constexpr,
+    PER_ROW: tl.constexpr,
+):
+    """Stores a forward tile's states ``x`` (0 where not valid unless ``HOLD``) and records its
+    non-finite inputs read and results: at every position in bounds, or under ``PER_ROW`` at
+    the program's row's positions ``mine`` only."""
+    if not HOLD:
+        x = tl.where(valid, x, 0)
+    if PER_ROW:
+        tl.store(out_ptr + t, x, mask=mine)
+        pos = t - start
+        _record(status_ptr, mine & valid & ((z - z) != 0), mine & ((x - x) != 0), row, pos)
+    else:
+        tl.store(out_ptr + t, x, mask=inb)
+        pos = t - start
+        _record(status_ptr, valid & ((z - z) != 0), inb & ((x - x) != 0), row, pos)
 
 
 @triton.jit(do_not_specialize=["m0_bits"])
@@ -437,38 +560,24 @@ def forward_kernel(
         ws_ptr, total, n_tiles, cu_ptr, n_rows, row_len, search_steps, BT, PACKED, False
     )
     flags_ptr = ws_ptr + 1
-    if HAS_MASK:
-        valid = tl.load(mask_ptr + t, mask=inb, other=0).to(tl.int1)
-    else:
-        valid = inb
+    valid = _valid(mask_ptr, t, inb, HAS_MASK)
     if HOLD and HAS_MASK:
         step = valid
         p, r, carry_n = _tile_counts(
             valid, reset, i, j, flags_ptr + n_tiles, cnt_ptr, n_tiles, BT, PUBLISH, WINDOW
         )
-        n = tl.where(r >= 0, p - r, carry_n + p) - 1
+        n = _row_count(p, r, carry_n) - 1
     else:
         step = inb
         n = t - start
-    # loaded under the in-bounds mask (aligned runs of it vectorise), then selected by validity
-    z = tl.where(valid, tl.load(z_ptr + t, mask=inb, other=0), 0)
-    dtype = z.dtype
-    gain = tl.load(k_ptr + n, mask=step, other=0)
-    keep = tl.load(a_ptr + n, mask=step, other=1)
-    b = gain * z
-    m0 = _m0_at(row, reset, m0_bits, m0_ptr, m0_stride, dtype, M0_PTR)
-    a_el = tl.where(reset, 0, keep).to(dtype)
-    b_el = tl.where(reset, keep * m0 + b, b)
-    sa, sb = tl.associative_scan((a_el, b_el), 0, _affine)
-    sa_0, sa_last, sb_last = _at3(i, sa, 0, sa, BT - 1, sb, BT - 1)
+    z, sa, sb, sa_0, sa_last, sb_last = _forward_tile(
+        z_ptr, k_ptr, a_ptr, m0_ptr, m0_bits, m0_stride, i, t, inb, valid, step, n, row, reset,
+        BT, M0_PTR,
+    )  # fmt: skip
     need = (sa_0 != 0).to(tl.int32)
     carry = _state_carry(j, flags_ptr, st_ptr, n_tiles, sa_last, sb_last, need, PUBLISH, WINDOW)
-    x = tl.where(sa == 0, sb, sa * carry + sb)
-    if not HOLD:
-        x = tl.where(valid, x, 0)
-    tl.store(out_ptr + t, x, mask=inb)
-    pos = t - start
-    _record(status_ptr, valid & ((z - z) != 0), inb & ((x - x) != 0), row, pos)
+    x = _apply(sa, sb, carry)
+    _forward_store(out_ptr, status_ptr, t, x, z, inb, valid, inb, row, start, HOLD, False)
 
 
 @triton.jit(do_not_specialize=["m0_bits"])
@@ -504,52 +613,33 @@ def forward_row_kernel(
     row's first tile needs none (every position of the row in it follows its reset), so the
     results are bitwise those of :func:`forward_kernel`."""
     r = tl.program_id(0)
-    if PACKED:
-        r_start = tl.load(cu_ptr + r).to(tl.int32)
-        r_end = tl.load(cu_ptr + r + 1).to(tl.int32)
-    else:
-        r_start = r * row_len
-        r_end = r_start + row_len
+    r_start, r_end = _row_span(r, cu_ptr, row_len, PACKED)
     i = tl.arange(0, BT)
     carry = tl.full([], 0, z_ptr.dtype.element_ty)
     carry_n = r_start * 0
     c = r_start // BT
     while c * BT < r_end:
-        t = c * BT + i
-        inb = t < total
-        row, start = _rows(t, c * BT, total, cu_ptr, n_rows, row_len, search_steps, PACKED)
-        reset = inb & (t == start)
+        t, inb, row, start, reset = _tile_at(
+            c, i, total, cu_ptr, n_rows, row_len, search_steps, BT, PACKED
+        )
         mine = inb & (row == r)
-        if HAS_MASK:
-            valid = tl.load(mask_ptr + t, mask=inb, other=0).to(tl.int1)
-        else:
-            valid = inb
+        valid = _valid(mask_ptr, t, inb, HAS_MASK)
         if HOLD and HAS_MASK:
             step = valid
             p, rs = _segment_count(valid, reset)
             p_last, r_last, _ = _at3(i, p, BT - 1, rs, BT - 1, rs, BT - 1)
-            n = tl.where(rs >= 0, p - rs, carry_n + p) - 1
-            carry_n = tl.where(r_last >= 0, p_last - r_last, carry_n + p_last)
+            n = _row_count(p, rs, carry_n) - 1
+            carry_n = _row_count(p_last, r_last, carry_n)
         else:
             step = inb
             n = t - start
-        z = tl.where(valid, tl.load(z_ptr + t, mask=inb, other=0), 0)
-        dtype = z.dtype
-        gain = tl.load(k_ptr + n, mask=step, other=0)
-        keep = tl.load(a_ptr + n, mask=step, other=1)
-        b = gain * z
-        m0 = _m0_at(row, reset, m0_bits, m0_ptr, m0_stride, dtype, M0_PTR)
-        a_el = tl.where(reset, 0, keep).to(dtype)
-        b_el = tl.where(reset, keep * m0 + b, b)
-        sa, sb = tl.associative_scan((a_el, b_el), 0, _affine)
-        _, sa_last, sb_last = _at3(i, sa, 0, sa, BT - 1, sb, BT - 1)
-        x = tl.where(sa == 0, sb, sa * carry + sb)
-        carry = tl.where(sa_last == 0, sb_last, sa_last * carry + sb_last)
-        if not HOLD:
-            x = tl.where(valid, x, 0)
-        tl.store(out_ptr + t, x, mask=mine)
-        pos = t - start
-        _record(status_ptr, mine & valid & ((z - z) != 0), mine & ((x - x) != 0), row, pos)
+        z, sa, sb, _, sa_last, sb_last = _forward_tile(
+            z_ptr, k_ptr, a_ptr, m0_ptr, m0_bits, m0_stride, i, t, inb, valid, step, n, row,
+            reset, BT, M0_PTR,
+        )  # fmt: skip
+        x = _apply(sa, sb, carry)
+        carry = _apply(sa_last, sb_last, carry)
+        _forward_store(out_ptr, status_ptr, t, x, z, inb, valid, mine, row, start, HOLD, True)
         c += 1
 
 
@@ -580,6 +670,93 @@ def count_kernel(
         valid, reset, i, j, ws_ptr + 1, cnt_ptr, n_tiles, BT, PUBLISH, WINDOW
     )
     tl.store(cin_ptr + j, carry)
+
+
+@triton.jit
+def _adjoint_index(
+    mask_ptr, t, inb, nxt, valid, first, start, cin, HOLD: tl.constexpr, HAS_MASK: tl.constexpr
+):
+    """An adjoint tile's gain indices: ``(step, step_next, n, n_next, read)``, ``n`` a
+    position's gain index (read where ``step``), ``n_next`` the next position's (read where
+    ``step_next``), ``read`` where ``g`` is read. Under ``HOLD`` with a mask the index is the
+    row's valid-token count (``cin``: the count of the tile's first row before the tile; not
+    read otherwise), else the position in the row."""
+    if HOLD and HAS_MASK:
+        step = valid
+        step_next = tl.load(mask_ptr + t + 1, mask=nxt, other=0).to(tl.int1)
+        p, r = _segment_count(step, first)
+        count = _row_count(p, r, cin)
+        n = count - 1
+        n_next = count
+        read = inb
+    else:
+        step = inb
+        step_next = nxt
+        n = t - start
+        n_next = n + 1
+        read = valid
+    if not HOLD:
+        read = valid
+    return step, step_next, n, n_next, read
+
+
+@triton.jit
+def _adjoint_tile(g_ptr, a_ptr, i, t, inb, nxt, read, step_next, n_next, BT: tl.constexpr):
+    """An adjoint tile's backward scan, without its carry: ``(g, sa, sb, sa_first, sa_0,
+    sb_0)``, ``g`` the tile's incoming gradients (0 where not ``read``), ``(sa, sb)`` the scan of
+    ``mu -> a_{t+1} mu + g_t`` from the tile's last position back (``a_{t+1} = 0`` past a row's
+    end), ``sa`` at the last position and ``(sa, sb)`` at the first (the tile's aggregate)."""
+    # loaded under the in-bounds mask (aligned runs of it vectorise), then selected by ``read``
+    g = tl.where(read, tl.load(g_ptr + t, mask=inb, other=0), 0)
+    dtype = g.dtype
+    a_next = tl.load(a_ptr + n_next, mask=step_next, other=1)
+    a_el = tl.where(nxt, a_next, 0).to(dtype)
+    # backwards in time: the scan's first element is the tile's last position, its aggregate
+    # lands on the first (the same combinations as a forward scan of the reversed tile)
+    sa, sb = tl.associative_scan((a_el, g), 0, _affine, reverse=True)
+    sa_first, sa_0, sb_0 = _at3(i, sa, BT - 1, sa, 0, sb, 0)
+    return g, sa, sb, sa_first, sa_0, sb_0
+
+
+@triton.jit
+def _adjoint_store(
+    dz_ptr,
+    dm0_ptr,
+    k_ptr,
+    a_ptr,
+    status_ptr,
+    t,
+    mu,
+    g,
+    n,
+    valid,
+    first,
+    step,
+    inb,
+    read,
+    mine,
+    row,
+    start,
+    PER_ROW: tl.constexpr,
+):
+    """Stores an adjoint tile's ``dz = K_n mu`` (0 where not valid) and the ``dm0 = a_s mu_s``
+    of the rows starting in it (at ``first``), and records its non-finite gradients read (at
+    ``read``) and results: at every position in bounds, or under ``PER_ROW`` at the program's
+    row's positions ``mine`` only."""
+    gain = tl.load(k_ptr + n, mask=valid, other=0)
+    dz = tl.where(valid, gain * mu, 0)
+    if PER_ROW:
+        tl.store(dz_ptr + t, dz, mask=mine)
+        keep0 = tl.load(a_ptr + n, mask=first & step, other=1)
+        tl.store(dm0_ptr + row, keep0 * mu, mask=first & mine)
+        pos = t - start
+        _record(status_ptr, mine & read & ((g - g) != 0), mine & ((dz - dz) != 0), row, pos)
+    else:
+        tl.store(dz_ptr + t, dz, mask=inb)
+        keep0 = tl.load(a_ptr + n, mask=first & step, other=1)
+        tl.store(dm0_ptr + row, keep0 * mu, mask=first)
+        pos = t - start
+        _record(status_ptr, read & ((g - g) != 0), inb & ((dz - dz) != 0), row, pos)
 
 
 @triton.jit
@@ -618,45 +795,24 @@ def adjoint_kernel(
     flags_ptr = ws_ptr + 1
     end = _row_end(row, start, cu_ptr, row_len, inb, PACKED)
     nxt = inb & (t + 1 < end)
-    if HAS_MASK:
-        valid = tl.load(mask_ptr + t, mask=inb, other=0).to(tl.int1)
-    else:
-        valid = inb
+    valid = _valid(mask_ptr, t, inb, HAS_MASK)
     if HOLD and HAS_MASK:
-        step = valid
-        step_next = tl.load(mask_ptr + t + 1, mask=nxt, other=0).to(tl.int1)
-        p, r = _segment_count(step, first)
-        count = tl.where(r >= 0, p - r, tl.load(cin_ptr + c) + p)
-        n = count - 1
-        n_next = count
-        read = inb
+        cin = tl.load(cin_ptr + c)
     else:
-        step = inb
-        step_next = nxt
-        n = t - start
-        n_next = n + 1
-        read = valid
-    if not HOLD:
-        read = valid
-    # loaded under the in-bounds mask (aligned runs of it vectorise), then selected by ``read``
-    g = tl.where(read, tl.load(g_ptr + t, mask=inb, other=0), 0)
-    dtype = g.dtype
-    a_next = tl.load(a_ptr + n_next, mask=step_next, other=1)
-    a_el = tl.where(nxt, a_next, 0).to(dtype)
-    # backwards in time: the scan's first element is the tile's last position, its aggregate
-    # lands on the first (the same combinations as a forward scan of the reversed tile)
-    sa, sb = tl.associative_scan((a_el, g), 0, _affine, reverse=True)
-    sa_first, sa_0, sb_0 = _at3(i, sa, BT - 1, sa, 0, sb, 0)
+        cin = 0
+    step, step_next, n, n_next, read = _adjoint_index(
+        mask_ptr, t, inb, nxt, valid, first, start, cin, HOLD, HAS_MASK
+    )
+    g, sa, sb, sa_first, sa_0, sb_0 = _adjoint_tile(
+        g_ptr, a_ptr, i, t, inb, nxt, read, step_next, n_next, BT
+    )
     need = (sa_first != 0).to(tl.int32)
     carry = _state_carry(j, flags_ptr, st_ptr, n_tiles, sa_0, sb_0, need, PUBLISH, WINDOW)
-    mu = tl.where(sa == 0, sb, sa * carry + sb)
-    gain = tl.load(k_ptr + n, mask=valid, other=0)
-    dz = tl.where(valid, gain * mu, 0)
-    tl.store(dz_ptr + t, dz, mask=inb)
-    keep0 = tl.load(a_ptr + n, mask=first & step, other=1)
-    tl.store(dm0_ptr + row, keep0 * mu, mask=first)
-    pos = t - start
-    _record(status_ptr, read & ((g - g) != 0), inb & ((dz - dz) != 0), row, pos)
+    mu = _apply(sa, sb, carry)
+    _adjoint_store(
+        dz_ptr, dm0_ptr, k_ptr, a_ptr, status_ptr, t, mu, g, n, valid, first, step, inb, read,
+        inb, row, start, False,
+    )  # fmt: skip
 
 
 @triton.jit
@@ -687,13 +843,7 @@ def adjoint_row_kernel(
     the row's first tile, where the row's positions follow its start; the other row's
     positions there then index the gains below their own counts, in bounds, and reach none of
     this row's results). No count pre-pass, workspace or look-back."""
-    r = tl.program_id(0)
-    if PACKED:
-        r_start = tl.load(cu_ptr + r).to(tl.int32)
-        r_end = tl.load(cu_ptr + r + 1).to(tl.int32)
-    else:
-        r_start = r * row_len
-        r_end = r_start + row_len
+    r_start, r_end = _row_span(tl.program_id(0), cu_ptr, row_len, PACKED)
     i = tl.arange(0, BT)
     c0 = r_start // BT
     c1 = tl.maximum(r_end - 1, 0) // BT
@@ -709,47 +859,28 @@ def adjoint_row_kernel(
     after = r_start * 0
     for k in range(0, n_tiles_r):
         c = c1 - k
-        t = c * BT + i
-        inb = t < total
-        row, start = _rows(t, c * BT, total, cu_ptr, n_rows, row_len, search_steps, PACKED)
-        first = inb & (t == start)
+        t, inb, row, start, first = _tile_at(
+            c, i, total, cu_ptr, n_rows, row_len, search_steps, BT, PACKED
+        )
         mine = (t >= r_start) & (t < r_end)
         end = _row_end(row, start, cu_ptr, row_len, inb, PACKED)
         nxt = inb & (t + 1 < end)
-        if HAS_MASK:
-            valid = tl.load(mask_ptr + t, mask=inb, other=0).to(tl.int1)
-        else:
-            valid = inb
+        valid = _valid(mask_ptr, t, inb, HAS_MASK)
         if HOLD and HAS_MASK:
-            step = valid
-            step_next = tl.load(mask_ptr + t + 1, mask=nxt, other=0).to(tl.int1)
             own = tl.reduce((mine & valid).to(tl.int32), 0, _sum1)
-            p, rs = _segment_count(step, first)
-            count = tl.where(rs >= 0, p - rs, row_total - after - own + p)
+            cin = row_total - after - own
             after += own
-            n = count - 1
-            n_next = count
-            read = inb
         else:
-            step = inb
-            step_next = nxt
-            n = t - start
-            n_next = n + 1
-            read = valid
-        if not HOLD:
-            read = valid
-        g = tl.where(read, tl.load(g_ptr + t, mask=inb, other=0), 0)
-        dtype = g.dtype
-        a_next = tl.load(a_ptr + n_next, mask=step_next, other=1)
-        a_el = tl.where(nxt, a_next, 0).to(dtype)
-        sa, sb = tl.associative_scan((a_el, g), 0, _affine, reverse=True)
-        _, sa_0, sb_0 = _at3(i, sa, BT - 1, sa, 0, sb, 0)
-        mu = tl.where(sa == 0, sb, sa * carry + sb)
-        carry = tl.where(sa_0 == 0, sb_0, sa_0 * carry + sb_0)
-        gain = tl.load(k_ptr + n, mask=valid, other=0)
-        dz = tl.where(valid, gain * mu, 0)
-        tl.store(dz_ptr + t, dz, mask=mine)
-        keep0 = tl.load(a_ptr + n, mask=first & step, other=1)
-        tl.store(dm0_ptr + row, keep0 * mu, mask=first & mine)
-        pos = t - start
-        _record(status_ptr, mine & read & ((g - g) != 0), mine & ((dz - dz) != 0), row, pos)
+            cin = 0
+        step, step_next, n, n_next, read = _adjoint_index(
+            mask_ptr, t, inb, nxt, valid, first, start, cin, HOLD, HAS_MASK
+        )
+        g, sa, sb, _, sa_0, sb_0 = _adjoint_tile(
+            g_ptr, a_ptr, i, t, inb, nxt, read, step_next, n_next, BT
+        )
+        mu = _apply(sa, sb, carry)
+        carry = _apply(sa_0, sb_0, carry)
+        _adjoint_store(
+            dz_ptr, dm0_ptr, k_ptr, a_ptr, status_ptr, t, mu, g, n, valid, first, step, inb,
+            read, mine, row, start, True,
+        )  # fmt: skip
