@@ -132,66 +132,51 @@ pub fn filter_padded<T: Real>(
     mode: MaskMode,
     out: &mut [T],
 ) -> Result<(), FilterError> {
-    on_the_pool(values.len() >= SERIAL_BELOW, || {
-        padded_forward(values, mask, batch, time, gains, m0, mode, out)
+    on_the_pool(values.len() >= SERIAL_BELOW, move || {
+        let total = check_padded(VALUES, values, mask, batch, time)?;
+        check_len("out", out.len(), total, "batch x time")?;
+        check_finite_m0(m0)?;
+        gains.require(time)?;
+        if total == 0 {
+            return Ok(());
+        }
+        if let (Some(m), true) = (mask, stretch_len(batch, time) >= time) {
+            // Rows of their own lengths and masks in row blocks (`ragged.rs`).
+            let rows = out
+                .chunks_mut(time)
+                .zip(values.chunks(time).zip(m.chunks(time)))
+                .enumerate()
+                .map(|(i, (o, (z, mr)))| Row::new(i, z, Some(mr), o, None))
+                .collect();
+            return report(
+                VALUES,
+                forward_rows(rows, gains, m0, mode, total >= SERIAL_BELOW),
+            );
+        }
+        if let (Some(m), MaskMode::Hold) = (mask, mode) {
+            // Rows cut into stretches (few long rows) under a hold mask: per-row gain indices: the one-row kernel (lanes would gather gains one by one).
+            return over_rows!(
+                VALUES,
+                total,
+                out.chunks_mut(time).zip(values.chunks(time)),
+                out.par_chunks_mut(time).zip(values.par_chunks(time)),
+                |(row, (o, z)): (usize, (&mut [T], &[T]))| {
+                    let mr = &m[row * time..(row + 1) * time];
+                    forward_row(z, Some(mr), gains, m0, mode, o)
+                        .err()
+                        .map(|f| (row, f))
+                }
+            );
+        }
+        let finals = forward_blocks(values, mask, time, gains, m0, out, total >= SERIAL_BELOW);
+        report(
+            VALUES,
+            block_failures(&finals, batch, |row| {
+                let at = row * time..(row + 1) * time;
+                first_bad(&values[at.clone()], mask.map(|m| &m[at]))
+            }),
+        )
     })
-}
-
-/// The work of [`filter_padded`], run where [`on_the_pool`] puts it.
-#[allow(clippy::too_many_arguments)]
-fn padded_forward<T: Real>(
-    values: &[T],
-    mask: Option<&[bool]>,
-    batch: usize,
-    time: usize,
-    gains: &Gains<T>,
-    m0: T,
-    mode: MaskMode,
-    out: &mut [T],
-) -> Result<(), FilterError> {
-    let total = check_padded(VALUES, values, mask, batch, time)?;
-    check_len("out", out.len(), total, "batch x time")?;
-    check_finite_m0(m0)?;
-    gains.require(time)?;
-    if total == 0 {
-        return Ok(());
-    }
-    if let (Some(m), true) = (mask, stretch_len(batch, time) >= time) {
-        // Rows of their own lengths and masks in row blocks (`ragged.rs`).
-        let rows = out
-            .chunks_mut(time)
-            .zip(values.chunks(time).zip(m.chunks(time)))
-            .enumerate()
-            .map(|(i, (o, (z, mr)))| Row::new(i, z, Some(mr), o, None))
-            .collect();
-        return report(
-            VALUES,
-            forward_rows(rows, gains, m0, mode, total >= SERIAL_BELOW),
-        );
-    }
-    if let (Some(m), MaskMode::Hold) = (mask, mode) {
-        // Rows cut into stretches (few long rows) under a hold mask: per-row gain indices: the one-row kernel (lanes would gather gains one by one).
-        return over_rows!(
-            VALUES,
-            total,
-            out.chunks_mut(time).zip(values.chunks(time)),
-            out.par_chunks_mut(time).zip(values.par_chunks(time)),
-            |(row, (o, z)): (usize, (&mut [T], &[T]))| {
-                let mr = &m[row * time..(row + 1) * time];
-                forward_row(z, Some(mr), gains, m0, mode, o)
-                    .err()
-                    .map(|f| (row, f))
-            }
-        );
-    }
-    let finals = forward_blocks(values, mask, time, gains, m0, out, total >= SERIAL_BELOW);
-    report(
-        VALUES,
-        block_failures(&finals, batch, |row| {
-            let at = row * time..(row + 1) * time;
-            first_bad(&values[at.clone()], mask.map(|m| &m[at]))
-        }),
-    )
 }
 
 /// The first row (lowest index) of `batch` whose block-path result (`per_block`, one value per
@@ -223,77 +208,62 @@ pub fn adjoint_padded<T: Real>(
     dvalues: &mut [T],
     dm0: &mut [T],
 ) -> Result<(), FilterError> {
-    on_the_pool(grad.len() >= SERIAL_BELOW, || {
-        padded_adjoint(grad, mask, batch, time, gains, mode, dvalues, dm0)
-    })
-}
-
-/// The work of [`adjoint_padded`], run where [`on_the_pool`] puts it.
-#[allow(clippy::too_many_arguments)]
-fn padded_adjoint<T: Real>(
-    grad: &[T],
-    mask: Option<&[bool]>,
-    batch: usize,
-    time: usize,
-    gains: &Gains<T>,
-    mode: MaskMode,
-    dvalues: &mut [T],
-    dm0: &mut [T],
-) -> Result<(), FilterError> {
-    let total = check_padded(GRAD, grad, mask, batch, time)?;
-    check_len("dvalues", dvalues.len(), total, "batch x time")?;
-    check_len("dm0", dm0.len(), batch, "batch")?;
-    gains.require(time)?;
-    if total == 0 {
-        dm0.fill(T::ZERO);
-        return Ok(());
-    }
-    if let (Some(m), true) = (mask, stretch_len(batch, time) >= time) {
-        let rows = dvalues
-            .chunks_mut(time)
-            .zip(grad.chunks(time).zip(m.chunks(time)))
-            .zip(dm0.iter_mut())
-            .enumerate()
-            .map(|(i, ((d, (g, mr)), dm))| Row::new(i, g, Some(mr), d, Some(dm)))
-            .collect();
-        return report(GRAD, adjoint_rows(rows, gains, mode, total >= SERIAL_BELOW));
-    }
-    if let (Some(m), MaskMode::Hold) = (mask, mode) {
-        return over_rows!(
-            GRAD,
-            total,
-            dvalues
+    on_the_pool(grad.len() >= SERIAL_BELOW, move || {
+        let total = check_padded(GRAD, grad, mask, batch, time)?;
+        check_len("dvalues", dvalues.len(), total, "batch x time")?;
+        check_len("dm0", dm0.len(), batch, "batch")?;
+        gains.require(time)?;
+        if total == 0 {
+            dm0.fill(T::ZERO);
+            return Ok(());
+        }
+        if let (Some(m), true) = (mask, stretch_len(batch, time) >= time) {
+            let rows = dvalues
                 .chunks_mut(time)
-                .zip(grad.chunks(time))
-                .zip(dm0.iter_mut()),
-            dvalues
-                .par_chunks_mut(time)
-                .zip(grad.par_chunks(time))
-                .zip(dm0.par_iter_mut()),
-            |(row, ((d, gr), dm)): RowItem<'_, T, &mut T>| {
-                let mr = &m[row * time..(row + 1) * time];
-                match adjoint_row(gr, Some(mr), gains, mode, d) {
-                    Ok(v) => {
-                        *dm = v;
-                        None
+                .zip(grad.chunks(time).zip(m.chunks(time)))
+                .zip(dm0.iter_mut())
+                .enumerate()
+                .map(|(i, ((d, (g, mr)), dm))| Row::new(i, g, Some(mr), d, Some(dm)))
+                .collect();
+            return report(GRAD, adjoint_rows(rows, gains, mode, total >= SERIAL_BELOW));
+        }
+        if let (Some(m), MaskMode::Hold) = (mask, mode) {
+            return over_rows!(
+                GRAD,
+                total,
+                dvalues
+                    .chunks_mut(time)
+                    .zip(grad.chunks(time))
+                    .zip(dm0.iter_mut()),
+                dvalues
+                    .par_chunks_mut(time)
+                    .zip(grad.par_chunks(time))
+                    .zip(dm0.par_iter_mut()),
+                |(row, ((d, gr), dm)): RowItem<'_, T, &mut T>| {
+                    let mr = &m[row * time..(row + 1) * time];
+                    match adjoint_row(gr, Some(mr), gains, mode, d) {
+                        Ok(v) => {
+                            *dm = v;
+                            None
+                        }
+                        Err(f) => Some((row, f)),
                     }
-                    Err(f) => Some((row, f)),
                 }
-            }
-        );
-    }
-    let per_block = adjoint_blocks(grad, mask, time, gains, dvalues, total >= SERIAL_BELOW);
-    for (dm, lanes) in dm0.chunks_mut(LANES).zip(&per_block) {
-        dm.copy_from_slice(&lanes[..dm.len()]);
-    }
-    // Only "zero" masks reach the block path (see above); it does not read masked `grad`.
-    report(
-        GRAD,
-        block_failures(&per_block, batch, |row| {
-            let at = row * time..(row + 1) * time;
-            first_bad(&grad[at.clone()], mask.map(|m| &m[at]))
-        }),
-    )
+            );
+        }
+        let per_block = adjoint_blocks(grad, mask, time, gains, dvalues, total >= SERIAL_BELOW);
+        for (dm, lanes) in dm0.chunks_mut(LANES).zip(&per_block) {
+            dm.copy_from_slice(&lanes[..dm.len()]);
+        }
+        // Only "zero" masks reach the block path (see above); it does not read masked `grad`.
+        report(
+            GRAD,
+            block_failures(&per_block, batch, |row| {
+                let at = row * time..(row + 1) * time;
+                first_bad(&grad[at.clone()], mask.map(|m| &m[at]))
+            }),
+        )
+    })
 }
 
 /// Checks `cu_seqlens` against `total` values and returns the offsets as indices.
@@ -379,37 +349,24 @@ pub fn filter_packed<T: Real, O: Offset>(
     mode: MaskMode,
     out: &mut [T],
 ) -> Result<(), FilterError> {
-    on_the_pool(values.len() >= SERIAL_BELOW, || {
-        packed_forward(values, mask, cu_seqlens, gains, m0, mode, out)
+    on_the_pool(values.len() >= SERIAL_BELOW, move || {
+        let offsets = check_packed(values, mask, cu_seqlens)?;
+        check_len("out", out.len(), values.len(), "one per value")?;
+        check_finite_m0(m0)?;
+        gains.require(max_segment(&offsets))?;
+        let rows = split_segments(out, &offsets)
+            .into_iter()
+            .enumerate()
+            .map(|(i, o)| {
+                let (s, e) = (offsets[i], offsets[i + 1]);
+                Row::new(i, &values[s..e], mask.map(|m| &m[s..e]), o, None)
+            })
+            .collect();
+        report(
+            VALUES,
+            forward_rows(rows, gains, m0, mode, values.len() >= SERIAL_BELOW),
+        )
     })
-}
-
-/// The work of [`filter_packed`], run where [`on_the_pool`] puts it.
-fn packed_forward<T: Real, O: Offset>(
-    values: &[T],
-    mask: Option<&[bool]>,
-    cu_seqlens: &[O],
-    gains: &Gains<T>,
-    m0: T,
-    mode: MaskMode,
-    out: &mut [T],
-) -> Result<(), FilterError> {
-    let offsets = check_packed(values, mask, cu_seqlens)?;
-    check_len("out", out.len(), values.len(), "one per value")?;
-    check_finite_m0(m0)?;
-    gains.require(max_segment(&offsets))?;
-    let rows = split_segments(out, &offsets)
-        .into_iter()
-        .enumerate()
-        .map(|(i, o)| {
-            let (s, e) = (offsets[i], offsets[i + 1]);
-            Row::new(i, &values[s..e], mask.map(|m| &m[s..e]), o, None)
-        })
-        .collect();
-    report(
-        VALUES,
-        forward_rows(rows, gains, m0, mode, values.len() >= SERIAL_BELOW),
-    )
 }
 
 /// Adjoint of [`filter_packed`]: writes `dvalues` `[total]` and `dm0` `[batch]`.
@@ -422,38 +379,25 @@ pub fn adjoint_packed<T: Real, O: Offset>(
     dvalues: &mut [T],
     dm0: &mut [T],
 ) -> Result<(), FilterError> {
-    on_the_pool(grad.len() >= SERIAL_BELOW, || {
-        packed_adjoint(grad, mask, cu_seqlens, gains, mode, dvalues, dm0)
+    on_the_pool(grad.len() >= SERIAL_BELOW, move || {
+        let offsets = check_packed(grad, mask, cu_seqlens)?;
+        check_len("dvalues", dvalues.len(), grad.len(), "one per value")?;
+        check_len("dm0", dm0.len(), offsets.len() - 1, "batch")?;
+        gains.require(max_segment(&offsets))?;
+        let rows = split_segments(dvalues, &offsets)
+            .into_iter()
+            .zip(dm0.iter_mut())
+            .enumerate()
+            .map(|(i, (d, dm))| {
+                let (s, e) = (offsets[i], offsets[i + 1]);
+                Row::new(i, &grad[s..e], mask.map(|m| &m[s..e]), d, Some(dm))
+            })
+            .collect();
+        report(
+            GRAD,
+            adjoint_rows(rows, gains, mode, grad.len() >= SERIAL_BELOW),
+        )
     })
-}
-
-/// The work of [`adjoint_packed`], run where [`on_the_pool`] puts it.
-fn packed_adjoint<T: Real, O: Offset>(
-    grad: &[T],
-    mask: Option<&[bool]>,
-    cu_seqlens: &[O],
-    gains: &Gains<T>,
-    mode: MaskMode,
-    dvalues: &mut [T],
-    dm0: &mut [T],
-) -> Result<(), FilterError> {
-    let offsets = check_packed(grad, mask, cu_seqlens)?;
-    check_len("dvalues", dvalues.len(), grad.len(), "one per value")?;
-    check_len("dm0", dm0.len(), offsets.len() - 1, "batch")?;
-    gains.require(max_segment(&offsets))?;
-    let rows = split_segments(dvalues, &offsets)
-        .into_iter()
-        .zip(dm0.iter_mut())
-        .enumerate()
-        .map(|(i, (d, dm))| {
-            let (s, e) = (offsets[i], offsets[i + 1]);
-            Row::new(i, &grad[s..e], mask.map(|m| &m[s..e]), d, Some(dm))
-        })
-        .collect();
-    report(
-        GRAD,
-        adjoint_rows(rows, gains, mode, grad.len() >= SERIAL_BELOW),
-    )
 }
 
 #[cfg(test)]
