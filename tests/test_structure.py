@@ -142,6 +142,9 @@ LAYERS = {
     "kpo_rs.testing": 2,
     "kpo_rs.backends": 3,
     "kpo_rs.torch_ops": 4,
+    "kpo_rs.premise": 4,  # premise metrics: torch reductions, used by the losses
+    "kpo_rs.online": 4,  # FilterFitter (q="fit"): over fit_filter, used by the losses
+    "kpo_rs.dump": 4,  # RolloutDumper: Parquet shards of a step's rows, used by the plug-ins
     "kpo_rs.losses": 5,
     "kpo_rs.peers": 6,  # kept importable: re-exports of kpo_rs.losses.peers
     "kpo_rs.loss_table": 6,  # and of kpo_rs.losses.table

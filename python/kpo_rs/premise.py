@@ -1,0 +1,156 @@
+"""The filter's premise measured on a training batch: :func:`premise_metrics`.
+
+KPO rests on one premise: the per-token log-ratio ``z = logp - old_logp`` has a slowly varying
+part worth tracking along the response, under token noise. These statistics say, per step and
+over the valid tokens, whether that holds on a run and whether the configured filter acts on it.
+They are computed on the tensors' device with a handful of reductions and no host
+synchronisation of their own (no ``.item()``, no Python branch on a tensor's value): the stacks
+synchronise when they log.
+
+Definitions (``n``: valid tokens of the batch; a row's valid tokens are numbered in order,
+holes skipped as the filter skips them under ``masked="hold"``, so consecutive *valid* tokens are
+neighbours):
+
+- ``kpo_log_ratio_mean``: ``m = sum z / n`` (nats), the offset a log-space filter keeps;
+- ``kpo_log_ratio_std``: ``s = sqrt(sum (z - m)^2 / n)`` (population standard deviation);
+- ``kpo_log_ratio_acf<k>`` for ``k`` in :data:`ACF_LAGS`: the autocorrelation at lag ``k``
+  pooled over the batch, ``(sum_pairs (z_i - m)(z_j - m) / P_k) / s^2``, the pairs being the
+  valid tokens ``i`` and ``j`` of one row that are ``k`` valid tokens apart and ``P_k`` their
+  number (``sum_rows max(n_row - k, 0)``). Centred on the batch mean, so a per-row offset counts
+  as a slow component (the filter would track it); 0 when there is no pair or no spread;
+- ``kpo_filtered_var_ratio``: the filtered log-ratio's variance over the raw one's (each about its
+  own mean over the valid tokens): near 1 the filter passes the tokens' noise through, near 0 it
+  keeps only a level;
+- ``kpo_clip_share_pos`` / ``kpo_clip_share_neg``: of the tokens with a positive (negative)
+  advantage, the share of the gradient magnitude ``|A| * rt`` that the clip removes (the tokens
+  where the clipped objective is the active one); 0 without a clip;
+- ``kpo_mismatch_mean`` / ``_std`` / ``_acf1`` (only when the engine's log-probs are given): the
+  same statistics of the trainer-vs-engine mismatch ``d = old_logp - engine_logp`` (nats), the
+  trainer's log-prob of the sampled token under the behaviour policy minus the inference
+  engine's for the same token.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["ACF_LAGS", "PREMISE_METRICS", "clip_shares", "premise_metrics", "series_statistics"]
+
+#: The lags of the autocorrelation the losses log (``kpo_log_ratio_acf1``, ``_acf2``, ...).
+ACF_LAGS = (1, 2, 4, 8)
+
+#: The metric names :func:`premise_metrics` returns (the ``kpo_mismatch_*`` ones only with the
+#: engine's log-probs).
+PREMISE_METRICS = (
+    "kpo_log_ratio_mean",
+    "kpo_log_ratio_std",
+    *(f"kpo_log_ratio_acf{k}" for k in ACF_LAGS),
+    "kpo_filtered_var_ratio",
+    "kpo_clip_share_pos",
+    "kpo_clip_share_neg",
+    "kpo_mismatch_mean",
+    "kpo_mismatch_std",
+    "kpo_mismatch_acf1",
+)
+
+_TINY = 1e-30
+
+
+def series_statistics(
+    values: torch.Tensor, mask: torch.Tensor, lags: tuple[int, ...] = ACF_LAGS
+) -> torch.Tensor:
+    """Mean, standard deviation and pooled autocorrelations of each of a stack of series.
+
+    Args:
+        values: ``[k, batch, time]`` float tensor (``k`` series sharing one mask); values at
+            masked positions are ignored, whatever they are (NaN included).
+        mask: ``[batch, time]`` bool, True at valid tokens.
+        lags: positive lags, in valid tokens.
+
+    Returns:
+        ``[k, 2 + len(lags)]`` in ``values``' dtype and device: mean, std, then the
+        autocorrelation at each lag (the module's definitions).
+    """
+    k, _, length = values.shape
+    dtype = values.dtype
+    count = torch.cumsum(mask, dim=-1)
+    n_row = count[:, -1:]  # [batch, 1]
+    n = n_row.sum().to(dtype)
+    # the valid tokens moved to the front of their row, in order (masked ones to a spare column)
+    slot = torch.where(mask, count - 1, length).expand(k, -1, -1)
+    front = values.new_zeros(k, mask.shape[0], length + 1)
+    front.scatter_(-1, slot, torch.where(mask, values, 0.0))
+    front = front[..., :length]
+    mean = front.sum(dim=(1, 2)) / n.clamp(min=1)  # [k]
+    in_row = torch.arange(length, device=values.device) < n_row  # [batch, time]
+    centred = torch.where(in_row, front - mean[:, None, None], 0.0)
+    var = centred.square().sum(dim=(1, 2)) / n.clamp(min=1)
+    out = [mean, var.sqrt()]
+    for lag in lags:
+        if lag >= length:
+            out.append(values.new_zeros(k))
+            continue
+        pairs = (n_row - lag).clamp(min=0).sum().to(dtype)
+        cov = (centred[..., lag:] * centred[..., :-lag]).sum(dim=(1, 2)) / pairs.clamp(min=1)
+        out.append(cov / var.clamp(min=_TINY))
+    return torch.stack(out, dim=1)
+
+
+def clip_shares(
+    advantages: torch.Tensor, rt: torch.Tensor, clipped: torch.Tensor, mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(positive, negative)``: of the valid tokens with a positive (negative) advantage, the
+    share of the gradient magnitude ``|A| * rt`` where ``clipped`` (bool ``[batch, time]``, the
+    clip active) removes it; 0-d tensors, 0 where no token has that sign."""
+    magnitude = (advantages * rt).abs()
+    sign = torch.stack((advantages > 0, advantages < 0)) & mask
+    total = torch.where(sign, magnitude, 0.0).sum(dim=(1, 2))
+    removed = torch.where(sign & clipped, magnitude, 0.0).sum(dim=(1, 2))
+    shares = removed / total.clamp(min=_TINY)
+    return shares[0], shares[1]
+
+
+def premise_metrics(
+    z: torch.Tensor,
+    x: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    advantages: torch.Tensor | None = None,
+    rt: torch.Tensor | None = None,
+    clipped: torch.Tensor | None = None,
+    mismatch: torch.Tensor | None = None,
+) -> dict[str, torch.Tensor]:
+    """The premise metrics of one batch (names: :data:`PREMISE_METRICS`), 0-d tensors on ``z``'s
+    device in ``z``'s dtype.
+
+    Args:
+        z: ``[batch, time]`` raw log-ratio ``logp - old_logp`` (nats), detached.
+        x: ``[batch, time]`` filtered log-ratio (nats), detached.
+        mask: ``[batch, time]`` bool valid tokens.
+        advantages, rt, clipped: ``[batch, time]`` advantages, the (filtered) ratio the loss
+            uses and where its clip is active (bool); all three or none (no clip shares then).
+        mismatch: ``[batch, time]`` ``old_logp - engine_logp`` (nats), or None.
+    """
+    mask = mask.bool()
+    series = [z] if mismatch is None else [z, mismatch.to(z.dtype)]
+    stats = series_statistics(torch.stack(series), mask)
+    out: dict[str, torch.Tensor] = {
+        "kpo_log_ratio_mean": stats[0, 0],
+        "kpo_log_ratio_std": stats[0, 1],
+    }
+    for i, lag in enumerate(ACF_LAGS):
+        out[f"kpo_log_ratio_acf{lag}"] = stats[0, 2 + i]
+    # the filtered log-ratio's variance, about its own mean over the valid tokens
+    n = mask.sum().clamp(min=1)
+    x_valid = torch.where(mask, x, 0.0)
+    x_mean = x_valid.sum() / n
+    x_var = torch.where(mask, x - x_mean, 0.0).square().sum() / n
+    out["kpo_filtered_var_ratio"] = x_var / stats[0, 1].square().clamp(min=_TINY)
+    if advantages is not None and rt is not None and clipped is not None:
+        pos, neg = clip_shares(advantages, rt, clipped, mask)
+        out["kpo_clip_share_pos"], out["kpo_clip_share_neg"] = pos, neg
+    if mismatch is not None:
+        out["kpo_mismatch_mean"] = stats[1, 0]
+        out["kpo_mismatch_std"] = stats[1, 1]
+        out["kpo_mismatch_acf1"] = stats[1, 2]
+    return out
