@@ -138,8 +138,8 @@ def warn_if_inert(
         f"{INERT_DATA_WEIGHT:.0%} (median response length {median:g} tokens, effective window "
         f"{effective_window(p):.4g} tokens at q={p.q:g} r={p.r:g} p0={p.p0:g}); the filtered "
         "ratio is about 1 and KPO is close to an unweighted policy gradient. Fit q and r to "
-        "your rollouts (kpo_rs.fit.fit_filter, kpo analyze --fit) or raise q / p0; see README, "
-        "'Choosing q and r'",
+        "your rollouts (kpo_rs.fit.fit_filter, kpo analyze --fit) or raise q / p0; see "
+        "docs/usage.md, 'Choosing q and r'",
         UserWarning,
         stacklevel=2,
     )
@@ -312,7 +312,7 @@ def kpo_loss(
         log-ratio between adjacent valid tokens), ``kpo_data_weight`` (the filter's activity:
         mean over valid tokens of the weight the filtered log-ratio puts on the data rather
         than on the prior mean, :func:`data_weight_metric`; below about 5% the filter is nearly
-        inert: see README, "Choosing q and r").
+        inert: see docs/usage.md, "Choosing q and r").
     """
     check_agg(loss_agg_mode)
     pg_losses, metrics = kpo_token_losses(
