@@ -15,14 +15,16 @@ import math
 import re
 import warnings
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
 
 from .. import torch_ops
 from ..diagnostics import data_weight, effective_window
+from ..online import FIT, FilterFitter
 from ..params import FilterParams, Masked, resolve_params
+from ..premise import premise_metrics
 from ..space import LOG_RATIO_CLAMP, check_space, prior_mean, to_filter_space
 from ._common import (
     Metrics,
@@ -195,7 +197,7 @@ def kpo_token_losses(
     *,
     clip: tuple[float, float] | None = None,
     clip_ratio_c: float | None = None,
-    q: float | None = None,
+    q: float | str | None = None,
     r: float | None = None,
     p0: float | None = None,
     masked: Masked | None = None,
@@ -203,6 +205,8 @@ def kpo_token_losses(
     space: str = "log_ratio",
     grad: str = "token",
     backend: str = "auto",
+    engine_log_prob: torch.Tensor | None = None,
+    fitter: FilterFitter | None = None,
 ) -> tuple[torch.Tensor, Metrics]:
     """Per-token KPO losses ``[batch, time]`` (before weights and aggregation) and metrics.
 
@@ -219,10 +223,23 @@ def kpo_token_losses(
                 f"got {clip}"
             )
     check_clip_ratio_c(clip_ratio_c)
-    filter_params = resolve_params(params, q=q, r=r, p0=p0, masked=masked)
-    check_space(space)
+    if (q == FIT) != (fitter is not None):
+        raise ValueError(
+            "q='fit' needs fitter=kpo_rs.online.FilterFitter(...) (it holds the settings across "
+            "steps), and fitter= needs q='fit'"
+        )
+    if engine_log_prob is not None and engine_log_prob.shape != log_prob.shape:
+        raise ValueError(
+            f"engine_log_prob shape {tuple(engine_log_prob.shape)} differs from log_prob "
+            f"{tuple(log_prob.shape)}"
+        )
     mask = response_mask.bool()
     z = log_prob - old_log_prob
+    if fitter is not None:
+        filter_params = fitter.update(z.detach(), mask)
+    else:
+        filter_params = resolve_params(params, q=cast(float | None, q), r=r, p0=p0, masked=masked)
+    check_space(space)
     try:
         if grad == "token":
             x = _filtered_log_ratio(z.detach(), mask, filter_params, space, backend)
@@ -253,6 +270,26 @@ def kpo_token_losses(
             _kpo_metrics(z.detach(), x.detach(), rt.detach(), mask, clipped, upper, lower)
         )
         metrics["kpo_data_weight"] = data_weight_metric(mask, filter_params)
+        mismatch = None
+        if engine_log_prob is not None:
+            mismatch = old_log_prob.detach() - engine_log_prob.detach()
+        metrics.update(
+            premise_metrics(
+                z.detach(),
+                x.detach(),
+                mask,
+                advantages=advantages.detach(),
+                rt=rt.detach(),
+                clipped=clipped,
+                mismatch=mismatch,
+            )
+        )
+        if fitter is not None:  # torch.full: no host-to-device copy
+            for name, value in (
+                ("kpo_fitted_q", filter_params.q),
+                ("kpo_fitted_r", filter_params.r),
+            ):
+                metrics[name] = torch.full((), value, dtype=z.dtype, device=z.device)
     return pg_losses, metrics
 
 
@@ -264,7 +301,7 @@ def kpo_loss(
     *,
     clip: tuple[float, float] | None = None,
     clip_ratio_c: float | None = None,
-    q: float | None = None,
+    q: float | str | None = None,
     r: float | None = None,
     p0: float | None = None,
     masked: Masked | None = None,
@@ -275,6 +312,8 @@ def kpo_loss(
     rollout_is_weights: torch.Tensor | None = None,
     global_batch_info: dict[str, Any] | None = None,
     backend: str = "auto",
+    engine_log_prob: torch.Tensor | None = None,
+    fitter: FilterFitter | None = None,
 ) -> tuple[torch.Tensor, Metrics]:
     """The KPO policy loss: ``agg(-A * rt)``, or with ``clip=(eps_low, eps_high)`` KPO-clipped,
     ``agg(max(-A * rt, -A * clip(rt, 1 - eps_low, 1 + eps_high)))``.
@@ -303,6 +342,12 @@ def kpo_loss(
             losses before aggregation (verl's rollout correction).
         global_batch_info: verl's data-parallel normalisation (see :func:`agg_loss`).
         backend: filter backend (see :mod:`kpo_rs.torch_ops`).
+        engine_log_prob: optional ``[batch, time]`` log-probs of the sampled tokens from the
+            inference engine (vLLM, SGLang): adds the ``kpo_mismatch_*`` statistics of
+            ``old_log_prob - engine_log_prob``; the loss does not use them.
+        fitter: with ``q="fit"``, the :class:`kpo_rs.online.FilterFitter` that refits ``q`` and
+            ``r`` on the batch's log-ratios every ``fitter.every`` calls and holds them between
+            refits (its ``base`` replaces ``params`` and the other overrides).
 
     Returns:
         ``(loss, metrics)``; metrics: ``pg_clipfrac`` (any clipping active), ``pg_clipfrac_upper``,
@@ -312,7 +357,10 @@ def kpo_loss(
         log-ratio between adjacent valid tokens), ``kpo_data_weight`` (the filter's activity:
         mean over valid tokens of the weight the filtered log-ratio puts on the data rather
         than on the prior mean, :func:`data_weight_metric`; below about 5% the filter is nearly
-        inert: see docs/usage.md, "Choosing q and r").
+        inert: see docs/usage.md, "Choosing q and r"); the premise metrics of
+        :mod:`kpo_rs.premise` (``kpo_log_ratio_mean/std/acf1/acf2/acf4/acf8``,
+        ``kpo_filtered_var_ratio``, ``kpo_clip_share_pos/neg``, and with ``engine_log_prob``
+        ``kpo_mismatch_mean/std/acf1``); with ``q="fit"`` ``kpo_fitted_q``, ``kpo_fitted_r``.
     """
     check_agg(loss_agg_mode)
     pg_losses, metrics = kpo_token_losses(
@@ -330,6 +378,8 @@ def kpo_loss(
         space=space,
         grad=grad,
         backend=backend,
+        engine_log_prob=engine_log_prob,
+        fitter=fitter,
     )
     loss = aggregate(pg_losses, response_mask, loss_agg_mode, rollout_is_weights, global_batch_info)
     return loss, metrics
