@@ -21,7 +21,8 @@ FILTER_ENV_VARS: dict[str, tuple[str, Any]] = {
 
 
 def filter_settings() -> dict[str, Any]:
-    """The filter settings ``q, r, p0, masked`` from the environment (defaults where unset).
+    """The filter settings ``q, r, p0, masked`` from the environment (defaults where unset);
+    ``KPO_Q=fit`` gives ``q="fit"`` (settings fitted online, see ``_observe.online_kwargs``).
 
     Raises ValueError (TypeError for a wrong type) naming the variable and its value when it is
     not valid."""
@@ -32,13 +33,18 @@ def filter_settings() -> dict[str, Any]:
             values[key] = default
         elif key == "masked":
             values[key] = raw.strip()
+        elif key == "q" and raw.strip().lower() == "fit":
+            values[key] = "fit"  # settings fitted online: kpo_rs.online.FilterFitter
         else:
             try:
                 values[key] = float(raw)
             except ValueError:
                 raise ValueError(f"{var}={raw}: {key} must be a number") from None
+    checked = dict(values)
+    if checked["q"] == "fit":  # the other settings are checked with the default q
+        checked["q"] = FILTER_ENV_VARS["q"][1]
     try:
-        FilterParams(**values)
+        FilterParams(**checked)
     except (TypeError, ValueError) as exc:
         var = FILTER_ENV_VARS[str(exc).split(" ", 1)[0]][0]
         raise type(exc)(f"{var}={os.environ.get(var)}: {exc}") from None

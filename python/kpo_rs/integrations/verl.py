@@ -27,6 +27,15 @@ losses' own, the KPO authors' settings):
     KPO_BACKEND (auto: the filter's implementation, one of kpo_rs.torch_ops.BACKENDS; auto
     picks the Rust core for CPU tensors and a GPU kernel for CUDA tensors)
 
+and what the plug-in observes (docs/your-run.md): ``KPO_Q=fit`` refits q and r on the batch's
+log-ratios every ``KPO_FIT_EVERY`` (10) loss calls (:class:`kpo_rs.online.FilterFitter`, one per
+worker process); ``KPO_DUMP_DIR`` writes a sample of rows every ``KPO_DUMP_EVERY`` (10) loss calls
+as Parquet shards for ``kpo analyze DIR`` (``KPO_DUMP_ROWS`` 64, ``KPO_DUMP_MAX_MB`` 1024;
+:mod:`kpo_rs.dump`). The premise metrics (``kpo_log_ratio_acf1``, ...) are logged under
+``actor/kpo/``; verl 0.9 does not hand the policy loss its ``rollout_log_probs``: a caller (or a
+later verl) that passes ``rollout_log_probs=`` gets the ``kpo_mismatch_*`` metrics and the
+engine's log-probs in the dumps.
+
 Set them for every Ray worker through verl's config, for example
 ``+ray_kwargs.ray_init.runtime_env.env_vars.KPO_Q=1e-5``, or in-process with :func:`configure`.
 A bad value raises ``ValueError`` naming the variable (``KPO_Q=-1: q must be a number >= 0``); a
@@ -66,6 +75,7 @@ from ._notices import (
     log_settings,
     warn_once,
 )
+from ._observe import OBSERVE_ENV_VARS, dump_rollouts, online_kwargs
 
 __all__ = [
     "ENV_VARS",
@@ -106,7 +116,8 @@ def _check(values: dict[str, Any], source: dict[str, str]) -> dict[str, Any]:
     """``values`` checked; ValueError / TypeError naming where a bad value came from
     (``source[key]``: ``"KPO_Q='-1'"`` or ``"configure(q=-1)"``)."""
     try:
-        FilterParams(**{k: values[k] for k in ("q", "r", "p0", "masked")})
+        q = ENV_VARS["q"][1] if values["q"] == "fit" else values["q"]  # KPO_Q=fit: fitted online
+        FilterParams(q=q, **{k: values[k] for k in ("r", "p0", "masked")})
     except (TypeError, ValueError) as exc:
         # FilterParams names its field first ("q must be ..."): name the variable too.
         field = str(exc).split(" ", 1)[0]
@@ -137,7 +148,7 @@ def configure(**kwargs: Any) -> None:
 
 
 def _warn_unknown_variables() -> None:
-    known = {var for var, _ in ENV_VARS.values()} | set(_SCRIPT_VARS)
+    known = {var for var, _ in ENV_VARS.values()} | set(_SCRIPT_VARS) | set(OBSERVE_ENV_VARS)
     unknown = sorted(v for v in os.environ if v.startswith("KPO_") and v not in known)
     new = [v for v in unknown if v not in _warned_unknown]
     if new:
@@ -170,7 +181,9 @@ def env_settings() -> dict[str, Any]:
         else:
             text = str(raw[name]).strip()
             source[name] = f"{var}={raw[name]}"
-            if name in _FLOATS:
+            if name == "q" and text.lower() == "fit":
+                values[name] = "fit"
+            elif name in _FLOATS:
                 try:
                     values[name] = float(text)
                 except ValueError:
@@ -376,8 +389,17 @@ def _policy_loss(name: str, default_agg: str, options: Any, doc: str, prefix: st
         loss_agg_mode: str = default_agg,
         config: Any = None,
         rollout_is_weights: torch.Tensor | None = None,
+        rollout_log_probs: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict[str, float]]:
         fn, kwargs = options(config, loss_agg_mode)
+        if fn is kpo_loss:
+            # KPO_Q=fit: the process's FilterFitter; the engine's log-probs when verl hands them
+            kwargs = online_kwargs(kwargs)
+            if rollout_log_probs is not None:
+                kwargs["engine_log_prob"] = rollout_log_probs
+        dump_rollouts(
+            log_prob, old_log_prob, response_mask, advantages, engine_log_prob=rollout_log_probs
+        )
         loss, metrics = fn(
             old_log_prob,
             log_prob,
@@ -392,7 +414,8 @@ def _policy_loss(name: str, default_agg: str, options: Any, doc: str, prefix: st
             _check_clip_bites(name, kwargs["clip"], metrics)
         out = _verl_metrics(metrics, prefix or name)
         if "kpo_data_weight" in metrics:
-            warn_if_inert(out[f"actor/{prefix or name}/kpo_data_weight"], response_mask, kwargs)
+            shown = {"params": kwargs["fitter"].params} if "fitter" in kwargs else kwargs
+            warn_if_inert(out[f"actor/{prefix or name}/kpo_data_weight"], response_mask, shown)
         return loss, out
 
     compute.__name__ = compute.__qualname__ = f"compute_policy_loss_{name}"
