@@ -242,8 +242,9 @@ def test_registered_peers_through_verl(name, mode):
 @pytest.mark.slow
 def test_plugin_loading_as_the_readme_describes():
     """In a fresh interpreter: verl's entry-point discovery registers the losses; with
-    VERL_USE_EXTERNAL_PLUGINS=none verl reports the README's 'Unsupported loss mode' error, and
-    VERL_USE_EXTERNAL_MODULES=kpo_rs.integrations.verl (the README's fix) registers them again."""
+    VERL_USE_EXTERNAL_PLUGINS=none verl reports the 'Unsupported loss mode' error of
+    docs/integrations/verl.md, and VERL_USE_EXTERNAL_MODULES=kpo_rs.integrations.verl (its fix)
+    registers them again."""
     code = (
         "from verl.trainer.ppo.core_algos import get_policy_loss_fn\n"
         "for name in ('kpo', 'kpo_clipped', 'minpro', 'bapo'):\n"
@@ -404,8 +405,8 @@ def test_authors_is_clip_false_is_unclipped_kpo(authors_actor):
 
 
 def test_authors_fields_without_the_kpo_config_are_refused_by_verl():
-    """Without KPO_TARGET verl itself refuses the script's ``+...is_clip`` line; the README
-    gives the one-line fix (this pins the message it quotes)."""
+    """Without KPO_TARGET verl itself refuses the script's ``+...is_clip`` line;
+    docs/integrations/verl.md gives the one-line fix (this pins the message it quotes)."""
     with pytest.raises(Exception, match="unexpected keyword argument 'is_clip'"):
         _compose_actor(AUTHORS_OVERRIDES)
 
