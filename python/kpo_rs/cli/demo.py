@@ -15,7 +15,7 @@ __all__ = ["add_parser", "run"]
 
 def add_parser(sub: argparse._SubParsersAction, full: bool) -> None:
     """``kpo demo``'s options."""
-    from ..experiments.config import DEFAULT_LOSSES, OLD_LOGPS, DemoConfig
+    from ..experiments.config import DEFAULT_VARIANTS, OLD_LOGPS, DemoConfig
     from ..params import FilterParams
 
     d = DemoConfig()
@@ -23,7 +23,14 @@ def add_parser(sub: argparse._SubParsersAction, full: bool) -> None:
         "demo",
         help="train a tiny policy with each loss on CPU and compare (a few minutes)",
         description="Trains a tiny causal transformer with group-relative advantages on a "
-        "synthetic task with a verifiable reward, once per loss and seed, and compares the losses.",
+        "synthetic task with a verifiable reward, once per variant (a loss with its run "
+        "settings) and seed, and compares them. By default: "
+        + "; ".join(DEFAULT_VARIANTS)
+        + " (GRPO in bypass mode and with the standard correction, decoupled + TIS 2; gpg; "
+        "KPO-clipped's paper arm, the authors' filter and band; and the rescaled band "
+        "(kpo-rs variant) at a 16-token window) on an engine with heavy-tailed logit noise. "
+        "The evaluation is fresh samples of the training prompts (the task has 4 prompts and "
+        "trains on all of them).",
     )
     counts = (
         ("--steps", positive, "RL steps per run"),
@@ -42,8 +49,8 @@ def add_parser(sub: argparse._SubParsersAction, full: bool) -> None:
         "--filter",
         dest="filter_arm",
         default=d.filter_arm,
-        help="the KPO losses' filter: authors (q=1e-6, r=1, p0=0), window:W (q/r = 1/W^2, "
-        "about W tokens averaged) or fit (q and r fitted on each run's first "
+        help="with --losses, the KPO losses' filter: authors (q=1e-6, r=1, p0=0), window:W "
+        "(q/r = 1/W^2, about W tokens averaged) or fit (q and r fitted on each run's first "
         f"{d.fit_steps} steps) (default {d.filter_arm})",
     )
     p.add_argument(
@@ -63,8 +70,8 @@ def add_parser(sub: argparse._SubParsersAction, full: bool) -> None:
         "--mismatch",
         default=d.mismatch,
         help="how the inference engine that samples differs from the trainer: none, "
-        "logit-noise:S (Student-t logit noise, scale S nats), bf16, int8 "
-        f"(default {d.mismatch})",
+        "logit-noise:S (Student-t logit noise, scale S nats), logit-noise-ar1:S:RHO, "
+        f"offset:S, bursts:S:P:L, bf16, int8 (default {d.mismatch})",
     )
     p.add_argument(
         "--old-logp",
@@ -82,9 +89,19 @@ def add_parser(sub: argparse._SubParsersAction, full: bool) -> None:
     )
     p.add_argument(
         "--losses",
-        default=",".join(DEFAULT_LOSSES),
-        help="comma-separated loss names from kpo_rs.loss_table "
-        f"(default {','.join(DEFAULT_LOSSES)})",
+        default=None,
+        help="comma-separated loss names from kpo_rs.loss_table, each run at --filter, "
+        "--old-logp and --tis instead of the default variants",
+    )
+    p.add_argument(
+        "--variant",
+        dest="variant_list",
+        action="append",
+        default=None,
+        metavar="NAME=LOSS:KEY=VALUE,...",
+        help="a variant to run (repeatable; replaces the defaults), as kpo sweep --variant: "
+        "e.g. kpoc=kpo_clipped:filter=window:16,band=rescaled (the rescaled band, kpo-rs "
+        "variant)",
     )
     p.add_argument("--out", default=d.out, help=f"output folder (default {d.out})")
     p.add_argument(
@@ -108,8 +125,9 @@ def run(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from ..experiments.config import DemoConfig, split_names
+    from ..experiments.config import DEFAULT_LOSSES, DEFAULT_VARIANTS, DemoConfig, split_names
     from ..experiments.demo import run_demo, summary_rows, table_footnote, write_outputs
+    from ..experiments.variants import parse_variant
 
     q, arm = args.q, args.filter_arm
     if isinstance(q, str) and q.strip().lower() == "fit":
@@ -130,7 +148,8 @@ def run(args: argparse.Namespace) -> int:
         tis=args.tis,
         steps=args.steps,
         seeds=args.seeds,
-        losses=split_names(args.losses),
+        losses=split_names(args.losses) if args.losses else DEFAULT_LOSSES,
+        variants=() if args.losses else tuple(args.variant_list or DEFAULT_VARIANTS),
         lag=args.lag,
         minibatches=args.minibatches,
         response_len=args.response_len,
@@ -139,29 +158,31 @@ def run(args: argparse.Namespace) -> int:
     )
     try:
         cfg.validate()
+        runs = len(cfg.losses) if not cfg.variants else len(cfg.variants)
+        for spec in cfg.variants:
+            parse_variant(spec)
     except ValueError as exc:
         print(f"kpo demo: {exc}", file=sys.stderr)
         return 2
-    total = len(cfg.losses) * cfg.seeds * cfg.steps
+    total = runs * cfg.seeds * cfg.steps
     with Progress("demo", not args.no_progress, 10.0, unit="steps") as progress:
         done = 0
 
         def update(entry) -> None:
             nonlocal done
             done += 1
-            progress(done, total, f"{entry.loss} seed {entry.seed} reward {entry.reward:.3f}")
+            progress(done, total, f"{entry.variant} seed {entry.seed} reward {entry.reward:.3f}")
 
         result = run_demo(cfg, progress=update)
     rows = summary_rows(result)
     title = (
         f"{cfg.steps} steps x {cfg.seeds} seeds, lr {cfg.lr:g}, lag {cfg.lag}, "
-        f"{cfg.minibatches} updates per rollout batch, filter {cfg.filter_arm}, "
-        f"mismatch {cfg.mismatch}"
+        f"{cfg.minibatches} updates per rollout batch, mismatch {cfg.mismatch}"
     )
     if sys.stdout.isatty():
         table = Table(title=title, caption=table_footnote(cfg), caption_justify="left")
         for key in rows[0]:
-            table.add_column(key, justify="left" if key == "loss" else "right")
+            table.add_column(key, justify="left" if key == "variant" else "right")
         for row in rows:
             table.add_row(*row.values())
         # A table too wide for a narrow terminal is printed whole, not truncated.

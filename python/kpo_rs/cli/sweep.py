@@ -79,6 +79,26 @@ def _caps(text: str) -> tuple[float | None, ...]:
     return tuple(out)
 
 
+def _variant(text: str) -> Any:
+    """``--variant NAME=LOSS:key=value,...`` (:func:`kpo_rs.experiments.variants.parse_variant`)."""
+    from ..experiments.variants import parse_variant
+
+    try:
+        return parse_variant(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _variants_file(text: str) -> tuple:
+    """``--variants FILE`` (:func:`kpo_rs.experiments.variants.read_variants_file`)."""
+    from ..experiments.variants import read_variants_file
+
+    try:
+        return read_variants_file(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc).removeprefix("--variants: ")) from None
+
+
 def _count(text: str) -> int:
     try:
         return int(text)
@@ -99,12 +119,39 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--preset",
         choices=sorted(PRESETS),
-        help="a named grid: 'mismatch' (GRPO, gpg, KPO and KPO-clipped with three filter arms, "
-        "with and without engine logit noise, 5 learning rates tuned on 2 seeds, 16 reported "
-        "seeds: 416 runs, about 50 minutes with 2 workers; docs/results.md), 'paper' (1 "
-        "on-policy + 3 off-policy minibatches per "
-        "rollout batch, authors' filter settings, every loss, about an hour on 2 cores), "
-        "'default' (a grid around the demo's default); flags given explicitly override it",
+        help="a named grid: 'decisive' (issue 32's pre-registered sweep, "
+        "docs/sweep/decisive/PREREGISTRATION.md: 15 arms x 4 engines x 16 seeds, learning rate "
+        "tuned on the white engine, 1050 runs, about 2 hours with 2 workers; its report tests "
+        "the pre-registered contrasts only and lists the rest as exploratory), 'mismatch' "
+        "(GRPO, gpg, KPO and KPO-clipped with three filter arms, with and without engine logit "
+        "noise, 5 learning rates tuned on 2 seeds, 16 reported seeds: 416 runs, about 50 "
+        "minutes with 2 workers; docs/results.md), 'paper' (1 on-policy + 3 off-policy "
+        "minibatches per rollout batch, authors' filter settings, every loss, about an hour on "
+        "2 cores), 'default' (a grid around the demo's default); flags given explicitly "
+        "override it (--variant, --variants or --losses replace its arms and drop its "
+        "contrasts)",
+    )
+    parser.add_argument(
+        "--variant",
+        dest="variant_list",
+        action="append",
+        type=_variant,
+        metavar="NAME=LOSS:KEY=VALUE,...",
+        help="an arm (repeatable): a loss with run settings filter (authors, window:W, fit), "
+        "band (authors, rescaled: the rescaled band (kpo-rs variant) of the variant's filter, "
+        "rescaled:W: that of a window:W filter, or LOW,HIGH), old_logp (engine: bypass, "
+        "trainer: decoupled), tis (a cap), correction (rs-geo, seq-mask, icepop, "
+        "dropneg-random, dropneg-seq; optional numbers after ':'), q, p0, and any of the "
+        "loss's settings (clip_ratio_low, space, loss_agg_mode, ...), e.g. "
+        "kpoc=kpo_clipped:filter=window:16,band=rescaled,space=ratio",
+    )
+    parser.add_argument(
+        "--variants",
+        dest="variants_file",
+        type=_variants_file,
+        metavar="FILE",
+        help="arms from a TOML or JSON file: name -> {loss = ..., settings = {key = value}} "
+        "(added before any --variant)",
     )
     parser.add_argument(
         "--losses",
@@ -163,8 +210,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         dest="mismatches",
         type=_names,
         metavar="LIST",
-        help="inference-engine mismatches: none, logit-noise:S (Student-t logit noise of scale "
-        "S nats), bf16 (bfloat16 autocast), int8 (fake-quantised weights) (default none)",
+        help="inference-engine mismatches: none, logit-noise:S (white Student-t logit noise of "
+        "scale S nats), logit-noise-ar1:S:RHO (the same, AR(1) along the response), offset:S "
+        "(a per-response logit bias of scale S), bursts:S:P:L (runs of mean length L tokens, "
+        "starting with probability P per token, with logit noise of scale S), bf16 (bfloat16 "
+        "autocast), int8 (fake-quantised weights) (default none)",
     )
     parser.add_argument(
         "--old-logp",
@@ -205,6 +255,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="seeds per learning rate when tuning (default 2)",
     )
     parser.add_argument(
+        "--tune-on",
+        metavar="MISMATCH",
+        help="tune the learning rate on this engine only and use the chosen rate on every "
+        "engine (default: each engine tunes its own)",
+    )
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the plan (arms, engines, run count, time estimate) and run nothing",
+    )
+    parser.add_argument(
         "--workers",
         type=_count,
         metavar="N",
@@ -231,22 +292,32 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def config_from_args(args: argparse.Namespace) -> SweepConfig:
     """The :class:`SweepConfig` of parsed options: defaults, then the preset, then the flags."""
+    from ..experiments.variants import parse_variant
     from ..losses.table import LOSS_NAMES
 
     values: dict[str, Any] = {}
     if args.preset:
         values.update(PRESETS[args.preset])
+        values["preset"] = args.preset
         if values.get("losses") is None:
             values["losses"] = LOSS_NAMES
+        values["variants"] = tuple(parse_variant(v) for v in values.get("variants", ()))
     names = (
         "losses", "lrs", "minibatches", "lags", "response_lens", "qs", "p0s", "filter_arms",
         "mismatches", "old_logps", "tiss", "seeds", "steps", "seed0", "tune_lr", "tune_seeds",
-        "workers", "ray", "out",
+        "tune_on", "workers", "ray", "out",
     )  # fmt: skip
     for name in names:
         value = getattr(args, name, None)
         if value is not None:
             values[name] = value
+    given = tuple(getattr(args, "variants_file", None) or ()) + tuple(
+        getattr(args, "variant_list", None) or ()
+    )
+    if given or getattr(args, "losses", None) is not None:
+        # New arms: the preset's arms and its pre-registered contrasts no longer apply.
+        values["variants"] = given
+        values.pop("contrasts", None)
     return SweepConfig(**values)
 
 
@@ -262,6 +333,9 @@ def run_cli(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"kpo sweep: {exc}", file=sys.stderr)
         return 2
+    if getattr(args, "dry_run", False):
+        _print_plan(cfg, command)
+        return 0
     try:
         Path(cfg.out).mkdir(parents=True, exist_ok=True)
         probe = Path(cfg.out) / f".write-test.{os.getpid()}"
@@ -296,7 +370,30 @@ def run_cli(args: argparse.Namespace) -> int:
 # emptier one.
 _GRID = ("preset", "losses", "lrs", "minibatches", "lags", "response_lens", "qs", "p0s",
          "filter_arms", "mismatches", "old_logps", "tiss", "seeds", "steps", "seed0", "tune_lr",
-         "tune_seeds")  # fmt: skip
+         "tune_seeds", "tune_on", "variant_list", "variants_file")  # fmt: skip
+
+
+def _print_plan(cfg: SweepConfig, command: str) -> None:
+    """``--dry-run``: the arms, engines, contrasts, run count and time estimate."""
+    from ..experiments.sweep import plan, plan_text
+
+    tune, evals = plan(cfg)
+    print(f"command: {command}")
+    print("arms:")
+    for v in cfg.arms():
+        print(f"  {v.name}: {v.describe()}")
+    print(f"engines: {', '.join(cfg.mismatches)}")
+    if cfg.tune_lr:
+        where = "every engine" if cfg.tune_on is None else f"{cfg.tune_on} only"
+        print(
+            f"learning rates: {', '.join(f'{lr:g}' for lr in cfg.lrs)} tuned on "
+            f"{cfg.tune_seeds} tuning seeds on {where}"
+        )
+    if cfg.contrasts:
+        print("pre-registered contrasts (per engine, Holm over all):")
+        for a, b in cfg.contrasts:
+            print(f"  {a} - {b}")
+    print(plan_text(cfg, len(tune), len(evals)))
 
 
 def _grid_given(args: argparse.Namespace) -> bool:
@@ -354,6 +451,29 @@ def _command_line(cfg: SweepConfig) -> str:
     def join(values: Sequence[Any]) -> str:
         return ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in values)
 
+    if cfg.variants:
+        if cfg.preset is not None and cfg.contrasts:
+            # the preset's arms and contrasts (explicit --variant flags would drop the contrasts)
+            head = ["kpo sweep", f"--preset {cfg.preset}"]
+        else:
+            head = ["kpo sweep", *(f"--variant {v.spec()}" for v in cfg.variants)]
+        parts = [
+            *head,
+            f"--lr {join(cfg.lrs)}",
+            f"--minibatches {join(cfg.minibatches)}",
+            f"--lag {join(cfg.lags)}",
+            f"--response-len {join(cfg.response_lens)}",
+            f"--mismatch {join(cfg.mismatches)}",
+            f"--seeds {cfg.seeds}",
+            f"--steps {cfg.steps}",
+        ]
+        if cfg.seed0:
+            parts.append(f"--seed0 {cfg.seed0}")
+        if cfg.tune_lr:
+            parts.append(f"--tune-lr --tune-seeds {cfg.tune_seeds}")
+            if cfg.tune_on is not None:
+                parts.append(f"--tune-on {cfg.tune_on}")
+        return " ".join(parts)
     parts = [
         "kpo sweep",
         f"--losses {join(cfg.losses)}",

@@ -8,8 +8,17 @@ A random policy scores ``1 / classes``; a perfect one 1. Advantages are group-re
 
 Off-policy pressure as in large-scale training: each rollout batch is split into ``minibatches``
 consecutive updates (the first on-policy, the others increasingly off-policy), and rollouts may be
-produced by the policy of ``lag`` updates ago. The same seeds run every loss, so the runs differ
-only in the loss. Results: a table, PNG plots and every logged metric as CSV and JSON.
+produced by the policy of ``lag`` updates ago. The same seeds run every variant (a loss and its
+run settings, :mod:`kpo_rs.experiments.variants`), so the runs differ only in the variant.
+Results: a table, PNG plots and every logged metric as CSV and JSON.
+
+Per step, besides the reward, a run records what shows the mechanism of a clip or mask: the mean
+log-ratio the loss sees (``log_ratio_mean``: in bypass mode about ``-KL(engine||trainer)``), the
+share of positive- and of negative-advantage tokens whose gradient the loss (clip, mask or zero
+weight) removed (``clip_share_pos``, ``clip_share_neg``: read from the gradient itself, exactly
+zero at a removed token), the filtered log-ratio's error against the true log-ratio next to the
+raw one's and to that of "ratio = 1" (``unit_error``, the RMS of the true log-ratio), and the
+engine mismatch's mean, std, lag-1 autocorrelation and KL.
 """
 
 from __future__ import annotations
@@ -37,13 +46,14 @@ except ImportError as exc:  # pragma: no cover - exercised only without torch
 import kpo_rs
 
 from .. import _files, _plotting
-from ..diagnostics import mean_data_weight, plot_spectra, token_switches
-from ..losses.kpo import KPO_CLIP
+from ..diagnostics import plot_spectra, token_switches
 from ..losses.table import get_loss
 from ..params import FilterParams
 from .config import DEFAULT_LOSSES, STEP_MEANS, DemoConfig, arm_settings
-from .evaluation import eval_steps, held_out_reward, summarize_evaluations
+from .corrections import CorrectionInputs, apply_correction
+from .evaluation import eval_reward, eval_steps, summarize_evaluations
 from .rollout import Engine, rewards
+from .variants import MAX_KPO_EPS, Variant, band_overrides, resolve_band, scaled_kpo_clip
 
 __all__ = [
     "DEFAULT_LOSSES",
@@ -52,6 +62,7 @@ __all__ = [
     "Run",
     "StepLog",
     "TinyPolicy",
+    "demo_variants",
     "filter_settings",
     "filters_ratios",
     "loss_function",
@@ -116,6 +127,17 @@ class TinyPolicy(nn.Module):
         return self.head(self.norm(h))
 
 
+#: The corrections' random stream (dropneg-random) is seeded ``CORRECTION_SEED_OFFSET + seed``,
+#: apart from the rollouts' stream so every variant of a seed draws the same rollouts.
+CORRECTION_SEED_OFFSET = 70_000
+
+
+def _token_log_softmax(model: nn.Module, seqs: torch.Tensor) -> torch.Tensor:
+    """The trainer's log-probabilities ``[batch, response_len, vocab]`` of every answer token
+    at each position of ``seqs`` (``[batch, 1 + response_len]``)."""
+    return torch.log_softmax(model(seqs[:, :-1]).float(), dim=-1)
+
+
 def _token_logps(model: nn.Module, seqs: torch.Tensor) -> torch.Tensor:
     """Log-probabilities ``[batch, response_len]`` of the answer tokens of ``seqs``
     (``[batch, 1 + response_len]``: the prompt token, then the answer)."""
@@ -177,44 +199,66 @@ def _params(settings: dict[str, float] | None) -> FilterParams:
     return FilterParams(q=settings["q"], r=settings["r"], p0=settings["p0"])
 
 
-#: The clip band of KPO-clipped stays below this (``1 - eps_low`` must stay above 0).
-MAX_KPO_EPS = 0.9
-
-
-def scaled_kpo_clip(settings: dict[str, float], length: int) -> tuple[float, float]:
-    """KPO-clipped's band for a filter at ``settings`` on answers of ``length`` tokens.
-
-    The filtered log-ratio is about the data weight ``w`` (:func:`~kpo_rs.diagnostics.
-    mean_data_weight`, the share of the filtered value resting on the observations) times the
-    drift of the raw log-ratio, so a band ``eps`` on it bounds that drift at about ``eps / w``.
-    The authors chose ``(3e-4, 4e-4)`` at their settings, where ``w`` is tiny (0.0027 at 128
-    tokens): scaling the band by ``w / w_authors`` keeps the bound ``eps / w`` the authors' at
-    any setting (0.11 / 0.15 at 128 tokens), capped at :data:`MAX_KPO_EPS`."""
-    authors = FilterParams()
-    w0 = mean_data_weight(length, q=authors.q, r=authors.r, p0=authors.p0)
-    w = mean_data_weight(length, params=_params(settings))
-    factor = w / w0 if w0 > 0 else 1.0
-    low, high = KPO_CLIP
-    return min(low * factor, MAX_KPO_EPS), min(high * factor, MAX_KPO_EPS * high / low)
-
-
-def _clip_band(name: str, settings: dict[str, float] | None) -> tuple[float, float, bool] | None:
-    """``(eps_low, eps_high, on_filtered)``: the token clip band the loss ``name`` applies, and
-    whether to the filtered ratio (KPO-clipped) or the raw one (PPO-style); None without one."""
-    keywords = get_loss(name).keywords()
-    if "clip" in keywords and keywords["clip"] is not None and settings is not None:
-        low, high = keywords["clip"]
-        return float(low), float(high), True
-    if "clip_ratio" in keywords and name in ("grpo", "ppo"):
-        c = float(keywords["clip_ratio"])
-        return c, c, False
+def _clip_band(name: str, overrides: dict[str, Any]) -> tuple[float, float, bool] | None:
+    """``(eps_low, eps_high, on_filtered)``: the token clip band the loss ``name`` applies at
+    ``overrides``, and whether to the filtered ratio (the KPO losses' ``clip``) or the raw one
+    (``clip_ratio`` / ``clip_ratio_low`` / ``clip_ratio_high``, PPO-style token losses); None
+    without a token band (gspo's band is on the sequence ratio)."""
+    keywords = get_loss(name).keywords(**overrides)
+    params = inspect.signature(get_loss(name).fn).parameters
+    if "q" in params:
+        clip = keywords.get("clip")
+        return None if clip is None else (float(clip[0]), float(clip[1]), True)
+    if name in ("grpo", "ppo") or ("clip_ratio" in params and "clip_ratio_low" in params):
+        c = keywords.get("clip_ratio", 0.2)
+        low = keywords.get("clip_ratio_low")
+        high = keywords.get("clip_ratio_high")
+        return (float(c if low is None else low), float(c if high is None else high), False)
     return None
+
+
+def demo_variants(cfg: DemoConfig) -> tuple[Variant, ...]:
+    """The variants a demo runs: ``cfg.variants`` parsed, or each loss of ``cfg.losses`` at the
+    run settings of ``cfg`` (filter arm, q, p0, band, old_logp, tis, correction)."""
+    from .variants import parse_variant
+
+    if cfg.variants:
+        return tuple(parse_variant(v) for v in cfg.variants)
+    out = []
+    for name in cfg.losses:
+        filtered = filters_ratios(name)
+        out.append(
+            Variant(
+                name=name,
+                loss=name,
+                filter_arm=cfg.filter_arm if filtered else None,
+                q=cfg.q if filtered else None,
+                p0=cfg.p0 if filtered else None,
+                band=cfg.band,
+                old_logp=cfg.old_logp,
+                tis=cfg.tis,
+                correction=cfg.correction,
+                settings=tuple(cfg.loss_settings),
+            )
+        )
+    return tuple(out)
 
 
 @dataclass
 class StepLog:
     """One RL step of one run. Figures a run lacks are None: ``data_weight`` and
-    ``filtered_error`` without a filter, ``clip_share`` without a token clip band."""
+    ``filtered_error`` without a filter, ``clip_share`` without a token clip band,
+    ``clip_share_pos`` / ``clip_share_neg`` without tokens of that advantage sign.
+
+    The engine's figures over the step's sampled tokens (``d = engine - trainer`` log-prob,
+    nats): ``mismatch_mean`` (mean of ``d``: the Monte Carlo estimate of KL(engine||trainer)),
+    ``mismatch_std``, ``mismatch_lag1`` (lag-1 autocorrelation along responses, measured) and
+    ``mismatch_kl`` (the exact KL(engine||trainer) per position from both full distributions,
+    averaged). ``log_ratio_mean``: mean of ``logp - old_logp``, the log-ratio the loss sees;
+    ``raw_error``, ``filtered_error``, ``unit_error``: RMS of the raw, the filtered and the
+    zero log-ratio ("ratio = 1") minus the true one (current minus behaviour trainer log-prob);
+    ``clip_share_pos`` / ``_neg``: share of positive / negative advantage tokens whose
+    gradient the loss removed (clip, dual clip, mask or zero weight)."""
 
     loss: str
     seed: int
@@ -233,6 +277,13 @@ class StepLog:
     raw_error: float
     filtered_error: float | None
     seconds: float
+    mismatch_mean: float = 0.0
+    mismatch_kl: float = 0.0
+    log_ratio_mean: float = 0.0
+    unit_error: float = 0.0
+    clip_share_pos: float | None = None
+    clip_share_neg: float | None = None
+    variant: str = ""
 
 
 def _lag1(d: np.ndarray) -> float:
@@ -256,18 +307,23 @@ class Run:
         loss_name: str,
         seed: int,
         loss_overrides: dict[str, Any] | None = None,
+        variant: str | None = None,
     ):
         """``seed`` fixes the initial policy and every random draw of the rollouts (prompts,
         sampled tokens, engine noise, minibatch order, evaluation), so runs of different losses
         start identically and draw from the same random streams; ``loss_overrides`` are passed
-        to the loss on top of its table settings and the filter's."""
+        to the loss on top of its table settings, the filter's, the band's and
+        ``cfg.loss_settings``; ``variant``: the run's variant name (logs; default the loss)."""
         self.cfg, self.loss_name, self.seed = cfg, loss_name, seed
+        self.variant_name = variant or loss_name
         self.device = torch.device(cfg.device)
         torch.manual_seed(seed)
         self.model = TinyPolicy(cfg).to(self.device)
         self.opt = torch.optim.Adam(self.model.parameters(), lr=cfg.lr)
         self.gen = torch.Generator().manual_seed(10_000 + seed)
         self.engine = Engine(cfg.mismatch, seed)
+        #: The corrections' own stream (dropneg-random's draws), apart from the rollouts'.
+        self.correction_gen = torch.Generator().manual_seed(CORRECTION_SEED_OFFSET + seed)
         self.extra_overrides = dict(loss_overrides or {})
         #: The fit arm's fitted ``q`` and ``r`` once fitted (None before, and for other arms).
         self.fitted: dict[str, float] | None = None
@@ -281,15 +337,15 @@ class Run:
         self.evaluations: list[tuple[int, float]] = []
 
     def _configure_loss(self) -> None:
-        """The loss at the run's current filter settings (and KPO-clipped's scaled band)."""
+        """The loss at the run's current filter settings, band (``cfg.band``, resolved at the
+        answer length and, for ``rescaled``, at the filter's current settings) and settings."""
         self.settings = filter_settings(self.cfg, self.loss_name, self.fitted)
         overrides: dict[str, Any] = dict(self.settings or {})
-        band = _clip_band(self.loss_name, self.settings)
-        if band is not None and band[2] and self.settings is not None:
-            overrides["clip"] = scaled_kpo_clip(self.settings, self.cfg.response_len)
-            band = (*overrides["clip"], True)
+        overrides.update(dict(self.cfg.loss_settings))
+        band = resolve_band(self.cfg.band, self.settings, self.cfg.response_len)
+        overrides.update(band_overrides(self.loss_name, band))
         overrides.update(self.extra_overrides)
-        self.band = band
+        self.band = _clip_band(self.loss_name, overrides)
         self.loss_fn = loss_function(self.loss_name, **overrides)
 
     def _snapshot(self) -> None:
@@ -301,8 +357,9 @@ class Run:
         return self.behaviour
 
     def evaluate(self, step: int) -> float:
-        """Records and returns the held-out reward of the current policy at ``step``."""
-        reward = held_out_reward(self.model, self.cfg, self.seed)
+        """Records and returns the eval reward (fresh samples of the training prompts) of the
+        current policy at ``step``."""
+        reward = eval_reward(self.model, self.cfg, self.seed)
         self.evaluations.append((step, reward))
         return reward
 
@@ -326,12 +383,15 @@ class Run:
         colours = torch.randint(0, cfg.classes, (cfg.prompts_per_step,), generator=self.gen)
         colours = colours.repeat_interleave(cfg.group_size).to(self.device)
         behaviour = self._behaviour_policy()
-        seqs, engine_logp, _ = self.engine.sample(
-            behaviour, colours, cfg.response_len, cfg.vocab, self.gen
+        seqs, engine_logp, tables = self.engine.sample(
+            behaviour, colours, cfg.response_len, cfg.vocab, self.gen, keep_tables=True
         )
         reward = rewards(seqs, colours, cfg.classes)
         with torch.no_grad():
-            trainer_logp = _token_logps(behaviour, seqs)
+            trainer_table = _token_log_softmax(behaviour, seqs)
+            trainer_logp = trainer_table.gather(-1, seqs[:, 1:].unsqueeze(-1)).squeeze(-1)
+            engine_table = torch.stack(tables, dim=1)
+            kl = (engine_table.exp() * (engine_table - trainer_table)).sum(-1)
         old_logp = engine_logp if cfg.old_logp == "engine" else trainer_logp
         is_weights = None
         if cfg.tis is not None:
@@ -341,12 +401,30 @@ class Run:
         order = torch.randperm(seqs.shape[0], generator=self.gen).to(self.device)
         size = seqs.shape[0] // cfg.minibatches
         grad_norms, losses, log_ratios, true_ratios, weights = [], [], [], [], []
+        removed = np.zeros(2)  # positive, negative advantage tokens whose gradient was removed
+        signed = np.zeros(2)  # positive, negative advantage tokens
         for mb in range(cfg.minibatches):
             idx = order[mb * size : (mb + 1) * size]
             logp = _token_logps(self.model, seqs[idx])
+            logp.retain_grad()
             advantages = adv[idx].unsqueeze(1).expand_as(logp)
-            extra = {} if is_weights is None else {"rollout_is_weights": is_weights[idx]}
-            loss, metrics = self.loss_fn(old_logp[idx], logp, advantages, mask[idx], **extra)
+            mb_mask, mb_weights = apply_correction(
+                cfg.correction,
+                CorrectionInputs(
+                    current=logp.detach(),
+                    engine=engine_logp[idx],
+                    trainer=trainer_logp[idx],
+                    advantages=advantages,
+                    mask=mask[idx],
+                    length=cfg.response_len,
+                    bypass=cfg.old_logp == "engine",
+                ),
+                self.correction_gen,
+            )
+            if is_weights is not None:
+                mb_weights = is_weights[idx] if mb_weights is None else mb_weights * is_weights[idx]
+            extra = {} if mb_weights is None else {"rollout_is_weights": mb_weights}
+            loss, metrics = self.loss_fn(old_logp[idx], logp, advantages, mb_mask, **extra)
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
             norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
@@ -354,6 +432,13 @@ class Run:
             self._snapshot()
             grad_norms.append(float(norm))
             losses.append(loss.item())
+            if logp.grad is not None:
+                gone = (logp.grad == 0) & mask[idx]
+            else:  # the loss did not reach log_prob at all (every token masked)
+                gone = mask[idx].clone()
+            for k, side in enumerate((advantages > 0, advantages < 0)):
+                removed[k] += float((gone & side).sum())
+                signed[k] += float((mask[idx] & side).sum())
             if "kpo_data_weight" in metrics:
                 weights.append(float(metrics["kpo_data_weight"]))
             detached = logp.detach()
@@ -380,6 +465,7 @@ class Run:
             self._fit_samples.append(z)
             if step + 1 >= cfg.fit_steps:
                 self._fit()
+        shares = [float(r / n) if n else None for r, n in zip(removed, signed)]
         return StepLog(
             loss=self.loss_name,
             seed=self.seed,
@@ -398,6 +484,13 @@ class Run:
             raw_error=_rms(z - z_true),
             filtered_error=_rms(x - z_true) if settings is not None else None,
             seconds=time.perf_counter() - start,
+            mismatch_mean=float(mismatch.mean()),
+            mismatch_kl=float(kl.mean()),
+            log_ratio_mean=float(z.mean()),
+            unit_error=_rms(z_true),
+            clip_share_pos=shares[0],
+            clip_share_neg=shares[1],
+            variant=self.variant_name,
         )
 
 
@@ -414,8 +507,8 @@ def summarize(
     ``collapse_drop`` below its best so far, counted once per fall), max gradient norm, ratio
     spikes, switch rates, and the means over steps of the filter's data weight, the clip share,
     the engine mismatch and the raw and filtered log-ratios' errors. From ``evaluations``
-    (``(step, held-out reward)`` pairs), when given: ``eval_steps``, ``eval_rewards`` and
-    :func:`~.evaluation.summarize_evaluations`' figures."""
+    (``(step, eval reward)`` pairs; fresh samples of the training prompts), when given:
+    ``eval_steps``, ``eval_rewards`` and :func:`~.evaluation.summarize_evaluations`' figures."""
     rewards_ = [entry.reward for entry in logs]
     best, collapses, down = -math.inf, 0, False
     for r in rewards_:
@@ -451,12 +544,14 @@ def train(
     seed: int,
     loss_overrides: dict[str, Any] | None = None,
     progress: Callable[[StepLog], None] | None = None,
+    variant: str | None = None,
 ) -> tuple[list[StepLog], Run]:
-    """One run of ``cfg.steps`` RL steps with the held-out evaluations of
+    """One run of ``cfg.steps`` RL steps with the evaluations (fresh samples of the training
+    prompts) of
     :func:`~.evaluation.eval_steps` (in ``run.evaluations``); returns its per-step logs and the
     finished run."""
     cfg.validate()
-    run = Run(cfg, loss_name, seed, loss_overrides)
+    run = Run(cfg, loss_name, seed, loss_overrides, variant)
     logs = []
     for step in range(cfg.steps):
         if step % cfg.eval_every == 0:
@@ -470,16 +565,21 @@ def train(
 
 
 def run_demo(cfg: DemoConfig, progress: Callable[[StepLog], None] | None = None) -> dict[str, Any]:
-    """Runs every loss with every seed; returns the logs, per-run summaries, evaluations and
-    examples."""
+    """Runs every variant (:func:`demo_variants`) with every seed; returns the logs, per-run
+    summaries, evaluations and examples, keyed by variant name."""
     cfg.validate()
+    variants = demo_variants(cfg)
     logs: list[StepLog] = []
     summaries: dict[str, list[dict[str, Any]]] = {}
     examples: dict[str, dict[str, np.ndarray]] = {}
     fits: dict[str, list[dict[str, float] | None]] = {}
-    for name in cfg.losses:
+    for variant in variants:
+        name = variant.name
+        run_cfg = variant.apply(cfg)
         for s in range(cfg.seeds):
-            run_logs, run = train(cfg, name, cfg.seed0 + s, progress=progress)
+            run_logs, run = train(
+                run_cfg, variant.loss, cfg.seed0 + s, progress=progress, variant=name
+            )
             logs.extend(run_logs)
             summaries.setdefault(name, []).append(summarize(run_logs, cfg, run.evaluations))
             if run.settings is not None:
@@ -488,6 +588,7 @@ def run_demo(cfg: DemoConfig, progress: Callable[[StepLog], None] | None = None)
                 examples[name] = run.example
     return {
         "config": cfg,
+        "variants": variants,
         "logs": logs,
         "summaries": summaries,
         "examples": examples,
@@ -536,7 +637,7 @@ def _plots(result: dict[str, Any], out: Path) -> list[Path]:
     cfg: DemoConfig = result["config"]
 
     fig, ax = plt.subplots(figsize=(7, 4.2))
-    for name in cfg.losses:
+    for name in result["summaries"]:
         runs = result["summaries"][name]
         curves = np.array([run["eval_rewards"] for run in runs])
         steps = np.asarray(runs[0]["eval_steps"])
@@ -546,8 +647,8 @@ def _plots(result: dict[str, Any], out: Path) -> list[Path]:
     seeds = f"{cfg.seeds} seed" + ("s" if cfg.seeds != 1 else "")
     ax.set(
         xlabel="RL step",
-        ylabel="held-out reward",
-        title=f"Held-out reward by loss (band: min-max over {seeds})",
+        ylabel="eval reward (fresh samples of the training prompts)",
+        title=f"Eval reward by variant (band: min-max over {seeds})",
     )
     paths = [_plotting.save(fig, ax, out / "reward_curves.png")]
 
@@ -563,7 +664,7 @@ def _plots(result: dict[str, Any], out: Path) -> list[Path]:
     ax.set(
         xlabel="token",
         ylabel="importance ratio",
-        title=f"One response, last update of {shown} ({cfg.filter_arm}, {cfg.mismatch})",
+        title=f"One response, last update of {shown} ({cfg.mismatch})",
     )
     paths.append(_plotting.save(fig, ax, out / "ratios.png"))
 
@@ -575,34 +676,52 @@ def _plots(result: dict[str, Any], out: Path) -> list[Path]:
 
 
 def _settings_text(cfg: DemoConfig) -> str:
+    text = f"engine mismatch {cfg.mismatch}"
+    if cfg.variants:
+        return text
     arm = cfg.filter_arm
-    text = f"filter {arm}" + ("" if cfg.q is None else f", q {cfg.q:g}")
+    text += f"; filter {arm}" + ("" if cfg.q is None else f", q {cfg.q:g}")
     text += "" if cfg.p0 is None else f", p0 {cfg.p0:g}"
-    text += f"; engine mismatch {cfg.mismatch}, old_log_prob from the {cfg.old_logp}"
+    text += f", old_log_prob from the {cfg.old_logp}"
     return text + ("" if cfg.tis is None else f", TIS cap {cfg.tis:g}")
 
 
 def table_footnote(cfg: DemoConfig) -> str:
     """What each column of :func:`summary_rows`' table means (printed under the table)."""
     evals = ", ".join(str(s) for s in eval_steps(cfg))
+    variants = ""
+    if cfg.variants:
+        from .variants import parse_variant
+
+        variants = (
+            " Variants: "
+            + "; ".join(
+                f"{v.name} = {v.describe()}" for v in (parse_variant(t) for t in cfg.variants)
+            )
+            + "."
+        )
     return (
-        f"Settings: {_settings_text(cfg)}. Each figure is the mean over seeds. held-out auc: the "
-        f"mean held-out reward over training (trapezoid area under the evaluation curve / steps; "
+        f"Settings: {_settings_text(cfg)}.{variants} Each figure is the mean over seeds. eval "
+        f"auc: the mean eval reward over training (fresh samples of the {cfg.classes} training "
+        f"prompts, not held out; trapezoid area under the evaluation curve / steps; "
         f"{cfg.classes * cfg.eval_per_class} answers, {cfg.eval_per_class} per colour, evaluated "
-        f"at steps {evals}; random policy {1 / cfg.classes:.2f}, perfect 1). held-out final: the "
-        f"last evaluation. steps to threshold: first evaluated step with held-out reward >= "
+        f"at steps {evals}; random policy {1 / cfg.classes:.2f}, perfect 1). eval final: the "
+        f"last evaluation. steps to threshold: first evaluated step with eval reward >= "
         f"{cfg.reward_threshold} ('never' if no run got there; 'k/n runs' when only k of n "
-        f"did). collapses: times the held-out reward stayed more than {cfg.collapse_drop} below "
+        f"did). collapses: times the eval reward stayed more than {cfg.collapse_drop} below "
         f"its best so far for {cfg.eval_collapse_evals} evaluations in a row. data weight: "
         f"kpo_data_weight, the share of the filtered log-ratio resting on the observations "
         f"rather than on the prior (near 0: the filter is inert and the ratio is 1). clip share: "
-        f"tokens whose ratio (filtered for KPO-clipped, raw for GRPO) lies outside the clip "
-        f"band. filtered / raw error: the RMS error of the filtered log-ratio over that of the "
-        f"raw one, both against the true one (trainer's current minus trainer's behaviour "
-        f"log-probability; below 1: the filter denoised). ratio spikes: share of tokens whose "
-        f"raw ratio exp(logp - old_logp) is above {math.exp(cfg.spike_log_ratio):.1f} or below "
-        f"{math.exp(-cfg.spike_log_ratio):.1f}. max grad norm: largest gradient norm before "
-        f"clipping to {cfg.max_grad_norm}. '-': the loss has no filter or no clip band."
+        f"tokens whose ratio (filtered for the KPO losses, raw for PPO-style ones) lies outside "
+        f"the clip band. removed +/-: shares of positive / negative advantage tokens whose "
+        f"gradient the loss removed (clip, mask or zero weight). log-ratio mean: the mean "
+        f"log-ratio the loss sees (in bypass mode about -KL(engine||trainer)). filtered / raw "
+        f"error: the RMS error of the filtered log-ratio over that of the raw one, both against "
+        f"the true one (trainer's current minus trainer's behaviour log-probability); filtered / "
+        f"unit: over that of 'ratio = 1' (the RMS true log-ratio). ratio spikes: share of tokens "
+        f"whose raw ratio exp(logp - old_logp) is above {math.exp(cfg.spike_log_ratio):.1f} or "
+        f"below {math.exp(-cfg.spike_log_ratio):.1f}. max grad norm: largest gradient norm "
+        f"before clipping to {cfg.max_grad_norm}. '-': the variant has no filter or no clip band."
     )
 
 
@@ -621,8 +740,8 @@ def _seed_mean(runs: list[dict[str, Any]], key: str, fmt: str = "{:.3f}") -> str
     return text
 
 
-def _error_ratio(runs: list[dict[str, Any]]) -> str:
-    pairs = [(r.get("filtered_error"), r.get("raw_error")) for r in runs]
+def _error_ratio(runs: list[dict[str, Any]], against: str = "raw_error") -> str:
+    pairs = [(r.get("filtered_error"), r.get(against)) for r in runs]
     ratios = [f / raw for f, raw in pairs if f is not None and raw]
     return f"{np.mean(ratios):.2f}" if ratios else "-"
 
@@ -633,14 +752,18 @@ def summary_rows(result: dict[str, Any]) -> list[dict[str, str]]:
     for name, runs in result["summaries"].items():
         rows.append(
             {
-                "loss": name,
-                "held-out auc": _seed_mean(runs, "eval_auc"),
-                "held-out final": _seed_mean(runs, "eval_final"),
+                "variant": name,
+                "eval auc": _seed_mean(runs, "eval_auc"),
+                "eval final": _seed_mean(runs, "eval_final"),
                 "steps to threshold": _seed_mean(runs, "eval_steps_to_threshold", "{:.1f}"),
                 "collapses": _seed_mean(runs, "eval_collapses", "{:.1f}"),
                 "data weight": _seed_mean(runs, "data_weight"),
                 "clip share": _seed_mean(runs, "clip_share", "{:.1%}"),
+                "removed +": _seed_mean(runs, "clip_share_pos", "{:.1%}"),
+                "removed -": _seed_mean(runs, "clip_share_neg", "{:.1%}"),
+                "log-ratio mean": _seed_mean(runs, "log_ratio_mean", "{:+.3f}"),
                 "filtered / raw error": _error_ratio(runs),
+                "filtered / unit error": _error_ratio(runs, "unit_error"),
                 "ratio spikes": _seed_mean(runs, "spike_fraction", "{:.1%}"),
                 "max grad norm": _seed_mean(runs, "max_grad_norm", "{:.2f}"),
             }

@@ -1,10 +1,13 @@
-"""The demo's held-out evaluation and the figures summarising its curve.
+"""The demo's evaluation and the figures summarising its curve.
 
-Every ``eval_every`` steps (step 0 before training, and after the last step) the trainer's
-current policy answers a fixed, balanced set of prompts: ``eval_per_class`` answers for every
-colour, sampled with the evaluation's own random stream, re-seeded identically at every
-evaluation (common random numbers: two evaluations differ only through the policy). No engine
-mismatch: the evaluation measures the policy, not the engine.
+The evaluation is *fresh samples of the training prompts*, not a held-out set: the task has
+``classes`` prompts (one per colour) and trains on all of them; "eval reward" everywhere means
+the reward of new answers to those prompts. Every ``eval_every`` steps (step 0 before training,
+and after the last step) the trainer's current policy answers a fixed, balanced set of
+prompts: ``eval_per_class`` answers for every colour, sampled with the evaluation's own random
+stream, re-seeded identically at every evaluation (common random numbers: two evaluations
+differ only through the policy). No engine mismatch: the evaluation measures the policy, not
+the engine.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from torch import nn
 from .config import DemoConfig
 from .rollout import Engine, rewards
 
-__all__ = ["EVAL_SEED_OFFSET", "eval_steps", "held_out_reward", "summarize_evaluations"]
+__all__ = ["EVAL_SEED_OFFSET", "eval_reward", "eval_steps", "summarize_evaluations"]
 
 #: The evaluation's random stream is seeded ``EVAL_SEED_OFFSET + seed``.
 EVAL_SEED_OFFSET = 50_000
@@ -32,8 +35,9 @@ def eval_steps(cfg: DemoConfig) -> list[int]:
 
 
 @torch.no_grad()
-def held_out_reward(model: nn.Module, cfg: DemoConfig, seed: int) -> float:
-    """The mean reward of ``model`` on the held-out set of run ``seed`` (module docstring)."""
+def eval_reward(model: nn.Module, cfg: DemoConfig, seed: int) -> float:
+    """The mean reward of ``model`` on the evaluation answers of run ``seed`` (fresh samples of
+    the training prompts, module docstring)."""
     device = next(model.parameters()).device
     colours = torch.arange(cfg.classes).repeat_interleave(cfg.eval_per_class).to(device)
     gen = torch.Generator().manual_seed(EVAL_SEED_OFFSET + seed)
@@ -47,7 +51,7 @@ def summarize_evaluations(
     """Figures of one run's evaluation curve (``values`` at ``steps``, ascending):
 
     * ``eval_auc``: the trapezoid area under the curve divided by the steps it spans (the mean
-      held-out reward over training; the single value when there is one evaluation);
+      eval reward over training; the single value when there is one evaluation);
     * ``eval_final``: the last evaluation's reward;
     * ``eval_steps_to_threshold``: the first evaluated step with reward >= ``reward_threshold``,
       ``-1`` when none (censored at the last step);

@@ -6,22 +6,29 @@ rebuilds the report of a sweep folder from its stored runs (``DIR/runs``), or fr
 
 Terms used here and in the report:
 
-* a *variant* is a loss with its filter settings: ``(loss, filter_arm, q, r, p0)`` (the KPO
-  losses; a fitted arm's ``q`` and ``r`` are outputs of the fit, not settings, so they are left
-  out); the label shows the arm and settings only where the report has more than one;
+* a *variant* is an arm of the sweep: its ``variant`` column (a named variant,
+  :mod:`kpo_rs.experiments.variants`: a loss with its loss and run settings); rows of sweeps
+  older than named variants label it by the loss with its filter settings ``(loss, filter_arm,
+  q, r, p0)`` (a fitted arm's ``q`` and ``r`` are outputs of the fit, not settings, so they are
+  left out), the arm and settings shown only where the report has more than one;
 * a *regime* is everything else a run is configured with: learning rate (unless ``--tune-lr``
-  chose one per loss), minibatches per rollout batch, rollout lag, answer length, engine
-  mismatch, which log-probs are ``old_log_prob`` and the TIS cap. Runs are paired by seed within
-  a regime;
+  chose one per variant), minibatches per rollout batch, rollout lag, answer length and engine
+  mismatch (for older rows also which log-probs are ``old_log_prob`` and the TIS cap, which a
+  named variant carries itself). Runs are paired by seed within a regime;
 * *staleness* is ``lag + (minibatches - 1) / 2``, the mean number of updates between the
   policy that produced a minibatch's rollouts and the policy being updated; it orders the
   plots' x axis.
 
-The primary metric is ``eval_auc`` (held-out reward, area under the evaluation curve). Rows of
-sweeps older than the held-out evaluation have no such column; their report falls back to the
-training-batch ``final_reward`` and says so. Every comparison is against GRPO and against gpg
-(the policy gradient without importance weights); there is no "winner": :mod:`.stats` gives
-each comparison a t interval, a sign-flip p-value and a Holm-adjusted p-value over the report.
+The primary metric is ``eval_auc`` (the eval reward, fresh samples of the training prompts: the
+task has 4 prompts and trains on all of them, so it is not held out; area under the evaluation
+curve). Rows of sweeps older than the evaluation have no such column; their report falls back
+to the training-batch ``final_reward`` and says so. With pre-registered contrasts (a preset's
+``contrasts``, also read from ``OUT/plan.json`` by :func:`rebuild`) the report tests exactly
+those, per regime, Holm over all of them, and lists every other comparison (each variant
+against GRPO and gpg) under "Exploratory" with its own Holm correction; without, every
+comparison is against GRPO and against gpg (the policy gradient without importance weights).
+There is no "winner": :mod:`.stats` gives each comparison a t interval, a sign-flip p-value and
+a Holm-adjusted p-value.
 """
 
 from __future__ import annotations
@@ -45,7 +52,9 @@ __all__ = [
     "COLUMNS",
     "bootstrap_mean_ci",
     "comparisons",
+    "preregistered",
     "primary_metric",
+    "read_plan",
     "read_results",
     "read_runs",
     "rebuild",
@@ -59,6 +68,10 @@ __all__ = [
 #: (``eval_steps``, ``eval_rewards``) are JSON in their cell.
 COLUMNS = (
     "phase",
+    "variant",
+    "spec",
+    "band",
+    "correction",
     "loss",
     "lr",
     "minibatches",
@@ -238,9 +251,15 @@ def _settings(row: dict[str, Any]) -> tuple:
     return (row.get("q"), row.get("r"), row.get("p0"))
 
 
+def _named(row: dict[str, Any]) -> bool:
+    """Whether the row is of a named variant (its ``variant`` column is set)."""
+    return bool(row.get("variant"))
+
+
 def _labeller(rows: Sequence[dict[str, Any]]):
-    """A function from a row to its variant label: the loss, then the filter arm when the KPO
-    losses run more than one, then q, r and p0 when a loss and arm run more than one setting."""
+    """A function from a row to its variant label: its ``variant`` name; for older rows the
+    loss, then the filter arm when the KPO losses run more than one, then q, r and p0 when a
+    loss and arm run more than one setting."""
     arms = {r.get("filter_arm") for r in rows if _has_filter(r)}
     settings: dict[tuple, set] = defaultdict(set)
     for r in rows:
@@ -248,6 +267,8 @@ def _labeller(rows: Sequence[dict[str, Any]]):
             settings[(r["loss"], r.get("filter_arm"))].add(_settings(r))
 
     def label(row: dict[str, Any]) -> str:
+        if _named(row):
+            return str(row["variant"])
         if not _has_filter(row):
             return row["loss"]
         text = row["loss"]
@@ -267,6 +288,7 @@ def _labeller(rows: Sequence[dict[str, Any]]):
 
 def _regime_key(row: dict[str, Any], tuned: bool) -> tuple:
     lr = None if tuned else row["lr"]
+    named = _named(row)  # a named variant carries its old_logp and TIS itself
     return (
         lr,
         row["response_len"],
@@ -274,8 +296,8 @@ def _regime_key(row: dict[str, Any], tuned: bool) -> tuple:
         row["minibatches"],
         row["lag"],
         row.get("mismatch"),
-        row.get("old_logp"),
-        row.get("tis"),
+        None if named else row.get("old_logp"),
+        None if named else row.get("tis"),
     )
 
 
@@ -369,10 +391,14 @@ def _fmt_ci(ci: tuple[float, float] | None) -> str:
 # Comparisons
 
 
-def _comparisons(groups: Groups, metric: str) -> list[dict[str, Any]]:
+def _comparisons(
+    groups: Groups, metric: str, skip: Sequence[tuple[str, str]] = ()
+) -> list[dict[str, Any]]:
     """Every variant against each reference of :data:`REFERENCES` present in its regime (gpg
-    against GRPO once, not also GRPO against gpg), paired by seed, Holm-adjusted together."""
+    against GRPO once, not also GRPO against gpg), paired by seed, Holm-adjusted together;
+    ``skip``: ``(variant, reference)`` pairs left out (the pre-registered ones, either way)."""
     out: list[dict[str, Any]] = []
+    skipped = {tuple(c) for c in skip} | {(b, a) for a, b in skip}
     for key, runs in groups.items():
         for ref in REFERENCES:
             if ref not in runs:
@@ -380,8 +406,28 @@ def _comparisons(groups: Groups, metric: str) -> list[dict[str, Any]]:
             for v, rs in runs.items():
                 if v == ref or (v in REFERENCES and REFERENCES.index(v) < REFERENCES.index(ref)):
                     continue
+                if (v, ref) in skipped:
+                    continue
                 result = stats.paired(_by_seed(rs, metric), _by_seed(runs[ref], metric))
                 out.append({"regime": key, "variant": v, "reference": ref, "paired": result})
+    for c, adj in zip(out, stats.holm([c["paired"].p for c in out])):
+        c["holm"] = adj
+    return out
+
+
+def preregistered(
+    groups: Groups, metric: str, contrasts: Sequence[tuple[str, str]]
+) -> list[dict[str, Any]]:
+    """The pre-registered contrasts ``a - b`` in every regime where both ran, paired by seed,
+    in the order given within each regime, Holm-adjusted over all of them together (a contrast
+    missing from a regime is listed with no seeds and takes no part in the correction)."""
+    out: list[dict[str, Any]] = []
+    for key, runs in groups.items():
+        for a, b in contrasts:
+            result = stats.paired(
+                _by_seed(runs.get(a, []), metric), _by_seed(runs.get(b, []), metric)
+            )
+            out.append({"regime": key, "variant": a, "reference": b, "paired": result})
     for c, adj in zip(out, stats.holm([c["paired"].p for c in out])):
         c["holm"] = adj
     return out
@@ -584,6 +630,56 @@ def _secondary_table(groups: Groups, variants: list[str], held_out: bool) -> str
     return _md_table(head, lines)
 
 
+def _mean_cell(rs: Sequence[dict[str, Any]], key: str, fmt: str) -> str:
+    values = _values(rs, key)
+    return fmt.format(float(np.mean(values))) if values else "-"
+
+
+def _mechanism_table(groups: Groups, variants: list[str]) -> str | None:
+    """Per regime and variant: the log-ratio mean, the removed-gradient shares by advantage
+    sign, the errors against raw and against "ratio = 1", the engine's mean, KL and lag-1;
+    None when the rows predate these figures."""
+    lines = []
+    for key, runs in groups.items():
+        for v in variants:
+            rs = runs.get(v)
+            if not rs or not _values(rs, "log_ratio_mean"):
+                continue
+            filt, unit = _values(rs, "filtered_error"), _values(rs, "unit_error")
+            ratio = (
+                f"{np.mean(filt) / np.mean(unit):.2f}"
+                if filt and unit and np.mean(unit) > 0
+                else "-"
+            )
+            lines.append(
+                [
+                    _regime_label(key),
+                    v,
+                    _mean_cell(rs, "log_ratio_mean", "{:+.3f}"),
+                    _mean_cell(rs, "clip_share_pos", "{:.1%}"),
+                    _mean_cell(rs, "clip_share_neg", "{:.1%}"),
+                    _mean_cell(rs, "unit_error", "{:.3f}"),
+                    ratio,
+                    _mean_cell(rs, "mismatch_mean", "{:+.3f}"),
+                    _mean_cell(rs, "mismatch_kl", "{:.3f}"),
+                ]
+            )
+    if not lines:
+        return None
+    head = [
+        "regime",
+        "variant",
+        "log-ratio mean [i]",
+        "removed + [j]",
+        "removed - [j]",
+        "unit error [h]",
+        "filtered / unit [h]",
+        "mismatch mean [g]",
+        "mismatch KL [g]",
+    ]
+    return _md_table(head, lines)
+
+
 def _error_table(groups: Groups, variants: list[str]) -> str | None:
     lines = []
     for key, runs in groups.items():
@@ -634,23 +730,25 @@ def _footnotes(metric: str, window: int) -> list[str]:
     notes = []
     if held_out:
         notes += [
-            "[a] **eval_auc** (primary metric): the mean held-out reward of the policy over "
-            "training, as the trapezoid area under the evaluation curve (evaluations every few "
-            "steps, step 0 and the last step included) divided by the steps it spans; in [0, 1], "
-            "a random policy scores about 0.25. It rewards learning early and staying learned.",
-            "[b] **final**: the held-out reward at the last evaluation.",
-            "[c] **steps to threshold**: the first evaluation step with held-out reward at or "
+            "[a] **eval_auc** (primary metric): the mean eval reward of the policy over "
+            "training (eval reward: fresh samples of the 4 training prompts; the task trains on "
+            "all of its prompts, so this is not a held-out set), as the trapezoid area under "
+            "the evaluation curve (evaluations every few steps, step 0 and the last step "
+            "included) divided by the steps it spans; in [0, 1], a random policy scores about "
+            "0.25. It rewards learning early and staying learned.",
+            "[b] **final**: the eval reward at the last evaluation.",
+            "[c] **steps to threshold**: the first evaluation step with eval reward at or "
             "above the threshold; a run that never reaches it is censored at its last step. "
             "Every run is censored at the same step, so the median with censored runs counted "
             "as later than any step is the Kaplan-Meier median; it is *not reached* when half "
             "of the runs or more never reached the threshold.",
             "[d] **collapses**: share of runs with at least one collapse (and the mean count): "
-            "the held-out reward staying at least 0.15 below its best so far for 3 or more "
+            "the eval reward staying at least 0.15 below its best so far for 3 or more "
             "consecutive evaluations.",
         ]
     else:
         notes += [
-            "[a] **final reward** (primary metric here: these runs predate the held-out "
+            "[a] **final reward** (primary metric here: these runs predate the "
             "evaluation): the mean training-batch reward of a run's last "
             f"{_plural(window, 'step')}.",
             "[b] as [a].",
@@ -665,11 +763,22 @@ def _footnotes(metric: str, window: int) -> list[str]:
         "weight on the data against the filter's prior); empty for losses without a filter.",
         "[f] **clip share**: the share of valid tokens whose ratio lies outside the clip band "
         "(for KPO-clipped the filtered ratio, for the others the raw ratio).",
-        "[g] **mismatch**: the standard deviation of engine minus trainer log-probability on "
-        "the sampled tokens, and its lag-1 autocorrelation along responses.",
-        "[h] **raw / filtered error**: the root mean square of the raw (filtered) log-ratio "
-        "minus the true one (trainer's current minus trainer's behaviour log-probability); "
-        "filtered / raw below 1 means the filter denoised.",
+        "[g] **mismatch**: engine minus trainer log-probability on the sampled tokens: its "
+        "standard deviation, its lag-1 autocorrelation along responses (measured), its mean "
+        "(the Monte Carlo estimate of KL(engine||trainer)) and the exact KL(engine||trainer) "
+        "per position from both full distributions, averaged.",
+        "[h] **raw / filtered / unit error**: the root mean square of the raw (filtered) "
+        "log-ratio minus the true one (trainer's current minus trainer's behaviour "
+        "log-probability); the unit error is that of 'ratio = 1' (the RMS true log-ratio: what "
+        "an inert filter outputs). filtered / raw below 1: closer to the truth than the raw "
+        "engine ratio; filtered / unit below 1: closer than no ratio at all.",
+        "[i] **log-ratio mean**: the mean of logp - old_logp the loss sees; in bypass mode it "
+        "carries an offset of about -KL(engine||trainer) (the ratio is unbiased under the "
+        "engine's sampling, its log is not).",
+        "[j] **removed + / -**: of the positive (negative) advantage tokens, the share whose "
+        "gradient the loss removed: a clip, a dual clip, a rejection mask or a zero weight "
+        "(read from the gradient of the loss with respect to each token's log-prob, exactly 0 "
+        "where removed).",
         "**Paired comparisons**: per regime, the mean over seeds of a variant's metric minus "
         "the reference's on the same seed (the same seed fixes the initial policy and every "
         "random draw); its 95% Student-t interval; *ahead*: the seeds on which the variant was "
@@ -692,11 +801,18 @@ def write_report(
     planned: int | None,
     tuned_lrs: dict[str, float] | None = None,
     figures: Sequence[str] = (),
+    contrasts: Sequence[tuple[str, str]] | None = None,
+    arms: dict[str, str] | None = None,
 ) -> None:
-    """``report.md``: coverage, the primary metric by regime, the paired comparisons with GRPO
-    and gpg (Holm-corrected), KPO's decomposition through gpg, IQMs, the learning-rate grid, the
-    secondary metrics, the engine mismatch and the filter's error, footnotes defining each
-    figure, the protocol. ``planned``: the grid's run count (None when unknown). Atomic."""
+    """``report.md``: coverage, the arms (``arms``: name -> description), the primary
+    metric by regime, the pre-registered ``contrasts`` (Holm over exactly those) when given,
+    the paired comparisons with GRPO and gpg (exploratory when contrasts are given; Holm over
+    them), KPO's decomposition through gpg, IQMs, the learning-rate grid, the secondary
+    metrics, the mechanism (log-ratio offset, removed-gradient shares by advantage sign, the
+    filter's error against raw and against "ratio = 1", the engine's statistics), footnotes
+    defining each figure, the protocol. ``planned``: the grid's run count (None when unknown).
+    Atomic."""
+    arm_text = dict(arms or {})
     groups, variants, tuned = _grouped(rows)
     done = [r for r in rows if r.get("phase", "eval") == "eval"]
     tune_rows = [r for r in rows if r.get("phase") == "tune"]
@@ -726,7 +842,15 @@ def write_report(
             "",
         ]
     name = "eval_auc [a]" if metric == "eval_auc" else "final reward [a]"
-    comps = _comparisons(groups, metric)
+    pre = [(str(a), str(b)) for a, b in contrasts or ()]
+    comps = _comparisons(groups, metric, skip=pre)
+    if arm_text:
+        parts += [
+            "## Arms",
+            "",
+            _md_table(["variant", "loss and run settings"], ([k, v] for k, v in arm_text.items())),
+            "",
+        ]
     parts += [
         f"## {name} by regime",
         "",
@@ -734,15 +858,39 @@ def write_report(
         "",
         _summary_table(groups, variants, metric),
         "",
-        "## Paired comparisons with GRPO and gpg",
-        "",
-        "Every variant against GRPO and against gpg in each regime, on the primary metric "
-        "(positive: the variant higher). Chosen before looking at the data: no best-against-"
-        "runner-up comparison.",
-        "",
-        _comparison_table(comps) if comps else "(no regime has GRPO or gpg)",
-        "",
     ]
+    if pre:
+        pre_comps = preregistered(groups, metric, pre)
+        parts += [
+            "## Pre-registered contrasts",
+            "",
+            f"Exactly the {_plural(len(pre), 'contrast')} the preset registered before any run, "
+            "in each regime (engine), on the primary metric (positive: the first variant "
+            f"higher); Holm over all {len(pre_comps)} of them. Nothing else in this report is "
+            "a test of the pre-registration.",
+            "",
+            _comparison_table(pre_comps),
+            "",
+            "## Exploratory: comparisons with GRPO and gpg",
+            "",
+            "Not pre-registered: every other variant against GRPO and gpg in each regime (Holm "
+            "over these only). Read them as leads for a later pre-registered sweep, not as "
+            "findings.",
+            "",
+            _comparison_table(comps) if comps else "(no regime has GRPO or gpg)",
+            "",
+        ]
+    else:
+        parts += [
+            "## Paired comparisons with GRPO and gpg",
+            "",
+            "Every variant against GRPO and against gpg in each regime, on the primary metric "
+            "(positive: the variant higher). Chosen before looking at the data: no best-against-"
+            "runner-up comparison.",
+            "",
+            _comparison_table(comps) if comps else "(no regime has GRPO or gpg)",
+            "",
+        ]
     decomposition = _decomposition_table(groups, metric)
     if decomposition is not None:
         parts += [
@@ -798,6 +946,18 @@ def write_report(
             errors,
             "",
         ]
+    mechanism = _mechanism_table(groups, variants)
+    if mechanism is not None:
+        parts += [
+            "## Mechanism: the log-ratio offset and the removed gradients by advantage sign",
+            "",
+            "Means over seeds. A clip that removes the gradient of negative-advantage tokens "
+            "far more often than of positive ones acts as a sign-asymmetric mask, whatever it "
+            "was meant to do.",
+            "",
+            mechanism,
+            "",
+        ]
     if tuned_lrs:
         parts += [
             "## Learning rates chosen on the tuning seeds",
@@ -827,7 +987,7 @@ def write_report(
         + (
             "The learning rate of each variant and regime was chosen from the grid by the mean "
             f"primary metric ({metric}) on separate tuning seeds, then the reported seeds ran "
-            "at it (sweeps before the held-out evaluation chose by final training reward)."
+            "at it (sweeps before the evaluation chose by final training reward)."
             if tuned
             else "Every variant runs every learning rate of the grid (no per-loss tuning)."
         ),
@@ -860,8 +1020,21 @@ def rebuild(out: Path, *, command: str) -> tuple[Path, list[str]]:
     write_results(rows, out / "results.csv")
     figures = [p.name for p in write_plots(rows, out)]
     report = out / "report.md"
-    write_report(rows, report, command=command, planned=None, figures=figures)
+    contrasts, _ = read_plan(out)  # every stored run is reported: no planned count
+    write_report(rows, report, command=command, planned=None, figures=figures, contrasts=contrasts)
     return report, figures
+
+
+def read_plan(out: Path) -> tuple[list[tuple[str, str]], int | None]:
+    """The pre-registered contrasts and planned run count ``OUT/plan.json`` records (written by
+    ``kpo sweep``); ``([], None)`` without one."""
+    try:
+        payload = json.loads(Path(out, "plan.json").read_text())
+    except (OSError, ValueError):
+        return [], None
+    contrasts = [(str(a), str(b)) for a, b in payload.get("contrasts", [])]
+    planned = payload.get("planned")
+    return contrasts, int(planned) if isinstance(planned, int) else None
 
 
 # --------------------------------------------------------------------------------------------
@@ -890,7 +1063,7 @@ def write_plots(rows: Sequence[dict[str, Any]], out: Path) -> list[Path]:
     pressures = sorted({(k[2], k[3], k[4]) for k in groups})
     xpos = {p: i for i, p in enumerate(pressures)}
     if metric == "eval_auc":
-        ylabel = "eval_auc (held-out reward over training)"
+        ylabel = "eval_auc (eval reward over training)"
     else:
         ylabel = f"final reward (mean of the last {_plural(_steps_window(done), 'step')})"
     paths = []

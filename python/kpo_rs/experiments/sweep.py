@@ -1,25 +1,32 @@
 """``kpo sweep``: a fair, resumable comparison of the policy losses across regimes.
 
 Each run is the task of :mod:`kpo_rs.experiments.demo` (a tiny transformer learning to answer in the
-colour the prompt names) with one loss, one seed and one setting of the grid: learning rate,
-minibatches per rollout batch, rollout lag, answer length, the inference engine's mismatch, whose
-log-probs are ``old_log_prob`` (the engine's or the trainer's), the TIS cap and, for the KPO
-losses, the filter arm (:func:`kpo_rs.experiments.config.parse_filter_arm`) and the filter's
-``q`` (authors' arm only) and ``p0``. A *cell* is one point of the grid for one loss; it runs
-once per seed.
+colour the prompt names) with one *variant* (an arm: a loss with its loss settings and run
+settings, :mod:`kpo_rs.experiments.variants`: filter arm, clip band, ``old_log_prob`` from the
+engine or the trainer, TIS cap, rollout correction or control), one seed and one setting of the
+grid: learning rate, minibatches per rollout batch, rollout lag, answer length and the inference
+engine's mismatch. The arms are ``variants``, or the ``--losses`` x ``--filter`` x ``--q`` x
+``--p0`` x ``--old-logp`` x ``--tis`` shorthand expanded to variants
+(:func:`~kpo_rs.experiments.variants.expand_shorthand`). A *cell* is one point of the grid for
+one variant; it runs once per seed.
 
-Fair protocol: every loss runs the same seeds, and a seed fixes the initial policy and every
-random draw of the rollouts, so runs differ only through their loss; each loss runs at the
-settings of its :mod:`kpo_rs.losses.table` entry (its authors' recommendation); with
-``tune_lr`` each loss first runs every learning rate of the grid on separate tuning seeds
-(``seed0 + 1000 ...``), and the reported seeds run at the learning rate with the best mean
-held-out ``eval_auc`` there.
+Fair protocol: every variant runs the same seeds, and a seed fixes the initial policy and every
+random draw of the rollouts, so runs differ only through their variant; each loss runs at the
+settings of its :mod:`kpo_rs.losses.table` entry (its authors' recommendation) unless the
+variant overrides them; with ``tune_lr`` each variant first runs every learning rate of the grid
+on separate tuning seeds (``seed0 + 1000 ...``), on every engine or, with ``tune_on``, on that
+engine only, and the reported seeds run at the learning rate with the best mean ``eval_auc``
+(the eval reward: fresh samples of the training prompts) there. A preset may pre-register the
+contrasts its report tests (``contrasts``); the report then computes exactly those, Holm over
+them, and lists everything else as exploratory.
 
 Resumable and parallel: each finished run is stored at once in ``OUT/runs/`` (a JSON file written
 to a temporary name, then renamed, by the sweep's own process whatever executed the run), keyed by
-a hash of everything that determines its result; running the same command again reuses every
-stored run. Runs execute in ``workers`` processes or, with ``ray``, as Ray tasks on a cluster
-(one CPU each), each limited to one torch thread, so a run's result does not depend on the
+a hash of everything that determines its result and of
+:data:`~kpo_rs.experiments.rollout.TASK_VERSION` (so a changed task, reward, engine or metric
+never reuses stored runs; the variant's name is not part of it); running the same command again
+reuses every stored run. Runs execute in ``workers`` processes or, with ``ray``, as Ray tasks on
+a cluster (one CPU each), each limited to one torch thread, so a run's result does not depend on the
 executor or the number of workers.
 Outputs in ``OUT``: ``results.csv`` (one row per run,
 :data:`kpo_rs.experiments.report.COLUMNS`), ``report.md``, ``final_reward.png`` and
@@ -48,11 +55,15 @@ from .. import _files
 from ..params import FilterParams
 from .config import DemoConfig
 from .report import write_plots, write_report, write_results
+from .rollout import TASK_VERSION
+from .variants import Variant, expand_shorthand
 
 __all__ = [
     "PRESETS",
+    "SECONDS_PER_TOKEN_STEP",
     "SweepConfig",
     "Task",
+    "estimate_seconds",
     "plan",
     "run_sweep",
     "run_task",
@@ -61,7 +72,10 @@ __all__ = [
 
 #: Tuning seeds start here (offset from ``seed0``), apart from the reported seeds.
 TUNE_SEED_OFFSET = 1000
-_FORMAT = 2  # bumped when a stored run's content or meaning changes (2: engine, arms, held-out)
+_FORMAT = 3  # bumped when a stored run's layout changes (3: variants, mechanism metrics)
+#: A run's time on one core per answer token and RL step (seconds), for the plan's estimate;
+#: measured on this project's 2-core machine at 128 tokens, 4 minibatches, 40 steps.
+SECONDS_PER_TOKEN_STEP = 2.6e-3
 
 
 def _default_workers() -> int:
@@ -73,7 +87,9 @@ class SweepConfig:
     """The grid and how to run it. Tuples are the grid's axes; every combination runs.
 
     Attributes:
-        losses: loss names from :mod:`kpo_rs.losses.table`.
+        variants: the arms (:class:`~kpo_rs.experiments.variants.Variant`); empty: the
+            shorthand below (``losses`` ... ``tiss``) expanded to variants.
+        losses: loss names from :mod:`kpo_rs.losses.table` (shorthand).
         lrs: Adam learning rates.
         minibatches: updates per rollout batch (the first on-policy, the rest off-policy).
         lags: rollouts come from the policy this many updates old.
@@ -87,7 +103,13 @@ class SweepConfig:
         tiss: TIS caps (None: no truncated importance weights); a cap needs ``trainer``.
         seeds: reported seeds per cell (``seed0 .. seed0 + seeds - 1``).
         steps: RL steps per run.
-        tune_lr: choose each loss's learning rate from ``lrs`` on ``tune_seeds`` separate seeds.
+        tune_lr: choose each variant's learning rate from ``lrs`` on ``tune_seeds`` separate
+            seeds; ``tune_on``: tune on this engine mismatch only and use the chosen rate on
+            every engine (None: each engine tunes its own).
+        contrasts: pre-registered ``(a, b)`` variant-name pairs: the report tests ``a - b`` in
+            each regime, Holm over exactly these, and lists every other comparison as
+            exploratory (empty: no pre-registration, every comparison with GRPO and gpg).
+        preset: the preset's name, when one made this config (reported).
         workers: worker processes (each with one torch thread); ignored with ``ray``.
         ray: run each run as a Ray task: ``"local"`` (a local Ray instance started for the
             sweep) or the address of an existing cluster (``"auto"``, ``"ray://host:10001"``);
@@ -112,16 +134,30 @@ class SweepConfig:
     seed0: int = 0
     tune_lr: bool = False
     tune_seeds: int = 2
+    tune_on: str | None = None
+    variants: tuple[Variant, ...] = ()
+    contrasts: tuple[tuple[str, str], ...] = ()
+    preset: str | None = None
     workers: int = field(default_factory=_default_workers)
     ray: str | None = None
     out: str = "kpo-sweep-out"
     demo: DemoConfig = field(default_factory=DemoConfig)
 
+    def arms(self) -> tuple[Variant, ...]:
+        """The sweep's variants: ``variants``, or the shorthand's expansion."""
+        if self.variants:
+            return tuple(self.variants)
+        filtered = ("authors",) if not self.filter_arms else self.filter_arms
+        return expand_shorthand(
+            tuple(self.losses), filtered, self.qs, self.p0s, self.old_logps, self.tiss
+        )
+
     def validate(self) -> None:
         """ValueError naming the setting (as its command-line flag) for any bad value."""
         from ..losses.table import check_names
 
-        check_names(self.losses, "--losses")
+        if not self.variants:
+            check_names(self.losses, "--losses")
         axes = (
             ("--lr", self.lrs),
             ("--minibatches", self.minibatches),
@@ -180,7 +216,11 @@ class SweepConfig:
         for cap in self.tiss:
             if cap is not None and not (math.isfinite(cap) and cap > 0):
                 raise ValueError(f"--tis: a cap must be a finite number > 0 (or none), got {cap}")
-        if any(cap is not None for cap in self.tiss) and "trainer" not in self.old_logps:
+        if (
+            not self.variants
+            and any(cap is not None for cap in self.tiss)
+            and "trainer" not in self.old_logps
+        ):
             raise ValueError("--tis: truncated importance weights need --old-logp trainer")
         self.filter_arms = tuple(parse_filter_arm(a) for a in self.filter_arms)
         self.mismatches = tuple(parse_mismatch(m) for m in self.mismatches)
@@ -196,48 +236,76 @@ class SweepConfig:
             raise ValueError(f"--tune-seeds: must be >= 1, got {self.tune_seeds}")
         if self.workers < 1:
             raise ValueError(f"--workers: must be >= 1, got {self.workers}")
+        arm_names = [v.name for v in self.arms()]
+        repeated = sorted({n for n in arm_names if arm_names.count(n) > 1})
+        if repeated:
+            raise ValueError(f"--variant: the name {repeated[0]!r} is given twice")
+        for a, b in self.contrasts:
+            for name in (a, b):
+                if name not in arm_names:
+                    raise ValueError(
+                        f"contrasts: {a} - {b}: no variant named {name!r} in this sweep"
+                    )
+            if a == b:
+                raise ValueError(f"contrasts: {a} - {b}: a variant against itself")
+        if self.tune_on is not None:
+            from .config import parse_mismatch
+
+            try:
+                self.tune_on = parse_mismatch(self.tune_on)
+            except ValueError as exc:
+                raise ValueError(f"--tune-on: {exc}") from None
+            if self.tune_on not in self.mismatches:
+                raise ValueError(
+                    f"--tune-on: {self.tune_on} is not one of the sweep's engines "
+                    f"({', '.join(self.mismatches)})"
+                )
 
 
 @dataclass(frozen=True)
 class Task:
-    """One run: a cell of the grid and a seed. ``filter_arm``, ``q`` and ``p0`` are ``None`` for
-    losses without a filter (and ``q`` for arms other than ``authors``, which set their own);
-    ``tis`` is ``None`` without truncated importance weights. ``phase`` is ``"eval"``
-    (reported) or ``"tune"`` (learning-rate tuning)."""
+    """One run: a variant, a cell of the grid and a seed. ``phase`` is ``"eval"`` (reported) or
+    ``"tune"`` (learning-rate tuning)."""
 
-    loss: str
+    variant: Variant
     lr: float
     minibatches: int
     lag: int
     response_len: int
-    q: float | None
-    p0: float | None
+    mismatch: str
     seed: int
     phase: str = "eval"
-    filter_arm: str | None = None
-    mismatch: str = "none"
-    old_logp: str = "engine"
-    tis: float | None = None
+
+    @property
+    def loss(self) -> str:
+        return self.variant.loss
+
+    @property
+    def filter_arm(self) -> str | None:
+        return self.variant.filter_arm
+
+    @property
+    def old_logp(self) -> str:
+        return self.variant.old_logp
+
+    @property
+    def tis(self) -> float | None:
+        return self.variant.tis
 
     def demo_config(self, cfg: SweepConfig) -> DemoConfig:
-        return dataclasses.replace(
+        base = dataclasses.replace(
             cfg.demo,
             steps=cfg.steps,
             seeds=1,
-            losses=(self.loss,),
             lr=self.lr,
             minibatches=self.minibatches,
             lag=self.lag,
             response_len=self.response_len,
             seed0=self.seed,
             device="cpu",
-            filter_arm=self.filter_arm or "authors",
-            q=self.q,
-            p0=self.p0,
             mismatch=self.mismatch,
-            old_logp=self.old_logp,
-            tis=self.tis,
         )
+        return self.variant.apply(base)
 
     @property
     def staleness(self) -> float:
@@ -245,139 +313,96 @@ class Task:
         and the policy being updated: ``lag + (minibatches - 1) / 2``."""
         return self.lag + (self.minibatches - 1) / 2
 
-    def cell(self) -> tuple:
-        """The task's cell without its learning rate and seed (what ``--tune-lr`` tunes for)."""
-        return (
-            self.loss,
-            self.filter_arm,
-            self.q,
-            self.p0,
-            self.minibatches,
-            self.lag,
-            self.response_len,
-            self.mismatch,
-            self.old_logp,
-            self.tis,
-        )
+    def cell(self, tune_on: str | None = None) -> tuple:
+        """The task's cell without its learning rate and seed (what ``--tune-lr`` tunes for);
+        with ``tune_on`` (one engine tunes for all), without its engine either."""
+        engine = None if tune_on is not None else self.mismatch
+        return (self.variant.name, self.minibatches, self.lag, self.response_len, engine)
 
     def key(self, cfg: SweepConfig) -> dict[str, Any]:
         """Everything that determines the run's result (not the phase: a tuning seed's run is
-        the same computation whatever it is used for)."""
+        the same computation whatever it is used for; not the variant's name), with
+        :data:`~kpo_rs.experiments.rollout.TASK_VERSION`."""
         from ..losses.table import get_loss
 
         demo = dataclasses.asdict(self.demo_config(cfg))
-        for name in ("out", "extra", "seeds", "device"):
+        for name in ("out", "extra", "seeds", "device", "variants"):
             demo.pop(name)
         demo["losses"] = list(demo["losses"])
-        if self.filter_arm is None:  # no filter: its settings do not matter
+        demo["loss_settings"] = [list(item) for item in demo["loss_settings"]]
+        if self.variant.filter_arm is None:  # no filter: its settings do not matter
             for name in ("filter_arm", "q", "p0", "fit_steps"):
                 demo.pop(name)
         settings = get_loss(self.loss).keywords()
         return {
             "format": _FORMAT,
+            "task": TASK_VERSION,
             "demo": {k: repr(v) for k, v in sorted(demo.items())},
             "loss_settings": {k: repr(v) for k, v in sorted(settings.items())},
         }
 
     def label(self) -> str:
         """The run in a few words (log lines)."""
-        text = self.loss
-        if self.filter_arm is not None:
-            text += f" {self.filter_arm}"
-            text += "" if self.q is None else f" q={self.q:g}"
-            text += "" if self.p0 is None else f" p0={self.p0:g}"
-        text += f" lr={self.lr:g} mb={self.minibatches} lag={self.lag} len={self.response_len}"
+        text = f"{self.variant.name} lr={self.lr:g} mb={self.minibatches} lag={self.lag}"
+        text += f" len={self.response_len}"
         if self.mismatch != "none":
             text += f" {self.mismatch}"
-        if self.old_logp != "engine":
-            text += f" old={self.old_logp}"
-        if self.tis is not None:
-            text += f" tis={self.tis:g}"
         return f"{text} seed={self.seed}"
 
     def filename(self, key: dict[str, Any]) -> str:
         """The name of the run's file in ``runs/``; ``key``: :meth:`key`'s result."""
         digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
-        filt = ""
-        if self.filter_arm is not None:
-            filt = "_" + self.filter_arm.replace(":", "")
-            filt += "" if self.q is None else f"_q{self.q:g}"
-            filt += "" if self.p0 is None else f"_p0{self.p0:g}"
+        name = "".join(c if c.isalnum() or c in "_-." else "-" for c in self.variant.name)
         engine = "" if self.mismatch == "none" else "_" + self.mismatch.replace(":", "")
-        engine += "" if self.old_logp == "engine" else f"_{self.old_logp}"
-        engine += "" if self.tis is None else f"_tis{self.tis:g}"
         return (
-            f"{self.loss}_lr{self.lr:g}_mb{self.minibatches}_lag{self.lag}_len"
-            f"{self.response_len}{filt}{engine}_s{self.seed}_{digest}.json"
+            f"{name}_lr{self.lr:g}_mb{self.minibatches}_lag{self.lag}_len"
+            f"{self.response_len}{engine}_s{self.seed}_{digest}.json"
         )
 
 
-def _filters(cfg: SweepConfig, loss: str) -> list[tuple[str | None, float | None, float | None]]:
-    """The ``(filter_arm, q, p0)`` settings a loss runs at: for a loss with a filter every arm
-    with every ``p0`` (and, for the authors' arm, every ``q``); ``(None, None, None)`` else."""
-    from .demo import filters_ratios
-
-    if not filters_ratios(loss):
-        return [(None, None, None)]
-    out: list[tuple[str | None, float | None, float | None]] = []
-    for arm in cfg.filter_arms:
-        qs: Sequence[float | None] = cfg.qs if arm == "authors" else (None,)
-        out.extend((arm, q, p0) for q in qs for p0 in cfg.p0s)
-    return out
-
-
-def _engines(cfg: SweepConfig) -> list[tuple[str, str, float | None]]:
-    """The ``(mismatch, old_logp, tis)`` combinations of the grid; a TIS cap only with the
-    trainer's old log-probs (with the engine's there is nothing to correct)."""
-    return [
-        (m, old, tis)
-        for m, old, tis in itertools.product(cfg.mismatches, cfg.old_logps, cfg.tiss)
-        if tis is None or old == "trainer"
-    ]
-
-
-def _cells(cfg: SweepConfig, lrs: Sequence[float]) -> list[Task]:
+def _cells(
+    cfg: SweepConfig, lrs: Sequence[float], mismatches: Sequence[str] | None = None
+) -> list[Task]:
     """Every cell of the grid at seed 0 (the seed is filled in later), in a fixed order."""
     cells = []
-    for loss in cfg.losses:
-        for lr, mb, lag, length, (arm, q, p0), (mismatch, old, tis) in itertools.product(
-            lrs, cfg.minibatches, cfg.lags, cfg.response_lens, _filters(cfg, loss), _engines(cfg)
+    for variant in cfg.arms():
+        for lr, mb, lag, length, mismatch in itertools.product(
+            lrs, cfg.minibatches, cfg.lags, cfg.response_lens, mismatches or cfg.mismatches
         ):
-            cells.append(Task(loss, lr, mb, lag, length, q, p0, 0, "eval", arm, mismatch, old, tis))
+            cells.append(Task(variant, lr, mb, lag, length, mismatch, 0, "eval"))
     return cells
 
 
 def _ordered(tasks: list[Task], cfg: SweepConfig) -> list[Task]:
-    """Regime by regime (the most off-policy first), within a regime seed by seed, every loss
-    of a seed together: a sweep stopped early has complete comparisons for the regimes it did."""
+    """Regime by regime (the most off-policy first), within a regime seed by seed, every
+    variant of a seed together: a sweep stopped early has complete comparisons for the regimes
+    it did."""
+    names = [v.name for v in cfg.arms()]
 
     def key(t: Task) -> tuple:
         return (
             -t.staleness,
             cfg.mismatches.index(t.mismatch),
-            cfg.old_logps.index(t.old_logp),
-            cfg.tiss.index(t.tis),
             cfg.lrs.index(t.lr),
             cfg.response_lens.index(t.response_len),
             cfg.minibatches.index(t.minibatches),
             t.seed,
-            cfg.losses.index(t.loss),
-            -1 if t.filter_arm is None else cfg.filter_arms.index(t.filter_arm),
-            -1 if t.q is None else cfg.qs.index(t.q),
-            -1 if t.p0 is None else cfg.p0s.index(t.p0),
+            names.index(t.variant.name),
         )
 
     return sorted(tasks, key=key)
 
 
 def plan(cfg: SweepConfig) -> tuple[list[Task], list[Task]]:
-    """The tuning runs (empty without ``tune_lr``) and the reported runs of the grid, in the
-    order they run; with ``tune_lr``, the reported runs are listed at the grid's first learning
-    rate (the chosen one replaces it once tuning has finished)."""
+    """The tuning runs (empty without ``tune_lr``; on ``tune_on``'s engine only when set) and
+    the reported runs of the grid, in the order they run; with ``tune_lr``, the reported runs
+    are listed at the grid's first learning rate (the chosen one replaces it once tuning has
+    finished)."""
     if cfg.tune_lr:
+        engines = None if cfg.tune_on is None else (cfg.tune_on,)
         tune = [
             dataclasses.replace(c, seed=cfg.seed0 + TUNE_SEED_OFFSET + s, phase="tune")
-            for c in _cells(cfg, cfg.lrs)
+            for c in _cells(cfg, cfg.lrs, engines)
             for s in range(cfg.tune_seeds)
         ]
         evals = [
@@ -392,6 +417,15 @@ def plan(cfg: SweepConfig) -> tuple[list[Task], list[Task]]:
         for s in range(cfg.seeds)
     ]
     return [], _ordered(evals, cfg)
+
+
+def estimate_seconds(cfg: SweepConfig, runs: int) -> float:
+    """Wall-clock seconds ``runs`` runs of ``cfg`` take on ``cfg.workers`` cores, about:
+    :data:`SECONDS_PER_TOKEN_STEP` x the mean answer length x steps per run, over the workers
+    (the evaluations and the rest scale about the same way)."""
+    length = sum(cfg.response_lens) / len(cfg.response_lens)
+    workers = 1 if cfg.ray is not None else cfg.workers
+    return SECONDS_PER_TOKEN_STEP * length * cfg.steps * runs / max(1, workers)
 
 
 # --------------------------------------------------------------------------------------------
@@ -411,14 +445,21 @@ def train_task(task: Task, cfg: SweepConfig) -> dict[str, Any]:
     try:
         demo = task.demo_config(cfg)
         start = time.perf_counter()
-        logs, run = train(demo, task.loss, task.seed)
+        logs, run = train(demo, task.loss, task.seed, variant=task.variant.name)
         seconds = time.perf_counter() - start
     finally:
         torch.set_num_threads(threads)
     s = summarize(logs, demo, run.evaluations)
     settings = run.settings or {}
+    band = None
+    if run.band is not None:
+        band = f"{run.band[0]:.6g},{run.band[1]:.6g}"
     return {
         "phase": task.phase,
+        "variant": task.variant.name,
+        "spec": task.variant.spec(),
+        "band": band,
+        "correction": task.variant.correction,
         "loss": task.loss,
         "lr": task.lr,
         "minibatches": task.minibatches,
@@ -455,6 +496,12 @@ def train_task(task: Task, cfg: SweepConfig) -> dict[str, Any]:
         "mismatch_lag1": s["mismatch_lag1"],
         "raw_error": s["raw_error"],
         "filtered_error": s["filtered_error"],
+        "mismatch_mean": s["mismatch_mean"],
+        "mismatch_kl": s["mismatch_kl"],
+        "log_ratio_mean": s["log_ratio_mean"],
+        "unit_error": s["unit_error"],
+        "clip_share_pos": s["clip_share_pos"],
+        "clip_share_neg": s["clip_share_neg"],
         "rewards": [entry.reward for entry in logs],
     }
 
@@ -492,6 +539,8 @@ def _stored(task: Task, cfg: SweepConfig) -> dict[str, Any] | None:
         return None
     row = payload["row"]
     row["phase"] = task.phase
+    row["variant"] = task.variant.name  # the key leaves the name out: runs may be shared
+    row["spec"] = task.variant.spec()
     return row
 
 
@@ -583,11 +632,13 @@ def _execute(
 def _choose_lrs(
     cfg: SweepConfig, pairs: Sequence[tuple[Task, dict[str, Any]]]
 ) -> dict[tuple, float]:
-    """Per cell without its learning rate (:meth:`Task.cell`): the grid's learning rate with the
-    best mean held-out ``eval_auc`` over the tuning seeds (ties: the earlier in the grid)."""
+    """Per cell without its learning rate (:meth:`Task.cell`; without its engine too with
+    ``tune_on``): the grid's learning rate with the best mean ``eval_auc`` over the tuning
+    seeds (ties: the earlier in the grid)."""
     scores: dict[tuple, dict[float, list[float]]] = {}
     for task, row in pairs:
-        scores.setdefault(task.cell(), {}).setdefault(task.lr, []).append(row["eval_auc"])
+        cell = task.cell(cfg.tune_on)
+        scores.setdefault(cell, {}).setdefault(task.lr, []).append(row["eval_auc"])
     chosen = {}
     for cell, by_lr in scores.items():
         tried = [lr for lr in cfg.lrs if lr in by_lr]
@@ -597,19 +648,13 @@ def _choose_lrs(
     return chosen
 
 
-def _cell_label(cell: tuple) -> str:
-    loss, arm, q, p0, mb, lag, length, mismatch, old, tis = cell
-    text = loss
-    if arm is not None:
-        text += f" {arm}" + ("" if q is None else f" q={q:g}")
-        text += "" if p0 is None else f" p0={p0:g}"
-    text += f", {mb} minibatches, lag {lag}, {length} tokens"
-    if mismatch != "none":
+def _cell_label(cell: tuple, tune_on: str | None = None) -> str:
+    name, mb, lag, length, mismatch = cell
+    text = f"{name}, {mb} minibatches, lag {lag}, {length} tokens"
+    if mismatch is None and tune_on is not None:
+        text += f", every engine (tuned on {tune_on})"
+    elif mismatch not in (None, "none"):
         text += f", mismatch {mismatch}"
-    if old != "engine":
-        text += f", old logp {old}"
-    if tis is not None:
-        text += f", TIS {tis:g}"
     return text
 
 
@@ -632,6 +677,9 @@ def run_sweep(
     tune, evals = plan(cfg)
     total = len(tune) + len(evals)
     counter = [0]
+    if not report_only:
+        log(plan_text(cfg, len(tune), len(evals)))
+    _write_plan(cfg, out, total, command)
     if report_only:
         pairs = [(t, r) for t, r in ((t, _stored(t, cfg)) for t in tune) if r is not None]
     else:
@@ -642,12 +690,12 @@ def run_sweep(
         chosen = _choose_lrs(cfg, pairs)
         picked = []
         for t in evals:
-            lr = chosen.get(t.cell())
+            lr = chosen.get(t.cell(cfg.tune_on))
             if lr is not None:
                 picked.append(dataclasses.replace(t, lr=lr))
         evals = picked
         for cell, lr in chosen.items():
-            tuned_lrs[_cell_label(cell)] = lr
+            tuned_lrs[_cell_label(cell, cfg.tune_on)] = lr
     if report_only:
         eval_rows = [r for r in (_stored(t, cfg) for t in evals) if r is not None]
     else:
@@ -656,8 +704,44 @@ def run_sweep(
     write_results(rows, out / "results.csv")
     figures = [p.name for p in write_plots(rows, out)]
     report = out / "report.md"
-    write_report(rows, report, command=command, planned=total, tuned_lrs=tuned_lrs, figures=figures)
+    write_report(
+        rows,
+        report,
+        command=command,
+        planned=total,
+        tuned_lrs=tuned_lrs,
+        figures=figures,
+        contrasts=cfg.contrasts or None,
+        arms={v.name: v.describe() for v in cfg.arms()},
+    )
     return report
+
+
+def plan_text(cfg: SweepConfig, tune: int, evals: int) -> str:
+    """One line: the plan's run count and an estimate of its time (:func:`estimate_seconds`)."""
+    total = tune + evals
+    seconds = estimate_seconds(cfg, total)
+    where = "1 Ray task at a time per CPU" if cfg.ray is not None else f"{cfg.workers} workers"
+    return (
+        f"plan: {total} runs ({tune} tuning + {evals} reported; {len(cfg.arms())} variants x "
+        f"{len(cfg.mismatches)} engines); about {seconds / 3600:.1f} h on {where} "
+        f"(~{SECONDS_PER_TOKEN_STEP * 1e3:.1f} ms per token-step per core; stored runs are reused)"
+    )
+
+
+def _write_plan(cfg: SweepConfig, out: Path, total: int, command: str) -> None:
+    """``OUT/plan.json``: the arms, the pre-registered contrasts and the planned run count, so
+    that ``--report-only`` reports the same contrasts."""
+    payload = {
+        "command": command,
+        "preset": cfg.preset,
+        "planned": total,
+        "task": TASK_VERSION,
+        "variants": [v.spec() for v in cfg.arms()],
+        "mismatches": list(cfg.mismatches),
+        "contrasts": [list(c) for c in cfg.contrasts],
+    }
+    _files.write_text(out / "plan.json", json.dumps(payload, indent=1) + "\n")
 
 
 # --------------------------------------------------------------------------------------------
@@ -692,9 +776,20 @@ PRESETS: dict[str, dict[str, Any]] = {
     # comparisons can reach 0.05; with 10 seeds it cannot go below 0.051). Off-policy: 4
     # minibatches per rollout batch, lag 1. 8 variants x 2 mismatches x (5 x 2 + 16) = 416 runs
     # of about 12 s each on one core.
+    # (Since TASK_VERSION toy-colours-2 its arms are named variants; KPO-clipped runs the
+    # rescaled band (kpo-rs variant) as the sweep did then; at the authors' filter that band is
+    # the authors'.)
     "mismatch": {
-        "losses": ("grpo", "gpg", "kpo", "kpo_clipped"),
-        "filter_arms": ("authors", "window:16", "fit"),
+        "variants": (
+            "grpo=grpo",
+            "gpg=gpg",
+            "kpo_authors=kpo:filter=authors",
+            "kpo_w16=kpo:filter=window:16",
+            "kpo_fit=kpo:filter=fit",
+            "kpoc_authors=kpo_clipped:filter=authors,band=rescaled",
+            "kpoc_resc_w16=kpo_clipped:filter=window:16,band=rescaled",
+            "kpoc_resc_fit=kpo_clipped:filter=fit,band=rescaled",
+        ),
         "mismatches": ("none", "logit-noise:0.25"),
         "old_logps": ("engine",),
         "lrs": (2e-3, 5e-3, 1e-2, 2e-2, 5e-2),
@@ -705,6 +800,60 @@ PRESETS: dict[str, dict[str, Any]] = {
         "tune_seeds": 2,
         "seeds": 16,
         "steps": 40,
+    },
+    # Issue 32's decisive, pre-registered sweep (docs/sweep/decisive/PREREGISTRATION.md states
+    # every choice and why; committed before any of its runs). 15 arms x 4 engines x 16
+    # reported seeds, learning rate tuned per arm over (5e-3, 1e-2, 2e-2) on 2 tuning seeds on
+    # the white engine only (budget), the chosen rate used on every engine: 90 tuning + 960
+    # reported = 1050 runs, about 2 h on 2 cores. The report tests exactly `contrasts` (per
+    # engine, Holm over all of them) and lists every other comparison as exploratory.
+    "decisive": {
+        "variants": (
+            "grpo=grpo",
+            "grpo_tis=grpo:old_logp=trainer,tis=2",
+            "grpo_band=grpo:band=rescaled:16",
+            "kpoc_resc_log=kpo_clipped:filter=window:16,band=rescaled",
+            "kpoc_resc_ratio=kpo_clipped:filter=window:16,band=rescaled,space=ratio",
+            "kpoc_resc_w1=kpo_clipped:filter=window:1,band=rescaled:16",
+            "kpoc_resc_tis=kpo_clipped:filter=window:16,band=rescaled,old_logp=trainer,tis=2",
+            "kpoc_paper=kpo_clipped:filter=authors",
+            "gpg=gpg",
+            "gpg_dropneg_random=gpg:correction=dropneg-random:16",
+            "gpg_dropneg_seq=gpg:correction=dropneg-seq:16",
+            "grpo_rs_geo=grpo:correction=rs-geo",
+            "grpo_seqmask=grpo:old_logp=trainer,correction=seq-mask",
+            "grpo_icepop=grpo:old_logp=trainer,correction=icepop",
+            "gspo=gspo:old_logp=trainer,tis=2",
+        ),
+        "mismatches": (
+            "logit-noise:0.25",
+            "logit-noise-ar1:0.25:0.9",
+            "offset:0.4",
+            "bursts:0.5:0.02:16",
+        ),
+        "lrs": (5e-3, 1e-2, 2e-2),
+        "tune_lr": True,
+        "tune_seeds": 2,
+        "tune_on": "logit-noise:0.25",
+        "minibatches": (4,),
+        "lags": (1,),
+        "response_lens": (128,),
+        "seeds": 16,
+        "steps": 40,
+        "contrasts": (
+            ("kpoc_resc_log", "kpoc_resc_ratio"),
+            ("kpoc_resc_log", "kpoc_resc_w1"),
+            ("kpoc_resc_log", "grpo_band"),
+            ("kpoc_resc_log", "grpo_tis"),
+            ("kpoc_resc_log", "gpg_dropneg_random"),
+            ("kpoc_resc_log", "gpg_dropneg_seq"),
+            ("kpoc_resc_log", "grpo_rs_geo"),
+            ("kpoc_resc_log", "grpo_seqmask"),
+            ("kpoc_resc_log", "grpo_icepop"),
+            ("kpoc_resc_log", "gspo"),
+            ("kpoc_paper", "grpo_tis"),
+            ("grpo", "grpo_tis"),
+        ),
     },
     # Around the demo's default: two learning rates, on- and off-policy, with and without lag.
     "default": {
