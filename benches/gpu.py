@@ -13,7 +13,8 @@ with device synchronisation) and ratios against baselines measured in the same p
 - the op on the ``scan`` and ``triton`` backends (triton where it is importable), forward and
   forward+backward, without and with a mask with holes, and packed; the triton adjoint alone (a
   read and a write per token, like the copy); the KPO-clipped loss forward+backward (the op's
-  ``"auto"`` backend: triton on CUDA where importable) next to the GRPO token-clip loss.
+  ``"auto"`` backend, the scan on CUDA until the triton kernels are validated there; and on
+  triton where it runs) next to the GRPO token-clip loss.
 
 Bandwidths are reported as fractions of the copy's, measured in the same run, and of the device's
 nominal peak where ``--peak-gbs`` gives it. At the end, each target of the fused-kernel issue is
@@ -66,12 +67,8 @@ def _triton(device: torch.device):
     """The triton backend's module where it runs compiled on ``device``, else None."""
     if device.type != "cuda":
         return None
-    from kpo_rs import backends
+    from kpo_rs.backends import triton as module
 
-    try:
-        module = backends.load("triton")
-    except ImportError:
-        return None
     return module if module.available(device) else None
 
 
@@ -100,9 +97,9 @@ def cases(batch: int, length: int, device: torch.device) -> dict:
     adv = torch.randn(batch, 1, generator=gen).to(device).expand(batch, length)
     rmask = torch.ones(batch, length, dtype=torch.bool, device=device)
 
-    def loss(fn):
+    def loss(fn, **kw):
         lp = logp.clone().requires_grad_(True)
-        fn(old, lp, adv, rmask)[0].backward()
+        fn(old, lp, adv, rmask, **kw)[0].backward()
 
     def scan(zz, m=None):
         return torch_ops.kalman_filter(zz, m, backend="scan")
@@ -137,6 +134,10 @@ def cases(batch: int, length: int, device: torch.device) -> dict:
         })  # fmt: skip
     out["GRPO loss fwd+bwd"] = lambda: loss(losses.ppo_clip_loss)
     out["KPO-clipped loss fwd+bwd"] = lambda: loss(losses.kpo_clipped_loss)
+    if tb is not None:
+        out["KPO-clipped loss fwd+bwd, triton"] = lambda: loss(
+            losses.kpo_clipped_loss, backend="triton"
+        )
     return out
 
 

@@ -91,11 +91,32 @@ def verl_loss_and_grad(name, old, logp, adv, mask, *, mode, config, weights):
 
 def error_steps(backend: str, length: int) -> int:
     """The row length to give ``kpo_rs.testing.tolerance`` for ``backend``'s results on rows of
-    ``length``: the scan's (``scan`` and ``scan_doubling``)
-    ``kpo_rs.backends._scan.error_steps``, the recurrence's ``length`` for every other backend."""
-    from kpo_rs.backends import _scan
+    ``length``: the bound the backend registered (``kpo_rs.backends.get(backend).error_steps``),
+    the same one ``kpo doctor`` judges it by."""
+    from kpo_rs import backends
 
-    return _scan.error_steps(length) if backend.startswith("scan") else length
+    return backends.get(backend).error_steps(length)
+
+
+def backend_devices(*, tests_only: bool = False) -> list:
+    """``(backend, device)`` for the op's property tests, from the backend registry: every
+    registered backend available on the CPU now (triton only under ``TRITON_INTERPRET=1``), and on
+    CUDA every one that can run there (marked to skip without a CUDA device). ``tests_only``:
+    include the backends registered as not a user's choice (the plain loop)."""
+    import torch
+
+    from kpo_rs import backends
+
+    needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+    pairs: list = []
+    for name, entry in backends.registered().items():
+        if not (entry.choice or tests_only):
+            continue
+        if entry.available(torch.device("cpu")):
+            pairs.append((name, "cpu"))
+        if entry.available(torch.device("cuda")):  # without a device: those that run anywhere
+            pairs.append(pytest.param(name, "cuda", marks=needs_cuda))
+    return pairs
 
 
 @contextlib.contextmanager

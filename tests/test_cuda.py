@@ -30,15 +30,14 @@ from kpo_rs.params import FilterParams
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
-try:
-    import triton  # noqa: F401
-
-    HAS_TRITON = True
-except ImportError:
-    HAS_TRITON = False
-needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
-#: The device backends, each run on the same cases.
-BACKENDS = ["scan", pytest.param("triton", marks=needs_triton)]
+#: The device backends, each run on the same cases: every registered backend that runs on CUDA
+#: (the scan, and triton where it is installed).
+BACKENDS = [
+    name
+    for name, entry in backends.registered().items()
+    if entry.choice and entry.available(torch.device("cuda"))
+]
+needs_triton = pytest.mark.skipif("triton" not in BACKENDS, reason="needs triton and CUDA")
 
 PARAMS = [
     {},  # the authors' settings
@@ -249,7 +248,8 @@ def test_triton_long_rows_many_tiles_same_result_every_run(tile, masked):
     long-row bound (1e-5 of the largest |z|; for the adjoint, of the adjoint of |grad|), and
     bitwise the same result on every run (the look-back applies the tiles' maps in time order
     whatever the timing)."""
-    tb = backends.load("triton")
+    from kpo_rs.backends import triton as tb
+
     rng = np.random.default_rng(9)
     params = FilterParams(q=1e-5, p0=math.inf, masked=masked)
     with triton_tile(tile):
@@ -285,7 +285,8 @@ def test_triton_per_row_path_gives_the_look_back_bits(dtype, masked, monkeypatch
     device: 512 x 3000 padded rows (more rows than multiprocessors, rows not a multiple of the
     tile) and uneven packed rows with holes, forward and adjoint bitwise equal (compiled with
     fused multiply-adds, both paths the same expressions)."""
-    tb = backends.load("triton")
+    from kpo_rs.backends import triton as tb
+
     gen = torch.Generator().manual_seed(24)
     params = FilterParams(q=1e-3, r=0.5, p0=2.0, masked=masked)
     lengths = torch.randint(0, 5000, (300,), generator=gen)
@@ -309,7 +310,8 @@ def test_triton_per_row_path_gives_the_look_back_bits(dtype, masked, monkeypatch
 def test_triton_op_captured_in_a_cuda_graph_and_replayed():
     """The op's forward and backward captured once and replayed on new inputs: the eager results
     each time; a non-finite value read during a replay is reported by raise_if_non_finite."""
-    tb = backends.load("triton")
+    from kpo_rs.backends import triton as tb
+
     gen = torch.Generator(device="cuda").manual_seed(10)
     z = torch.randn(8, 3000, device="cuda", generator=gen).requires_grad_(True)
     g = torch.randn(8, 3000, device="cuda", generator=gen)

@@ -4,7 +4,10 @@ every backend within the tests' error bound, the JSON report and the text summar
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
+import numpy as np
 import pytest
 
 from kpo_rs.cli import main
@@ -28,6 +31,7 @@ def test_doctor_json_checks_every_backend_on_the_cpu(monkeypatch, capsys):
         assert {c["dtype"] for c in entry["cases"]} == {"float32", "float64"}
         assert all(rate > 0 for rate in entry["timing"].values())
     assert report["verdict"].startswith("OK: ")
+    assert report["auto"] == {"cpu": "rust"}
 
 
 def test_doctor_cases_span_many_triton_tiles():
@@ -56,7 +60,53 @@ def test_doctor_summary_names_missing_backends_and_failures():
         "ok": False,
         "verdict": "FAIL: scan on cpu outside the error bound",
     }
-    text = doctor.summary(report).splitlines()
+    text = doctor.summary(report).splitlines()  # (no "auto" entry: no line for it)
     assert "triton on cpu: not available (no interpreter)" in text[1]
     assert "worst error 2.5 of the bound" in text[2] and "2.00 x the authors' form" in text[2]
     assert "0.50 x a copy" in text[2] and text[-1] == report["verdict"]
+
+
+def test_doctor_judges_each_backend_by_its_registered_bound(monkeypatch):
+    """The row length doctor gives the tolerance is the one the backend registered (the scan's
+    longer one for the scan, the row length for the Rust core): the bound the tests use."""
+    import torch
+
+    from kpo_rs import backends, testing
+
+    seen: list[int] = []
+    bound = testing.tolerance
+
+    def tolerance(envelope, dtype, row_length):
+        seen.append(row_length)
+        return bound(envelope, dtype, row_length)
+
+    monkeypatch.setattr(doctor.testing, "tolerance", tolerance)
+    longest = [c["values"].shape[-1] if c["cu"] is None else int(np.diff(c["cu"]).max())
+               for c in doctor.cases(small=True)]  # fmt: skip
+    for name in ("scan", "rust"):
+        seen.clear()
+        doctor.check_backend(name, torch.device("cpu"), small=True)
+        want = {backends.get(name).error_steps(n) for n in longest}
+        assert set(seen) == want
+    assert backends.get("scan").error_steps(96) > 96 == backends.get("rust").error_steps(96)
+
+
+def test_doctor_runs_without_hypothesis():
+    """After installing only an extra without hypothesis (``demo``), kpo doctor's checks import
+    (the tolerances need only numpy); the strategies say which extra they need, in one line."""
+    code = (
+        "import sys; sys.modules['hypothesis'] = None\n"
+        "from kpo_rs.experiments import doctor\n"
+        "from kpo_rs import testing\n"
+        "print(doctor.summary({'devices': ['cpu'], 'backends': [], 'verdict': 'OK'}))\n"
+        "try:\n"
+        "    testing.padded_batches\n"
+        "except ImportError as exc:\n"
+        "    print(exc)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout
+    assert "OK" in out
+    assert "kpo_rs.testing.padded_batches needs the 'hypothesis' package" in out
+    assert "pip install 'kpo-rs[testing]'" in out

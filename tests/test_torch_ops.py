@@ -17,25 +17,20 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import kpo_rs
-from helpers import error_steps
+from helpers import backend_devices, error_steps
 from kpo_rs import reference, testing, torch_ops
 from kpo_rs.backends import _scan
 
-BACKENDS = ["rust", "scan"]
+#: (backend, device) pairs for the equivalence properties, from the backend registry: every
+#: backend available on the CPU, and those that run on CUDA where a GPU is present.
+BACKEND_DEVICES = backend_devices()
+#: The backends of the CPU-only checks.
+BACKENDS = [pair[0] for pair in BACKEND_DEVICES if isinstance(pair, tuple) and pair[1] == "cpu"]
 HAS_CUDA = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
-#: (backend, device) pairs for the equivalence properties: both backends on CPU, and the scan on
-#: CUDA where a GPU is present.
-BACKEND_DEVICES = [
-    ("rust", "cpu"),
-    ("scan", "cpu"),
-    ("scan_doubling", "cpu"),
-    pytest.param("scan", "cuda", marks=needs_cuda),
-    pytest.param("scan_doubling", "cuda", marks=needs_cuda),
-]
 
 
-GRAD_BACKEND_DEVICES = [("reference", "cpu"), *BACKEND_DEVICES]
+GRAD_BACKEND_DEVICES = backend_devices(tests_only=True)
 
 
 def _t(a: np.ndarray | None, device: str = "cpu") -> torch.Tensor | None:
@@ -489,3 +484,52 @@ def test_registered_custom_ops_match_the_eager_path(backend):
             backend=backend,
         )
         assert torch.equal(pa, pb)
+
+
+def test_auto_is_the_rust_core_on_cpu_and_the_scan_on_cuda():
+    """The backend registry's device rule: "auto" is the Rust core for CPU tensors and the torch
+    scan for CUDA tensors (triton is opt-in until its GPU evidence is committed, docs/gpu.md);
+    every name the registry holds is accepted, an unknown one is refused naming ``backend``."""
+    from kpo_rs import backends
+
+    assert backends.resolve("auto", torch.device("cpu")) == "rust"
+    assert backends.resolve("auto", torch.device("cuda")) == "scan"
+    assert backends.resolve("auto", torch.device("meta")) == "scan"
+    assert set(backends.names()) == {"auto", *backends.registered()}
+    assert {"rust", "scan", "scan_doubling", "reference", "triton"} <= set(backends.registered())
+    with pytest.raises(ValueError, match="backend must be one of"):
+        backends.resolve("gpu", torch.device("cpu"))
+
+
+def test_a_backend_registered_at_runtime_is_resolved_and_run():
+    """Adding a backend is one module with one ``register`` call: a backend registered at run
+    time (the Rust core's entries under another name, ranked above it on CPU) is what "auto"
+    picks and what the op runs, until it is unregistered."""
+    from kpo_rs import backends
+    from kpo_rs.backends import rust
+
+    calls = []
+
+    def forward(rows, m0):
+        calls.append(rows.values.shape)
+        return rust.forward(rows, m0)
+
+    backends.register(
+        "rust_twin", forward=forward, adjoint=rust.adjoint, available=rust.available,
+        needs="CPU tensors", auto={"cpu": 99},
+    )  # fmt: skip
+    try:
+        assert backends.resolve("auto", torch.device("cpu")) == "rust_twin"
+        z = torch.randn(2, 7, dtype=torch.float64)
+        torch.testing.assert_close(
+            torch_ops.kalman_filter(z), torch_ops.kalman_filter(z, backend="rust")
+        )
+        assert calls == [(2, 7)]
+        with pytest.raises(ValueError, match="already registered"):
+            backends.register(
+                "rust_twin", forward=forward, adjoint=rust.adjoint, available=rust.available,
+                needs="CPU tensors",
+            )  # fmt: skip
+    finally:
+        backends.unregister("rust_twin")
+    assert backends.resolve("auto", torch.device("cpu")) == "rust"

@@ -672,8 +672,29 @@ def test_backend_choice_follows_triton_interpret_on_cpu(monkeypatch):
         if runs:
             assert backends.resolve("triton", cpu) == "triton"
         else:
-            with pytest.raises(ValueError, match="backend='triton' cannot run on cpu"):
+            with pytest.raises(ValueError, match="backend='triton' cannot run on cpu") as err:
                 backends.resolve("triton", cpu)
+            # triton is installed here: the message must not tell the user to install it
+            assert "pip install" not in str(err.value) and "TRITON_INTERPRET=1" in str(err.value)
+
+
+def test_triton_is_opt_in_and_warns_once_per_process(monkeypatch):
+    """Until its GPU evidence is committed (TRITON_VALIDATED), "auto" never picks triton, on
+    CUDA included, and choosing it by name warns once per process (UserWarning), not per call."""
+    import warnings
+
+    from kpo_rs import backends
+
+    assert tb.TRITON_VALIDATED is False
+    assert backends.get("triton").auto == {}
+    assert backends.resolve("auto", torch.device("cuda")) == "scan"
+    monkeypatch.setattr(backends, "_warned", set())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            torch_ops.kalman_filter(torch.zeros(1, 4), backend="triton")
+    said = [w for w in caught if "not yet validated on GPU hardware" in str(w.message)]
+    assert len(said) == 1 and said[0].category is UserWarning
 
 
 def test_launch_parameters_follow_the_shape(monkeypatch):

@@ -9,20 +9,23 @@ same implementations run through a ``torch.autograd.Function`` sharing that form
 the dispatcher's per-call cost. The backward pass is the filter's exact adjoint. Every backend
 receives the call's :class:`~kpo_rs.backends.Rows`.
 
-Backends (the table of :mod:`kpo_rs.backends`, one module each)
+Backends (the registry of :mod:`kpo_rs.backends`, one module each)
     ``"rust"``: the Rust core (CPU tensors; zero-copy when contiguous).
     ``"scan"``: a chunked parallel scan written in torch (:mod:`kpo_rs.backends._scan`); any device.
     ``"scan_doubling"``: the scan with recursive doubling only (keeps no cached matrices).
-    ``"triton"``: fused Triton kernels, one launch per direction (CUDA; optional dependency).
+    ``"triton"``: fused Triton kernels, one launch per direction (CUDA; optional dependency;
+    opt-in: not yet validated on GPU hardware, it warns once per process).
     ``"reference"``: the plain loop of :mod:`kpo_rs.reference` (slow; for tests).
-    ``"auto"`` (default): ``"rust"`` on CPU, ``"triton"`` on CUDA when triton is importable,
-    ``"scan"`` elsewhere.
+    ``"auto"`` (default): ``"rust"`` on CPU, ``"scan"`` elsewhere, CUDA included (``"triton"``
+    once its GPU evidence is committed: ``kpo_rs.backends.triton.TRITON_VALIDATED``).
 
-Non-finite inputs raise ``ValueError`` naming the row and position. The triton backend does not
-synchronise the host to find out: with ``check="deferred"`` (default) its kernels record the first
-bad value in device memory and :func:`check_finite` raises it (call it where training synchronises
-anyway); ``check="sync"`` reads the record after every call. Packed offsets are checked on the host
-once per call: keep ``cu_seqlens`` on the CPU to avoid a synchronisation there.
+Non-finite inputs raise ``ValueError`` naming the row and position. The scan finds out with one
+small reduction and the synchronisation it makes anyway; the triton backend does not synchronise
+the host: with ``check="deferred"`` (default) its kernels record the first bad value in device
+memory and :func:`check_finite` raises it (call it where training synchronises anyway; the losses
+of :mod:`kpo_rs.losses` and the plug-ins do it for you); ``check="sync"`` reads the record after
+every call. Packed offsets are checked on the host once per call: keep ``cu_seqlens`` on the CPU to
+avoid a synchronisation there.
 
 Dtypes: float32 and float64 are computed natively; float16 and bfloat16 in float32, returned (and
 differentiated) in their own dtype. Settings and masks are as in :mod:`kpo_rs`
@@ -60,7 +63,9 @@ __all__ = [
     "kalman_filter_packed",
 ]
 
-BACKENDS = backends.NAMES
+#: ``"auto"`` and the backends registered when this module was imported
+#: (:func:`kpo_rs.backends.names` is the live list).
+BACKENDS = backends.names()
 #: When a backend that runs without host synchronisation reports a non-finite input.
 CHECKS = ("deferred", "sync")
 _NATIVE = (torch.float32, torch.float64)
@@ -147,10 +152,10 @@ def _check_offsets(cu_seqlens: Any) -> None:
         raise ValueError(f"cu_seqlens must be 1-D [batch + 1], got shape {tuple(cu_seqlens.shape)}")
 
 
-def _check_option(module: Any, check: str) -> dict[str, str]:
-    """The ``check`` keyword for backends that run without host synchronisation (those whose
-    module lists ``CHECKS``); the others check every call at once and take none."""
-    return {"check": check} if hasattr(module, "CHECKS") else {}
+def _check_option(entry: backends.Backend, check: str) -> dict[str, str]:
+    """The ``check`` keyword for backends that run without host synchronisation (those that
+    register ``checks``); the others check every call at once and take none."""
+    return {"check": check} if entry.checks else {}
 
 
 def check_finite(device: torch.device | str | None = None) -> None:
@@ -160,8 +165,7 @@ def check_finite(device: torch.device | str | None = None) -> None:
     synchronisation per device; nothing to do (and no import) where no such call ran.
 
     Call it where training synchronises anyway (after the loss's ``.item()``, at logging)."""
-    if backends.loaded("triton"):
-        backends.load("triton").raise_if_non_finite(device)
+    backends.raise_deferred(device)
 
 
 def _widen(t: torch.Tensor) -> torch.Tensor:
@@ -186,29 +190,29 @@ def _prepare(
     rows: Rows, backend: str, check: str, contiguous: bool
 ) -> tuple[Rows, Any, dict[str, str]]:
     """``rows`` in the compute dtype (made contiguous if asked) with the longest packed row
-    known, the backend's module and its options."""
+    known, the backend's registry entry and its options."""
     values = _widen(rows.values.contiguous() if contiguous else rows.values)
     if values is not rows.values:
         rows = Rows(values, rows.cu_seqlens, rows.mask, rows.params, rows.longest)
     rows = rows.measured()
-    module = backends.load(backend)
-    return rows, module, _check_option(module, check)
+    entry = backends.get(backend)
+    return rows, entry, _check_option(entry, check)
 
 
 def _forward(
     rows: Rows, m0: float | torch.Tensor, backend: str, check: str = "sync"
 ) -> torch.Tensor:
     dtype = rows.values.dtype
-    rows, module, opts = _prepare(rows, backend, check, contiguous=False)
+    rows, entry, opts = _prepare(rows, backend, check, contiguous=False)
     if isinstance(m0, torch.Tensor):
         m0 = m0.to(dtype=rows.values.dtype, device=rows.values.device)
-    return _narrow(module.forward(rows, m0, **opts), dtype).contiguous()
+    return _narrow(entry.forward(rows, m0, **opts), dtype).contiguous()
 
 
 def _adjoint(rows: Rows, backend: str, check: str = "sync") -> tuple[torch.Tensor, torch.Tensor]:
     dtype = rows.values.dtype
-    rows, module, opts = _prepare(rows, backend, check, contiguous=True)
-    dz, dm0 = module.adjoint(rows, **opts)
+    rows, entry, opts = _prepare(rows, backend, check, contiguous=True)
+    dz, dm0 = entry.adjoint(rows, **opts)
     return _narrow(dz, dtype).contiguous(), _narrow(dm0, dtype).contiguous()
 
 

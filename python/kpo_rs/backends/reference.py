@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 from .. import reference
+from . import register
 from ._host import host_backend
 
 __all__ = ["adjoint", "available", "forward"]
@@ -25,3 +26,9 @@ def _adjoint(grad, cu_seqlens, mask, params):
 
 
 available, forward, adjoint = host_backend(_forward, _adjoint)
+
+# the oracle the others are tested against: never "auto", not a choice for kpo doctor
+register(
+    "reference", forward=forward, adjoint=adjoint, available=available,
+    needs="CPU tensors (slow; for tests)", choice=False,
+)  # fmt: skip

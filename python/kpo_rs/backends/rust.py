@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from .. import _core
+from . import register
 from ._host import host_backend
 
 __all__ = ["adjoint", "available", "forward"]
@@ -17,3 +18,9 @@ def _adjoint(grad, cu_seqlens, mask, params):
 
 
 available, forward, adjoint = host_backend(_forward, _adjoint)
+
+# "auto" on CPU: the exact recurrence, zero-copy, the GIL released
+register(
+    "rust", forward=forward, adjoint=adjoint, available=available, needs="CPU tensors",
+    auto={"cpu": 2},
+)  # fmt: skip

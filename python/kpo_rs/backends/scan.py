@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from . import _non_finite, _scan
+from . import _non_finite, _scan, register
 from ._device_gains import gain_table
 from ._rows import Rows
 
@@ -51,3 +51,11 @@ def adjoint(rows: Rows, *, doubling: bool = False) -> tuple[torch.Tensor, torch.
     read = rows.mask if rows.params.masked == "zero" else None
     _check(witness, "grad", rows.values, read, rows.cu_seqlens)
     return dz, dm0
+
+
+# "auto" on every device but the CPU (CUDA included: plain torch operations); its error bound
+# counts the scan's extra roundings (_scan.error_steps)
+register(
+    "scan", forward=forward, adjoint=adjoint, available=available, needs="any device",
+    auto={"*": 1}, error_steps=_scan.error_steps,
+)  # fmt: skip

@@ -8,10 +8,15 @@ from __future__ import annotations
 
 import functools
 
-from . import scan
+from . import _scan, register, scan
 
 __all__ = ["adjoint", "available", "forward"]
 
 available = scan.available
 forward = functools.partial(scan.forward, doubling=True)
 adjoint = functools.partial(scan.adjoint, doubling=True)
+
+register(
+    "scan_doubling", forward=forward, adjoint=adjoint, available=available, needs="any device",
+    error_steps=_scan.error_steps,
+)  # fmt: skip

@@ -54,13 +54,20 @@ from typing import NamedTuple
 import torch
 
 from ..params import FilterParams
+from . import register
 from ._device_gains import gain_table
 from ._rows import Rows
 
-try:
-    import triton
-except ImportError:  # pragma: no cover - exercised only without triton
-    triton = None
+#: Whether triton is installed (it is imported only when a kernel is first defined, so that
+#: registering this backend costs no import of triton).
+HAVE_TRITON = importlib.util.find_spec("triton") is not None
+
+#: Whether these kernels are validated on GPU hardware: ``kpo doctor`` and tests/test_cuda.py
+#: passed on a real CUDA device and that evidence (device, driver, torch and triton versions, the
+#: doctor's JSON, the tests' summary, benches/gpu.py's table) is committed in docs/gpu.md. Until
+#: then ``backend="auto"`` picks the torch scan on CUDA, and ``backend="triton"`` (opt-in) warns
+#: once per process. Set it to True in the commit that adds that evidence, and only then.
+TRITON_VALIDATED = False
 
 __all__ = ["CHECKS", "adjoint", "available", "forward", "raise_if_non_finite"]
 
@@ -99,7 +106,7 @@ def _interpreting() -> bool:
 def available(device: torch.device) -> bool:
     """Whether this backend runs on ``device``: triton importable and ``device`` a CUDA device
     torch can use, or the CPU under ``TRITON_INTERPRET=1``."""
-    if triton is None:
+    if not HAVE_TRITON:
         return False
     if device.type == "cuda":
         return torch.cuda.is_available()
@@ -493,3 +500,33 @@ def adjoint(rows: Rows, *, check: str = DEFAULT_CHECK) -> tuple[torch.Tensor, to
     if sync:
         _report(status, "grad")
     return dz, dm0
+
+
+def _why_not(device: torch.device) -> str:
+    """Why this backend cannot run on ``device`` (the install hint only where triton is missing)."""
+    if not HAVE_TRITON:
+        return "it needs triton (pip install triton) and CUDA tensors"
+    if device.type == "cpu":
+        return "it needs CUDA tensors (on the CPU it runs only under TRITON_INTERPRET=1)"
+    if device.type == "cuda":
+        return "torch cannot use a CUDA device here"
+    return "it needs CUDA tensors"
+
+
+register(
+    "triton",
+    forward=forward,
+    adjoint=adjoint,
+    available=available,
+    needs="CUDA tensors and triton (CPU under TRITON_INTERPRET=1)",
+    auto={"cuda": 3} if TRITON_VALIDATED else {},
+    checks=CHECKS,
+    raise_deferred=raise_if_non_finite,
+    why_not=_why_not,
+    warning=None
+    if TRITON_VALIDATED
+    else (
+        "backend='triton' is not yet validated on GPU hardware (no device run is recorded in "
+        "docs/gpu.md); backend='auto' uses the torch scan on CUDA"
+    ),
+)

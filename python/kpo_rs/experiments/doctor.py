@@ -5,9 +5,12 @@ Cases (each in float32 and float64, the authors' settings, ``m0 = 0``): padded r
 (a long hole at a row start, random holes elsewhere), packed rows of uneven lengths (an empty
 row, a one-token row, one long row) with holes, both mask modes. The check is the forward and the
 adjoint (the op's backward) against the Rust core on the CPU, as the worst ratio of the error to
-:func:`kpo_rs.testing.tolerance`'s bound (the same bound the tests use; at most 1 passes). Timing
-is best of repeats of the forward of a ``[batch, time]`` float32 batch, as tokens per second next
-to the authors' form (:func:`kpo_rs.experiments.bench.authors_form`) and a copy, in the same run.
+:func:`kpo_rs.testing.tolerance`'s bound at the row length the backend registered
+(``kpo_rs.backends.get(name).error_steps``: the one bound the tests use too; at most 1 passes).
+The backends are those of the registry (:func:`kpo_rs.backends.registered`) but the plain loop.
+Timing is best of repeats of the forward of a ``[batch, time]`` float32 batch, as tokens per
+second next to the authors' form (:func:`kpo_rs.experiments.bench.authors_form`) and a copy, in
+the same run.
 
 On the CPU the cases are small (triton's interpreter, under ``TRITON_INTERPRET=1``, runs about
 13 programs a second), with 16-token triton tiles so that rows still span many tiles; on CUDA
@@ -95,7 +98,8 @@ def _small_tiles(device: torch.device):
     if device.type != "cpu":
         yield
         return
-    tb: Any = backends.load("triton")  # its TILE is a module setting
+    from ..backends import triton as tb  # its TILE is a module setting
+
     saved, tb.TILE = tb.TILE, 16
     try:
         yield
@@ -107,8 +111,9 @@ def check_backend(name: str, device: torch.device, small: bool) -> dict[str, Any
     """Worst error / bound over :func:`cases`, both dtypes and mask modes, forward and adjoint;
     ``{"backend", "device", "worst", "cases"}``."""
     results = []
+    bound_steps = backends.get(name).error_steps
     for case in cases(small):
-        length = (
+        length = bound_steps(
             int(case["values"].shape[-1]) if case["cu"] is None else int(np.diff(case["cu"]).max())
         )
         batch = (testing.PaddedBatch(case["values"], case["mask"]) if case["cu"] is None
@@ -176,10 +181,16 @@ def run(small: bool | None = None) -> dict[str, Any]:
     ``small``: small shapes (default: when no CUDA device is present)."""
     if small is None:
         small = not torch.cuda.is_available()
-    report: dict[str, Any] = {"devices": [str(d) for d in devices()], "backends": []}
+    report: dict[str, Any] = {
+        "devices": [str(d) for d in devices()],
+        # what backend="auto" picks on each device (the scan on CUDA until the triton kernels'
+        # GPU evidence is committed: docs/gpu.md)
+        "auto": {str(d): backends.resolve("auto", d) for d in devices()},
+        "backends": [],
+    }
     for device in devices():
-        for name in backends.BACKENDS:
-            if name == "reference":
+        for name, backend in backends.registered().items():
+            if not backend.choice:
                 continue  # the plain loop the others are tested against: slow, not a choice
             entry: dict[str, Any] = {"backend": name, "device": str(device)}
             try:
@@ -206,6 +217,8 @@ def run(small: bool | None = None) -> dict[str, Any]:
 def summary(report: dict[str, Any]) -> str:
     """The report as lines of text, the verdict last."""
     lines = [f"devices: {', '.join(report['devices'])}"]
+    if "auto" in report:
+        lines.append("auto: " + ", ".join(f"{b} on {d}" for d, b in report["auto"].items()))
     for b in report["backends"]:
         if not b["available"]:
             lines.append(f"{b['backend']:>14} on {b['device']}: not available ({b['why']})")
