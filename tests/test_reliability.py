@@ -11,6 +11,7 @@ import sys
 import textwrap
 import threading
 import time
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -101,29 +102,75 @@ def test_eight_threads_on_different_and_shared_inputs():
     assert not errors, errors[:5]
 
 
-@pytest.mark.slow
+def _runs_during(call: Callable[[], object], attempts: int) -> bool:
+    """Whether another thread runs Python code while ``call()`` is inside, over up to
+    ``attempts`` calls: decided by the order of events, not by a clock.
+
+    Forced switches are off while it runs (a switch interval of 1000 s), so the GIL changes hands
+    only where its holder gives it up. A worker thread sets ``inside``, makes the call and clears
+    ``inside``; nothing between the two stores can give the GIL up but the call. The observer (this
+    thread) blocks on ``go``, which the worker releases just before each call, and reads
+    ``inside`` as soon as it holds the GIL again; the worker cannot clear ``inside`` before the
+    observer blocks once more (on ``go``, after releasing ``back``, which the worker waits for).
+    So ``inside`` reads True exactly when the observer ran during the call. A call that keeps the
+    GIL is never seen: the observer gets the GIL only once the worker blocks on ``back``. One that
+    releases it is seen unless it returns before the observer's thread is woken, so the worker
+    tries again, up to ``attempts`` times.
+    """
+    go, back = threading.Lock(), threading.Lock()
+    go.acquire()
+    back.acquire()
+    state = {"inside": False, "seen": False, "last": False}
+
+    def worker() -> None:
+        try:
+            for attempt in range(attempts):
+                state["last"] = attempt == attempts - 1
+                go.release()
+                state["inside"] = True
+                call()
+                state["inside"] = False
+                back.acquire()
+                if state["seen"] or state["last"]:
+                    return
+        except BaseException:
+            state["last"] = True  # unblocks the observer; the error shows as seen=False
+            state["inside"] = False
+            if go.locked():
+                go.release()
+            raise
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1000.0)
+    try:
+        thread = threading.Thread(target=worker)
+        thread.start()
+        while True:
+            go.acquire()
+            state["seen"] = state["seen"] or state["inside"]
+            done = state["seen"] or state["last"]
+            back.release()
+            if done:
+                break
+        thread.join()
+    finally:
+        sys.setswitchinterval(interval)
+    return bool(state["seen"])
+
+
 def test_the_gil_is_released_while_the_kernel_runs():
-    """While one thread runs a long call, pure-Python work in another thread keeps going."""
-    z = np.random.default_rng(3).normal(size=(1, 20_000_000)).astype(np.float32)
-    done = threading.Event()
-    started = threading.Event()
-    ticks_during = 0
-
-    def long_call():
-        started.set()
-        kpo_rs.kalman_filter(z)
-        kpo_rs.kalman_filter_adjoint(z)
-        done.set()
-
-    worker = threading.Thread(target=long_call)
-    worker.start()
-    started.wait()
-    while not done.is_set():
-        ticks_during += 1  # pure Python: runs only when the worker does not hold the GIL
-    worker.join()
-    # A held GIL would let this loop run only in the interpreter's switch intervals (5 ms each);
-    # a released one lets it spin freely for the whole call (hundreds of ms).
-    assert ticks_during > 100_000, ticks_during
+    """Another Python thread runs while each entry point's kernel runs (ordering, not timing)."""
+    z = np.random.default_rng(3).normal(size=(4, 250_000)).astype(np.float32)
+    flat, cu = z.ravel(), np.array([0, 10, 600_000, z.size], dtype=np.int64)
+    for call in (
+        lambda: kpo_rs.kalman_filter(z),
+        lambda: kpo_rs.kalman_filter_adjoint(z),
+        lambda: kpo_rs.kalman_filter_packed(flat, cu),
+        lambda: kpo_rs.kalman_filter_packed_adjoint(flat, cu),
+    ):
+        assert _runs_during(call, attempts=200)
+    # The protocol's control: a C call that keeps the GIL (summing a range) is never run across.
+    assert not _runs_during(lambda: sum(range(100_000)), attempts=5)
 
 
 def _rss_mb() -> float:
