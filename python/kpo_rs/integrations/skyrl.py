@@ -14,15 +14,23 @@ same ``KPO_*`` environment variables as the verl plug-in (:data:`ENV_VARS`). Sky
 applied by SkyRL's own ``apply_off_policy_correction`` when the config sets one: its ratio
 multiplies the per-token losses as a rollout weight, its mask replaces ``loss_mask``.
 
-Registration: call :func:`register` (or import this module with SkyRL installed) in the driver
-script *before* SkyRL's trainer starts; SkyRL's ``sync_registries()`` then copies the functions
-to its registry actor with cloudpickle, which pickles them by reference to this module, so the
-Ray workers need kpo-rs installed (they import it when unpickling). Then set
+SkyRL right-aligns each response in its row (the padding first); the filter skips that padding
+under ``KPO_MASKED=hold`` (the default), and under ``KPO_MASKED=zero``, whose gain index is the
+position, each row is taken from its first loss token.
+
+Registration: importing this module registers nothing. Call :func:`register` in the driver
+script *before* SkyRL's trainer starts (SkyRL discovers no plug-ins: its registries hold what
+the driver registers, by ``PolicyLossRegistry.register`` or its ``@register_policy_loss``
+decorator, which :func:`register` does for each name); SkyRL's ``sync_registries()`` then copies
+the functions to its registry actor with cloudpickle, which pickles them by reference to this
+module, so the Ray workers need kpo-rs installed (they import it when unpickling). Then set
 ``trainer.algorithm.policy_loss_type=kpo_clipped``.
 
-SkyRL 0.3.0 does not import on Python 3.11 (its ``skyrl.tinker.types`` fails pydantic's
-TypedDict check), so these functions are tested against SkyRL's calling convention, read from
-its source, not inside SkyRL.
+SkyRL 0.3.0 imports on Python 3.11 only with ``typing.TypedDict`` aliased to
+``typing_extensions.TypedDict`` (its ``skyrl.tinker.types`` fails pydantic's check otherwise).
+tests/test_skyrl_real.py runs these functions inside SkyRL 0.3.0 (its registry, configuration,
+advantage scaling, off-policy correction and a Ray worker's lookup) in the environment that
+scripts/skyrl_env.sh builds (docs/integrations/skyrl.md).
 """
 
 from __future__ import annotations
@@ -61,6 +69,16 @@ def _clip(config: Any, name: str) -> tuple[float, float]:
         ) from None
 
 
+def _first_token_index(mask: torch.Tensor) -> torch.Tensor:
+    """The ``[batch, time]`` int64 index that rotates each row of ``mask`` (``[batch, time]``,
+    bool or float) left to start at its first loss token (``tensor.gather(-1, index)``): SkyRL
+    right-aligns responses, and under ``masked="zero"`` the filter's gain index is the position.
+    The padding moves to the row's end, where it is masked; a row without loss tokens is kept."""
+    time = mask.shape[-1]
+    lead = ((mask != 0).cumsum(dim=-1) == 0).sum(dim=-1, keepdim=True)
+    return (torch.arange(time, device=mask.device) + lead) % time
+
+
 def policy_loss(name: str) -> Any:
     """The SkyRL policy loss computing :mod:`kpo_rs.loss_table`'s ``name`` (one of
     :data:`LOSS_NAMES`), with SkyRL's signature; ValueError for another name."""
@@ -93,6 +111,14 @@ def policy_loss(name: str) -> Any:
         else:
             fn = get_loss(name)
             kwargs = {"clip": _clip(config, name)} if name == "minpro" else {}
+        if kwargs.get("masked") == "zero":
+            index = _first_token_index(mask)
+            log_probs, old_log_probs, mask = (
+                t.gather(-1, index) for t in (log_probs, old_log_probs, mask)
+            )
+            advantages = advantages.expand_as(index).gather(-1, index)
+            if weights is not None:
+                weights = weights.expand_as(index).gather(-1, index)
         loss, own = fn(
             old_log_probs,
             log_probs,
