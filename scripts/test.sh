@@ -36,6 +36,9 @@ trap 'rm -rf "$smoke"' EXIT
     --mismatch none,logit-noise:0.5 --lr 1e-2 --response-len 16 --seeds 1 --steps 3 --ray \
     --out "$smoke/sweep" 2>"$smoke/log" || { cat "$smoke/log"; exit 1; }
 grep -q "10 of 10 planned runs finished" "$smoke/sweep/report.md"
+step "SkyRL 0.3.0: the plug-in inside SkyRL, in its own environment (scripts/skyrl_env.sh)"
+bash scripts/skyrl_env.sh
+"${KPO_SKYRL_VENV:-$root/.venv-skyrl}/bin/python" -m pytest tests/test_skyrl_real.py -m "" -q
 step "pytest"
 if [ -n "${CI:-}" ]; then
     export HYPOTHESIS_PROFILE=${HYPOTHESIS_PROFILE:-ci}
