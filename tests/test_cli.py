@@ -76,12 +76,13 @@ def test_non_finite_rows_stop_the_run_or_are_listed(tmp_path, capsys):
     assert cli.main(argv) == 2
     err = capsys.readouterr().err
     assert err == (
-        f"kpo filter: {src}: column 'old_logp': non-finite value nan at row 37, position 4\n"
+        f"kpo filter: {src}: column 'old_logp': non-finite value nan at row 37, position 4 "
+        "(--on-non-finite null gives such rows null outputs and goes on)\n"
     )
     assert not dst.exists()
     assert cli.main([*argv, "--on-non-finite", "null"]) == 0
     out = capsys.readouterr().out
-    assert "40 rows (0 null), 1950 valid tokens" in out
+    assert "40 rows (1 null: 1 with non-finite values), 1950 valid tokens" in out
     assert "1 row with non-finite values at valid tokens has null outputs: row 37" in out
     assert pq.read_table(dst)["kpo_filtered_ratio"].null_count == 1
 

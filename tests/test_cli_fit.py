@@ -73,5 +73,57 @@ def test_filter_q_fit_records_the_fitted_settings(tmp_path, capsys):
     want = kpo_rs.kalman_filter(z, q=record["q"], r=record["r"], p0=record["p0"])
     got = np.array(pq.read_table(dst).column("kpo_filtered_log_ratio").to_pylist())
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)  # float32 output
-    assert cli.main(["analyze", str(src), *ARGS, "--q", "fit"]) == 2
-    assert "--fit" in capsys.readouterr().err
+    # --fit is the one spelling in both commands; --q fit its alias (with a note)
+    assert cli.main(["filter", str(src), str(tmp_path / "p.parquet"), *ARGS, "--fit"]) == 0
+    capsys.readouterr()
+    assert pq.read_schema(tmp_path / "p.parquet").metadata[b"kpo_rs.fitted_settings"] == (
+        pq.read_schema(dst).metadata[b"kpo_rs.fitted_settings"]
+    )
+    assert cli.main(["analyze", str(src), *ARGS, "--q", "fit", "--json"]) == 0
+    captured = capsys.readouterr()
+    assert "alias of --fit" in captured.err
+    assert json.loads(captured.out)["fit"]["q"] == pytest.approx(record["q"], rel=1e-12)
+
+
+def test_filter_fit_honours_r_and_refuses_a_number_for_q(tmp_path, capsys):
+    src, dst = tmp_path / "r.parquet", tmp_path / "o.parquet"
+    _write(src, 32, 256, 1e-4, 0.02)
+    assert cli.main(["filter", str(src), str(dst), *ARGS, "--q", "fit", "--r", "0.5"]) == 0
+    capsys.readouterr()
+    record = json.loads(pq.read_schema(dst).metadata[b"kpo_rs.fitted_settings"])
+    assert record["r"] == 0.5 and record["fitted"] == ["q"]
+    assert cli.main(["filter", str(src), str(dst), *ARGS, "--fit", "--q", "1e-3"]) == 2
+    assert "--fit fits q" in capsys.readouterr().err
+
+
+def test_a_fit_on_a_few_tokens_warns(tmp_path, capsys):
+    src, dst = tmp_path / "r.parquet", tmp_path / "o.parquet"
+    _write(src, 1, 8, 1e-4, 0.02, seed=3)
+    assert cli.main(["filter", str(src), str(dst), *ARGS, "--fit"]) == 0
+    err = capsys.readouterr().err
+    assert "warning: the fit used 8 tokens only" in err
+
+
+def test_unknown_flag_prints_the_sub_command_usage(capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["filter", "a.parquet", "b.parquet", "--fitt"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage: kpo filter") and "unrecognized arguments: --fitt" in err
+
+
+def test_null_rows_are_counted_and_not_fitted_on(tmp_path, capsys):
+    src = tmp_path / "r.parquet"
+    z = _write(src, 16, 256, 1e-4, 0.02)
+    z[3, 10] = np.nan
+    offsets = pa.array(np.arange(17, dtype=np.int32) * 256)
+    pq.write_table(pa.table({"lr": pa.ListArray.from_arrays(offsets, z.reshape(-1))}), src)
+    argv = ["analyze", str(src), *ARGS, "--fit"]
+    assert cli.main(argv) == 2
+    assert "--on-non-finite null" in capsys.readouterr().err
+    assert cli.main([*argv, "--on-non-finite", "null", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["bad_rows"] == [3] and out["fit"]["rows_used"] == 15
+    assert out["fit"]["tokens"] == 15 * 256
+    assert cli.main([*argv, "--on-non-finite", "null"]) == 0
+    assert "16 rows (1 null: 1 with non-finite values)" in capsys.readouterr().out

@@ -151,6 +151,7 @@ LAYERS = {
     "kpo_rs.arrow": 6,
     "kpo_rs.integrations": 6,  # verl, trl, skyrl, prime_rl, slime and their shared _env
     "kpo_rs.pipeline": 7,
+    "kpo_rs.run_analysis": 7,  # kpo analyze DIR: the premise report of a run's dumps
     "kpo_rs.experiments": 8,
     "kpo_rs.cli": 9,
 }

@@ -477,7 +477,8 @@ def fit_parquet(
     """:func:`kpo_rs.fit.fit_filter` on the log-ratios of ``src`` (its valid tokens, rows as
     responses). Reads the file once, keeping the valid tokens as float32 for whole rows until
     ``max_tokens`` (bounded memory; later rows are left out of the fit). Returns the fit and the
-    number of rows it used, and the share of those tokens whose filtered ratio at the fitted
+    number of rows it used (rows with a valid token: not those null, empty, fully masked or, under
+    ``on_non_finite="null"``, made null), and the share of those tokens whose filtered ratio at the fitted
     settings falls outside ``[1 - clip[0], 1 + clip[1]]`` (KPO-clipped's band; the default is
     ``kpo_rs.losses.kpo.KPO_CLIP``). Fits the log-ratio filter: ``space="ratio"`` is refused."""
     p = _params(params, overrides)
@@ -504,7 +505,7 @@ def fit_parquet(
         values.append(z[: cu[take]].astype(np.float32))
         lengths.append(row_len[:take])
         kept += int(cu[take])
-        rows += take
+        rows += int(np.count_nonzero(row_len[:take]))  # rows made null or empty are not fitted on
         if take < row_len.size:
             break
     if kept == 0:

@@ -18,15 +18,19 @@ __all__ = [
     "OPTIONAL",
     "add_rollout_options",
     "columns_of",
+    "fit_warnings",
+    "fitting",
     "job_settings",
     "jsonable",
     "missing_extra_message",
     "missing_module",
     "non_negative",
+    "null_summary",
     "plain_table",
     "positive",
     "rows_listed",
     "seconds",
+    "with_non_finite_hint",
 ]
 
 #: The extra that brings the optional packages each sub-command imports.
@@ -130,10 +134,17 @@ def add_rollout_options(p: argparse.ArgumentParser) -> None:
     )
     f = p.add_argument_group("filter settings (defaults: the KPO authors', kpo_rs.FilterParams)")
     f.add_argument(
+        "--fit",
+        action="store_true",
+        help="fit q and r to the file's log-ratios first (maximum likelihood, "
+        "kpo_rs.pipeline.fit_parquet; with --r, q alone at that r): kpo filter filters at the "
+        "fitted settings and records them in OUT's metadata, kpo analyze reports them "
+        "('--q fit' is an alias)",
+    )
+    f.add_argument(
         "--q",
         type=_q_option,
-        help=f"process-noise variance (default {d.q:g}); kpo filter also takes 'fit': fit q and r "
-        "to the file first (kpo_rs.pipeline.fit_parquet) and record them in OUT's metadata",
+        help=f"process-noise variance (default {d.q:g}); 'fit' is an alias of --fit",
     )
     f.add_argument("--r", type=float, help=f"observation-noise variance (default {d.r:g})")
     f.add_argument("--p0", type=float, help=f"prior variance; inf = flat prior (default {d.p0:g})")
@@ -200,7 +211,7 @@ def _q_option(text: str) -> float | str:
 
 def job_settings(args: argparse.Namespace) -> dict[str, Any]:
     """The settings shared by ``kpo filter`` and ``kpo analyze`` (``--q fit`` reads as the
-    default q here: the caller fits)."""
+    default q here: the caller fits, see :func:`fitting`)."""
     from ..params import FilterParams
 
     q = None if args.q == "fit" else args.q
@@ -214,6 +225,53 @@ def job_settings(args: argparse.Namespace) -> dict[str, Any]:
         "on_non_finite": args.on_non_finite,
         "batch_size": args.batch_size,
     }
+
+
+def fitting(args: argparse.Namespace) -> tuple[str, ...] | None:
+    """The settings ``--fit`` (or its alias ``--q fit``) fits: ``("q", "r")``, or ``("q",)``
+    when ``--r`` is given (r held there); None without a fit. ValueError for ``--fit`` with a
+    number for ``--q``."""
+    if not (args.fit or args.q == "fit"):
+        return None
+    if args.q is not None and args.q != "fit":
+        raise ValueError(f"--fit fits q: drop --q {args.q:g} (or drop --fit)")
+    return ("q",) if args.r is not None else ("q", "r")
+
+
+def fit_warnings(fit: Any) -> list[str]:
+    """What to doubt in a :class:`kpo_rs.fit.FilterFit`: too few tokens, ``q / r`` at the search's
+    upper edge (1000: each token followed), no interval, no convergence."""
+    out = []
+    if fit.tokens < 1000:
+        out.append(
+            f"the fit used {fit.tokens} tokens only: q and r are poorly determined there (see "
+            "the interval); fit on more rows"
+        )
+    if fit.q_over_r >= 999.0:
+        out.append(
+            f"q/r = {fit.q_over_r:.4g} is at the search's upper edge (1000): the fit follows "
+            "every token, which says the data are too few or carry no noise to smooth"
+        )
+    lo, hi = fit.q_over_r_interval
+    if "q" in fit.fitted and (math.isnan(lo) or math.isnan(hi)):
+        out.append("the q/r interval could not be computed (nan): do not rely on this fit")
+    if not fit.converged:
+        out.append("the fit's search did not converge inside its range")
+    return out
+
+
+def null_summary(null_rows: int, bad_rows: list[int]) -> str:
+    """``"3 null"`` or ``"3 null: 2 with non-finite values"``: rows null in the input plus rows
+    made null for a non-finite value (``--on-non-finite null``)."""
+    total = null_rows + len(bad_rows)
+    return f"{total} null" + (f": {len(bad_rows)} with non-finite values" if bad_rows else "")
+
+
+def with_non_finite_hint(message: str, on_non_finite: str) -> str:
+    """``message`` with the option that goes past a non-finite value, when it is about one."""
+    if on_non_finite == "error" and "non-finite" in message and "--on-non-finite" not in message:
+        return f"{message} (--on-non-finite null gives such rows null outputs and goes on)"
+    return message
 
 
 def rows_listed(rows: list[int], what: str, limit: int = 20) -> str:

@@ -9,7 +9,16 @@ import os
 import sys
 from typing import Any
 
-from ._common import add_rollout_options, columns_of, job_settings, rows_listed
+from ._common import (
+    add_rollout_options,
+    columns_of,
+    fit_warnings,
+    fitting,
+    job_settings,
+    null_summary,
+    rows_listed,
+    with_non_finite_hint,
+)
 from ._progress import Progress
 
 __all__ = ["add_parser", "run"]
@@ -42,6 +51,7 @@ def _fit_record(fit: Any, rows_used: int) -> dict[str, Any]:
         "p0": p.p0,
         "m0": p.m0,
         "masked": p.masked,
+        "fitted": list(fit.fitted),
         "rows_used": rows_used,
         "tokens": fit.tokens,
         "log_likelihood": fit.log_likelihood,
@@ -67,24 +77,28 @@ def run(args: argparse.Namespace) -> int:
         columns = columns_of(args)
         kw = job_settings(args)
         metadata = None
-        if args.q == "fit":
-            fit, used, _ = fit_parquet(args.input, columns, **kw)
+        names = fitting(args)
+        if names is not None:
+            fit, used, _ = fit_parquet(args.input, columns, fit=names, **kw)
             kw["params"] = fit.params
             metadata = {"kpo_rs.fitted_settings": json.dumps(_fit_record(fit, used))}
             print(fit.summary().replace("\n", "; "))
+            for warning in fit_warnings(fit):
+                print(f"kpo filter: warning: {warning}", file=sys.stderr)
         with Progress("filter", not args.no_progress, args.log_every) as progress:
             stats = filter_parquet(
                 args.input, args.output, columns, progress=progress, metadata=metadata, **kw
             )
     except (PipelineError, ValueError, TypeError) as exc:
-        print(f"kpo filter: {exc}", file=sys.stderr)
+        print(f"kpo filter: {with_non_finite_hint(str(exc), args.on_non_finite)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         left = "left unchanged" if existed else "not written"
         print(f"kpo filter: interrupted; {args.output} was {left}", file=sys.stderr)
         return 130
     print(
-        f"wrote {args.output}: {stats.rows} rows ({stats.null_rows} null), {stats.tokens} valid "
+        f"wrote {args.output}: {stats.rows} rows ({null_summary(stats.null_rows, stats.bad_rows)}"
+        f"), {stats.tokens} valid "
         f"tokens in {stats.seconds:.2f} s ({stats.tokens_per_second:.3e} tokens/s)"
     )
     if stats.bad_rows:

@@ -70,9 +70,11 @@ except ImportError as exc:  # pragma: no cover - exercised only without TRL
 
 import torch
 
+from ..dump import RolloutDumper
 from ..losses import GRADS, KPO_CLIP, kpo_token_losses
 from ..losses.kpo import warn_if_inert
 from ..losses.table import LOSS_NAMES, LossSpec, get_loss
+from ..online import FIT, FilterFitter
 from ..params import FilterParams, Masked, real_setting
 from ..space import SPACES
 from ..torch_ops import BACKENDS
@@ -132,8 +134,12 @@ class KPOConfig(GRPOConfig):
         default=KPO_CLIP[1],
         metadata={"help": "Upper clip of the filtered ratio, >= 0 (not GRPO's epsilon_high)."},
     )
-    kpo_q: float = field(
-        default=_DEFAULTS.q, metadata={"help": "Process-noise variance of the filter, >= 0."}
+    kpo_q: float | str = field(
+        default=_DEFAULTS.q,
+        metadata={
+            "help": "Process-noise variance of the filter, >= 0; 'fit' (from Python) refits q "
+            "and r on the batch's log-ratios every kpo_fit_every loss calls (kpo_rs.online)."
+        },
     )
     kpo_r: float = field(
         default=_DEFAULTS.r, metadata={"help": "Observation-noise variance of the filter, > 0."}
@@ -152,6 +158,21 @@ class KPOConfig(GRPOConfig):
         default=BACKENDS[0],
         metadata={"help": f"Filter backend, one of {BACKENDS}."},
     )
+    kpo_fit_every: int = field(
+        default=10, metadata={"help": "With kpo_q='fit': refit every this many loss calls."}
+    )
+    kpo_dump_dir: str | None = field(
+        default=None,
+        metadata={
+            "help": "Folder for rollout dumps (Parquet shards of sampled rows, for "
+            "`kpo analyze DIR`); none when unset (kpo_rs.dump)."
+        },
+    )
+    kpo_dump_every: int = field(default=10, metadata={"help": "Dump every this many steps."})
+    kpo_dump_rows: int = field(default=64, metadata={"help": "Rows per dump and process."})
+    kpo_dump_max_mb: float = field(
+        default=1024.0, metadata={"help": "The most the dumps of one process write, MiB."}
+    )
 
     def __post_init__(self) -> None:
         self._check_kpo_fields()
@@ -161,11 +182,22 @@ class KPOConfig(GRPOConfig):
     def _check_kpo_fields(self) -> None:
         try:
             FilterParams(
-                q=self.kpo_q, r=self.kpo_r, p0=self.kpo_p0, masked=cast(Masked, self.kpo_masked)
+                q=_DEFAULTS.q if self.kpo_q == FIT else cast(float, self.kpo_q),
+                r=self.kpo_r,
+                p0=self.kpo_p0,
+                masked=cast(Masked, self.kpo_masked),
             )
         except (TypeError, ValueError) as exc:
             # FilterParams names its field first ("q must be ..."): name the config's field.
             raise type(exc)(f"kpo_{exc}") from None
+        if isinstance(self.kpo_q, str) and self.kpo_q != FIT:
+            raise ValueError(f"kpo_q must be a number >= 0 or 'fit', got {self.kpo_q!r}")
+        for name in ("kpo_fit_every", "kpo_dump_every", "kpo_dump_rows"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        if not (isinstance(self.kpo_dump_max_mb, (int, float)) and self.kpo_dump_max_mb > 0):
+            raise ValueError(f"kpo_dump_max_mb must be a number > 0, got {self.kpo_dump_max_mb!r}")
         if self.kpo_loss_name not in SUPPORTED_LOSS_NAMES:
             why = (
                 f"{self.kpo_loss_name!r} fixes its own aggregation, which TRL's loss_type sets"
@@ -287,9 +319,13 @@ class KPOConfig(GRPOConfig):
 
     @property
     def kpo_filter_params(self) -> FilterParams:
-        """The filter's settings as a :class:`~kpo_rs.params.FilterParams`."""
+        """The filter's settings as a :class:`~kpo_rs.params.FilterParams` (with
+        ``kpo_q='fit'``: the default q, the fitter's start and fallback)."""
         return FilterParams(
-            q=self.kpo_q, r=self.kpo_r, p0=self.kpo_p0, masked=cast(Masked, self.kpo_masked)
+            q=_DEFAULTS.q if self.kpo_q == FIT else cast(float, self.kpo_q),
+            r=self.kpo_r,
+            p0=self.kpo_p0,
+            masked=cast(Masked, self.kpo_masked),
         )
 
 
@@ -308,10 +344,27 @@ class KPOTrainer(GRPOTrainer):
         if not isinstance(args, KPOConfig):
             raise TypeError(f"args must be a KPOConfig, got {type(args).__name__}")
         super().__init__(model, reward_funcs, args=args, **kwargs)
+        self.kpo_fitter = (
+            FilterFitter(base=args.kpo_filter_params, every=args.kpo_fit_every)
+            if args.kpo_q == FIT
+            else None
+        )
+        self.kpo_dumper = (
+            None
+            if args.kpo_dump_dir is None
+            else RolloutDumper(
+                args.kpo_dump_dir,
+                every=args.kpo_dump_every,
+                rows=args.kpo_dump_rows,
+                max_mb=args.kpo_dump_max_mb,
+            )
+        )
 
     def _kpo_settings(self) -> dict[str, Any]:
         a = self.args
+        fit = {} if self.kpo_fitter is None else {"q": FIT, "fitter": self.kpo_fitter}
         return {
+            **fit,
             "clip": (
                 (a.kpo_epsilon_low, a.kpo_epsilon_high)
                 if a.kpo_loss_name == "kpo_clipped"
@@ -454,6 +507,7 @@ class KPOTrainer(GRPOTrainer):
                 logps,
                 advantages.expand_as(logps),
                 mask.bool(),
+                engine_log_prob=inputs.get("sampling_per_token_logps"),
                 **self._kpo_settings(),
             )
             if (
@@ -472,6 +526,16 @@ class KPOTrainer(GRPOTrainer):
             if per_token_kl is not None:
                 loss = loss + self._aggregate(self.beta * per_token_kl, mask, mode, inputs)
 
+        if self.kpo_dumper is not None and mode == "train":
+            # the copy to the host happens only at dump steps (one shard per global step)
+            self.kpo_dumper(
+                logps,
+                old_logps,
+                mask.bool(),
+                advantages.expand_as(logps),
+                engine_log_prob=inputs.get("sampling_per_token_logps"),
+                step=self.state.global_step,
+            )
         if aux_enabled:
             accumulation = self.current_gradient_accumulation_steps if mode == "train" else 1.0
             loss = loss + self.router_aux_loss_coef * aux_loss / accumulation
