@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Sets up (scripts/setup.sh) and runs the whole test suite: formatting and lints (rustfmt, clippy,
 # ruff), types (mypy over the package, mypy.stubtest of _core.pyi), the Rust unit tests, the wheel
-# built and installed into a bare environment, and the Python tests of every tier (pytest -m "": fast, slow, integration; gpu tests skip without a
+# built and installed into a bare environment, the SkyRL plug-in inside SkyRL 0.3.0 in its own
+# environment (scripts/skyrl_env.sh), and the Python tests of every tier (pytest -m "": fast, slow, integration; gpu tests skip without a
 # device) with hypothesis's "ci" profile (200 examples per property) when CI is set, "dev" (50)
 # otherwise. The quick loop is a plain `pytest` (the fast tier): see tests/README.md.
 set -euo pipefail
