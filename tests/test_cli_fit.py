@@ -76,8 +76,9 @@ def test_filter_q_fit_records_the_fitted_settings(tmp_path, capsys):
     # --fit is the one spelling in both commands; --q fit its alias (with a note)
     assert cli.main(["filter", str(src), str(tmp_path / "p.parquet"), *ARGS, "--fit"]) == 0
     capsys.readouterr()
-    assert pq.read_schema(tmp_path / "p.parquet").metadata[b"kpo_rs.fitted_settings"] == (
-        pq.read_schema(dst).metadata[b"kpo_rs.fitted_settings"]
+    assert (
+        pq.read_schema(tmp_path / "p.parquet").metadata[b"kpo_rs.fitted_settings"]
+        == (pq.read_schema(dst).metadata[b"kpo_rs.fitted_settings"])
     )
     assert cli.main(["analyze", str(src), *ARGS, "--q", "fit", "--json"]) == 0
     captured = capsys.readouterr()

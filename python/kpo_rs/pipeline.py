@@ -476,11 +476,12 @@ def fit_parquet(
 ) -> tuple[FilterFit, int, float]:
     """:func:`kpo_rs.fit.fit_filter` on the log-ratios of ``src`` (its valid tokens, rows as
     responses). Reads the file once, keeping the valid tokens as float32 for whole rows until
-    ``max_tokens`` (bounded memory; later rows are left out of the fit). Returns the fit and the
-    number of rows it used (rows with a valid token: not those null, empty, fully masked or, under
-    ``on_non_finite="null"``, made null), and the share of those tokens whose filtered ratio at the fitted
-    settings falls outside ``[1 - clip[0], 1 + clip[1]]`` (KPO-clipped's band; the default is
-    ``kpo_rs.losses.kpo.KPO_CLIP``). Fits the log-ratio filter: ``space="ratio"`` is refused."""
+    ``max_tokens`` (bounded memory; later rows are left out of the fit). Returns the fit, the
+    number of rows it used (rows with a valid token: not those null, empty, fully masked or,
+    under ``on_non_finite="null"``, made null), and the share of those tokens whose filtered
+    ratio at the fitted settings falls outside ``[1 - clip[0], 1 + clip[1]]`` (KPO-clipped's
+    band; the default is ``kpo_rs.losses.kpo.KPO_CLIP``). Fits the log-ratio filter:
+    ``space="ratio"`` is refused."""
     p = _params(params, overrides)
     check_space(space)
     if space != "log_ratio":
