@@ -7,7 +7,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from kpo_rs.diagnostics import data_weight, mean_data_weight  # noqa: E402
+import kpo_rs  # noqa: E402
+from kpo_rs.diagnostics import data_weight  # noqa: E402
 from kpo_rs.losses.kpo import kpo_clipped_loss, kpo_loss  # noqa: E402
 
 
@@ -17,6 +18,16 @@ def _inputs(batch: int, time: int, seed: int = 0):
     new = old + 0.1 * torch.randn(batch, time, generator=g, dtype=torch.float64)
     adv = torch.randn(batch, 1, generator=g, dtype=torch.float64).expand(batch, time)
     return old, new, adv
+
+
+def _by_the_filter(mask: np.ndarray, masked: str = "hold", **settings: float) -> float:
+    """The mean data weight over the valid tokens, from the filter itself (the Rust core, not
+    ``kpo_rs.diagnostics``): filtering zeros from the prior mean ``m0 = 1`` leaves at each token
+    the weight still on the prior, ``prod (1 - K)``; the data weight is one minus it."""
+    held = kpo_rs.kalman_filter(
+        np.zeros(mask.shape), mask, m0=1.0, masked=masked, **settings
+    )  # float64 [batch, time]
+    return float((1.0 - held)[mask].mean()) if mask.any() else 0.0
 
 
 def _expected(mask: np.ndarray, w: np.ndarray, hold: bool) -> float:
@@ -32,7 +43,8 @@ def test_full_rows_at_the_authors_settings():
     mask = torch.ones(4, 128, dtype=torch.bool)
     _, metrics = kpo_clipped_loss(old, new, adv, mask)
     # float32 weights (rounded once, relative 6e-8) averaged over 512 tokens
-    assert float(metrics["kpo_data_weight"]) == pytest.approx(mean_data_weight(128), rel=1e-5)
+    want = _by_the_filter(mask.numpy())
+    assert float(metrics["kpo_data_weight"]) == pytest.approx(want, rel=1e-5)
     assert float(metrics["kpo_data_weight"]) < 0.005
 
 
@@ -44,6 +56,8 @@ def test_holes_use_the_gain_index(masked):
     _, metrics = kpo_loss(old, new, adv, mask, q=0.01, r=0.5, masked=masked)
     want = _expected(mask.numpy(), data_weight(40, q=0.01, r=0.5), masked == "hold")
     assert float(metrics["kpo_data_weight"]) == pytest.approx(want, rel=1e-6)
+    # the same weights from the filter itself (float64 throughout: rounding only)
+    assert want == pytest.approx(_by_the_filter(mask.numpy(), masked, q=0.01, r=0.5), rel=1e-12)
 
 
 def test_warns_once_per_process(monkeypatch):

@@ -58,14 +58,25 @@ def test_t_cdf_and_quantile_match_scipy(t, df, p):
     assert stats.t_quantile(p, df) == pytest.approx(float(student.ppf(p, df)), rel=1e-9, abs=1e-12)
 
 
-@given(st.lists(_floats, min_size=2, max_size=30), st.sampled_from([0.8, 0.9, 0.95, 0.99]))
-def test_t_interval_is_the_plain_formula(values, level):
+# Two-sided critical values t_{(1 + level) / 2, df} from printed t tables (9 significant digits).
+T_CRITICAL = {
+    0.90: {1: 6.31375151, 2: 2.91998558, 4: 2.13184679, 9: 1.83311293, 29: 1.69912703},
+    0.95: {1: 12.7062047, 2: 4.30265273, 4: 2.77644511, 9: 2.26215716, 29: 2.04522964},
+    0.99: {1: 63.6567412, 2: 9.92484320, 4: 4.60409487, 9: 3.24983554, 29: 2.75638590},
+}
+
+
+@given(st.sampled_from([1, 2, 4, 9, 29]), st.sampled_from(sorted(T_CRITICAL)), st.data())
+def test_t_interval_is_the_textbook_interval_with_the_printed_critical_value(df, level, data):
+    values = data.draw(st.lists(_floats, min_size=df + 1, max_size=df + 1))
     lo, hi = stats.t_interval(values, level)
     v = np.asarray(values)
-    half = stats.t_quantile((1 + level) / 2, v.size - 1) * v.std(ddof=1) / math.sqrt(v.size)
-    # Same formula evaluated in another order: float64 rounding on values of size <= 1.
-    assert lo == pytest.approx(v.mean() - half, abs=1e-12)
-    assert hi == pytest.approx(v.mean() + half, abs=1e-12)
+    half = T_CRITICAL[level][df] * v.std(ddof=1) / math.sqrt(v.size)
+    # The table's 9 digits (relative 5e-9 of the half width) and float64 rounding on values of
+    # size <= 1.
+    tol = 1e-8 * half + 1e-12
+    assert lo == pytest.approx(v.mean() - half, abs=tol)
+    assert hi == pytest.approx(v.mean() + half, abs=tol)
     assert lo <= v.mean() + 1e-15 and v.mean() - 1e-15 <= hi
 
 
