@@ -30,7 +30,7 @@ import pytest
 import torch
 
 import kpo_rs.integrations.skyrl as kpo_skyrl
-from kpo_rs.loss_table import get_loss
+from kpo_rs.losses import get_loss
 
 if importlib.util.find_spec("skyrl") is None:
     pytest.skip(
@@ -215,6 +215,7 @@ def _settings(name: str, **filter_settings: Any) -> dict[str, Any]:
     return kw
 
 
+@pytest.mark.slow  # a fresh interpreter imports torch and SkyRL: about 10 s
 def test_importing_the_plugin_does_not_register_and_register_does():
     """A fresh interpreter: importing kpo_rs.integrations.skyrl leaves SkyRL's registry as it was;
     register() adds every name of LOSS_NAMES, each the plug-in's module-level function."""
@@ -232,7 +233,7 @@ print(sorted(before), after)
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True
     )
-    assert out.stdout.split("\n")[-2] == f"[] {[True] * len(kpo_skyrl.LOSS_NAMES)}"
+    assert out.stdout.strip().splitlines()[-1] == f"[] {[True] * len(kpo_skyrl.LOSS_NAMES)}"
 
 
 def test_register_puts_the_losses_in_skyrls_registry(registered):
@@ -466,7 +467,8 @@ def test_sync_registries_carries_the_losses_to_a_ray_worker(registered):
     this plug-in, and computes the driver's loss."""
     import ray
 
-    env = {"PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
+    paths = [str(TESTS), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
+    env = {"PYTHONPATH": os.pathsep.join(paths)}  # the workers import this module
     ray.init(num_cpus=1, include_dashboard=False, runtime_env={"env_vars": env})
     try:
         ppo_utils.sync_registries()
