@@ -97,3 +97,17 @@ def test_bad_settings_are_one_line_errors():
         FilterFitter(smoothing=0.0)
     with pytest.raises(ValueError, match="base: q"):
         FilterFitter(base=FilterParams(q=0.0))
+
+
+def test_a_batch_without_spread_does_not_use_up_the_refit():
+    rng = np.random.default_rng(6)
+    z = torch.from_numpy(
+        np.cumsum(rng.normal(0, 0.02, (16, 128)), 1) + rng.normal(0, 0.1, (16, 128))
+    )
+    mask = torch.ones(z.shape, dtype=torch.bool)
+    fitter = FilterFitter(every=4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing to warn about: the zeros are skipped
+        assert fitter.update(torch.zeros_like(z), mask) == fitter.base  # on-policy pass: z = 0
+        p = fitter.update(z, mask)  # the refit happens here
+    assert fitter.refits == 1 and p != fitter.base and fitter.last_refit_step == 1

@@ -266,6 +266,11 @@ def fit_filter(
                 )
                 p0_ratio = _to_value(y)
             converged = conv_q
+            if "ll" not in best:  # every setting's likelihood was nan or -inf
+                raise ValueError(
+                    "values: no setting gives a finite likelihood (every valid log-ratio equal: "
+                    "no spread to fit r to)"
+                )
             if best["ll"] - before < 1e-6:
                 break
         fitted_p: FilterParams = best["p"]

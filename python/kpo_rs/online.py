@@ -12,7 +12,9 @@ What it does, at every call (one call = one step unless the caller gives ``step`
   the batch's log-ratios. Only a subsample crosses to the host: at most ``max_rows`` rows, evenly
   spaced over the batch (rows ``floor(i * batch / max_rows)``), each cut to its first
   ``max_tokens // rows`` positions; the same batch always gives the same rows, hence the same
-  fit. Other steps copy nothing;
+  fit. Other steps copy nothing. A batch with nothing to fit (no valid token, or every
+  log-ratio equal, as on the first pass over a rollout batch, where ``logp == old_logp``) does
+  not count as a refit: the next call tries again;
 - it smooths across refits by an exponential moving average of ``log q`` and ``log r``:
   ``log q <- (1 - smoothing) * log q + smoothing * log q_fit`` (the first good fit is taken as
   it is), so one odd batch moves the settings by at most a factor ``(q_fit / q) ** smoothing``;
@@ -92,9 +94,13 @@ class FilterFitter:
         valid = mask.index_select(0, index)[:, :width]
         return values.to("cpu", torch.float64).numpy(), valid.to("cpu").numpy()
 
-    def _refit(self, z: torch.Tensor, mask: torch.Tensor) -> None:
+    def _refit(self, z: torch.Tensor, mask: torch.Tensor) -> bool:
+        """Refits on the batch; False when the batch has nothing to fit (no valid token, or every
+        log-ratio equal, as on the first pass over a batch, where ``logp == old_logp``)."""
         values, valid = self._sample(z, mask)
         values = np.where(valid, values, 0.0)
+        if not valid.any() or np.ptp(values[valid]) == 0.0:
+            return False
         reason = None
         try:
             fit = fit_filter(values, valid, fit=("q", "r"), params=self.base.replace(m0=0.0))
@@ -116,13 +122,14 @@ class FilterFitter:
                     UserWarning,
                     stacklevel=4,
                 )
-            return
+            return True
         if self._good:
             a = self.smoothing
             q = math.exp((1 - a) * math.log(self.params.q) + a * math.log(q))
             r = math.exp((1 - a) * math.log(self.params.r) + a * math.log(r))
         self.params = self.base.replace(q=q, r=r)
         self._good = True
+        return True
 
     def update(
         self, log_ratio: torch.Tensor, mask: torch.Tensor, step: int | None = None
@@ -137,7 +144,6 @@ class FilterFitter:
         due = self.last_refit_step is None or (
             step != self.last_refit_step and step - self.last_refit_step >= self.every
         )
-        if due:
+        if due and self._refit(log_ratio, mask.bool()):
             self.last_refit_step = step
-            self._refit(log_ratio, mask.bool())
         return self.params

@@ -1,0 +1,122 @@
+"""TRL with dumping on: KPOTrainer trains a few steps writing rollout dumps (kpo_dump_dir), then
+``kpo analyze`` on the dump folder reports the statistics and the fit; q='fit' logs the fitted
+settings."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+pytest.importorskip("trl")
+pq = pytest.importorskip("pyarrow.parquet")
+
+import torch  # noqa: E402
+from datasets import Dataset  # noqa: E402
+from tokenizers import Tokenizer, models, pre_tokenizers  # noqa: E402
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast  # noqa: E402
+
+from kpo_rs import cli  # noqa: E402
+from kpo_rs.integrations.trl import KPOConfig, KPOTrainer  # noqa: E402
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+VOCAB = ["<pad>", "<eos>", "<unk>", *"abcdefghij "]
+
+
+def _tokenizer() -> PreTrainedTokenizerFast:
+    """A character-level tokenizer built here (no download), as tests/test_trl.py's."""
+    tok = Tokenizer(models.WordLevel({t: i for i, t in enumerate(VOCAB)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        pad_token="<pad>",
+        eos_token="<eos>",
+        unk_token="<unk>",
+        padding_side="left",
+    )
+
+
+def _model(vocab: int) -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=128,
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=None,
+    )
+    return LlamaForCausalLM(cfg)
+
+
+def reward_count_a(completions, **kwargs):
+    """Reward: the share of the letter 'a' in the completion."""
+    return [c.count("a") / max(len(c), 1) for c in completions]
+
+
+def _train(tmp_path, **kpo):
+    args = KPOConfig(
+        output_dir=str(tmp_path / "out"),
+        per_device_train_batch_size=4,
+        num_generations=4,
+        max_completion_length=24,
+        num_iterations=2,
+        max_steps=4,
+        learning_rate=5e-3,
+        logging_steps=1,
+        report_to=[],
+        bf16=False,
+        use_cpu=True,
+        seed=0,
+        save_strategy="no",
+        **kpo,
+    )
+    trainer = KPOTrainer(
+        model=_model(len(VOCAB)),
+        reward_funcs=reward_count_a,
+        args=args,
+        train_dataset=Dataset.from_dict({"prompt": ["abc", "hij", "ddd", "jab"] * 4}),
+        processing_class=_tokenizer(),
+    )
+    trainer.train()
+    return trainer, [e for e in trainer.state.log_history if "loss" in e]
+
+
+def test_trained_run_dumps_and_kpo_analyze_reads_them(tmp_path, capsys):
+    dumps = tmp_path / "dumps"
+    _, logs = _train(tmp_path, kpo_dump_dir=str(dumps), kpo_dump_every=1, kpo_dump_rows=4)
+    for entry in logs:
+        for key in (
+            "kpo/kpo_log_ratio_acf1",
+            "kpo/kpo_filtered_var_ratio",
+            "kpo/kpo_clip_share_pos",
+        ):
+            assert key in entry and math.isfinite(entry[key]), (key, entry)
+    shards = sorted(p.name for p in dumps.iterdir())
+    assert shards == [f"step-{s:08d}-rank-00000.parquet" for s in range(4)]
+    table = pq.read_table(dumps / shards[0])
+    assert table.num_rows == 4 and table.column("engine_log_prob").null_count == 4  # no vLLM
+    capsys.readouterr()  # the trainer's own output
+    assert cli.main(["analyze", str(dumps), "--no-progress", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["steps"] == 4 and result["rows"] == 16 and result["tokens"] > 0
+    assert [s["step"] for s in result["by_step"]] == [0, 1, 2, 3]
+    assert result["fit"]["q"] >= 0 and result["fit"]["r"] > 0
+    assert len(result["verdicts"]) == 4 and result["advice"]
+    assert cli.main(["analyze", str(dumps), "--no-progress"]) == 0
+    text = capsys.readouterr().out
+    assert "verdict:" in text and "fit on" in text
+
+
+def test_q_fit_logs_the_fitted_settings(tmp_path):
+    trainer, logs = _train(tmp_path, kpo_q="fit", kpo_fit_every=2)
+    assert trainer.kpo_fitter is not None and trainer.kpo_fitter.refits >= 1
+    for entry in logs:
+        q, r = entry["kpo/kpo_fitted_q"], entry["kpo/kpo_fitted_r"]
+        assert math.isfinite(q) and math.isfinite(r) and q > 0 and r > 0
