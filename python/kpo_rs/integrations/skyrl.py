@@ -119,6 +119,8 @@ def policy_loss(name: str) -> Any:
             advantages = advantages.expand_as(index).gather(-1, index)
             if weights is not None:
                 weights = weights.expand_as(index).gather(-1, index)
+            if kwargs.get("engine_log_prob") is not None:
+                kwargs["engine_log_prob"] = kwargs["engine_log_prob"].gather(-1, index)
         loss, own = fn(
             old_log_probs,
             log_probs,
