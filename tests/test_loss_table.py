@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from kpo_rs import losses
-from kpo_rs.loss_table import LOSS_NAMES, LOSSES, LossSpec, get_loss
+from kpo_rs.losses import LOSS_NAMES, LOSSES, LossSpec, get_loss
 
 
 def _batch(seed: int = 0, batch: int = 4, time: int = 12):
@@ -23,7 +23,10 @@ def _batch(seed: int = 0, batch: int = 4, time: int = 12):
 
 def test_names_and_order():
     assert LOSS_NAMES == tuple(LOSSES)
-    assert LOSS_NAMES[:5] == ("grpo", "gspo", "gmpo", "kpo", "kpo_clipped")
+    # registration order: verl's baselines, the KPO losses, the peers
+    assert LOSS_NAMES == (
+        "grpo", "gspo", "gmpo", "gpg", "kpo", "kpo_clipped", "dppo_tv", "dppo_kl", "minpro", "bapo"
+    )  # fmt: skip
     for name, spec in LOSSES.items():
         assert isinstance(spec, LossSpec)
         assert spec.name == name

@@ -21,11 +21,100 @@ from hypothesis import strategies as st
 
 from helpers import loss_and_grad, requires, verl_actor_config, verl_loss_and_grad
 from kpo_rs import losses
-from kpo_rs.loss_table import get_loss
-from kpo_rs.losses import baselines, peers
+from kpo_rs.losses import _common, baselines, get_loss, peers
 
 AGG_MODES = list(losses.LOSS_AGG_MODES)
 F64 = {"rtol": 1e-10, "atol": 1e-12}
+
+
+def minpro_reference(
+    old_log_prob: torch.Tensor,
+    log_prob: torch.Tensor,
+    advantages: torch.Tensor,
+    response_mask: torch.Tensor,
+    *,
+    clip: tuple[float, float] = peers.MINPRO_CLIP,
+    clip_ratio_c: float | None = None,
+    inclusive: bool = False,
+) -> torch.Tensor:
+    """The per-token MinPRO losses ``[batch, time]`` by a plain loop over rows and tokens (zero
+    at masked positions); differentiable in ``log_prob``. Slow: for tests. The settings are
+    ``peers.minpro_loss``'s."""
+    low, high = clip
+    rows = []
+    for b in range(log_prob.shape[0]):
+        smallest = None  # minimum log-ratio over the valid tokens seen so far in this row
+        row = []
+        for t in range(log_prob.shape[1]):
+            if not bool(response_mask[b, t]):
+                row.append(log_prob.new_zeros(()))
+                continue
+            z = torch.clamp(
+                log_prob[b, t] - old_log_prob[b, t],
+                -_common.PPO_LOG_RATIO_CLAMP,
+                _common.PPO_LOG_RATIO_CLAMP,
+            )
+            z_value = float(z.detach())
+            if inclusive:
+                smallest = z_value if smallest is None else min(smallest, z_value)
+                weight = math.exp(smallest)
+            else:
+                weight = 1.0 if smallest is None else math.exp(smallest)
+                smallest = z_value if smallest is None else min(smallest, z_value)
+            ratio = torch.exp(z)
+            adv = advantages[b, t]
+            unclipped = -adv * ratio
+            clipped = -adv * torch.clamp(ratio, 1.0 - low, 1.0 + high)
+            term = torch.maximum(unclipped, clipped)
+            if clip_ratio_c is not None and float(adv) < 0:
+                term = torch.minimum(term, -adv * clip_ratio_c)
+            row.append(weight * term)
+        rows.append(torch.stack(row))
+    return torch.stack(rows)
+
+
+def bapo_reference(
+    old_log_prob: torch.Tensor,
+    log_prob: torch.Tensor,
+    advantages: torch.Tensor,
+    response_mask: torch.Tensor,
+    *,
+    target: float = peers.BAPO_TARGET,
+    lower: tuple[float, float] = peers.BAPO_LOWER,
+    upper: tuple[float, float] = peers.BAPO_UPPER,
+    step: tuple[float, float] = peers.BAPO_STEP,
+) -> tuple[float, float, float]:
+    """BAPO's bound search step by step with plain Python sums over tokens (one host round trip
+    per step, as the recipe does): ``(c_low, c_high, positive_share)``. Slow: for tests.
+
+    The settings are ``peers.bapo_loss``'s. The bounds are compared with the ratios after rounding
+    to the ratios' dtype, as ``peers.bapo_loss`` does.
+    """
+    lows, highs = (peers.bapo_candidates(*g) for g in peers._bapo_grid(target, lower, upper, step))
+    ratio = torch.exp(_common.log_ratio(old_log_prob, log_prob)).detach()
+    cast = [float(v) for v in torch.tensor(lows + highs, dtype=ratio.dtype).tolist()]
+    lows, highs = cast[: len(lows)], cast[len(lows) :]
+    tokens = [
+        (float(ratio[b, t]), float(advantages[b, t]))
+        for b in range(ratio.shape[0])
+        for t in range(ratio.shape[1])
+        if bool(response_mask[b, t])
+    ]
+
+    def share(c_low: float, c_high: float) -> float:
+        pos = sum(r * a for r, a in tokens if a > 0 and r <= c_high)
+        neg = sum(r * -a for r, a in tokens if a < 0 and r >= c_low)
+        return 1.0 if neg <= 0 else pos / (pos + neg)
+
+    i = j = 0
+    current = share(lows[i], highs[j])
+    while current < target and i + 1 < len(lows):
+        i += 1
+        current = share(lows[i], highs[j])
+    while current < target and j + 1 < len(highs):
+        j += 1
+        current = share(lows[i], highs[j])
+    return lows[i], highs[j], current
 
 
 def _batch(seed, batch=8, time=48, dtype=torch.float64, spread=0.4, holes=False, adv_shift=0.0):
@@ -201,7 +290,7 @@ def test_minpro_matches_reference(seed, batch, time, inclusive, mode, low, high,
         peers.minpro_loss, old, logp, adv, mask, loss_agg_mode=mode, rollout_is_weights=w, **kw
     )
     lp = logp.clone().requires_grad_(True)
-    ref_tokens = peers.minpro_reference(old, lp, adv, mask, **kw)
+    ref_tokens = minpro_reference(old, lp, adv, mask, **kw)
     ref = losses.agg_loss(ref_tokens * w, mask, mode)
     if ref.requires_grad:  # not when every token is masked
         ref.backward()
@@ -346,7 +435,7 @@ def test_bapo_hand_checked_search():
     assert float(m["bapo_positive_share_start"]) == 0.0
     # loss: -2.0 (unclipped) + max(0.62, 0.9) + 1.0
     assert float(loss) == pytest.approx(-2.0 + 0.9 + 1.0, rel=1e-12)
-    assert peers.bapo_reference(old, logp, adv, mask) == pytest.approx((0.9, 2.0, 2.0 / 3.0))
+    assert bapo_reference(old, logp, adv, mask) == pytest.approx((0.9, 2.0, 2.0 / 3.0))
     # a target that cannot be met ends at the last pair; target 0 keeps the start
     _, m = peers.bapo_loss(old, logp, adv, mask, target=0.9)
     assert (float(m["bapo_clip_low"]), float(m["bapo_clip_high"])) == pytest.approx((0.9, 3.0))
@@ -396,7 +485,7 @@ def test_bapo_matches_reference(seed, batch, time, target, adv_shift, mode, dual
         rollout_is_weights=w,
         **search,
     )
-    c_low, c_high, share = peers.bapo_reference(old, logp, adv, mask, **search)
+    c_low, c_high, share = bapo_reference(old, logp, adv, mask, **search)
     assert float(ours[2]["bapo_clip_low"]) == c_low
     assert float(ours[2]["bapo_clip_high"]) == c_high
     assert float(ours[2]["bapo_positive_share"]) == pytest.approx(share, rel=1e-10, abs=1e-12)
@@ -433,7 +522,7 @@ def test_bapo_float32_and_stats_dtype():
     old, logp, adv, mask, _ = _batch(8, dtype=torch.float32, adv_shift=-1.0)
     loss, m = peers.bapo_loss(old, logp, adv, mask)
     assert loss.dtype == torch.float32 and m["bapo_clip_low"].dtype == torch.float32
-    want = peers.bapo_reference(old, logp, adv, mask)
+    want = bapo_reference(old, logp, adv, mask)
     assert (float(m["bapo_clip_low"]), float(m["bapo_clip_high"])) == want[:2]
 
 

@@ -7,7 +7,7 @@ reproduced below from its source (PrimeIntellect-ai/prime-rl at 559b447,
 ``compute_loss`` adding the per-sample losses of a packed micro batch split by
 ``sequence_lengths`` (the rl mask being ``loss_mask & (rl_weights != 0)`` when a weight stream is
 given) and dividing by the global rl token count. Through that path the plug-in's loss must equal
-:mod:`kpo_rs.loss_table`'s with ``loss_agg_mode="token-mean"`` on the same samples as padded
+:mod:`kpo_rs.losses`'s with ``loss_agg_mode="token-mean"`` on the same samples as padded
 rows (prompt tokens masked), with the weight stream as ``rollout_is_weights``.
 
 Tolerance: float64; the two sides add the same per-token losses in a different order (per

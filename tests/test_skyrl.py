@@ -1,5 +1,5 @@
 """SkyRL plug-in: SkyRL's calling convention (advantages pre-scaled for the loss reduction, the
-loss a masked sum) gives kpo_rs.loss_table's losses with the matching aggregation.
+loss a masked sum) gives kpo_rs.losses's losses with the matching aggregation.
 
 SkyRL 0.3.0 does not import on Python 3.11, so this checks the convention as read from SkyRL's
 source (``ppo_utils.apply_loss_reduction_to_advantages_minibatch``), not SkyRL itself.
@@ -17,7 +17,7 @@ import torch
 
 import kpo_rs.integrations.skyrl as kpo_skyrl
 from helpers import loss_and_grad
-from kpo_rs.loss_table import get_loss
+from kpo_rs.losses import get_loss
 
 
 def _batch(seed, batch=6, time=40):

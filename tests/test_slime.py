@@ -6,7 +6,7 @@ functions the plug-in calls are reproduced below from its source (THUDM/slime at
 for one context-parallel rank: the response log-probs and entropy of packed ``[1, T, V]``
 logits, ``get_sum_of_sample_mean`` (per-sample means, or token sums with
 ``calculate_per_token_loss``), ``vanilla_tis_function`` and ``compute_approx_kl``. Through them
-the plug-in's loss must equal the hand computation: :mod:`kpo_rs.loss_table`'s loss at
+the plug-in's loss must equal the hand computation: :mod:`kpo_rs.losses`'s loss at
 ``seq-mean-token-mean`` (times the number of samples: slime adds per-sample means and divides by
 the step's samples later) on the responses as padded rows, plus slime's entropy and KL terms.
 

@@ -146,8 +146,6 @@ LAYERS = {
     "kpo_rs.online": 4,  # FilterFitter (q="fit"): over fit_filter, used by the losses
     "kpo_rs.dump": 4,  # RolloutDumper: Parquet shards of a step's rows, used by the plug-ins
     "kpo_rs.losses": 5,
-    "kpo_rs.peers": 6,  # kept importable: re-exports of kpo_rs.losses.peers
-    "kpo_rs.loss_table": 6,  # and of kpo_rs.losses.table
     "kpo_rs.arrow": 6,
     "kpo_rs.integrations": 6,  # verl, trl, skyrl, prime_rl, slime and their shared _env
     "kpo_rs.pipeline": 7,

@@ -28,7 +28,7 @@ from kpo_rs.integrations.trl import (
     KPOConfig,
     KPOTrainer,
 )
-from kpo_rs.loss_table import get_loss
+from kpo_rs.losses import get_loss
 
 pytestmark = pytest.mark.integration
 
@@ -344,7 +344,7 @@ def test_all_gains_one_training_equals_grpo(tmp_path, loss_type):
 
 
 # --------------------------------------------------------------------------------------------
-# Any loss of kpo_rs.loss_table
+# Any loss of kpo_rs.losses
 
 TABLE_LOSSES = [n for n in SUPPORTED_LOSS_NAMES if n not in ("kpo", "kpo_clipped")]
 # TRL's aggregation -> the same aggregation in verl's terms (every row non-empty), divided by
@@ -498,7 +498,7 @@ def test_vllm_importance_sampling_modes_equal_the_hand_computation(tmp_path, mod
     """The batch is prepared by KPOTrainer's own ``_generate_and_score_completions`` from recorded
     vLLM output (generation replaced, everything else TRL's: old log-probs, the IS weights of
     ``mode``, rewards, advantages); the policy then moves, and ``_compute_loss`` must equal
-    KPO-clipped of :mod:`kpo_rs.loss_table` at token-mean (``loss_type="bnpo"``) with the hand-made
+    KPO-clipped of :mod:`kpo_rs.losses` at token-mean (``loss_type="bnpo"``) with the hand-made
     IS weights as ``rollout_is_weights``. Float32 throughout: both sides form the same per-token
     terms and sum them in one masked sum each, in orders that may differ, so they agree within a
     few float32 eps of the loss's scale."""

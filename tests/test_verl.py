@@ -24,7 +24,7 @@ from verl.trainer.ppo.core_algos import get_policy_loss_fn
 import kpo_rs.integrations.verl as kpo_verl
 from helpers import loss_and_grad, verl_actor_config, verl_loss_and_grad
 from kpo_rs import losses
-from kpo_rs.loss_table import get_loss
+from kpo_rs.losses import get_loss
 
 pytestmark = pytest.mark.integration
 
@@ -428,7 +428,7 @@ def test_kalman_fields_take_precedence_over_the_environment(authors_actor, monke
 
 def test_plain_kpo_warns_once_naming_kpo_clipped(monkeypatch):
     """On verl's own actor config (no is_clip field) ``kpo`` stays KPO without clipping, as in
-    kpo_rs.loss_table, and says once that the authors' ``kpo`` clips."""
+    kpo_rs.losses, and says once that the authors' ``kpo`` clips."""
     monkeypatch.setattr(kpo_verl, "_warned_once", set())
     old, logp, adv, mask, _ = _batch(4)
     cfg = verl_actor_config(clip_ratio_low=3e-4, clip_ratio_high=4e-4)
@@ -468,9 +468,23 @@ def test_a_ppo_scale_clip_that_cannot_bite_warns(monkeypatch):
         )
 
 
-def test_settings_is_a_deprecated_alias_of_env_settings():
-    with pytest.warns(DeprecationWarning, match="env_settings"):
-        assert kpo_verl.settings() == kpo_verl.env_settings()
+def test_bad_environment_fails_when_the_plugin_loads():
+    """verl imports the plug-in in each worker as it starts: a bad ``KPO_*`` value fails there,
+    with the one-line error a call gives, not at the first loss call after a rollout."""
+    import subprocess
+    import sys
+
+    for var, value, message in (
+        ("KPO_Q", "-1", "ValueError: KPO_Q=-1: q must be"),
+        ("KPO_BACKEND", "gpu", "ValueError: KPO_BACKEND=gpu: backend must be one of"),
+    ):
+        env = {**os.environ, var: value}
+        done = subprocess.run(
+            [sys.executable, "-c", "import kpo_rs.integrations.verl"],
+            capture_output=True, text=True, env=env,
+        )  # fmt: skip
+        assert done.returncode != 0
+        assert done.stderr.strip().splitlines()[-1].startswith(message), done.stderr[-500:]
 
 
 # --- rollout correction and bypass mode ----------------------------------------------------------

@@ -1,11 +1,13 @@
 """KPO policy losses for upstream verl (no fork needed).
 
-Importing this module registers four entries in verl's policy-loss registry:
+Importing this module registers in verl's policy-loss registry every loss of
+:mod:`kpo_rs.losses` whose ``stacks`` include verl (:data:`LOSS_MODES`; one generated function
+each, and a loss registered later is registered in verl too):
 
 - ``"kpo_clipped"``: KPO-clipped, the paper's main variant;
 - ``"kpo"``: KPO without clipping;
-- ``"minpro"`` and ``"bapo"``: two of the KPO paper's peers (:mod:`kpo_rs.peers`; verl has no
-  loss of these names). DPPO, the third peer, is verl's own (``dppo_tv`` / ``dppo_kl``).
+- ``"minpro"`` and ``"bapo"``: two of the KPO paper's peers (:mod:`kpo_rs.losses.peers`; verl has
+  no loss of these names). DPPO, the third peer, is verl's own (``dppo_tv`` / ``dppo_kl``).
 
 It is imported automatically when kpo-rs is installed next to verl (it is declared as a
 ``verl.plugins`` entry point, which verl loads on import unless ``VERL_USE_EXTERNAL_PLUGINS=none``),
@@ -38,10 +40,12 @@ engine's log-probs in the dumps.
 
 Set them for every Ray worker through verl's config, for example
 ``+ray_kwargs.ray_init.runtime_env.env_vars.KPO_Q=1e-5``, or in-process with :func:`configure`.
-A bad value raises ``ValueError`` naming the variable (``KPO_Q=-1: q must be a number >= 0``); a
-``KPO_*`` variable that is none of these (a typo such as ``KPO_QQ``) warns once and lists the known
-ones; each worker process prints the settings its first KPO loss call uses (and again whenever
-they change) on stderr, so that a run's log shows what each worker filtered with.
+A bad value raises ``ValueError`` naming the variable (``KPO_Q=-1: q must be a number >= 0``)
+when this module is imported (verl imports it in every worker process as it starts, before the
+first rollout) and again at each call; a ``KPO_*`` variable that is none of these (a typo such as
+``KPO_QQ``) warns once and lists the known ones; each worker process prints the settings its
+first KPO loss call uses (and again whenever they change) on stderr, so that a run's log shows
+what each worker filtered with.
 """
 
 from __future__ import annotations
@@ -54,19 +58,20 @@ from typing import Any
 
 try:
     import verl.trainer.ppo.rollout_corr_helper as _rollout_corr_helper
-    from verl.trainer.ppo.core_algos import register_policy_loss
+    from verl.trainer.ppo.core_algos import POLICY_LOSS_REGISTRY, register_policy_loss
     from verl.workers.config import FSDPActorConfig, McoreActorConfig
 except ImportError as exc:  # pragma: no cover - exercised only without verl
     raise ImportError("kpo_rs.integrations.verl needs verl: pip install 'kpo-rs[verl]'") from exc
 
 import torch
 
-from ..losses import GRADS, kpo_loss
+from ..losses import GRADS, LOSSES, LossNames, LossSpec, add_listener
 from ..losses.kpo import warn_if_inert
-from ..losses.table import get_loss
+from ..online import FIT
 from ..params import FilterParams
 from ..space import SPACES
 from ..torch_ops import BACKENDS
+from ._calls import call_loss
 from ._env import FILTER_ENV_VARS
 from ._notices import (
     IDLE_CLIP_FRACTION,
@@ -75,7 +80,7 @@ from ._notices import (
     log_settings,
     warn_once,
 )
-from ._observe import OBSERVE_ENV_VARS, dump_rollouts, online_kwargs
+from ._observe import OBSERVE_ENV_VARS, dump_rollouts, fit_every, online_kwargs
 
 __all__ = [
     "ENV_VARS",
@@ -86,13 +91,9 @@ __all__ = [
     "KPOFSDPActorConfig",
     "KPOMcoreActorConfig",
     "check_bypass_mode",
-    "compute_policy_loss_bapo",
-    "compute_policy_loss_kpo",
-    "compute_policy_loss_kpo_clipped",
-    "compute_policy_loss_minpro",
     "configure",
     "env_settings",
-    "settings",
+    "policy_loss",
 ]
 
 #: Setting -> (environment variable, default).
@@ -195,16 +196,6 @@ def env_settings() -> dict[str, Any]:
         _cache.clear()
     _cache[key] = values
     return dict(values)
-
-
-def settings() -> dict[str, Any]:
-    """Deprecated alias of :func:`env_settings` (the name said too little)."""
-    warnings.warn(
-        "kpo_rs.integrations.verl.settings() is deprecated; use env_settings()",
-        DeprecationWarning,
-        stacklevel=2,
-    )
-    return env_settings()
 
 
 # --- the KPO authors' config fields ------------------------------------------------------------
@@ -339,138 +330,161 @@ def _needs_config(loss: str, config: Any) -> Any:
     return config
 
 
-def _kpo_clip(loss: str, config: Any) -> tuple[float, float] | None:
-    """The clip range of ``loss`` (``"kpo"`` or ``"kpo_clipped"``) under ``config``.
+def _clip_setting(spec: LossSpec, config: Any) -> dict[str, Any]:
+    """The clip of a call of ``spec`` under ``config`` (as a keyword argument, or none: the
+    loss's default).
 
-    ``kpo_clipped`` always clips (an actor config that says ``is_clip=false`` is refused);
-    ``kpo`` clips when the config has the authors' ``is_clip`` field set true
-    (:class:`KPOFSDPActorConfig`), as the authors' fork's ``kpo`` does, and otherwise is KPO
-    without clipping, with a warning (once per process) naming ``kpo_clipped``."""
-    is_clip = _config_field(config, "is_clip")
-    if loss == "kpo_clipped":
+    A loss that takes its stack's clip (``"clip"`` in ``from_stack``: ``kpo_clipped``,
+    ``minpro``) clips with the actor's ``clip_ratio_low`` / ``clip_ratio_high``; for a filtered
+    one an actor config that says ``is_clip=false`` is refused. A filtered loss that takes a clip
+    but not from its stack (``kpo``) clips when the config has the KPO authors' ``is_clip``
+    field set true (:class:`KPOFSDPActorConfig`), as the authors' fork's ``kpo`` does, and
+    otherwise runs without clipping, with a warning (once per process) naming its clipped
+    sibling (``kpo_clipped``) where one is registered."""
+    name = spec.name
+    is_clip = _config_field(config, "is_clip") if spec.filtered else None
+    if "clip" in spec.from_stack:
         if is_clip is False:
+            plain = name.removesuffix("_clipped")
             raise ValueError(
-                "actor.policy_loss.loss_mode=kpo_clipped with actor.is_clip=false: for KPO "
-                "without clipping use loss_mode=kpo"
+                f"actor.policy_loss.loss_mode={name} with actor.is_clip=false: for KPO "
+                f"without clipping use loss_mode={plain}"
             )
-        return _clip_range(_needs_config(loss, config), loss)
+        return {"clip": _clip_range(_needs_config(name, config), name)}
+    if not (spec.filtered and "clip" in spec.accepted):
+        return {}
     if is_clip is None:
-        _warn_once(
-            "kpo-unclipped",
-            "loss_mode=kpo is KPO without clipping in kpo-rs; in the KPO authors' verl fork "
-            "loss_mode=kpo clips by default (is_clip=true): for their recipe use "
-            "loss_mode=kpo_clipped (or actor._target_=kpo_rs.integrations.verl.KPOFSDPActorConfig"
-            " with +actor.is_clip=true)",
-        )
-        return None
-    return _clip_range(_needs_config(loss, config), loss) if is_clip else None
+        clipped = f"{name}_clipped"
+        if clipped in LOSSES:
+            _warn_once(
+                f"{name}-unclipped",
+                f"loss_mode={name} is KPO without clipping in kpo-rs; in the KPO authors' verl "
+                f"fork loss_mode={name} clips by default (is_clip=true): for their recipe use "
+                f"loss_mode={clipped} (or actor._target_=kpo_rs.integrations.verl."
+                "KPOFSDPActorConfig with +actor.is_clip=true)",
+            )
+        return {"clip": None}
+    return {"clip": _clip_range(_needs_config(name, config), name) if is_clip else None}
 
 
-def _kpo_options(loss: str) -> Any:
-    def options(config: Any, agg: str) -> tuple[Any, dict[str, Any]]:
-        clip = _kpo_clip(loss, config)
+def _keywords(spec: LossSpec, config: Any, agg: str) -> dict[str, Any]:
+    """The keyword arguments of a call of ``spec`` under verl's actor ``config``, over the
+    loss's defaults: a filtered loss's settings (:func:`_filter_settings`, whose start-up line
+    is printed here), the clip (:func:`_clip_setting`) and, where the loss takes its stack's
+    dual clip (``"clip_ratio_c"`` in ``from_stack``), the actor's ``clip_ratio_c``."""
+    kwargs: dict[str, Any] = {}
+    values: dict[str, Any] = {}
+    origins: list[str] = []
+    if spec.filtered:
         values, origins = _filter_settings(config)
-        _log_settings(loss, clip, agg, values, origins)
-        return kpo_loss, {"clip": clip, **values}
+        kwargs.update({k: v for k, v in values.items() if k in spec.accepted})
+    kwargs.update(_clip_setting(spec, config))
+    if "clip_ratio_c" in spec.from_stack:
+        kwargs["clip_ratio_c"] = None if config is None else _dual_clip(config)
+    if spec.filtered:
+        clip = kwargs.get("clip", spec.defaults.get("clip"))
+        _log_settings(spec.name, clip, agg, values, origins)
+    return kwargs
 
-    return options
 
-
-def _policy_loss(name: str, default_agg: str, options: Any, doc: str, prefix: str = "") -> Any:
-    """A function with the signature verl's registry expects that computes loss ``name``:
-    ``options(config, loss_agg_mode) -> (loss function, its keyword arguments)``; registered
-    under ``name``; the loss's own metrics are logged under ``actor/<prefix or name>/``."""
+def _policy_loss(spec: LossSpec) -> Any:
+    """The function with the signature verl's registry expects that computes ``spec``'s loss
+    (generated for every loss whose ``stacks`` include verl); the loss's own metrics are logged
+    under ``actor/<name>/`` (``actor/kpo/`` for ``kpo_clipped``, so both KPO losses share
+    their charts)."""
+    name = spec.name
+    prefix = name.removesuffix("_clipped")
 
     def compute(
         old_log_prob: torch.Tensor,
         log_prob: torch.Tensor,
         advantages: torch.Tensor,
         response_mask: torch.Tensor,
-        loss_agg_mode: str = default_agg,
+        loss_agg_mode: str = spec.defaults.get("loss_agg_mode", "token-mean"),
         config: Any = None,
         rollout_is_weights: torch.Tensor | None = None,
         rollout_log_probs: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict[str, float]]:
-        fn, kwargs = options(config, loss_agg_mode)
-        if fn is kpo_loss:
+        kwargs = _keywords(spec, config, loss_agg_mode)
+        if spec.filtered:
             # KPO_Q=fit: the process's FilterFitter; the engine's log-probs when verl hands them
             kwargs = online_kwargs(kwargs)
-            if rollout_log_probs is not None:
+            if rollout_log_probs is not None and "engine_log_prob" in spec.accepted:
                 kwargs["engine_log_prob"] = rollout_log_probs
         dump_rollouts(
             log_prob, old_log_prob, response_mask, advantages, engine_log_prob=rollout_log_probs
         )
-        loss, metrics = fn(
+        loss, metrics = call_loss(
+            spec,
             old_log_prob,
             log_prob,
             advantages,
             response_mask,
-            loss_agg_mode=loss_agg_mode,
-            rollout_is_weights=rollout_is_weights,
-            global_batch_info=_global_batch_info(config),
-            **kwargs,
+            {
+                **kwargs,
+                "loss_agg_mode": loss_agg_mode,
+                "rollout_is_weights": rollout_is_weights,
+                "global_batch_info": _global_batch_info(config),
+            },
+            floats=True,
         )
-        if fn is kpo_loss and kwargs.get("clip") is not None:
-            _check_clip_bites(name, kwargs["clip"], metrics)
-        out = _verl_metrics(metrics, prefix or name)
+        clip = kwargs.get("clip", spec.defaults.get("clip"))
+        if spec.filtered and clip is not None:
+            _check_clip_bites(name, clip, metrics)
+        out = _verl_metrics(metrics, prefix)
         if "kpo_data_weight" in metrics:
             shown = {"params": kwargs["fitter"].params} if "fitter" in kwargs else kwargs
-            warn_if_inert(out[f"actor/{prefix or name}/kpo_data_weight"], response_mask, shown)
+            warn_if_inert(out[f"actor/{prefix}/kpo_data_weight"], response_mask, shown)
         return loss, out
 
     compute.__name__ = compute.__qualname__ = f"compute_policy_loss_{name}"
-    compute.__doc__ = doc
-    return register_policy_loss(name)(compute)
+    compute.__module__ = __name__
+    compute.__doc__ = (
+        f"{spec.description} ({spec.paper}), with verl's policy-loss signature: registered as "
+        f"loss_mode={name}; the settings are the loss's defaults in kpo_rs.losses.LOSSES"
+        + (", the clip the actor's clip_ratio_low/high" if "clip" in spec.from_stack else "")
+        + (", the dual clip the actor's clip_ratio_c" if "clip_ratio_c" in spec.from_stack else "")
+        + (", the filter's the KPO_* variables" if spec.filtered else "")
+        + "."
+    )
+    return compute
 
 
-compute_policy_loss_kpo_clipped = _policy_loss(
-    "kpo_clipped",
-    "seq-mean-token-mean",
-    _kpo_options("kpo_clipped"),
-    "KPO-clipped with verl's signature; the clip range is the actor's clip_ratio_low/high.",
-    prefix="kpo",
-)
+#: The generated functions, by loss name (``compute_policy_loss_<name>`` of this module).
+_FUNCTIONS: dict[str, Any] = {}
 
-compute_policy_loss_kpo = _policy_loss(
-    "kpo",
-    "seq-mean-token-mean",
-    _kpo_options("kpo"),
-    """KPO with verl's signature: without clipping, unless the actor config carries the KPO
-    authors' ``is_clip`` field set true (:class:`KPOFSDPActorConfig`), when it is KPO-clipped
-    as ``loss_mode=kpo`` is in the authors' fork.""",
-)
 
-compute_policy_loss_minpro = _policy_loss(
-    "minpro",
-    "token-mean",
-    lambda config, agg: (
-        get_loss("minpro"),
-        {
-            "clip": _clip_range(_needs_config("minpro", config), "minpro"),
-            "clip_ratio_c": _dual_clip(config),
-        },
-    ),
-    """MinPRO (:func:`kpo_rs.peers.minpro_loss`) with verl's signature: the token clip is the
-    actor's ``clip_ratio_low`` / ``clip_ratio_high`` and the dual clip its ``clip_ratio_c``, as
-    for verl's vanilla loss.""",
-)
+def _offer(event: str, spec: LossSpec) -> None:
+    """Keeps verl's policy-loss registry in step with kpo-rs's: each loss whose ``stacks``
+    include verl is registered there as it is registered here (and removed with it)."""
+    if "verl" not in spec.stacks:
+        return
+    if event == "register":
+        _FUNCTIONS[spec.name] = register_policy_loss(spec.name)(_policy_loss(spec))
+    elif _FUNCTIONS.pop(spec.name, None) is not None:
+        POLICY_LOSS_REGISTRY.pop(spec.name, None)
 
-compute_policy_loss_bapo = _policy_loss(
-    "bapo",
-    "token-mean",
-    lambda config, agg: (
-        get_loss("bapo"),
-        {"clip_ratio_c": _dual_clip(config) if config is not None else None},
-    ),
-    """BAPO (:func:`kpo_rs.peers.bapo_loss`) with verl's signature. BAPO searches its ratio
-    bounds per batch within the ranges of :mod:`kpo_rs.loss_table` (the authors' settings), so
-    the actor's ``clip_ratio_low/high`` are not used; the dual clip is the actor's
-    ``clip_ratio_c`` (as in the authors' verl recipe). With ``torch.distributed`` initialised
-    every rank chooses the same bounds from the global batch.""",
-)
 
-#: The loss modes this module registers.
-LOSS_MODES = ("kpo_clipped", "kpo", "minpro", "bapo")
+def policy_loss(name: str) -> Any:
+    """The generated verl policy loss of ``name`` (one of :data:`LOSS_MODES`), the function
+    verl's ``get_policy_loss_fn(name)`` returns; ValueError for another name."""
+    if name not in _FUNCTIONS:
+        raise ValueError(f"name must be one of {tuple(LOSS_MODES)}, got {name!r}")
+    return _FUNCTIONS[name]
+
+
+def __getattr__(attr: str) -> Any:
+    """``compute_policy_loss_<name>``: the generated function of loss ``name``."""
+    name = attr.removeprefix("compute_policy_loss_")
+    if name != attr and name in _FUNCTIONS:
+        return _FUNCTIONS[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {attr!r}")
+
+
+#: The loss modes this module registers in verl: every registered loss whose ``stacks`` include
+#: verl (a live view: a loss registered later is there too).
+LOSS_MODES = LossNames("verl")
+add_listener(_offer)
 
 
 # --- rollout correction: bypass mode --------------------------------------------------------------
@@ -508,3 +522,9 @@ def _guard_bypass(apply_bypass_mode: Any) -> Any:
 
 
 _rollout_corr_helper.apply_bypass_mode = _guard_bypass(_rollout_corr_helper.apply_bypass_mode)
+
+
+# Every KPO_* variable is checked as the plug-in loads in each worker (verl imports it on start-up),
+# with the same one-line errors as at a call, rather than at the first loss call after a rollout.
+if env_settings()["q"] == FIT:
+    fit_every()

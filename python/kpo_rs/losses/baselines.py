@@ -28,10 +28,18 @@ from ._common import (
     ppo_token_losses,
     switch_rate,
 )
+from ._registry import register_loss
 
 __all__ = ["gmpo_loss", "gpg_loss", "gspo_loss", "ppo_clip_loss"]
 
 
+@register_loss(
+    "grpo",
+    defaults={"clip_ratio": 0.2, "clip_ratio_c": 3.0, "loss_agg_mode": "token-mean"},
+    paper="DeepSeekMath (GRPO), arXiv 2402.03300; PPO, arXiv 1707.06347",
+    description="PPO/GRPO token clip of exp(logp - old_logp) to [0.8, 1.2], dual clip 3 (verl's).",
+    stacks=("trl",),  # verl, SkyRL, prime-rl and slime have their own
+)
 def ppo_clip_loss(
     old_log_prob: torch.Tensor,
     log_prob: torch.Tensor,
@@ -69,6 +77,18 @@ def ppo_clip_loss(
     return loss, metrics
 
 
+@register_loss(
+    "gspo",
+    defaults={
+        "clip_ratio_low": 3e-4,
+        "clip_ratio_high": 4e-4,
+        "loss_agg_mode": "seq-mean-token-mean",
+    },
+    paper="Group Sequence Policy Optimization, arXiv 2507.18071",
+    description="Sequence-level ratio (geometric mean of token ratios) clipped to "
+    "[1-3e-4, 1+4e-4].",
+    stacks=("trl",),  # verl has its own
+)
 def gspo_loss(
     old_log_prob: torch.Tensor,
     log_prob: torch.Tensor,
@@ -105,6 +125,14 @@ def gspo_loss(
     return loss, metrics
 
 
+@register_loss(
+    "gmpo",
+    defaults={"clip_ratio_low": 0.4, "clip_ratio_high": 0.4},
+    paper="Geometric-Mean Policy Optimization, arXiv 2507.20673",
+    description="Geometric mean of sign-aware clipped token ratios (log-ratio clip [-0.4, 0.4]).",
+    stacks=(),  # verl has its own; its fixed aggregation fits no other stack's
+    honours_agg_mode=False,
+)
 def gmpo_loss(
     old_log_prob: torch.Tensor,
     log_prob: torch.Tensor,
@@ -147,6 +175,14 @@ def gmpo_loss(
     return loss, metrics
 
 
+@register_loss(
+    "gpg",
+    defaults={"loss_agg_mode": "token-mean"},
+    paper="GPG: A Simple and Strong Reinforcement Learning Baseline, arXiv 2504.02546",
+    description="Plain policy gradient -A * logp: no ratio, no clip (verl's gpg; the control for "
+    "KPO).",
+    stacks=("trl",),  # verl has its own
+)
 def gpg_loss(
     old_log_prob: torch.Tensor,
     log_prob: torch.Tensor,

@@ -6,6 +6,16 @@ filter the log-ratio with ``q = 1e-6, r = 1, p0 = 0``; take the gradient in the 
 ``log rt = logp - sg(logp) + sg(x)`` clamped at 10; KPO-clipped clips ``rt`` to
 ``[1 - 3e-4, 1 + 4e-4]``; aggregate with ``"seq-mean-token-mean"``; multiply rollout importance
 weights in before aggregating. Inputs, outputs and aggregation are as in :mod:`kpo_rs.losses`.
+
+Non-finite log-probs. A non-finite ``log_prob - old_log_prob`` at a valid token raises
+``ValueError("log_prob: non-finite value at row R, position P")`` (``old_log_prob``, or the
+difference, as the case may be) from the loss on every backend and device: with ``check="sync"``
+(default) at once, which costs nothing extra on the torch scan (it synchronises once per call to
+check anyway, and ``"auto"`` picks it on CUDA) and one read of a flag on the opt-in triton
+backend. ``check="deferred"`` leaves the triton backend without a synchronisation: the caller
+then calls :func:`check_finite` where its step synchronises anyway; the plug-ins that turn the
+metrics into floats (verl, SkyRL) do that right after the conversion, so the error costs them
+no extra synchronisation.
 """
 
 from __future__ import annotations
@@ -37,11 +47,14 @@ from ._common import (
     masked_mean,
     switch_rates,
 )
+from ._registry import register_loss
 
 __all__ = [
+    "CHECKS",
     "GRADS",
     "INERT_DATA_WEIGHT",
     "KPO_CLIP",
+    "check_finite",
     "data_weight_metric",
     "kpo_clipped_loss",
     "kpo_loss",
@@ -53,15 +66,27 @@ KPO_CLIP = (3e-4, 4e-4)
 #: The forms of the KPO gradient (``grad``): through each token's own log-prob, or through the
 #: filter's adjoint (see :func:`kpo_loss`).
 GRADS = ("token", "filter")
+#: When a non-finite log-ratio is raised (``check``): at once, or at :func:`check_finite`.
+CHECKS = ("sync", "deferred")
 
 
 def _filtered_log_ratio(
-    z: torch.Tensor, mask: torch.Tensor, params: FilterParams, space: str, backend: str
+    z: torch.Tensor,
+    mask: torch.Tensor,
+    params: FilterParams,
+    space: str,
+    backend: str,
+    check: str = "sync",
 ) -> torch.Tensor:
     """The filtered log-ratio ``log x``; differentiable in ``z`` (callers detach as needed). The
     prior mean is the space's (0 for log-ratios, 1 for ratios), whatever ``params.m0`` says."""
     filtered = torch_ops.kalman_filter(
-        to_filter_space(z, space), mask, m0=prior_mean(space), params=params, backend=backend
+        to_filter_space(z, space),
+        mask,
+        m0=prior_mean(space),
+        params=params,
+        backend=backend,
+        check=check,
     )
     if space == "log_ratio":
         return filtered
@@ -88,6 +113,18 @@ def _named_non_finite(
             name = candidate
             break
     return ValueError(f"{name}: non-finite value at row {row}, position {position}")
+
+
+def check_finite(old_log_prob: torch.Tensor, log_prob: torch.Tensor) -> None:
+    """Raises the ValueError of the first non-finite log-ratio that a KPO loss called with
+    ``check="deferred"`` on ``log_prob``'s device recorded since the last check, naming
+    ``log_prob`` or ``old_log_prob`` (``[batch, time]``, the tensors of that call) as the loss
+    does; clears the record. One host synchronisation (none extra where the step has just
+    synchronised); nothing to do where no deferred call recorded anything."""
+    try:
+        torch_ops.check_finite(log_prob.device)
+    except ValueError as exc:
+        raise _named_non_finite(exc, log_prob, old_log_prob) from None
 
 
 @functools.lru_cache(maxsize=32)
@@ -207,6 +244,7 @@ def kpo_token_losses(
     backend: str = "auto",
     engine_log_prob: torch.Tensor | None = None,
     fitter: FilterFitter | None = None,
+    check: str = "sync",
 ) -> tuple[torch.Tensor, Metrics]:
     """Per-token KPO losses ``[batch, time]`` (before weights and aggregation) and metrics.
 
@@ -215,6 +253,8 @@ def kpo_token_losses(
     check_inputs(old_log_prob, log_prob, advantages, response_mask)
     if grad not in GRADS:
         raise ValueError(f"grad must be 'token' or 'filter', got {grad!r}")
+    if check not in CHECKS:
+        raise ValueError(f"check must be one of {CHECKS}, got {check!r}")
     if clip is not None:
         low, high = clip
         if not (0 <= low < 1 and high >= 0):
@@ -242,10 +282,10 @@ def kpo_token_losses(
     check_space(space)
     try:
         if grad == "token":
-            x = _filtered_log_ratio(z.detach(), mask, filter_params, space, backend)
+            x = _filtered_log_ratio(z.detach(), mask, filter_params, space, backend, check)
             log_rt = log_prob - log_prob.detach() + x
         else:
-            x = _filtered_log_ratio(z, mask, filter_params, space, backend)
+            x = _filtered_log_ratio(z, mask, filter_params, space, backend, check)
             log_rt = x
     except ValueError as exc:
         raise _named_non_finite(exc, log_prob, old_log_prob) from None
@@ -293,6 +333,23 @@ def kpo_token_losses(
     return pg_losses, metrics
 
 
+# (decorators apply bottom up: "kpo" is registered first, then "kpo_clipped")
+@register_loss(
+    "kpo_clipped",
+    defaults={"clip": KPO_CLIP, "loss_agg_mode": "seq-mean-token-mean"},
+    paper="Kalman-filtered Policy Optimization, arXiv 2602.10609",
+    description="KPO with the filtered ratio clipped to [1-3e-4, 1+4e-4] (the paper's main "
+    "variant).",
+    from_stack=("clip",),
+    token_losses=kpo_token_losses,
+)
+@register_loss(
+    "kpo",
+    defaults={"loss_agg_mode": "seq-mean-token-mean"},
+    paper="Kalman-filtered Policy Optimization, arXiv 2602.10609",
+    description="Token ratio replaced by a causal Kalman filter of the log-ratios, no clip.",
+    token_losses=kpo_token_losses,
+)
 def kpo_loss(
     old_log_prob: torch.Tensor,
     log_prob: torch.Tensor,
@@ -314,6 +371,7 @@ def kpo_loss(
     backend: str = "auto",
     engine_log_prob: torch.Tensor | None = None,
     fitter: FilterFitter | None = None,
+    check: str = "sync",
 ) -> tuple[torch.Tensor, Metrics]:
     """The KPO policy loss: ``agg(-A * rt)``, or with ``clip=(eps_low, eps_high)`` KPO-clipped,
     ``agg(max(-A * rt, -A * clip(rt, 1 - eps_low, 1 + eps_high)))``.
@@ -348,6 +406,9 @@ def kpo_loss(
         fitter: with ``q="fit"``, the :class:`kpo_rs.online.FilterFitter` that refits ``q`` and
             ``r`` on the batch's log-ratios every ``fitter.every`` calls and holds them between
             refits (its ``base`` replaces ``params`` and the other overrides).
+        check: when a non-finite log-ratio at a valid token raises its ValueError: ``"sync"``
+            at once (on every backend), ``"deferred"`` at :func:`check_finite` (see the module
+            documentation).
 
     Returns:
         ``(loss, metrics)``; metrics: ``pg_clipfrac`` (any clipping active), ``pg_clipfrac_upper``,
@@ -380,6 +441,7 @@ def kpo_loss(
         backend=backend,
         engine_log_prob=engine_log_prob,
         fitter=fitter,
+        check=check,
     )
     loss = aggregate(pg_losses, response_mask, loss_agg_mode, rollout_is_weights, global_batch_info)
     return loss, metrics

@@ -14,11 +14,11 @@ dict of detached scalar tensors in verl's names (``pg_clipfrac``, ``pg_clipfrac_
   ``dppo_tv`` / ``dppo_kl`` in value and gradient.
 * :func:`minpro_loss`: MinPRO (Lei, Cheng and Tao, "A Step Back: Prefix Importance Ratio
   Stabilizes Policy Optimization", arXiv 2601.22718), written from the paper's text (no public
-  code is known); :func:`minpro_reference` is the plain per-token loop it is tested against.
+  code is known); tests/test_peers.py holds the plain per-token loop it is tested against.
 * :func:`bapo_loss`: BAPO (Xi et al., "BAPO: Stabilizing Off-Policy Reinforcement Learning for
   LLMs via Balanced Policy Optimization with Adaptive Clipping", arXiv 2510.18927) with its
-  adaptive bound search evaluated for every candidate at once on the device;
-  :func:`bapo_reference` is the step-by-step search it is tested against.
+  adaptive bound search evaluated for every candidate at once on the device; tests/test_peers.py
+  holds the step-by-step search it is tested against.
 """
 
 from __future__ import annotations
@@ -29,7 +29,6 @@ from typing import Any
 import torch
 
 from ._common import (
-    PPO_LOG_RATIO_CLAMP,
     aggregate,
     check_agg,
     check_clip_ratio_c,
@@ -39,6 +38,7 @@ from ._common import (
     ppo_token_losses,
     switch_rate,
 )
+from ._registry import register_loss
 
 __all__ = [
     "BAPO_LOWER",
@@ -49,11 +49,9 @@ __all__ = [
     "MINPRO_CLIP",
     "bapo_candidates",
     "bapo_loss",
-    "bapo_reference",
     "dppo_loss",
     "minpro_loss",
     "minpro_prefix_log_min",
-    "minpro_reference",
 ]
 
 Metrics = dict[str, torch.Tensor]
@@ -83,6 +81,31 @@ def _check_pair(name: str, value: Any) -> tuple[float, float]:
 # DPPO
 
 
+# (decorators apply bottom up: dppo_tv is registered first)
+@register_loss(
+    "dppo_kl",
+    defaults={
+        "divergence": "kl",
+        "clip": DPPO_CLIP["kl"],
+        "clip_ratio_c": 20.0,
+        "loss_agg_mode": "seq-mean-token-sum-norm",
+    },
+    paper="DPPO, Rethinking the Trust Region in LLM Reinforcement Learning, arXiv 2602.04879",
+    description="Policy gradient masked outside a binary KL trust region of 0.05 nats.",
+    stacks=("trl",),  # verl has its own (dppo_kl)
+)
+@register_loss(
+    "dppo_tv",
+    defaults={
+        "divergence": "tv",
+        "clip": DPPO_CLIP["tv"],
+        "clip_ratio_c": 20.0,
+        "loss_agg_mode": "seq-mean-token-sum-norm",
+    },
+    paper="DPPO, Rethinking the Trust Region in LLM Reinforcement Learning, arXiv 2602.04879",
+    description="Policy gradient masked outside a binary total-variation trust region of 0.15.",
+    stacks=("trl",),  # verl has its own (dppo_tv)
+)
 def dppo_loss(
     old_log_prob: torch.Tensor,
     log_prob: torch.Tensor,
@@ -194,6 +217,15 @@ def minpro_prefix_log_min(
     return torch.where(torch.isinf(running), torch.zeros_like(running), running)
 
 
+@register_loss(
+    "minpro",
+    defaults={"clip": MINPRO_CLIP, "loss_agg_mode": "token-mean"},
+    paper="MinPRO, A Step Back: Prefix Importance Ratio Stabilizes Policy Optimization, "
+    "arXiv 2601.22718",
+    description="Token clip weighted by the minimum token ratio over the preceding prefix.",
+    stacks=("verl", "trl", "skyrl", "prime_rl"),
+    from_stack=("clip", "clip_ratio_c"),
+)
 def minpro_loss(
     old_log_prob: torch.Tensor,
     log_prob: torch.Tensor,
@@ -286,50 +318,6 @@ def minpro_loss(
     return loss, metrics
 
 
-def minpro_reference(
-    old_log_prob: torch.Tensor,
-    log_prob: torch.Tensor,
-    advantages: torch.Tensor,
-    response_mask: torch.Tensor,
-    *,
-    clip: tuple[float, float] = MINPRO_CLIP,
-    clip_ratio_c: float | None = None,
-    inclusive: bool = False,
-) -> torch.Tensor:
-    """The per-token MinPRO losses ``[batch, time]`` by a plain loop over rows and tokens (zero
-    at masked positions); differentiable in ``log_prob``. Slow: for tests. The settings are
-    :func:`minpro_loss`'s."""
-    low, high = clip
-    rows = []
-    for b in range(log_prob.shape[0]):
-        smallest = None  # minimum log-ratio over the valid tokens seen so far in this row
-        row = []
-        for t in range(log_prob.shape[1]):
-            if not bool(response_mask[b, t]):
-                row.append(log_prob.new_zeros(()))
-                continue
-            z = torch.clamp(
-                log_prob[b, t] - old_log_prob[b, t], -PPO_LOG_RATIO_CLAMP, PPO_LOG_RATIO_CLAMP
-            )
-            z_value = float(z.detach())
-            if inclusive:
-                smallest = z_value if smallest is None else min(smallest, z_value)
-                weight = math.exp(smallest)
-            else:
-                weight = 1.0 if smallest is None else math.exp(smallest)
-                smallest = z_value if smallest is None else min(smallest, z_value)
-            ratio = torch.exp(z)
-            adv = advantages[b, t]
-            unclipped = -adv * ratio
-            clipped = -adv * torch.clamp(ratio, 1.0 - low, 1.0 + high)
-            term = torch.maximum(unclipped, clipped)
-            if clip_ratio_c is not None and float(adv) < 0:
-                term = torch.minimum(term, -adv * clip_ratio_c)
-            row.append(weight * term)
-        rows.append(torch.stack(row))
-    return torch.stack(rows)
-
-
 # --------------------------------------------------------------------------------------------
 # BAPO
 
@@ -376,6 +364,22 @@ def _positive_share(pos: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
     return torch.where(neg > 0, pos / torch.where(neg > 0, pos + neg, 1.0), 1.0)
 
 
+@register_loss(
+    "bapo",
+    defaults={
+        "target": BAPO_TARGET,
+        "lower": BAPO_LOWER,
+        "upper": BAPO_UPPER,
+        "step": BAPO_STEP,
+        "loss_agg_mode": "token-mean",
+    },
+    paper="BAPO, Balanced Policy Optimization with Adaptive Clipping, arXiv 2510.18927",
+    description="Token clip whose bounds are searched per batch until positive tokens carry half.",
+    # its bounds are searched over a whole batch: no per-sample form for prime-rl, no per-token
+    # one for slime
+    stacks=("verl", "trl", "skyrl"),
+    from_stack=("clip_ratio_c",),
+)
 def bapo_loss(
     old_log_prob: torch.Tensor,
     log_prob: torch.Tensor,
@@ -549,47 +553,3 @@ def _bapo_search(
         pick(share, chosen).to(ratio.dtype),
         share[0].to(ratio.dtype),
     )
-
-
-def bapo_reference(
-    old_log_prob: torch.Tensor,
-    log_prob: torch.Tensor,
-    advantages: torch.Tensor,
-    response_mask: torch.Tensor,
-    *,
-    target: float = BAPO_TARGET,
-    lower: tuple[float, float] = BAPO_LOWER,
-    upper: tuple[float, float] = BAPO_UPPER,
-    step: tuple[float, float] = BAPO_STEP,
-) -> tuple[float, float, float]:
-    """BAPO's bound search step by step with plain Python sums over tokens (one host round trip
-    per step, as the recipe does): ``(c_low, c_high, positive_share)``. Slow: for tests.
-
-    The settings are :func:`bapo_loss`'s. The bounds are compared with the ratios after rounding
-    to the ratios' dtype, as :func:`bapo_loss` does.
-    """
-    lows, highs = (bapo_candidates(*g) for g in _bapo_grid(target, lower, upper, step))
-    ratio = torch.exp(log_ratio(old_log_prob, log_prob)).detach()
-    cast = [float(v) for v in torch.tensor(lows + highs, dtype=ratio.dtype).tolist()]
-    lows, highs = cast[: len(lows)], cast[len(lows) :]
-    tokens = [
-        (float(ratio[b, t]), float(advantages[b, t]))
-        for b in range(ratio.shape[0])
-        for t in range(ratio.shape[1])
-        if bool(response_mask[b, t])
-    ]
-
-    def share(c_low: float, c_high: float) -> float:
-        pos = sum(r * a for r, a in tokens if a > 0 and r <= c_high)
-        neg = sum(r * -a for r, a in tokens if a < 0 and r >= c_low)
-        return 1.0 if neg <= 0 else pos / (pos + neg)
-
-    i = j = 0
-    current = share(lows[i], highs[j])
-    while current < target and i + 1 < len(lows):
-        i += 1
-        current = share(lows[i], highs[j])
-    while current < target and j + 1 < len(highs):
-        j += 1
-        current = share(lows[i], highs[j])
-    return lows[i], highs[j], current
