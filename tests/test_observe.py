@@ -99,3 +99,18 @@ def test_process_dumper_follows_the_environment(dump_env, monkeypatch):
     assert _observe.process_dumper() is d
     monkeypatch.delenv("KPO_DUMP_DIR")
     assert _observe.process_dumper() is None
+
+
+def test_skyrl_plugin_logs_the_mismatch_and_dumps_the_rollout_log_probs(dump_env):
+    from types import SimpleNamespace
+
+    from kpo_rs.integrations.skyrl import kpo_clipped_policy_loss
+
+    old, new, adv, mask, engine = _batch(seed=2)
+    config = SimpleNamespace(eps_clip_low=3e-4, eps_clip_high=4e-4, off_policy_correction=None)
+    _, metrics = kpo_clipped_policy_loss(new, old, adv, config, mask, engine)
+    mismatch = (old - engine)[mask]
+    assert metrics["kpo_mismatch_mean"] == pytest.approx(float(mismatch.mean()), rel=1e-5)
+    assert "kpo_log_ratio_acf8" in metrics and "kpo_clip_share_neg" in metrics
+    (shard,) = dump_env.iterdir()
+    assert pq.read_table(shard).column("engine_log_prob").null_count == 0

@@ -42,6 +42,7 @@ import torch
 from ..losses.kpo import kpo_loss
 from ..losses.table import get_loss
 from ._env import FILTER_ENV_VARS, filter_settings
+from ._observe import dump_rollouts, online_kwargs
 
 __all__ = [
     "ENV_VARS",
@@ -105,9 +106,15 @@ def policy_loss(name: str) -> Any:
             weights, mask, metrics = apply_off_policy_correction(
                 torch.ones_like(log_probs), old_log_probs, rollout_logprobs, mask, correction
             )
+        # KPO_DUMP_DIR: a sample of this call's rows, with the engine's log-probs
+        dump_rollouts(
+            log_probs, old_log_probs, mask.bool(), advantages, engine_log_prob=rollout_logprobs
+        )
         if name in ("kpo", "kpo_clipped"):
-            fn, kwargs = kpo_loss, filter_settings()
+            fn, kwargs = kpo_loss, online_kwargs(filter_settings())  # KPO_Q=fit: fitted online
             kwargs["clip"] = _clip(config, name) if name == "kpo_clipped" else None
+            if rollout_logprobs is not None:  # kpo_mismatch_*: old_log_probs - rollout_logprobs
+                kwargs["engine_log_prob"] = rollout_logprobs
         else:
             fn = get_loss(name)
             kwargs = {"clip": _clip(config, name)} if name == "minpro" else {}

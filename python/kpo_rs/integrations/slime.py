@@ -50,6 +50,7 @@ import torch
 from ..losses.kpo import kpo_token_losses
 from ._env import FILTER_ENV_VARS, filter_settings
 from ._notices import idle_clip_message, log_settings, warn_once
+from ._observe import dump_rollouts, online_kwargs
 
 __all__ = [
     "ENV_VARS",
@@ -128,23 +129,29 @@ def _token_losses(
     new: list[torch.Tensor],
     advantages: list[torch.Tensor],
     masks: list[torch.Tensor],
+    engine: list[torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The concatenated per-token KPO losses of the samples (each response one filter row)."""
+    """The concatenated per-token KPO losses of the samples (each response one filter row);
+    ``engine``: the rollout log-probs when they are not already the old policy's."""
     lengths = [t.numel() for t in new]
     mask = _padded([m.bool() for m in masks], False)
+    old_p, new_p, adv_p = _padded(old, 0.0), _padded(new, 0.0), _padded(advantages, 0.0)
+    engine_p = None if not engine else _padded(engine, 0.0)
+    dump_rollouts(new_p, old_p, mask, adv_p, engine_log_prob=engine_p)  # KPO_DUMP_DIR
     clip = None
     if name == "kpo_clipped":
         high = getattr(args, "eps_clip_high", None)
         clip = (float(args.eps_clip), float(args.eps_clip if high is None else high))
     dual = getattr(args, "eps_clip_c", None)
     pg, metrics = kpo_token_losses(
-        _padded(old, 0.0),
-        _padded(new, 0.0),
-        _padded(advantages, 0.0),
+        old_p,
+        new_p,
+        adv_p,
         mask,
         clip=clip,
         clip_ratio_c=None if dual is None else float(dual),
-        **filter_settings(),
+        engine_log_prob=engine_p,
+        **online_kwargs(filter_settings()),  # KPO_Q=fit: fitted online
     )
     _announce(name, clip, metrics)
     pg = torch.where(mask, pg, 0.0)  # slime's reducer multiplies by the mask: no NaN may pass
@@ -183,8 +190,10 @@ def loss_fn(name: str) -> Any:
         old = rollout if getattr(args, "use_rollout_logprobs", False) else batch.get("log_probs")
         if not old:
             old = [lp.detach() for lp in log_probs]
+        # the engine's log-probs, for the mismatch metrics, when the old policy is the trainer's
+        engine = None if getattr(args, "use_rollout_logprobs", False) else rollout
         pg_loss, own = _token_losses(
-            name, args, old, log_probs, batch["advantages"], batch["loss_masks"]
+            name, args, old, log_probs, batch["advantages"], batch["loss_masks"], engine
         )
         new_cat, old_cat = torch.cat(log_probs), torch.cat(old)
         metrics_reducer = sum_of_sample_mean
@@ -253,7 +262,8 @@ def loss_fn(name: str) -> Any:
             if per_token
             else len(batch["loss_masks"])
         )
-        for key in ("pg_clipfrac", "filtered_ratio_mean", "switch_rate_filtered"):
+        premise = [k for k in own if k.startswith("kpo_") and k != "kpo_data_weight"]
+        for key in ("pg_clipfrac", "filtered_ratio_mean", "switch_rate_filtered", *premise):
             reported[key] = own[key] * weight
         return loss, {"loss": loss.detach(), **reported}
 
