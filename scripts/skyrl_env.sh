@@ -33,7 +33,7 @@ if [ "${1:-}" = "--lock" ]; then
     constraints=$(mktemp)
     trap 'rm -f "$constraints"' EXIT
     grep -v '^ray==' requirements/dev.lock >"$constraints"
-    "$uv" pip compile requirements/skyrl.in -c "$constraints" --python-version 3.11 \
+    "$uv" pip compile --quiet requirements/skyrl.in -c "$constraints" --python-version 3.11 \
         --python-platform x86_64-unknown-linux-gnu --no-annotate \
         --custom-compile-command "bash scripts/skyrl_env.sh --lock" -o requirements/skyrl.lock
     exit 0
