@@ -808,6 +808,7 @@ KERNEL_VARIANTS = [
 ]  # fmt: skip
 
 
+@pytest.mark.slow  # a PTX compile each (seconds on a fresh triton cache)
 @pytest.mark.parametrize("arch", [80, 90])
 @pytest.mark.parametrize(("name", "dtype", "constexprs"), KERNEL_VARIANTS + LARGE_TILE_VARIANTS)
 def test_kernels_compile_to_ptx(arch, name, dtype, constexprs):
@@ -873,6 +874,7 @@ def _specialised_ptx(name: str, dtype: str, constexprs: dict, arch: int = 90, mo
 REGISTER_BUDGET = 128
 
 
+@pytest.mark.slow  # a PTX compile and a ptxas run each
 @pytest.mark.parametrize(("name", "dtype", "constexprs"), KERNEL_VARIANTS + LARGE_TILE_VARIANTS)
 def test_specialised_ptx_protocol_vectors_and_registers(name, dtype, constexprs):
     """With the JIT's specialisation: every publication (``atom.exch``) is a release preceded by
@@ -949,6 +951,7 @@ ROW_KERNEL_VARIANTS = [
 ]  # fmt: skip
 
 
+@pytest.mark.slow  # a PTX compile and a ptxas run each
 @pytest.mark.parametrize(("name", "dtype", "constexprs"), ROW_KERNEL_VARIANTS)
 def test_specialised_ptx_of_the_per_row_kernels(name, dtype, constexprs):
     """The one-program-per-row kernels with the JIT's specialisation: no flags, polls,
@@ -969,6 +972,7 @@ def test_specialised_ptx_of_the_per_row_kernels(name, dtype, constexprs):
     assert regs <= REGISTER_BUDGET, report
 
 
+@pytest.mark.slow  # PTX compiles
 def test_specialised_ptx_polls_without_atomic_load():
     """On a triton without ``tl.atomic_load`` the window's polls are ``atomic_add(ptr, 0)``:
     acquire read-modify-writes, one per flag; still no spills and within the budget."""

@@ -5,14 +5,14 @@ a metric) is an edit here."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 
 from ..losses import LossNames, LossSpec, check_finite, get_loss
 
-__all__ = ["call_loss", "call_token_losses", "stack_loss"]
+__all__ = ["Generated", "call_loss", "call_token_losses", "stack_loss"]
 
 
 def stack_loss(stack: str, name: str) -> LossSpec:
@@ -72,3 +72,35 @@ def call_token_losses(
     aggregation = ("loss_agg_mode", "rollout_is_weights", "global_batch_info")
     kwargs = {k: v for k, v in kwargs.items() if k not in aggregation}
     return spec.token_losses(old_log_prob, log_prob, advantages, response_mask, **kwargs)
+
+
+class Generated:
+    """The functions a plug-in generates, one per loss its ``stack`` offers, made by
+    ``make(spec)`` on first use and kept while that loss stays registered as it is: what the
+    plug-in module's ``__getattr__`` serves as ``<prefix><name><suffix>`` (so an import path or a
+    pickle by reference finds a loss registered at run time too)."""
+
+    def __init__(
+        self, stack: str, make: Callable[[LossSpec], Any], prefix: str = "", suffix: str = ""
+    ) -> None:
+        self.stack, self.make, self.prefix, self.suffix = stack, make, prefix, suffix
+        self._made: dict[str, tuple[LossSpec, Any]] = {}
+
+    def get(self, name: str) -> Any:
+        """The function of loss ``name``; ValueError naming the stack's losses otherwise."""
+        spec = stack_loss(self.stack, name)
+        made = self._made.get(name)
+        if made is None or made[0] is not spec:
+            made = self._made[name] = (spec, self.make(spec))
+        return made[1]
+
+    def attribute(self, module: str, attr: str) -> Any:
+        """``getattr(module, attr)`` for a generated function; AttributeError otherwise."""
+        name = attr[len(self.prefix) : len(attr) - len(self.suffix)]
+        if (
+            attr.startswith(self.prefix)
+            and attr.endswith(self.suffix)
+            and name in LossNames(self.stack)
+        ):
+            return self.get(name)
+        raise AttributeError(f"module {module!r} has no attribute {attr!r}")

@@ -7,7 +7,7 @@ prime-rl calls a custom loss once per sample: ``fn(inputs, **kwargs) -> LossOutp
 ``setup_rl_loss_fn`` and ``compute_loss``; ``CustomLossConfig`` in
 ``packages/prime-rl-configs``). It adds the samples' losses and divides by the global count of rl
 tokens, so each function here returns the masked *sum* of its per-token losses
-(``loss_agg_mode="token-sum"`` of :mod:`kpo_rs.loss_table`), and the run's aggregation is
+(``loss_agg_mode="token-sum"`` of :mod:`kpo_rs.losses`), and the run's aggregation is
 prime-rl's global token mean. (The KPO authors aggregate ``seq-mean-token-mean``: under prime-rl
 a long response weighs in proportion to its tokens.) ``loss_weights`` multiplies the per-token
 losses, as in prime-rl's own losses.
@@ -44,22 +44,17 @@ from typing import Any, Protocol
 
 import torch
 
-from ..losses.table import get_loss
+from ..losses import LossNames, LossSpec
 from ..params import resolve_params
+from ._calls import Generated, call_loss
 from ._notices import idle_clip_message, log_settings, warn_once
 
-__all__ = [
-    "LOSS_NAMES",
-    "LossOutputs",
-    "kpo_clipped_loss",
-    "kpo_loss",
-    "loss_fn",
-    "minpro_loss",
-]
+__all__ = ["LOSS_NAMES", "LossOutputs", "loss_fn"]
 
-#: The losses offered (each a per-token loss: a per-sample sum is meaningful). BAPO searches its
-#: bounds over a whole batch, so it has no per-sample form.
-LOSS_NAMES = ("kpo_clipped", "kpo", "minpro")
+#: The losses offered: every registered loss whose ``stacks`` include prime_rl (a live view; each
+#: a per-token loss, so that a per-sample sum is meaningful: BAPO, which searches its bounds over
+#: a whole batch, is not one). Each is served as ``kpo_rs.integrations.prime_rl.<name>_loss``.
+LOSS_NAMES = LossNames("prime_rl")
 _PRIME_LOSS = "prime_rl.trainer.rl.loss"
 
 
@@ -88,7 +83,7 @@ def _outputs(loss: torch.Tensor, metrics: dict[str, torch.Tensor]) -> Any:
     return cls(loss=loss, metrics=metrics)
 
 
-def _settings(name: str, kwargs: dict[str, Any]) -> dict[str, Any]:
+def _settings(spec: LossSpec, kwargs: dict[str, Any]) -> dict[str, Any]:
     if "loss_agg_mode" in kwargs:
         raise ValueError(
             "loss_agg_mode: prime-rl divides the summed per-sample losses by its global token "
@@ -97,7 +92,7 @@ def _settings(name: str, kwargs: dict[str, Any]) -> dict[str, Any]:
     kwargs = dict(kwargs)
     if isinstance(kwargs.get("clip"), list):  # TOML has no tuples
         kwargs["clip"] = tuple(kwargs["clip"])
-    return get_loss(name).keywords(**kwargs, loss_agg_mode="token-sum")
+    return spec.keywords(**kwargs, loss_agg_mode="token-sum")
 
 
 def _check(inputs: Any) -> None:
@@ -131,29 +126,26 @@ def _announce(name: str, settings: dict[str, Any], metrics: Any, given: list[str
             warn_once(_warned_once, f"idle-clip:{name}", message, stacklevel=4)
 
 
-def loss_fn(name: str) -> Any:
-    """The prime-rl custom loss computing :mod:`kpo_rs.loss_table`'s ``name`` (one of
-    :data:`LOSS_NAMES`), with prime-rl's signature ``fn(inputs, **kwargs) -> LossOutputs``;
-    ValueError for another name."""
-    if name not in LOSS_NAMES:
-        raise ValueError(f"name must be one of {LOSS_NAMES}, got {name!r}")
-    spec = get_loss(name)
+def _custom_loss(spec: LossSpec) -> Any:
+    """The prime-rl custom loss of ``spec`` (see :func:`loss_fn`)."""
+    name = spec.name
 
     def compute(inputs: _Inputs, **kwargs: Any) -> Any:
         _check(inputs)
-        settings = _settings(name, kwargs)
+        settings = _settings(spec, kwargs)
         new, old = inputs.trainer_logprobs, inputs.inference_logprobs
         adv, mask, weights = inputs.advantages, inputs.loss_mask, inputs.loss_weights
         if settings.get("masked") == "zero" and bool(mask.any()):
             start = int(torch.nonzero(mask)[0, 0])  # the response starts at its first loss token
             new, old, adv, mask = new[start:], old[start:], adv[start:], mask[start:]
             weights = None if weights is None else weights[start:]
-        loss, metrics = spec.fn(
+        loss, metrics = call_loss(
+            spec,
             old[None],
             new[None],
             adv[None],
             mask[None],
-            **{**settings, "rollout_is_weights": None if weights is None else weights[None]},
+            {**settings, "rollout_is_weights": None if weights is None else weights[None]},
         )
         _announce(name, settings, metrics, sorted(kwargs))
         return _outputs(loss, dict(metrics))
@@ -163,6 +155,17 @@ def loss_fn(name: str) -> Any:
     return compute
 
 
-kpo_clipped_loss = loss_fn("kpo_clipped")
-kpo_loss = loss_fn("kpo")
-minpro_loss = loss_fn("minpro")
+_LOSSES = Generated("prime_rl", _custom_loss, suffix="_loss")
+
+
+def loss_fn(name: str) -> Any:
+    """The prime-rl custom loss computing the registered loss ``name`` (one of
+    :data:`LOSS_NAMES`), with prime-rl's signature ``fn(inputs, **kwargs) -> LossOutputs``;
+    ValueError for another name. It is also ``kpo_rs.integrations.prime_rl.<name>_loss``, the
+    ``import_path`` prime-rl's config names."""
+    return _LOSSES.get(name)
+
+
+def __getattr__(attr: str) -> Any:
+    """``<name>_loss``: :func:`loss_fn` of every loss in :data:`LOSS_NAMES`."""
+    return _LOSSES.attribute(__name__, attr)

@@ -142,12 +142,12 @@ def dppo_loss(
     training-inference mismatch inside the trust region; pass those for the paper's setting.
 
     Args:
-        old_log_prob, log_prob, advantages, response_mask: see :mod:`kpo_rs.peers`.
+        old_log_prob, log_prob, advantages, response_mask: see :mod:`kpo_rs.losses.peers`.
         divergence: ``"tv"`` or ``"kl"``.
         clip: ``(low, high)`` divergence thresholds (probability units for TV, nats for KL);
             ``None`` takes the authors' ``(0.15, 0.15)`` (TV) or ``(0.05, 0.05)`` (KL).
         clip_ratio_c: truncation of the (detached) importance ratio, verl's default 20.
-        loss_agg_mode, rollout_is_weights, global_batch_info: see :mod:`kpo_rs.peers`.
+        loss_agg_mode, rollout_is_weights, global_batch_info: see :mod:`kpo_rs.losses.peers`.
 
     Returns:
         ``(loss, metrics)``: ``pg_clipfrac`` (share of tokens outside the trust region),
@@ -273,11 +273,11 @@ def minpro_loss(
     9. *Aggregation*: ``"token-mean"`` by default, like the token-level baselines.
 
     Args:
-        old_log_prob, log_prob, advantages, response_mask: see :mod:`kpo_rs.peers`.
+        old_log_prob, log_prob, advantages, response_mask: see :mod:`kpo_rs.losses.peers`.
         clip: ``(eps_low, eps_high)`` of the token ratio clip, ``0 <= eps_low < 1``.
         clip_ratio_c: optional dual-clip bound (> 1) for negative advantages.
         inclusive: include token ``t`` itself in its prefix minimum.
-        loss_agg_mode, rollout_is_weights, global_batch_info: see :mod:`kpo_rs.peers`.
+        loss_agg_mode, rollout_is_weights, global_batch_info: see :mod:`kpo_rs.losses.peers`.
 
     Returns:
         ``(loss, metrics)``: ``pg_clipfrac``, ``pg_clipfrac_lower`` (dual clip, verl's meaning),
@@ -428,12 +428,12 @@ def bapo_loss(
     inherits verl's 3.0).
 
     Args:
-        old_log_prob, log_prob, advantages, response_mask: see :mod:`kpo_rs.peers`.
+        old_log_prob, log_prob, advantages, response_mask: see :mod:`kpo_rs.losses.peers`.
         target: positive share to reach, in ``[0, 1]``.
         lower, upper: ``(start, max)`` of ``c_low`` and ``c_high``; ``0 < lower <= 1 <= upper``.
         step: ``(step_low, step_high)``, ``>= 0``.
         clip_ratio_c: optional dual-clip bound (> 1) for negative advantages.
-        loss_agg_mode, rollout_is_weights, global_batch_info: see :mod:`kpo_rs.peers`.
+        loss_agg_mode, rollout_is_weights, global_batch_info: see :mod:`kpo_rs.losses.peers`.
 
     Returns:
         ``(loss, metrics)``: ``pg_clipfrac``, ``pg_clipfrac_lower`` (dual clip, verl's meaning),
