@@ -5,7 +5,7 @@ rollout_logprobs) -> (loss, metrics)`` (``skyrl/backends/skyrl_train/utils/ppo_u
 0.3.0), with the advantages already scaled for ``trainer.algorithm.loss_reduction``
 (``token_mean``, ``sequence_mean``, ...), so that the loss is the plain masked *sum* of the
 per-token losses. The functions here follow that convention: each is the loss of
-:mod:`kpo_rs.loss_table` with ``loss_agg_mode="token-sum"`` (KPO and KPO-clipped are linear and
+:mod:`kpo_rs.losses` with ``loss_agg_mode="token-sum"`` (KPO and KPO-clipped are linear and
 positively homogeneous in the advantage token by token, so the scaled sum is SkyRL's reduction
 of the loss). The clip of ``kpo_clipped`` / ``minpro`` is SkyRL's ``eps_clip_low`` /
 ``eps_clip_high`` (set them to the KPO authors' 3e-4 / 4e-4); the filter settings come from the
@@ -39,26 +39,19 @@ from typing import Any
 
 import torch
 
-from ..losses.kpo import kpo_loss
-from ..losses.table import get_loss
+from ..losses import LossNames, LossSpec
+from ._calls import Generated, call_loss
 from ._env import FILTER_ENV_VARS, filter_settings
 from ._observe import dump_rollouts, online_kwargs
 
-__all__ = [
-    "ENV_VARS",
-    "LOSS_NAMES",
-    "bapo_policy_loss",
-    "kpo_clipped_policy_loss",
-    "kpo_policy_loss",
-    "minpro_policy_loss",
-    "policy_loss",
-    "register",
-]
+__all__ = ["ENV_VARS", "LOSS_NAMES", "policy_loss", "register"]
 
 #: Filter setting -> (environment variable, default), as the verl plug-in reads them.
 ENV_VARS: dict[str, tuple[str, Any]] = dict(FILTER_ENV_VARS)
-#: The names registered in SkyRL's ``PolicyLossRegistry``.
-LOSS_NAMES = ("kpo_clipped", "kpo", "minpro", "bapo")
+#: The names :func:`register` registers in SkyRL's ``PolicyLossRegistry``: every registered loss
+#: whose ``stacks`` include skyrl (a live view). Each is served as
+#: ``kpo_rs.integrations.skyrl.<name>_policy_loss``, which is how SkyRL's workers unpickle it.
+LOSS_NAMES = LossNames("skyrl")
 
 
 def _clip(config: Any, name: str) -> tuple[float, float]:
@@ -80,11 +73,9 @@ def _first_token_index(mask: torch.Tensor) -> torch.Tensor:
     return (torch.arange(time, device=mask.device) + lead) % time
 
 
-def policy_loss(name: str) -> Any:
-    """The SkyRL policy loss computing :mod:`kpo_rs.loss_table`'s ``name`` (one of
-    :data:`LOSS_NAMES`), with SkyRL's signature; ValueError for another name."""
-    if name not in LOSS_NAMES:
-        raise ValueError(f"name must be one of {LOSS_NAMES}, got {name!r}")
+def _policy_loss(spec: LossSpec) -> Any:
+    """The SkyRL policy loss of ``spec`` (see :func:`policy_loss`)."""
+    name = spec.name
 
     def compute(
         log_probs: torch.Tensor,
@@ -110,14 +101,14 @@ def policy_loss(name: str) -> Any:
         dump_rollouts(
             log_probs, old_log_probs, mask.bool(), advantages, engine_log_prob=rollout_logprobs
         )
-        if name in ("kpo", "kpo_clipped"):
-            fn, kwargs = kpo_loss, online_kwargs(filter_settings())  # KPO_Q=fit: fitted online
-            kwargs["clip"] = _clip(config, name) if name == "kpo_clipped" else None
-            if rollout_logprobs is not None:  # kpo_mismatch_*: old_log_probs - rollout_logprobs
+        kwargs: dict[str, Any] = {}
+        if spec.filtered:
+            kwargs.update(online_kwargs(filter_settings()))  # KPO_Q=fit: fitted online
+            if rollout_logprobs is not None and "engine_log_prob" in spec.accepted:
+                # kpo_mismatch_*: old_log_probs - rollout_logprobs
                 kwargs["engine_log_prob"] = rollout_logprobs
-        else:
-            fn = get_loss(name)
-            kwargs = {"clip": _clip(config, name)} if name == "minpro" else {}
+        if "clip" in spec.from_stack:  # SkyRL's clip range (it has no dual clip to hand over)
+            kwargs["clip"] = _clip(config, name)
         if kwargs.get("masked") == "zero":
             index = _first_token_index(mask)
             log_probs, old_log_probs, mask = (
@@ -128,17 +119,17 @@ def policy_loss(name: str) -> Any:
                 weights = weights.expand_as(index).gather(-1, index)
             if kwargs.get("engine_log_prob") is not None:
                 kwargs["engine_log_prob"] = kwargs["engine_log_prob"].gather(-1, index)
-        loss, own = fn(
+        loss, own = call_loss(
+            spec,
             old_log_probs,
             log_probs,
             advantages,
             mask,
-            loss_agg_mode="token-sum",
-            rollout_is_weights=weights,
-            **kwargs,
+            {**kwargs, "loss_agg_mode": "token-sum", "rollout_is_weights": weights},
+            floats=True,
         )
         out = {k: float(v) for k, v in metrics.items()}
-        out.update({k: float(v) for k, v in own.items()})
+        out.update(own)
         out["clip_ratio"] = out.get("pg_clipfrac", 0.0)
         return loss, out
 
@@ -147,10 +138,19 @@ def policy_loss(name: str) -> Any:
     return compute
 
 
-kpo_clipped_policy_loss = policy_loss("kpo_clipped")
-kpo_policy_loss = policy_loss("kpo")
-minpro_policy_loss = policy_loss("minpro")
-bapo_policy_loss = policy_loss("bapo")
+_LOSSES = Generated("skyrl", _policy_loss, suffix="_policy_loss")
+
+
+def policy_loss(name: str) -> Any:
+    """The SkyRL policy loss computing the registered loss ``name`` (one of :data:`LOSS_NAMES`)
+    with SkyRL's signature and ``loss_agg_mode="token-sum"``; ValueError for another name. It
+    is also ``kpo_rs.integrations.skyrl.<name>_policy_loss``."""
+    return _LOSSES.get(name)
+
+
+def __getattr__(attr: str) -> Any:
+    """``<name>_policy_loss``: :func:`policy_loss` of every loss in :data:`LOSS_NAMES`."""
+    return _LOSSES.attribute(__name__, attr)
 
 
 def register() -> None:
@@ -165,4 +165,4 @@ def register() -> None:
         ) from exc
     for name in LOSS_NAMES:
         if name not in PolicyLossRegistry.list_available():
-            PolicyLossRegistry.register(name, globals()[f"{name}_policy_loss"])
+            PolicyLossRegistry.register(name, policy_loss(name))
