@@ -189,10 +189,13 @@ CASES = [
     ("zero", 1.0, True),
     ("hold", 0.5, False),
 ]
+#: The gradchecks' cases: the first in the fast tier for every backend, the others slow (a
+#: numerical Jacobian on the torch scans takes 2 to 5 s a case on 2 cores).
+GRAD_CASES = [pytest.param(*c, marks=[pytest.mark.slow] if i else []) for i, c in enumerate(CASES)]
 
 
 @pytest.mark.parametrize(("backend", "device"), GRAD_BACKEND_DEVICES)
-@pytest.mark.parametrize(("masked", "p0", "with_mask"), CASES)
+@pytest.mark.parametrize(("masked", "p0", "with_mask"), GRAD_CASES)
 def test_gradcheck_padded(backend, device, masked, p0, with_mask):
     gen = torch.Generator().manual_seed(0)
     z = torch.randn(3, 70, dtype=torch.float64, generator=gen).to(device).requires_grad_(True)
@@ -208,7 +211,7 @@ def test_gradcheck_padded(backend, device, masked, p0, with_mask):
 
 
 @pytest.mark.parametrize(("backend", "device"), GRAD_BACKEND_DEVICES)
-@pytest.mark.parametrize(("masked", "p0", "with_mask"), CASES)
+@pytest.mark.parametrize(("masked", "p0", "with_mask"), GRAD_CASES)
 def test_gradcheck_packed(backend, device, masked, p0, with_mask):
     gen = torch.Generator().manual_seed(1)
     cu = torch.tensor([0, 40, 40, 41, 130], dtype=torch.int32, device=device)
