@@ -69,6 +69,7 @@ def reward_count_a(completions, **kwargs):
     return [c.count("a") / max(len(c), 1) for c in completions]
 
 
+@pytest.mark.slow  # a training run
 @pytest.mark.parametrize("loss_type", ["dapo", "grpo"])
 def test_kpo_trainer_runs_and_learns(tmp_path, loss_type):
     tokenizer = _tokenizer()
@@ -285,8 +286,18 @@ def _with_logps(trainer, inputs, seed):
     }
 
 
-@pytest.mark.parametrize("option", list(OPTIONS))
-@pytest.mark.parametrize("loss_type", SUPPORTED_LOSS_TYPES)
+def _in_turn(firsts, seconds):
+    """Every ``(first, second)`` pair, the fast tier holding each ``first`` once with the
+    ``seconds`` in turn (so every value of both is in it), the other pairs slow: each case builds
+    two trainers (a second or two on 2 cores)."""
+    return [
+        pytest.param(a, b, marks=[] if j == i % len(seconds) else [pytest.mark.slow])
+        for i, a in enumerate(firsts)
+        for j, b in enumerate(seconds)
+    ]
+
+
+@pytest.mark.parametrize(("option", "loss_type"), _in_turn(list(OPTIONS), SUPPORTED_LOSS_TYPES))
 def test_all_gains_one_loss_and_gradients_equal_grpo(tmp_path, loss_type, option):
     grpo, kpo = _pair(tmp_path, loss_type, OPTIONS[option])
     inputs = _with_logps(grpo, _inputs(seed=7), seed=7)
@@ -362,8 +373,7 @@ def test_table_losses_are_offered():
     assert "gmpo" not in SUPPORTED_LOSS_NAMES
 
 
-@pytest.mark.parametrize("loss_type", SUPPORTED_LOSS_TYPES)
-@pytest.mark.parametrize("name", TABLE_LOSSES)
+@pytest.mark.parametrize(("name", "loss_type"), _in_turn(TABLE_LOSSES, SUPPORTED_LOSS_TYPES))
 def test_table_loss_aggregated_as_trl(tmp_path, name, loss_type):
     """kpo_loss_name=<name>: the table's loss with its recommended settings, aggregated as TRL's
     loss_type, equals the table's loss called with the same aggregation in verl's terms.
