@@ -47,23 +47,20 @@ from typing import Any
 
 import torch
 
-from ..losses.kpo import kpo_token_losses
+from ..losses import LossNames, LossSpec
+from ._calls import Generated, call_token_losses
 from ._env import FILTER_ENV_VARS, filter_settings
 from ._notices import idle_clip_message, log_settings, warn_once
 from ._observe import dump_rollouts, online_kwargs
 
-__all__ = [
-    "ENV_VARS",
-    "LOSS_NAMES",
-    "check_context_parallel",
-    "kpo_clipped_loss",
-    "kpo_loss",
-    "loss_fn",
-]
+__all__ = ["ENV_VARS", "LOSS_NAMES", "check_context_parallel", "loss_fn"]
 
 #: Filter setting -> (environment variable, default), as the verl plug-in reads them.
 ENV_VARS: dict[str, tuple[str, Any]] = dict(FILTER_ENV_VARS)
-LOSS_NAMES = ("kpo_clipped", "kpo")
+#: The losses offered: every registered loss whose ``stacks`` include slime (a live view; each
+#: has a per-token form, as slime aggregates itself). Each is served as
+#: ``kpo_rs.integrations.slime.<name>_loss``, the path ``--custom-loss-function-path`` names.
+LOSS_NAMES = LossNames("slime")
 
 
 def _slime() -> SimpleNamespace:
@@ -123,7 +120,7 @@ def _announce(name: str, clip: tuple[float, float] | None, metrics: Any) -> None
 
 
 def _token_losses(
-    name: str,
+    spec: LossSpec,
     args: Any,
     old: list[torch.Tensor],
     new: list[torch.Tensor],
@@ -131,40 +128,38 @@ def _token_losses(
     masks: list[torch.Tensor],
     engine: list[torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The concatenated per-token KPO losses of the samples (each response one filter row);
-    ``engine``: the rollout log-probs when they are not already the old policy's."""
+    """The concatenated per-token losses of ``spec`` over the samples (each response one row:
+    one filter row for a filtered loss); ``engine``: the rollout log-probs when they are not
+    already the old policy's. The clip is slime's ``--eps-clip`` / ``--eps-clip-high`` where the
+    loss takes its stack's clip, the dual clip ``--eps-clip-c`` where it takes one, the filter's
+    settings the ``KPO_*`` variables."""
     lengths = [t.numel() for t in new]
     mask = _padded([m.bool() for m in masks], False)
     old_p, new_p, adv_p = _padded(old, 0.0), _padded(new, 0.0), _padded(advantages, 0.0)
     engine_p = None if not engine else _padded(engine, 0.0)
     dump_rollouts(new_p, old_p, mask, adv_p, engine_log_prob=engine_p)  # KPO_DUMP_DIR
-    clip = None
-    if name == "kpo_clipped":
+    kwargs: dict[str, Any] = {}
+    if "clip" in spec.from_stack:
         high = getattr(args, "eps_clip_high", None)
-        clip = (float(args.eps_clip), float(args.eps_clip if high is None else high))
-    dual = getattr(args, "eps_clip_c", None)
-    pg, metrics = kpo_token_losses(
-        old_p,
-        new_p,
-        adv_p,
-        mask,
-        clip=clip,
-        clip_ratio_c=None if dual is None else float(dual),
-        engine_log_prob=engine_p,
-        **online_kwargs(filter_settings()),  # KPO_Q=fit: fitted online
-    )
-    _announce(name, clip, metrics)
+        kwargs["clip"] = (float(args.eps_clip), float(args.eps_clip if high is None else high))
+    if "clip_ratio_c" in spec.accepted:
+        dual = getattr(args, "eps_clip_c", None)
+        kwargs["clip_ratio_c"] = None if dual is None else float(dual)
+    if spec.filtered:
+        kwargs.update(online_kwargs(filter_settings()))  # KPO_Q=fit: fitted online
+        if "engine_log_prob" in spec.accepted:
+            kwargs["engine_log_prob"] = engine_p
+    pg, metrics = call_token_losses(spec, old_p, new_p, adv_p, mask, kwargs)
+    if spec.filtered:
+        _announce(spec.name, kwargs.get("clip", spec.defaults.get("clip")), metrics)
     pg = torch.where(mask, pg, 0.0)  # slime's reducer multiplies by the mask: no NaN may pass
     flat = torch.cat([row[:n] for row, n in zip(pg, lengths)]) if lengths else pg.reshape(0)
     return flat, metrics
 
 
-def loss_fn(name: str) -> Any:
-    """The slime custom loss computing ``name`` (one of :data:`LOSS_NAMES`) with slime's
-    signature ``fn(args, batch, logits, sum_of_sample_mean) -> (loss, metrics)``; ValueError
-    for another name."""
-    if name not in LOSS_NAMES:
-        raise ValueError(f"name must be one of {LOSS_NAMES}, got {name!r}")
+def _custom_loss(spec: LossSpec) -> Any:
+    """The slime custom loss of ``spec`` (see :func:`loss_fn`)."""
+    name = spec.name
 
     def compute(
         args: Any, batch: dict[str, Any], logits: torch.Tensor, sum_of_sample_mean: Any
@@ -193,7 +188,7 @@ def loss_fn(name: str) -> Any:
         # the engine's log-probs, for the mismatch metrics, when the old policy is the trainer's
         engine = None if getattr(args, "use_rollout_logprobs", False) else rollout
         pg_loss, own = _token_losses(
-            name, args, old, log_probs, batch["advantages"], batch["loss_masks"], engine
+            spec, args, old, log_probs, batch["advantages"], batch["loss_masks"], engine
         )
         new_cat, old_cat = torch.cat(log_probs), torch.cat(old)
         metrics_reducer = sum_of_sample_mean
@@ -264,7 +259,8 @@ def loss_fn(name: str) -> Any:
         )
         premise = [k for k in own if k.startswith("kpo_") and k != "kpo_data_weight"]
         for key in ("pg_clipfrac", "filtered_ratio_mean", "switch_rate_filtered", *premise):
-            reported[key] = own[key] * weight
+            if key in own:
+                reported[key] = own[key] * weight
         return loss, {"loss": loss.detach(), **reported}
 
     compute.__name__ = compute.__qualname__ = f"{name}_loss"
@@ -272,5 +268,16 @@ def loss_fn(name: str) -> Any:
     return compute
 
 
-kpo_clipped_loss = loss_fn("kpo_clipped")
-kpo_loss = loss_fn("kpo")
+_LOSSES = Generated("slime", _custom_loss, suffix="_loss")
+
+
+def loss_fn(name: str) -> Any:
+    """The slime custom loss computing the registered loss ``name`` (one of :data:`LOSS_NAMES`)
+    with slime's signature ``fn(args, batch, logits, sum_of_sample_mean) -> (loss, metrics)``;
+    ValueError for another name. It is also ``kpo_rs.integrations.slime.<name>_loss``."""
+    return _LOSSES.get(name)
+
+
+def __getattr__(attr: str) -> Any:
+    """``<name>_loss``: :func:`loss_fn` of every loss in :data:`LOSS_NAMES`."""
+    return _LOSSES.attribute(__name__, attr)
