@@ -19,7 +19,7 @@ from kpo_rs.experiments.demo import (
     table_footnote,
     write_outputs,
 )
-from kpo_rs.loss_table import LOSS_NAMES
+from kpo_rs.losses.table import LOSS_NAMES
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -63,7 +63,7 @@ def test_every_loss_runs_and_writes_files(tmp_path):
     payload = json.loads((tmp_path / "metrics.json").read_text())
     assert set(payload["summaries"]) == set(LOSS_NAMES)
     table = summary_rows(result)
-    assert [row["loss"] for row in table] == list(LOSS_NAMES)
+    assert [row["variant"] for row in table] == list(LOSS_NAMES)
     summary = (tmp_path / "summary.md").read_text()
     assert summary.endswith(table_footnote(cfg) + "\n")
 
@@ -73,7 +73,7 @@ def test_the_footnote_defines_every_column():
     note = table_footnote(cfg)
     rows = summary_rows({"summaries": {"grpo": [{"eval_auc": 0.3}]}})
     for column in rows[0]:
-        if column != "loss":
+        if column != "variant":
             assert f"{column}:" in note, column
     assert f">= {cfg.reward_threshold}" in note and f"{cfg.collapse_drop} below" in note
     assert f"filter {cfg.filter_arm}" in note and f"mismatch {cfg.mismatch}" in note
@@ -82,7 +82,7 @@ def test_the_footnote_defines_every_column():
 def test_loss_settings_come_from_the_table_and_take_overrides():
     import torch
 
-    from kpo_rs.loss_table import get_loss
+    from kpo_rs.losses.table import get_loss
 
     g = torch.Generator().manual_seed(0)
     old, new = torch.randn(3, 9, generator=g), torch.randn(3, 9, generator=g)

@@ -1,19 +1,30 @@
-"""The demo's inference engine, held-out evaluation, filter arms and their settings."""
+"""The demo's inference engine, evaluation, filter arms and their settings."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
 import pytest
 import torch
 
+import kpo_rs
 from helpers import tiny_demo
 from kpo_rs.diagnostics import mean_data_weight
 from kpo_rs.experiments import demo
-from kpo_rs.experiments.config import DemoConfig, arm_settings, parse_filter_arm, parse_mismatch
-from kpo_rs.experiments.evaluation import eval_steps, held_out_reward, summarize_evaluations
-from kpo_rs.experiments.rollout import Engine, fake_quantize_int8, rewards, student_t3
+from kpo_rs.experiments.config import (
+    DemoConfig,
+    arm_settings,
+    check_correction,
+    parse_correction,
+    parse_filter_arm,
+    parse_mismatch,
+)
+from kpo_rs.experiments.corrections import CorrectionInputs, apply_correction, dropneg_rule_mask
+from kpo_rs.experiments.evaluation import eval_reward, eval_steps, summarize_evaluations
+from kpo_rs.experiments.rollout import Engine, LogitNoise, fake_quantize_int8, rewards, student_t3
+from kpo_rs.experiments.variants import scaled_kpo_clip
 from kpo_rs.losses import KPO_CLIP
 from kpo_rs.params import FilterParams
 
@@ -149,13 +160,13 @@ def test_demo_settings_are_checked(kw, match):
         _tiny(**kw).validate()
 
 
-def test_held_out_evaluation_is_balanced_and_uses_its_own_stream():
+def test_the_evaluation_is_balanced_and_uses_its_own_stream():
     cfg = _tiny(eval_per_class=3)
     model = _policy(cfg)
     assert eval_steps(cfg) == [0, 2, 3] and eval_steps(_tiny(steps=4)) == [0, 2, 4]
-    first = held_out_reward(model, cfg, seed=0)
+    first = eval_reward(model, cfg, seed=0)
     torch.randn(100)  # the global stream does not matter
-    assert held_out_reward(model, cfg, seed=0) == first
+    assert eval_reward(model, cfg, seed=0) == first
     assert 0.0 <= first <= 1.0
 
 
@@ -205,7 +216,7 @@ def test_the_clip_band_scales_with_the_data_weight():
 
 
 def test_runs_use_the_arms_settings_and_the_fit_replaces_them():
-    window = demo.Run(_tiny(filter_arm="window:4"), "kpo_clipped", 0)
+    window = demo.Run(_tiny(filter_arm="window:4", band="rescaled"), "kpo_clipped", 0)
     assert window.settings == {"q": 1 / 16, "r": 1.0, "p0": 0.0}
     assert window.band[:2] == pytest.approx(demo.scaled_kpo_clip(window.settings, 12))
     assert demo.Run(_tiny(), "grpo", 0).settings is None
@@ -278,7 +289,314 @@ def test_decoupled_with_tis_passes_truncated_weights(monkeypatch):
 def test_errors_are_measured_against_the_true_log_ratio():
     trainer = demo.Run(_tiny(mismatch="logit-noise:0.5", old_logp="trainer"), "kpo", 0).step(0)
     assert trainer.raw_error == 0.0 and trainer.filtered_error > 0
-    bypass = demo.Run(_tiny(mismatch="logit-noise:0.5"), "kpo", 0).step(0)
+    bypass = demo.Run(_tiny(mismatch="logit-noise:0.5", filter_arm="window:16"), "kpo", 0).step(0)
     assert bypass.raw_error == pytest.approx(bypass.mismatch_std, rel=0.2)
     assert bypass.filtered_error < bypass.raw_error  # the 16-token window denoises
     assert demo.Run(_tiny(), "gpg", 0).step(0).filtered_error is None
+
+
+# --------------------------------------------------------------------------------------------
+# Structured engines
+
+
+def _noise(kind: str, params: tuple[float, ...], batch: int, steps: int, vocab: int = 16):
+    """``steps`` draws of :class:`LogitNoise` ``[steps, batch, vocab]`` and the burst states
+    ``[steps, batch]``."""
+    noise = LogitNoise(kind, params, batch, vocab, torch.Generator().manual_seed(7))
+    draws, bursts = [], []
+    for _ in range(steps):
+        draws.append(noise.next().clone())
+        bursts.append(noise.in_burst.clone())
+    return torch.stack(draws).double(), torch.stack(bursts)
+
+
+def _lag1_along_time(x: torch.Tensor) -> float:
+    """The lag-1 autocorrelation of ``x`` ``[time, ...]`` along time, pooled (a plain loop over
+    the series would give the same: one numerator and one denominator over all of them)."""
+    c = x - x.mean()
+    return float((c[1:] * c[:-1]).sum() / (c * c).sum())
+
+
+@pytest.mark.parametrize(
+    "text, canonical",
+    [
+        ("logit-noise-ar1:0.25:0.90", "logit-noise-ar1:0.25:0.9"),
+        (" offset:0.4 ", "offset:0.4"),
+        ("bursts:0.5:0.020:16", "bursts:0.5:0.02:16"),
+        ("logit-noise:0.25", "logit-noise:0.25"),
+    ],
+)
+def test_structured_mismatches_parse_to_one_canonical_form(text, canonical):
+    assert parse_mismatch(text) == canonical
+
+
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        ("logit-noise-ar1:0.25", "expected logit-noise-ar1:S:RHO"),
+        ("logit-noise-ar1:0.25:1", "RHO must be in"),
+        ("offset:-1", "scale S must be >= 0"),
+        ("bursts:0.5:0:16", "P must be in"),
+        ("bursts:0.5:0.1:0.5", "L must be >= 1"),
+        ("bursts:0.5:x:16", "P: expected a number"),
+    ],
+)
+def test_bad_structured_mismatches_name_what_is_wrong(bad, match):
+    with pytest.raises(ValueError, match=match) as exc:
+        parse_mismatch(bad)
+    assert "\n" not in str(exc.value) and bad in str(exc.value)
+
+
+def test_ar1_noise_has_lag1_rho_and_the_white_variance():
+    x, _ = _noise("logit-noise-ar1", (0.5, 0.9), batch=64, steps=400)
+    # Per logit, an AR(1) along the response: the lag-1 autocorrelation of the noise itself is
+    # RHO (sampling error about sqrt((1 - RHO^2) / n) ~ 1e-3 for n = 400 x 64 x 16 draws; 0.02
+    # allows the t3 innovations' heavier tails).
+    assert _lag1_along_time(x) == pytest.approx(0.9, abs=0.02)
+    # The same stationary variance as the white form: S^2 x 3 (t3's variance), within the
+    # sampling error of a heavy-tailed variance (10%).
+    white, _ = _noise("logit-noise", (0.5,), batch=64, steps=400)
+    assert float(x.var()) == pytest.approx(0.25 * 3, rel=0.1)
+    assert float(white.var()) == pytest.approx(0.25 * 3, rel=0.1)
+    assert abs(_lag1_along_time(white)) < 0.01
+
+
+def test_offset_noise_is_constant_within_a_response_and_differs_between_responses():
+    x, _ = _noise("offset", (0.4,), batch=256, steps=12)
+    assert torch.equal(x, x[:1].expand_as(x))  # every token of a response: the same bias
+    assert float(x[0].std()) == pytest.approx(0.4, rel=0.05)  # N(0, 0.4^2) per entry
+    assert float(x[0, 0].sub(x[0, 1]).abs().max()) > 0
+
+
+def test_bursts_have_the_run_lengths_start_rate_and_quiet_tokens_asked_for():
+    p, length = 0.05, 8.0
+    x, bursts = _noise("bursts", (0.5, p, length), batch=512, steps=300)
+    # Outside a burst the logits are clean; inside every logit is perturbed.
+    assert torch.equal(x[~bursts], torch.zeros_like(x[~bursts]))
+    assert bool((x[bursts] != 0).all())
+    b = bursts.numpy()
+    runs, starts, outside = [], 0, 0
+    for row in b.T:  # each response, by a plain loop
+        current = 0
+        for t, on in enumerate(row):
+            if on:
+                current += 1
+            elif current:
+                runs.append(current)  # a run ended (runs still open at the end are censored)
+                current = 0
+            if t and not row[t - 1]:
+                outside += 1
+                starts += int(on)
+    # Geometric run lengths of mean L; a start with probability P per token outside a burst
+    # (thousands of runs: 5% covers their sampling error).
+    assert np.mean(runs) == pytest.approx(length, rel=0.05)
+    assert starts / outside == pytest.approx(p, rel=0.05)
+    # The first token is in a burst with the chain's stationary probability P L / (1 + P L).
+    assert b[0].mean() == pytest.approx(p * length / (1 + p * length), abs=0.06)
+
+
+@pytest.mark.parametrize("mismatch", ["logit-noise-ar1:0.5:0.9", "offset:0.5", "bursts:1:0.2:4"])
+def test_structured_engines_record_the_log_probs_they_sampled_from(mismatch):
+    cfg = _tiny()
+    model, _, (seqs, logps, tables) = _sample(mismatch, cfg, keep_tables=True)
+    stacked = torch.stack(tables, dim=1)
+    assert torch.equal(logps, stacked.gather(-1, seqs[:, 1:].unsqueeze(-1)).squeeze(-1))
+    with torch.no_grad():
+        assert float((logps - demo._token_logps(model, seqs)).abs().max()) > 1e-3
+
+
+# --------------------------------------------------------------------------------------------
+# Corrections and controls, each against a plain loop
+
+
+def _inputs(bypass: bool = True, seed: int = 0, batch: int = 6, time: int = 20):
+    g = torch.Generator().manual_seed(seed)
+    engine = -1.5 + 0.3 * torch.randn(batch, time, generator=g, dtype=torch.float64)
+    trainer = engine + 0.3 * torch.randn(batch, time, generator=g, dtype=torch.float64) - 0.3
+    current = trainer + 0.05 * torch.randn(batch, time, generator=g, dtype=torch.float64)
+    adv = torch.randn(batch, 1, generator=g, dtype=torch.float64).expand(batch, time)
+    mask = torch.ones(batch, time, dtype=torch.bool)
+    mask[0, 15:] = False  # a shorter response
+    return CorrectionInputs(current, engine, trainer, adv, mask, length=128, bypass=bypass)
+
+
+@pytest.mark.parametrize("bypass", [True, False])
+def test_rs_geo_rejects_the_responses_verl_rejects(bypass):
+    inputs = _inputs(bypass)
+    for low, high in ((0.999, 1.001), (0.8, 1.02)):
+        mask, weights = apply_correction(f"rs-geo:{low}:{high}", inputs, torch.Generator())
+        assert weights is None
+        reference = inputs.current if bypass else inputs.trainer
+        for i in range(inputs.mask.shape[0]):
+            valid = [t for t in range(inputs.mask.shape[1]) if inputs.mask[i, t]]
+            stat = sum(-(float(reference[i, t]) - float(inputs.engine[i, t])) for t in valid)
+            stat /= len(valid)
+            keep = math.log(low) <= stat <= math.log(high)
+            assert mask[i].tolist() == [keep and bool(inputs.mask[i, t]) for t in range(20)]
+    # verl's default band: +-0.1% on the geometric mean ratio.
+    default, _ = apply_correction("rs-geo", inputs, torch.Generator())
+    explicit, _ = apply_correction("rs-geo:0.999:1.001", inputs, torch.Generator())
+    assert torch.equal(default, explicit)
+
+
+def test_seq_mask_and_icepop_weights_match_trl_and_verl_rules():
+    inputs = _inputs(bypass=False)
+    mask, seq = apply_correction("seq-mask:0.5:2", inputs, torch.Generator())
+    assert torch.equal(mask, inputs.mask)
+    _, ice = apply_correction("icepop", inputs, torch.Generator())
+    for i in range(6):
+        total = sum(
+            float(inputs.trainer[i, t] - inputs.engine[i, t])
+            for t in range(20)
+            if inputs.mask[i, t]
+        )
+        w = math.exp(total)
+        for t in range(20):
+            valid = bool(inputs.mask[i, t])
+            expected = w if (0.5 <= w <= 2 and valid) else 0.0
+            assert float(seq[i, t]) == pytest.approx(expected, rel=1e-6)
+            r = math.exp(float(inputs.trainer[i, t] - inputs.engine[i, t]))
+            expected = r if (0.5 <= r <= 5 and valid) else 0.0
+            assert float(ice[i, t]) == pytest.approx(expected, rel=1e-6)
+    # TRL's default: cap 3, no lower bound.
+    _, default = apply_correction("seq-mask", inputs, torch.Generator())
+    _, explicit = apply_correction("seq-mask:0:3", inputs, torch.Generator())
+    assert torch.equal(default, explicit)
+
+
+def _rule_by_loop(inputs: CorrectionInputs, window: float) -> np.ndarray:
+    """The rescaled-band window:W log-space KPO-clipped rule's clipped negative tokens, by the
+    numpy filter row by row."""
+    settings = {"p0": 0.0, **arm_settings(f"window:{window:g}")}
+    low, _ = scaled_kpo_clip(settings, inputs.length)
+    out = np.zeros(tuple(inputs.mask.shape), dtype=bool)
+    for i in range(inputs.mask.shape[0]):
+        n = int(inputs.mask[i].sum())
+        z = (inputs.current[i, :n] - inputs.engine[i, :n]).numpy()
+        x = kpo_rs.kalman_filter(z[None], q=settings["q"], r=1.0, p0=0.0)[0]
+        for t in range(n):
+            out[i, t] = math.exp(x[t]) < 1 - low and float(inputs.advantages[i, t]) < 0
+    return out
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_dropneg_random_drops_exactly_as_many_negative_tokens_as_the_rule_clips(seed):
+    inputs = _inputs(seed=seed)
+    rule = dropneg_rule_mask(inputs, 16)
+    assert np.array_equal(rule.numpy(), _rule_by_loop(inputs, 16))
+    assert int(rule.sum()) > 0  # the offset puts the filtered ratio below the band
+    gen = torch.Generator().manual_seed(seed)
+    mask, weights = apply_correction("dropneg-random", inputs, gen)
+    dropped = (weights == 0) & inputs.mask
+    assert torch.equal(mask, inputs.mask)
+    assert int(dropped.sum()) == int(rule.sum())  # the same rate, token for token
+    assert bool((inputs.advantages[dropped] < 0).all())  # negative advantages only
+    assert set(weights.unique().tolist()) <= {0.0, 1.0}
+    # The places are random: another stream picks other tokens (same count).
+    _, other = apply_correction("dropneg-random", inputs, torch.Generator().manual_seed(99))
+    assert int((other == 0).sum()) == int((weights == 0).sum())
+
+
+def test_dropneg_seq_drops_the_negative_tokens_of_responses_below_the_band():
+    inputs = _inputs(seed=3)
+    _, weights = apply_correction("dropneg-seq:16", inputs, torch.Generator())
+    low, _ = scaled_kpo_clip({"p0": 0.0, **arm_settings("window:16")}, 128)
+    for i in range(6):
+        n = int(inputs.mask[i].sum())
+        mean = float((inputs.current[i, :n] - inputs.engine[i, :n]).mean())
+        drop = mean < math.log(1 - low) and float(inputs.advantages[i, 0]) < 0
+        assert weights[i, :n].tolist() == [0.0 if drop else 1.0] * n
+    assert bool((weights == 0).any()) and bool((weights == 1).any())
+
+
+@pytest.mark.parametrize(
+    "text, canonical",
+    [
+        ("rs-geo", "rs-geo"),
+        ("rs-geo:0.99:1.01", "rs-geo:0.99:1.01"),
+        ("seq-mask:3", "seq-mask:3"),
+        ("icepop:0.5:5.0", "icepop:0.5:5"),
+        ("dropneg-random:8", "dropneg-random:8"),
+        ("none", None),
+    ],
+)
+def test_corrections_parse(text, canonical):
+    assert parse_correction(text) == canonical
+
+
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        ("tis:2", "unknown correction"),
+        ("icepop:5:0.5", "LOW < HIGH"),
+        ("rs-geo:0:1", "LOW must be > 0"),
+        ("dropneg-seq:0.5", "window W >= 1"),
+        ("seq-mask:x", "expected a number"),
+    ],
+)
+def test_bad_corrections_are_one_line_errors(bad, match):
+    with pytest.raises(ValueError, match=match) as exc:
+        parse_correction(bad)
+    assert "\n" not in str(exc.value)
+
+
+def test_corrections_need_their_mode():
+    with pytest.raises(ValueError, match="needs old_logp=trainer"):
+        check_correction("icepop", "engine", None)
+    with pytest.raises(ValueError, match="replace tis"):
+        check_correction("seq-mask", "trainer", 2.0)
+    with pytest.raises(ValueError, match="needs old_logp=engine"):
+        check_correction("dropneg-seq", "trainer", None)
+    check_correction("rs-geo", "trainer", 2.0)  # verl allows rejection with IS weights
+
+
+def _ppo_removed(calls, cfg) -> tuple[float, float]:
+    """The shares of positive / negative advantage tokens GRPO's clip (0.2) and dual clip (3)
+    remove, by the rule, from the tensors the loss received."""
+    pos = neg = n_pos = n_neg = 0
+    for call in calls:
+        ratio = torch.exp(call["new"] - call["old"])
+        adv = call["adv"]
+        pos += int(((adv > 0) & (ratio > 1.2)).sum())
+        neg += int(((adv < 0) & ((ratio < 0.8) | (ratio > 3.0))).sum())
+        n_pos, n_neg = n_pos + int((adv > 0).sum()), n_neg + int((adv < 0).sum())
+    return pos / n_pos, neg / n_neg
+
+
+def test_removed_gradient_shares_are_the_clip_rules_by_advantage_sign(monkeypatch):
+    calls: list[dict] = []
+    real = demo.loss_function
+
+    def wrapped(name, **overrides):
+        fn = real(name, **overrides)
+
+        def loss(old, new, adv, mask, **extra):
+            calls.append({"old": old.detach(), "new": new.detach(), "adv": adv.detach()})
+            return fn(old, new, adv, mask, **extra)
+
+        return loss
+
+    monkeypatch.setattr(demo, "loss_function", wrapped)
+    cfg = _tiny(mismatch="logit-noise:1", lag=2, steps=1)
+    log = demo.Run(cfg, "grpo", 0).step(0)
+    pos, neg = _ppo_removed(calls, cfg)
+    assert log.clip_share_pos == pytest.approx(pos, abs=1e-12)
+    assert log.clip_share_neg == pytest.approx(neg, abs=1e-12)
+    assert 0 < log.clip_share_pos < 1 and 0 < log.clip_share_neg < 1
+    # gpg removes nothing; its dropneg control removes negative-advantage gradients only.
+    plain = demo.Run(cfg, "gpg", 0).step(0)
+    assert plain.clip_share_pos == 0 and plain.clip_share_neg == 0
+    # (64 tokens: the band of a 16-token window is (0.27, 0.35) there, below the offset.)
+    longer = dataclasses.replace(cfg, correction="dropneg-seq:16", response_len=64)
+    seq = demo.Run(longer, "gpg", 0).step(0)
+    assert seq.clip_share_pos == 0 and seq.clip_share_neg > 0
+
+
+def test_a_step_records_the_engines_mean_kl_and_the_unit_error():
+    log = demo.Run(_tiny(mismatch="logit-noise:0.5"), "gpg", 0).step(0)
+    # engine - trainer averages to about KL(engine||trainer) >= 0; the exact KL agrees with the
+    # Monte Carlo estimate to its sampling error (128 tokens: about std / sqrt(128) ~ 0.05).
+    assert log.mismatch_kl > 0 and log.mismatch_mean == pytest.approx(log.mismatch_kl, abs=0.1)
+    # Bypass: the log-ratio the loss sees carries about -KL as offset.
+    assert log.log_ratio_mean < 0
+    assert log.unit_error >= 0 and log.raw_error > 0

@@ -9,6 +9,8 @@ import argparse
 import csv
 import json
 import math
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -354,3 +356,86 @@ def test_without_matplotlib_no_plot_is_claimed(tmp_path, monkeypatch, capsys):
     assert sweep_cli.run_cli(_parse(["--report-only", "--out", str(out)])) == 0
     assert "(no plots: matplotlib is missing)" in capsys.readouterr().out
     assert not list(out.glob("*.png")) and "## Figures" not in (out / "report.md").read_text()
+
+
+# --------------------------------------------------------------------------------------------
+# Pre-registered contrasts
+
+
+def _named(variant: str, seed: int, auc: float, mismatch: str = "logit-noise:0.25") -> dict:
+    """A row of a named variant (its loss: the name's first word)."""
+    return _row(variant.split("_")[0], seed, auc, variant=variant, mismatch=mismatch)
+
+
+def test_the_report_tests_exactly_the_preregistered_contrasts_with_holm_over_them(tmp_path):
+    rng = np.random.default_rng(0)
+    names = ("grpo", "grpo_tis", "kpo_resc", "gpg")
+    rows = [
+        _named(v, s, float(0.3 + 0.05 * i + 0.02 * rng.standard_normal()), m)
+        for m in ("logit-noise:0.25", "offset:0.4")
+        for s in range(6)
+        for i, v in enumerate(names)
+    ]
+    contrasts = [("kpo_resc", "grpo_tis"), ("grpo", "grpo_tis")]
+    path = tmp_path / "report.md"
+    write_report(rows, path, command="kpo sweep", planned=len(rows), contrasts=contrasts)
+    text = path.read_text()
+    pre = text.split("## Pre-registered contrasts")[1].split("## Exploratory")[0]
+    explore = text.split("## Exploratory: comparisons with GRPO and gpg")[1].split("\n## ")[0]
+    table = [line for line in pre.splitlines() if line.startswith("| ") and "regime" not in line]
+    assert len(table) == 2 * 2  # each contrast in each engine, nothing else
+    assert [line.split(" | ")[1] for line in table] == [f"{a} - {b}" for a, b in contrasts] * 2
+    # The Holm column is Holm over exactly these four p-values (paired by seed, sign-flip).
+    by = {}
+    for r in rows:
+        by.setdefault((r["mismatch"], r["variant"]), {})[r["seed"]] = r["eval_auc"]
+    ps = [
+        stats.paired(by[(m, a)], by[(m, b)]).p
+        for m in ("logit-noise:0.25", "offset:0.4")
+        for a, b in contrasts
+    ]
+    holm = stats.holm(ps)
+    # (regimes are listed without engine mismatch first, then by name: logit-noise before offset)
+    assert [line.split(" | ")[-1].strip(" |") for line in table] == [
+        f"{h:.3f}" if h >= 0.001 else f"{h:.1e}" for h in holm
+    ]
+    # Every other comparison is exploratory; no pre-registered pair appears there, either way.
+    assert "kpo_resc - grpo |" in explore and "gpg - grpo |" in explore
+    assert "kpo_resc - gpg |" in explore
+    assert "kpo_resc - grpo_tis" not in explore and "grpo_tis - grpo |" not in explore
+
+
+def test_rebuild_reads_the_contrasts_from_the_plan(tmp_path):
+    rows = [
+        _named(v, s, 0.3 + 0.01 * s + 0.1 * i)
+        for s in range(3)
+        for i, v in enumerate(("grpo", "grpo_tis"))
+    ]
+    _store(tmp_path, rows)
+    (tmp_path / "plan.json").write_text(json.dumps({"contrasts": [["grpo", "grpo_tis"]]}))
+    report, _ = rebuild(tmp_path, command="kpo sweep --report-only")
+    text = report.read_text()
+    assert "## Pre-registered contrasts" in text and "| grpo - grpo_tis |" in text
+
+
+def test_named_variants_carry_their_old_logp_and_tis_out_of_the_regime():
+    rows = [
+        _named("grpo", 0, 0.3) | {"old_logp": "engine"},
+        _named("grpo_tis", 0, 0.4) | {"old_logp": "trainer", "tis": 2.0},
+    ]
+    table = summary_table(rows)
+    assert table.count("\n") == 2  # one regime: the two arms side by side
+    assert "| grpo | grpo_tis |" in table.splitlines()[0]
+
+
+def test_the_mechanism_table_shows_the_offset_and_the_sign_split():
+    rows = [
+        _named("kpo_resc", s, 0.4)
+        | {"log_ratio_mean": -0.08, "clip_share_pos": 0.01, "clip_share_neg": 0.3,
+           "unit_error": 0.2, "filtered_error": 0.18, "mismatch_mean": 0.08, "mismatch_kl": 0.08}
+        for s in range(2)
+    ]  # fmt: skip
+    path = Path(tempfile.mkdtemp()) / "report.md"
+    write_report(rows, path, command="kpo sweep", planned=2)
+    text = path.read_text()
+    assert "| -0.080 | 1.0% | 30.0% | 0.200 | 0.90 | +0.080 | 0.080 |" in text

@@ -239,7 +239,7 @@ def test_filter_settings_vary_only_for_the_kpo_losses(tmp_path):
 
 
 def test_paper_preset_and_explicit_flags_override_it():
-    from kpo_rs.loss_table import LOSS_NAMES
+    from kpo_rs.losses.table import LOSS_NAMES
 
     cfg = sweep_cli.config_from_args(_parse(["--preset", "paper", "--seeds", "1"]))
     assert cfg.minibatches == (4,) and cfg.lags == (0,) and cfg.seeds == 1
@@ -334,3 +334,201 @@ def test_a_run_finished_meanwhile_by_another_sweep_is_not_run_again(tmp_path, re
     run_sweep(cfg, log=lambda _: None)
     assert calls == [evals[0]]
     assert len(read_results(f"{cfg.out}/results.csv")) == 2
+
+
+# --------------------------------------------------------------------------------------------
+# Named variants, the run key's version, the decisive preset
+
+
+def test_a_variant_parses_its_run_and_loss_settings():
+    from kpo_rs.experiments.variants import parse_variant
+
+    v = parse_variant(
+        "kr=kpo_clipped:filter=window:16.0,band=rescaled,space=ratio,old_logp=trainer,tis=2"
+    )
+    assert (v.name, v.loss, v.filter_arm, v.band, v.old_logp, v.tis) == (
+        "kr", "kpo_clipped", "window:16", "rescaled", "trainer", 2.0,
+    )  # fmt: skip
+    assert v.settings == (("space", "ratio"),)
+    # A value may hold commas: the item after the band's first number continues it.
+    g = parse_variant("g=grpo:band=0.0875,0.1166,clip_ratio_c=4")
+    assert g.band == "0.0875,0.1166" and g.settings == (("clip_ratio_c", 4),)
+    assert g.filter_arm is None and parse_variant("k=kpo").filter_arm == "authors"
+    c = parse_variant("c=grpo:old_logp=trainer,correction=icepop:0.5:5.0")
+    assert c.correction == "icepop:0.5:5"
+    for text in (v, g, c, parse_variant("p=kpo_clipped:filter=fit,p0=inf")):
+        assert parse_variant(text.spec()) == text  # the spec round-trips
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("noequals", "expected NAME=LOSS"),
+        ("a=ppo", "variant 'a': unknown loss 'ppo'"),
+        ("a=grpo:colour=red", "variant 'a': unknown key 'colour' for loss grpo"),
+        ("a=grpo:filter=window:8", "variant 'a': filter: loss grpo has no filter"),
+        ("a=kpo:filter=kalman", "variant 'a': filter: unknown filter arm"),
+        ("a=grpo:band=rescaled", "variant 'a': band: 'rescaled' needs the variant's filter"),
+        ("a=grpo:band=0.2", "variant 'a': band: band '0.2': expected authors"),
+        ("a=grpo:band=rescaled:16,clip_ratio_low=0.1", "variant 'a': band: give the band or"),
+        ("a=gpg:band=0.1,0.2", "variant 'a': band: loss 'gpg' has no clip band"),
+        ("a=grpo:tis=2", "variant 'a': tis: truncated importance weights need old_logp=trainer"),
+        ("a=grpo:old_logp=sampler", "variant 'a': old_logp: choose from engine, trainer"),
+        ("a=grpo:correction=icepop", "variant 'a': correction: correction 'icepop': reads"),
+        ("a=kpo_clipped:space=cubic", "variant 'a': loss settings (space): "),
+        ("a=kpo:q=-1", "variant 'a': q: "),
+        ("a,b=grpo", "variant 'a,b': a name is a non-empty word"),
+    ],
+)
+def test_bad_variants_are_one_line_errors_naming_the_variant_and_key(text, message):
+    from kpo_rs.experiments.variants import parse_variant
+
+    with pytest.raises(ValueError) as exc:
+        parse_variant(text)
+    assert str(exc.value).startswith(message) or message in str(exc.value), str(exc.value)
+    assert "\n" not in str(exc.value)
+
+
+def test_a_bad_variant_flag_is_an_argparse_error(capsys):
+    with pytest.raises(SystemExit) as exc:
+        _parse(["--variant", "a=grpo:tis=2"])
+    assert exc.value.code == 2
+    assert "argument --variant: variant 'a': tis:" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("suffix", [".json", ".toml"])
+def test_a_variants_file_gives_the_same_arms_as_the_flags(tmp_path, suffix):
+    from kpo_rs.experiments.variants import parse_variant, read_variants_file
+
+    path = tmp_path / f"arms{suffix}"
+    if suffix == ".json":
+        path.write_text(
+            json.dumps(
+                {
+                    "g": {"loss": "grpo", "settings": {"band": [0.1, 0.2]}},
+                    "k": {
+                        "loss": "kpo_clipped",
+                        "settings": {"filter": "window:8", "tis": 2, "old_logp": "trainer"},
+                    },
+                }
+            )
+        )
+    else:
+        path.write_text(
+            '[g]\nloss = "grpo"\nsettings = { band = [0.1, 0.2] }\n'
+            '[k]\nloss = "kpo_clipped"\n'
+            'settings = { filter = "window:8", tis = 2, old_logp = "trainer" }\n'
+        )
+    assert read_variants_file(path) == (
+        parse_variant("g=grpo:band=0.1,0.2"),
+        parse_variant("k=kpo_clipped:filter=window:8,tis=2,old_logp=trainer"),
+    )
+    (tmp_path / "bad.json").write_text('{"g": {"settings": {}}}')
+    with pytest.raises(ValueError, match="variant 'g' needs a 'loss'"):
+        read_variants_file(tmp_path / "bad.json")
+
+
+def test_the_shorthand_expands_to_the_variants_it_always_meant(tmp_path):
+    cfg = _tiny(
+        tmp_path, losses=("grpo", "kpo"), filter_arms=("authors", "window:8"),
+        old_logps=("engine", "trainer"), tiss=(None, 2.0),
+    )  # fmt: skip
+    names = [v.name for v in cfg.arms()]
+    assert names == [
+        "grpo[old=engine]", "grpo[old=trainer]", "grpo[old=trainer,tis=2]",
+        "kpo[authors,old=engine]", "kpo[authors,old=trainer]", "kpo[authors,old=trainer,tis=2]",
+        "kpo[window:8,old=engine]", "kpo[window:8,old=trainer]",
+        "kpo[window:8,old=trainer,tis=2]",
+    ]  # fmt: skip
+    assert all(v.band is None for v in cfg.arms())  # the loss's own band: the authors'
+
+
+def test_the_run_key_hashes_the_task_version_not_the_name(tmp_path, monkeypatch):
+    from kpo_rs.experiments.variants import parse_variant
+
+    cfg = _tiny(tmp_path)
+    a = sweep.Task(parse_variant("a=kpo_clipped:filter=window:8"), 1e-2, 2, 1, 8, "none", 0)
+    renamed = sweep.Task(parse_variant("b=kpo_clipped:filter=window:8"), 1e-2, 2, 1, 8, "none", 0)
+    other = sweep.Task(
+        parse_variant("a=kpo_clipped:filter=window:8,space=ratio"), 1e-2, 2, 1, 8, "none", 0
+    )
+    key = a.key(cfg)
+    assert key["task"] == sweep.TASK_VERSION
+    assert renamed.key(cfg) == key  # a pure relabel reuses the run
+    assert other.key(cfg) != key  # a setting is hashed
+    monkeypatch.setattr(sweep, "TASK_VERSION", "toy-colours-next")
+    assert a.key(cfg) != key  # a new task version never reuses stored runs
+    assert a.filename(a.key(cfg)) != a.filename(key)
+
+
+def test_two_named_variants_with_a_correlated_engine_run_and_report(tmp_path, capsys):
+    out = tmp_path / "out"
+    args = _parse(
+        [
+            "--variant", "a=kpo_clipped:filter=window:8,band=rescaled",
+            "--variant", "b=kpo_clipped:filter=window:8,band=rescaled,space=ratio",
+            "--mismatch", "logit-noise-ar1:0.25:0.9", "--minibatches", "2",
+            "--response-len", "8", "--seeds", "1", "--steps", "2", "--workers", "1",
+            "--out", str(out),
+        ]
+    )  # fmt: skip
+    assert sweep_cli.run_cli(args) == 0
+    rows = _rows(out / "results.csv")
+    assert [r["variant"] for r in rows] == ["a", "b"]
+    for r in rows:
+        for key in ("log_ratio_mean", "unit_error", "mismatch_mean", "mismatch_kl"):
+            assert math.isfinite(float(r[key])), key
+        assert 0 <= float(r["clip_share_pos"]) <= 1 and 0 <= float(r["clip_share_neg"]) <= 1
+    report = (out / "report.md").read_text()
+    assert "2 of 2 planned runs finished" in report and "| regime | seeds | a | b |" in report
+    assert "rescaled band (kpo-rs variant)" in report
+    assert json.loads((out / "plan.json").read_text())["planned"] == 2
+
+
+def test_the_decisive_preset_is_its_preregistration():
+    cfg = sweep_cli.config_from_args(_parse(["--preset", "decisive"]))
+    cfg.validate()
+    names = [v.name for v in cfg.arms()]
+    assert len(names) == 15 and len(cfg.mismatches) == 4 and cfg.seeds == 16
+    assert cfg.lrs == (5e-3, 1e-2, 2e-2) and cfg.tune_on == "logit-noise:0.25"
+    tune, evals = plan(cfg)
+    assert len(tune) == 15 * 3 * 2 and {t.mismatch for t in tune} == {"logit-noise:0.25"}
+    assert len(evals) == 15 * 4 * 16 and len(tune) + len(evals) == 1050
+    assert len(cfg.contrasts) == 12 and all(a in names and b in names for a, b in cfg.contrasts)
+    text = (Path(__file__).parents[1] / "docs/sweep/decisive/PREREGISTRATION.md").read_text()
+    for v in cfg.arms():  # every arm's spec is written in the pre-registration
+        assert f"`{v.name}`" in text and f"`{v.spec().split('=', 1)[1]}`" in text, v.name
+    for a, b in cfg.contrasts:
+        assert f"`{a} - {b}`" in text
+    for engine in cfg.mismatches:
+        assert f"`{engine}`" in text
+    # New arms replace the preset's and drop its contrasts (they no longer apply).
+    other = sweep_cli.config_from_args(_parse(["--preset", "decisive", "--variant", "g=grpo"]))
+    assert [v.name for v in other.arms()] == ["g"] and other.contrasts == ()
+
+
+def test_tuning_on_one_engine_applies_its_rate_to_every_engine(tmp_path):
+    from kpo_rs.experiments.variants import parse_variant
+
+    cfg = _tiny(
+        tmp_path, variants=(parse_variant("g=grpo"),), lrs=(1e-2, 1e-3), tune_lr=True,
+        tune_seeds=2, mismatches=("none", "offset:0.4"), tune_on="none",
+    )  # fmt: skip
+    cfg.validate()
+    tune, evals = plan(cfg)
+    assert {t.mismatch for t in tune} == {"none"} and len(tune) == 4
+    pairs = [(t, {"eval_auc": 0.9 if t.lr == 1e-3 else 0.1}) for t in tune]
+    chosen = sweep._choose_lrs(cfg, pairs)
+    assert [evals_t.cell(cfg.tune_on) in chosen for evals_t in evals] == [True, True]
+    assert set(chosen.values()) == {1e-3}
+    bad = _tiny(tmp_path, tune_lr=True, tune_on="offset:0.1")
+    with pytest.raises(ValueError, match=r"--tune-on: offset:0\.1 is not one of"):
+        bad.validate()
+
+
+def test_dry_run_prints_the_plan_and_runs_nothing(tmp_path, capsys):
+    out = tmp_path / "o"
+    assert sweep_cli.run_cli(_parse(["--preset", "decisive", "--dry-run", "--out", str(out)])) == 0
+    text = capsys.readouterr().out
+    assert "plan: 1050 runs (90 tuning + 960 reported; 15 variants x 4 engines)" in text
+    assert "kpoc_resc_log - kpoc_resc_ratio" in text and not out.exists()

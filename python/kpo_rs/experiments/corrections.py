@@ -89,7 +89,7 @@ class CorrectionInputs:
 
 def _rescaled_band(window: float, length: int) -> tuple[float, float]:
     from ..params import FilterParams
-    from .demo import scaled_kpo_clip
+    from .variants import scaled_kpo_clip
 
     settings = {"p0": FilterParams().p0, **arm_settings(f"window:{window:g}")}
     return scaled_kpo_clip(settings, length)

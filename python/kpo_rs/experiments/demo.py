@@ -56,6 +56,7 @@ from .rollout import Engine, rewards
 from .variants import MAX_KPO_EPS, Variant, band_overrides, resolve_band, scaled_kpo_clip
 
 __all__ = [
+    "CORRECTION_SEED_OFFSET",
     "DEFAULT_LOSSES",
     "MAX_KPO_EPS",
     "DemoConfig",
@@ -713,15 +714,17 @@ def table_footnote(cfg: DemoConfig) -> str:
         f"kpo_data_weight, the share of the filtered log-ratio resting on the observations "
         f"rather than on the prior (near 0: the filter is inert and the ratio is 1). clip share: "
         f"tokens whose ratio (filtered for the KPO losses, raw for PPO-style ones) lies outside "
-        f"the clip band. removed +/-: shares of positive / negative advantage tokens whose "
-        f"gradient the loss removed (clip, mask or zero weight). log-ratio mean: the mean "
+        f"the clip band. removed +: the share of positive advantage tokens whose gradient the "
+        f"loss removed (clip, mask or zero weight); removed -: the same for negative advantage "
+        f"tokens. log-ratio mean: the mean "
         f"log-ratio the loss sees (in bypass mode about -KL(engine||trainer)). filtered / raw "
         f"error: the RMS error of the filtered log-ratio over that of the raw one, both against "
-        f"the true one (trainer's current minus trainer's behaviour log-probability); filtered / "
-        f"unit: over that of 'ratio = 1' (the RMS true log-ratio). ratio spikes: share of tokens "
-        f"whose raw ratio exp(logp - old_logp) is above {math.exp(cfg.spike_log_ratio):.1f} or "
-        f"below {math.exp(-cfg.spike_log_ratio):.1f}. max grad norm: largest gradient norm "
-        f"before clipping to {cfg.max_grad_norm}. '-': the variant has no filter or no clip band."
+        f"the true one (trainer's current minus trainer's behaviour log-probability). filtered / "
+        f"unit error: over that of 'ratio = 1' (the RMS true log-ratio). ratio spikes: share of "
+        f"tokens whose raw ratio exp(logp - old_logp) is above "
+        f"{math.exp(cfg.spike_log_ratio):.1f} or below {math.exp(-cfg.spike_log_ratio):.1f}. "
+        f"max grad norm: largest gradient norm before clipping to {cfg.max_grad_norm}. '-': "
+        f"the variant has no filter or no clip band."
     )
 
 

@@ -65,6 +65,7 @@ __all__ = [
     "Task",
     "estimate_seconds",
     "plan",
+    "plan_text",
     "run_sweep",
     "run_task",
     "train_task",
@@ -74,8 +75,8 @@ __all__ = [
 TUNE_SEED_OFFSET = 1000
 _FORMAT = 3  # bumped when a stored run's layout changes (3: variants, mechanism metrics)
 #: A run's time on one core per answer token and RL step (seconds), for the plan's estimate;
-#: measured on this project's 2-core machine at 128 tokens, 4 minibatches, 40 steps.
-SECONDS_PER_TOKEN_STEP = 2.6e-3
+#: from the mismatch preset (416 runs of 128 tokens x 40 steps in about 50 minutes on 2 workers).
+SECONDS_PER_TOKEN_STEP = 2.8e-3
 
 
 def _default_workers() -> int:
@@ -283,6 +284,14 @@ class Task:
     @property
     def filter_arm(self) -> str | None:
         return self.variant.filter_arm
+
+    @property
+    def q(self) -> float | None:
+        return self.variant.q
+
+    @property
+    def p0(self) -> float | None:
+        return self.variant.p0
 
     @property
     def old_logp(self) -> str:

@@ -48,6 +48,7 @@ __all__ = [
     "RUN_KEYS",
     "Variant",
     "band_overrides",
+    "build_variant",
     "expand_shorthand",
     "parse_variant",
     "read_variants_file",
@@ -170,9 +171,9 @@ class Variant:
     def spec(self) -> str:
         """The ``NAME=LOSS:key=value,...`` form that parses back to this variant."""
         items = []
-        if self.filter_arm is not None and self.filter_arm != "authors":
+        if self.filter_arm is not None:
             items.append(f"filter={self.filter_arm}")
-        for key in ("q", "p0", "tis"):
+        for key in ("q", "p0"):
             value = getattr(self, key)
             if value is not None:
                 items.append(f"{key}={value:g}")
@@ -180,6 +181,8 @@ class Variant:
             items.append(f"band={self.band}")
         if self.old_logp != "engine":
             items.append(f"old_logp={self.old_logp}")
+        if self.tis is not None:
+            items.append(f"tis={self.tis:g}")
         if self.correction is not None:
             items.append(f"correction={self.correction}")
         items += [f"{k}={_show(v)}" for k, v in self.settings]
@@ -244,12 +247,12 @@ def _items(text: str, name: str) -> list[tuple[str, str]]:
     return items
 
 
-def _float(name: str, key: str, value: Any) -> float:
+def _float(name: str, key: str, value: Any, allow_inf: bool = False) -> float:
     try:
         number = float(value)
     except (TypeError, ValueError):
         raise ValueError(f"variant {name!r}: {key}: expected a number, got {value!r}") from None
-    if not math.isfinite(number):
+    if math.isnan(number) or (math.isinf(number) and not allow_inf):
         raise ValueError(f"variant {name!r}: {key}: expected a finite number, got {value!r}")
     return number
 
@@ -296,7 +299,7 @@ def build_variant(name: str, loss: str, settings: dict[str, Any]) -> Variant:
         if key in run:
             if not filtered:
                 raise ValueError(f"variant {name!r}: {key}: loss {loss} has no filter")
-            number = _float(name, key, run[key])
+            number = _float(name, key, run[key], allow_inf=True)  # p0 = inf: a flat prior
             try:
                 FilterParams(q=number) if key == "q" else FilterParams(p0=number)
             except ValueError as exc:
