@@ -30,13 +30,16 @@ step "cargo test"
 cargo test --release --quiet
 step "wheel (abi3, manylinux2014, built once with zig) and sdist"
 bash scripts/check_wheel.sh
-step "smoke sweep: engine mismatch, filter arms, on a local Ray instance"
+step "smoke sweep: two named variants of one loss on a correlated engine (no Ray)"
 smoke=$(mktemp -d)
 trap 'rm -rf "$smoke"' EXIT
-"$venv/bin/kpo" sweep --losses grpo,gpg,kpo_clipped --filter authors,window:8,fit \
-    --mismatch none,logit-noise:0.5 --lr 1e-2 --response-len 16 --seeds 1 --steps 3 --ray \
-    --out "$smoke/sweep" 2>"$smoke/log" || { cat "$smoke/log"; exit 1; }
-grep -q "10 of 10 planned runs finished" "$smoke/sweep/report.md"
+"$venv/bin/kpo" sweep --variant a=kpo_clipped:filter=window:8,band=rescaled \
+    --variant b=kpo_clipped:filter=window:8,band=rescaled,space=ratio \
+    --mismatch logit-noise-ar1:0.25:0.9 --lr 1e-2 --response-len 16 --seeds 1 --steps 3 \
+    --workers 1 --out "$smoke/sweep" 2>"$smoke/log" || { cat "$smoke/log"; exit 1; }
+grep -q "2 of 2 planned runs finished" "$smoke/sweep/report.md"
+grep -q "| regime | seeds | a | b |" "$smoke/sweep/report.md"
+grep -q "plan: 2 runs" "$smoke/log"
 step "SkyRL 0.3.0: the plug-in inside SkyRL, in its own environment (scripts/skyrl_env.sh)"
 bash scripts/skyrl_env.sh
 "${KPO_SKYRL_VENV:-$root/.venv-skyrl}/bin/python" -m pytest tests/test_skyrl_real.py -m "" -q
