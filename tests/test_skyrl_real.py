@@ -297,24 +297,34 @@ def _left_aligned(*tensors: torch.Tensor, mask: torch.Tensor) -> list[torch.Tens
 @pytest.mark.parametrize("masked", ["hold", "zero"])
 @pytest.mark.parametrize("name", kpo_skyrl.LOSS_NAMES)
 def test_right_aligned_responses_give_the_left_aligned_loss(registered, monkeypatch, name, masked):
-    """SkyRL right-aligns responses (padding first). The registered loss on that layout is
-    kpo-rs's own loss of the same responses starting at position 0: under masked="hold" the
-    filter skips the padding; under "zero" (gain index = position) the plug-in starts each row
-    at its first loss token. Value and gradient."""
+    """SkyRL right-aligns responses (padding first). The registered loss on that layout, given
+    the rollout log-probs (no correction configured), is kpo-rs's own loss of the same responses
+    starting at position 0, with those log-probs as the engine's: under masked="hold" the filter
+    skips the padding; under "zero" (gain index = position) the plug-in starts each row at its
+    first loss token. Value, gradient and every metric of kpo-rs's loss."""
     monkeypatch.setenv("KPO_MASKED", masked)
     old, logp, adv, mask = _batch(2)
+    rollout = old + torch.randn(B, T, generator=torch.Generator().manual_seed(20)) * 0.05
     assert bool((mask[:, 0] == 0).any())  # some rows are padded
     config = _config(policy_loss_type=name, eps_clip_low=3e-4, eps_clip_high=4e-4)
     lp = logp.clone().requires_grad_(True)
-    loss = registered.get(name)(lp, old, adv, config=config, loss_mask=mask)[0]
+    fn = registered.get(name)
+    loss, metrics = fn(lp, old, adv, config=config, loss_mask=mask, rollout_logprobs=rollout)
     loss.backward()
-    lo, ll, la, lm = _left_aligned(old, logp, adv, mask=mask)
+    lo, ll, la, lr, lm = _left_aligned(old, logp, adv, rollout, mask=mask)
     kw = _settings(name, masked=masked)
+    if name in ("kpo", "kpo_clipped"):
+        kw["engine_log_prob"] = lr
     want = _own(name, lo, ll, la, lm.bool(), loss_agg_mode="token-sum", **kw)
     torch.testing.assert_close(loss.detach(), want[0], rtol=1e-6, atol=1e-7)
     # the gradient of each token, found at its place in the left-aligned row
     grad = _left_aligned(lp.grad, mask=mask)[0]
     torch.testing.assert_close(grad, want[1], rtol=1e-6, atol=1e-7)
+    own = get_loss(name)(lo, ll, la, lm.bool(), loss_agg_mode="token-sum", **kw)[1]
+    if name in ("kpo", "kpo_clipped"):
+        assert "kpo_mismatch_acf1" in own  # the engine's log-probs reached the loss
+    for key, value in own.items():  # float32 statistics of the same tokens in another order
+        assert metrics[key] == pytest.approx(float(value), rel=1e-5, abs=1e-6), key
 
 
 def _correction_reference(
