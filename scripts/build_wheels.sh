@@ -5,24 +5,46 @@
 # auditwheel.
 #
 # The wheel is linked with zig (`ziglang` from PyPI, in requirements/dev.lock) against glibc 2.17's
-# symbols, so the build machine's newer glibc does not leak into the tag. Run scripts/setup.sh
-# first (or have maturin, ziglang and auditwheel in $KPO_VENV).
+# symbols, so the build machine's newer glibc does not leak into the tag.
+#
+# Needs cargo (a Rust toolchain), python3 (3.9+) and three Python tools: maturin, ziglang and
+# auditwheel. They are taken from $KPO_VENV (default .venv) when it has all three (as
+# scripts/setup.sh leaves it); otherwise from a small virtual environment of their own
+# ($KPO_BUILD_VENV, default target/wheel-tools), which is created on first use and given the
+# versions requirements/dev.lock pins (pip, from PyPI: about 60 MB, mostly zig).
 #
 # Options (environment): KPO_DIST (output folder, default dist/; earlier kpo_rs wheels and sdists
-# there are replaced), CARGO_TARGET_DIR (as cargo). The wheel is built once, in release mode
-# (about 40 s of CPU time from a clean target folder, measured on a 2-core x86_64 machine).
+# there are replaced), KPO_VENV, KPO_BUILD_VENV, PYTHON (the python3 that creates the tools'
+# environment), CARGO_TARGET_DIR (as cargo). The wheel is built once, in release mode (about 40 s
+# of CPU time from a clean target folder, measured on a 2-core x86_64 machine).
 set -euo pipefail
 
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-venv=${KPO_VENV:-$root/.venv}
 dist=${KPO_DIST:-$root/dist}
 cd "$root"
 
-for tool in maturin auditwheel; do
-    [ -x "$venv/bin/$tool" ] || { echo "build_wheels: $venv/bin/$tool not found; run scripts/setup.sh" >&2; exit 2; }
-done
-"$venv/bin/python" -m ziglang version >/dev/null 2>&1 \
-    || { echo "build_wheels: ziglang is not installed in $venv; run scripts/setup.sh" >&2; exit 2; }
+command -v cargo >/dev/null || { echo "build_wheels: cargo not found; install Rust (https://rustup.rs)" >&2; exit 2; }
+
+# Whether the virtual environment $1 has the three tools.
+has_tools() {
+    [ -x "$1/bin/maturin" ] && [ -x "$1/bin/auditwheel" ] \
+        && "$1/bin/python" -m ziglang version >/dev/null 2>&1
+}
+
+venv=${KPO_VENV:-$root/.venv}
+if ! has_tools "$venv"; then
+    venv=${KPO_BUILD_VENV:-$root/target/wheel-tools}
+    if ! has_tools "$venv"; then
+        # The versions the lock pins (the names alone where the lock is absent, as in an sdist).
+        pins=$(grep -E '^(maturin|ziglang|auditwheel)==' "$root/requirements/dev.lock" 2>/dev/null) \
+            || pins="maturin>=1.7,<2 ziglang auditwheel"
+        echo "build_wheels: installing $(echo $pins) into $venv" >&2
+        [ -x "$venv/bin/python" ] || "${PYTHON:-python3}" -m venv "$venv"
+        # shellcheck disable=SC2086  # one argument per requirement
+        "$venv/bin/python" -m pip install --quiet --disable-pip-version-check $pins
+        has_tools "$venv" || { echo "build_wheels: maturin, ziglang or auditwheel is still missing in $venv" >&2; exit 2; }
+    fi
+fi
 
 arch=$(uname -m)
 case "$arch" in
