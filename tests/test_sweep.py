@@ -148,6 +148,7 @@ def _same_rows(a: list[dict], b: list[dict]) -> None:
         assert ra == rb
 
 
+@pytest.mark.slow  # twelve training runs, in one and in two worker processes
 def test_one_worker_and_two_workers_give_the_same_rows(tmp_path):
     one = _tiny(tmp_path / "a", workers=1, **_ENGINE_GRID)
     two = _tiny(tmp_path / "b", workers=2, **_ENGINE_GRID)
