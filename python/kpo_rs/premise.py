@@ -73,11 +73,12 @@ def series_statistics(
     """
     k, _, length = values.shape
     dtype = values.dtype
-    count = torch.cumsum(mask, dim=-1)
+    # int32 counts: on CPU an int64 cumsum and where cost ten times as much (a row is < 2^31)
+    count = torch.cumsum(mask, dim=-1, dtype=torch.int32)
     n_row = count[:, -1:]  # [batch, 1]
     n = n_row.sum().to(dtype)
     # the valid tokens moved to the front of their row, in order (masked ones to a spare column)
-    slot = torch.where(mask, count - 1, length).expand(k, -1, -1)
+    slot = torch.where(mask, count - 1, length).long().expand(k, -1, -1)
     front = values.new_zeros(k, mask.shape[0], length + 1)
     front.scatter_(-1, slot, torch.where(mask, values, 0.0))
     front = front[..., :length]
@@ -102,11 +103,21 @@ def clip_shares(
     """``(positive, negative)``: of the valid tokens with a positive (negative) advantage, the
     share of the gradient magnitude ``|A| * rt`` where ``clipped`` (bool ``[batch, time]``, the
     clip active) removes it; 0-d tensors, 0 where no token has that sign."""
-    magnitude = (advantages * rt).abs()
-    sign = torch.stack((advantages > 0, advantages < 0)) & mask
-    total = torch.where(sign, magnitude, 0.0).sum(dim=(1, 2))
-    removed = torch.where(sign & clipped, magnitude, 0.0).sum(dim=(1, 2))
-    shares = removed / total.clamp(min=_TINY)
+    # tokens with A = 0 carry no gradient: the negative side is the whole less the positive one
+    magnitude = torch.where(mask, (advantages * rt).abs(), 0.0)
+    removed = torch.where(clipped, magnitude, 0.0)
+    positive = advantages > 0
+    sums = torch.stack(
+        (
+            torch.where(positive, magnitude, 0.0).sum(),
+            magnitude.sum(),
+            torch.where(positive, removed, 0.0).sum(),
+            removed.sum(),
+        )
+    )
+    total = torch.stack((sums[0], sums[1] - sums[0]))
+    cut = torch.stack((sums[2], sums[3] - sums[2]))
+    shares = cut / total.clamp(min=_TINY)
     return shares[0], shares[1]
 
 
