@@ -9,7 +9,7 @@ the reference model and logging are GRPO's. Use it like ``GRPOTrainer``::
     trainer = KPOTrainer(model=model, reward_funcs=reward_fn, args=args, train_dataset=dataset)
     trainer.train()
 
-:class:`KPOConfig` adds ``kpo_loss_name``, any policy loss of :mod:`kpo_rs.loss_table` whose
+:class:`KPOConfig` adds ``kpo_loss_name``, any policy loss of :mod:`kpo_rs.losses` whose
 aggregation is free (all but ``"gmpo"``): ``"kpo_clipped"`` (default, the paper's main variant:
 the filtered ratio clipped to ``[1 - kpo_epsilon_low, 1 + kpo_epsilon_high]``, the KPO authors'
 3e-4, 4e-4), ``"kpo"`` (no clip), or a baseline or peer (``"grpo"``, ``"gspo"``, ``"dppo_tv"``,
@@ -71,20 +71,20 @@ except ImportError as exc:  # pragma: no cover - exercised only without TRL
 import torch
 
 from ..dump import RolloutDumper
-from ..losses import GRADS, KPO_CLIP, kpo_token_losses
+from ..losses import GRADS, KPO_CLIP, LOSSES, LossNames, LossSpec, get_loss
 from ..losses.kpo import warn_if_inert
-from ..losses.table import LOSS_NAMES, LossSpec, get_loss
 from ..online import FIT, FilterFitter
 from ..params import FilterParams, Masked, real_setting
 from ..space import SPACES
 from ..torch_ops import BACKENDS
+from ._calls import call_loss, call_token_losses
 
 __all__ = ["SUPPORTED_LOSS_NAMES", "SUPPORTED_LOSS_TYPES", "KPOConfig", "KPOTrainer"]
 
 SUPPORTED_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
-_KPO_LOSSES = ("kpo", "kpo_clipped")
-#: The losses of :mod:`kpo_rs.loss_table` that TRL's aggregations can apply to.
-SUPPORTED_LOSS_NAMES = tuple(n for n in LOSS_NAMES if get_loss(n).honours_agg_mode)
+#: The losses TRL's aggregations can apply to: every registered loss whose ``stacks`` include
+#: trl and whose aggregation is not fixed (a live view: a loss registered later is there too).
+SUPPORTED_LOSS_NAMES = LossNames("trl", where=lambda spec: spec.honours_agg_mode)
 # Settings of the table's losses that the trainer passes itself.
 _TRAINER_SETTINGS = ("loss_agg_mode", "rollout_is_weights", "global_batch_info")
 _FILTER_FIELDS = ("kpo_q", "kpo_r", "kpo_p0", "kpo_masked", "kpo_space", "kpo_grad", "kpo_backend")
@@ -115,7 +115,7 @@ class KPOConfig(GRPOConfig):
     kpo_loss_name: str = field(
         default="kpo_clipped",
         metadata={
-            "help": "Policy loss, a name of kpo_rs.loss_table: 'kpo_clipped' (default), 'kpo', "
+            "help": "Policy loss, a name of kpo_rs.losses.LOSSES: 'kpo_clipped' (default), 'kpo', "
             "or a baseline or peer (" + ", ".join(repr(n) for n in SUPPORTED_LOSS_NAMES) + ")."
         },
     )
@@ -201,17 +201,17 @@ class KPOConfig(GRPOConfig):
         if self.kpo_loss_name not in SUPPORTED_LOSS_NAMES:
             why = (
                 f"{self.kpo_loss_name!r} fixes its own aggregation, which TRL's loss_type sets"
-                if self.kpo_loss_name in LOSS_NAMES
+                if self.kpo_loss_name in LOSSES
                 else f"got {self.kpo_loss_name!r}"
             )
-            raise ValueError(f"kpo_loss_name must be one of {SUPPORTED_LOSS_NAMES}: {why}")
+            raise ValueError(f"kpo_loss_name must be one of {tuple(SUPPORTED_LOSS_NAMES)}: {why}")
         self._check_loss_kwargs()
         ignored = [
             f
             for f in (*_FILTER_FIELDS, "kpo_epsilon_low", "kpo_epsilon_high")
             if getattr(self, f) != _FIELD_DEFAULTS[f]
         ]
-        if self.kpo_loss_name not in _KPO_LOSSES and ignored:
+        if not self.kpo_loss_spec.filtered and ignored:
             warnings.warn(
                 f"{', '.join(ignored)} only apply to kpo_loss_name 'kpo' or 'kpo_clipped', "
                 f"not {self.kpo_loss_name!r}",
@@ -290,7 +290,7 @@ class KPOConfig(GRPOConfig):
             return
         if not isinstance(kwargs, dict):
             raise TypeError(f"kpo_loss_kwargs must be a dict, got {type(kwargs).__name__}")
-        if self.kpo_loss_name in _KPO_LOSSES:
+        if self.kpo_loss_spec.filtered:
             raise ValueError(
                 "kpo_loss_kwargs is for the table's other losses; KPO's settings are the kpo_* "
                 "fields (kpo_q, kpo_epsilon_low, ...)"
@@ -314,7 +314,7 @@ class KPOConfig(GRPOConfig):
 
     @property
     def kpo_loss_spec(self) -> LossSpec:
-        """The :mod:`kpo_rs.loss_table` entry of ``kpo_loss_name``."""
+        """The :mod:`kpo_rs.losses` entry of ``kpo_loss_name``."""
         return get_loss(self.kpo_loss_name)
 
     @property
@@ -367,7 +367,7 @@ class KPOTrainer(GRPOTrainer):
             **fit,
             "clip": (
                 (a.kpo_epsilon_low, a.kpo_epsilon_high)
-                if a.kpo_loss_name == "kpo_clipped"
+                if "clip" in a.kpo_loss_spec.from_stack
                 else None
             ),
             "clip_ratio_c": a.delta,
@@ -436,17 +436,20 @@ class KPOTrainer(GRPOTrainer):
         mode: str,
         inputs: dict,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """A loss of :mod:`kpo_rs.loss_table` aggregated as TRL's ``loss_type``: its token sum
+        """A loss of :mod:`kpo_rs.losses` aggregated as TRL's ``loss_type``: its token sum
         with the aggregation's weights times the entropy mask and vLLM ratio (``token_weights``)."""
         weights = self._token_weights(mask, mode, inputs).to(logps.dtype) * token_weights
-        return self.args.kpo_loss_spec(
+        return call_loss(
+            self.args.kpo_loss_spec,
             old_logps,
             logps,
             advantages,
             mask.bool(),
-            loss_agg_mode="token-sum",
-            rollout_is_weights=weights,
-            **self.args.kpo_loss_keywords,
+            {
+                **self.args.kpo_loss_keywords,
+                "loss_agg_mode": "token-sum",
+                "rollout_is_weights": weights,
+            },
         )
 
     def _compute_loss(self, model: Any, inputs: dict) -> torch.Tensor:
@@ -500,15 +503,14 @@ class KPOTrainer(GRPOTrainer):
                 # the raw token ratio, differentiable, as GRPOTrainer
                 per_token_kl = per_token_kl * torch.exp(logps - old_logps)
 
-        if self.args.kpo_loss_name in _KPO_LOSSES:
+        spec = self.args.kpo_loss_spec
+        if spec.filtered and spec.token_losses is not None:
             # GRPOTrainer's own sequence of operations (with every gain 1, the same numbers)
-            per_token_loss, stats = kpo_token_losses(
-                old_logps,
-                logps,
-                advantages.expand_as(logps),
-                mask.bool(),
-                engine_log_prob=inputs.get("sampling_per_token_logps"),
-                **self._kpo_settings(),
+            settings = self._kpo_settings()
+            if "engine_log_prob" in spec.accepted:
+                settings["engine_log_prob"] = inputs.get("sampling_per_token_logps")
+            per_token_loss, stats = call_token_losses(
+                spec, old_logps, logps, advantages.expand_as(logps), mask.bool(), settings
             )
             if (
                 off_policy
