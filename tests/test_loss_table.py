@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from helpers import requires
 from kpo_rs import losses
 from kpo_rs.losses import LOSS_NAMES, LOSSES, LossSpec, get_loss
 
@@ -96,3 +97,117 @@ def test_unknown_setting_is_named():
         get_loss("gspo")(old, logp, adv, mask, clip_ratio_c=3.0)
     with pytest.raises(ValueError, match="has no setting 'bogus'"):
         LossSpec("x", losses.ppo_clip_loss, {"bogus": 1}, "d", "arXiv 0")
+
+
+def _plain_token_losses(old_log_prob, log_prob, advantages, response_mask, *, scale=1.0):
+    """A new loss's per-token form for the registration test: ``-scale * A * exp(logp - old)``
+    with no clip, and verl's three metric names."""
+    ratio = torch.exp(log_prob - old_log_prob)
+    mask = response_mask.bool()
+    zero = torch.zeros((), dtype=log_prob.dtype, device=log_prob.device)
+    metrics = {
+        "pg_clipfrac": zero,
+        "pg_clipfrac_lower": zero,
+        "ppo_kl": losses.agg_loss((old_log_prob - log_prob).detach(), mask, "token-mean"),
+    }
+    return -scale * advantages * ratio, metrics
+
+
+def _plain_loss(
+    old_log_prob, log_prob, advantages, response_mask, *, scale=1.0,
+    loss_agg_mode="token-mean", rollout_is_weights=None, global_batch_info=None,
+):  # fmt: skip
+    token, metrics = _plain_token_losses(
+        old_log_prob, log_prob, advantages, response_mask, scale=scale
+    )
+    if rollout_is_weights is not None:
+        token = token * rollout_is_weights
+    info = {k: v for k, v in (global_batch_info or {}).items() if v is not None}
+    return losses.agg_loss(token, response_mask, loss_agg_mode, **info), metrics
+
+
+@requires("verl", "trl")
+def test_a_loss_registered_at_run_time_is_offered_by_every_plugin(tmp_path):
+    """Adding a loss is its function with ``@register_loss``: registered at run time (after the
+    plug-ins were imported) it is in the table and offered by verl (in verl's own registry),
+    SkyRL, prime-rl, slime and TRL, and computes the same loss there as called directly; once
+    unregistered it is offered nowhere."""
+    from verl.trainer.ppo.core_algos import POLICY_LOSS_REGISTRY, get_policy_loss_fn
+
+    import kpo_rs.integrations.verl as kpo_verl
+    from helpers import verl_actor_config
+    from kpo_rs.integrations import prime_rl, skyrl, slime
+    from kpo_rs.integrations import trl as kpo_trl
+
+    name = "plain_pg_runtime"
+    assert name not in LOSSES
+    losses.register_loss(
+        name,
+        defaults={"scale": 0.5, "loss_agg_mode": "token-mean"},
+        paper="a test loss, no paper",
+        description="Half the plain policy gradient with the importance ratio (a test).",
+        token_losses=_plain_token_losses,
+    )(_plain_loss)
+    try:
+        assert get_loss(name).stacks == losses.STACKS and name not in LOSS_NAMES
+        old, logp, adv, mask = _batch(3)
+        want, _ = get_loss(name)(old, logp, adv, mask)
+        torch.testing.assert_close(want, _plain_loss(old, logp, adv, mask, scale=0.5)[0])
+        # verl: registered in verl's registry as it was registered here
+        assert name in kpo_verl.LOSS_MODES
+        fn = get_policy_loss_fn(name)
+        assert fn is kpo_verl.policy_loss(name) is getattr(kpo_verl, f"compute_policy_loss_{name}")
+        got, metrics = fn(old, logp, adv, mask, loss_agg_mode="token-mean",
+                          config=verl_actor_config())  # fmt: skip
+        torch.testing.assert_close(got, want)
+        assert isinstance(metrics["actor/ppo_kl"], float)
+        # SkyRL: the masked token sum of its pre-scaled advantages
+        assert name in skyrl.LOSS_NAMES
+        sky = getattr(skyrl, f"{name}_policy_loss")
+        assert sky is skyrl.policy_loss(name)
+        got, _ = sky(logp, old, adv, None, mask)
+        torch.testing.assert_close(got, get_loss(name)(old, logp, adv, mask,
+                                                       loss_agg_mode="token-sum")[0])  # fmt: skip
+        # prime-rl and slime: served by the module under the name their configs give
+        assert name in prime_rl.LOSS_NAMES and name in slime.LOSS_NAMES
+        assert getattr(prime_rl, f"{name}_loss") is prime_rl.loss_fn(name)
+        assert getattr(slime, f"{name}_loss") is slime.loss_fn(name)
+        # TRL: a kpo_loss_name its config accepts
+        assert name in kpo_trl.SUPPORTED_LOSS_NAMES
+        config = kpo_trl.KPOConfig(
+            output_dir=str(tmp_path), report_to=[], use_cpu=True, kpo_loss_name=name
+        )
+        assert config.kpo_loss_spec is get_loss(name)
+    finally:
+        losses.unregister_loss(name)
+    assert name not in LOSSES and name not in POLICY_LOSS_REGISTRY
+    for offered in (kpo_verl.LOSS_MODES, skyrl.LOSS_NAMES, prime_rl.LOSS_NAMES, slime.LOSS_NAMES,
+                    kpo_trl.SUPPORTED_LOSS_NAMES):  # fmt: skip
+        assert name not in offered
+    with pytest.raises(AttributeError):
+        getattr(prime_rl, f"{name}_loss")
+    with pytest.raises(ValueError, match="name must be one of"):
+        skyrl.policy_loss(name)
+    with pytest.raises(ValueError, match="kpo_loss_name must be one of"):
+        kpo_trl.KPOConfig(output_dir=str(tmp_path), report_to=[], use_cpu=True, kpo_loss_name=name)
+
+
+def test_registration_refuses_what_a_plugin_could_not_run():
+    """A taken name, a default the function does not take, an unknown stack, slime without a
+    per-token form: one-line ValueErrors naming the argument."""
+    cases = [
+        ({"name": "grpo"}, "name: loss 'grpo' is already registered"),
+        ({"defaults": {"clip": 0.2}}, "has no setting 'clip'"),
+        ({"stacks": ("openrlhf",)}, "stacks: unknown"),
+        ({"stacks": ("slime",)}, "stacks: 'slime' aggregates per-token losses itself"),
+        ({"from_stack": ("kl",)}, "from_stack: unknown"),
+        ({"description": "two\nlines"}, "description must be one non-empty line"),
+    ]
+    for change, message in cases:
+        kw = {"name": "never_registered", "defaults": {}, "paper": "p", "description": "d"}
+        kw.update(change)
+        with pytest.raises(ValueError, match=message):
+            losses.register_loss(kw.pop("name"), **kw)(_plain_loss)
+        assert "never_registered" not in LOSSES
+    with pytest.raises(ValueError, match="no loss 'never_registered' is registered"):
+        losses.unregister_loss("never_registered")

@@ -319,7 +319,7 @@ def _global_batch_info(config: Any) -> dict[str, Any]:
 def _verl_metrics(metrics: dict[str, torch.Tensor], prefix: str) -> dict[str, float]:
     """verl's own names pass through as they are; the loss's own go under ``actor/<prefix>/``."""
     verl_names = ("pg_clipfrac", "ppo_kl", "pg_clipfrac_lower")
-    out = {f"actor/{k}": float(metrics[k]) for k in verl_names}
+    out = {f"actor/{k}": float(metrics[k]) for k in verl_names if k in metrics}
     out.update({f"actor/{prefix}/{k}": float(v) for k, v in metrics.items() if k not in verl_names})
     return out
 
