@@ -32,6 +32,8 @@ neighbours):
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 __all__ = ["ACF_LAGS", "PREMISE_METRICS", "clip_shares", "premise_metrics", "series_statistics"]
@@ -57,42 +59,63 @@ _TINY = 1e-30
 
 
 def series_statistics(
-    values: torch.Tensor, mask: torch.Tensor, lags: tuple[int, ...] = ACF_LAGS
+    values: Sequence[torch.Tensor] | torch.Tensor,
+    mask: torch.Tensor,
+    lags: tuple[int, ...] = ACF_LAGS,
 ) -> torch.Tensor:
-    """Mean, standard deviation and pooled autocorrelations of each of a stack of series.
+    """Mean, standard deviation and pooled autocorrelations of each of ``k`` series.
 
     Args:
-        values: ``[k, batch, time]`` float tensor (``k`` series sharing one mask); values at
-            masked positions are ignored, whatever they are (NaN included).
+        values: ``k`` float tensors ``[batch, time]`` (or one ``[k, batch, time]``) sharing one
+            mask and dtype; values at masked positions are ignored, whatever they are (NaN too).
         mask: ``[batch, time]`` bool, True at valid tokens.
         lags: positive lags, in valid tokens.
 
     Returns:
         ``[k, 2 + len(lags)]`` in ``values``' dtype and device: mean, std, then the
         autocorrelation at each lag (the module's definitions).
+
+    How (a dozen passes over the batch, most of them dot products): each row's valid tokens
+    are moved to its front (a scatter by the count of valid tokens so far) in a buffer with
+    ``max(lags) + 1`` zero columns after each row, so that one flat dot product ``f[k:] . f[:-k]``
+    sums every lag-``k`` pair of a row and no pair across rows. The sums are raw; centring on the
+    mean is applied to them in closed form, with the pairs' first and second members' sums
+    (the row sums less the last or first ``k`` valid tokens of each row).
     """
-    k, _, length = values.shape
-    dtype = values.dtype
+    series = list(values)
+    batch, length = mask.shape
+    dtype, device = series[0].dtype, series[0].device
+    gap = (max(lags) if lags else 0) + 1
+    width = length + gap
     # int32 counts: on CPU an int64 cumsum and where cost ten times as much (a row is < 2^31)
     count = torch.cumsum(mask, dim=-1, dtype=torch.int32)
     n_row = count[:, -1:]  # [batch, 1]
-    n = n_row.sum().to(dtype)
-    # the valid tokens moved to the front of their row, in order (masked ones to a spare column)
-    slot = torch.where(mask, count - 1, length).long().expand(k, -1, -1)
-    front = values.new_zeros(k, mask.shape[0], length + 1)
-    front.scatter_(-1, slot, torch.where(mask, values, 0.0))
-    front = front[..., :length]
-    mean = front.sum(dim=(1, 2)) / n.clamp(min=1)  # [k]
-    in_row = torch.arange(length, device=values.device) < n_row  # [batch, time]
-    centred = torch.where(in_row, front - mean[:, None, None], 0.0)
-    var = centred.square().sum(dim=(1, 2)) / n.clamp(min=1)
+    n = n_row.sum().to(dtype).clamp(min=1)
+    slot = torch.where(mask, count - 1, width - 1).long()  # masked (zeroed) values: last column
+    front = torch.zeros(len(series), batch, width, dtype=dtype, device=device)
+    for i, v in enumerate(series):
+        front[i].scatter_(-1, slot, torch.where(mask, v, 0.0))
+    flat = front.reshape(len(series), -1)
+    total = flat.sum(dim=-1)  # [k]
+    square = (flat * flat).sum(dim=-1)
+    mean = total / n
+    var = (square / n - mean * mean).clamp(min=0.0)
     out = [mean, var.sqrt()]
+    if lags:
+        top = max(lags)
+        # the last `top` valid tokens of each row (zero where the row is shorter)
+        index = n_row - top + torch.arange(top, device=device, dtype=torch.int32)
+        tail = front.gather(-1, index.clamp(min=0).long().expand(len(series), -1, -1))
+        tail = torch.where(index >= 0, tail, 0.0).sum(dim=1)  # [k, top], by distance from the end
+        tail_sums = tail.flip(-1).cumsum(dim=-1)  # [k, top]: sum of each row's last j + 1
+        head_sums = front[..., :top].sum(dim=1).cumsum(dim=-1)  # [k, top]: of the first j + 1
     for lag in lags:
-        if lag >= length:
-            out.append(values.new_zeros(k))
-            continue
         pairs = (n_row - lag).clamp(min=0).sum().to(dtype)
-        cov = (centred[..., lag:] * centred[..., :-lag]).sum(dim=(1, 2)) / pairs.clamp(min=1)
+        products = (flat[:, lag:] * flat[:, :-lag]).sum(dim=-1)
+        firsts = total - tail_sums[:, lag - 1]  # tokens with lag more after them in the row
+        seconds = total - head_sums[:, lag - 1]  # tokens with lag more before them
+        cov = products / pairs.clamp(min=1) - mean * (firsts + seconds) / pairs.clamp(min=1)
+        cov = torch.where(pairs > 0, cov + mean * mean, 0.0)
         out.append(cov / var.clamp(min=_TINY))
     return torch.stack(out, dim=1)
 
@@ -143,25 +166,21 @@ def premise_metrics(
         mismatch: ``[batch, time]`` ``old_logp - engine_logp`` (nats), or None.
     """
     mask = mask.bool()
-    series = [z] if mismatch is None else [z, mismatch.to(z.dtype)]
-    stats = series_statistics(torch.stack(series), mask)
+    series = [z, x.to(z.dtype)] + ([] if mismatch is None else [mismatch.to(z.dtype)])
+    stats = series_statistics(series, mask)
     out: dict[str, torch.Tensor] = {
         "kpo_log_ratio_mean": stats[0, 0],
         "kpo_log_ratio_std": stats[0, 1],
     }
     for i, lag in enumerate(ACF_LAGS):
         out[f"kpo_log_ratio_acf{lag}"] = stats[0, 2 + i]
-    # the filtered log-ratio's variance, about its own mean over the valid tokens
-    n = mask.sum().clamp(min=1)
-    x_valid = torch.where(mask, x, 0.0)
-    x_mean = x_valid.sum() / n
-    x_var = torch.where(mask, x - x_mean, 0.0).square().sum() / n
-    out["kpo_filtered_var_ratio"] = x_var / stats[0, 1].square().clamp(min=_TINY)
+    # the filtered log-ratio's variance (about its own mean) over the raw one's
+    out["kpo_filtered_var_ratio"] = stats[1, 1].square() / stats[0, 1].square().clamp(min=_TINY)
     if advantages is not None and rt is not None and clipped is not None:
         pos, neg = clip_shares(advantages, rt, clipped, mask)
         out["kpo_clip_share_pos"], out["kpo_clip_share_neg"] = pos, neg
     if mismatch is not None:
-        out["kpo_mismatch_mean"] = stats[1, 0]
-        out["kpo_mismatch_std"] = stats[1, 1]
-        out["kpo_mismatch_acf1"] = stats[1, 2]
+        out["kpo_mismatch_mean"] = stats[2, 0]
+        out["kpo_mismatch_std"] = stats[2, 1]
+        out["kpo_mismatch_acf1"] = stats[2, 2]
     return out
