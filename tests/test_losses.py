@@ -291,9 +291,14 @@ def test_switch_rate_equals_a_plain_loop(shape, seed, hole_rate):
     ],
 )
 @pytest.mark.parametrize("grad", ["token", "filter"])
-def test_non_finite_input_is_named_as_the_loss_argument(log_prob_value, old_value, name, grad):
+@pytest.mark.parametrize("backend", ["rust", "scan"])
+def test_non_finite_input_is_named_as_the_loss_argument(
+    log_prob_value, old_value, name, grad, backend
+):
     """A NaN or inf the filter reads is reported under the loss's own argument name, at its row
-    and position (the filter itself knows only its ``values``)."""
+    and position (the filter itself knows only its ``values``), on the Rust core and on the
+    torch scan (``"auto"`` on CUDA): the one-line error, raised by the loss. (The triton
+    backend's case: tests/test_triton.py.)"""
     old = torch.zeros(2, 5, dtype=torch.float64)
     logp = torch.full((2, 5), -0.5, dtype=torch.float64)
     adv = torch.ones(2, 5, dtype=torch.float64)
@@ -302,4 +307,4 @@ def test_non_finite_input_is_named_as_the_loss_argument(log_prob_value, old_valu
     with pytest.raises(
         ValueError, match=rf"^{re.escape(name)}: non-finite value at row 1, position 3$"
     ):
-        losses.kpo_loss(old, logp, adv, mask, grad=grad)
+        losses.kpo_loss(old, logp, adv, mask, grad=grad, backend=backend)

@@ -1026,3 +1026,56 @@ def test_specialised_ptx_of_every_variant(name, dtype, constexprs):
     assert ".local" not in ptx
     assert " 0 bytes spill stores" in report and " 0 bytes spill loads" in report, report
     assert int(re.search(r"Used (\d+) registers", report).group(1)) <= REGISTER_BUDGET, report
+
+
+@pytest.mark.parametrize("grad", ["token", "filter"])
+def test_a_nan_log_prob_raises_the_named_error_from_the_kpo_loss(grad):
+    """With the triton backend (here under the interpreter) a NaN log-prob at a valid token
+    raises the CPU path's one-line error from the KPO loss itself (``check="sync"``, the
+    losses' default); with ``check="deferred"`` the loss returns and
+    ``kpo_rs.losses.check_finite`` raises the same error where the caller synchronises."""
+    from kpo_rs import losses
+
+    old = torch.zeros(3, 40, dtype=torch.float32)
+    logp = torch.full((3, 40), -0.5, dtype=torch.float32)
+    adv, mask = torch.ones(3, 40), torch.ones(3, 40, dtype=torch.bool)
+    logp[2, 17] = math.nan
+    message = r"^log_prob: non-finite value at row 2, position 17$"
+    with pytest.raises(ValueError, match=message):
+        losses.kpo_clipped_loss(old, logp, adv, mask, grad=grad, backend="triton")
+    loss, _ = losses.kpo_clipped_loss(
+        old, logp, adv, mask, grad=grad, backend="triton", check="deferred"
+    )
+    assert torch.isnan(loss)  # the bad row's outputs, not yet reported
+    with pytest.raises(ValueError, match=message):
+        losses.check_finite(old, logp)
+    losses.check_finite(old, logp)  # reported once: the record is cleared
+
+
+def test_a_plugin_reports_a_nan_log_prob_after_its_metrics_sync(monkeypatch):
+    """verl's plug-in with ``KPO_BACKEND=triton`` runs the loss with ``check="deferred"`` (no
+    synchronisation of its own) and raises the named error right after it turns the metrics into
+    floats, the synchronisation its logging makes anyway."""
+    pytest.importorskip("verl")
+    import kpo_rs.integrations.verl as kpo_verl
+    from helpers import verl_actor_config
+    from kpo_rs.integrations import _calls
+
+    seen = []
+    real = _calls.call_loss
+
+    def spy(spec, *args, **kw):
+        seen.append(kw.get("floats"))
+        return real(spec, *args, **kw)
+
+    monkeypatch.setattr(kpo_verl, "call_loss", spy)
+    monkeypatch.setenv("KPO_BACKEND", "triton")
+    old = torch.zeros(2, 24, dtype=torch.float32)
+    logp = torch.full((2, 24), -0.5, dtype=torch.float32)
+    logp[0, 9] = math.inf
+    adv, mask = torch.ones(2, 24), torch.ones(2, 24)
+    with pytest.raises(ValueError, match=r"^log_prob: non-finite value at row 0, position 9$"):
+        kpo_verl.policy_loss("kpo_clipped")(
+            old, logp, adv, mask, loss_agg_mode="token-mean", config=verl_actor_config()
+        )
+    assert seen == [True]
