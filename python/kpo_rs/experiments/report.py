@@ -55,6 +55,7 @@ __all__ = [
     "preregistered",
     "primary_metric",
     "read_plan",
+    "read_plan_arms",
     "read_results",
     "read_runs",
     "rebuild",
@@ -973,17 +974,20 @@ def write_report(
     parts += [
         "## Protocol",
         "",
-        "Every loss runs the same seeds; a seed fixes the initial policy and every random draw "
-        "of the rollouts, so runs of different losses start from the same policy and draw from "
-        "the same random streams; they diverge only through what the loss does. Each loss runs "
-        "at the settings of its entry in `kpo_rs.loss_table`; the KPO losses take the filter's "
-        "settings from the grid: the filter arm (*authors*: q = 1e-6, r = 1, p0 = 0; "
-        "*window:W*: q / r = 1 / W^2, r = 1, p0 = 0; *fit*: q and r by maximum likelihood on "
-        "the log-ratios of the run's first steps, which ran at the authors' settings), and "
-        "KPO-clipped's band (3e-4, 4e-4) scaled by the filter's mean data weight over the "
-        "authors' at the answer length, so that it bounds the same drift of the raw log-ratio "
-        "(0.11 / 0.15 at 128 tokens). The engine samples with the mismatch of the regime and "
-        "its log-probs are old_log_prob under *old logp engine* (bypass mode). "
+        "Every variant runs the same seeds; a seed fixes the initial policy and every random "
+        "draw of the rollouts, so runs of different variants start from the same policy and "
+        "draw from the same random streams; they diverge only through what the variant does. "
+        "Each loss runs at the settings of its entry in `kpo_rs.losses.table` unless its "
+        "variant overrides them; the KPO losses take the filter arm (*authors*: q = 1e-6, "
+        "r = 1, p0 = 0; *window:W*: q / r = 1 / W^2, r = 1, p0 = 0; *fit*: q and r by maximum "
+        "likelihood on the log-ratios of the run's first steps, which ran at the authors' "
+        "settings). A variant's band is the loss's own (KPO-clipped: the authors' (3e-4, "
+        "4e-4)) unless it names one: *rescaled* is the rescaled band (kpo-rs variant), the "
+        "authors' band times the filter's mean data weight over the authors' filter's at the "
+        "answer length (x291 at a 16-token window and 128 tokens: about (0.0875, 0.1166)); the "
+        "column `band` of results.csv gives each run's band. The engine samples with the "
+        "mismatch of the regime; *bypass* variants take its log-probs as old_log_prob, "
+        "*decoupled* ones the trainer's recomputation. "
         + (
             "The learning rate of each variant and regime was chosen from the grid by the mean "
             f"primary metric ({metric}) on separate tuning seeds, then the reported seeds ran "
@@ -1021,8 +1025,27 @@ def rebuild(out: Path, *, command: str) -> tuple[Path, list[str]]:
     figures = [p.name for p in write_plots(rows, out)]
     report = out / "report.md"
     contrasts, _ = read_plan(out)  # every stored run is reported: no planned count
-    write_report(rows, report, command=command, planned=None, figures=figures, contrasts=contrasts)
+    arms = read_plan_arms(out)
+    write_report(
+        rows,
+        report,
+        command=command,
+        planned=None,
+        figures=figures,
+        contrasts=contrasts,
+        arms=arms or None,
+    )
     return report, figures
+
+
+def read_plan_arms(out: Path) -> dict[str, str]:
+    """The arms' descriptions (name -> loss and run settings) ``OUT/plan.json`` records."""
+    try:
+        payload = json.loads(Path(out, "plan.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    arms = payload.get("arms", {})
+    return {str(k): str(v) for k, v in arms.items()} if isinstance(arms, dict) else {}
 
 
 def read_plan(out: Path) -> tuple[list[tuple[str, str]], int | None]:

@@ -747,6 +747,7 @@ def _write_plan(cfg: SweepConfig, out: Path, total: int, command: str) -> None:
         "planned": total,
         "task": TASK_VERSION,
         "variants": [v.spec() for v in cfg.arms()],
+        "arms": {v.name: v.describe() for v in cfg.arms()},
         "mismatches": list(cfg.mismatches),
         "contrasts": [list(c) for c in cfg.contrasts],
     }
