@@ -536,3 +536,33 @@ def test_a_backend_registered_at_runtime_is_resolved_and_run():
     finally:
         backends.unregister("rust_twin")
     assert backends.resolve("auto", torch.device("cpu")) == "rust"
+
+
+def test_one_packed_keyword_in_the_numpy_api_and_the_torch_op():
+    """``cu_seqlens=`` names the packed layout in both APIs: the numpy filter, its adjoint and
+    the log-likelihood take it as the torch op does, equal bitwise to the ``*_packed`` calls and
+    to the op on the Rust core (the same kernel); a padded call is the default (None)."""
+    rng = np.random.default_rng(5)
+    cu = np.array([0, 7, 7, 20, 41], dtype=np.int64)
+    z = rng.normal(size=41)
+    mask = rng.random(41) < 0.8
+    g = rng.normal(size=41)
+    x = kpo_rs.kalman_filter(z, mask, cu_seqlens=cu, q=1e-3)
+    assert np.array_equal(x, kpo_rs.kalman_filter_packed(z, cu, mask, q=1e-3))
+    op = torch_ops.kalman_filter(
+        torch.from_numpy(z), torch.from_numpy(mask), cu_seqlens=torch.from_numpy(cu), q=1e-3,
+        backend="rust",
+    )  # fmt: skip
+    assert np.array_equal(op.numpy(), x)
+    for got, want in zip(
+        kpo_rs.kalman_filter_adjoint(g, mask, cu_seqlens=cu, q=1e-3),
+        kpo_rs.kalman_filter_packed_adjoint(g, cu, mask, q=1e-3),
+    ):
+        assert np.array_equal(got, want)
+    assert np.array_equal(
+        kpo_rs.log_likelihood(z, mask, cu_seqlens=cu), kpo_rs.log_likelihood_packed(z, cu, mask)
+    )
+    padded = z[:40].reshape(2, 20)
+    assert np.array_equal(
+        kpo_rs.kalman_filter(padded), kpo_rs.kalman_filter(padded, cu_seqlens=None)
+    )

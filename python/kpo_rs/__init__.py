@@ -15,6 +15,10 @@ Layouts
     allowed);
     packed: ``values`` ``[total]`` split into rows by ``cu_seqlens`` ``[batch + 1]`` (int32 or
     int64, first 0, non-decreasing, last ``total``), with an optional ``mask`` ``[total]``.
+    One keyword names the packed layout everywhere, as in the torch op
+    (:func:`kpo_rs.torch_ops.kalman_filter`): ``kalman_filter(values, mask, cu_seqlens=cu)``,
+    and likewise ``kalman_filter_adjoint``, ``log_likelihood`` and ``innovation_sums``; the
+    ``*_packed`` functions are those calls with ``cu_seqlens`` positional.
 
 Dtypes
     float32 and float64 are computed natively (state kept in the input dtype, gains formed in
@@ -129,6 +133,11 @@ def _offsets(cu_seqlens: Any) -> Any:
     return _as_array(cu_seqlens)
 
 
+def _packed(cu_seqlens: Any) -> Any:
+    """``cu_seqlens`` for the native module: None (padded) or the offsets as an array."""
+    return None if cu_seqlens is None else _as_array(cu_seqlens)
+
+
 def _restore(out: np.ndarray, dtype: np.dtype | None) -> np.ndarray:
     return out if dtype is None else out.astype(dtype)
 
@@ -152,26 +161,31 @@ def kalman_filter(
     values: np.ndarray,
     mask: np.ndarray | None = None,
     *,
+    cu_seqlens: np.ndarray | None = None,
     params: FilterParams | None = None,
     **overrides: Unpack[FilterOverrides],
 ) -> np.ndarray:
-    """Causal Kalman filter of each row of a padded batch.
+    """Causal Kalman filter of each row of a padded batch, or of packed rows.
 
     Args:
         values: ``[batch, time]`` float32/float64/float16 observations ``z`` (for KPO the
-            log-ratios ``logp - old_logp``).
-        mask: optional ``[batch, time]`` bool, True where the token is valid (or integers 0/1).
+            log-ratios ``logp - old_logp``); with ``cu_seqlens``, packed rows ``[total]``.
+        mask: optional bool shaped like ``values``, True where the token is valid (or integers
+            0/1).
+        cu_seqlens: optional ``[batch + 1]`` int32/int64 offsets of packed rows: row ``i`` is
+            ``values[cu_seqlens[i]:cu_seqlens[i + 1]]`` (first 0, non-decreasing, last
+            ``total``); :func:`kalman_filter_packed` is this call with it positional.
         params: the settings (default ``FilterParams()``, the KPO authors').
         **overrides: ``q``, ``r``, ``p0``, ``m0``, ``masked`` for this call, over ``params``
             (see :class:`FilterParams`).
 
     Returns:
-        ``[batch, time]`` filtered states ``x`` in the dtype of ``values``; ``x`` at a valid token
-        is the estimate from that row's valid tokens up to and including it.
+        Filtered states ``x`` shaped like ``values``, in its dtype; ``x`` at a valid token is
+        the estimate from that row's valid tokens up to and including it.
     """
     p = resolve_params(params, **overrides)
     z, dtype = _prepare(values)
-    out = _core.filter(z, None, _mask(mask), p.variances, p.m0, p.masked)
+    out = _core.filter(z, _packed(cu_seqlens), _mask(mask), p.variances, p.m0, p.masked)
     return _restore(out, dtype)
 
 
@@ -179,6 +193,7 @@ def kalman_filter_adjoint(
     grad: np.ndarray,
     mask: np.ndarray | None = None,
     *,
+    cu_seqlens: np.ndarray | None = None,
     params: FilterParams | None = None,
     **overrides: Unpack[FilterOverrides],
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -191,16 +206,17 @@ def kalman_filter_adjoint(
         grad: ``[batch, time]`` float32/float64/float16 upstream gradient with respect to the
             filter's output (read at every position under ``masked="hold"``, since held outputs
             depend on the state; only at valid positions under ``"zero"``).
-        mask, params, **overrides: as given to the forward call (the adjoint does not depend on
-            ``m0``; it is accepted so that one set of settings serves both).
+        mask, cu_seqlens, params, **overrides: as given to the forward call (the adjoint does not
+            depend on ``m0``; it is accepted so that one set of settings serves both); with
+            ``cu_seqlens`` ``grad`` is packed ``[total]``.
 
     Returns:
-        ``(dvalues, dm0)``: ``[batch, time]`` gradient with respect to ``values`` (zero at masked
-        positions) and ``[batch]`` gradient with respect to each row's prior mean ``m0``.
+        ``(dvalues, dm0)``: gradient with respect to ``values`` shaped like ``grad`` (zero at
+        masked positions) and ``[batch]`` gradient with respect to each row's prior mean ``m0``.
     """
     p = resolve_params(params, **overrides)
     g, dtype = _prepare(grad)
-    dz, dm0 = _core.adjoint(g, None, _mask(mask), p.variances, p.masked)
+    dz, dm0 = _core.adjoint(g, _packed(cu_seqlens), _mask(mask), p.variances, p.masked)
     return _restore(dz, dtype), _restore(dm0, dtype)
 
 
@@ -284,14 +300,14 @@ def innovation_sums(
     ``ssq - 2 d cross + d^2 c2``.
     """
     p = resolve_params(params, **overrides)
-    cu = None if cu_seqlens is None else _as_array(cu_seqlens)
-    return _innovation_sums(values, cu, mask, p)
+    return _innovation_sums(values, _packed(cu_seqlens), mask, p)
 
 
 def log_likelihood(
     values: np.ndarray,
     mask: np.ndarray | None = None,
     *,
+    cu_seqlens: np.ndarray | None = None,
     params: FilterParams | None = None,
     **overrides: Unpack[FilterOverrides],
 ) -> np.ndarray:
@@ -312,13 +328,16 @@ def log_likelihood(
         values: ``[batch, time]`` float32/float64/float16 observations (accumulated in
             float64).
         mask: optional ``[batch, time]`` bool, True where the token is valid (or integers 0/1).
+        cu_seqlens: optional ``[batch + 1]`` offsets of packed rows (``values`` ``[total]``), as
+            for :func:`kalman_filter`; :func:`log_likelihood_packed` is this call with it
+            positional.
         params, **overrides: the settings, as for :func:`kalman_filter`.
 
     Returns:
         float64 ``[batch]``.
     """
     p = resolve_params(params, **overrides)
-    return _innovation_sums(values, None, mask, p)[:, 0].copy()
+    return _innovation_sums(values, _packed(cu_seqlens), mask, p)[:, 0].copy()
 
 
 def log_likelihood_packed(
