@@ -352,3 +352,38 @@ def test_triton_op_captured_in_a_cuda_graph_and_replayed():
     graph.replay()
     with pytest.raises(ValueError, match="values: non-finite value at row 3, position 100"):
         tb.raise_if_non_finite()
+
+
+def test_auto_is_the_scan_until_triton_is_validated_on_hardware():
+    """``backend="auto"`` on CUDA is the torch scan until the triton kernels' GPU evidence is
+    committed (docs/gpu.md, ``kpo_rs.backends.triton.TRITON_VALIDATED``)."""
+    from kpo_rs.backends import triton as tb
+
+    want = "triton" if tb.TRITON_VALIDATED else "scan"
+    assert backends.resolve("auto", torch.device("cuda")) == want
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_nan_log_prob_raises_the_named_error_from_the_loss_on_cuda(backend):
+    """On the device the KPO loss raises the CPU path's one-line error (the scan at once; triton
+    at once with the losses' default ``check="sync"``, at ``losses.check_finite`` with
+    ``"deferred"``)."""
+    from kpo_rs import losses
+
+    old = torch.zeros(3, 300, device="cuda")
+    logp = torch.full((3, 300), -0.5, device="cuda")
+    adv, mask = (
+        torch.ones(3, 300, device="cuda"),
+        torch.ones(3, 300, dtype=torch.bool, device="cuda"),
+    )
+    logp[1, 250] = math.nan
+    message = r"^log_prob: non-finite value at row 1, position 250$"
+    with pytest.raises(ValueError, match=message):
+        losses.kpo_clipped_loss(old, logp, adv, mask, backend=backend)
+    if backend != "triton":  # the scan checks every call at once, whatever check says
+        with pytest.raises(ValueError, match=message):
+            losses.kpo_clipped_loss(old, logp, adv, mask, backend=backend, check="deferred")
+        return
+    losses.kpo_clipped_loss(old, logp, adv, mask, backend=backend, check="deferred")
+    with pytest.raises(ValueError, match=message):
+        losses.check_finite(old, logp)
