@@ -600,3 +600,15 @@ def test_a_step_records_the_engines_mean_kl_and_the_unit_error():
     # Bypass: the log-ratio the loss sees carries about -KL as offset.
     assert log.log_ratio_mean < 0
     assert log.unit_error >= 0 and log.raw_error > 0
+
+
+def test_a_minibatch_whose_every_token_is_rejected_makes_no_update():
+    # verl's default geometric-mean band (+-0.1%) rejects every answer of a noisy engine: the
+    # loss has no token to average over (0 / 0), so the lab makes no update at all.
+    cfg = _tiny(mismatch="logit-noise:1", correction="rs-geo")
+    run = demo.Run(cfg, "grpo", 0)
+    before = {k: v.clone() for k, v in run.model.state_dict().items()}
+    log = run.step(0)
+    assert all(torch.equal(before[k], v) for k, v in run.model.state_dict().items())
+    assert log.clip_share_pos == 1.0 and log.clip_share_neg == 1.0
+    assert math.isfinite(log.policy_loss) and log.grad_norm == 0.0

@@ -427,9 +427,12 @@ class Run:
             extra = {} if mb_weights is None else {"rollout_is_weights": mb_weights}
             loss, metrics = self.loss_fn(old_logp[idx], logp, advantages, mb_mask, **extra)
             self.opt.zero_grad(set_to_none=True)
-            loss.backward()
-            norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
-            self.opt.step()
+            if bool(mb_mask.any()):
+                loss.backward()
+                norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
+                self.opt.step()
+            else:  # a rejection masked every token: nothing to learn from, no update
+                loss, norm = torch.zeros(()), torch.zeros(())
             self._snapshot()
             grad_norms.append(float(norm))
             losses.append(loss.item())
