@@ -100,6 +100,7 @@ def test_loss_settings_come_from_the_table_and_take_overrides():
         loss_function("grpo", q=1.0)
 
 
+@pytest.mark.slow  # two training runs
 def test_deterministic_for_a_fixed_seed():
     first = run_demo(_tiny(losses=("kpo_clipped",)))["logs"]
     second = run_demo(_tiny(losses=("kpo_clipped",)))["logs"]
