@@ -273,6 +273,7 @@ def test_bench_takes_tokens_per_row_and_the_old_time_still_works(capsys):
     assert "--tokens-per-row" in out and "--time" not in out
 
 
+@pytest.mark.slow  # a training run (test_demo.py runs the demo through the CLI in the fast tier)
 def test_demo_without_a_terminal_prints_a_plain_table_and_its_footnote(tmp_path, capsys):
     argv = ["demo", "--steps", "2", "--seeds", "1", "--losses", "grpo,kpo"]
     assert cli.main([*argv, "--response-len", "16", "--out", str(tmp_path)]) == 0
