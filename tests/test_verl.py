@@ -468,6 +468,7 @@ def test_a_ppo_scale_clip_that_cannot_bite_warns(monkeypatch):
         )
 
 
+@pytest.mark.slow  # two fresh interpreters importing verl (seconds each)
 def test_bad_environment_fails_when_the_plugin_loads():
     """verl imports the plug-in in each worker as it starts: a bad ``KPO_*`` value fails there,
     with the one-line error a call gives, not at the first loss call after a rollout."""
