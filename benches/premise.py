@@ -25,14 +25,14 @@ from kpo_rs.losses import kpo_clipped_loss
 from kpo_rs.premise import premise_metrics
 
 
-def _timed(fn: Callable[[], Any], device: str) -> float:
+def _timed(fn: Callable[[], Any], device: str, clock: Callable[[], float]) -> float:
     if device == "cuda":
         torch.cuda.synchronize()
-    t = time.perf_counter()
+    t = clock()
     fn()
     if device == "cuda":
         torch.cuda.synchronize()
-    return time.perf_counter() - t
+    return clock() - t
 
 
 def main() -> None:
@@ -42,7 +42,17 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--engine", action="store_true", help="hand in engine log-probs too")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument(
+        "--cpu-time",
+        action="store_true",
+        help="time by the process's CPU time (steadier on a shared machine; with --threads 1 it "
+        "is the work done)",
+    )
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    clock = time.process_time if args.cpu_time else time.perf_counter
     batch, length = (int(v) for v in args.shape.split("x"))
     dtype = getattr(torch, args.dtype)
     g = torch.Generator().manual_seed(0)
@@ -86,13 +96,14 @@ def main() -> None:
         fn()
     best = {"with": math.inf, "without": math.inf, "metrics": math.inf}
     for _ in range(args.repeats):
-        best["with"] = min(best["with"], _timed(step, args.device))
-        best["without"] = min(best["without"], _timed(without, args.device))
-        best["metrics"] = min(best["metrics"], _timed(metrics_only, args.device))
+        best["with"] = min(best["with"], _timed(step, args.device, clock))
+        best["without"] = min(best["without"], _timed(without, args.device, clock))
+        best["metrics"] = min(best["metrics"], _timed(metrics_only, args.device, clock))
     ratio = best["with"] / best["without"]
     print(
         f"kpo_clipped_loss forward+backward, {batch}x{length} {args.dtype} on {args.device}, "
         f"{torch.get_num_threads()} threads, best of {args.repeats}"
+        + (" (process CPU time)" if args.cpu_time else " (wall time)")
         + (" (engine log-probs handed in)" if args.engine else "")
     )
     print(f"  without premise metrics  {best['without'] * 1e3:9.2f} ms")

@@ -91,13 +91,14 @@ def series_statistics(
     count = torch.cumsum(mask, dim=-1, dtype=torch.int32)
     n_row = count[:, -1:]  # [batch, 1]
     n = n_row.sum().to(dtype).clamp(min=1)
-    slot = torch.where(mask, count - 1, width - 1).long()  # masked (zeroed) values: last column
+    slot = torch.where(mask, count - 1, width - 1).long()  # masked values: the last column
     front = torch.zeros(len(series), batch, width, dtype=dtype, device=device)
     for i, v in enumerate(series):
-        front[i].scatter_(-1, slot, torch.where(mask, v, 0.0))
+        front[i].scatter_(-1, slot, v)
+    front[..., -1] = 0.0  # what the masked positions held (NaN included) is dropped here
     flat = front.reshape(len(series), -1)
     total = flat.sum(dim=-1)  # [k]
-    square = (flat * flat).sum(dim=-1)
+    square = torch.stack([f @ f for f in flat])
     mean = total / n
     var = (square / n - mean * mean).clamp(min=0.0)
     out = [mean, var.sqrt()]
@@ -111,7 +112,7 @@ def series_statistics(
         head_sums = front[..., :top].sum(dim=1).cumsum(dim=-1)  # [k, top]: of the first j + 1
     for lag in lags:
         pairs = (n_row - lag).clamp(min=0).sum().to(dtype)
-        products = (flat[:, lag:] * flat[:, :-lag]).sum(dim=-1)
+        products = torch.stack([f[lag:] @ f[:-lag] for f in flat])
         firsts = total - tail_sums[:, lag - 1]  # tokens with lag more after them in the row
         seconds = total - head_sums[:, lag - 1]  # tokens with lag more before them
         cov = products / pairs.clamp(min=1) - mean * (firsts + seconds) / pairs.clamp(min=1)
@@ -126,20 +127,12 @@ def clip_shares(
     """``(positive, negative)``: of the valid tokens with a positive (negative) advantage, the
     share of the gradient magnitude ``|A| * rt`` where ``clipped`` (bool ``[batch, time]``, the
     clip active) removes it; 0-d tensors, 0 where no token has that sign."""
-    # tokens with A = 0 carry no gradient: the negative side is the whole less the positive one
-    magnitude = torch.where(mask, (advantages * rt).abs(), 0.0)
-    removed = torch.where(clipped, magnitude, 0.0)
-    positive = advantages > 0
-    sums = torch.stack(
-        (
-            torch.where(positive, magnitude, 0.0).sum(),
-            magnitude.sum(),
-            torch.where(positive, removed, 0.0).sum(),
-            removed.sum(),
-        )
-    )
-    total = torch.stack((sums[0], sums[1] - sums[0]))
-    cut = torch.stack((sums[2], sums[3] - sums[2]))
+    # with g = A * rt (rt > 0): the positive side sums (|g| + g) / 2, the negative (|g| - g) / 2
+    g = torch.where(mask, advantages * rt, 0.0)
+    removed = torch.where(clipped, g, 0.0)
+    sums = torch.stack((g.abs().sum(), g.sum(), removed.abs().sum(), removed.sum()))
+    total = torch.stack((sums[0] + sums[1], sums[0] - sums[1])) / 2
+    cut = torch.stack((sums[2] + sums[3], sums[2] - sums[3])) / 2
     shares = cut / total.clamp(min=_TINY)
     return shares[0], shares[1]
 
