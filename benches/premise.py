@@ -63,15 +63,15 @@ def main() -> None:
     lengths = torch.randint(length // 4, length + 1, (batch, 1), generator=g)
     mask = (torch.arange(length) < lengths).to(args.device)
     adv = torch.randn(batch, 1, generator=g, dtype=dtype).expand(batch, length).to(args.device)
-    extra = {"engine_log_prob": engine} if args.engine else {}
+    handed = engine if args.engine else None
 
     def step() -> None:
         new = new_base.clone().requires_grad_(True)
-        loss, _ = kpo_clipped_loss(old, new, adv, mask, **extra)
+        loss, _ = kpo_clipped_loss(old, new, adv, mask, engine_log_prob=handed)
         loss.backward()
 
     def without() -> None:
-        kpo_module.premise_metrics = lambda *a, **k: {}  # type: ignore[assignment]
+        kpo_module.premise_metrics = lambda *a, **k: {}
         try:
             step()
         finally:
