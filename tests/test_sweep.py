@@ -490,12 +490,12 @@ def test_the_decisive_preset_is_its_preregistration():
     cfg = sweep_cli.config_from_args(_parse(["--preset", "decisive"]))
     cfg.validate()
     names = [v.name for v in cfg.arms()]
-    assert len(names) == 15 and len(cfg.mismatches) == 4 and cfg.seeds == 16
+    assert len(names) == 16 and len(cfg.mismatches) == 4 and cfg.seeds == 16
     assert cfg.lrs == (5e-3, 1e-2, 2e-2) and cfg.tune_on == "logit-noise:0.25"
     tune, evals = plan(cfg)
-    assert len(tune) == 15 * 3 * 2 and {t.mismatch for t in tune} == {"logit-noise:0.25"}
-    assert len(evals) == 15 * 4 * 16 and len(tune) + len(evals) == 1050
-    assert len(cfg.contrasts) == 12 and all(a in names and b in names for a, b in cfg.contrasts)
+    assert len(tune) == 16 * 3 * 2 and {t.mismatch for t in tune} == {"logit-noise:0.25"}
+    assert len(evals) == 16 * 4 * 16 and len(tune) + len(evals) == 1120
+    assert len(cfg.contrasts) == 13 and all(a in names and b in names for a, b in cfg.contrasts)
     text = (Path(__file__).parents[1] / "docs/sweep/decisive/PREREGISTRATION.md").read_text()
     for v in cfg.arms():  # every arm's spec is written in the pre-registration
         assert f"`{v.name}`" in text and f"`{v.spec().split('=', 1)[1]}`" in text, v.name

@@ -120,8 +120,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--preset",
         choices=sorted(PRESETS),
         help="a named grid: 'decisive' (issue 32's pre-registered sweep, "
-        "docs/sweep/decisive/PREREGISTRATION.md: 15 arms x 4 engines x 16 seeds, learning rate "
-        "tuned on the white engine, 1050 runs, about 2 hours with 2 workers; its report tests "
+        "docs/sweep/decisive/PREREGISTRATION.md: 16 arms x 4 engines x 16 seeds, learning rate "
+        "tuned on the white engine, 1120 runs, about 2.5 hours with 2 workers; its report tests "
         "the pre-registered contrasts only and lists the rest as exploratory), 'mismatch' "
         "(GRPO, gpg, KPO and KPO-clipped with three filter arms, with and without engine logit "
         "noise, 5 learning rates tuned on 2 seeds, 16 reported seeds: 416 runs, about 50 "

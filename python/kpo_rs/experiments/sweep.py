@@ -812,10 +812,10 @@ PRESETS: dict[str, dict[str, Any]] = {
         "steps": 40,
     },
     # Issue 32's decisive, pre-registered sweep (docs/sweep/decisive/PREREGISTRATION.md states
-    # every choice and why; committed before any of its runs). 15 arms x 4 engines x 16
+    # every choice and why; committed before any of its runs). 16 arms x 4 engines x 16
     # reported seeds, learning rate tuned per arm over (5e-3, 1e-2, 2e-2) on 2 tuning seeds on
-    # the white engine only (budget), the chosen rate used on every engine: 90 tuning + 960
-    # reported = 1050 runs, about 2 h on 2 cores. The report tests exactly `contrasts` (per
+    # the white engine only (budget), the chosen rate used on every engine: 96 tuning + 1024
+    # reported = 1120 runs, about 2.5 h on 2 cores. The report tests exactly `contrasts` (per
     # engine, Holm over all of them) and lists every other comparison as exploratory.
     "decisive": {
         "variants": (
@@ -831,6 +831,7 @@ PRESETS: dict[str, dict[str, Any]] = {
             "gpg_dropneg_random=gpg:correction=dropneg-random:16",
             "gpg_dropneg_seq=gpg:correction=dropneg-seq:16",
             "grpo_rs_geo=grpo:correction=rs-geo",
+            "grpo_rs_geo_band=grpo:correction=rs-geo:0.9125:1.1166",
             "grpo_seqmask=grpo:old_logp=trainer,correction=seq-mask",
             "grpo_icepop=grpo:old_logp=trainer,correction=icepop",
             "gspo=gspo:old_logp=trainer,tis=2",
@@ -858,6 +859,7 @@ PRESETS: dict[str, dict[str, Any]] = {
             ("kpoc_resc_log", "gpg_dropneg_random"),
             ("kpoc_resc_log", "gpg_dropneg_seq"),
             ("kpoc_resc_log", "grpo_rs_geo"),
+            ("kpoc_resc_log", "grpo_rs_geo_band"),
             ("kpoc_resc_log", "grpo_seqmask"),
             ("kpoc_resc_log", "grpo_icepop"),
             ("kpoc_resc_log", "gspo"),
