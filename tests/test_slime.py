@@ -26,8 +26,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from kpo_rs.losses import table as loss_table  # noqa: E402
 from kpo_rs.integrations import slime  # noqa: E402
+from kpo_rs.losses import table as loss_table  # noqa: E402
 
 EPS = float(np.finfo(np.float64).eps)
 VOCAB = 7
