@@ -91,6 +91,7 @@ def test_doctor_judges_each_backend_by_its_registered_bound(monkeypatch):
     assert backends.get("scan").error_steps(96) > 96 == backends.get("rust").error_steps(96)
 
 
+@pytest.mark.slow  # a fresh interpreter importing torch: about 7 s
 def test_doctor_runs_without_hypothesis():
     """After installing only an extra without hypothesis (``demo``), kpo doctor's checks import
     (the tolerances need only numpy); the strategies say which extra they need, in one line."""
