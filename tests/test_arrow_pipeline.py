@@ -8,17 +8,18 @@ import subprocess
 import sys
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-import kpo_rs
-from helpers import requires, with_value, write_rollouts_parquet
-from kpo_rs import arrow, cli
-from kpo_rs.pipeline import Columns, PipelineError, analyze_parquet, filter_parquet
-from kpo_rs.space import LOG_RATIO_CLAMP
+pa = pytest.importorskip("pyarrow")  # the arrow extra
+pq = pytest.importorskip("pyarrow.parquet")
+
+import kpo_rs  # noqa: E402
+from helpers import requires, with_value, write_rollouts_parquet  # noqa: E402
+from kpo_rs import arrow, cli  # noqa: E402
+from kpo_rs.pipeline import Columns, PipelineError, analyze_parquet, filter_parquet  # noqa: E402
+from kpo_rs.space import LOG_RATIO_CLAMP  # noqa: E402
 
 KW = {"q": 1e-3, "p0": math.inf}
 

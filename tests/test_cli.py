@@ -11,13 +11,16 @@ import subprocess
 import sys
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 
-from helpers import interruptible, with_value, write_rollouts_parquet
-from kpo_rs import cli
-from kpo_rs.cli import _common as cli_common
+# Most of these run Parquet jobs (the arrow extra); without pyarrow, scripts/core_env_tests.sh
+# runs the CLI itself.
+pa = pytest.importorskip("pyarrow")
+pq = pytest.importorskip("pyarrow.parquet")
+
+from helpers import interruptible, with_value, write_rollouts_parquet  # noqa: E402
+from kpo_rs import cli  # noqa: E402
+from kpo_rs.cli import _common as cli_common  # noqa: E402
 
 KPO = os.path.join(os.path.dirname(sys.executable), "kpo")
 COLS = ["--log-probs", "logp", "--old-log-probs", "old_logp"]

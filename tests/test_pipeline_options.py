@@ -3,11 +3,18 @@ pipeline's error messages keep their quotes."""
 
 from __future__ import annotations
 
-import pyarrow as pa
 import pytest
 
-from kpo_rs.arrow import check_on_non_finite, filter_record_batch
-from kpo_rs.pipeline import Columns, PipelineError, _row_error, analyze_parquet, filter_parquet
+pa = pytest.importorskip("pyarrow")  # the arrow extra
+
+from kpo_rs.arrow import check_on_non_finite, filter_record_batch  # noqa: E402
+from kpo_rs.pipeline import (  # noqa: E402
+    Columns,
+    PipelineError,
+    _row_error,
+    analyze_parquet,
+    filter_parquet,
+)
 
 MESSAGE = "on_non_finite must be 'error' or 'null', got 'nul'"
 
