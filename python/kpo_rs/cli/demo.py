@@ -90,7 +90,7 @@ def add_parser(sub: argparse._SubParsersAction, full: bool) -> None:
     p.add_argument(
         "--losses",
         default=None,
-        help="comma-separated loss names from kpo_rs.loss_table, each run at --filter, "
+        help="comma-separated loss names from kpo_rs.losses.LOSSES, each run at --filter, "
         "--old-logp and --tis instead of the default variants",
     )
     p.add_argument(

@@ -157,7 +157,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--losses",
         type=split_names,
         metavar="LIST",
-        help="comma-separated loss names from kpo_rs.loss_table (default grpo,kpo_clipped; "
+        help="comma-separated loss names from kpo_rs.losses.LOSSES (default grpo,kpo_clipped; "
         "presets: all)",
     )
     parser.add_argument(
