@@ -8,7 +8,7 @@ import math
 
 import pytest
 
-from helpers import tiny_demo
+from helpers import requires, tiny_demo
 from kpo_rs import cli
 from kpo_rs.experiments.demo import (
     DemoConfig,
@@ -114,6 +114,7 @@ def test_lag_makes_ratios_drift_from_one():
     assert max(e.max_ratio for e in logs) != 1.0
 
 
+@requires("matplotlib", "rich")  # the demo extra
 def test_cli_runs_the_demo(tmp_path, capsys):
     out = tmp_path / "out"
     code = cli.main(
@@ -137,6 +138,7 @@ def test_cli_runs_the_demo(tmp_path, capsys):
     assert "wrote" in capsys.readouterr().out
 
 
+@requires("matplotlib", "rich")
 def test_cli_rejects_an_unknown_loss(capsys):
     assert cli.main(["demo", "--losses", "ppo"]) == 2
     assert "losses: unknown ['ppo']" in capsys.readouterr().err

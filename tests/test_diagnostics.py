@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import kpo_rs
+from helpers import requires
 from kpo_rs import diagnostics as D
 
 
@@ -97,6 +98,7 @@ def test_bad_input():
         D.token_switches_packed(np.zeros(3), np.array([0, 4]))
 
 
+@requires("matplotlib")
 def test_plots_are_pngs(tmp_path):
     rng = np.random.default_rng(2)
     z = rng.normal(size=(4, 64))

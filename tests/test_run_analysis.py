@@ -142,3 +142,26 @@ def test_non_finite_rows_name_the_option_or_are_left_out(tmp_path, capsys):
     assert result["tokens"] == int(steps[0][2].sum()) - int(steps[0][2][2].sum())
     with pytest.raises(RunError, match="no such file"):
         analyze_run(tmp_path / "missing")
+
+
+def test_a_mismatch_growing_along_the_response_is_reported(tmp_path):
+    rng = np.random.default_rng(9)
+    rows, length = 16, 600
+    old = torch.from_numpy(rng.normal(-1, 0.3, (rows, length))).float()
+    new = old + torch.from_numpy(rng.normal(0, 0.05, (rows, length))).float()
+    scale = torch.linspace(0.01, 0.05, length)  # the mismatch's spread grows five-fold
+    engine = old - scale * torch.from_numpy(rng.normal(size=(rows, length))).float()
+    mask = torch.ones(rows, length, dtype=torch.bool)
+    RolloutDumper(tmp_path, every=1, rows=rows)(
+        new, old, mask, torch.ones(rows), engine_log_prob=engine
+    )
+    result = analyze_run(tmp_path)
+    buckets = result["mismatch"]["by_position"]
+    assert [b["positions"][0] for b in buckets] == [0, 64, 128, 256, 512]
+    # bucket rms against the spread drawn there (sqrt of the mean of scale^2 over the bucket)
+    for b in buckets:
+        lo, hi = b["positions"][0], min(b["positions"][1] or length, length)
+        want = float(scale[lo:hi].square().mean().sqrt())
+        assert b["rms"] == pytest.approx(want, rel=0.1)
+    answer = dict(verdicts(result))["engine mismatch white or correlated?"]
+    assert "along the response" in answer and "x1.0" not in answer

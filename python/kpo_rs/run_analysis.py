@@ -527,6 +527,15 @@ def verdicts(result: dict[str, Any]) -> list[tuple[str, str]]:
             f"{kind}: acf1 {a1:.3f} (band +-{mband:.3f}); mean {mm['mismatch_mean']:.3g}, std "
             f"{mm['mismatch_std']:.3g} nats over {mm['tokens']} tokens"
         )
+        buckets = mm["by_position"]
+        if len(buckets) > 1:
+            first, last = buckets[0], buckets[-1]
+            change = last["rms"] / first["rms"] if first["rms"] > 0 else math.nan
+            mismatch += (
+                f"; rms {first['rms']:.3g} at positions {first['positions'][0]}-"
+                f"{first['positions'][1] - 1}, {last['rms']:.3g} from {last['positions'][0]} on "
+                f"(x{change:.2f} along the response)"
+            )
     return [
         ("slow component?", slow),
         ("offset?", offset),
