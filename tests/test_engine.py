@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import kpo_rs
-from helpers import tiny_demo
+from helpers import requires, tiny_demo
 from kpo_rs.diagnostics import mean_data_weight
 from kpo_rs.experiments import demo
 from kpo_rs.experiments.config import (
@@ -97,6 +97,7 @@ def test_logit_noise_scales_and_zero_noise_is_no_mismatch():
     assert float(large) > 3 * float(small)
 
 
+@requires("scipy")
 def test_student_t3_has_the_t3_distribution():
     from scipy import stats
 

@@ -25,6 +25,7 @@ NEEDS = {
     "kpo_rs.integrations.trl": "trl",
     "kpo_rs.arrow": "pyarrow",
     "kpo_rs.pipeline": "pyarrow",
+    "kpo_rs.run_analysis": "pyarrow",
 }
 
 #: The snapshot: module -> its sorted ``__all__``, stored beside this file as data.

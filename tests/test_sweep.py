@@ -76,6 +76,7 @@ def _rows(path) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
+@requires("matplotlib")  # the report's plots
 def test_two_cell_smoke_sweep_through_the_cli(tmp_path, capsys):
     out = tmp_path / "out"
     args = _parse(
