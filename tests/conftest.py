@@ -8,10 +8,15 @@ out of a plain ``pytest`` run by its ``-m "not slow"`` default, run with ``pytes
 ``integration`` (needs an optional stack: verl, TRL, Ray; skipped when it is missing) and ``gpu``
 (needs a CUDA device; skipped without one). tests/README.md says what runs where. The helpers the
 test modules share are in ``helpers.py``.
+
+With ``KPO_TESTS_WITHOUT_STACKS=1`` (set by scripts/core_env_tests.sh, which runs the tests where
+no optional stack is installed) an ``integration`` test that is not skipped fails: there, every
+one must skip for want of its package.
 """
 
 import os
 
+import pytest
 from hypothesis import HealthCheck, settings
 
 _common = {
@@ -23,3 +28,14 @@ settings.register_profile("ci", max_examples=200, **_common)
 settings.register_profile("dev", max_examples=50, **_common)
 settings.register_profile("fast", max_examples=20, **_common)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "fast"))
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """Under ``KPO_TESTS_WITHOUT_STACKS=1``, fails an ``integration`` test that reached its setup
+    (its ``requires`` skip, which runs first, did not skip it)."""
+    if os.environ.get("KPO_TESTS_WITHOUT_STACKS") == "1" and item.get_closest_marker("integration"):
+        pytest.fail(
+            f"{item.nodeid} is an integration test but ran without the optional stacks "
+            "(KPO_TESTS_WITHOUT_STACKS=1): it must skip when its package is missing",
+            pytrace=False,
+        )
