@@ -159,7 +159,7 @@ def premise_metrics(
         mismatch: ``[batch, time]`` ``old_logp - engine_logp`` (nats), or None.
     """
     mask = mask.bool()
-    series = [z, x.to(z.dtype)] + ([] if mismatch is None else [mismatch.to(z.dtype)])
+    series = [z] if mismatch is None else [z, mismatch.to(z.dtype)]
     stats = series_statistics(series, mask)
     out: dict[str, torch.Tensor] = {
         "kpo_log_ratio_mean": stats[0, 0],
@@ -167,13 +167,17 @@ def premise_metrics(
     }
     for i, lag in enumerate(ACF_LAGS):
         out[f"kpo_log_ratio_acf{lag}"] = stats[0, 2 + i]
-    # the filtered log-ratio's variance (about its own mean) over the raw one's
-    out["kpo_filtered_var_ratio"] = stats[1, 1].square() / stats[0, 1].square().clamp(min=_TINY)
+    # the filtered log-ratio's variance (about its own mean) over the raw one's: two flat sums
+    kept = torch.where(mask, x.to(z.dtype), 0.0).reshape(-1)
+    n = mask.sum().to(z.dtype).clamp(min=1)
+    x_mean = kept.sum() / n
+    x_var = (kept @ kept / n - x_mean * x_mean).clamp(min=0.0)
+    out["kpo_filtered_var_ratio"] = x_var / stats[0, 1].square().clamp(min=_TINY)
     if advantages is not None and rt is not None and clipped is not None:
         pos, neg = clip_shares(advantages, rt, clipped, mask)
         out["kpo_clip_share_pos"], out["kpo_clip_share_neg"] = pos, neg
     if mismatch is not None:
-        out["kpo_mismatch_mean"] = stats[2, 0]
-        out["kpo_mismatch_std"] = stats[2, 1]
-        out["kpo_mismatch_acf1"] = stats[2, 2]
+        out["kpo_mismatch_mean"] = stats[1, 0]
+        out["kpo_mismatch_std"] = stats[1, 1]
+        out["kpo_mismatch_acf1"] = stats[1, 2]
     return out
