@@ -105,23 +105,28 @@ def series_statistics(
     mean = total / n
     var = (square / n - mean * mean).clamp(min=0.0)
     out = [mean, var.sqrt()]
-    if lags:
-        top = max(lags)
-        # the last `top` valid tokens of each row (zero where the row is shorter)
-        index = n_row - top + torch.arange(top, device=device, dtype=torch.int32)
-        tail = front.gather(-1, index.clamp(min=0).long().expand(len(series), -1, -1))
-        tail = torch.where(index >= 0, tail, 0.0).sum(dim=1)  # [k, top], by distance from the end
-        tail_sums = tail.flip(-1).cumsum(dim=-1)  # [k, top]: sum of each row's last j + 1
-        head_sums = front[..., :top].sum(dim=1).cumsum(dim=-1)  # [k, top]: of the first j + 1
-    for lag in lags:
-        pairs = (n_row - lag).clamp(min=0).sum().to(dtype)
-        products = torch.stack([f[lag:] @ f[:-lag] for f in flat])
-        firsts = total - tail_sums[:, lag - 1]  # tokens with lag more after them in the row
-        seconds = total - head_sums[:, lag - 1]  # tokens with lag more before them
-        cov = products / pairs.clamp(min=1) - mean * (firsts + seconds) / pairs.clamp(min=1)
-        cov = torch.where(pairs > 0, cov + mean * mean, 0.0)
-        out.append(cov / var.clamp(min=_TINY))
-    return torch.stack(out, dim=1)
+    if not lags:
+        return torch.stack(out, dim=1)
+    top = max(lags)
+    picks = [lag - 1 for lag in lags]  # Python ints: column picks are views, no index tensor
+    # pairs at lag k: valid tokens with k more before them in the row, sum_rows max(n_row - k, 0)
+    in_row = torch.arange(top, device=device, dtype=torch.int32) < n_row  # [batch, top]
+    before = in_row.sum(dim=0).cumsum(dim=0)  # [top]: tokens among each row's first j + 1
+    pairs = n - torch.stack([before[c] for c in picks]).to(dtype)  # [L]
+    # the last `top` valid tokens of each row (zero where the row is shorter)
+    index = n_row - top + torch.arange(top, device=device, dtype=torch.int32)
+    tail = front.gather(-1, index.clamp(min=0).long().expand(len(series), -1, -1))
+    tail = torch.where(index >= 0, tail, 0.0).sum(dim=1)  # [k, top], by distance from the end
+    tail_sums = tail.flip(-1).cumsum(dim=-1)  # [k, top]: sum of each row's last j + 1
+    head_sums = front[..., :top].sum(dim=1).cumsum(dim=-1)  # [k, top]: of the first j + 1
+    firsts = total[:, None] - torch.stack([tail_sums[:, c] for c in picks], 1)  # k more after
+    seconds = total[:, None] - torch.stack([head_sums[:, c] for c in picks], 1)  # k more before
+    products = torch.stack([torch.stack([f[lag:] @ f[:-lag] for lag in lags]) for f in flat])
+    m = mean[:, None]
+    cov = (products - m * (firsts + seconds)) / pairs.clamp(min=1) + m * m
+    cov = torch.where(pairs > 0, cov, 0.0)
+    acf = cov / var.clamp(min=_TINY)[:, None]  # [k, L]
+    return torch.cat([torch.stack(out, dim=1), acf], dim=1)
 
 
 def clip_shares(
