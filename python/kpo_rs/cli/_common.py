@@ -33,12 +33,13 @@ __all__ = [
     "with_non_finite_hint",
 ]
 
-#: The extra that brings the optional packages each sub-command imports.
-EXTRAS = {"demo": "demo", "sweep": "demo", "filter": "arrow", "analyze": "arrow"}
+#: The extra that brings the optional packages each sub-command imports (``kpo bench`` needs
+#: none: numpy only).
+EXTRAS = {"demo": "demo", "sweep": "demo", "filter": "arrow", "analyze": "arrow", "doctor": "torch"}
 
 
 #: Optional packages (top-level module names) a sub-command may miss.
-OPTIONAL = ("torch", "rich", "matplotlib", "pyarrow")
+OPTIONAL = ("torch", "rich", "matplotlib", "pyarrow", "hypothesis")
 
 
 def positive(text: str) -> int:
@@ -86,17 +87,23 @@ def _importable(module: str) -> bool:
         return False
 
 
-#: The packages (top-level module names) of each extra a sub-command needs, as pyproject.toml's.
+#: The packages (top-level module names) of each extra a sub-command needs, as pyproject.toml's
+#: optional dependencies (tests/test_extras.py holds the two together).
 EXTRA_MODULES = {
+    "torch": ("torch",),
     "demo": ("torch", "matplotlib", "rich"),
     "arrow": ("pyarrow", "rich", "matplotlib"),
+    "testing": ("hypothesis",),
 }
 
 
 def missing_extra_message(command: str, module: str) -> str:
-    """The one line printed when ``kpo command`` lacks the optional package ``module``: it names
-    every package of the extra that is missing, not only the first one an import met."""
+    """The one line printed when ``kpo command`` lacks the optional package ``module``: the
+    command's extra (or, if ``module`` is not in it, the first extra that has it), naming every
+    package of that extra that is missing, not only the first one an import met."""
     extra = EXTRAS.get(command, "demo" if module == "torch" else "arrow")
+    if module not in EXTRA_MODULES.get(extra, (module,)):
+        extra = next((e for e, mods in EXTRA_MODULES.items() if module in mods), extra)
     absent = [m for m in EXTRA_MODULES.get(extra, ()) if not _importable(m)]
     names = [module, *(m for m in absent if m != module)]
     return (
