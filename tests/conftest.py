@@ -10,8 +10,8 @@ out of a plain ``pytest`` run by its ``-m "not slow"`` default, run with ``pytes
 test modules share are in ``helpers.py``.
 
 With ``KPO_TESTS_WITHOUT_STACKS=1`` (set by scripts/core_env_tests.sh, which runs the tests where
-no optional stack is installed) an ``integration`` test that is not skipped fails: there, every
-one must skip for want of its package.
+no optional stack is installed) an ``integration`` test that passes is reported as failed: there,
+every one must skip for want of its package.
 """
 
 import os
@@ -30,12 +30,21 @@ settings.register_profile("fast", max_examples=20, **_common)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "fast"))
 
 
-def pytest_runtest_setup(item: pytest.Item) -> None:
-    """Under ``KPO_TESTS_WITHOUT_STACKS=1``, fails an ``integration`` test that reached its setup
-    (its ``requires`` skip, which runs first, did not skip it)."""
-    if os.environ.get("KPO_TESTS_WITHOUT_STACKS") == "1" and item.get_closest_marker("integration"):
-        pytest.fail(
-            f"{item.nodeid} is an integration test but ran without the optional stacks "
-            "(KPO_TESTS_WITHOUT_STACKS=1): it must skip when its package is missing",
-            pytrace=False,
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
+    """Under ``KPO_TESTS_WITHOUT_STACKS=1``, an ``integration`` test that passes is reported as
+    failed: where no optional stack is installed it must have skipped (by ``requires``, or by
+    ``pytest.skip`` / ``importorskip`` in its body)."""
+    outcome = yield
+    report = outcome.get_result()
+    if (
+        os.environ.get("KPO_TESTS_WITHOUT_STACKS") == "1"
+        and report.when == "call"
+        and report.passed
+        and item.get_closest_marker("integration")
+    ):
+        report.outcome = "failed"
+        report.longrepr = (
+            f"{item.nodeid} is an integration test but passed without the optional stacks "
+            "(KPO_TESTS_WITHOUT_STACKS=1): it must skip when its package is missing"
         )
