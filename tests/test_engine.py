@@ -13,6 +13,7 @@ import kpo_rs
 from helpers import requires, tiny_demo
 from kpo_rs.diagnostics import mean_data_weight
 from kpo_rs.experiments import demo
+from kpo_rs.experiments.colours import ColourTask
 from kpo_rs.experiments.config import (
     DemoConfig,
     arm_settings,
@@ -23,8 +24,9 @@ from kpo_rs.experiments.config import (
 )
 from kpo_rs.experiments.corrections import CorrectionInputs, apply_correction, dropneg_rule_mask
 from kpo_rs.experiments.evaluation import eval_reward, eval_steps, summarize_evaluations
-from kpo_rs.experiments.rollout import Engine, LogitNoise, fake_quantize_int8, rewards, student_t3
-from kpo_rs.experiments.variants import scaled_kpo_clip
+from kpo_rs.experiments.policy import TinyPolicy
+from kpo_rs.experiments.rollout import Engine, LogitNoise, fake_quantize_int8, student_t3
+from kpo_rs.experiments.variants import MAX_KPO_EPS, scaled_kpo_clip
 from kpo_rs.losses import KPO_CLIP
 from kpo_rs.params import FilterParams
 
@@ -35,7 +37,7 @@ def _tiny(**kw) -> DemoConfig:
 
 def _policy(cfg: DemoConfig) -> torch.nn.Module:
     torch.manual_seed(0)
-    return demo.TinyPolicy(cfg)
+    return TinyPolicy(cfg)
 
 
 def _sample(mismatch: str, cfg: DemoConfig, keep_tables: bool = False):
@@ -46,7 +48,9 @@ def _sample(mismatch: str, cfg: DemoConfig, keep_tables: bool = False):
     return (
         model,
         colours,
-        engine.sample(model, colours, cfg.response_len, cfg.vocab, gen, keep_tables),
+        engine.sample(
+            model, (cfg.vocab + colours).unsqueeze(1), cfg.response_len, cfg.vocab, gen, keep_tables
+        ),
     )
 
 
@@ -125,7 +129,8 @@ def test_int8_fake_quantisation_puts_every_weight_on_its_channel_grid():
 
 def test_rewards_count_the_prompts_colour():
     seqs = torch.tensor([[17, 1, 5, 2, 9], [16, 0, 4, 8, 3]])  # colours 1 and 0, classes 4
-    assert rewards(seqs, torch.tensor([1, 0]), 4).tolist() == [0.75, 0.75]
+    cfg = DemoConfig(classes=4, vocab=16)
+    assert ColourTask().reward(cfg, seqs, torch.tensor([1, 0])).tolist() == [0.75, 0.75]
 
 
 def test_parsing_arms_and_mismatches():
@@ -206,20 +211,20 @@ def test_evaluation_figures_match_their_definitions(values):
 def test_the_clip_band_scales_with_the_data_weight():
     authors = FilterParams()
     base = {"q": authors.q, "r": authors.r, "p0": authors.p0}
-    assert demo.scaled_kpo_clip(base, 128) == pytest.approx(KPO_CLIP, rel=1e-12)
+    assert scaled_kpo_clip(base, 128) == pytest.approx(KPO_CLIP, rel=1e-12)
     window = {"q": 1 / 256, "r": 1.0, "p0": 0.0}
-    low, high = demo.scaled_kpo_clip(window, 128)
+    low, high = scaled_kpo_clip(window, 128)
     factor = mean_data_weight(128, **window) / mean_data_weight(128, **base)
     assert (low, high) == pytest.approx((KPO_CLIP[0] * factor, KPO_CLIP[1] * factor))
     assert 0.05 < low < high < 0.2  # a PPO-like band on the drift the filter passes
-    low, high = demo.scaled_kpo_clip({"q": 1.0, "r": 1.0, "p0": math.inf}, 4)
-    assert low == demo.MAX_KPO_EPS and high == pytest.approx(demo.MAX_KPO_EPS * 4 / 3)
+    low, high = scaled_kpo_clip({"q": 1.0, "r": 1.0, "p0": math.inf}, 4)
+    assert low == MAX_KPO_EPS and high == pytest.approx(MAX_KPO_EPS * 4 / 3)
 
 
 def test_runs_use_the_arms_settings_and_the_fit_replaces_them():
     window = demo.Run(_tiny(filter_arm="window:4", band="rescaled"), "kpo_clipped", 0)
     assert window.settings == {"q": 1 / 16, "r": 1.0, "p0": 0.0}
-    assert window.band[:2] == pytest.approx(demo.scaled_kpo_clip(window.settings, 12))
+    assert window.band[:2] == pytest.approx(scaled_kpo_clip(window.settings, 12))
     assert demo.Run(_tiny(), "grpo", 0).settings is None
     cfg = _tiny(filter_arm="fit", fit_steps=2, steps=4, mismatch="logit-noise:1")
     logs, run = demo.train(cfg, "kpo", 0)
@@ -258,7 +263,7 @@ def test_bypass_gives_the_loss_the_engines_log_probs(monkeypatch):
     colours = torch.randint(0, cfg.classes, (cfg.prompts_per_step,), generator=gen)
     colours = colours.repeat_interleave(cfg.group_size)
     seqs, engine_logp, _ = Engine(cfg.mismatch, 0).sample(
-        run.behaviour, colours, cfg.response_len, cfg.vocab, gen
+        run.behaviour, (cfg.vocab + colours).unsqueeze(1), cfg.response_len, cfg.vocab, gen
     )
     order = torch.randperm(seqs.shape[0], generator=gen)
     assert torch.equal(calls[0]["old"], engine_logp[order])

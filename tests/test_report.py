@@ -17,18 +17,12 @@ import pytest
 
 from kpo_rs import _plotting
 from kpo_rs.cli import sweep as sweep_cli
-from kpo_rs.experiments import report, stats
-from kpo_rs.experiments.report import (
-    COLUMNS,
-    comparisons,
-    primary_metric,
-    read_results,
-    rebuild,
-    summary_table,
-    write_plots,
-    write_report,
-    write_results,
-)
+from kpo_rs.experiments import _rows, _tables, stats
+from kpo_rs.experiments._rows import primary_metric
+from kpo_rs.experiments._tables import summary_table
+from kpo_rs.experiments.plots import write_plots
+from kpo_rs.experiments.report import comparisons, rebuild, write_report
+from kpo_rs.experiments.results import COLUMNS, read_results, read_runs, write_results
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -140,10 +134,10 @@ def test_variant_and_regime_identity_follow_the_contract():
     rows += [_row("kpo", s, 0.5, filter_arm="fit", q=1e-3 * (s + 1)) for s in range(2)]
     # Another regime: engine mismatch, trainer old log-probs with a TIS cap.
     rows += [_row("grpo", s, 0.3, mismatch="bf16", old_logp="trainer", tis=2.0) for s in range(2)]
-    groups, variants, _ = report._grouped(rows)
+    groups, variants, _ = _rows.grouped(rows)
     assert variants == ["grpo", "gpg", "kpo [authors]", "kpo [window:8]", "kpo [fit]"]
     assert len(groups) == 2
-    labels = [report._regime_label(k) for k in groups]
+    labels = [_rows.regime_label(k) for k in groups]
     assert "lr 0.01, 4 minibatches, lag 1, 128 tokens, mismatch bf16, old logp trainer, TIS 2" in (
         labels
     )
@@ -164,7 +158,7 @@ def test_lr_grid_flags_a_best_rate_on_the_edge(tmp_path):
         rows += [_row("grpo", s, auc, lr=lr) for s in range(2)]
     for lr, auc in ((1e-3, 0.3), (3e-3, 0.4), (1e-2, 0.5)):  # kpo: best at the largest
         rows += [_row("kpo", s, auc, lr=lr) for s in range(2)]
-    table = report._lr_table(*report._grouped(rows)[:2], "eval_auc")
+    table = _tables.lr_md(*_rows.grouped(rows)[:2], "eval_auc")
     grpo, kpo = table.splitlines()[2:]
     assert grpo.endswith("| 0.003 | no |")
     assert kpo.endswith("| 0.01 | **yes**: extend the grid |")
@@ -172,9 +166,9 @@ def test_lr_grid_flags_a_best_rate_on_the_edge(tmp_path):
 
 def test_steps_to_threshold_handles_censored_runs():
     reached = [_row("grpo", s, 0.5, eval_steps_to_threshold=t) for s, t in enumerate([4, 8, -1])]
-    assert report._steps_summary(reached, "eval_steps_to_threshold") == ("2/3", "8")
+    assert _tables.steps_summary(reached, "eval_steps_to_threshold") == ("2/3", "8")
     mostly_not = [_row("grpo", s, 0.5, eval_steps_to_threshold=t) for s, t in enumerate([4, -1])]
-    assert report._steps_summary(mostly_not, "eval_steps_to_threshold") == ("1/2", "not reached")
+    assert _tables.steps_summary(mostly_not, "eval_steps_to_threshold") == ("1/2", "not reached")
 
 
 def test_report_has_footnotes_iqm_and_error_tables(tmp_path):
@@ -351,7 +345,7 @@ def test_without_matplotlib_no_plot_is_claimed(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(_plotting, "available", lambda: False)
     out = tmp_path / "sweep"
     _store(out, [_row("grpo", 0, 0.5), _row("kpo", 0, 0.6)])
-    assert write_plots(read_results_rows := report.read_runs(out), out) == []
+    assert write_plots(read_results_rows := read_runs(out), out) == []
     assert read_results_rows
     assert sweep_cli.run_cli(_parse(["--report-only", "--out", str(out)])) == 0
     assert "(no plots: matplotlib is missing)" in capsys.readouterr().out

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -17,8 +18,11 @@ from hypothesis import strategies as st
 from helpers import requires
 from kpo_rs.cli import sweep as sweep_cli
 from kpo_rs.experiments import sweep
-from kpo_rs.experiments.report import COLUMNS, bootstrap_mean_ci, read_results
+from kpo_rs.experiments.colours import ColourTask
+from kpo_rs.experiments.results import COLUMNS, read_results
+from kpo_rs.experiments.stats import bootstrap_mean_ci
 from kpo_rs.experiments.sweep import SweepConfig, plan, run_sweep
+from kpo_rs.experiments.tasks import TASK_VERSION
 from kpo_rs.params import FilterParams
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -449,18 +453,24 @@ def test_the_run_key_hashes_the_task_version_not_the_name(tmp_path, monkeypatch)
     from kpo_rs.experiments.variants import parse_variant
 
     cfg = _tiny(tmp_path)
-    a = sweep.Task(parse_variant("a=kpo_clipped:filter=window:8"), 1e-2, 2, 1, 8, "none", 0)
-    renamed = sweep.Task(parse_variant("b=kpo_clipped:filter=window:8"), 1e-2, 2, 1, 8, "none", 0)
-    other = sweep.Task(
+    a = sweep.RunSpec(parse_variant("a=kpo_clipped:filter=window:8"), 1e-2, 2, 1, 8, "none", 0)
+    renamed = sweep.RunSpec(
+        parse_variant("b=kpo_clipped:filter=window:8"), 1e-2, 2, 1, 8, "none", 0
+    )
+    other = sweep.RunSpec(
         parse_variant("a=kpo_clipped:filter=window:8,space=ratio"), 1e-2, 2, 1, 8, "none", 0
     )
     key = a.key(cfg)
-    assert key["task"] == sweep.TASK_VERSION
+    assert key["task"] == cfg.task.version == TASK_VERSION
     assert renamed.key(cfg) == key  # a pure relabel reuses the run
     assert other.key(cfg) != key  # a setting is hashed
-    monkeypatch.setattr(sweep, "TASK_VERSION", "toy-colours-next")
-    assert a.key(cfg) != key  # a new task version never reuses stored runs
-    assert a.filename(a.key(cfg)) != a.filename(key)
+
+    class NextColours(ColourTask):
+        version = "toy-colours-next"
+
+    changed = dataclasses.replace(cfg, task=NextColours())
+    assert a.key(changed) != key  # a new task version never reuses stored runs
+    assert a.filename(a.key(changed)) != a.filename(key)
 
 
 def test_two_named_variants_with_a_correlated_engine_run_and_report(tmp_path, capsys):
@@ -532,5 +542,5 @@ def test_dry_run_prints_the_plan_and_runs_nothing(tmp_path, capsys):
     out = tmp_path / "o"
     assert sweep_cli.run_cli(_parse(["--preset", "decisive", "--dry-run", "--out", str(out)])) == 0
     text = capsys.readouterr().out
-    assert "plan: 1050 runs (90 tuning + 960 reported; 15 variants x 4 engines)" in text
+    assert "plan: 1120 runs (96 tuning + 1024 reported; 16 variants x 4 engines)" in text
     assert "kpoc_resc_log - kpoc_resc_ratio" in text and not out.exists()

@@ -20,6 +20,7 @@ import torch
 from kpo_rs.experiments import demo
 from kpo_rs.experiments.config import DemoConfig
 from kpo_rs.experiments.rollout import Engine
+from kpo_rs.experiments.tasks import DEFAULT_TASK
 
 ENGINES = ("logit-noise:0.25", "logit-noise-ar1:0.25:0.9", "offset:0.4", "bursts:0.5:0.02:16")
 
@@ -31,10 +32,11 @@ def measure(mismatch: str, seeds: tuple[int, ...] = (0, 1)) -> tuple[float, floa
     out = []
     for seed in seeds:
         torch.manual_seed(seed)
-        model = demo.TinyPolicy(cfg)
+        model = DEFAULT_TASK.policy(cfg)
         colours = torch.arange(cfg.classes).repeat_interleave(16)
+        tokens = DEFAULT_TASK.prompt_tokens(cfg, colours)
         gen = torch.Generator().manual_seed(seed)
-        seqs, logps, _ = Engine(mismatch, seed).sample(model, colours, 128, cfg.vocab, gen)
+        seqs, logps, _ = Engine(mismatch, seed).sample(model, tokens, 128, cfg.vocab, gen)
         with torch.no_grad():
             d = (logps - demo._token_logps(model, seqs)).numpy().astype(np.float64)
         out.append((d.mean(), d.std(), demo._lag1(d), d.mean(axis=1).var() / d.var()))

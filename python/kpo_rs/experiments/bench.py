@@ -19,7 +19,14 @@ import numpy as np
 
 from .. import gains, kalman_filter, kalman_filter_adjoint, kalman_filter_packed
 
-__all__ = ["Rate", "authors_form", "best_rate", "numpy_loop", "run", "torch_loop"]
+__all__ = [
+    "authors_form",
+    "best_rate",
+    "numpy_loop",
+    "report",
+    "run",
+    "torch_loop",
+]
 
 
 class Rate(NamedTuple):

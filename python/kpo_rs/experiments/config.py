@@ -23,7 +23,7 @@ A run's *band* (``band``) and *rollout correction* (``correction``) are the two 
 a variant (:mod:`kpo_rs.experiments.variants`) besides the filter arm, ``old_logp`` and ``tis``:
 ``band`` is ``None`` (the loss's own, its authors'), ``rescaled`` (the *rescaled band (kpo-rs
 variant)*: KPO-clipped's authors' band ``(3e-4, 4e-4)`` times the filter's data weight over the
-authors' filter's, :func:`kpo_rs.experiments.demo.scaled_kpo_clip`), ``rescaled:W`` (the same
+authors' filter's, :func:`kpo_rs.experiments.variants.scaled_kpo_clip`), ``rescaled:W`` (the same
 for a ``window:W`` filter, usable by any loss with a band) or ``LOW,HIGH``;
 ``correction`` is a form of :data:`CORRECTIONS` (:mod:`kpo_rs.experiments.corrections`
 applies them).
@@ -41,8 +41,6 @@ __all__ = [
     "DEFAULT_LOSSES",
     "DEFAULT_THRESHOLDS",
     "DEFAULT_VARIANTS",
-    "FILTER_ARMS",
-    "MISMATCHES",
     "OLD_LOGPS",
     "STEP_MEANS",
     "DemoConfig",

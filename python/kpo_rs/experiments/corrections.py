@@ -47,24 +47,11 @@ from dataclasses import dataclass
 
 import torch
 
-from .config import (
-    CORRECTIONS,
-    DEFAULT_THRESHOLDS,
-    arm_settings,
-    check_correction,
-    correction_parameters,
-    parse_correction,
-)
+from .config import arm_settings, correction_parameters
 
 __all__ = [
-    "CORRECTIONS",
-    "DEFAULT_THRESHOLDS",
-    "SAFETY_BOUND",
     "CorrectionInputs",
     "apply_correction",
-    "check_correction",
-    "dropneg_rule_mask",
-    "parse_correction",
 ]
 
 #: verl's safety clamp of log-ratios before ``exp`` in its rollout corrections.

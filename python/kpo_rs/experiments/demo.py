@@ -1,9 +1,10 @@
 """``kpo demo``: a small RL run on CPU where the only difference between runs is the policy loss.
 
-The task: a prompt names one of ``classes`` colours; the policy, a tiny causal transformer built
-in code and randomly initialised, answers with ``response_len`` tokens, and the reward is the
-share of answer tokens of the prompt's colour (a token's colour is its id modulo ``classes``).
-A random policy scores ``1 / classes``; a perfect one 1. Advantages are group-relative (GRPO):
+The task is a :class:`~kpo_rs.experiments.tasks.Task` (prompts, reward, evaluation set, random
+baseline, policy model); by default :class:`~kpo_rs.experiments.colours.ColourTask`: a prompt
+names one of ``classes`` colours, a tiny causal transformer answers with ``response_len``
+tokens, and the reward is the share of answer tokens of the prompt's colour (a random policy
+scores ``1 / classes``). Advantages are group-relative (GRPO):
 ``group_size`` answers per prompt, each reward minus its group's mean over its group's std.
 
 Off-policy pressure as in large-scale training: each rollout batch is split into ``minibatches``
@@ -49,83 +50,23 @@ from .. import _files, _plotting
 from ..diagnostics import plot_spectra, token_switches
 from ..losses.table import get_loss
 from ..params import FilterParams
-from .config import DEFAULT_LOSSES, STEP_MEANS, DemoConfig, arm_settings
+from .config import STEP_MEANS, DemoConfig, arm_settings
 from .corrections import CorrectionInputs, apply_correction
 from .evaluation import eval_reward, eval_steps, summarize_evaluations
-from .rollout import Engine, rewards
-from .variants import MAX_KPO_EPS, Variant, band_overrides, resolve_band, scaled_kpo_clip
+from .rollout import Engine
+from .tasks import DEFAULT_TASK, Task
+from .variants import Variant, band_overrides, resolve_band
 
 __all__ = [
-    "CORRECTION_SEED_OFFSET",
-    "DEFAULT_LOSSES",
-    "MAX_KPO_EPS",
-    "DemoConfig",
     "Run",
     "StepLog",
-    "TinyPolicy",
-    "demo_variants",
-    "filter_settings",
-    "filters_ratios",
-    "loss_function",
     "run_demo",
-    "scaled_kpo_clip",
     "summarize",
     "summary_rows",
     "table_footnote",
     "train",
     "write_outputs",
 ]
-
-
-class _Block(nn.Module):
-    """Pre-norm causal self-attention and MLP, with a key/value cache for decoding."""
-
-    def __init__(self, width: int, heads: int):
-        super().__init__()
-        self.heads = heads
-        self.norm1 = nn.LayerNorm(width)
-        self.qkv = nn.Linear(width, 3 * width)
-        self.proj = nn.Linear(width, width)
-        self.norm2 = nn.LayerNorm(width)
-        self.mlp = nn.Sequential(
-            nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width)
-        )
-
-    def forward(self, h: torch.Tensor, cache: list[torch.Tensor] | None = None) -> torch.Tensor:
-        b, n, w = h.shape
-        q, k, v = self.qkv(self.norm1(h)).view(b, n, 3, self.heads, w // self.heads).unbind(2)
-        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [b, heads, n, w / heads]
-        if cache is not None:  # decoding one position: attend to everything cached so far
-            if cache:
-                k, v = torch.cat([cache[0], k], dim=2), torch.cat([cache[1], v], dim=2)
-            cache[:] = [k, v]
-        attn = nn.functional.scaled_dot_product_attention(q, k, v, is_causal=cache is None)
-        h = h + self.proj(attn.transpose(1, 2).reshape(b, n, w))
-        return h + self.mlp(self.norm2(h))
-
-
-class TinyPolicy(nn.Module):
-    """A causal transformer over prompt tokens (``vocab .. vocab + classes``: the colour) and
-    answer tokens (``0 .. vocab``); outputs logits over answer tokens."""
-
-    def __init__(self, cfg: DemoConfig):
-        super().__init__()
-        self.embed = nn.Embedding(cfg.vocab + cfg.classes, cfg.width)
-        self.position = nn.Embedding(cfg.response_len + 1, cfg.width)
-        self.blocks = nn.ModuleList(_Block(cfg.width, heads=2) for _ in range(cfg.layers))
-        self.norm = nn.LayerNorm(cfg.width)
-        self.head = nn.Linear(cfg.width, cfg.vocab)
-
-    def forward(
-        self, tokens: torch.Tensor, start: int = 0, caches: list[list[torch.Tensor]] | None = None
-    ) -> torch.Tensor:
-        """Logits ``[batch, n, vocab]`` for ``tokens`` ``[batch, n]`` at positions ``start ..``;
-        with ``caches`` (one list per block), decodes incrementally."""
-        positions = torch.arange(start, start + tokens.shape[1], device=tokens.device)
-        h = self.embed(tokens) + self.position(positions)
-        for i, block in enumerate(self.blocks):
-            h = block(h, None if caches is None else caches[i])
-        return self.head(self.norm(h))
 
 
 #: The corrections' random stream (dropneg-random) is seeded ``CORRECTION_SEED_OFFSET + seed``,
@@ -309,17 +250,20 @@ class Run:
         seed: int,
         loss_overrides: dict[str, Any] | None = None,
         variant: str | None = None,
+        task: Task | None = None,
     ):
-        """``seed`` fixes the initial policy and every random draw of the rollouts (prompts,
+        """``task``: what to train on (default :data:`~kpo_rs.experiments.tasks.DEFAULT_TASK`).
+        ``seed`` fixes the initial policy and every random draw of the rollouts (prompts,
         sampled tokens, engine noise, minibatch order, evaluation), so runs of different losses
         start identically and draw from the same random streams; ``loss_overrides`` are passed
         to the loss on top of its table settings, the filter's, the band's and
         ``cfg.loss_settings``; ``variant``: the run's variant name (logs; default the loss)."""
         self.cfg, self.loss_name, self.seed = cfg, loss_name, seed
         self.variant_name = variant or loss_name
+        self.task = DEFAULT_TASK if task is None else task
         self.device = torch.device(cfg.device)
         torch.manual_seed(seed)
-        self.model = TinyPolicy(cfg).to(self.device)
+        self.model = self.task.policy(cfg).to(self.device)
         self.opt = torch.optim.Adam(self.model.parameters(), lr=cfg.lr)
         self.gen = torch.Generator().manual_seed(10_000 + seed)
         self.engine = Engine(cfg.mismatch, seed)
@@ -352,7 +296,7 @@ class Run:
     def _snapshot(self) -> None:
         self.snapshots.append({k: v.detach().clone() for k, v in self.model.state_dict().items()})
 
-    def _behaviour_policy(self) -> TinyPolicy:
+    def _behaviour_policy(self) -> nn.Module:
         """The policy of ``lag`` updates ago (or the oldest one there is)."""
         self.behaviour.load_state_dict(self.snapshots[0])
         return self.behaviour
@@ -360,7 +304,7 @@ class Run:
     def evaluate(self, step: int) -> float:
         """Records and returns the eval reward (fresh samples of the training prompts) of the
         current policy at ``step``."""
-        reward = eval_reward(self.model, self.cfg, self.seed)
+        reward = eval_reward(self.model, self.cfg, self.seed, self.task)
         self.evaluations.append((step, reward))
         return reward
 
@@ -381,13 +325,18 @@ class Run:
     def step(self, step: int) -> StepLog:
         cfg = self.cfg
         start = time.perf_counter()
-        colours = torch.randint(0, cfg.classes, (cfg.prompts_per_step,), generator=self.gen)
-        colours = colours.repeat_interleave(cfg.group_size).to(self.device)
+        prompts = self.task.sample_prompts(cfg, cfg.prompts_per_step, self.gen)
+        prompts = prompts.repeat_interleave(cfg.group_size).to(self.device)
         behaviour = self._behaviour_policy()
         seqs, engine_logp, tables = self.engine.sample(
-            behaviour, colours, cfg.response_len, cfg.vocab, self.gen, keep_tables=True
+            behaviour,
+            self.task.prompt_tokens(cfg, prompts),
+            cfg.response_len,
+            cfg.vocab,
+            self.gen,
+            keep_tables=True,
         )
-        reward = rewards(seqs, colours, cfg.classes)
+        reward = self.task.reward(cfg, seqs, prompts)
         with torch.no_grad():
             trainer_table = _token_log_softmax(behaviour, seqs)
             trainer_logp = trainer_table.gather(-1, seqs[:, 1:].unsqueeze(-1)).squeeze(-1)
@@ -549,13 +498,15 @@ def train(
     loss_overrides: dict[str, Any] | None = None,
     progress: Callable[[StepLog], None] | None = None,
     variant: str | None = None,
+    task: Task | None = None,
 ) -> tuple[list[StepLog], Run]:
     """One run of ``cfg.steps`` RL steps with the evaluations (fresh samples of the training
     prompts) of
-    :func:`~.evaluation.eval_steps` (in ``run.evaluations``); returns its per-step logs and the
-    finished run."""
+    :func:`~.evaluation.eval_steps` (in ``run.evaluations``) on ``task`` (default
+    :data:`~kpo_rs.experiments.tasks.DEFAULT_TASK`); returns its per-step logs and the finished
+    run."""
     cfg.validate()
-    run = Run(cfg, loss_name, seed, loss_overrides, variant)
+    run = Run(cfg, loss_name, seed, loss_overrides, variant, task)
     logs = []
     for step in range(cfg.steps):
         if step % cfg.eval_every == 0:
@@ -568,9 +519,15 @@ def train(
     return logs, run
 
 
-def run_demo(cfg: DemoConfig, progress: Callable[[StepLog], None] | None = None) -> dict[str, Any]:
-    """Runs every variant (:func:`demo_variants`) with every seed; returns the logs, per-run
-    summaries, evaluations and examples, keyed by variant name."""
+def run_demo(
+    cfg: DemoConfig,
+    progress: Callable[[StepLog], None] | None = None,
+    task: Task | None = None,
+) -> dict[str, Any]:
+    """Runs every variant (:func:`demo_variants`) with every seed on ``task`` (default
+    :data:`~kpo_rs.experiments.tasks.DEFAULT_TASK`); returns the logs, per-run summaries,
+    evaluations and examples, keyed by variant name, with the config and the task."""
+    task = DEFAULT_TASK if task is None else task
     cfg.validate()
     variants = demo_variants(cfg)
     logs: list[StepLog] = []
@@ -582,7 +539,7 @@ def run_demo(cfg: DemoConfig, progress: Callable[[StepLog], None] | None = None)
         run_cfg = variant.apply(cfg)
         for s in range(cfg.seeds):
             run_logs, run = train(
-                run_cfg, variant.loss, cfg.seed0 + s, progress=progress, variant=name
+                run_cfg, variant.loss, cfg.seed0 + s, progress=progress, variant=name, task=task
             )
             logs.extend(run_logs)
             summaries.setdefault(name, []).append(summarize(run_logs, cfg, run.evaluations))
@@ -592,6 +549,7 @@ def run_demo(cfg: DemoConfig, progress: Callable[[StepLog], None] | None = None)
                 examples[name] = run.example
     return {
         "config": cfg,
+        "task": task,
         "variants": variants,
         "logs": logs,
         "summaries": summaries,
@@ -628,7 +586,8 @@ def write_outputs(result: dict[str, Any], out: Path) -> list[Path]:
     lines = ["| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
     lines += ["| " + " | ".join(row.values()) + " |" for row in rows]
     md_path = out / "summary.md"
-    _files.write_text(md_path, "\n".join(lines) + "\n\n" + table_footnote(cfg) + "\n")
+    footnote = table_footnote(cfg, result.get("task"))
+    _files.write_text(md_path, "\n".join(lines) + "\n\n" + footnote + "\n")
     paths.append(md_path)
     paths.extend(_plots(result, out))
     return paths
@@ -647,7 +606,8 @@ def _plots(result: dict[str, Any], out: Path) -> list[Path]:
         steps = np.asarray(runs[0]["eval_steps"])
         ax.plot(steps, curves.mean(0), marker="o", ms=3, label=name)
         ax.fill_between(steps, curves.min(0), curves.max(0), alpha=0.2)
-    ax.axhline(1 / cfg.classes, color="grey", lw=0.8, ls=":", label="random policy")
+    task: Task = result.get("task", DEFAULT_TASK)
+    ax.axhline(task.random_baseline(cfg), color="grey", lw=0.8, ls=":", label="random policy")
     seeds = f"{cfg.seeds} seed" + ("s" if cfg.seeds != 1 else "")
     ax.set(
         xlabel="RL step",
@@ -690,8 +650,10 @@ def _settings_text(cfg: DemoConfig) -> str:
     return text + ("" if cfg.tis is None else f", TIS cap {cfg.tis:g}")
 
 
-def table_footnote(cfg: DemoConfig) -> str:
-    """What each column of :func:`summary_rows`' table means (printed under the table)."""
+def table_footnote(cfg: DemoConfig, task: Task | None = None) -> str:
+    """What each column of :func:`summary_rows`' table means (printed under the table);
+    ``task``: the runs' (default :data:`~kpo_rs.experiments.tasks.DEFAULT_TASK`)."""
+    task = DEFAULT_TASK if task is None else task
     evals = ", ".join(str(s) for s in eval_steps(cfg))
     variants = ""
     if cfg.variants:
@@ -706,10 +668,10 @@ def table_footnote(cfg: DemoConfig) -> str:
         )
     return (
         f"Settings: {_settings_text(cfg)}.{variants} Each figure is the mean over seeds. eval "
-        f"auc: the mean eval reward over training (fresh samples of the {cfg.classes} training "
-        f"prompts, not held out; trapezoid area under the evaluation curve / steps; "
-        f"{cfg.classes * cfg.eval_per_class} answers, {cfg.eval_per_class} per colour, evaluated "
-        f"at steps {evals}; random policy {1 / cfg.classes:.2f}, perfect 1). eval final: the "
+        f"auc: the mean eval reward over training ({task.eval_description(cfg)}; trapezoid "
+        f"area under the evaluation curve / steps; {len(task.eval_prompts(cfg))} answers, "
+        f"evaluated at steps {evals}; random policy {task.random_baseline(cfg):.2f}, perfect "
+        f"1). eval final: the "
         f"last evaluation. steps to threshold: first evaluated step with eval reward >= "
         f"{cfg.reward_threshold} ('never' if no run got there; 'k/n runs' when only k of n "
         f"did). collapses: times the eval reward stayed more than {cfg.collapse_drop} below "

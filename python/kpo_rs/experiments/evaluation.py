@@ -1,11 +1,11 @@
 """The demo's evaluation and the figures summarising its curve.
 
-The evaluation is *fresh samples of the training prompts*, not a held-out set: the task has
-``classes`` prompts (one per colour) and trains on all of them; "eval reward" everywhere means
-the reward of new answers to those prompts. Every ``eval_every`` steps (step 0 before training,
-and after the last step) the trainer's current policy answers a fixed, balanced set of
-prompts: ``eval_per_class`` answers for every colour, sampled with the evaluation's own random
-stream, re-seeded identically at every evaluation (common random numbers: two evaluations
+The evaluation set is the task's (:meth:`kpo_rs.experiments.tasks.Task.eval_prompts`; for the
+colour task *fresh samples of the training prompts*, not a held-out set: it has ``classes``
+prompts and trains on all of them, so "eval reward" means the reward of new answers to those
+prompts). Every ``eval_every`` steps (step 0 before training, and after the last step) the
+trainer's current policy answers that fixed set of prompts, sampled with the evaluation's own
+random stream, re-seeded identically at every evaluation (common random numbers: two evaluations
 differ only through the policy). No engine mismatch: the evaluation measures the policy, not
 the engine.
 """
@@ -14,15 +14,19 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torch import nn
 
 from .config import DemoConfig
-from .rollout import Engine, rewards
+from .rollout import Engine
 
-__all__ = ["EVAL_SEED_OFFSET", "eval_reward", "eval_steps", "summarize_evaluations"]
+if TYPE_CHECKING:
+    from .tasks import Task
+
+__all__ = ["eval_reward", "eval_steps", "summarize_evaluations"]
 
 #: The evaluation's random stream is seeded ``EVAL_SEED_OFFSET + seed``.
 EVAL_SEED_OFFSET = 50_000
@@ -35,14 +39,20 @@ def eval_steps(cfg: DemoConfig) -> list[int]:
 
 
 @torch.no_grad()
-def eval_reward(model: nn.Module, cfg: DemoConfig, seed: int) -> float:
-    """The mean reward of ``model`` on the evaluation answers of run ``seed`` (fresh samples of
-    the training prompts, module docstring)."""
+def eval_reward(model: nn.Module, cfg: DemoConfig, seed: int, task: Task | None = None) -> float:
+    """The mean reward of ``model`` on the evaluation answers of run ``seed`` to ``task``'s
+    evaluation prompts (default :data:`~kpo_rs.experiments.tasks.DEFAULT_TASK`; module
+    docstring)."""
+    if task is None:
+        from .tasks import DEFAULT_TASK
+
+        task = DEFAULT_TASK
     device = next(model.parameters()).device
-    colours = torch.arange(cfg.classes).repeat_interleave(cfg.eval_per_class).to(device)
+    prompts = task.eval_prompts(cfg).to(device)
     gen = torch.Generator().manual_seed(EVAL_SEED_OFFSET + seed)
-    seqs, _, _ = Engine("none", seed).sample(model, colours, cfg.response_len, cfg.vocab, gen)
-    return float(rewards(seqs, colours, cfg.classes).mean())
+    tokens = task.prompt_tokens(cfg, prompts)
+    seqs, _, _ = Engine("none", seed).sample(model, tokens, cfg.response_len, cfg.vocab, gen)
+    return float(task.reward(cfg, seqs, prompts).mean())
 
 
 def summarize_evaluations(

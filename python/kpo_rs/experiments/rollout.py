@@ -1,4 +1,4 @@
-"""The demo's rollouts: the task's reward and the inference engine that samples answers.
+"""The demo's rollouts: the inference engine that samples answers.
 
 The engine is a copy of the behaviour policy whose forward pass differs from the trainer's as its
 *mismatch* says (:func:`kpo_rs.experiments.config.parse_mismatch`), the toy counterpart of a
@@ -27,8 +27,8 @@ The structured engines (:class:`LogitNoise`) perturb the logits the engine sampl
   ``P L / (1 + P L)``); burst tokens get white t3 logit noise of scale ``S``, the others none,
   as routing flips of a mixture-of-experts engine give.
 
-:data:`TASK_VERSION` names the task, its reward, the engines and the recorded metrics; a sweep's
-run key hashes it, so a change to any of them never reuses stored runs.
+The task's version (:attr:`kpo_rs.experiments.tasks.Task.version`) covers the engines too: a
+sweep's run key hashes it, so a change to an engine never reuses stored runs.
 """
 
 from __future__ import annotations
@@ -42,31 +42,10 @@ from torch import nn
 
 from .config import mismatch_parameters, parse_mismatch
 
-__all__ = [
-    "NOISE_SEED_OFFSET",
-    "TASK_VERSION",
-    "Engine",
-    "LogitNoise",
-    "fake_quantize_int8",
-    "rewards",
-    "student_t3",
-]
-
-#: The task and code version a sweep's run key hashes: bump it whenever the task, its reward,
-#: the engines or the meaning of a recorded metric change (pure refactors keep it). 2: structured
-#: engines, corrections, per-sign clip shares, the mismatch's mean and KL.
-TASK_VERSION = "toy-colours-2"
+__all__ = ["Engine"]
 
 #: The engine's logit noise draws from its own stream, seeded ``NOISE_SEED_OFFSET + seed``.
 NOISE_SEED_OFFSET = 30_000
-
-
-def rewards(seqs: torch.Tensor, colours: torch.Tensor, classes: int) -> torch.Tensor:
-    """The verifiable reward ``[batch]`` float32: the share of answer tokens of the prompt's
-    colour (a token's colour is its id modulo ``classes``); ``seqs`` ``[batch, 1 + length]``
-    (prompt token, answer), ``colours`` ``[batch]``."""
-    answer = seqs[:, 1:]
-    return ((answer % classes) == colours.unsqueeze(1)).float().mean(dim=1)
 
 
 def student_t3(shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:
@@ -177,13 +156,14 @@ class Engine:
     def sample(
         self,
         behaviour: nn.Module,
-        colours: torch.Tensor,
+        prompt_tokens: torch.Tensor,
         length: int,
         vocab: int,
         gen: torch.Generator,
         keep_tables: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
-        """Answers of ``length`` tokens to the prompts ``vocab + colours``.
+        """Answers of ``length`` tokens over ``vocab`` answer tokens to ``prompt_tokens``
+        ``[batch, 1]`` int64 (:meth:`kpo_rs.experiments.tasks.Task.prompt_tokens`).
 
         Returns ``seqs`` ``[batch, 1 + length]`` int64 (prompt token, answer), the engine's
         log-probabilities ``[batch, length]`` float32 of the sampled tokens (from the very
@@ -193,14 +173,15 @@ class Engine:
         self._batch_noise = None
         if self.kind not in ("none", "bf16", "int8") and self.scale > 0:
             self._batch_noise = LogitNoise(
-                self.kind, self.params, colours.shape[0], vocab, self.noise
+                self.kind, self.params, prompt_tokens.shape[0], vocab, self.noise
             )
-        tokens = [(vocab + colours).unsqueeze(1)]
+        tokens = [prompt_tokens]
         logps, tables = [], []
         caches: list[list[torch.Tensor]] = [[] for _ in model.blocks]  # type: ignore[union-attr]
         for pos in range(length):
             log_probs = torch.log_softmax(self._logits(model, tokens[-1], pos, caches), dim=-1)
-            token = torch.multinomial(log_probs.exp().cpu(), 1, generator=gen).to(colours.device)
+            token = torch.multinomial(log_probs.exp().cpu(), 1, generator=gen)
+            token = token.to(prompt_tokens.device)
             tokens.append(token)
             logps.append(log_probs.gather(-1, token))
             if keep_tables:

@@ -1,37 +1,37 @@
 """``kpo sweep``: a fair, resumable comparison of the policy losses across regimes.
 
-Each run is the task of :mod:`kpo_rs.experiments.demo` (a tiny transformer learning to answer in the
-colour the prompt names) with one *variant* (an arm: a loss with its loss settings and run
-settings, :mod:`kpo_rs.experiments.variants`: filter arm, clip band, ``old_log_prob`` from the
-engine or the trainer, TIS cap, rollout correction or control), one seed and one setting of the
-grid: learning rate, minibatches per rollout batch, rollout lag, answer length and the inference
-engine's mismatch. The arms are ``variants``, or the ``--losses`` x ``--filter`` x ``--q`` x
-``--p0`` x ``--old-logp`` x ``--tis`` shorthand expanded to variants
-(:func:`~kpo_rs.experiments.variants.expand_shorthand`). A *cell* is one point of the grid for
-one variant; it runs once per seed.
+Each run (a :class:`RunSpec`) trains on the sweep's task (``SweepConfig.task``, a
+:class:`~kpo_rs.experiments.tasks.Task`; by default the colour task of
+:mod:`kpo_rs.experiments.colours`) as :mod:`kpo_rs.experiments.demo` does, with one *variant* (an
+arm: a loss with its loss settings and run settings, :mod:`kpo_rs.experiments.variants`: filter
+arm, clip band, ``old_log_prob`` from the engine or the trainer, TIS cap, rollout correction or
+control), one seed and one setting of the grid: learning rate, minibatches per rollout batch,
+rollout lag, answer length and the inference engine's mismatch. The arms are ``variants``, or the
+``--losses`` x ``--filter`` x ``--q`` x ``--p0`` x ``--old-logp`` x ``--tis`` shorthand expanded to
+variants (:func:`~kpo_rs.experiments.variants.expand_shorthand`). A *cell* is one point of the grid
+for one variant; it runs once per seed.
 
 Fair protocol: every variant runs the same seeds, and a seed fixes the initial policy and every
 random draw of the rollouts, so runs differ only through their variant; each loss runs at the
-settings of its :mod:`kpo_rs.losses.table` entry (its authors' recommendation) unless the
-variant overrides them; with ``tune_lr`` each variant first runs every learning rate of the grid
-on separate tuning seeds (``seed0 + 1000 ...``), on every engine or, with ``tune_on``, on that
-engine only, and the reported seeds run at the learning rate with the best mean ``eval_auc``
-(the eval reward: fresh samples of the training prompts) there. A preset may pre-register the
-contrasts its report tests (``contrasts``); the report then computes exactly those, Holm over
-them, and lists everything else as exploratory.
+settings of its :mod:`kpo_rs.losses.table` entry (its authors' recommendation) unless the variant
+overrides them; with ``tune_lr`` each variant first runs every learning rate of the grid on
+separate tuning seeds (``seed0 + 1000 ...``), on every engine or, with ``tune_on``, on that engine
+only, and the reported seeds run at the learning rate with the best mean ``eval_auc`` (the eval
+reward: fresh samples of the training prompts) there. A preset may pre-register the contrasts its
+report tests (``contrasts``); the report then computes exactly those, Holm over them, and lists
+everything else as exploratory.
 
 Resumable and parallel: each finished run is stored at once in ``OUT/runs/`` (a JSON file written
 to a temporary name, then renamed, by the sweep's own process whatever executed the run), keyed by
-a hash of everything that determines its result and of
-:data:`~kpo_rs.experiments.rollout.TASK_VERSION` (so a changed task, reward, engine or metric
-never reuses stored runs; the variant's name is not part of it); running the same command again
-reuses every stored run. Runs execute in ``workers`` processes or, with ``ray``, as Ray tasks on
-a cluster (one CPU each), each limited to one torch thread, so a run's result does not depend on the
-executor or the number of workers.
-Outputs in ``OUT``: ``results.csv`` (one row per run,
-:data:`kpo_rs.experiments.report.COLUMNS`), ``report.md``, ``final_reward.png`` and
-``collapse_rate.png`` (see :mod:`kpo_rs.experiments.report`). Its command line is
-:mod:`kpo_rs.cli.sweep`.
+a hash of everything that determines its result and of the task's version
+(:attr:`~kpo_rs.experiments.tasks.Task.version`, so a changed task, reward, engine or metric never
+reuses stored runs; the variant's name is not part of it); running the same command again reuses
+every stored run. Runs execute in ``workers`` processes or, with ``ray``, as Ray tasks on a cluster
+(one CPU each), each limited to one torch thread, so a run's result does not depend on the executor
+or the number of workers. Outputs in ``OUT``: ``results.csv`` (one row per run,
+:data:`kpo_rs.experiments.results.COLUMNS`), ``report.md``, ``final_reward.png`` and
+``collapse_rate.png`` (see :mod:`kpo_rs.experiments.report` and :mod:`~kpo_rs.experiments.plots`).
+Its command line is :mod:`kpo_rs.cli.sweep`.
 """
 
 from __future__ import annotations
@@ -54,21 +54,19 @@ from typing import Any
 from .. import _files
 from ..params import FilterParams
 from .config import DemoConfig
-from .report import write_plots, write_report, write_results
-from .rollout import TASK_VERSION
+from .plots import write_plots
+from .report import write_report
+from .results import write_results
+from .tasks import DEFAULT_TASK, Task
 from .variants import Variant, expand_shorthand
 
 __all__ = [
     "PRESETS",
-    "SECONDS_PER_TOKEN_STEP",
+    "RunSpec",
     "SweepConfig",
-    "Task",
-    "estimate_seconds",
     "plan",
     "plan_text",
     "run_sweep",
-    "run_task",
-    "train_task",
 ]
 
 #: Tuning seeds start here (offset from ``seed0``), apart from the reported seeds.
@@ -117,6 +115,8 @@ class SweepConfig:
             None: local worker processes.
         out: output folder.
         demo: every other setting of a run (batch sizes, model size, thresholds).
+        task: what every run trains on (:class:`~kpo_rs.experiments.tasks.Task`); its
+            ``version`` is part of each run's key.
     """
 
     losses: tuple[str, ...] = ("grpo", "kpo_clipped")
@@ -143,6 +143,7 @@ class SweepConfig:
     ray: str | None = None
     out: str = "kpo-sweep-out"
     demo: DemoConfig = field(default_factory=DemoConfig)
+    task: Task = field(default=DEFAULT_TASK, repr=False)
 
     def arms(self) -> tuple[Variant, ...]:
         """The sweep's variants: ``variants``, or the shorthand's expansion."""
@@ -264,9 +265,9 @@ class SweepConfig:
 
 
 @dataclass(frozen=True)
-class Task:
+class RunSpec:
     """One run: a variant, a cell of the grid and a seed. ``phase`` is ``"eval"`` (reported) or
-    ``"tune"`` (learning-rate tuning)."""
+    ``"tune"`` (learning-rate tuning). Its stored file is :meth:`filename` of :meth:`key`."""
 
     variant: Variant
     lr: float
@@ -330,8 +331,9 @@ class Task:
 
     def key(self, cfg: SweepConfig) -> dict[str, Any]:
         """Everything that determines the run's result (not the phase: a tuning seed's run is
-        the same computation whatever it is used for; not the variant's name), with
-        :data:`~kpo_rs.experiments.rollout.TASK_VERSION`."""
+        the same computation whatever it is used for; not the variant's name), with the task's
+        version (:attr:`~kpo_rs.experiments.tasks.Task.version`). Its layout and every value
+        are frozen (tests/test_run_keys.py): stored runs are found by it."""
         from ..losses.table import get_loss
 
         demo = dataclasses.asdict(self.demo_config(cfg))
@@ -345,7 +347,7 @@ class Task:
         settings = get_loss(self.loss).keywords()
         return {
             "format": _FORMAT,
-            "task": TASK_VERSION,
+            "task": cfg.task.version,
             "demo": {k: repr(v) for k, v in sorted(demo.items())},
             "loss_settings": {k: repr(v) for k, v in sorted(settings.items())},
         }
@@ -371,24 +373,24 @@ class Task:
 
 def _cells(
     cfg: SweepConfig, lrs: Sequence[float], mismatches: Sequence[str] | None = None
-) -> list[Task]:
+) -> list[RunSpec]:
     """Every cell of the grid at seed 0 (the seed is filled in later), in a fixed order."""
     cells = []
     for variant in cfg.arms():
         for lr, mb, lag, length, mismatch in itertools.product(
             lrs, cfg.minibatches, cfg.lags, cfg.response_lens, mismatches or cfg.mismatches
         ):
-            cells.append(Task(variant, lr, mb, lag, length, mismatch, 0, "eval"))
+            cells.append(RunSpec(variant, lr, mb, lag, length, mismatch, 0, "eval"))
     return cells
 
 
-def _ordered(tasks: list[Task], cfg: SweepConfig) -> list[Task]:
+def _ordered(tasks: list[RunSpec], cfg: SweepConfig) -> list[RunSpec]:
     """Regime by regime (the most off-policy first), within a regime seed by seed, every
     variant of a seed together: a sweep stopped early has complete comparisons for the regimes
     it did."""
     names = [v.name for v in cfg.arms()]
 
-    def key(t: Task) -> tuple:
+    def key(t: RunSpec) -> tuple:
         return (
             -t.staleness,
             cfg.mismatches.index(t.mismatch),
@@ -402,7 +404,7 @@ def _ordered(tasks: list[Task], cfg: SweepConfig) -> list[Task]:
     return sorted(tasks, key=key)
 
 
-def plan(cfg: SweepConfig) -> tuple[list[Task], list[Task]]:
+def plan(cfg: SweepConfig) -> tuple[list[RunSpec], list[RunSpec]]:
     """The tuning runs (empty without ``tune_lr``; on ``tune_on``'s engine only when set) and
     the reported runs of the grid, in the order they run; with ``tune_lr``, the reported runs
     are listed at the grid's first learning rate (the chosen one replaces it once tuning has
@@ -441,10 +443,10 @@ def estimate_seconds(cfg: SweepConfig, runs: int) -> float:
 # Running one task
 
 
-def train_task(task: Task, cfg: SweepConfig) -> dict[str, Any]:
+def train_task(task: RunSpec, cfg: SweepConfig) -> dict[str, Any]:
     """Trains one run (one torch thread) and returns its row (see
-    :data:`kpo_rs.experiments.report.COLUMNS`, plus ``rewards``: the training reward of every
-    step); stores nothing (:func:`run_task` does), so any executor may call it."""
+    :data:`kpo_rs.experiments.results.COLUMNS`, plus ``rewards``: the training reward of every
+    step); stores nothing (the sweep's process does), so any executor may call it."""
     import torch
 
     from .demo import summarize, train
@@ -454,7 +456,7 @@ def train_task(task: Task, cfg: SweepConfig) -> dict[str, Any]:
     try:
         demo = task.demo_config(cfg)
         start = time.perf_counter()
-        logs, run = train(demo, task.loss, task.seed, variant=task.variant.name)
+        logs, run = train(demo, task.loss, task.seed, variant=task.variant.name, task=cfg.task)
         seconds = time.perf_counter() - start
     finally:
         torch.set_num_threads(threads)
@@ -515,19 +517,12 @@ def train_task(task: Task, cfg: SweepConfig) -> dict[str, Any]:
     }
 
 
-def _store(task: Task, cfg: SweepConfig, row: dict[str, Any]) -> None:
+def _store(task: RunSpec, cfg: SweepConfig, row: dict[str, Any]) -> None:
     """Writes a finished run to ``cfg.out/runs`` (whole or not at all)."""
     runs = Path(cfg.out) / "runs"
     runs.mkdir(parents=True, exist_ok=True)
     key = task.key(cfg)
     _files.write_text(runs / task.filename(key), json.dumps({"key": key, "row": row}, indent=1))
-
-
-def run_task(task: Task, cfg: SweepConfig) -> dict[str, Any]:
-    """Trains one run and stores it in ``cfg.out/runs``; returns its row (:func:`train_task`)."""
-    row = train_task(task, cfg)
-    _store(task, cfg, row)
-    return row
 
 
 def _worker_init() -> None:
@@ -537,7 +532,7 @@ def _worker_init() -> None:
     torch.set_num_threads(1)
 
 
-def _stored(task: Task, cfg: SweepConfig) -> dict[str, Any] | None:
+def _stored(task: RunSpec, cfg: SweepConfig) -> dict[str, Any] | None:
     key = task.key(cfg)
     path = Path(cfg.out) / "runs" / task.filename(key)
     try:
@@ -568,7 +563,7 @@ def _ray_runner(address: str) -> Any:
 
 
 def _execute(
-    tasks: Sequence[Task],
+    tasks: Sequence[RunSpec],
     cfg: SweepConfig,
     log: Callable[[str], None],
     counter: list[int],
@@ -639,9 +634,9 @@ def _execute(
 
 
 def _choose_lrs(
-    cfg: SweepConfig, pairs: Sequence[tuple[Task, dict[str, Any]]]
+    cfg: SweepConfig, pairs: Sequence[tuple[RunSpec, dict[str, Any]]]
 ) -> dict[tuple, float]:
-    """Per cell without its learning rate (:meth:`Task.cell`; without its engine too with
+    """Per cell without its learning rate (:meth:`RunSpec.cell`; without its engine too with
     ``tune_on``): the grid's learning rate with the best mean ``eval_auc`` over the tuning
     seeds (ties: the earlier in the grid)."""
     scores: dict[tuple, dict[float, list[float]]] = {}
@@ -711,7 +706,7 @@ def run_sweep(
         eval_rows = _execute(evals, cfg, log, counter, total)
     rows = tune_rows + eval_rows
     write_results(rows, out / "results.csv")
-    figures = [p.name for p in write_plots(rows, out)]
+    figures = [p.name for p in write_plots(rows, out, task=cfg.task, demo=cfg.demo)]
     report = out / "report.md"
     write_report(
         rows,
@@ -722,6 +717,8 @@ def run_sweep(
         figures=figures,
         contrasts=cfg.contrasts or None,
         arms={v.name: v.describe() for v in cfg.arms()},
+        task=cfg.task,
+        demo=cfg.demo,
     )
     return report
 
@@ -745,7 +742,7 @@ def _write_plan(cfg: SweepConfig, out: Path, total: int, command: str) -> None:
         "command": command,
         "preset": cfg.preset,
         "planned": total,
-        "task": TASK_VERSION,
+        "task": cfg.task.version,
         "variants": [v.spec() for v in cfg.arms()],
         "arms": {v.name: v.describe() for v in cfg.arms()},
         "mismatches": list(cfg.mismatches),

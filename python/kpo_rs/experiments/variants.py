@@ -43,12 +43,8 @@ from .config import (
 )
 
 __all__ = [
-    "KPO_AUTHORS_BAND",
-    "MAX_KPO_EPS",
-    "RUN_KEYS",
     "Variant",
     "band_overrides",
-    "build_variant",
     "expand_shorthand",
     "parse_variant",
     "read_variants_file",
