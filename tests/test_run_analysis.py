@@ -165,3 +165,13 @@ def test_a_mismatch_growing_along_the_response_is_reported(tmp_path):
         assert b["rms"] == pytest.approx(want, rel=0.1)
     answer = dict(verdicts(result))["engine mismatch white or correlated?"]
     assert "along the response" in answer and "x1.0" not in answer
+
+
+def test_the_fit_sample_is_bounded_by_whole_rows_in_file_order(tmp_path):
+    steps = _steps(n_steps=2, rows=8)
+    _dump(tmp_path, steps)
+    lengths = [int(m.sum()) for _, _, mask, _, _ in steps for m in mask]
+    budget = sum(lengths[:5]) + lengths[5] // 2  # room for five whole rows and half a sixth
+    result = analyze_run(tmp_path, fit_tokens=budget)
+    assert result["fit"]["rows_used"] == 5 and result["fit"]["tokens"] == sum(lengths[:5])
+    assert result["tokens"] == sum(lengths)  # the statistics still read every row

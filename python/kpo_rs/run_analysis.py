@@ -276,6 +276,7 @@ def analyze_run(
     sample_adv: list[np.ndarray] = []
     sample_len: list[int] = []
     kept = 0
+    sample_full = False
     lengths: list[np.ndarray] = []
     plot: list[np.ndarray] = []
     rows = 0
@@ -336,32 +337,38 @@ def analyze_run(
                 mismatch.add(d, d_row, d_cu)
                 which = np.searchsorted(BUCKETS, d_pos, side="right") - 1
                 np.add.at(bucket_sums, which, np.stack([np.ones_like(d), d, d * d], axis=1))
+        token_step = step_col[row_id]  # a shard holds one step: usually one pass below
+        d_step = None if d is None else step_col[d_row]
         for step in np.unique(step_col):
             rows_here = np.flatnonzero(step_col == step)
-            sel_tokens = np.isin(row_id, rows_here)
+            sel_tokens = token_step == step
             sub_cu = np.concatenate([[0], np.cumsum(row_len[rows_here])])
             entry = steps.setdefault(
                 int(step), (_Series(STEP_LAGS), _Filtered(), _Series(STEP_LAGS))
             )
             entry[0].add(z[sel_tokens], row_id[sel_tokens], sub_cu)
             entry[1].add(x[sel_tokens], adv[sel_tokens], clip)
-            if d is not None:
-                d_sel = np.isin(d_row, rows_here)
+            if d is not None and d_step is not None:
+                d_sel = d_step == step
                 entry[2].add(
                     d[d_sel],
                     d_row[d_sel],
                     np.concatenate([[0], np.cumsum(np.diff(d_cu)[rows_here])]),
                 )
         for r in range(row_len.size):
+            if sample_full and len(plot) >= plot_rows:
+                break
             n = int(row_len[r])
             if n == 0:
                 continue
             seg = z[cu[r] : cu[r + 1]]
-            if kept + n <= fit_tokens:
+            if not sample_full and kept + n <= fit_tokens:
                 sample.append(seg)
                 sample_adv.append(adv[cu[r] : cu[r + 1]])
                 sample_len.append(n)
                 kept += n
+            else:
+                sample_full = True  # whole rows in file order: the first that does not fit ends it
             if len(plot) < plot_rows:
                 plot.append(seg)
         rows += batch.num_rows
