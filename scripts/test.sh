@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Sets up (scripts/setup.sh) and runs the whole test suite: formatting and lints (rustfmt, clippy,
 # ruff), types (mypy over the package, mypy.stubtest of _core.pyi), the Rust unit tests, the wheel
-# built and installed into a bare environment, the SkyRL plug-in inside SkyRL 0.3.0 in its own
+# built and installed into a bare environment, the fast tier on that wheel without the optional
+# stacks (scripts/core_env_tests.sh: their tests must skip there), the SkyRL plug-in inside SkyRL 0.3.0 in its own
 # environment (scripts/skyrl_env.sh), and the Python tests of every tier (pytest -m "": fast, slow, integration; gpu tests skip without a
 # device) with hypothesis's "ci" profile (200 examples per property) when CI is set, "dev" (50)
 # otherwise. The quick loop is a plain `pytest` (the fast tier): see tests/README.md.
@@ -29,7 +30,11 @@ step "types (mypy over the package, mypy.stubtest of the extension's _core.pyi)"
 step "cargo test"
 cargo test --release --quiet
 step "wheel (abi3, manylinux2014, built once with zig) and sdist"
-bash scripts/check_wheel.sh
+wheels=$(mktemp -d)
+KPO_DIST=$wheels bash scripts/check_wheel.sh
+step "the wheel without the optional stacks: numpy, torch, hypothesis and pytest alone"
+bash scripts/core_env_tests.sh "$wheels"/kpo_rs-*.whl
+rm -rf "$wheels"
 step "smoke sweep: two named variants of one loss on a correlated engine (no Ray)"
 smoke=$(mktemp -d)
 trap 'rm -rf "$smoke"' EXIT
