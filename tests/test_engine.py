@@ -214,7 +214,12 @@ def test_the_clip_band_scales_with_the_data_weight():
     assert scaled_kpo_clip(base, 128) == pytest.approx(KPO_CLIP, rel=1e-12)
     window = {"q": 1 / 256, "r": 1.0, "p0": 0.0}
     low, high = scaled_kpo_clip(window, 128)
-    factor = mean_data_weight(128, **window) / mean_data_weight(128, **base)
+    # the mean data weight from the filter itself, not the formula the band is computed with:
+    # zeros filtered from m0 = 1 keep the weight still on the prior
+    def weight(settings: dict) -> float:
+        return 1.0 - float(kpo_rs.kalman_filter(np.zeros((1, 128)), m0=1.0, **settings).mean())
+
+    factor = weight(window) / weight(base)
     assert (low, high) == pytest.approx((KPO_CLIP[0] * factor, KPO_CLIP[1] * factor))
     assert 0.05 < low < high < 0.2  # a PPO-like band on the drift the filter passes
     low, high = scaled_kpo_clip({"q": 1.0, "r": 1.0, "p0": math.inf}, 4)
