@@ -11,7 +11,6 @@ import torch
 
 import kpo_rs
 from helpers import requires, tiny_demo
-from kpo_rs.diagnostics import mean_data_weight
 from kpo_rs.experiments import demo
 from kpo_rs.experiments.colours import ColourTask
 from kpo_rs.experiments.config import (
@@ -214,6 +213,7 @@ def test_the_clip_band_scales_with_the_data_weight():
     assert scaled_kpo_clip(base, 128) == pytest.approx(KPO_CLIP, rel=1e-12)
     window = {"q": 1 / 256, "r": 1.0, "p0": 0.0}
     low, high = scaled_kpo_clip(window, 128)
+
     # the mean data weight from the filter itself, not the formula the band is computed with:
     # zeros filtered from m0 = 1 keep the weight still on the prior
     def weight(settings: dict) -> float:
