@@ -14,14 +14,19 @@ __all__ = ["add_parser", "run"]
 
 
 def add_parser(sub: argparse._SubParsersAction, full: bool) -> None:
-    """``kpo demo``'s options."""
+    """``kpo demo``'s options; without ``full`` (another command runs) only its name and help
+    line, so that the other commands never import the lab (:mod:`kpo_rs.experiments`)."""
+    summary = "train a tiny policy with each loss on CPU and compare (a few minutes)"
+    if not full:
+        sub.add_parser("demo", help=summary, add_help=False)
+        return
     from ..experiments.config import DEFAULT_VARIANTS, OLD_LOGPS, DemoConfig
     from ..params import FilterParams
 
     d = DemoConfig()
     p = sub.add_parser(
         "demo",
-        help="train a tiny policy with each loss on CPU and compare (a few minutes)",
+        help=summary,
         description="Trains a tiny causal transformer with group-relative advantages on a "
         "synthetic task with a verifiable reward, once per variant (a loss with its run "
         "settings) and seed, and compares them. By default: "
@@ -121,7 +126,11 @@ def _positive_float(text: str) -> float:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Runs ``kpo demo``: prints the table, writes the outputs; 0, or 2 for a bad option."""
+    """Runs ``kpo demo``: prints the table, writes the outputs; 0, or 2 for a bad option. Every
+    package of the ``demo`` extra is imported first, so a missing one is one line naming the
+    extra (:func:`kpo_rs.cli.main`) before any training, not a run without its plots."""
+    import matplotlib  # noqa: F401
+    import torch  # noqa: F401
     from rich.console import Console
     from rich.table import Table
 

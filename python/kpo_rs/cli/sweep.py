@@ -29,7 +29,13 @@ def add_parser(sub: argparse._SubParsersAction, full: bool) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Runs ``kpo sweep`` (:func:`run_cli`)."""
+    """Runs ``kpo sweep`` (:func:`run_cli`). Every package of the ``demo`` extra is imported
+    first, so a missing one is one line naming the extra (:func:`kpo_rs.cli.main`) before any
+    run, not a sweep without its plots."""
+    import matplotlib  # noqa: F401
+    import rich  # noqa: F401
+    import torch  # noqa: F401
+
     return run_cli(args)
 
 
