@@ -34,8 +34,8 @@ def add_parser(sub: argparse._SubParsersAction, full: bool) -> None:
         + " (GRPO in bypass mode and with the standard correction, decoupled + TIS 2; gpg; "
         "KPO-clipped's paper arm, the authors' filter and band; and the rescaled band "
         "(kpo-rs variant) at a 16-token window) on an engine with heavy-tailed logit noise. "
-        "The evaluation is fresh samples of the training prompts (the task has 4 prompts and "
-        "trains on all of them).",
+        "The evaluation is fresh samples of the training prompts (the task has "
+        f"{d.classes} prompts and trains on all of them).",
     )
     counts = (
         ("--steps", positive, "RL steps per run"),

@@ -341,7 +341,9 @@ class DemoConfig:
             rollout correction or control (:mod:`kpo_rs.experiments.corrections`; None: none);
             ``loss_settings``: ``(key, value)`` overrides of the loss's table settings.
         eval_every, eval_per_class: the evaluation (fresh samples of the training prompts, not
-            held out: the task has 4 prompts and trains on all of them): every ``eval_every``
+            held out: the colour task has ``classes`` prompts and trains on all of them; the
+            set is the task's, :meth:`kpo_rs.experiments.tasks.Task.eval_prompts`): every
+            ``eval_every``
             steps (and after the last), ``eval_per_class`` answers for each colour, sampled from
             the trainer's policy with their own random stream, the same draws every time.
         eval_collapse_evals: a collapse is the eval reward staying more than

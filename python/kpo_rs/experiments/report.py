@@ -22,16 +22,17 @@ Terms used here and in the report:
   policy that produced a minibatch's rollouts and the policy being updated; it orders the
   plots' x axis.
 
-The primary metric is ``eval_auc`` (the eval reward, fresh samples of the training prompts: the
-task has 4 prompts and trains on all of them, so it is not held out; area under the evaluation
-curve). Rows of sweeps older than the evaluation have no such column; their report falls back
-to the training-batch ``final_reward`` and says so. With pre-registered contrasts (a preset's
-``contrasts``, also read from ``OUT/plan.json`` by :func:`rebuild`) the report tests exactly
-those, per regime, Holm over all of them, and lists every other comparison (each variant
-against GRPO and gpg) under "Exploratory" with its own Holm correction; without, every
-comparison is against GRPO and against gpg (the policy gradient without importance weights).
-There is no "winner": :mod:`.stats` gives each comparison a t interval, a sign-flip p-value and
-a Holm-adjusted p-value.
+The primary metric is ``eval_auc`` (the eval reward on the task's evaluation set, for the colour
+task fresh samples of its ``classes`` training prompts, not held out; area under the evaluation
+curve; the footnotes describe the set and the random baseline through the
+:class:`~kpo_rs.experiments.tasks.Task`). Rows of sweeps older than the evaluation have no such
+column; their report falls back to the training-batch ``final_reward`` and says so. With
+pre-registered contrasts (a preset's ``contrasts``, also read from ``OUT/plan.json`` by
+:func:`rebuild`) the report tests exactly those, per regime, Holm over all of them, and lists every
+other comparison (each variant against GRPO and gpg) under "Exploratory" with its own Holm
+correction; without, every comparison is against GRPO and against gpg (the policy gradient without
+importance weights). There is no "winner": :mod:`.stats` gives each comparison a t interval, a
+sign-flip p-value and a Holm-adjusted p-value.
 """
 
 from __future__ import annotations
