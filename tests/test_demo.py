@@ -114,6 +114,7 @@ def test_lag_makes_ratios_drift_from_one():
     assert max(e.max_ratio for e in logs) != 1.0
 
 
+@pytest.mark.slow  # a training run through kpo demo (the fast tier trains in test_lag_...)
 @requires("matplotlib", "rich")  # the demo extra
 def test_cli_runs_the_demo(tmp_path, capsys):
     out = tmp_path / "out"
