@@ -472,7 +472,7 @@ def test_large_tiles_match_reference(packed, dtype, masked):
 
 #: (packed, dtype, masked) of the large tile's bitwise test: all slow (the padded float32 case
 #: takes about 16 s under the interpreter, the packed per-row path rescans the tiles its rows
-#: share, some 35 s); the fast tier has the large tile against the reference above.
+#: share, some 35 s), as the large tile against the reference above.
 LARGE_TILE_BITS_CASES = [
     pytest.param(*case.values, marks=[pytest.mark.slow]) for case in LOOK_BACK_CASES
 ]
