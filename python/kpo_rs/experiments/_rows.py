@@ -28,6 +28,7 @@ def present(x: Any) -> bool:
 
 
 def fmt_num(x: float | None) -> str:
+    """A number as ``%g`` (``-`` for None, ``inf``)."""
     if x is None:
         return "-"
     if math.isinf(x):
@@ -44,10 +45,13 @@ def primary_metric(rows: Iterable[dict[str, Any]]) -> str:
 
 
 def has_filter(row: dict[str, Any]) -> bool:
+    """Whether the row's loss ran a filter (it has ``q`` or a filter arm)."""
     return row.get("q") is not None or row.get("filter_arm") not in (None, "none")
 
 
 def filter_settings_of(row: dict[str, Any]) -> tuple:
+    """The row's filter settings ``(q, r, p0)``; a fitted arm's ``q`` and ``r`` are outputs of
+    the fit, not settings, so None."""
     arm = row.get("filter_arm")
     if isinstance(arm, str) and arm.startswith("fit"):
         return (None, None, row.get("p0"))
@@ -90,6 +94,8 @@ def labeller(rows: Sequence[dict[str, Any]]):
 
 
 def regime_key(row: dict[str, Any], tuned: bool) -> tuple:
+    """The row's regime: ``(lr or None when tuned, length, staleness, minibatches, lag, mismatch,
+    old_logp, tis)``; a named variant carries ``old_logp`` and ``tis`` itself (None here)."""
     lr = None if tuned else row["lr"]
     named = is_named(row)  # a named variant carries its old_logp and TIS itself
     return (
@@ -105,6 +111,7 @@ def regime_key(row: dict[str, Any], tuned: bool) -> tuple:
 
 
 def regime_label(key: tuple, *, with_lr: bool = True) -> str:
+    """A regime key in words (without the learning rate when ``with_lr`` is False)."""
     lr, length, _, mb, lag, mismatch, old_logp, tis = key
     text = f"{mb} minibatch{'es' if mb != 1 else ''}, lag {lag}, {length} tokens"
     if mismatch is not None:
@@ -117,6 +124,8 @@ def regime_label(key: tuple, *, with_lr: bool = True) -> str:
 
 
 def regime_order(key: tuple) -> tuple:
+    """The sort key of a regime: highest learning rate, shortest answers, least stale first,
+    without engine mismatch before with."""
     lr, length, staleness, mb, lag, mismatch, old_logp, tis = key
     plain = mismatch in (None, "none")  # without engine mismatch first
     return (
@@ -154,14 +163,17 @@ def grouped(rows: Iterable[dict[str, Any]]) -> tuple[Groups, list[str], bool]:
 
 
 def plural(n: int, word: str) -> str:
+    """``n`` and ``word``, with an ``s`` unless ``n`` is 1."""
     return f"{n} {word}" + ("" if n == 1 else "s")
 
 
 def metric_values(rs: Sequence[dict[str, Any]], key: str) -> list[float]:
+    """The measured values (floats) of ``key`` over the rows ``rs``."""
     return [float(r[key]) for r in rs if present(r.get(key))]
 
 
 def mean_std(values: Sequence[float]) -> str:
+    """``mean ± std`` over seeds (sample std), one value alone, ``-`` for none."""
     if not values:
         return "-"
     if len(values) == 1:
@@ -177,19 +189,23 @@ def md_table(head: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
 
 
 def by_seed(rs: Sequence[dict[str, Any]], metric: str) -> dict[int, float]:
+    """``{seed: value of metric}`` over the rows that measured it."""
     return {int(r["seed"]): float(r[metric]) for r in rs if present(r.get(metric))}
 
 
 def fmt_p(p: float | None) -> str:
+    """A p-value: 3 decimals, scientific below 0.001, ``-`` for None."""
     if p is None:
         return "-"
     return f"{p:.3f}" if p >= 0.001 else f"{p:.1e}"
 
 
 def fmt_ci(ci: tuple[float, float] | None) -> str:
+    """An interval as ``[+low, +high]``, ``-`` for None."""
     return "-" if ci is None else f"[{ci[0]:+.3f}, {ci[1]:+.3f}]"
 
 
 def steps_window(rows: Sequence[dict[str, Any]]) -> int:
+    """The steps ``final_reward`` averages: :data:`FINAL_WINDOW`, or fewer for shorter runs."""
     steps = [r["steps"] for r in rows if present(r.get("steps"))]
     return min(FINAL_WINDOW, min(steps)) if steps else FINAL_WINDOW

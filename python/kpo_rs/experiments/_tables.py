@@ -35,6 +35,7 @@ MIN_RAW_ERROR = 1e-3
 
 
 def comparison_md(comps: list[dict[str, Any]]) -> str:
+    """The comparisons (``variant``, ``reference``, ``paired``, ``holm``) as a Markdown table."""
     lines = []
     for c in comps:
         p: stats.Paired = c["paired"]
@@ -102,6 +103,8 @@ def complete_regimes(groups: Groups, variants: list[str]) -> Groups:
 
 
 def iqm_md(groups: Groups, variants: list[str], metric: str) -> str:
+    """Each variant's IQM of ``metric`` over the regimes in ``groups``, with its stratified
+    bootstrap interval."""
     lines = []
     for v in variants:
         strata = [metric_values(runs[v], metric) for runs in groups.values() if v in runs]
@@ -122,6 +125,7 @@ def summary_table(rows: Sequence[dict[str, Any]]) -> str:
 
 
 def variant_md(groups: Groups, variants: list[str], metric: str) -> str:
+    """The mean ± std over seeds of ``metric`` per regime (rows) and variant (columns)."""
     lines = []
     for key, runs in groups.items():
         seeds = sorted({len(rs) for rs in runs.values()})
@@ -179,6 +183,9 @@ def steps_summary(rs: Sequence[dict[str, Any]], key: str) -> tuple[str, str]:
 
 
 def secondary_md(groups: Groups, variants: list[str], held_out: bool) -> str:
+    """The secondary metrics per regime and variant (final, steps to threshold, collapses,
+    data weight, clip share); ``held_out``: from the evaluation, else from the training
+    batches."""
     final, steps, coll = (
         ("eval_final", "eval_steps_to_threshold", "eval_collapses")
         if held_out
@@ -221,6 +228,7 @@ def secondary_md(groups: Groups, variants: list[str], held_out: bool) -> str:
 
 
 def mean_cell(rs: Sequence[dict[str, Any]], key: str, fmt: str) -> str:
+    """The mean over seeds of ``key`` formatted by ``fmt``, ``-`` where no run measured it."""
     values = metric_values(rs, key)
     return fmt.format(float(np.mean(values))) if values else "-"
 
@@ -271,6 +279,9 @@ def mechanism_md(groups: Groups, variants: list[str]) -> str | None:
 
 
 def error_md(groups: Groups, variants: list[str]) -> str | None:
+    """Per regime and variant with a measured raw error: the mismatch's std and lag-1, the raw
+    and filtered log-ratio's errors and their ratio (``-`` where the raw error is rounding);
+    None when no row has these figures."""
     lines = []
     for key, runs in groups.items():
         for v in variants:
