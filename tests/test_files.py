@@ -85,22 +85,23 @@ def test_missing_folder_is_an_os_error(tmp_path):
 
 
 def test_write_results_keeps_the_old_file_on_error(tmp_path):
-    from kpo_rs.experiments import report as sweep_report
+    from kpo_rs.experiments import results as sweep_results
+    from kpo_rs.experiments.results import COLUMNS
 
     dst = tmp_path / "results.csv"
-    sweep_report.write_results([{"loss": "grpo", "seed": 0}], dst)
+    sweep_results.write_results([{"loss": "grpo", "seed": 0}], dst)
     before = dst.read_bytes()
-    assert before.startswith(b"phase,loss,")
+    assert before.startswith(",".join(COLUMNS).encode() + b"\n")
 
     def rows():
         yield {"loss": "kpo", "seed": 1}
         raise Boom
 
     with pytest.raises(Boom):
-        sweep_report.write_results(rows(), dst)
+        sweep_results.write_results(rows(), dst)
     assert dst.read_bytes() == before
     assert _leftovers(tmp_path) == []
-    sweep_report.write_results([{"loss": "kpo", "seed": 1}], dst)
+    sweep_results.write_results([{"loss": "kpo", "seed": 1}], dst)
     assert dst.read_bytes() != before
     assert b"kpo" in dst.read_bytes()
 
