@@ -91,7 +91,7 @@ def test_write_results_keeps_the_old_file_on_error(tmp_path):
     dst = tmp_path / "results.csv"
     sweep_results.write_results([{"loss": "grpo", "seed": 0}], dst)
     before = dst.read_bytes()
-    assert before.startswith(",".join(COLUMNS).encode() + b"\n")
+    assert before.startswith(",".join(COLUMNS).encode() + b"\r\n")
 
     def rows():
         yield {"loss": "kpo", "seed": 1}
