@@ -226,6 +226,7 @@ def test_the_clip_band_scales_with_the_data_weight():
     assert low == MAX_KPO_EPS and high == pytest.approx(MAX_KPO_EPS * 4 / 3)
 
 
+@pytest.mark.slow  # a training run of four steps with its evaluations
 def test_runs_use_the_arms_settings_and_the_fit_replaces_them():
     window = demo.Run(_tiny(filter_arm="window:4", band="rescaled"), "kpo_clipped", 0)
     assert window.settings == {"q": 1 / 16, "r": 1.0, "p0": 0.0}
