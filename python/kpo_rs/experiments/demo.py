@@ -151,7 +151,7 @@ def _clip_band(name: str, overrides: dict[str, Any]) -> tuple[float, float, bool
     if "q" in params:
         clip = keywords.get("clip")
         return None if clip is None else (float(clip[0]), float(clip[1]), True)
-    if name in ("grpo", "ppo") or ("clip_ratio" in params and "clip_ratio_low" in params):
+    if "clip_ratio" in params and "clip_ratio_low" in params:
         c = keywords.get("clip_ratio", 0.2)
         low = keywords.get("clip_ratio_low")
         high = keywords.get("clip_ratio_high")
