@@ -6,7 +6,8 @@
 //! chosen at run time), `compact` (mask scans, compaction and expansion of rows with holes), `types` (shared types, parameters, errors, gains), `row` (one-row
 //! kernels), `block` (row-block kernels: dispatch to `simd`, portable fallback), `stretch` (the
 //! row-block path, long rows cut into stretches), `filter` (layout checks and dispatch),
-//! `likelihood` (the model's log-likelihood per row, for fitting the settings). With the
+//! `likelihood` (the model's log-likelihood per row, for fitting the settings), `premise`
+//! (the premise metrics' statistics in one pass per row). With the
 //! `python` feature (enabled by maturin) this crate is also the Python extension module
 //! `kpo_rs._core`, defined in `python.rs`. See `docs/design.md`, "Rust core".
 
@@ -14,6 +15,7 @@ mod block;
 mod compact;
 pub mod filter;
 pub mod likelihood;
+pub mod premise;
 mod ragged;
 mod row;
 mod simd;

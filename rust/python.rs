@@ -18,6 +18,7 @@ use pyo3::prelude::*;
 
 use crate::filter::{self, FilterError, FilterParams, Gains, MaskMode, Offset, Real};
 use crate::likelihood::{self, RowStats};
+use crate::premise::{self, Advantages, Clip, PremiseStats, Series};
 
 /// Every error of the core is a `ValueError` carrying the core's message, which names the
 /// argument (see `docs/design.md`, "Errors").
@@ -491,6 +492,176 @@ fn innovations<'py>(
     }
 }
 
+/// `arr` as an array of `T`, else a TypeError naming `arg` and the dtype `like` it must have.
+fn typed<'py, T: Element>(
+    arg: &str,
+    arr: &Bound<'py, PyUntypedArray>,
+    like: &str,
+) -> PyResult<Bound<'py, PyArrayDyn<T>>> {
+    arr.cast::<PyArrayDyn<T>>().cloned().map_err(|_| {
+        PyTypeError::new_err(format!(
+            "{arg} must have dtype {like}, got {}",
+            dtype_str(arr)
+        ))
+    })
+}
+
+/// The clip's arrays as handed in: `(advantages, rt, clipped)`.
+type ClipArgs<'py> = (Bound<'py, PyAny>, Bound<'py, PyAny>, Bound<'py, PyAny>);
+
+/// The statistics of [`premise_stats`] for series of dtype `T`, flattened.
+fn premise_typed<'py, T: Real + Element>(
+    py: Python<'py>,
+    arrs: &[&Bound<'py, PyUntypedArray>],
+    lags: &[Vec<usize>],
+    cu: Option<&Bound<'py, PyUntypedArray>>,
+    mask: Option<Elems<'py, bool>>,
+    clip: Option<&ClipArgs<'py>>,
+) -> PyResult<Vec<f64>> {
+    let like = dtype_str(arrs[0]);
+    let shape = arrs[0].shape().to_vec();
+    let mut values = Vec::with_capacity(arrs.len());
+    for (i, arr) in arrs.iter().enumerate() {
+        let arg = format!("series[{i}]");
+        if arr.shape() != shape {
+            return Err(PyValueError::new_err(format!(
+                "{arg} shape {:?} differs from series[0] shape {shape:?}",
+                arr.shape()
+            )));
+        }
+        values.push(read(&arg, &typed::<T>(&arg, arr, &like)?)?);
+    }
+    let clip_elems = match clip {
+        None => None,
+        Some((adv, rt, clipped)) => {
+            let adv = as_ndarray("advantages", adv, shape.len(), "like the series")?;
+            let per_row = cu.is_none() && adv.shape() == [shape[0], 1];
+            if adv.shape() != shape && !per_row {
+                return Err(PyValueError::new_err(format!(
+                    "advantages shape {:?} differs from the series' shape {shape:?}{}",
+                    adv.shape(),
+                    if cu.is_none() {
+                        " and from [batch, 1]"
+                    } else {
+                        ""
+                    }
+                )));
+            }
+            let rt = as_ndarray("rt", rt, shape.len(), "like the series")?;
+            let clipped = as_ndarray("clipped", clipped, shape.len(), "like the series")?;
+            for (arg, a) in [("rt", rt), ("clipped", clipped)] {
+                if a.shape() != shape {
+                    return Err(PyValueError::new_err(format!(
+                        "{arg} shape {:?} differs from the series' shape {shape:?}",
+                        a.shape()
+                    )));
+                }
+            }
+            Some((
+                read("advantages", &typed::<T>("advantages", adv, &like)?)?,
+                per_row,
+                read("rt", &typed::<T>("rt", rt, &like)?)?,
+                read("clipped", &typed::<bool>("clipped", clipped, "bool")?)?,
+            ))
+        }
+    };
+    let series: Vec<Series<'_, T>> = values
+        .iter()
+        .zip(lags)
+        .map(|(v, l)| Series {
+            values: v.as_slice(),
+            lags: l,
+        })
+        .collect();
+    let clip = clip_elems.as_ref().map(|(a, per_row, rt, cl)| Clip {
+        advantages: if *per_row {
+            Advantages::Rows(a.as_slice())
+        } else {
+            Advantages::Tokens(a.as_slice())
+        },
+        rt: rt.as_slice(),
+        clipped: cl.as_slice(),
+    });
+    let m = mask.as_ref().map(Elems::as_slice);
+    let stats: PremiseStats = match cu {
+        None => {
+            let (batch, time) = (shape[0], shape[1]);
+            py.detach(|| premise::premise_padded(&series, m, batch, time, clip.as_ref()))?
+        }
+        Some(cu) => by_dtype!(Offsets, offsets(cu)?, c => {
+            let o = read("cu_seqlens", &c)?;
+            let o = o.as_slice();
+            py.detach(|| premise::premise_packed(&series, m, o, clip.as_ref()))?
+        }),
+    };
+    let mut flat = Vec::new();
+    for s in &stats.series {
+        flat.extend([s.mean, s.std]);
+        flat.extend(&s.acf);
+    }
+    if let Some((pos, neg)) = stats.clip {
+        flat.extend([pos, neg]);
+    }
+    Ok(flat)
+}
+
+/// The premise metrics' statistics (see `rust/premise.rs`; accumulated in float64) of one or
+/// more `series` of one dtype and layout (padded `[batch, time]`, or packed `[total]` with
+/// `cu_seqlens`), with `lags[i]` the lags of `series[i]`, and the clip's removed shares when
+/// `clip = (advantages, rt, clipped)` is given (`advantages` like the series, or `[batch, 1]`
+/// when padded). Returns float64: per series `mean, std, acf at each lag`, then `share_pos,
+/// share_neg` with a clip.
+#[pyfunction]
+#[pyo3(name = "premise", signature = (series, lags, cu_seqlens, mask, clip))]
+fn premise_stats<'py>(
+    py: Python<'py>,
+    series: Vec<Bound<'py, PyAny>>,
+    lags: Vec<Vec<i64>>,
+    cu_seqlens: Option<&Bound<'py, PyAny>>,
+    mask: Option<&Bound<'py, PyAny>>,
+    clip: Option<ClipArgs<'py>>,
+) -> PyResult<Bound<'py, PyArray1<f64>>> {
+    let Some(first) = series.first() else {
+        return Err(PyValueError::new_err("series must hold at least one array"));
+    };
+    if lags.len() != series.len() {
+        return Err(PyValueError::new_err(format!(
+            "lags must hold one list per series ({}), got {}",
+            series.len(),
+            lags.len()
+        )));
+    }
+    let lags =
+        lags.iter()
+            .map(|l| {
+                l.iter()
+                    .map(|&k| {
+                        usize::try_from(k).ok().filter(|&k| k >= 1).ok_or_else(|| {
+                            PyValueError::new_err(format!("lags must be >= 1, got {k}"))
+                        })
+                    })
+                    .collect::<PyResult<Vec<usize>>>()
+            })
+            .collect::<PyResult<Vec<_>>>()?;
+    let (arr, cu) = layout("series[0]", first, cu_seqlens)?;
+    let mut arrs = vec![arr];
+    for (i, obj) in series.iter().enumerate().skip(1) {
+        let what = if cu.is_none() {
+            "[batch, time]"
+        } else {
+            "[total]"
+        };
+        arrs.push(as_ndarray(&format!("series[{i}]"), obj, arr.ndim(), what)?);
+    }
+    let mask = read_mask(mask, arr.shape(), "series[0]")?;
+    let clip = clip.as_ref();
+    let flat = match floats("series[0]", arr)? {
+        Floats::F32(_) => premise_typed::<f32>(py, &arrs, &lags, cu, mask, clip)?,
+        Floats::F64(_) => premise_typed::<f64>(py, &arrs, &lags, cu, mask, clip)?,
+    };
+    Ok(PyArray1::from_vec(py, flat))
+}
+
 #[pymodule]
 #[pyo3(name = "_core")]
 fn core_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
@@ -500,5 +671,6 @@ fn core_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(filter_rows, m)?)?;
     m.add_function(wrap_pyfunction!(adjoint_rows, m)?)?;
     m.add_function(wrap_pyfunction!(innovations, m)?)?;
+    m.add_function(wrap_pyfunction!(premise_stats, m)?)?;
     Ok(())
 }

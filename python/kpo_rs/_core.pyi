@@ -6,12 +6,21 @@ parameter or a non-finite value at a position the filter reads; each message nam
 Parameters have no defaults here; ``kpo_rs`` supplies them.
 """
 
+from collections.abc import Sequence
 from typing import Literal
 
 import numpy as np
 import numpy.typing as npt
 
-__all__ = ["__version__", "adjoint", "check_offsets", "filter", "gains", "innovations"]
+__all__ = [
+    "__version__",
+    "adjoint",
+    "check_offsets",
+    "filter",
+    "gains",
+    "innovations",
+    "premise",
+]
 
 __version__: str
 
@@ -58,3 +67,19 @@ def innovations(
     """The sums of each row's innovations under the filter's model (either layout; masked
     positions skipped as ``masked="hold"`` skips them; accumulated in float64): float64
     ``[batch, 7]`` with columns ``log_likelihood, tokens, terms, log_det, ssq, cross, c2``."""
+
+def premise(
+    series: Sequence[_Float],
+    lags: Sequence[Sequence[int]],
+    cu_seqlens: _Offsets | None,
+    mask: npt.NDArray[np.bool_] | None,
+    clip: tuple[_Float, _Float, npt.NDArray[np.bool_]] | None,
+) -> npt.NDArray[np.float64]:
+    """The premise metrics' statistics (``kpo_rs.premise``; accumulated in float64, rows in
+    parallel) of ``series`` (one dtype, float32/float64, one layout: padded ``[batch, time]``, or
+    packed ``[total]`` split by ``cu_seqlens``), over the tokens where ``mask`` (bool, like the
+    series; None: all) is True, holes skipped; ``lags[i]`` (each >= 1) are the lags of
+    ``series[i]``'s autocorrelations; ``clip = (advantages, rt, clipped)`` (``advantages`` like the
+    series or, padded, ``[batch, 1]``; ``clipped`` bool) adds the clip's removed shares. Returns
+    float64: per series ``mean, std, acf at each lag``, then ``share_pos, share_neg`` with a
+    clip."""
