@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -167,6 +167,19 @@ def lr_md(groups: Groups, variants: list[str], metric: str) -> str | None:
     return md_table(head, lines)
 
 
+def ran(
+    groups: Groups, variants: list[str], *, measured: str | None = None
+) -> Iterator[tuple[tuple, str, list[dict[str, Any]]]]:
+    """``(regime key, variant, its runs)`` for each variant of ``variants`` that ran in each
+    regime of ``groups`` (in that order); with ``measured``, only where some run measured that
+    metric."""
+    for key, runs in groups.items():
+        for v in variants:
+            rs = runs.get(v)
+            if rs and (measured is None or metric_values(rs, measured)):
+                yield key, v, rs
+
+
 def steps_summary(rs: Sequence[dict[str, Any]], key: str) -> tuple[str, str]:
     """Reached the threshold ``k/n``, and the median first step at it with censored runs
     (never reached: ``-1`` or empty) counted as later than every step."""
@@ -192,28 +205,24 @@ def secondary_md(groups: Groups, variants: list[str], held_out: bool) -> str:
         else ("final_reward", "steps_to_threshold", "collapses")
     )
     lines = []
-    for key, runs in groups.items():
-        for v in variants:
-            rs = runs.get(v)
-            if not rs:
-                continue
-            reached, median = steps_summary(rs, steps)
-            counts = [r[coll] for r in rs if present(r.get(coll))]
-            collapse = (
-                f"{np.mean([c > 0 for c in counts]):.0%} ({np.mean(counts):.1f})" if counts else "-"
-            )
-            lines.append(
-                [
-                    regime_label(key),
-                    v,
-                    mean_std(metric_values(rs, final)),
-                    reached,
-                    median,
-                    collapse,
-                    mean_std(metric_values(rs, "data_weight")),
-                    mean_std(metric_values(rs, "clip_share")),
-                ]
-            )
+    for key, v, rs in ran(groups, variants):
+        reached, median = steps_summary(rs, steps)
+        counts = [r[coll] for r in rs if present(r.get(coll))]
+        collapse = (
+            f"{np.mean([c > 0 for c in counts]):.0%} ({np.mean(counts):.1f})" if counts else "-"
+        )
+        lines.append(
+            [
+                regime_label(key),
+                v,
+                mean_std(metric_values(rs, final)),
+                reached,
+                median,
+                collapse,
+                mean_std(metric_values(rs, "data_weight")),
+                mean_std(metric_values(rs, "clip_share")),
+            ]
+        )
     head = [
         "regime",
         "variant",
@@ -238,30 +247,24 @@ def mechanism_md(groups: Groups, variants: list[str]) -> str | None:
     sign, the errors against raw and against "ratio = 1", the engine's mean, KL and lag-1;
     None when the rows predate these figures."""
     lines = []
-    for key, runs in groups.items():
-        for v in variants:
-            rs = runs.get(v)
-            if not rs or not metric_values(rs, "log_ratio_mean"):
-                continue
-            filt, unit = metric_values(rs, "filtered_error"), metric_values(rs, "unit_error")
-            ratio = (
-                f"{np.mean(filt) / np.mean(unit):.2f}"
-                if filt and unit and np.mean(unit) > 0
-                else "-"
-            )
-            lines.append(
-                [
-                    regime_label(key),
-                    v,
-                    mean_cell(rs, "log_ratio_mean", "{:+.3f}"),
-                    mean_cell(rs, "clip_share_pos", "{:.1%}"),
-                    mean_cell(rs, "clip_share_neg", "{:.1%}"),
-                    mean_cell(rs, "unit_error", "{:.3f}"),
-                    ratio,
-                    mean_cell(rs, "mismatch_mean", "{:+.3f}"),
-                    mean_cell(rs, "mismatch_kl", "{:.3f}"),
-                ]
-            )
+    for key, v, rs in ran(groups, variants, measured="log_ratio_mean"):
+        filt, unit = metric_values(rs, "filtered_error"), metric_values(rs, "unit_error")
+        ratio = (
+            f"{np.mean(filt) / np.mean(unit):.2f}" if filt and unit and np.mean(unit) > 0 else "-"
+        )
+        lines.append(
+            [
+                regime_label(key),
+                v,
+                mean_cell(rs, "log_ratio_mean", "{:+.3f}"),
+                mean_cell(rs, "clip_share_pos", "{:.1%}"),
+                mean_cell(rs, "clip_share_neg", "{:.1%}"),
+                mean_cell(rs, "unit_error", "{:.3f}"),
+                ratio,
+                mean_cell(rs, "mismatch_mean", "{:+.3f}"),
+                mean_cell(rs, "mismatch_kl", "{:.3f}"),
+            ]
+        )
     if not lines:
         return None
     head = [
@@ -283,26 +286,22 @@ def error_md(groups: Groups, variants: list[str]) -> str | None:
     and filtered log-ratio's errors and their ratio (``-`` where the raw error is rounding);
     None when no row has these figures."""
     lines = []
-    for key, runs in groups.items():
-        for v in variants:
-            rs = runs.get(v)
-            if not rs or not metric_values(rs, "raw_error"):
-                continue
-            raw, filt = metric_values(rs, "raw_error"), metric_values(rs, "filtered_error")
-            # Without engine noise the raw error is float rounding (about 1e-7): no ratio.
-            noisy = bool(raw) and float(np.mean(raw)) > MIN_RAW_ERROR
-            ratio = f"{np.mean(filt) / np.mean(raw):.2f}" if filt and noisy else "-"
-            lines.append(
-                [
-                    regime_label(key),
-                    v,
-                    mean_std(metric_values(rs, "mismatch_std")),
-                    mean_std(metric_values(rs, "mismatch_lag1")),
-                    mean_std(raw),
-                    mean_std(filt),
-                    ratio,
-                ]
-            )
+    for key, v, rs in ran(groups, variants, measured="raw_error"):
+        raw, filt = metric_values(rs, "raw_error"), metric_values(rs, "filtered_error")
+        # Without engine noise the raw error is float rounding (about 1e-7): no ratio.
+        noisy = bool(raw) and float(np.mean(raw)) > MIN_RAW_ERROR
+        ratio = f"{np.mean(filt) / np.mean(raw):.2f}" if filt and noisy else "-"
+        lines.append(
+            [
+                regime_label(key),
+                v,
+                mean_std(metric_values(rs, "mismatch_std")),
+                mean_std(metric_values(rs, "mismatch_lag1")),
+                mean_std(raw),
+                mean_std(filt),
+                ratio,
+            ]
+        )
     if not lines:
         return None
     head = [
