@@ -158,3 +158,51 @@ def interruptible(*args, **kwargs):
         signal.signal(signal.SIGINT, signal.SIG_DFL)
 
     return subprocess.Popen(*args, preexec_fn=default_sigint, **kwargs)
+
+
+#: The tiny TRL tests' vocabulary: three special tokens, then one token per character.
+TINY_VOCAB = ["<pad>", "<eos>", "<unk>", *"abcdefghij "]
+
+
+def tiny_tokenizer():
+    """A character-level ``PreTrainedTokenizerFast`` over :data:`TINY_VOCAB`, built here (no
+    download), padding on the left."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {t: i for i, t in enumerate(TINY_VOCAB)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        pad_token="<pad>",
+        eos_token="<eos>",
+        unk_token="<unk>",
+        padding_side="left",
+    )
+
+
+def tiny_llama(vocab: int):
+    """A random 2-layer ``LlamaForCausalLM`` (hidden size 32) over ``vocab`` tokens, seeded 0."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=128,
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=None,
+    )
+    return LlamaForCausalLM(cfg)
+
+
+def reward_count_a(completions, **kwargs):
+    """Reward: the share of the letter 'a' in the completion."""
+    return [c.count("a") / max(len(c), 1) for c in completions]

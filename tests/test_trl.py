@@ -18,10 +18,10 @@ import torch
 pytest.importorskip("trl")
 
 from datasets import Dataset
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, set_seed
+from transformers import LlamaForCausalLM, set_seed
 from trl import GRPOConfig, GRPOTrainer
 
+from helpers import TINY_VOCAB, reward_count_a, tiny_llama, tiny_tokenizer
 from kpo_rs.integrations.trl import (
     SUPPORTED_LOSS_NAMES,
     SUPPORTED_LOSS_TYPES,
@@ -32,48 +32,12 @@ from kpo_rs.losses import get_loss
 
 pytestmark = pytest.mark.integration
 
-VOCAB = ["<pad>", "<eos>", "<unk>", *"abcdefghij "]
-
-
-def _tokenizer() -> PreTrainedTokenizerFast:
-    tok = Tokenizer(models.WordLevel({t: i for i, t in enumerate(VOCAB)}, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        pad_token="<pad>",
-        eos_token="<eos>",
-        unk_token="<unk>",
-        padding_side="left",
-    )
-
-
-def _model(vocab: int) -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=vocab,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        max_position_embeddings=128,
-        pad_token_id=0,
-        eos_token_id=1,
-        bos_token_id=None,
-    )
-    return LlamaForCausalLM(cfg)
-
-
-def reward_count_a(completions, **kwargs):
-    """Reward: the share of the letter 'a' in the completion."""
-    return [c.count("a") / max(len(c), 1) for c in completions]
-
 
 @pytest.mark.slow  # a training run
 @pytest.mark.parametrize("loss_type", ["dapo", "grpo"])
 def test_kpo_trainer_runs_and_learns(tmp_path, loss_type):
-    tokenizer = _tokenizer()
-    model = _model(len(VOCAB))
+    tokenizer = tiny_tokenizer()
+    model = tiny_llama(len(TINY_VOCAB))
     before = [p.detach().clone() for p in model.parameters()]
     dataset = Dataset.from_dict({"prompt": ["abc", "hij", "ddd", "jab"] * 4})
     args = KPOConfig(
@@ -227,7 +191,7 @@ def _pair(tmp_path, loss_type, options, kinds=("grpo", "kpo"), **common):
     # Saved and loaded by path: both trainers start from the same weights, and with beta != 0
     # TRL loads its reference model from there too.
     path = tmp_path / "tiny-llama"
-    _model(len(VOCAB)).save_pretrained(path)
+    tiny_llama(len(TINY_VOCAB)).save_pretrained(path)
     trainers = []
     for kind in kinds:
         if kind == "grpo":
@@ -247,7 +211,7 @@ def _pair(tmp_path, loss_type, options, kinds=("grpo", "kpo"), **common):
                 reward_funcs=reward_count_a,
                 args=args,
                 train_dataset=dataset,
-                processing_class=_tokenizer(),
+                processing_class=tiny_tokenizer(),
             )
         )
     return trainers
@@ -260,9 +224,9 @@ def _inputs(seed, batch=6, prompt=5, time=12):
     lengths = torch.tensor([12, 1, 7, 12, 3, 9])[:batch]
     completion_mask = (torch.arange(time)[None, :] < lengths[:, None]).long()
     return {
-        "prompt_ids": torch.randint(3, len(VOCAB), (batch, prompt), generator=gen),
+        "prompt_ids": torch.randint(3, len(TINY_VOCAB), (batch, prompt), generator=gen),
         "prompt_mask": torch.ones(batch, prompt, dtype=torch.long),
-        "completion_ids": torch.randint(3, len(VOCAB), (batch, time), generator=gen),
+        "completion_ids": torch.randint(3, len(TINY_VOCAB), (batch, time), generator=gen),
         "completion_mask": completion_mask,
         "advantages": torch.randn(batch, generator=gen),
         "num_items_in_batch": completion_mask.sum() * 2,
@@ -458,8 +422,9 @@ def test_filter_fields_warn_for_other_losses(tmp_path):
 # --------------------------------------------------------------------------------------------
 # vLLM's importance-sampling correction, every mode, through KPOTrainer's own batch preparation
 
-# Recorded rollouts: what vLLM would return for 4 completions of one prompt (token ids of VOCAB,
-# EOS = 1) and its sampling log-probs; None is vLLM's NaN log-prob (TRL: no correction there).
+# Recorded rollouts: what vLLM would return for 4 completions of one prompt (token ids of
+# TINY_VOCAB, EOS = 1) and its sampling log-probs; None is vLLM's NaN log-prob (TRL: no correction
+# there).
 RECORDED_COMPLETIONS = [[3, 4, 5, 1], [6, 6, 1], [7, 3, 9, 10, 4, 1], [12, 1]]
 RECORDED_SAMPLING_LOGPS = [
     [-2.1, -2.9, -2.4, -2.2],

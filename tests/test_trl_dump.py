@@ -12,52 +12,13 @@ import pytest
 pytest.importorskip("trl")
 pq = pytest.importorskip("pyarrow.parquet")
 
-import torch  # noqa: E402
 from datasets import Dataset  # noqa: E402
-from tokenizers import Tokenizer, models, pre_tokenizers  # noqa: E402
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast  # noqa: E402
 
+from helpers import TINY_VOCAB, reward_count_a, tiny_llama, tiny_tokenizer  # noqa: E402
 from kpo_rs import cli  # noqa: E402
 from kpo_rs.integrations.trl import KPOConfig, KPOTrainer  # noqa: E402
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
-
-VOCAB = ["<pad>", "<eos>", "<unk>", *"abcdefghij "]
-
-
-def _tokenizer() -> PreTrainedTokenizerFast:
-    """A character-level tokenizer built here (no download), as tests/test_trl.py's."""
-    tok = Tokenizer(models.WordLevel({t: i for i, t in enumerate(VOCAB)}, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        pad_token="<pad>",
-        eos_token="<eos>",
-        unk_token="<unk>",
-        padding_side="left",
-    )
-
-
-def _model(vocab: int) -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=vocab,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        max_position_embeddings=128,
-        pad_token_id=0,
-        eos_token_id=1,
-        bos_token_id=None,
-    )
-    return LlamaForCausalLM(cfg)
-
-
-def reward_count_a(completions, **kwargs):
-    """Reward: the share of the letter 'a' in the completion."""
-    return [c.count("a") / max(len(c), 1) for c in completions]
 
 
 def _train(tmp_path, **kpo):
@@ -78,11 +39,11 @@ def _train(tmp_path, **kpo):
         **kpo,
     )
     trainer = KPOTrainer(
-        model=_model(len(VOCAB)),
+        model=tiny_llama(len(TINY_VOCAB)),
         reward_funcs=reward_count_a,
         args=args,
         train_dataset=Dataset.from_dict({"prompt": ["abc", "hij", "ddd", "jab"] * 4}),
-        processing_class=_tokenizer(),
+        processing_class=tiny_tokenizer(),
     )
     trainer.train()
     return trainer, [e for e in trainer.state.log_history if "loss" in e]
