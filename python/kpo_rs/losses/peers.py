@@ -24,6 +24,7 @@ dict of detached scalar tensors in verl's names (``pg_clipfrac``, ``pg_clipfrac_
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -38,7 +39,7 @@ from ._common import (
     ppo_token_losses,
     switch_rate,
 )
-from ._registry import register_loss
+from ._registry import F, register_loss
 
 __all__ = [
     "BAPO_LOWER",
@@ -81,30 +82,28 @@ def _check_pair(name: str, value: Any) -> tuple[float, float]:
 # DPPO
 
 
+def _register_dppo(divergence: str, description: str) -> Callable[[F], F]:
+    """The registration of ``dppo_<divergence>``: :func:`dppo_loss` with that divergence and its
+    trust region (:data:`DPPO_CLIP`), for TRL only (verl has its own ``dppo_kl`` and
+    ``dppo_tv``)."""
+    return register_loss(
+        f"dppo_{divergence}",
+        defaults={
+            "divergence": divergence,
+            "clip": DPPO_CLIP[divergence],
+            "clip_ratio_c": 20.0,
+            "loss_agg_mode": "seq-mean-token-sum-norm",
+        },
+        paper="DPPO, Rethinking the Trust Region in LLM Reinforcement Learning, arXiv 2602.04879",
+        description=description,
+        stacks=("trl",),
+    )
+
+
 # (decorators apply bottom up: dppo_tv is registered first)
-@register_loss(
-    "dppo_kl",
-    defaults={
-        "divergence": "kl",
-        "clip": DPPO_CLIP["kl"],
-        "clip_ratio_c": 20.0,
-        "loss_agg_mode": "seq-mean-token-sum-norm",
-    },
-    paper="DPPO, Rethinking the Trust Region in LLM Reinforcement Learning, arXiv 2602.04879",
-    description="Policy gradient masked outside a binary KL trust region of 0.05 nats.",
-    stacks=("trl",),  # verl has its own (dppo_kl)
-)
-@register_loss(
-    "dppo_tv",
-    defaults={
-        "divergence": "tv",
-        "clip": DPPO_CLIP["tv"],
-        "clip_ratio_c": 20.0,
-        "loss_agg_mode": "seq-mean-token-sum-norm",
-    },
-    paper="DPPO, Rethinking the Trust Region in LLM Reinforcement Learning, arXiv 2602.04879",
-    description="Policy gradient masked outside a binary total-variation trust region of 0.15.",
-    stacks=("trl",),  # verl has its own (dppo_tv)
+@_register_dppo("kl", "Policy gradient masked outside a binary KL trust region of 0.05 nats.")
+@_register_dppo(
+    "tv", "Policy gradient masked outside a binary total-variation trust region of 0.15."
 )
 def dppo_loss(
     old_log_prob: torch.Tensor,
