@@ -37,7 +37,6 @@ py=$work/venv/bin/python
 
 "$py" - <<'PY'
 import importlib.util
-import sys
 
 import kpo_rs
 
@@ -67,7 +66,7 @@ expect_extra arrow analyze in.parquet --log-probs a --old-log-probs b
 
 cd "$root"
 # The fast tier, and every integration test of every tier: the core passes; whatever needs a
-# missing package is skipped, and an integration test that is not skipped fails (tests/conftest.py).
+# missing package is skipped, and an integration test that passes fails (tests/conftest.py).
 # The Triton kernels and the look-back model are Python run under the interpreter, the same here
 # as in the full environment, where they are tested, and so is doctor's check of every backend
 # under it (kpo doctor ran above): left out to keep this run short.
