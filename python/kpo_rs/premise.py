@@ -3,9 +3,13 @@
 KPO rests on one premise: the per-token log-ratio ``z = logp - old_logp`` has a slowly varying
 part worth tracking along the response, under token noise. These statistics say, per step and
 over the valid tokens, whether that holds on a run and whether the configured filter acts on it.
-They are computed on the tensors' device with a handful of reductions and no host
-synchronisation of their own (no ``.item()``, no Python branch on a tensor's value): the stacks
-synchronise when they log.
+They are computed on the tensors' device with no host synchronisation of their own (no
+``.item()``, no Python branch on a tensor's value): the stacks synchronise when they log. On a GPU
+(any device but the CPU) that is a handful of torch reductions (:func:`series_statistics`,
+:func:`clip_shares`); for CPU tensors of float32 or float64 it is one pass per row of the Rust core
+(``kpo_rs._core.premise``, rows in parallel, zero-copy through numpy), which accumulates in
+float64: the same definitions, good to a few ``n * 2^-53`` of the spread whatever the offset
+(the torch path's sums are in the input's dtype, see :func:`series_statistics`).
 
 Definitions (``n``: valid tokens of the batch; a row's valid tokens are numbered in order,
 holes skipped as the filter skips them under ``masked="hold"``, so consecutive *valid* tokens are
@@ -34,7 +38,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
+
+from . import _core
 
 __all__ = ["ACF_LAGS", "PREMISE_METRICS", "clip_shares", "premise_metrics", "series_statistics"]
 
@@ -167,6 +174,21 @@ def premise_metrics(
         mismatch: ``[batch, time]`` ``old_logp - engine_logp`` (nats), or None.
     """
     mask = mask.bool()
+    clip = None
+    if advantages is not None and rt is not None and clipped is not None:
+        clip = (advantages, rt, clipped)
+    host = _host_metrics(z, x, mask, clip, mismatch)
+    return host if host is not None else _device_metrics(z, x, mask, clip, mismatch)
+
+
+def _device_metrics(
+    z: torch.Tensor,
+    x: torch.Tensor,
+    mask: torch.Tensor,
+    clip: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None,
+    mismatch: torch.Tensor | None,
+) -> dict[str, torch.Tensor]:
+    """:func:`premise_metrics` by torch reductions on the tensors' device (``mask`` bool)."""
     series = [z] if mismatch is None else [z, mismatch.to(z.dtype)]
     stats = series_statistics(series, mask)
     out: dict[str, torch.Tensor] = {
@@ -181,11 +203,58 @@ def premise_metrics(
     x_mean = kept.sum() / n
     x_var = (kept @ kept / n - x_mean * x_mean).clamp(min=0.0)
     out["kpo_filtered_var_ratio"] = x_var / stats[0, 1].square().clamp(min=_TINY)
-    if advantages is not None and rt is not None and clipped is not None:
-        pos, neg = clip_shares(advantages, rt, clipped, mask)
-        out["kpo_clip_share_pos"], out["kpo_clip_share_neg"] = pos, neg
+    if clip is not None:
+        out["kpo_clip_share_pos"], out["kpo_clip_share_neg"] = clip_shares(*clip, mask)
     if mismatch is not None:
         out["kpo_mismatch_mean"] = stats[1, 0]
         out["kpo_mismatch_std"] = stats[1, 1]
         out["kpo_mismatch_acf1"] = stats[1, 2]
     return out
+
+
+def _host_metrics(
+    z: torch.Tensor,
+    x: torch.Tensor,
+    mask: torch.Tensor,
+    clip: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None,
+    mismatch: torch.Tensor | None,
+) -> dict[str, torch.Tensor] | None:
+    """:func:`premise_metrics` by the Rust core's one pass per row, for CPU tensors of float32
+    or float64 ``[batch, time]`` (``mask`` bool); None where that does not apply (another
+    device or dtype, or shapes that only broadcast), for the torch path to take."""
+    dtype, shape = z.dtype, z.shape
+    if z.device.type != "cpu" or dtype not in (torch.float32, torch.float64) or z.dim() != 2:
+        return None
+    tensors = [x, mask] + ([] if mismatch is None else [mismatch])
+    tensors += [] if clip is None else list(clip)
+    if any(t.device.type != "cpu" or t.shape != shape for t in tensors):
+        return None
+
+    def host(t: torch.Tensor) -> np.ndarray:
+        return t.detach().to(dtype).numpy()  # a view: no copy of a tensor already in dtype
+
+    series = [host(z), host(x)] + ([] if mismatch is None else [host(mismatch)])
+    lags: list[tuple[int, ...]] = [ACF_LAGS, ()] + ([] if mismatch is None else [(1,)])
+    arrays = None
+    if clip is not None:
+        advantages, rt, clipped = clip
+        if advantages.stride(-1) == 0:  # one advantage per row, broadcast along the response
+            advantages = advantages[:, :1]
+        arrays = (host(advantages), host(rt), clipped.detach().bool().numpy())
+    flat = _core.premise(series, lags, None, mask.detach().numpy(), arrays).tolist()
+    z_mean, z_std, *acf = flat[: 2 + len(ACF_LAGS)]
+    x_std = flat[3 + len(ACF_LAGS)]
+    rest = flat[4 + len(ACF_LAGS) :]
+    values = {"kpo_log_ratio_mean": z_mean, "kpo_log_ratio_std": z_std}
+    values.update({f"kpo_log_ratio_acf{lag}": a for lag, a in zip(ACF_LAGS, acf)})
+    values["kpo_filtered_var_ratio"] = x_std * x_std / max(z_std * z_std, _TINY)
+    if mismatch is not None:
+        mismatch_stats, rest = rest[:3], rest[3:]
+    if clip is not None:
+        values["kpo_clip_share_pos"], values["kpo_clip_share_neg"] = rest
+    if mismatch is not None:
+        for name, v in zip(("mean", "std", "acf1"), mismatch_stats):
+            values[f"kpo_mismatch_{name}"] = v
+    # one tensor, then 0-d views of it (a tensor per value would cost a few microseconds each)
+    out = torch.tensor(list(values.values()), dtype=dtype)
+    return dict(zip(values, out.unbind()))
