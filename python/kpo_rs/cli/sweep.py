@@ -457,49 +457,38 @@ def _command_line(cfg: SweepConfig) -> str:
     def join(values: Sequence[Any]) -> str:
         return ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in values)
 
+    shape = [
+        f"--lr {join(cfg.lrs)}",
+        f"--minibatches {join(cfg.minibatches)}",
+        f"--lag {join(cfg.lags)}",
+        f"--response-len {join(cfg.response_lens)}",
+    ]
     if cfg.variants:
         if cfg.preset is not None and cfg.contrasts:
             # the preset's arms and contrasts (explicit --variant flags would drop the contrasts)
             head = ["kpo sweep", f"--preset {cfg.preset}"]
         else:
             head = ["kpo sweep", *(f"--variant {v.spec()}" for v in cfg.variants)]
+        parts = [*head, *shape, f"--mismatch {join(cfg.mismatches)}"]
+    else:
         parts = [
-            *head,
-            f"--lr {join(cfg.lrs)}",
-            f"--minibatches {join(cfg.minibatches)}",
-            f"--lag {join(cfg.lags)}",
-            f"--response-len {join(cfg.response_lens)}",
+            "kpo sweep",
+            f"--losses {join(cfg.losses)}",
+            *shape,
+            f"--q {join(cfg.qs)}",
+            f"--p0 {join(cfg.p0s)}",
+            f"--filter {join(cfg.filter_arms)}",
             f"--mismatch {join(cfg.mismatches)}",
-            f"--seeds {cfg.seeds}",
-            f"--steps {cfg.steps}",
+            f"--old-logp {join(cfg.old_logps)}",
+            f"--tis {join(['none' if t is None else t for t in cfg.tiss])}",
         ]
-        if cfg.seed0:
-            parts.append(f"--seed0 {cfg.seed0}")
-        if cfg.tune_lr:
-            parts.append(f"--tune-lr --tune-seeds {cfg.tune_seeds}")
-            if cfg.tune_on is not None:
-                parts.append(f"--tune-on {cfg.tune_on}")
-        return " ".join(parts)
-    parts = [
-        "kpo sweep",
-        f"--losses {join(cfg.losses)}",
-        f"--lr {join(cfg.lrs)}",
-        f"--minibatches {join(cfg.minibatches)}",
-        f"--lag {join(cfg.lags)}",
-        f"--response-len {join(cfg.response_lens)}",
-        f"--q {join(cfg.qs)}",
-        f"--p0 {join(cfg.p0s)}",
-        f"--filter {join(cfg.filter_arms)}",
-        f"--mismatch {join(cfg.mismatches)}",
-        f"--old-logp {join(cfg.old_logps)}",
-        f"--tis {join(['none' if t is None else t for t in cfg.tiss])}",
-        f"--seeds {cfg.seeds}",
-        f"--steps {cfg.steps}",
-    ]
+    parts += [f"--seeds {cfg.seeds}", f"--steps {cfg.steps}"]
     if cfg.seed0:
         parts.append(f"--seed0 {cfg.seed0}")
     if cfg.tune_lr:
         parts.append(f"--tune-lr --tune-seeds {cfg.tune_seeds}")
+        if cfg.variants and cfg.tune_on is not None:  # (the loss grid's line never had it)
+            parts.append(f"--tune-on {cfg.tune_on}")
     return " ".join(parts)
 
 
