@@ -114,13 +114,21 @@ def regime_label(key: tuple, *, with_lr: bool = True) -> str:
     """A regime key in words (without the learning rate when ``with_lr`` is False)."""
     lr, length, _, mb, lag, mismatch, old_logp, tis = key
     text = f"{mb} minibatch{'es' if mb != 1 else ''}, lag {lag}, {length} tokens"
+    text += engine_label(mismatch, old_logp, tis)
+    return text if lr is None or not with_lr else f"lr {fmt_num(lr)}, " + text
+
+
+def engine_label(mismatch: Any, old_logp: Any, tis: Any) -> str:
+    """A regime's engine settings in words, each that is not None after a comma
+    (``", mismatch offset:0.4, old logp engine, TIS 2"``); ``""`` when all are None."""
+    text = ""
     if mismatch is not None:
         text += f", mismatch {mismatch}"
     if old_logp is not None:
         text += f", old logp {old_logp}"
     if tis is not None:
         text += f", TIS {fmt_num(tis)}"
-    return text if lr is None or not with_lr else f"lr {fmt_num(lr)}, " + text
+    return text
 
 
 def regime_order(key: tuple) -> tuple:

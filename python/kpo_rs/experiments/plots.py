@@ -13,6 +13,7 @@ import numpy as np
 
 from .. import _files, _plotting
 from ._rows import (
+    engine_label,
     fmt_num,
     grouped,
     has_filter,
@@ -113,13 +114,7 @@ def write_plots(
                     )
             lr, length, mismatch, old_logp, tis = panel
             title = f"{length} tokens" if lr is None else f"lr {fmt_num(lr)}, {length} tokens"
-            if mismatch is not None:
-                title += f", mismatch {mismatch}"
-            if old_logp is not None:
-                title += f", old logp {old_logp}"
-            if tis is not None:
-                title += f", TIS {fmt_num(tis)}"
-            ax.set_title(title, fontsize=9)
+            ax.set_title(title + engine_label(mismatch, old_logp, tis), fontsize=9)
             # One slot per pressure setting, centred: a single setting sits mid-axis, not on
             # the axis edges.
             ax.set_xlim(-0.5, len(pressures) - 0.5)
