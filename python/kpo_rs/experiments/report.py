@@ -440,20 +440,7 @@ def rebuild(out: Path, *, command: str) -> tuple[Path, list[str]]:
             "give the grid's flags to choose (nothing written)"
         )
     write_results(rows, out / "results.csv")
-    figures = [p.name for p in write_plots(rows, out)]
-    report = out / "report.md"
-    contrasts, _ = read_plan(out)  # every stored run is reported: no planned count
-    arms = read_plan_arms(out)
-    write_report(
-        rows,
-        report,
-        command=command,
-        planned=None,
-        figures=figures,
-        contrasts=contrasts,
-        arms=arms or None,
-    )
-    return report, figures
+    return _report_rows(rows, out, command)
 
 
 def _rebuild_from_results(out: Path, command: str) -> tuple[Path, list[str]]:
@@ -470,6 +457,13 @@ def _rebuild_from_results(out: Path, command: str) -> tuple[Path, list[str]]:
     needed = ("loss", "seed", "lr", "minibatches", "lag", "response_len", "steps")
     if not rows or any(r.get(k) is None for r in rows for k in needed):
         raise ValueError(refusal)
+    return _report_rows(rows, out, command)
+
+
+def _report_rows(rows: Sequence[dict[str, Any]], out: Path, command: str) -> tuple[Path, list[str]]:
+    """:func:`rebuild`'s figures and ``out/report.md`` for ``rows``, with the contrasts and arms
+    ``out/plan.json`` records; every row given is reported (no planned count). Returns the
+    report's path and the figures' file names."""
     figures = [p.name for p in write_plots(rows, out)]
     report = out / "report.md"
     contrasts, _ = read_plan(out)
