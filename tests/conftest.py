@@ -16,6 +16,13 @@ every one must skip for want of its package.
 
 import os
 
+# The tests' models and tensors are tiny: one intra-op thread each (torch reads this when it is
+# imported, and worker processes inherit it). With the default, one per core, OpenMP's waiting
+# threads made a small demo run about 10x slower on this 2-core machine whenever other work was
+# running (layer norms of a few hundred values taking milliseconds). The Rust core's own thread
+# count (Rayon, the `threads=` argument) does not read this variable.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 import pytest
 from hypothesis import HealthCheck, settings
 
