@@ -359,6 +359,47 @@ CORRECTIONS = {
 }
 
 
+def _rollout(old: torch.Tensor, *, seed: int) -> torch.Tensor:
+    """Rollout log-probs ``[B, T]``: ``old`` plus N(0, 0.02) noise drawn from ``seed``."""
+    return old + torch.randn(B, T, generator=torch.Generator().manual_seed(seed)) * 0.02
+
+
+def _token_mean_scaled(adv: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``adv`` ``[B, T]`` scaled by SkyRL for its "token_mean" reduction (micro-batches of
+    ``MICRO`` rows), so that summing the per-token losses gives that reduction."""
+    return ppo_utils.apply_loss_reduction_to_advantages_minibatch(
+        adv, mask, "token_mean", micro_batch_size=MICRO, max_seq_len=T
+    )
+
+
+def _assert_token_sum_equal(
+    loss: torch.Tensor,
+    grad: torch.Tensor,
+    name: str,
+    old: torch.Tensor,
+    logp: torch.Tensor,
+    scaled: torch.Tensor,
+    kept: torch.Tensor,
+    weight: torch.Tensor | None,
+    **kw: Any,
+) -> None:
+    """``loss`` and ``grad`` (SkyRL's, summed over micro-batches) equal kpo-rs's own ``name``
+    summed over the ``kept`` tokens with rollout weight ``weight``, ``kw`` its settings
+    (rtol 1e-6, atol 1e-7)."""
+    want = _own(
+        name,
+        old,
+        logp,
+        scaled,
+        kept.bool(),
+        loss_agg_mode="token-sum",
+        rollout_is_weights=weight,
+        **kw,
+    )
+    torch.testing.assert_close(loss, want[0], rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(grad, want[1], rtol=1e-6, atol=1e-7)
+
+
 def _corrected_config(policy_loss_type: str, kind: str, **settings: Any) -> Any:
     config = _config(policy_loss_type=policy_loss_type, **settings)
     config.off_policy_correction = OffPolicyCorrectionConfig(**CORRECTIONS[kind])
@@ -371,28 +412,14 @@ def test_off_policy_correction_against_rollout_logprobs(registered, name, kind):
     """SkyRL's off_policy_correction, given rollout_logprobs: kpo-rs's loss with the TIS ratio as
     its rollout weight and SkyRL's sequence mask in the loss mask."""
     old, logp, adv, mask = _batch(3)
-    gen = torch.Generator().manual_seed(30)
-    rollout = old + torch.randn(B, T, generator=gen) * 0.02
+    rollout = _rollout(old, seed=30)
     config = _corrected_config(name, kind, eps_clip_low=3e-4, eps_clip_high=4e-4)
-    scaled = ppo_utils.apply_loss_reduction_to_advantages_minibatch(
-        adv, mask, "token_mean", micro_batch_size=MICRO, max_seq_len=T
-    )
+    scaled = _token_mean_scaled(adv, mask)
     loss, grad, metrics = _skyrl_loss(
         registered.get(name), logp, old, scaled, config, mask, rollout
     )
     weight, kept = _correction_reference(kind, old, rollout, mask, config.off_policy_correction)
-    want = _own(
-        name,
-        old,
-        logp,
-        scaled,
-        kept.bool(),
-        loss_agg_mode="token-sum",
-        rollout_is_weights=weight,
-        **_settings(name),
-    )
-    torch.testing.assert_close(loss, want[0], rtol=1e-6, atol=1e-7)
-    torch.testing.assert_close(grad, want[1], rtol=1e-6, atol=1e-7)
+    _assert_token_sum_equal(loss, grad, name, old, logp, scaled, kept, weight, **_settings(name))
     assert all("is_ratio_mean" in m for m in metrics)  # SkyRL's correction metrics pass through
 
 
@@ -403,8 +430,7 @@ def test_skyrls_ppo_losses_equal_kpo_rs_grpo(registered, loss_type, kind):
     kpo-rs's ``grpo`` (verl's vanilla PPO) with the same clip band, dual clip (none for
     "regular"), rollout weight and mask; their clip fractions agree too."""
     old, logp, adv, mask = _batch(4, spread=0.8)
-    gen = torch.Generator().manual_seed(40)
-    rollout = old + torch.randn(B, T, generator=gen) * 0.02
+    rollout = _rollout(old, seed=40)
     settings = {"eps_clip_low": 0.2, "eps_clip_high": 0.28, "clip_ratio_c": 3.0}
     if kind is None:
         config, weight, kept = _config(policy_loss_type=loss_type, **settings), None, mask
@@ -413,25 +439,12 @@ def test_skyrls_ppo_losses_equal_kpo_rs_grpo(registered, loss_type, kind):
         weight, kept = _correction_reference(kind, old, rollout, mask, config.off_policy_correction)
     ratio = torch.exp(logp - old)
     assert bool(((ratio > 3.0) & (adv < 0) & kept.bool()).any())  # the dual clip acts here
-    scaled = ppo_utils.apply_loss_reduction_to_advantages_minibatch(
-        adv, mask, "token_mean", micro_batch_size=MICRO, max_seq_len=T
-    )
+    scaled = _token_mean_scaled(adv, mask)
     fn = registered.get(loss_type)
     loss, grad, metrics = _skyrl_loss(fn, logp, old, scaled, config, mask, rollout)
     kw = {"clip_ratio_low": 0.2, "clip_ratio_high": 0.28}
     kw["clip_ratio_c"] = 3.0 if loss_type == "dual_clip" else None
-    want = _own(
-        "grpo",
-        old,
-        logp,
-        scaled,
-        kept.bool(),
-        loss_agg_mode="token-sum",
-        rollout_is_weights=weight,
-        **kw,
-    )
-    torch.testing.assert_close(loss, want[0], rtol=1e-6, atol=1e-7)
-    torch.testing.assert_close(grad, want[1], rtol=1e-6, atol=1e-7)
+    _assert_token_sum_equal(loss, grad, "grpo", old, logp, scaled, kept, weight, **kw)
     for start, m in zip(range(0, B, MICRO), metrics):
         rows = slice(start, start + MICRO)
         own = get_loss("grpo")(old[rows], logp[rows], adv[rows], mask[rows].bool(), **kw)[1]
