@@ -22,28 +22,41 @@ __all__ = [
 MASK_PATTERNS = ("none", "all", "right_padded", "holes", "sparse", "rows_masked")
 
 
-@dataclass(frozen=True)
-class PaddedBatch:
-    """``values`` ``[batch, time]`` and ``mask`` ``[batch, time]`` bool (or None)."""
+class _Masked:
+    """What :class:`PaddedBatch` and :class:`PackedBatch` share: float ``values`` and a bool
+    ``mask`` of the same shape (or None)."""
 
     values: np.ndarray
     mask: np.ndarray | None
 
     @property
     def dtype(self) -> np.dtype:
+        """The values' dtype (float32 or float64)."""
         return self.values.dtype
+
+    def _mask_text(self) -> str:
+        """The mask for a repr: ``None`` or its count of valid tokens."""
+        return "None" if self.mask is None else f"{int(self.mask.sum())} valid"
+
+
+@dataclass(frozen=True)
+class PaddedBatch(_Masked):
+    """``values`` ``[batch, time]`` and ``mask`` ``[batch, time]`` bool (or None)."""
+
+    values: np.ndarray
+    mask: np.ndarray | None
 
     @property
     def row_length(self) -> int:
         return self.values.shape[1]
 
     def __repr__(self) -> str:
-        mask = "None" if self.mask is None else f"{int(self.mask.sum())} valid"
+        mask = self._mask_text()
         return f"PaddedBatch(shape={self.values.shape}, dtype={self.dtype}, mask={mask})"
 
 
 @dataclass(frozen=True)
-class PackedBatch:
+class PackedBatch(_Masked):
     """``values`` ``[total]``, ``cu_seqlens`` ``[batch + 1]`` and ``mask`` ``[total]`` (or None)."""
 
     values: np.ndarray
@@ -51,19 +64,14 @@ class PackedBatch:
     mask: np.ndarray | None
 
     @property
-    def dtype(self) -> np.dtype:
-        return self.values.dtype
-
-    @property
     def row_length(self) -> int:
         return int(np.diff(self.cu_seqlens).max(initial=0))
 
     def __repr__(self) -> str:
         lengths = np.diff(self.cu_seqlens).tolist()
-        mask = "None" if self.mask is None else f"{int(self.mask.sum())} valid"
         return (
             f"PackedBatch(lengths={lengths}, offsets={self.cu_seqlens.dtype}, "
-            f"dtype={self.dtype}, mask={mask})"
+            f"dtype={self.dtype}, mask={self._mask_text()})"
         )
 
 
