@@ -206,3 +206,31 @@ def tiny_llama(vocab: int):
 def reward_count_a(completions, **kwargs):
     """Reward: the share of the letter 'a' in the completion."""
     return [c.count("a") / max(len(c), 1) for c in completions]
+
+
+def tiny_training() -> dict:
+    """The TRL trainer settings of the tiny training runs (a fresh dict each call): 4 steps on
+    CPU of 4 prompts x 4 completions of up to 24 tokens, two passes over each batch (so the
+    second sees ratios != 1), learning rate 5e-3, float32, seed 0, a log entry every step, no
+    reporting and no checkpoints."""
+    return {
+        "per_device_train_batch_size": 4,
+        "num_generations": 4,
+        "max_completion_length": 24,
+        "num_iterations": 2,
+        "max_steps": 4,
+        "learning_rate": 5e-3,
+        "logging_steps": 1,
+        "report_to": [],
+        "bf16": False,
+        "use_cpu": True,
+        "seed": 0,
+        "save_strategy": "no",
+    }
+
+
+def tiny_prompts():
+    """The tiny TRL runs' training set: a ``datasets.Dataset`` of 16 three-letter prompts."""
+    from datasets import Dataset
+
+    return Dataset.from_dict({"prompt": ["abc", "hij", "ddd", "jab"] * 4})

@@ -17,11 +17,17 @@ import torch
 
 pytest.importorskip("trl")
 
-from datasets import Dataset
 from transformers import LlamaForCausalLM, set_seed
 from trl import GRPOConfig, GRPOTrainer
 
-from helpers import TINY_VOCAB, reward_count_a, tiny_llama, tiny_tokenizer
+from helpers import (
+    TINY_VOCAB,
+    reward_count_a,
+    tiny_llama,
+    tiny_prompts,
+    tiny_tokenizer,
+    tiny_training,
+)
 from kpo_rs.integrations.trl import (
     SUPPORTED_LOSS_NAMES,
     SUPPORTED_LOSS_TYPES,
@@ -39,30 +45,19 @@ def test_kpo_trainer_runs_and_learns(tmp_path, loss_type):
     tokenizer = tiny_tokenizer()
     model = tiny_llama(len(TINY_VOCAB))
     before = [p.detach().clone() for p in model.parameters()]
-    dataset = Dataset.from_dict({"prompt": ["abc", "hij", "ddd", "jab"] * 4})
+    # tiny_training: two passes over each batch, so the second sees ratios != 1
     args = KPOConfig(
         output_dir=str(tmp_path),
-        per_device_train_batch_size=4,
-        num_generations=4,
-        max_completion_length=24,
-        num_iterations=2,  # the second pass over each batch sees ratios != 1
-        max_steps=4,
-        learning_rate=5e-3,
-        logging_steps=1,
-        report_to=[],
-        bf16=False,
-        use_cpu=True,
-        seed=0,
+        **tiny_training(),
         loss_type=loss_type,
         kpo_q=1e-3,
         kpo_p0=math.inf,
-        save_strategy="no",
     )
     trainer = KPOTrainer(
         model=model,
         reward_funcs=reward_count_a,
         args=args,
-        train_dataset=dataset,
+        train_dataset=tiny_prompts(),
         processing_class=tokenizer,
     )
     trainer.train()
@@ -187,7 +182,7 @@ def _pair(tmp_path, loss_type, options, kinds=("grpo", "kpo"), **common):
         **options,
         **common,
     }
-    dataset = Dataset.from_dict({"prompt": ["abc", "hij", "ddd", "jab"] * 4})
+    dataset = tiny_prompts()
     # Saved and loaded by path: both trainers start from the same weights, and with beta != 0
     # TRL loads its reference model from there too.
     path = tmp_path / "tiny-llama"

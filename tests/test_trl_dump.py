@@ -12,9 +12,15 @@ import pytest
 pytest.importorskip("trl")
 pq = pytest.importorskip("pyarrow.parquet")
 
-from datasets import Dataset  # noqa: E402
 
-from helpers import TINY_VOCAB, reward_count_a, tiny_llama, tiny_tokenizer  # noqa: E402
+from helpers import (  # noqa: E402
+    TINY_VOCAB,
+    reward_count_a,
+    tiny_llama,
+    tiny_prompts,
+    tiny_tokenizer,
+    tiny_training,
+)
 from kpo_rs import cli  # noqa: E402
 from kpo_rs.integrations.trl import KPOConfig, KPOTrainer  # noqa: E402
 
@@ -22,27 +28,12 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
 def _train(tmp_path, **kpo):
-    args = KPOConfig(
-        output_dir=str(tmp_path / "out"),
-        per_device_train_batch_size=4,
-        num_generations=4,
-        max_completion_length=24,
-        num_iterations=2,
-        max_steps=4,
-        learning_rate=5e-3,
-        logging_steps=1,
-        report_to=[],
-        bf16=False,
-        use_cpu=True,
-        seed=0,
-        save_strategy="no",
-        **kpo,
-    )
+    args = KPOConfig(output_dir=str(tmp_path / "out"), **tiny_training(), **kpo)
     trainer = KPOTrainer(
         model=tiny_llama(len(TINY_VOCAB)),
         reward_funcs=reward_count_a,
         args=args,
-        train_dataset=Dataset.from_dict({"prompt": ["abc", "hij", "ddd", "jab"] * 4}),
+        train_dataset=tiny_prompts(),
         processing_class=tiny_tokenizer(),
     )
     trainer.train()
