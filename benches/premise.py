@@ -4,7 +4,9 @@ The loss's metrics include :func:`kpo_rs.premise.premise_metrics` (log-ratio mea
 autocorrelation at lags 1, 2, 4, 8, filtered-variance ratio, clip shares by advantage sign; with
 ``--engine`` the engine mismatch's mean, std and acf1 too). "Without" replaces that one call by a
 function returning no metric, everything else equal. The two are timed interleaved, best of
-``--repeats`` each (these machines are shared); the metrics alone are timed as well.
+``--repeats`` each (these machines are shared); the metrics alone are timed as well, by the path
+the tensors take (on CPU the Rust core's one pass per row) and by the torch reductions that other
+devices take (``torch path``), for the comparison within one run.
 
 Run: python benches/premise.py [--shape 64x4096] [--dtype float32] [--repeats 15] [--engine]
      [--device cpu|cuda]
@@ -22,7 +24,7 @@ import torch
 
 import kpo_rs.losses.kpo as kpo_module
 from kpo_rs.losses import kpo_clipped_loss
-from kpo_rs.premise import premise_metrics
+from kpo_rs.premise import _device_metrics, premise_metrics
 
 
 def _timed(fn: Callable[[], Any], device: str, clock: Callable[[], float]) -> float:
@@ -92,13 +94,18 @@ def main() -> None:
             mismatch=(old - engine) if args.engine else None,
         )
 
-    for fn in (step, without, metrics_only):  # warm-up
+    def torch_path() -> None:
+        mismatch = (old - engine) if args.engine else None
+        _device_metrics(z, z, mask, (adv, rt, clipped), mismatch)
+
+    for fn in (step, without, metrics_only, torch_path):  # warm-up
         fn()
-    best = {"with": math.inf, "without": math.inf, "metrics": math.inf}
+    best = {"with": math.inf, "without": math.inf, "metrics": math.inf, "torch": math.inf}
     for _ in range(args.repeats):
         best["with"] = min(best["with"], _timed(step, args.device, clock))
         best["without"] = min(best["without"], _timed(without, args.device, clock))
         best["metrics"] = min(best["metrics"], _timed(metrics_only, args.device, clock))
+        best["torch"] = min(best["torch"], _timed(torch_path, args.device, clock))
     ratio = best["with"] / best["without"]
     print(
         f"kpo_clipped_loss forward+backward, {batch}x{length} {args.dtype} on {args.device}, "
@@ -111,6 +118,10 @@ def main() -> None:
     print(
         f"  premise metrics alone    {best['metrics'] * 1e3:9.2f} ms  "
         f"({best['metrics'] / best['without']:.1%} of the loss without them)"
+    )
+    print(
+        f"  the same, torch path     {best['torch'] * 1e3:9.2f} ms  "
+        f"({best['torch'] / best['without']:.1%})"
     )
 
 
