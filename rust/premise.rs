@@ -238,16 +238,6 @@ impl<'a> Valid<'a> {
             }
         }
     }
-
-    /// `[sum c, sum c^2]`, `c = v - shift`, over a contiguous stretch of valid values, without
-    /// copying them.
-    #[inline(always)]
-    fn sums<T: Real>(v: &[T], shift: f64) -> [f64; 2] {
-        lanes((v, v, v, v), |x, _, _, _| {
-            let c = x.to_f64() - shift;
-            [c, c * c]
-        })
-    }
 }
 
 /// One series' sums over a row's shifted valid values `c`.
@@ -303,15 +293,31 @@ fn clip_sums<T: Real>(
     }
     let flag = |c: bool| f64::from(u8::from(c));
     match (valid, adv) {
-        (Valid::Stretch(at), Ok(a)) => {
-            let (a, rt, cl) = (&a[at.clone()], &rt[at.clone()], &clipped[at.clone()]);
-            lanes((a, rt, cl, cl), |a, r, c, _| {
-                term(a.to_f64() * r.to_f64(), flag(c))
-            })
-        }
-        (Valid::Stretch(at), Err(a)) => {
+        (Valid::Stretch(at), adv) => {
+            // g and the flags (as 0.0 / 1.0) first, in loops of their own, which vectorise
+            // (inside the sums' loop the conversions stay scalar)
             let (rt, cl) = (&rt[at.clone()], &clipped[at.clone()]);
-            lanes((rt, cl, cl, cl), |r, c, _, _| term(a * r.to_f64(), flag(c)))
+            let len = rt.len();
+            buf.clear();
+            buf.resize(2 * len, 0.0);
+            let (g, cut) = buf.split_at_mut(len);
+            match adv {
+                Ok(a) => {
+                    for ((o, x), r) in g.iter_mut().zip(&a[at.clone()]).zip(rt) {
+                        *o = x.to_f64() * r.to_f64();
+                    }
+                }
+                Err(a) => {
+                    for (o, r) in g.iter_mut().zip(rt) {
+                        *o = a * r.to_f64();
+                    }
+                }
+            }
+            for (f, &c) in cut.iter_mut().zip(cl) {
+                *f = flag(c);
+            }
+            let (g, cut) = (&g[..], &cut[..]);
+            lanes((g, cut, g, g), |g, c, _, _| term(g, c))
         }
         (Valid::Holes(m, n), adv) => {
             let len = rt.len();
@@ -355,8 +361,11 @@ fn row_sums<T: Real>(
             continue;
         }
         let shift = v[first].to_f64();
-        if let (Valid::Stretch(at), true) = (&valid, s.lags.is_empty()) {
-            let [sum, squares] = Valid::sums(&v[at.clone()], shift);
+        if s.lags.is_empty() {
+            valid.compact(v, shift, buf);
+            let [sum, squares] = lanes((&buf[..], &buf[..], &buf[..], &buf[..]), |c, _, _, _| {
+                [c, c * c]
+            });
             sums.push(RowSeries {
                 shift,
                 sum,
