@@ -284,12 +284,14 @@ def test_demo_without_a_terminal_prints_a_plain_table_and_its_footnote(tmp_path,
     assert out.isascii(), out  # no box-drawing characters
     table = out.splitlines()
     assert table[0].startswith("2 steps x 1 seeds") and table[1].split()[:3] == [
-        "loss",
-        "held-out",
+        "variant",
+        "eval",
         "auc",
     ]
+    assert [line.split()[0] for line in table[2:4]] == ["grpo", "kpo"]
     text = " ".join(table)
-    assert "collapses: times the held-out reward stayed" in text  # the columns are defined
+    assert "collapses: times the eval reward stayed" in text  # the columns are defined
+    assert "not a held-out set" in text  # the evaluation says what it is
     assert "data weight: kpo_data_weight" in text
 
 
