@@ -76,7 +76,8 @@ def cases(batch: int, length: int, device: torch.device) -> dict:
     import kpo_rs
     from kpo_rs import losses, torch_ops
     from kpo_rs.backends import Rows
-    from kpo_rs.experiments.bench import authors_form, torch_loop
+    from kpo_rs.doctor import authors_form
+    from kpo_rs.experiments.bench import torch_loop
 
     gen = torch.Generator().manual_seed(0)
     z = (torch.randn(batch, length, generator=gen) * 0.1).to(device)

@@ -6,7 +6,7 @@ baselines measured in the same process:
 
 - ``numpy copy``: a copy of the array, the memory-speed limit;
 - ``authors' form``: the KPO authors' parallel form re-derived from its description
-  (``kpo_rs.experiments.bench.authors_form``: float32 torch, gains clipped as theirs are);
+  (``kpo_rs.doctor.authors_form``: float32 torch, gains clipped as theirs are);
 - ``torch loop``: a Python loop over tokens in torch (forward; forward+backward with autograd);
 - ``numpy loop``: a loop over time vectorised over the batch;
 - ``simdkalman``: a generic Kalman library (small shapes only: it runs at ~0.25 M tokens/s);
@@ -55,7 +55,8 @@ def cases(batch: int, time_len: int, dtype: str):
 
     import kpo_rs
     from kpo_rs import losses, torch_ops
-    from kpo_rs.experiments.bench import authors_form, numpy_loop, torch_loop
+    from kpo_rs.doctor import authors_form
+    from kpo_rs.experiments.bench import numpy_loop, torch_loop
 
     rng = np.random.default_rng(0)
     z = rng.normal(0, 0.1, (batch, time_len)).astype(dtype)

@@ -10,8 +10,8 @@ import sys
 import numpy as np
 import pytest
 
+from kpo_rs import doctor
 from kpo_rs.cli import main
-from kpo_rs.experiments import doctor
 
 pytest.importorskip("torch")
 
@@ -97,7 +97,7 @@ def test_doctor_runs_without_hypothesis():
     (the tolerances need only numpy); the strategies say which extra they need, in one line."""
     code = (
         "import sys; sys.modules['hypothesis'] = None\n"
-        "from kpo_rs.experiments import doctor\n"
+        "from kpo_rs import doctor\n"
         "from kpo_rs import testing\n"
         "print(doctor.summary({'devices': ['cpu'], 'backends': [], 'verdict': 'OK'}))\n"
         "try:\n"

@@ -65,7 +65,7 @@ modules = [
     "kpo_rs", "kpo_rs.params", "kpo_rs.losses", "kpo_rs.torch_ops", "kpo_rs.backends",
     "kpo_rs.diagnostics", "kpo_rs.fit", "kpo_rs.online", "kpo_rs.premise", "kpo_rs.dump",
     "kpo_rs.reference", "kpo_rs.integrations.skyrl", "kpo_rs.integrations.prime_rl",
-    "kpo_rs.integrations.slime", "kpo_rs.experiments.doctor", "kpo_rs.cli",
+    "kpo_rs.integrations.slime", "kpo_rs.doctor", "kpo_rs.cli",
 ]
 for name in modules:
     importlib.import_module(name)

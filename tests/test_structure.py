@@ -146,6 +146,7 @@ LAYERS = {
     "kpo_rs.online": 4,  # FilterFitter (q="fit"): over fit_filter, used by the losses
     "kpo_rs.dump": 4,  # RolloutDumper: Parquet shards of a step's rows, used by the plug-ins
     "kpo_rs.losses": 5,
+    "kpo_rs.doctor": 5,  # kpo doctor: each backend against the Rust core, timed
     "kpo_rs.arrow": 6,
     "kpo_rs.integrations": 6,  # verl, trl, skyrl, prime_rl, slime and their shared _env
     "kpo_rs.pipeline": 7,

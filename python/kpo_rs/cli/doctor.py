@@ -1,5 +1,5 @@
 """``kpo doctor``: devices, backends, their accuracy against the Rust core and their speed on
-this machine, and a verdict (:mod:`kpo_rs.experiments.doctor`)."""
+this machine, and a verdict (:mod:`kpo_rs.doctor`)."""
 
 from __future__ import annotations
 
@@ -27,8 +27,8 @@ def add_parser(sub: argparse._SubParsersAction, full: bool) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Runs ``kpo doctor``; 0 when every backend is within its bound, else 1."""
-    from ..experiments.doctor import run as check
-    from ..experiments.doctor import summary
+    from ..doctor import run as check
+    from ..doctor import summary
 
     report = check(small=True if args.small else None)
     print(json.dumps(report, indent=2) if args.json else summary(report))

@@ -20,7 +20,6 @@ import numpy as np
 from .. import gains, kalman_filter, kalman_filter_adjoint, kalman_filter_packed
 
 __all__ = [
-    "authors_form",
     "best_rate",
     "numpy_loop",
     "report",
@@ -87,18 +86,6 @@ def torch_loop(z: Any, k: Any, grad: bool = False) -> Any:
     if grad:
         y.sum().backward()
     return y
-
-
-def authors_form(z: Any, k: Any) -> Any:
-    """The KPO authors' parallel form, re-derived from its description: ``z`` ``[batch, time]``
-    and the gains ``k`` ``[time]`` as float32 torch tensors; the gains are clipped to
-    ``[1e-6, 1 - 1e-6]`` as the authors clip them, then ``c = cumsum(log(1 - K))`` and
-    ``x = exp(c) * cumsum(K z exp(-c))`` with ``-c`` clipped at 80. Returns ``[batch, time]``."""
-    import torch
-
-    k = torch.clamp(k, 1e-6, 1 - 1e-6)
-    c = torch.cumsum(torch.log1p(-k), dim=-1)
-    return torch.exp(c) * torch.cumsum(k * z * torch.exp(torch.clamp(-c, max=80.0)), dim=-1)
 
 
 def run(

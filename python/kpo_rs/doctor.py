@@ -9,7 +9,7 @@ adjoint (the op's backward) against the Rust core on the CPU, as the worst ratio
 (``kpo_rs.backends.get(name).error_steps``: the one bound the tests use too; at most 1 passes).
 The backends are those of the registry (:func:`kpo_rs.backends.registered`) but the plain loop.
 Timing is best of repeats of the forward of a ``[batch, time]`` float32 batch, as tokens per
-second next to the authors' form (:func:`kpo_rs.experiments.bench.authors_form`) and a copy, in
+second next to the authors' form (:func:`authors_form`) and a copy, in
 the same run.
 
 On the CPU the cases are small (triton's interpreter, under ``TRITON_INTERPRET=1``, runs about
@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .. import (
+from . import (
     backends,
     gains,
     kalman_filter,
@@ -36,10 +36,19 @@ from .. import (
     testing,
     torch_ops,
 )
-from ..params import Masked
-from .bench import authors_form
+from .params import Masked
 
-__all__ = ["cases", "check_backend", "devices", "run", "summary", "timing"]
+__all__ = ["authors_form", "cases", "check_backend", "devices", "run", "summary", "timing"]
+
+
+def authors_form(z: Any, k: Any) -> Any:
+    """The KPO authors' parallel form, re-derived from its description: ``z`` ``[batch, time]``
+    and the gains ``k`` ``[time]`` as float32 torch tensors; the gains are clipped to
+    ``[1e-6, 1 - 1e-6]`` as the authors clip them, then ``c = cumsum(log(1 - K))`` and
+    ``x = exp(c) * cumsum(K z exp(-c))`` with ``-c`` clipped at 80. Returns ``[batch, time]``."""
+    k = torch.clamp(k, 1e-6, 1 - 1e-6)
+    c = torch.cumsum(torch.log1p(-k), dim=-1)
+    return torch.exp(c) * torch.cumsum(k * z * torch.exp(torch.clamp(-c, max=80.0)), dim=-1)
 
 
 def devices() -> list[torch.device]:
@@ -98,7 +107,7 @@ def _small_tiles(device: torch.device):
     if device.type != "cpu":
         yield
         return
-    from ..backends import triton as tb  # its TILE is a module setting
+    from .backends import triton as tb  # its TILE is a module setting
 
     saved, tb.TILE = tb.TILE, 16
     try:
