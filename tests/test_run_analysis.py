@@ -102,6 +102,25 @@ def test_white_noise_is_judged_flat(tmp_path):
     assert answers["slow component?"].startswith("no") and result["fit"]["flat"]
     assert answers["engine mismatch white or correlated?"].startswith("unknown")
     assert abs(result["overall"]["log_ratio_acf1"]) < 3 * result["acf_band"]
+    assert answers["is the configured clip one-sided?"].startswith("no")
+
+
+def test_an_offset_makes_the_clip_one_sided(tmp_path):
+    """A log-ratio offset below the band (as bypass mode gives: about -KL(engine || trainer))
+    puts the filtered ratio under 1 - eps_low: the clip then removes the gradient of the
+    negative-advantage tokens only, and the verdict says so with both shares."""
+    rng = np.random.default_rng(6)
+    old = torch.from_numpy(rng.normal(-1, 0.3, (32, 200))).float()
+    new = old - 0.08 + torch.from_numpy(rng.normal(0, 0.05, (32, 200))).float()
+    mask = torch.ones(32, 200, dtype=torch.bool)
+    adv = torch.tensor([1.0, -1.0]).repeat(16)
+    RolloutDumper(tmp_path, every=1, rows=32)(new, old, mask, adv)
+    result = analyze_run(tmp_path)  # the authors' band (3e-4, 4e-4)
+    conf = result["configured"]
+    assert conf["clip_share_pos"] == 0.0 and conf["clip_share_neg"] > 0.5
+    answer = dict(verdicts(result))["is the configured clip one-sided?"]
+    assert answer.startswith("yes") and "negative-advantage tokens" in answer
+    assert f"removes {conf['clip_share_neg']:.1%} of the negative-advantage" in answer
 
 
 @pytest.mark.slow
@@ -124,7 +143,7 @@ def test_cli_on_a_dump_folder(tmp_path, capsys):
         cli.main(["analyze", str(folder), "--no-progress", "--json", "--clip", "0.1", "0.2"]) == 0
     )
     data = json.loads(capsys.readouterr().out)
-    assert data["clip"] == [0.1, 0.2] and len(data["verdicts"]) == 4 and data["advice"]
+    assert data["clip"] == [0.1, 0.2] and len(data["verdicts"]) == 5 and data["advice"]
     assert cli.main(["analyze", str(folder), "--no-progress", "--log-ratio", "x"]) == 2
     assert "columns are known" in capsys.readouterr().err
 

@@ -60,7 +60,7 @@ def test_trained_run_dumps_and_kpo_analyze_reads_them(tmp_path, capsys):
     assert result["steps"] == 4 and result["rows"] == 16 and result["tokens"] > 0
     assert [s["step"] for s in result["by_step"]] == [0, 1, 2, 3]
     assert result["fit"]["q"] >= 0 and result["fit"]["r"] > 0
-    assert len(result["verdicts"]) == 4 and result["advice"]
+    assert len(result["verdicts"]) == 5 and result["advice"]
     assert cli.main(["analyze", str(dumps), "--no-progress"]) == 0
     text = capsys.readouterr().out
     assert "verdict:" in text and "fit on" in text

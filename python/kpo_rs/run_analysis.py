@@ -16,7 +16,7 @@ Requires pyarrow (``pip install 'kpo-rs[arrow]'``).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -511,7 +511,7 @@ def _g(v: float) -> str:
 
 def verdicts(result: dict[str, Any]) -> list[tuple[str, str]]:
     """One ``(question, answer)`` per question: slow component, offset, would the configured
-    filter act, mismatch white or correlated."""
+    filter act, is the configured clip one-sided, mismatch white or correlated."""
     o, fit, conf = result["overall"], result["fit"], result["configured"]
     band = result["acf_band"]
     lo, hi = fit["q_over_r_interval"]
@@ -564,8 +564,37 @@ def verdicts(result: dict[str, Any]) -> list[tuple[str, str]]:
         ("slow component?", slow),
         ("offset?", offset),
         ("would the configured filter act?", act),
+        ("is the configured clip one-sided?", _one_sided(conf, result["clip"])),
         ("engine mismatch white or correlated?", mismatch),
     ]
+
+
+#: A clip is called one-sided when it removes at least this many times more of one advantage
+#: sign's gradient than of the other's, and at least :data:`ONE_SIDED_MIN` of it.
+ONE_SIDED_RATIO = 5.0
+ONE_SIDED_MIN = 0.05
+
+
+def _one_sided(conf: dict[str, Any], clip: Sequence[float]) -> str:
+    """The verdict on the configured clip: does it remove the gradient of one advantage sign
+    only (the mask the project's toy found winning, docs/results.md), of both, or of neither?"""
+    pos, neg = conf["clip_share_pos"], conf["clip_share_neg"]
+    shares = (
+        f"at the configured settings the band ({clip[0]:g}, {clip[1]:g}) removes {neg:.1%} of "
+        f"the negative-advantage and {pos:.1%} of the positive-advantage gradient"
+    )
+    big, small = max(pos, neg), min(pos, neg)
+    if big >= ONE_SIDED_MIN and big >= ONE_SIDED_RATIO * small:
+        sign = "negative" if neg > pos else "positive"
+        return (
+            f"yes: {shares}: a mask of {sign}-advantage tokens, switched by the log-ratio's "
+            f"offset more than by its drift. On the project's toy that mask, not denoising, is "
+            f"what helped (docs/results.md): compare with GRPO's own clip before crediting the "
+            f"filter"
+        )
+    if big < ONE_SIDED_MIN:
+        return f"no, it barely binds: {shares}"
+    return f"no, both signs: {shares}"
 
 
 def advice(result: dict[str, Any]) -> list[str]:
