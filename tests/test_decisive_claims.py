@@ -5,13 +5,14 @@ drift from the rows it cites. Numbers are compared at the precision the text pri
 
 from __future__ import annotations
 
-import csv
 from collections import defaultdict
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from kpo_rs.experiments.stats import holm, paired
+from kpo_rs.experiments import report
+from kpo_rs.experiments.results import read_results
 from kpo_rs.experiments.sweep import PRESETS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -21,29 +22,25 @@ WHITE, AR1, OFFSET, BURSTS = ENGINES
 
 
 @pytest.fixture(scope="module")
-def rows() -> list[dict[str, str]]:
-    with RESULTS.open(newline="") as f:
-        return [r for r in csv.DictReader(f) if r["phase"] == "eval"]
+def rows() -> list[dict[str, Any]]:
+    """The reported (``eval``) rows of results.csv, parsed as the report reads them."""
+    return [r for r in read_results(RESULTS) if r["phase"] == "eval"]
 
 
 @pytest.fixture(scope="module")
-def contrasts(rows):
-    """``(a, b, engine) -> (mean, Holm p)`` for the preset's 13 x 4 contrasts."""
-    auc: dict[tuple[str, str], dict[int, float]] = defaultdict(dict)
-    for r in rows:
-        auc[r["variant"], r["mismatch"]][int(r["seed"])] = float(r["eval_auc"])
-    keys, tests = [], []
-    for a, b in PRESETS["decisive"]["contrasts"]:
-        for e in ENGINES:
-            keys.append((a, b, e))
-            tests.append(paired(auc[a, e], auc[b, e]))
-    assert all(t.n == 16 for t in tests)
-    adjusted = holm([t.p for t in tests])
-    return {k: (t.mean, h) for k, t, h in zip(keys, tests, adjusted)}
+def contrasts():
+    """``(a, b, engine) -> (mean, Holm p)`` for the preset's 13 x 4 contrasts, computed as the
+    report computes them (Holm over the 52) from every row (the tuning rows say the learning
+    rate was tuned, so each engine is one regime)."""
+    found = report.contrasts(read_results(RESULTS), PRESETS["decisive"]["contrasts"])
+    assert len(found) == 52 and all(c["paired"].n == 16 for c in found)
+    return {
+        (c["variant"], c["reference"], c["mismatch"]): (c["paired"].mean, c["holm"]) for c in found
+    }
 
 
 def _mean(rows, variant: str, engine: str, key: str) -> float:
-    xs = [float(r[key]) for r in rows if r["variant"] == variant and r["mismatch"] == engine]
+    xs = [r[key] for r in rows if r["variant"] == variant and r["mismatch"] == engine]
     assert len(xs) == 16
     return sum(xs) / len(xs)
 

@@ -2,19 +2,18 @@
 
 Reads docs/sweep/decisive/results.csv (the reported runs, phase ``eval``) and prints, per engine,
 paired-by-seed differences of ``eval_auc`` for a family chosen after the fact, with the same
-statistics as the report (mean, 95% Student-t interval, exact sign-flip p) and Holm over this
-family only. Read them as leads, not findings.
+statistics as the report (:func:`kpo_rs.experiments.report.contrasts`: mean, 95% Student-t
+interval, exact sign-flip p) and Holm over this family only. Read them as leads, not findings.
 
     cd docs/sweep/decisive-exploratory && python contrasts.py > contrasts.md
 """
 
 from __future__ import annotations
 
-import csv
-from collections import defaultdict
 from pathlib import Path
 
-from kpo_rs.experiments.stats import holm, paired
+from kpo_rs.experiments.report import contrasts
+from kpo_rs.experiments.results import read_results
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE.parent / "decisive" / "results.csv"
@@ -37,28 +36,16 @@ FAMILY = (
     ),
 )
 
-ENGINES = ("logit-noise:0.25", "logit-noise-ar1:0.25:0.9", "offset:0.4", "bursts:0.5:0.02:16")
-
 
 def main() -> None:
-    by: dict[tuple[str, str], dict[int, float]] = defaultdict(dict)
-    with RESULTS.open(newline="") as f:
-        for row in csv.DictReader(f):
-            if row["phase"] == "eval":
-                by[row["variant"], row["mismatch"]][int(row["seed"])] = float(row["eval_auc"])
-    tests = [
-        (engine, a, b, why, paired(by[a, engine], by[b, engine]))
-        for a, b, why in FAMILY
-        for engine in ENGINES
-    ]
-    adjusted = holm([t[4].p for t in tests])
+    tests = contrasts(read_results(RESULTS), [(a, b) for a, b, _ in FAMILY])
     print("| engine | difference | seeds | mean | 95% t CI | ahead | p | Holm p (this family) |")
     print("|---|---|---|---|---|---|---|---|")
-    for (engine, a, b, _, pr), h in zip(tests, adjusted):
-        lo, hi = pr.ci if pr.ci else (float("nan"), float("nan"))
+    for c in tests:
+        pr, (lo, hi) = c["paired"], c["paired"].ci
         print(
-            f"| {engine} | {a} - {b} | {pr.n} | {pr.mean:+.3f} | [{lo:+.3f}, {hi:+.3f}] "
-            f"| {pr.ahead}/{pr.n} | {pr.p:.2g} | {h:.2g} |"
+            f"| {c['mismatch']} | {c['variant']} - {c['reference']} | {pr.n} | {pr.mean:+.3f} "
+            f"| [{lo:+.3f}, {hi:+.3f}] | {pr.ahead}/{pr.n} | {pr.p:.2g} | {c['holm']:.2g} |"
         )
     print()
     for a, b, why in FAMILY:

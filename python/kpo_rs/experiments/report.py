@@ -72,7 +72,7 @@ if TYPE_CHECKING:
     from .config import DemoConfig
     from .tasks import Task
 
-__all__ = ["comparisons", "rebuild", "write_report"]
+__all__ = ["comparisons", "contrasts", "rebuild", "write_report"]
 
 #: The references every variant is compared with, in this order.
 REFERENCES = ("grpo", "gpg")
@@ -127,6 +127,21 @@ def comparisons(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     groups, _, _ = grouped(rows)
     out = _comparisons(groups, primary_metric(rows))
     for c in out:
+        c["regime"] = regime_label(c["regime"])
+    return out
+
+
+def contrasts(
+    rows: Sequence[dict[str, Any]], pairs: Sequence[tuple[str, str]]
+) -> list[dict[str, Any]]:
+    """The contrasts ``a - b`` of ``pairs`` on the report's primary metric, computed as its
+    pre-registered section computes them (:func:`preregistered`: every regime, paired by seed,
+    Holm over all of them): dicts with ``regime`` (label), ``mismatch`` (the regime's engine),
+    ``variant``, ``reference``, ``paired`` (:class:`.stats.Paired`) and ``holm``."""
+    groups, _, _ = grouped(rows)
+    out = preregistered(groups, primary_metric(rows), pairs)
+    for c in out:
+        c["mismatch"] = c["regime"][5]  # regime_key: lr, length, staleness, mb, lag, mismatch
         c["regime"] = regime_label(c["regime"])
     return out
 
